@@ -1,0 +1,90 @@
+//! Command-line interface of `service-agent`.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    datapath::{DEFAULT_PIN_PATH, attach::DeviceSelection},
+    run::RunOptions,
+    source::SourceSpec,
+    translate::NodeContext,
+};
+
+/// eBPF Service load balancer for Kubernetes: a kube-proxy replacement.
+#[derive(Debug, Parser)]
+#[command(name = "service-agent", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the datapath, attach it to pod devices and keep its maps in line
+    /// with the Services and EndpointSlices of the source.
+    Run(RunArgs),
+    /// Print every frontend with its backends and counters, read from the
+    /// live pinned maps.
+    List(ListArgs),
+}
+
+/// Flags of `service-agent run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where Services and EndpointSlices come from: `file:PATH`, a
+    /// multi-document YAML file of Kubernetes objects, watched for changes.
+    #[arg(long, value_name = "SOURCE")]
+    pub source: SourceSpec,
+    /// Folder on bpffs where the maps are pinned (bpffs is mounted if needed).
+    /// A restarted agent adopts the maps it finds there.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// A pod's host-side device to attach to (repeatable).
+    #[arg(long = "pod-device", value_name = "NAME")]
+    pub pod_devices: Vec<String>,
+    /// Attach to every device whose name starts with this prefix, including
+    /// devices created later (repeatable), e.g. `lxc` or `veth`.
+    #[arg(long = "pod-device-prefix", value_name = "PREFIX")]
+    pub pod_device_prefixes: Vec<String>,
+    /// This node's name: endpoints with this `nodeName` are node-local.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// How often the source file and the devices are checked, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub poll_interval_ms: u64,
+}
+
+/// Flags of `service-agent list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Folder on bpffs where the agent pinned the maps.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    /// The options `run` works with.
+    pub fn options(&self) -> anyhow::Result<RunOptions> {
+        if self.pod_devices.is_empty() && self.pod_device_prefixes.is_empty() {
+            anyhow::bail!("name the pod devices with --pod-device or --pod-device-prefix");
+        }
+        Ok(RunOptions {
+            source: self.source.clone(),
+            pin_path: self.pin_path.clone(),
+            devices: DeviceSelection {
+                names: self.pod_devices.clone(),
+                prefixes: self.pod_device_prefixes.clone(),
+            },
+            node: NodeContext {
+                node_name: self.node_name.clone(),
+            },
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+        })
+    }
+}

@@ -1,0 +1,51 @@
+//! The kernel side as the agent sees it: the embedded eBPF object, loading
+//! it with its maps pinned, attaching its programs to devices, and reading
+//! and writing the maps.
+
+pub mod attach;
+pub mod bpffs;
+pub mod maps;
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+
+/// The eBPF object built from `service-ebpf` by the build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SERVICE_EBPF_OBJECT"));
+
+/// Default folder the maps (and later the links) are pinned in.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/service-lb";
+
+/// Name of the "from pod" program (TC ingress on a pod's host-side device).
+pub const PROG_FROM_POD: &str = "from_pod";
+/// Name of the "to pod" program (TC egress on a pod's host-side device).
+pub const PROG_TO_POD: &str = "to_pod";
+
+/// Loads the eBPF object with every map pinned under `pin_path` (bpffs is
+/// mounted there if needed). Maps already pinned there are reused, so a new
+/// agent adopts the live maps instead of starting empty. Both programs are
+/// loaded into the kernel, not attached.
+pub fn load(pin_path: &Path) -> anyhow::Result<Ebpf> {
+    bpffs::ensure_pin_dir(pin_path)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_path)
+        .load(EBPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the eBPF object with maps pinned in {}",
+                pin_path.display()
+            )
+        })?;
+    for name in [PROG_FROM_POD, PROG_TO_POD] {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a TC classifier"))?;
+        program
+            .load()
+            .with_context(|| format!("the kernel refused program {name}"))?;
+    }
+    Ok(ebpf)
+}

@@ -1,0 +1,198 @@
+//! `service-agent list`: every frontend with its backends and counters, read
+//! from the live pinned maps (not from the agent's memory), as a table or
+//! as JSON.
+
+use std::path::Path;
+
+use aya::maps::{MapData, PerCpuArray};
+use serde::Serialize;
+use service_common::{
+    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_TERMINATING, FRONTEND_FLAG_CLUSTER_IP,
+    FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_LOCAL_ONLY,
+    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, FrontendKey, FrontendStats,
+    MAP_FRONTEND_STATS,
+};
+
+use crate::{
+    datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
+    state::{MapState, ip_from_map},
+    sync::proto_name,
+};
+
+/// Everything `list` shows.
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    /// Frontends, sorted by address, port and protocol.
+    pub frontends: Vec<ListedFrontend>,
+    /// Datapath event counters (drops and translations), by name.
+    pub counters: Vec<(String, u64)>,
+}
+
+/// One frontend.
+#[derive(Debug, Serialize)]
+pub struct ListedFrontend {
+    /// Frontend address.
+    pub address: String,
+    /// Frontend port.
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// Kinds and options, e.g. `ClusterIP`.
+    pub flags: Vec<&'static str>,
+    /// Reverse-NAT id (also the stats index).
+    pub rev_nat_id: u32,
+    /// Backends in slot order.
+    pub backends: Vec<ListedBackend>,
+    /// Packets and flows translated, summed over CPUs.
+    pub stats: ListedStats,
+}
+
+/// One backend of a frontend.
+#[derive(Debug, Serialize)]
+pub struct ListedBackend {
+    /// Backend id.
+    pub id: u32,
+    /// Backend address.
+    pub address: String,
+    /// Backend port.
+    pub port: u16,
+    /// `active` or `terminating`.
+    pub state: &'static str,
+    /// Runs on this node.
+    pub node_local: bool,
+}
+
+/// A frontend's counters.
+#[derive(Debug, Default, Serialize)]
+pub struct ListedStats {
+    /// Packets sent to a backend.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// Flows that picked a backend.
+    pub new_flows: u64,
+}
+
+impl From<FrontendStats> for ListedStats {
+    fn from(s: FrontendStats) -> Self {
+        ListedStats {
+            packets: s.packets,
+            bytes: s.bytes,
+            new_flows: s.new_flows,
+        }
+    }
+}
+
+/// Reads the pinned maps under `pin_path` into a [`Listing`].
+pub fn read_listing(pin_path: &Path) -> anyhow::Result<Listing> {
+    let maps = ServiceMaps::open_pinned(pin_path)?;
+    let state = maps.read_state()?;
+    let stats: PerCpuArray<MapData, FrontendStats> =
+        PerCpuArray::try_from(open_pinned(pin_path, MAP_FRONTEND_STATS)?)?;
+    let mut frontends = Vec::new();
+    for (key, header) in state.frontends.iter().filter(|(k, _)| k.slot == 0) {
+        let stats = sum_stats(&stats, header.rev_nat_id).unwrap_or_default();
+        frontends.push(ListedFrontend {
+            address: ip_from_map(&key.addr, key.family).to_string(),
+            port: u16::from_be(key.port),
+            protocol: proto_name(key.proto),
+            flags: flag_names(header.flags),
+            rev_nat_id: header.rev_nat_id,
+            backends: listed_backends(&state, key, header.count),
+            stats: stats.into(),
+        });
+    }
+    frontends.sort_by(|a, b| {
+        (
+            a.address.parse::<std::net::IpAddr>().ok(),
+            a.port,
+            &a.protocol,
+        )
+            .cmp(&(b.address.parse().ok(), b.port, &b.protocol))
+    });
+    let counters = datapath_counters(pin_path)?
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    Ok(Listing {
+        frontends,
+        counters,
+    })
+}
+
+fn listed_backends(state: &MapState, header: &FrontendKey, count: u16) -> Vec<ListedBackend> {
+    (1..=count)
+        .filter_map(|slot| state.frontends.get(&FrontendKey { slot, ..*header }))
+        .filter_map(|slot| {
+            let backend = state.backends.get(&slot.backend_id)?;
+            Some(ListedBackend {
+                id: slot.backend_id,
+                address: ip_from_map(&backend.addr, backend.family).to_string(),
+                port: u16::from_be(backend.port),
+                state: if backend.state == BACKEND_STATE_TERMINATING {
+                    "terminating"
+                } else {
+                    "active"
+                },
+                node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
+            })
+        })
+        .collect()
+}
+
+fn flag_names(flags: u16) -> Vec<&'static str> {
+    [
+        (FRONTEND_FLAG_CLUSTER_IP, "ClusterIP"),
+        (FRONTEND_FLAG_NODE_PORT, "NodePort"),
+        (FRONTEND_FLAG_EXTERNAL_IP, "ExternalIP"),
+        (FRONTEND_FLAG_LOAD_BALANCER, "LoadBalancer"),
+        (FRONTEND_FLAG_LOCAL_ONLY, "LocalOnly"),
+        (FRONTEND_FLAG_TERMINATING_FALLBACK, "TerminatingFallback"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// Renders a listing as the human-readable table.
+pub fn render_table(listing: &Listing) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<24} {:<5} {:<12} {:>9} {:>9}  BACKENDS\n",
+        "FRONTEND", "PROTO", "KIND", "FLOWS", "PACKETS"
+    ));
+    for f in &listing.frontends {
+        let backends = if f.backends.is_empty() {
+            "(none: new flows dropped)".to_owned()
+        } else {
+            f.backends
+                .iter()
+                .map(|b| {
+                    let mut s = format!("{}:{}", b.address, b.port);
+                    if b.state != "active" {
+                        s.push_str(&format!(" ({})", b.state));
+                    }
+                    s
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "{:<24} {:<5} {:<12} {:>9} {:>9}  {}\n",
+            format!("{}:{}", f.address, f.port),
+            f.protocol,
+            f.flags.join(","),
+            f.stats.new_flows,
+            f.stats.packets,
+            backends
+        ));
+    }
+    let counters: Vec<String> = listing
+        .counters
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    out.push_str(&format!("datapath counters: {}\n", counters.join(" ")));
+    out
+}

@@ -1,0 +1,461 @@
+//! The pure translation from Kubernetes objects to the frontends the
+//! datapath must serve, each with its backends. No kernel, no I/O: it takes
+//! a [`ClusterState`] and returns plain data, so it is tested with fixtures.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use service_common::{
+    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_TERMINATING_FALLBACK, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::source::{ClusterState, ObjectName};
+
+/// What the translation needs to know about the node it runs on.
+#[derive(Clone, Debug, Default)]
+pub struct NodeContext {
+    /// This node's name, to mark endpoints whose `nodeName` is ours as local.
+    pub node_name: Option<String>,
+}
+
+/// One frontend (address, port, protocol) the datapath must serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    /// The Service it belongs to.
+    pub service: ObjectName,
+    /// The Service port's name (empty when unnamed).
+    pub port_name: String,
+    /// Frontend address.
+    pub addr: IpAddr,
+    /// Frontend port.
+    pub port: u16,
+    /// IP protocol (`PROTO_TCP` or `PROTO_UDP`).
+    pub proto: u8,
+    /// `FRONTEND_FLAG_*` bits.
+    pub flags: u16,
+    /// Backends taking new flows, sorted and without duplicates.
+    pub backends: Vec<DesiredBackend>,
+}
+
+/// A backend of a frontend: an endpoint address with the resolved target port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DesiredBackend {
+    /// Endpoint address.
+    pub addr: IpAddr,
+    /// Target port, resolved through the EndpointSlice's port names.
+    pub port: u16,
+    /// The endpoint runs on this node.
+    pub node_local: bool,
+    /// The endpoint is terminating (only used as the serving fallback).
+    pub terminating: bool,
+}
+
+/// Why a Service programs nothing on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotProgrammed {
+    /// `type: ExternalName`: DNS only.
+    ExternalName,
+    /// `clusterIP: None`: DNS only.
+    Headless,
+}
+
+/// The outcome of translating a whole [`ClusterState`].
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    /// Every frontend to program, in a stable order.
+    pub frontends: Vec<DesiredFrontend>,
+    /// Services that program nothing by design.
+    pub not_programmed: Vec<(ObjectName, NotProgrammed)>,
+    /// One line per object or field skipped as invalid or unsupported.
+    pub skipped: Vec<String>,
+}
+
+/// Translates every Service with its EndpointSlices.
+pub fn translate(cluster: &ClusterState, node: &NodeContext) -> Translation {
+    let mut out = Translation::default();
+    for (name, service) in &cluster.services {
+        translate_service(cluster, node, name, service, &mut out);
+    }
+    out
+}
+
+fn translate_service(
+    cluster: &ClusterState,
+    node: &NodeContext,
+    name: &ObjectName,
+    service: &Service,
+    out: &mut Translation,
+) {
+    let Some(spec) = &service.spec else {
+        out.skipped.push(format!("Service {name}: no spec"));
+        return;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        out.not_programmed
+            .push((name.clone(), NotProgrammed::ExternalName));
+        return;
+    }
+    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => Vec::new(),
+    };
+    if cluster_ips.iter().any(|ip| *ip == "None") {
+        out.not_programmed
+            .push((name.clone(), NotProgrammed::Headless));
+        return;
+    }
+    let mut addrs = Vec::new();
+    for ip in cluster_ips.iter().filter(|ip| !ip.is_empty()) {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => addrs.push(IpAddr::V4(v4)),
+            Ok(IpAddr::V6(_)) => out.skipped.push(format!(
+                "Service {name}: clusterIP {ip}: IPv6 is not served yet"
+            )),
+            Err(_) => out
+                .skipped
+                .push(format!("Service {name}: invalid clusterIP {ip:?}")),
+        }
+    }
+    if addrs.is_empty() {
+        out.skipped
+            .push(format!("Service {name}: no usable clusterIP"));
+        return;
+    }
+    let slices: Vec<&EndpointSlice> = cluster.slices_of(name).collect();
+    for service_port in spec.ports.iter().flatten() {
+        let port_label = service_port.name.as_deref().unwrap_or("");
+        let Some(proto) = protocol(service_port.protocol.as_deref()) else {
+            out.skipped.push(format!(
+                "Service {name} port {port_label:?}: protocol {:?} is not served",
+                service_port.protocol.as_deref().unwrap_or("")
+            ));
+            continue;
+        };
+        let Some(port) = valid_port(service_port.port) else {
+            out.skipped.push(format!(
+                "Service {name} port {port_label:?}: invalid port {}",
+                service_port.port
+            ));
+            continue;
+        };
+        let (backends, fallback) = backends_for_port(&slices, service_port, proto, node, name, out);
+        for addr in &addrs {
+            let mut flags = FRONTEND_FLAG_CLUSTER_IP;
+            if fallback {
+                flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
+            }
+            out.frontends.push(DesiredFrontend {
+                service: name.clone(),
+                port_name: port_label.to_owned(),
+                addr: *addr,
+                port,
+                proto,
+                flags,
+                backends: backends.clone(),
+            });
+        }
+    }
+}
+
+/// The backends of one Service port: every ready endpoint of every slice
+/// that has a port of the same name and protocol, at that slice's port
+/// number (this is how a named `targetPort` resolves per pod). When no
+/// endpoint is ready, the serving and terminating ones (KEP-1669); the
+/// second value says whether that fallback was used.
+fn backends_for_port(
+    slices: &[&EndpointSlice],
+    service_port: &ServicePort,
+    proto: u8,
+    node: &NodeContext,
+    service: &ObjectName,
+    out: &mut Translation,
+) -> (Vec<DesiredBackend>, bool) {
+    let wanted_name = service_port.name.as_deref().unwrap_or("");
+    let mut ready = Vec::new();
+    let mut terminating = Vec::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let slice_port = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == wanted_name
+                && protocol(p.protocol.as_deref()) == Some(proto)
+        });
+        let Some(slice_port) = slice_port else {
+            continue;
+        };
+        let Some(port) = slice_port.port.and_then(valid_port) else {
+            out.skipped.push(format!(
+                "EndpointSlice {} of {service}: port {wanted_name:?} has no valid number",
+                slice.metadata.name.as_deref().unwrap_or("?")
+            ));
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let state = EndpointState::of(endpoint);
+            for address in &endpoint.addresses {
+                let Ok(addr @ IpAddr::V4(_)) = address.parse::<IpAddr>() else {
+                    out.skipped.push(format!(
+                        "EndpointSlice {} of {service}: invalid IPv4 address {address:?}",
+                        slice.metadata.name.as_deref().unwrap_or("?")
+                    ));
+                    continue;
+                };
+                let node_local = node.node_name.is_some()
+                    && endpoint.node_name.as_deref() == node.node_name.as_deref();
+                let backend = DesiredBackend {
+                    addr,
+                    port,
+                    node_local,
+                    terminating: state.terminating,
+                };
+                if state.ready {
+                    ready.push(backend);
+                } else if state.serving && state.terminating {
+                    terminating.push(backend);
+                }
+            }
+        }
+    }
+    let fallback = ready.is_empty() && !terminating.is_empty();
+    let mut backends = if fallback { terminating } else { ready };
+    backends.sort();
+    backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+    (backends, fallback)
+}
+
+/// An endpoint's conditions with the API's defaults applied.
+struct EndpointState {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+impl EndpointState {
+    /// `ready` unset means ready; `serving` unset follows `ready`;
+    /// `terminating` unset means not terminating.
+    fn of(endpoint: &Endpoint) -> Self {
+        let conditions = endpoint.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        EndpointState {
+            ready,
+            serving,
+            terminating,
+        }
+    }
+}
+
+/// The protocol number of a Kubernetes protocol name (default TCP); `None`
+/// for protocols the datapath does not serve.
+fn protocol(name: Option<&str>) -> Option<u8> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(PROTO_TCP),
+        "UDP" => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+/// A port number in 1..=65535.
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|port| *port != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::file::parse_documents;
+
+    fn translate_yaml(yaml: &str) -> Translation {
+        let parsed = parse_documents(yaml).unwrap();
+        translate(
+            &parsed.state,
+            &NodeContext {
+                node_name: Some("node-a".into()),
+            },
+        )
+    }
+
+    fn backends(frontend: &DesiredFrontend) -> Vec<String> {
+        frontend
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect()
+    }
+
+    const SERVICE: &str = r#"
+kind: Service
+apiVersion: v1
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80, targetPort: web}
+    - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+"#;
+
+    fn slice(name: &str, ports: &str, endpoints: &str) -> String {
+        format!(
+            "---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n"
+        )
+    }
+
+    #[test]
+    fn named_target_port_resolves_per_slice_and_numbered_port_per_name() {
+        let yaml = format!(
+            "{SERVICE}{}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]",
+                "[{addresses: [10.1.1.2], nodeName: node-a}]"
+            ),
+            slice(
+                "web-b",
+                "[{name: http, port: 9090}]",
+                "[{addresses: [10.1.2.2], nodeName: node-b}]"
+            ),
+        );
+        let t = translate_yaml(&yaml);
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert_eq!(t.frontends.len(), 2);
+        let http = t.frontends.iter().find(|f| f.proto == PROTO_TCP).unwrap();
+        assert_eq!(http.addr.to_string(), "10.96.0.10");
+        assert_eq!(http.port, 80);
+        assert_eq!(http.flags, FRONTEND_FLAG_CLUSTER_IP);
+        assert_eq!(backends(http), ["10.1.1.2:8080", "10.1.2.2:9090"]);
+        assert!(http.backends[0].node_local);
+        assert!(!http.backends[1].node_local);
+        let dns = t.frontends.iter().find(|f| f.proto == PROTO_UDP).unwrap();
+        assert_eq!(dns.port, 53);
+        assert_eq!(backends(dns), ["10.1.1.2:5353"]);
+    }
+
+    #[test]
+    fn ready_unset_counts_as_ready_and_not_ready_is_excluded() {
+        let yaml = format!(
+            "{SERVICE}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2]}, {addresses: [10.1.1.3], conditions: {ready: false}}, {addresses: [10.1.1.4], conditions: {ready: true}}]"
+            )
+        );
+        let t = translate_yaml(&yaml);
+        let http = t.frontends.iter().find(|f| f.proto == PROTO_TCP).unwrap();
+        assert_eq!(backends(http), ["10.1.1.2:8080", "10.1.1.4:8080"]);
+    }
+
+    #[test]
+    fn terminating_serving_endpoints_are_the_fallback_when_none_is_ready() {
+        let yaml = format!(
+            "{SERVICE}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.1.3], conditions: {ready: false, serving: false, terminating: true}}]"
+            )
+        );
+        let t = translate_yaml(&yaml);
+        let http = t.frontends.iter().find(|f| f.proto == PROTO_TCP).unwrap();
+        assert_eq!(backends(http), ["10.1.1.2:8080"]);
+        assert_ne!(http.flags & FRONTEND_FLAG_TERMINATING_FALLBACK, 0);
+    }
+
+    #[test]
+    fn a_service_without_endpoints_still_gets_an_empty_frontend() {
+        let t = translate_yaml(SERVICE);
+        assert_eq!(t.frontends.len(), 2);
+        assert!(t.frontends.iter().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn duplicate_endpoints_across_slices_count_once() {
+        let yaml = format!(
+            "{SERVICE}{}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2]}]"
+            ),
+            slice(
+                "web-b",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2]}]"
+            ),
+        );
+        let t = translate_yaml(&yaml);
+        let http = t.frontends.iter().find(|f| f.proto == PROTO_TCP).unwrap();
+        assert_eq!(backends(http), ["10.1.1.2:8080"]);
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_are_ignored() {
+        let other = "---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata:\n  name: x\n  namespace: other\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.9.9.9]}]\n";
+        let t = translate_yaml(&format!("{SERVICE}{other}"));
+        assert!(t.frontends.iter().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn headless_and_external_name_program_nothing() {
+        let yaml = r#"
+kind: Service
+apiVersion: v1
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+kind: Service
+apiVersion: v1
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.org}
+"#;
+        let t = translate_yaml(yaml);
+        assert!(t.frontends.is_empty());
+        let kinds: Vec<_> = t
+            .not_programmed
+            .iter()
+            .map(|(n, k)| (n.name.as_str(), *k))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("ext", NotProgrammed::ExternalName),
+                ("headless", NotProgrammed::Headless)
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_skipped_with_a_reason_and_the_rest_kept() {
+        let yaml = format!(
+            r#"
+kind: Service
+apiVersion: v1
+metadata: {{name: web}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: 70000}}, {{name: ok, port: 81}}, {{name: s, port: 82, protocol: SCTP}}]
+---
+kind: Service
+apiVersion: v1
+metadata: {{name: broken}}
+spec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}
+{}"#,
+            slice(
+                "web-a",
+                "[{name: ok, port: 8080}]",
+                "[{addresses: [not-an-ip, 10.1.1.2]}]"
+            )
+        );
+        let t = translate_yaml(&yaml);
+        assert_eq!(t.frontends.len(), 1);
+        assert_eq!(t.frontends[0].port, 81);
+        assert_eq!(backends(&t.frontends[0]), ["10.1.1.2:8080"]);
+        assert_eq!(t.skipped.len(), 5, "{:#?}", t.skipped);
+    }
+}
