@@ -1,0 +1,178 @@
+//! The agent binary as a child process inside a node namespace, stopped on
+//! drop, and `service-agent list --json` to read what it programmed.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::NetNs;
+
+/// Path of the `service-agent` binary: `SERVICE_AGENT_BIN`, or the debug
+/// build in this workspace's target folder (`cargo xtask test` builds it).
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("SERVICE_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/service-agent")
+        })
+}
+
+/// A running `service-agent run`; SIGTERM then SIGKILL on drop.
+pub struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent in `node` on the YAML file `source`, pinning under
+    /// `pin_path`, attaching to devices starting with `device_prefix`. Its
+    /// log goes to `log`.
+    pub fn start(
+        node: &NetNs,
+        source: &Path,
+        pin_path: &Path,
+        device_prefix: &str,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let binary = agent_binary();
+        if !binary.exists() {
+            bail!(
+                "{} not found: build it first (cargo xtask test does)",
+                binary.display()
+            );
+        }
+        let log_file = std::fs::File::create(log)?;
+        let mut command = Command::new(&binary);
+        command
+            .args(["run", "--source"])
+            .arg(format!("file:{}", source.display()))
+            .arg("--pin-path")
+            .arg(pin_path)
+            .args([
+                "--pod-device-prefix",
+                device_prefix,
+                "--poll-interval-ms",
+                "100",
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        node.enter_on_spawn(&mut command)?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(AgentProcess {
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails if the agent has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the agent exited ({status}); its log:\n{}", self.log());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `service-agent list` (table) for the maps pinned under `pin_path`.
+pub fn list_table(pin_path: &Path) -> anyhow::Result<String> {
+    list(pin_path, false)
+}
+
+/// `service-agent list --json`, parsed.
+pub fn list_json(pin_path: &Path) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(&list(pin_path, true)?).context("parsing list --json")
+}
+
+fn list(pin_path: &Path, json: bool) -> anyhow::Result<String> {
+    let mut command = Command::new(agent_binary());
+    command.arg("list").arg("--pin-path").arg(pin_path);
+    if json {
+        command.arg("--json");
+    }
+    let output = command.output().context("running service-agent list")?;
+    if !output.status.success() {
+        bail!("list failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The backends `list --json` shows for `frontend` and `protocol`, as
+/// `addr:port` strings; `None` if the frontend is not programmed.
+pub fn listed_backends(
+    listing: &serde_json::Value,
+    frontend: SocketAddr,
+    protocol: &str,
+) -> Option<Vec<String>> {
+    listing["frontends"].as_array()?.iter().find_map(|f| {
+        (f["address"] == frontend.ip().to_string()
+            && f["port"] == frontend.port()
+            && f["protocol"] == protocol)
+            .then(|| {
+                f["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or("?"), b["port"]))
+                    .collect()
+            })
+    })
+}
+
+/// Waits until `list` shows `frontend`/`protocol` with exactly `backends`
+/// backends, or fails after `timeout` with the agent's log.
+pub fn wait_for_backends(
+    agent: &mut AgentProcess,
+    pin_path: &Path,
+    frontend: SocketAddr,
+    protocol: &str,
+    backends: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        agent.check_running()?;
+        if let Ok(listing) = list_json(pin_path)
+            && let Some(found) = listed_backends(&listing, frontend, protocol)
+            && found.len() == backends
+        {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{frontend}/{protocol} did not get {backends} backends within {timeout:?}; agent log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,234 @@
+//! Real servers and clients inside namespaces: a small HTTP/1.1 server and
+//! a UDP server that both answer with their backend's name, and clients
+//! that report which backend answered.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::NetNs;
+
+/// How long a client waits for a connection or an answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An HTTP server and a UDP server answering with `name`; stopped on drop.
+pub struct BackendServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    tcp_addr: SocketAddr,
+    ns_file: std::path::PathBuf,
+}
+
+impl BackendServer {
+    /// Starts both servers in `ns`, HTTP on TCP `tcp_port` and UDP on
+    /// `udp_port`, all addresses.
+    pub fn start(ns: &NetNs, name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp_addr = SocketAddr::from(([0, 0, 0, 0], tcp_port));
+        let listener = ns
+            .run(move || TcpListener::bind(tcp_addr))?
+            .with_context(|| format!("binding HTTP server on {tcp_addr}"))?;
+        let udp_addr = SocketAddr::from(([0, 0, 0, 0], udp_port));
+        let udp = ns
+            .run(move || UdpSocket::bind(udp_addr))?
+            .with_context(|| format!("binding UDP server on {udp_addr}"))?;
+        udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+
+        let http_name = name.to_owned();
+        let http_stop = stop.clone();
+        let http = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if http_stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let name = http_name.clone();
+                std::thread::spawn(move || serve_http(stream, &name));
+            }
+        });
+        let udp_name = name.to_owned();
+        let udp_stop = stop.clone();
+        let udp_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !udp_stop.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{udp_name}\n").as_bytes(), peer);
+                }
+            }
+        });
+        Ok(BackendServer {
+            stop,
+            threads: vec![http, udp_thread],
+            tcp_addr: SocketAddr::from(([127, 0, 0, 1], tcp_port)),
+            ns_file: format!("/run/netns/{}", ns.name()).into(),
+        })
+    }
+}
+
+impl Drop for BackendServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop with a connection from inside the namespace.
+        let addr = self.tcp_addr;
+        if let Ok(file) = std::fs::File::open(&self.ns_file) {
+            let _ = std::thread::spawn(move || {
+                if nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                    let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+                }
+            })
+            .join();
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Answers HTTP/1.1 requests on one connection until the client closes it.
+fn serve_http(stream: TcpStream, name: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut close = false;
+        let mut saw_request = false;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            saw_request = true;
+            if line.to_ascii_lowercase().starts_with("connection: close") {
+                close = true;
+            }
+        }
+        if !saw_request {
+            continue;
+        }
+        let body = format!("{name}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// A keep-alive HTTP connection, for flows that must outlive a change.
+pub struct HttpConnection {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl HttpConnection {
+    /// Connects from inside `ns` to `target`.
+    pub fn open(ns: &NetNs, target: SocketAddr) -> anyhow::Result<Self> {
+        let stream = ns
+            .run(move || TcpStream::connect_timeout(&target, CLIENT_TIMEOUT))?
+            .with_context(|| format!("connecting to {target}"))?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConnection {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends one GET and returns the body (the backend's name).
+    pub fn get(&mut self) -> anyhow::Result<String> {
+        self.writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: service\r\n\r\n")
+            .context("sending request")?;
+        read_http_response(&mut self.reader)
+    }
+}
+
+/// Reads one HTTP response with a Content-Length body; returns the body.
+fn read_http_response(reader: &mut BufReader<TcpStream>) -> anyhow::Result<String> {
+    let mut status = String::new();
+    reader.read_line(&mut status).context("reading status")?;
+    if !status.starts_with("HTTP/1.1 200") {
+        bail!("unexpected status line {status:?}");
+    }
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).context("reading headers")? == 0 {
+            bail!("connection closed inside the headers");
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().context("content-length")?;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).context("reading body")?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+/// One HTTP GET on a new connection from inside the calling thread's
+/// namespace; returns the body. Use through [`NetNs::run`].
+pub fn http_get(target: SocketAddr) -> anyhow::Result<String> {
+    let stream = TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
+        .with_context(|| format!("connecting to {target}"))?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    writer.write_all(b"GET / HTTP/1.1\r\nHost: service\r\nConnection: close\r\n\r\n")?;
+    read_http_response(&mut BufReader::new(stream))
+}
+
+/// One UDP request from a new socket (so a new flow) from inside the
+/// calling thread's namespace; returns the answer.
+pub fn udp_request(target: SocketAddr) -> anyhow::Result<String> {
+    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.send_to(b"which backend?\n", target)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .context("waiting for the UDP answer")?;
+    if from != target {
+        bail!("UDP answer came from {from}, not from {target}");
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+/// Makes `count` requests, each on a new flow, from inside `ns`, with
+/// `request`; returns how often each answer came, and the failures.
+pub fn spread(
+    ns: &NetNs,
+    count: usize,
+    target: SocketAddr,
+    request: fn(SocketAddr) -> anyhow::Result<String>,
+) -> anyhow::Result<(std::collections::BTreeMap<String, usize>, Vec<String>)> {
+    ns.run(move || {
+        let mut answers = std::collections::BTreeMap::new();
+        let mut failures = Vec::new();
+        for _ in 0..count {
+            match request(target) {
+                Ok(name) => *answers.entry(name).or_insert(0) += 1,
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+        }
+        (answers, failures)
+    })
+}
