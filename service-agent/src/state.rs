@@ -207,6 +207,9 @@ impl<K: Ord + Clone> IdAllocator<K> {
             };
         }
         let id = self.next;
+        // Hand out ids round-robin, so a freed id is not reused at once and
+        // conntrack entries naming it cannot mistake a new backend for it.
+        self.next = if id + 1 >= self.limit { 1 } else { id + 1 };
         self.used.insert(id);
         self.ids.insert(key.clone(), id);
         Some(id)

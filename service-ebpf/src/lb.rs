@@ -98,7 +98,8 @@ fn conntrack_key(flow: &Ipv4Flow, direction: u8) -> ConntrackKey {
 }
 
 /// The backend of an already tracked flow. A TCP SYN whose tracked backend
-/// is gone (the 5-tuple was reused after the backend left) starts afresh.
+/// is gone or no longer active (the 5-tuple was reused after the backend
+/// left) starts afresh.
 #[inline(always)]
 fn established_target(flow: &Ipv4Flow, ct_key: &ConntrackKey) -> Option<Target> {
     // SAFETY: the value is copied out at once.
@@ -106,7 +107,10 @@ fn established_target(flow: &Ipv4Flow, ct_key: &ConntrackKey) -> Option<Target> 
     if flow.is_tcp_syn() {
         // SAFETY: only read, to test the backend's presence and state.
         let backend = unsafe { BACKENDS.get(&ct.backend_id) }?;
-        if backend.state != BACKEND_STATE_ACTIVE {
+        if backend.state != BACKEND_STATE_ACTIVE
+            || backend.addr != ct.nat_addr
+            || backend.port != ct.nat_port
+        {
             return None;
         }
     }

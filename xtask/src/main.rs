@@ -1,1 +1,190 @@
-fn main() {}
+//! `cargo xtask`: the project's build, test and demo entry points. Each
+//! command first installs what a fresh machine lacks (rust-src, bpf-linker,
+//! Debian packages), so the README's commands are all a new machine needs.
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// Build, test and demo tasks of the workspace.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install rust-src and bpf-linker if missing, then build the eBPF object
+    /// (through service-agent's build script, like every agent build).
+    BuildEbpf,
+    /// Run every test: unit tests, then the privileged datapath and
+    /// end-to-end tests (as root, one at a time).
+    Test,
+    /// Run the demo: namespaces as node and pods, the agent on
+    /// examples/demo-services.yaml, real traffic to a ClusterIP.
+    Demo,
+    /// cargo fmt --check and clippy -D warnings (host crates and the eBPF crate).
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::BuildEbpf => {
+            toolchain::ensure_ebpf_toolchain()?;
+            cargo(&root, &["build", "--package", "service-agent", "--lib"])?;
+            println!(
+                "eBPF object: {}",
+                root.join("target/ebpf/bpfel-unknown-none/release/service-ebpf")
+                    .display()
+            );
+        }
+        Task::Test => {
+            toolchain::ensure_ebpf_toolchain()?;
+            toolchain::ensure_debian_packages(&[("ip", "iproute2"), ("sysctl", "procps")])?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--package",
+                    "service-agent",
+                    "--package",
+                    "service-tests",
+                    "--bins",
+                ],
+            )?;
+            println!("== unit tests");
+            cargo(
+                &root,
+                &["test", "--workspace", "--exclude", "service-tests"],
+            )?;
+            println!(
+                "== privileged tests (datapath through BPF_PROG_TEST_RUN, end to end in namespaces)"
+            );
+            if !is_root() {
+                println!("warning: not root: the privileged tests will report themselves skipped");
+            }
+            cargo_with_agent(
+                &root,
+                &[
+                    "test",
+                    "--package",
+                    "service-tests",
+                    "--",
+                    "--test-threads=1",
+                ],
+            )?;
+        }
+        Task::Demo => {
+            toolchain::ensure_ebpf_toolchain()?;
+            toolchain::ensure_debian_packages(&[("ip", "iproute2"), ("sysctl", "procps")])?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--package",
+                    "service-agent",
+                    "--package",
+                    "service-tests",
+                    "--bins",
+                ],
+            )?;
+            if !is_root() {
+                bail!("the demo needs root (network namespaces, BPF): run it with sudo");
+            }
+            let status = Command::new(root.join("target/debug/demo"))
+                .env("SERVICE_AGENT_BIN", root.join("target/debug/service-agent"))
+                .status()
+                .context("running the demo")?;
+            if !status.success() {
+                bail!("the demo failed ({status})");
+            }
+        }
+        Task::Lint => {
+            toolchain::ensure_ebpf_toolchain()?;
+            cargo(&root, &["fmt", "--all", "--check"])?;
+            cargo(
+                &root,
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )?;
+            let mut ebpf = Command::new(cargo_bin());
+            ebpf.current_dir(&root)
+                .args([
+                    "clippy",
+                    "--package",
+                    "service-ebpf",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--target-dir",
+                    "target/ebpf",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env("RUSTC_BOOTSTRAP", "1");
+            run(&mut ebpf)?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// Runs `cargo ARGS` in the workspace.
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(cargo_bin()).current_dir(root).args(args))
+}
+
+/// Runs `cargo ARGS` with `SERVICE_AGENT_BIN` pointing at the debug agent.
+fn cargo_with_agent(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(cargo_bin())
+        .current_dir(root)
+        .args(args)
+        .env("SERVICE_AGENT_BIN", root.join("target/debug/service-agent")))
+}
+
+/// Runs a command, failing when it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
