@@ -1,0 +1,152 @@
+//! End to end in network namespaces: the agent binary programs the real
+//! datapath from a YAML file, and real TCP and UDP clients in a pod reach
+//! real servers in three backend pods through a ClusterIP.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use service_tests::{
+    agent::{list_json, listed_backends},
+    require_root,
+    scenario::{
+        BACKENDS, ClusterIpScenario, backend_name, demo_yaml_path, http_frontend, udp_frontend,
+        web_service_yaml,
+    },
+    traffic::{HttpConnection, http_get, spread, udp_request},
+};
+
+/// Asserts every backend answered at least `min_share` of `answers`.
+fn assert_spread(answers: &BTreeMap<String, usize>, total: usize, min_share: f64, what: &str) {
+    for pod in 1..=BACKENDS {
+        let count = answers.get(&backend_name(pod)).copied().unwrap_or(0);
+        assert!(
+            count as f64 >= total as f64 * min_share,
+            "{what}: {} answered {count} of {total} (< {:.0}%): {answers:?}",
+            backend_name(pod),
+            min_share * 100.0
+        );
+    }
+}
+
+#[test]
+fn tcp_and_udp_to_a_cluster_ip_reach_all_three_backends() {
+    require_root!();
+    let yaml = std::fs::read_to_string(demo_yaml_path()).expect("demo YAML");
+    let scenario = ClusterIpScenario::start("spread", &yaml, 3).expect("scenario");
+
+    let (answers, failures) =
+        spread(scenario.client(), 300, http_frontend(), http_get).expect("HTTP requests");
+    assert!(failures.is_empty(), "failed HTTP requests: {failures:?}");
+    assert_spread(&answers, 300, 0.15, "300 TCP connections");
+
+    let (answers, failures) =
+        spread(scenario.client(), 150, udp_frontend(), udp_request).expect("UDP requests");
+    assert!(failures.is_empty(), "failed UDP requests: {failures:?}");
+    assert_spread(&answers, 150, 0.15, "150 UDP flows");
+
+    // `list` reads the counters the datapath kept for these flows.
+    let listing = list_json(scenario.pin.path()).expect("list --json");
+    let tcp = listing["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["port"] == 80)
+        .expect("HTTP frontend listed");
+    assert_eq!(tcp["stats"]["new_flows"], 300, "{tcp}");
+    assert_eq!(
+        listed_backends(&listing, udp_frontend(), "UDP")
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn a_dropped_backend_gets_no_new_flows_while_its_open_connection_keeps_working() {
+    require_root!();
+    let scenario =
+        ClusterIpScenario::start("drop", &web_service_yaml(&[1, 2, 3]), 3).expect("scenario");
+    let mut open = HttpConnection::open(scenario.client(), http_frontend()).expect("connect");
+    let pinned_backend = open.get().expect("first request on the open connection");
+    let dropped_pod = (1..=BACKENDS)
+        .find(|pod| backend_name(*pod) == pinned_backend)
+        .expect("answer names a backend");
+    let remaining: Vec<usize> = (1..=BACKENDS).filter(|p| *p != dropped_pod).collect();
+
+    scenario
+        .rewrite_yaml(&web_service_yaml(&remaining))
+        .expect("rewrite YAML");
+    let changed_at = Instant::now();
+    // From one second after the change on, no new connection may reach it.
+    std::thread::sleep(Duration::from_secs(1).saturating_sub(changed_at.elapsed()));
+    let (answers, failures) =
+        spread(scenario.client(), 150, http_frontend(), http_get).expect("HTTP requests");
+    assert!(failures.is_empty(), "failed HTTP requests: {failures:?}");
+    assert_eq!(
+        answers.get(&pinned_backend),
+        None,
+        "a new connection reached the dropped backend {pinned_backend}: {answers:?}\nagent log:\n{}",
+        scenario.agent.log()
+    );
+    for pod in &remaining {
+        assert!(
+            answers.get(&backend_name(*pod)).copied().unwrap_or(0) >= 30,
+            "{answers:?}"
+        );
+    }
+    let listed = listed_backends(
+        &list_json(scenario.pin.path()).expect("list"),
+        http_frontend(),
+        "TCP",
+    )
+    .expect("frontend listed");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(!listed.contains(&format!("10.200.{dropped_pod}.2:8080")));
+
+    // The connection opened before the change still reaches its backend.
+    for _ in 0..5 {
+        assert_eq!(
+            open.get().expect("request on the open connection"),
+            pinned_backend
+        );
+    }
+}
+
+#[test]
+fn a_service_without_ready_endpoints_refuses_and_recovers_when_one_appears() {
+    require_root!();
+    let scenario = ClusterIpScenario::start("empty", &web_service_yaml(&[]), 0).expect("scenario");
+    let client = scenario.client();
+    let result = client
+        .run(|| http_get(http_frontend()))
+        .expect("client thread");
+    assert!(
+        result.is_err(),
+        "a Service without endpoints answered: {result:?}"
+    );
+
+    scenario
+        .rewrite_yaml(&web_service_yaml(&[2]))
+        .expect("rewrite YAML");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match client
+            .run(|| http_get(http_frontend()))
+            .expect("client thread")
+        {
+            Ok(answer) => {
+                assert_eq!(answer, backend_name(2));
+                break;
+            }
+            Err(e) if Instant::now() > deadline => {
+                panic!(
+                    "no answer after the endpoint appeared: {e:#}\n{}",
+                    scenario.agent.log()
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
