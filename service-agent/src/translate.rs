@@ -103,7 +103,7 @@ fn translate_service(
         (_, Some(ip)) => vec![ip.as_str()],
         _ => Vec::new(),
     };
-    if cluster_ips.iter().any(|ip| *ip == "None") {
+    if cluster_ips.contains(&"None") {
         out.not_programmed
             .push((name.clone(), NotProgrammed::Headless));
         return;

@@ -66,11 +66,11 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     let ct_key = conntrack_key(&flow, CT_DIR_REPLY);
     // SAFETY: the value is copied out at once; a concurrent update at worst
     // yields the other, equally valid, rev-NAT id.
-    let Some(rev_nat_id) = (unsafe { CONNTRACK.get(&ct_key) }).map(|ct| ct.rev_nat_id) else {
+    let Some(rev_nat_id) = (unsafe { CONNTRACK.get(ct_key) }).map(|ct| ct.rev_nat_id) else {
         return VERDICT_CONTINUE;
     };
     // SAFETY: as above, copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(&rev_nat_id) }).copied() else {
+    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id) }).copied() else {
         return VERDICT_CONTINUE;
     };
     let addr = map_addr_v4_octets(&frontend.addr);
@@ -106,7 +106,7 @@ fn established_target(flow: &Ipv4Flow, ct_key: &ConntrackKey) -> Option<Target> 
     let ct = unsafe { CONNTRACK.get(ct_key) }.copied()?;
     if flow.is_tcp_syn() {
         // SAFETY: only read, to test the backend's presence and state.
-        let backend = unsafe { BACKENDS.get(&ct.backend_id) }?;
+        let backend = unsafe { BACKENDS.get(ct.backend_id) }?;
         if backend.state != BACKEND_STATE_ACTIVE
             || backend.addr != ct.nat_addr
             || backend.port != ct.nat_port
@@ -145,7 +145,7 @@ fn new_flow_target(flow: &Ipv4Flow) -> Lookup {
         _pad: 0,
     };
     // SAFETY: the header is copied out at once.
-    let Some(header) = (unsafe { FRONTENDS.get(&key) }).copied() else {
+    let Some(header) = (unsafe { FRONTENDS.get(key) }).copied() else {
         return Lookup::NotAFrontend;
     };
     if header.count == 0 {
@@ -155,7 +155,7 @@ fn new_flow_target(flow: &Ipv4Flow) -> Lookup {
     let random = unsafe { bpf_get_prandom_u32() };
     key.slot = (random % u32::from(header.count)) as u16 + 1;
     // SAFETY: copied out at once.
-    let Some(slot) = (unsafe { FRONTENDS.get(&key) }).copied() else {
+    let Some(slot) = (unsafe { FRONTENDS.get(key) }).copied() else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
     backend_target(&header, &slot)
@@ -165,7 +165,7 @@ fn new_flow_target(flow: &Ipv4Flow) -> Lookup {
 #[inline(always)]
 fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
     // SAFETY: copied out at once.
-    let Some(backend) = (unsafe { BACKENDS.get(&slot.backend_id) }).copied() else {
+    let Some(backend) = (unsafe { BACKENDS.get(slot.backend_id) }).copied() else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
     Lookup::Backend(Target {
@@ -195,7 +195,7 @@ fn track(flow: &Ipv4Flow, forward_key: &ConntrackKey, target: &Target) -> Result
         rev_nat_id: target.rev_nat_id,
         ..ConntrackValue::default()
     };
-    CONNTRACK.insert(&reply_key, &reply, BPF_ANY)?;
+    CONNTRACK.insert(reply_key, reply, BPF_ANY)?;
     let forward = ConntrackValue {
         nat_addr: map_addr_v4(target.addr),
         nat_port: target.port,
@@ -203,5 +203,5 @@ fn track(flow: &Ipv4Flow, forward_key: &ConntrackKey, target: &Target) -> Result
         rev_nat_id: target.rev_nat_id,
         ..ConntrackValue::default()
     };
-    CONNTRACK.insert(forward_key, &forward, BPF_ANY)
+    CONNTRACK.insert(forward_key, forward, BPF_ANY)
 }

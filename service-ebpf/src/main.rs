@@ -22,7 +22,7 @@ use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
 /// `TC_ACT_UNSPEC`, which lets any later tc program run as well.
 pub const VERDICT_CONTINUE: i32 = aya_ebpf::bindings::TC_ACT_UNSPEC;
 /// Verdict for packets the datapath drops.
-pub const VERDICT_DROP: i32 = TC_ACT_SHOT as i32;
+pub const VERDICT_DROP: i32 = TC_ACT_SHOT;
 
 /// "From pod": service translation for traffic a pod sends.
 #[classifier]

@@ -65,7 +65,14 @@ fn main() -> anyhow::Result<()> {
             println!("== unit tests");
             cargo(
                 &root,
-                &["test", "--workspace", "--exclude", "service-tests"],
+                &[
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "service-ebpf",
+                    "--exclude",
+                    "service-tests",
+                ],
             )?;
             println!(
                 "== privileged tests (datapath through BPF_PROG_TEST_RUN, end to end in namespaces)"
@@ -117,6 +124,8 @@ fn main() -> anyhow::Result<()> {
                 &[
                     "clippy",
                     "--workspace",
+                    "--exclude",
+                    "service-ebpf",
                     "--all-targets",
                     "--",
                     "-D",

@@ -5,15 +5,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use nix::{
     mount::{MsFlags, mount},
-    sys::statfs::statfs,
+    sys::statfs::{BPF_FS_MAGIC, statfs},
 };
-
-/// `BPF_FS_MAGIC` from `linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Whether `path` is on a BPF filesystem.
 pub fn is_bpffs(path: &Path) -> bool {
-    statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// Creates `pin_path` on a BPF filesystem. When its nearest existing
