@@ -1,6 +1,6 @@
 //! Command-line interface of `service-agent`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -34,7 +34,8 @@ pub enum Command {
 /// Flags of `service-agent run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Where Services and EndpointSlices come from: `file:PATH`, a
+    /// Where Services and EndpointSlices come from: `kube`, the Kubernetes
+    /// API (kubeconfig, else the in-cluster config), or `file:PATH`, a
     /// multi-document YAML file of Kubernetes objects, watched for changes.
     #[arg(long, value_name = "SOURCE")]
     pub source: SourceSpec,
@@ -49,12 +50,23 @@ pub struct RunArgs {
     /// devices created later (repeatable), e.g. `lxc` or `veth`.
     #[arg(long = "pod-device-prefix", value_name = "PREFIX")]
     pub pod_device_prefixes: Vec<String>,
-    /// This node's name: endpoints with this `nodeName` are node-local.
+    /// This node's name (default: `$NODE_NAME`, else the hostname): the Node
+    /// object watched, and endpoints with this `nodeName` are node-local.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
     /// How often the source file and the devices are checked, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub poll_interval_ms: u64,
+    /// How often the maps are compared in full with the desired state and
+    /// repaired, in seconds (like kube-proxy's sync period).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub resync_interval_secs: u64,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub metrics_addr: SocketAddr,
+    /// Address of the `/healthz` endpoint (kube-proxy's port).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub healthz_addr: SocketAddr,
 }
 
 /// Flags of `service-agent list`.
@@ -82,9 +94,15 @@ impl RunArgs {
                 prefixes: self.pod_device_prefixes.clone(),
             },
             node: NodeContext {
-                node_name: self.node_name.clone(),
+                node_name: self
+                    .node_name
+                    .clone()
+                    .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
             },
             poll_interval: Duration::from_millis(self.poll_interval_ms),
+            resync_interval: Duration::from_secs(self.resync_interval_secs),
+            metrics_addr: self.metrics_addr,
+            healthz_addr: self.healthz_addr,
         })
     }
 }

@@ -9,9 +9,12 @@
 
 pub mod cli;
 pub mod datapath;
+pub mod desired;
 pub mod list;
+pub mod pipeline;
 pub mod run;
 pub mod source;
 pub mod state;
 pub mod sync;
+pub mod telemetry;
 pub mod translate;

@@ -16,7 +16,7 @@ use service_common::{
 use crate::{
     datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
     state::{MapState, ip_from_map},
-    sync::proto_name,
+    sync::{MapReader as _, proto_name},
 };
 
 /// Everything `list` shows.

@@ -1,14 +1,21 @@
-//! `service-agent run`: load and attach the datapath, then keep the maps in
-//! line with the source until SIGINT or SIGTERM.
+//! `service-agent run`: load and attach the datapath, serve metrics and
+//! health, then keep the maps in line with the source until SIGINT or
+//! SIGTERM. Maps and program links stay pinned when the agent stops, so
+//! traffic keeps flowing while it restarts.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use log::{error, info, warn};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc::{UnboundedSender, unbounded_channel},
+};
 
 use crate::{
     datapath::{
@@ -16,11 +23,14 @@ use crate::{
         attach::{Attachments, DeviceSelection},
         maps::ServiceMaps,
     },
+    pipeline::Pipeline,
     source::{
-        ClusterState, SourceSpec,
+        Change, ClusterEvent, SourceSpec,
         file::{Parsed, read_file},
+        kube::{KINDS, spawn_watchers},
     },
     sync::Syncer,
+    telemetry::{self, Health, Metrics},
     translate::NodeContext,
 };
 
@@ -29,132 +39,153 @@ use crate::{
 pub struct RunOptions {
     /// Where Services and EndpointSlices come from.
     pub source: SourceSpec,
-    /// Folder the maps are pinned in.
+    /// Folder the maps and links are pinned in.
     pub pin_path: PathBuf,
     /// Pod devices to attach to.
     pub devices: DeviceSelection,
     /// This node.
     pub node: NodeContext,
-    /// How often the source and the devices are checked.
+    /// How often the file source and the devices are checked.
     pub poll_interval: Duration,
+    /// How often the maps are fully compared with the desired state.
+    pub resync_interval: Duration,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
+    /// Where `/healthz` is served.
+    pub healthz_addr: SocketAddr,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let SourceSpec::File(path) = &options.source;
     let mut ebpf = datapath::load(&options.pin_path)?;
     let maps = ServiceMaps::take_from(&mut ebpf)?;
-    let current = maps.read_state().context("reading the pinned maps")?;
-    info!(
-        "maps pinned in {}: adopted {} frontend entries, {} backends",
-        options.pin_path.display(),
-        current.frontends.len(),
-        current.backends.len()
-    );
-    let mut syncer = Syncer::adopting(maps, current, options.node.clone());
+    let syncer = Syncer::adopting(maps, options.node.clone()).context("reading the pinned maps")?;
+    info!("maps pinned in {}", options.pin_path.display());
+    let link_dir = options.pin_path.join("links");
+    std::fs::create_dir_all(&link_dir)
+        .with_context(|| format!("creating {}", link_dir.display()))?;
+
+    let metrics = Arc::new(Metrics::new(options.pin_path.clone()));
+    let health = Arc::new(Health::default());
+    telemetry::serve(
+        options.metrics_addr,
+        options.healthz_addr,
+        metrics.clone(),
+        health.clone(),
+    )
+    .await?;
+
+    let (events, mut incoming) = unbounded_channel();
+    let kinds: &[&'static str] = match &options.source {
+        SourceSpec::File(path) => {
+            tokio::spawn(watch_file(path.clone(), options.poll_interval, events));
+            &KINDS[..2]
+        }
+        SourceSpec::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+            let node_name = options.node.node_name.clone().unwrap_or_default();
+            info!("watching the Kubernetes API as node {node_name:?}");
+            spawn_watchers(client, &node_name, events);
+            &KINDS
+        }
+    };
+    let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics));
     let mut attachments = Attachments::default();
-    let mut watcher = FileWatcher::new(path.clone());
-    let mut retry_at: Option<Instant> = None;
+    let mut last_full_sync = Instant::now();
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut ticker = tokio::time::interval(options.poll_interval);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
+            event = incoming.recv() => {
+                let Some(event) = event else {
+                    error!("the source stopped");
+                    break;
+                };
+                pipeline.handle(event);
+                while let Ok(event) = incoming.try_recv() {
+                    pipeline.handle(event);
+                }
+                pipeline.flush();
+            }
+            _ = ticker.tick() => {
+                if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {
+                    warn!("device scan failed: {e:#}");
+                }
+                if pipeline.repair_due() || last_full_sync.elapsed() >= options.resync_interval {
+                    pipeline.resync();
+                    last_full_sync = Instant::now();
+                }
+                health.beat(pipeline.is_synced());
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
-        if let Err(e) = attachments.scan(&mut ebpf, &options.devices) {
-            warn!("device scan failed: {e:#}");
-        }
-        let changed = watcher.poll();
-        let retry_due = retry_at.is_some_and(|at| Instant::now() >= at);
-        if changed || retry_due {
-            let report = syncer.sync(watcher.state());
-            retry_at = None;
-            if report.failed {
-                match syncer.writer().read_state() {
-                    Ok(actual) => syncer.resync_mirror(actual),
-                    Err(e) => error!("re-reading the maps after a failed write: {e:#}"),
-                }
-                retry_at = Some(Instant::now() + Duration::from_secs(5));
-            }
-        }
     }
     info!(
-        "stopping; maps stay pinned in {} (attached to: {})",
+        "stopping; maps and links stay pinned in {} (attached to: {})",
         options.pin_path.display(),
         attachments.devices().collect::<Vec<_>>().join(", ")
     );
     Ok(())
 }
 
-/// Watches the source file: re-reads it when its size, time or inode
-/// changes, and reports a change only when the content differs. A file that
-/// is missing or not valid YAML keeps the last good state.
-struct FileWatcher {
-    path: PathBuf,
-    stamp: Option<(std::time::SystemTime, u64, u64)>,
-    content_hash: Option<u64>,
-    missing_reported: bool,
-    state: ClusterState,
-}
-
-impl FileWatcher {
-    fn new(path: PathBuf) -> Self {
-        FileWatcher {
-            path,
-            stamp: None,
-            content_hash: None,
-            missing_reported: false,
-            state: ClusterState::default(),
-        }
-    }
-
-    fn state(&self) -> &ClusterState {
-        &self.state
-    }
-
-    /// Whether the file now holds different content (parsed into `state`).
-    fn poll(&mut self) -> bool {
-        let stamp = file_stamp(&self.path);
-        if stamp.is_some() && stamp == self.stamp {
-            return false;
-        }
-        if stamp.is_none() {
-            if !self.missing_reported {
+/// The file source: re-reads the file when its size, time or inode changes
+/// and sends its objects as full lists when the content differs. A file
+/// that is missing or not valid YAML keeps the last good state.
+async fn watch_file(path: PathBuf, interval: Duration, events: UnboundedSender<ClusterEvent>) {
+    let mut stamp = None;
+    let mut content_hash = None;
+    let mut missing_reported = false;
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let now = file_stamp(&path);
+        if now.is_none() {
+            if !missing_reported {
                 warn!(
                     "source file {} cannot be read; keeping the last state",
-                    self.path.display()
+                    path.display()
                 );
-                self.missing_reported = true;
+                missing_reported = true;
             }
-            self.stamp = None;
-            return false;
+            stamp = None;
+            continue;
         }
-        self.missing_reported = false;
-        self.stamp = stamp;
-        match read_file(&self.path) {
+        missing_reported = false;
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        match read_file(&path) {
             Ok((Parsed { state, skipped }, hash)) => {
-                if Some(hash) == self.content_hash {
-                    return false;
+                if Some(hash) == content_hash {
+                    continue;
                 }
+                content_hash = Some(hash);
                 info!(
                     "read {}: {} services, {} endpoint slices, {} objects skipped",
-                    self.path.display(),
+                    path.display(),
                     state.services.len(),
                     state.endpoint_slices.len(),
                     skipped.len()
                 );
-                self.content_hash = Some(hash);
-                self.state = state;
-                true
+                let services = state.services.into_values().collect();
+                let slices = state.endpoint_slices.into_values().collect();
+                if events
+                    .send(ClusterEvent::Service(Change::Replaced(services)))
+                    .and_then(|()| {
+                        events.send(ClusterEvent::EndpointSlice(Change::Replaced(slices)))
+                    })
+                    .is_err()
+                {
+                    return;
+                }
             }
-            Err(e) => {
-                error!("{e}; keeping the last good state");
-                false
-            }
+            Err(e) => error!("{e}; keeping the last good state"),
         }
     }
 }

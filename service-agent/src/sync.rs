@@ -1,142 +1,226 @@
-//! One sync: translation, map-state build, diff, and ordered writes. Generic
-//! over the [`MapWriter`], so it runs against the kernel maps in the agent
-//! and against an in-memory [`MapState`] in tests.
+//! Keeping the maps in line with the cluster: per-Service translation,
+//! per-Service writes in a safe order, and full repairs against what the
+//! maps really hold. Generic over the maps ([`MapWriter`] + [`MapReader`]),
+//! so it runs against the kernel maps in the agent and against an in-memory
+//! [`MapState`] in tests.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Instant};
 
 use log::{error, info, warn};
 use service_common::{BACKENDS_MAX_ENTRIES, REVNAT_MAX_ENTRIES};
 
 use crate::{
-    source::{ClusterState, ObjectName},
-    state::{MapOp, MapState, MapWriter, StateBuilder, diff},
-    translate::{DesiredFrontend, NodeContext, translate},
+    desired::DesiredState,
+    source::{ClusterState, Dirty, ObjectName},
+    state::{MapOp, MapState, MapWriter, diff},
+    translate::{NodeContext, Translation, translate_one},
 };
+
+/// Reads the maps' whole contents (for adoption and repairs).
+pub trait MapReader {
+    /// The maps' contents.
+    fn read_state(&self) -> anyhow::Result<MapState>;
+}
+
+impl MapReader for MapState {
+    fn read_state(&self) -> anyhow::Result<MapState> {
+        Ok(self.clone())
+    }
+}
 
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
+    /// Services whose translation changed.
+    pub services_changed: usize,
     /// Map writes applied.
     pub writes: usize,
-    /// Frontends programmed after the sync.
-    pub frontends: usize,
     /// Objects, fields or entries skipped as invalid or not fitting.
     pub skipped: usize,
-    /// Whether a write failed (the sync is retried).
+    /// Whether a write failed (a full repair is due).
     pub failed: bool,
 }
 
 /// Keeps the maps in line with the cluster state, writing only what changed.
 pub struct Syncer<W> {
     writer: W,
-    /// What the maps hold, as far as this agent wrote or read them.
-    mirror: MapState,
-    builder: StateBuilder,
+    desired: DesiredState,
     node: NodeContext,
-    /// The previous translation, by Service, to log what changed.
-    previous: BTreeMap<ObjectName, Vec<DesiredFrontend>>,
+    /// The last translation of each Service.
+    translations: BTreeMap<ObjectName, Translation>,
+    /// A write failed: the desired state and the maps may differ.
+    repair_due: bool,
 }
 
-impl<W: MapWriter> Syncer<W>
+impl<W> Syncer<W>
 where
+    W: MapWriter + MapReader,
     W::Error: std::fmt::Display,
 {
-    /// A syncer for maps that currently hold `current` (read from the
-    /// kernel on start, so ids and entries are adopted, not flushed).
-    pub fn adopting(writer: W, current: MapState, node: NodeContext) -> Self {
-        let builder = StateBuilder::adopting(&current, REVNAT_MAX_ENTRIES, BACKENDS_MAX_ENTRIES);
-        Syncer {
+    /// A syncer over `writer`, adopting the ids of what the maps hold now;
+    /// the first [`Syncer::sync_full`] then removes whatever is stale.
+    pub fn adopting(writer: W, node: NodeContext) -> anyhow::Result<Self> {
+        let current = writer.read_state()?;
+        Ok(Syncer {
+            desired: DesiredState::adopting(&current, REVNAT_MAX_ENTRIES, BACKENDS_MAX_ENTRIES),
             writer,
-            mirror: current,
-            builder,
             node,
-            previous: BTreeMap::new(),
-        }
+            translations: BTreeMap::new(),
+            repair_due: true,
+        })
     }
 
-    /// The writer (the maps).
+    /// The maps.
     pub fn writer(&self) -> &W {
         &self.writer
     }
 
-    /// Replaces the mirror with the maps' real contents, after a failed write.
-    pub fn resync_mirror(&mut self, actual: MapState) {
-        self.mirror = actual;
+    /// The last translation of each Service.
+    pub fn translations(&self) -> &BTreeMap<ObjectName, Translation> {
+        &self.translations
     }
 
-    /// Programs the maps for `cluster`.
-    pub fn sync(&mut self, cluster: &ClusterState) -> SyncReport {
-        let translation = translate(cluster, &self.node);
-        for line in &translation.skipped {
-            warn!("skipped: {line}");
-        }
-        let (desired, problems) = self.builder.build(&translation.frontends);
-        for line in &problems.skipped {
-            error!("not programmed: {line}");
-        }
-        let ops = diff(&self.mirror, &desired);
-        let mut report = SyncReport {
-            writes: 0,
-            frontends: desired.frontends.keys().filter(|k| k.slot == 0).count(),
-            skipped: translation.skipped.len() + problems.skipped.len(),
-            failed: false,
+    /// Whether a failed write left the maps to be repaired.
+    pub fn repair_due(&self) -> bool {
+        self.repair_due
+    }
+
+    /// Sets this node's context; every Service is re-translated on the next sync.
+    pub fn set_node(&mut self, node: NodeContext) {
+        self.node = node;
+    }
+
+    /// Re-translates the `dirty` Services and writes what changed for each,
+    /// Service by Service. A failed write stops the sync and marks a repair due.
+    pub fn sync(&mut self, cluster: &ClusterState, dirty: &Dirty) -> SyncReport {
+        self.update(cluster, dirty, true)
+    }
+
+    /// Re-translates the `dirty` Services into the desired state; with
+    /// `write`, also writes each Service's changes to the maps.
+    fn update(&mut self, cluster: &ClusterState, dirty: &Dirty, write: bool) -> SyncReport {
+        let names: Vec<ObjectName> = match dirty {
+            Dirty::Services(names) => names.iter().cloned().collect(),
+            Dirty::All => cluster
+                .services
+                .keys()
+                .chain(self.translations.keys())
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         };
-        for op in &ops {
-            if let Err(e) = self.writer.apply(op) {
-                error!("{e}; will retry");
-                report.failed = true;
+        let mut report = SyncReport::default();
+        for name in names {
+            let translation = translate_one(cluster, &self.node, &name);
+            if self.translations.get(&name) == Some(&translation) {
+                continue;
+            }
+            report.services_changed += 1;
+            for line in &translation.skipped {
+                warn!("skipped: {line}");
+            }
+            report.skipped += translation.skipped.len();
+            let (ops, problems) = self.desired.set_service(&name, &translation.frontends);
+            for line in &problems {
+                error!("not programmed: {line}");
+            }
+            report.skipped += problems.len();
+            log_change(&name, self.translations.get(&name), &translation);
+            if translation == Translation::default() {
+                self.translations.remove(&name);
+            } else {
+                self.translations.insert(name.clone(), translation);
+            }
+            if write && !self.apply(&ops, &mut report) {
                 break;
             }
-            // Infallible for the in-memory mirror.
-            let _ = self.mirror.apply(op);
-            report.writes += 1;
         }
-        self.log_changes(&translation.frontends);
-        if !ops.is_empty() {
+        if report.writes > 0 {
             info!(
-                "sync: {} map writes ({}), {} frontends programmed",
-                report.writes,
-                summarize(&ops),
-                report.frontends
+                "sync: {} services changed, {} map writes",
+                report.services_changed, report.writes
             );
         }
         report
     }
 
-    /// Logs, per Service, which frontends appeared, changed or went.
-    fn log_changes(&mut self, frontends: &[DesiredFrontend]) {
-        let mut current: BTreeMap<ObjectName, Vec<DesiredFrontend>> = BTreeMap::new();
-        for frontend in frontends {
-            current
-                .entry(frontend.service.clone())
-                .or_default()
-                .push(frontend.clone());
-        }
-        for (service, now) in &current {
-            match self.previous.get(service) {
-                Some(before) if before == now => {}
-                before => {
-                    let verb = if before.is_some() { "updated" } else { "added" };
-                    for f in now {
-                        info!(
-                            "service {service} {verb}: {}:{}/{} -> [{}]",
-                            f.addr,
-                            f.port,
-                            proto_name(f.proto),
-                            f.backends
-                                .iter()
-                                .map(|b| format!("{}:{}", b.addr, b.port))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        );
-                    }
-                }
+    /// Re-translates everything and repairs the maps: compares the desired
+    /// state with what the maps really hold and writes only the difference
+    /// (so correct entries are not touched, and stale ones go).
+    pub fn sync_full(&mut self, cluster: &ClusterState) -> SyncReport {
+        let mut report = self.update(cluster, &Dirty::All, false);
+        self.desired.release_unclaimed();
+        let actual = match self.writer.read_state() {
+            Ok(actual) => actual,
+            Err(e) => {
+                error!("reading the maps for a repair: {e:#}");
+                report.failed = true;
+                self.repair_due = true;
+                return report;
             }
+        };
+        let ops = diff(&actual, &self.desired.maps());
+        if !ops.is_empty() {
+            info!(
+                "repair: {} map entries differed from the desired state ({})",
+                ops.len(),
+                summarize(&ops)
+            );
         }
-        for service in self.previous.keys().filter(|s| !current.contains_key(*s)) {
-            info!("service {service} removed");
+        self.repair_due = false;
+        self.apply(&ops, &mut report);
+        report
+    }
+
+    /// Applies `ops` in order; on the first failure marks a repair due.
+    fn apply(&mut self, ops: &[MapOp], report: &mut SyncReport) -> bool {
+        for op in ops {
+            if let Err(e) = self.writer.apply(op) {
+                error!("{e}; the maps will be repaired");
+                report.failed = true;
+                self.repair_due = true;
+                return false;
+            }
+            report.writes += 1;
         }
-        self.previous = current;
+        true
+    }
+
+    /// The frontend and backend counts of the desired state.
+    pub fn desired_counts(&self) -> (usize, usize) {
+        let maps = self.desired.maps();
+        (
+            maps.frontends.keys().filter(|k| k.slot == 0).count(),
+            maps.backends.len(),
+        )
+    }
+}
+
+/// Logs what changed for one Service.
+fn log_change(name: &ObjectName, before: Option<&Translation>, after: &Translation) {
+    if after == &Translation::default() {
+        if before.is_some() {
+            info!("service {name} removed");
+        }
+        return;
+    }
+    let verb = if before.is_some() { "updated" } else { "added" };
+    for (_, kind) in &after.not_programmed {
+        info!("service {name} {verb}: {kind:?}, nothing to program");
+    }
+    for f in &after.frontends {
+        info!(
+            "service {name} {verb}: {}:{}/{} -> [{}]",
+            f.addr,
+            f.port,
+            proto_name(f.proto),
+            f.backends
+                .iter()
+                .map(|b| format!("{}:{}", b.addr, b.port))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 }
 
@@ -171,10 +255,25 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
+/// Times a sync for the metrics.
+pub struct SyncTimer(Instant);
+
+impl SyncTimer {
+    /// Starts timing.
+    pub fn start() -> Self {
+        SyncTimer(Instant::now())
+    }
+
+    /// Seconds since the start.
+    pub fn seconds(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::file::parse_documents;
+    use crate::source::{ClusterEvent, file::parse_documents};
 
     const BASE: &str = r#"
 kind: Service
@@ -188,28 +287,80 @@ metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}]
+---
+kind: Service
+apiVersion: v1
+metadata: {name: db}
+spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
 "#;
+
+    fn syncer() -> Syncer<MapState> {
+        Syncer::adopting(MapState::default(), NodeContext::default()).unwrap()
+    }
 
     #[test]
     fn syncing_the_same_state_twice_writes_once_and_edits_write_little() {
-        let mut syncer = Syncer::adopting(
-            MapState::default(),
-            MapState::default(),
-            NodeContext::default(),
-        );
+        let mut syncer = syncer();
         let state = parse_documents(BASE).unwrap().state;
-        let first = syncer.sync(&state);
-        assert_eq!(first.frontends, 1);
-        // 2 backends + 1 revnat + 2 slots + 1 header.
-        assert_eq!(first.writes, 6);
-        assert_eq!(syncer.sync(&state).writes, 0);
+        let first = syncer.sync_full(&state);
+        // web: 2 backends + 1 revnat + 2 slots + 1 header; db: revnat + header.
+        assert_eq!(first.writes, 8);
+        assert_eq!(syncer.sync(&state, &Dirty::All).writes, 0);
+        assert_eq!(syncer.sync_full(&state).writes, 0);
         syncer.writer().check_consistent().unwrap();
 
         let fewer = parse_documents(&BASE.replace(", {addresses: [10.1.2.2]}", "")).unwrap();
-        let report = syncer.sync(&fewer.state);
-        // Header shrinks, slot 2 and the backend go.
+        let report = syncer.sync(&fewer.state, &Dirty::All);
+        // Header shrinks, slot 2 and the backend go; db is not touched.
         assert_eq!(report.writes, 3);
+        assert_eq!(report.services_changed, 1);
         assert_eq!(syncer.writer().backends.len(), 1);
         syncer.writer().check_consistent().unwrap();
+    }
+
+    #[test]
+    fn events_mark_only_their_service_dirty() {
+        let mut syncer = syncer();
+        let mut state = parse_documents(BASE).unwrap().state;
+        syncer.sync_full(&state);
+        let mut slice = state.endpoint_slices.values().next().unwrap().clone();
+        slice.endpoints.truncate(1);
+        let dirty = state.apply(ClusterEvent::EndpointSlice(crate::source::Change::Applied(
+            slice,
+        )));
+        let names: Vec<String> = match &dirty {
+            Dirty::Services(names) => names.iter().map(|n| n.to_string()).collect(),
+            Dirty::All => panic!("a slice event marks its Service only"),
+        };
+        assert_eq!(names, ["default/web"]);
+        let report = syncer.sync(&state, &dirty);
+        assert_eq!(report.services_changed, 1);
+        assert_eq!(syncer.writer().backends.len(), 1);
+    }
+
+    #[test]
+    fn a_full_sync_repairs_drift_and_removes_stale_entries() {
+        let state = parse_documents(BASE).unwrap().state;
+        let mut syncer = syncer();
+        syncer.sync_full(&state);
+        let good = syncer.writer().clone();
+
+        // Someone deletes a backend slot and adds a stray frontend behind our back.
+        let mut drifted = good.clone();
+        let slot = *drifted.frontends.keys().find(|k| k.slot == 2).unwrap();
+        drifted.frontends.remove(&slot);
+        let stray = service_common::FrontendKey {
+            port: 9u16.to_be(),
+            ..slot
+        };
+        drifted
+            .frontends
+            .insert(stray, service_common::FrontendValue::default());
+
+        // A restarted agent adopts the drifted maps and repairs exactly that.
+        let mut restarted = Syncer::adopting(drifted, NodeContext::default()).unwrap();
+        let report = restarted.sync_full(&state);
+        assert_eq!(report.writes, 2, "{report:?}");
+        assert_eq!(restarted.writer(), &good);
     }
 }

@@ -63,7 +63,7 @@ pub enum NotProgrammed {
 }
 
 /// The outcome of translating a whole [`ClusterState`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Translation {
     /// Every frontend to program, in a stable order.
     pub frontends: Vec<DesiredFrontend>,
@@ -77,6 +77,15 @@ pub struct Translation {
 pub fn translate(cluster: &ClusterState, node: &NodeContext) -> Translation {
     let mut out = Translation::default();
     for (name, service) in &cluster.services {
+        translate_service(cluster, node, name, service, &mut out);
+    }
+    out
+}
+
+/// Translates one Service (nothing when it does not exist).
+pub fn translate_one(cluster: &ClusterState, node: &NodeContext, name: &ObjectName) -> Translation {
+    let mut out = Translation::default();
+    if let Some(service) = cluster.services.get(name) {
         translate_service(cluster, node, name, service, &mut out);
     }
     out

@@ -17,8 +17,9 @@ use etherparse::{
 };
 use service_agent::{
     datapath::{self, PROG_FROM_POD, PROG_TO_POD, maps::ServiceMaps},
+    desired::DesiredState,
     source::ObjectName,
-    state::{MapState, MapWriter as _, StateBuilder, diff},
+    state::{MapState, MapWriter as _},
     translate::{DesiredBackend, DesiredFrontend},
 };
 use service_common::{
@@ -45,9 +46,7 @@ struct Datapath {
     ebpf: Ebpf,
     maps: ServiceMaps,
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
-    frontends: Vec<DesiredFrontend>,
-    builder: StateBuilder,
-    programmed: MapState,
+    desired: DesiredState,
     pin: PinDir,
 }
 
@@ -62,23 +61,20 @@ impl Datapath {
             ebpf,
             maps,
             conntrack,
-            frontends: Vec::new(),
-            builder: StateBuilder::adopting(&MapState::default(), 1000, 1000),
-            programmed: MapState::default(),
+            desired: DesiredState::adopting(&MapState::default(), 1000, 1000),
             pin,
         }
     }
 
     /// Programs (or reprograms) `vip:port/proto` with `backends`, through the
-    /// same build and diff the agent uses.
+    /// same desired-state layout and ordered writes the agent uses.
     fn set_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) {
-        self.frontends
-            .retain(|f| !(f.addr == vip && f.port == port && f.proto == proto));
-        self.frontends.push(DesiredFrontend {
-            service: ObjectName {
-                namespace: "test".into(),
-                name: format!("svc-{vip}-{port}"),
-            },
+        let service = ObjectName {
+            namespace: "test".into(),
+            name: format!("svc-{vip}-{port}-{proto}"),
+        };
+        let frontend = DesiredFrontend {
+            service: service.clone(),
             port_name: String::new(),
             addr: vip.into(),
             port,
@@ -93,13 +89,12 @@ impl Datapath {
                     terminating: false,
                 })
                 .collect(),
-        });
-        let (desired, problems) = self.builder.build(&self.frontends);
-        assert!(problems.skipped.is_empty(), "{problems:?}");
-        for op in diff(&self.programmed, &desired) {
+        };
+        let (ops, problems) = self.desired.set_service(&service, &[frontend]);
+        assert!(problems.is_empty(), "{problems:?}");
+        for op in ops {
             self.maps.apply(&op).expect("map write");
         }
-        self.programmed = desired;
     }
 
     /// Runs `program` once on `packet`: the verdict and the packet after it.

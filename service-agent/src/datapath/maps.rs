@@ -14,7 +14,10 @@ use service_common::{
     RevNatValue,
 };
 
-use crate::state::{MapOp, MapState, MapWriter};
+use crate::{
+    state::{MapOp, MapState, MapWriter},
+    sync::MapReader,
+};
 
 /// The three maps the agent programs.
 pub struct ServiceMaps {
@@ -58,9 +61,10 @@ impl ServiceMaps {
             revnat: HashMap::try_from(open_pinned(pin_path, MAP_REVNAT)?)?,
         })
     }
+}
 
-    /// Reads the maps' whole contents.
-    pub fn read_state(&self) -> anyhow::Result<MapState> {
+impl MapReader for ServiceMaps {
+    fn read_state(&self) -> anyhow::Result<MapState> {
         let mut state = MapState::default();
         for entry in self.frontends.iter() {
             let (key, value) = entry.context("reading the frontends map")?;

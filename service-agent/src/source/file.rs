@@ -12,7 +12,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use log::warn;
 use serde::Deserialize;
 
-use super::{ClusterState, ObjectName};
+use super::{ClusterState, object_name};
 
 /// Why a file could not be read at all. Problems with single objects are
 /// not errors: they are reported in [`Parsed::skipped`] and the rest is used.
@@ -124,22 +124,10 @@ fn skip(parsed: &mut Parsed, origin: &str, reason: &str) {
     parsed.skipped.push(line);
 }
 
-/// The object's `namespace/name`, the namespace defaulting to `default`.
-fn object_name(
-    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Option<ObjectName> {
-    let name = metadata.name.clone().filter(|name| !name.is_empty())?;
-    let namespace = metadata
-        .namespace
-        .clone()
-        .filter(|namespace| !namespace.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
-    Some(ObjectName { namespace, name })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::ObjectName;
 
     const TWO_OBJECTS: &str = r#"
 apiVersion: v1

@@ -3,10 +3,23 @@
 //! the file source and the Kubernetes source share one pipeline.
 
 pub mod file;
+pub mod kube;
 
-use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::PathBuf,
+    str::FromStr,
+};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    Metadata,
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -33,27 +46,147 @@ pub struct ClusterState {
     pub services: BTreeMap<ObjectName, Service>,
     /// EndpointSlices by their own name (not their Service's).
     pub endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
+    /// This node, when the source knows it.
+    pub node: Option<Node>,
+}
+
+/// A change reported by a source.
+#[derive(Clone, Debug)]
+pub enum Change<K> {
+    /// The object was created or modified.
+    Applied(K),
+    /// The object was deleted.
+    Deleted(K),
+    /// A full (re-)list: these are all the objects of the kind now.
+    Replaced(Vec<K>),
+}
+
+/// A change to one kind of object the agent watches.
+#[derive(Clone, Debug)]
+pub enum ClusterEvent {
+    /// A Service changed.
+    Service(Change<Service>),
+    /// An EndpointSlice changed.
+    EndpointSlice(Change<EndpointSlice>),
+    /// This node changed.
+    Node(Change<Node>),
+}
+
+/// Which Services an event may have changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dirty {
+    /// These Services.
+    Services(BTreeSet<ObjectName>),
+    /// Possibly all of them.
+    All,
+}
+
+impl Dirty {
+    /// Nothing changed.
+    pub fn none() -> Self {
+        Dirty::Services(BTreeSet::new())
+    }
+
+    /// Adds what `other` marks.
+    pub fn merge(&mut self, other: Dirty) {
+        match (&mut *self, other) {
+            (Dirty::All, _) => {}
+            (_, Dirty::All) => *self = Dirty::All,
+            (Dirty::Services(mine), Dirty::Services(theirs)) => mine.extend(theirs),
+        }
+    }
 }
 
 impl ClusterState {
+    /// Applies a source's event; returns the Services it may have changed.
+    /// Objects without a name are ignored.
+    pub fn apply(&mut self, event: ClusterEvent) -> Dirty {
+        match event {
+            ClusterEvent::Service(change) => {
+                Dirty::Services(apply_change(&mut self.services, change, |service| {
+                    object_name(service.metadata())
+                }))
+            }
+            ClusterEvent::EndpointSlice(change) => {
+                Dirty::Services(apply_change(&mut self.endpoint_slices, change, slice_owner))
+            }
+            ClusterEvent::Node(change) => {
+                self.node = match change {
+                    Change::Applied(node) => Some(node),
+                    Change::Deleted(_) => None,
+                    Change::Replaced(nodes) => nodes.into_iter().next(),
+                };
+                Dirty::All
+            }
+        }
+    }
+
     /// The EndpointSlices labelled as belonging to `service`.
     pub fn slices_of<'a>(
         &'a self,
         service: &'a ObjectName,
     ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
         self.endpoint_slices
-            .iter()
-            .filter(move |(name, slice)| {
-                name.namespace == service.namespace
-                    && slice
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-                        .is_some_and(|owner| *owner == service.name)
-            })
-            .map(|(_, slice)| slice)
+            .values()
+            .filter(move |slice| slice_owner(slice).as_ref() == Some(service))
     }
+}
+
+/// Applies `change` to `objects` (keyed by object name) and returns the
+/// owners (as `owner` names them) of every object version it touched, old
+/// and new, so a moved or deleted object marks both sides.
+fn apply_change<K: Metadata<Ty = ObjectMeta>>(
+    objects: &mut BTreeMap<ObjectName, K>,
+    change: Change<K>,
+    owner: impl Fn(&K) -> Option<ObjectName>,
+) -> BTreeSet<ObjectName> {
+    let mut owners = BTreeSet::new();
+    match change {
+        Change::Applied(object) => {
+            if let Some(name) = object_name(object.metadata()) {
+                owners.extend(objects.get(&name).and_then(&owner));
+                owners.extend(owner(&object));
+                objects.insert(name, object);
+            }
+        }
+        Change::Deleted(object) => {
+            if let Some(name) = object_name(object.metadata()) {
+                owners.extend(objects.remove(&name).as_ref().and_then(&owner));
+                owners.extend(owner(&object));
+            }
+        }
+        Change::Replaced(all) => {
+            owners.extend(objects.values().filter_map(&owner));
+            *objects = all
+                .into_iter()
+                .filter_map(|object| Some((object_name(object.metadata())?, object)))
+                .collect();
+            owners.extend(objects.values().filter_map(&owner));
+        }
+    }
+    owners
+}
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name`
+/// label, in the slice's namespace).
+pub fn slice_owner(slice: &EndpointSlice) -> Option<ObjectName> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let slice_name = object_name(&slice.metadata)?;
+    Some(ObjectName {
+        namespace: slice_name.namespace,
+        name: service.clone(),
+    })
+}
+
+/// The object's `namespace/name`, the namespace defaulting to `default`.
+pub fn object_name(metadata: &ObjectMeta) -> Option<ObjectName> {
+    let name = metadata.name.clone().filter(|name| !name.is_empty())?;
+    let namespace = metadata
+        .namespace
+        .clone()
+        .filter(|namespace| !namespace.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    Some(ObjectName { namespace, name })
 }
 
 /// The `--source` flag: where to read Services and EndpointSlices from.
@@ -61,6 +194,8 @@ impl ClusterState {
 pub enum SourceSpec {
     /// `file:PATH`: a multi-document YAML file, watched for changes.
     File(PathBuf),
+    /// `kube`: the Kubernetes API (kubeconfig, or in-cluster config).
+    Kube,
 }
 
 impl FromStr for SourceSpec {
@@ -70,11 +205,8 @@ impl FromStr for SourceSpec {
         match s.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(SourceSpec::File(PathBuf::from(path))),
             Some(("file", _)) => Err("file source needs a path: file:PATH".to_owned()),
-            _ if s == "kube" => Err(
-                "the Kubernetes source (--source kube) is not available yet; use file:PATH"
-                    .to_owned(),
-            ),
-            _ => Err(format!("unknown source {s:?}: expected file:PATH")),
+            _ if s == "kube" => Ok(SourceSpec::Kube),
+            _ => Err(format!("unknown source {s:?}: expected file:PATH or kube")),
         }
     }
 }
@@ -91,6 +223,6 @@ mod tests {
         );
         assert!("file:".parse::<SourceSpec>().is_err());
         assert!("http://x".parse::<SourceSpec>().is_err());
-        assert!("kube".parse::<SourceSpec>().is_err());
+        assert_eq!("kube".parse::<SourceSpec>(), Ok(SourceSpec::Kube));
     }
 }

@@ -1,0 +1,570 @@
+//! The desired map contents, kept per Service so one Service's change is
+//! laid out and diffed on its own: [`DesiredState::set_service`] returns just
+//! the ordered writes for that Service. Rev-NAT and backend ids stay stable
+//! while their frontend or backend lives (and across agent restarts, by
+//! adopting the ids found in the maps); backends shared by several Services
+//! are reference-counted and deleted when the last one lets go.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use service_common::{
+    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BackendId,
+    BackendValue, FrontendKey, FrontendValue, MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
+};
+
+use crate::{
+    source::ObjectName,
+    state::{MapOp, MapState, diff, map_addr},
+    translate::{DesiredBackend, DesiredFrontend},
+};
+
+/// Identity of a frontend (address, port in network order, protocol,
+/// scope): what a rev-NAT id is allocated for.
+type FrontendIdentity = (MapAddr, u16, u8, u8);
+/// Identity of a backend (address, port in network order, family): what a
+/// backend id is allocated for.
+type BackendIdentity = (MapAddr, u16, u8);
+
+/// Allocates small integer ids to keys and keeps them stable while the key
+/// lives, so an unchanged Service keeps its entries byte for byte.
+#[derive(Clone, Debug)]
+struct IdAllocator<K> {
+    ids: BTreeMap<K, u32>,
+    used: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+}
+
+impl<K: Ord + Clone> IdAllocator<K> {
+    /// Ids are handed out in `1..limit`.
+    fn new(limit: u32) -> Self {
+        IdAllocator {
+            ids: BTreeMap::new(),
+            used: BTreeSet::new(),
+            next: 1,
+            limit,
+        }
+    }
+
+    /// Records an id already in use (adopted from the maps).
+    fn adopt(&mut self, key: K, id: u32) {
+        if id != 0 && id < self.limit && !self.used.contains(&id) {
+            self.ids.insert(key, id);
+            self.used.insert(id);
+        }
+    }
+
+    /// The key's id, allocating a free one if needed; `None` when all are taken.
+    fn get_or_allocate(&mut self, key: &K) -> Option<u32> {
+        if let Some(id) = self.ids.get(key) {
+            return Some(*id);
+        }
+        if self.used.len() as u64 >= u64::from(self.limit.saturating_sub(1)) {
+            return None;
+        }
+        while self.used.contains(&self.next) || self.next == 0 {
+            self.next = if self.next + 1 >= self.limit {
+                1
+            } else {
+                self.next + 1
+            };
+        }
+        let id = self.next;
+        // Hand out ids round-robin, so a freed id is not reused at once and
+        // conntrack entries naming it cannot mistake a new backend for it.
+        self.next = if id + 1 >= self.limit { 1 } else { id + 1 };
+        self.used.insert(id);
+        self.ids.insert(key.clone(), id);
+        Some(id)
+    }
+
+    /// Frees the key's id.
+    fn release(&mut self, key: &K) {
+        if let Some(id) = self.ids.remove(key) {
+            self.used.remove(&id);
+        }
+    }
+
+    /// Frees the ids of every key not in `live`.
+    fn retain(&mut self, live: impl Fn(&K) -> bool) {
+        let used = &mut self.used;
+        self.ids.retain(|key, id| {
+            let keep = live(key);
+            if !keep {
+                used.remove(id);
+            }
+            keep
+        });
+    }
+}
+
+/// One Service's share of the maps.
+#[derive(Clone, Debug, Default)]
+struct Fragment {
+    frontends: BTreeMap<FrontendKey, FrontendValue>,
+    revnat: BTreeMap<RevNatId, RevNatValue>,
+    backends: BTreeMap<BackendId, BackendValue>,
+    identities: BTreeSet<FrontendIdentity>,
+}
+
+/// The desired contents of the maps, by Service.
+#[derive(Clone, Debug)]
+pub struct DesiredState {
+    revnat_ids: IdAllocator<FrontendIdentity>,
+    backend_ids: IdAllocator<BackendIdentity>,
+    services: BTreeMap<ObjectName, Fragment>,
+    /// How many Services use each backend.
+    backend_refs: BTreeMap<BackendId, usize>,
+    /// Each backend's value as last written.
+    backend_values: BTreeMap<BackendId, BackendValue>,
+    /// Which Service serves each frontend (the first one to claim it).
+    frontend_owners: BTreeMap<FrontendIdentity, ObjectName>,
+}
+
+impl DesiredState {
+    /// An empty desired state that first adopts the ids used in `current`,
+    /// allocating rev-NAT ids below `revnat_limit` and backend ids below
+    /// `backend_limit`. Call [`DesiredState::release_unclaimed`] once every
+    /// Service has been set.
+    pub fn adopting(current: &MapState, revnat_limit: u32, backend_limit: u32) -> Self {
+        let mut state = DesiredState {
+            revnat_ids: IdAllocator::new(revnat_limit),
+            backend_ids: IdAllocator::new(backend_limit),
+            services: BTreeMap::new(),
+            backend_refs: BTreeMap::new(),
+            backend_values: BTreeMap::new(),
+            frontend_owners: BTreeMap::new(),
+        };
+        for (key, value) in current.frontends.iter().filter(|(k, _)| k.slot == 0) {
+            state
+                .revnat_ids
+                .adopt((key.addr, key.port, key.proto, key.scope), value.rev_nat_id);
+        }
+        for (id, value) in &current.backends {
+            state
+                .backend_ids
+                .adopt((value.addr, value.port, value.family), *id);
+        }
+        state
+    }
+
+    /// Frees adopted ids that no Service claimed (their entries are stale).
+    pub fn release_unclaimed(&mut self) {
+        let owners = &self.frontend_owners;
+        self.revnat_ids
+            .retain(|identity| owners.contains_key(identity));
+        let values = &self.backend_values;
+        let backend_ids: BTreeSet<BackendIdentity> = values
+            .values()
+            .map(|v| (v.addr, v.port, v.family))
+            .collect();
+        self.backend_ids
+            .retain(|identity| backend_ids.contains(identity));
+    }
+
+    /// Names of the Services with entries.
+    pub fn services(&self) -> impl Iterator<Item = &ObjectName> {
+        self.services.keys()
+    }
+
+    /// The whole desired contents.
+    pub fn maps(&self) -> MapState {
+        let mut maps = MapState::default();
+        for fragment in self.services.values() {
+            maps.frontends.extend(fragment.frontends.iter());
+            maps.revnat.extend(fragment.revnat.iter());
+        }
+        maps.backends = self.backend_values.clone();
+        maps
+    }
+
+    /// Replaces the frontends of Service `name` (none removes it) and returns
+    /// the ordered writes that take the maps from the previous desired state
+    /// to the new one, touching nothing of other Services, plus one line per
+    /// frontend or backend that could not be given entries.
+    pub fn set_service(
+        &mut self,
+        name: &ObjectName,
+        frontends: &[DesiredFrontend],
+    ) -> (Vec<MapOp>, Vec<String>) {
+        let old = self.services.remove(name).unwrap_or_default();
+        let mut problems = Vec::new();
+        let mut new = Fragment::default();
+        for frontend in frontends {
+            self.lay_out(name, frontend, &mut new, &mut problems);
+        }
+
+        // Reference counts: the new fragment's backends first, then the old
+        // one's released, so a backend kept by this Service never drops to 0.
+        for id in new.backends.keys() {
+            *self.backend_refs.entry(*id).or_default() += 1;
+        }
+        let mut old_scoped = MapState {
+            frontends: old.frontends,
+            revnat: old.revnat,
+            backends: BTreeMap::new(),
+        };
+        for (id, value) in &old.backends {
+            let refs = self.backend_refs.entry(*id).or_default();
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.backend_refs.remove(id);
+                old_scoped.backends.insert(*id, *value);
+                self.backend_values.remove(id);
+                self.backend_ids
+                    .release(&(value.addr, value.port, value.family));
+            }
+        }
+        // Backends whose value is already written need no write.
+        for (id, value) in &new.backends {
+            if self.backend_values.get(id) == Some(value) {
+                old_scoped.backends.insert(*id, *value);
+            }
+            self.backend_values.insert(*id, *value);
+        }
+        let new_scoped = MapState {
+            frontends: new.frontends.clone(),
+            revnat: new.revnat.clone(),
+            backends: new.backends.clone(),
+        };
+        let ops = diff(&old_scoped, &new_scoped);
+
+        for identity in old.identities.difference(&new.identities) {
+            if self.frontend_owners.get(identity) == Some(name) {
+                self.frontend_owners.remove(identity);
+                self.revnat_ids.release(identity);
+            }
+        }
+        if !new.frontends.is_empty() || !new.identities.is_empty() {
+            self.services.insert(name.clone(), new);
+        }
+        (ops, problems)
+    }
+
+    /// Adds one frontend's header, slots, rev-NAT entry and backends to `fragment`.
+    fn lay_out(
+        &mut self,
+        service: &ObjectName,
+        frontend: &DesiredFrontend,
+        fragment: &mut Fragment,
+        problems: &mut Vec<String>,
+    ) {
+        let (addr, family) = map_addr(frontend.addr);
+        let port = frontend.port.to_be();
+        let identity = (addr, port, frontend.proto, SCOPE_ALL);
+        let label = format!("{service} {}:{}", frontend.addr, frontend.port);
+        match self.frontend_owners.get(&identity) {
+            Some(owner) if owner != service => {
+                problems.push(format!(
+                    "{label}: already served by Service {owner}, skipped"
+                ));
+                return;
+            }
+            Some(_) => {}
+            None => {
+                self.frontend_owners.insert(identity, service.clone());
+            }
+        }
+        let Some(rev_nat_id) = self.revnat_ids.get_or_allocate(&identity) else {
+            self.frontend_owners.remove(&identity);
+            problems.push(format!("{label}: no free rev-NAT id (map full)"));
+            return;
+        };
+        fragment.identities.insert(identity);
+        let key = FrontendKey {
+            addr,
+            port,
+            slot: 0,
+            family,
+            proto: frontend.proto,
+            scope: SCOPE_ALL,
+            _pad: 0,
+        };
+        let mut slot: u16 = 0;
+        for backend in &frontend.backends {
+            let value = backend_value(backend);
+            let Some(id) =
+                self.backend_ids
+                    .get_or_allocate(&(value.addr, value.port, value.family))
+            else {
+                problems.push(format!(
+                    "{label}: backend {}:{}: no free backend id (map full)",
+                    backend.addr, backend.port
+                ));
+                continue;
+            };
+            let Some(next) = slot.checked_add(1) else {
+                problems.push(format!(
+                    "{label}: more than {} backends, the rest left out",
+                    u16::MAX
+                ));
+                break;
+            };
+            slot = next;
+            fragment.backends.insert(id, value);
+            fragment.frontends.insert(
+                FrontendKey { slot, ..key },
+                FrontendValue {
+                    backend_id: id,
+                    ..FrontendValue::default()
+                },
+            );
+        }
+        fragment.frontends.insert(
+            key,
+            FrontendValue {
+                backend_id: 0,
+                rev_nat_id,
+                count: slot,
+                flags: frontend.flags,
+                affinity_timeout_secs: 0,
+            },
+        );
+        fragment.revnat.insert(
+            rev_nat_id,
+            RevNatValue {
+                addr,
+                port,
+                family,
+                _pad: 0,
+            },
+        );
+    }
+}
+
+fn backend_value(backend: &DesiredBackend) -> BackendValue {
+    let (addr, family) = map_addr(backend.addr);
+    BackendValue {
+        addr,
+        port: backend.port.to_be(),
+        family,
+        state: if backend.terminating {
+            BACKEND_STATE_TERMINATING
+        } else {
+            BACKEND_STATE_ACTIVE
+        },
+        flags: if backend.node_local {
+            BACKEND_FLAG_NODE_LOCAL
+        } else {
+            0
+        },
+        zone: 0,
+        _pad: [0; 2],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::MapWriter as _;
+    use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
+
+    fn name(n: &str) -> ObjectName {
+        ObjectName {
+            namespace: "default".into(),
+            name: n.into(),
+        }
+    }
+
+    fn frontend(service: &str, vip: &str, backends: &[&str]) -> DesiredFrontend {
+        DesiredFrontend {
+            service: name(service),
+            port_name: "http".into(),
+            addr: vip.parse().unwrap(),
+            port: 80,
+            proto: PROTO_TCP,
+            flags: FRONTEND_FLAG_CLUSTER_IP,
+            backends: backends
+                .iter()
+                .map(|b| DesiredBackend {
+                    addr: b.parse().unwrap(),
+                    port: 8080,
+                    node_local: false,
+                    terminating: false,
+                })
+                .collect(),
+        }
+    }
+
+    /// Applies `ops` to `maps` one by one, checking consistency after each.
+    fn apply_checked(maps: &mut MapState, ops: &[MapOp]) {
+        for op in ops {
+            maps.apply(op).unwrap();
+            maps.check_consistent()
+                .unwrap_or_else(|e| panic!("after {op:?}: {e}"));
+        }
+    }
+
+    fn fresh() -> DesiredState {
+        DesiredState::adopting(&MapState::default(), 100, 100)
+    }
+
+    #[test]
+    fn a_service_lays_out_header_slots_backends_and_revnat() {
+        let mut desired = fresh();
+        let (ops, problems) = desired.set_service(
+            &name("web"),
+            &[frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.2.2"])],
+        );
+        assert!(problems.is_empty());
+        let mut maps = MapState::default();
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert_eq!(maps.frontends.len(), 3);
+        assert_eq!(maps.backends.len(), 2);
+        let (key, header) = maps.frontends.iter().find(|(k, _)| k.slot == 0).unwrap();
+        assert_eq!(key.addr[..4], [10, 96, 0, 10]);
+        assert_eq!(key.port, 80u16.to_be());
+        assert_eq!(header.count, 2);
+        assert_eq!(maps.revnat[&header.rev_nat_id].port, 80u16.to_be());
+    }
+
+    #[test]
+    fn changing_one_service_writes_only_its_entries_in_a_safe_order() {
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[frontend(
+                "web",
+                "10.96.0.10",
+                &["10.1.1.2", "10.1.2.2", "10.1.3.2"],
+            )],
+        );
+        apply_checked(&mut maps, &ops);
+        let (ops, _) =
+            desired.set_service(&name("db"), &[frontend("db", "10.96.0.11", &["10.1.9.2"])]);
+        apply_checked(&mut maps, &ops);
+
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.3.2"])],
+        );
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert!(ops.iter().all(|op| match op {
+            MapOp::UpsertFrontend(k, _) | MapOp::DeleteFrontend(k) => k.addr[3] == 10,
+            _ => true,
+        }));
+        // The header shrinks before the last slot goes, the backend goes last.
+        let header = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::UpsertFrontend(k, _) if k.slot == 0))
+            .unwrap();
+        let slot_delete = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::DeleteFrontend(k) if k.slot == 3))
+            .unwrap();
+        assert!(header < slot_delete);
+        assert!(matches!(ops.last(), Some(MapOp::DeleteBackend(_))));
+    }
+
+    #[test]
+    fn setting_the_same_service_again_writes_nothing() {
+        let mut desired = fresh();
+        let frontends = [frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.2.2"])];
+        desired.set_service(&name("web"), &frontends);
+        let (ops, _) = desired.set_service(&name("web"), &frontends);
+        assert!(ops.is_empty(), "{ops:?}");
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_services_lives_until_both_let_go() {
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        for service in ["a", "b"] {
+            let vip = if service == "a" {
+                "10.96.0.1"
+            } else {
+                "10.96.0.2"
+            };
+            let (ops, _) =
+                desired.set_service(&name(service), &[frontend(service, vip, &["10.1.1.2"])]);
+            apply_checked(&mut maps, &ops);
+        }
+        assert_eq!(maps.backends.len(), 1);
+        let (ops, _) = desired.set_service(&name("a"), &[]);
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+        apply_checked(&mut maps, &ops);
+        let (ops, _) = desired.set_service(&name("b"), &[]);
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, MapState::default());
+        assert_eq!(desired.maps(), MapState::default());
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_stays_with_its_first_service() {
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let (ops, _) =
+            desired.set_service(&name("a"), &[frontend("a", "10.96.0.1", &["10.1.1.2"])]);
+        apply_checked(&mut maps, &ops);
+        let (ops, problems) =
+            desired.set_service(&name("b"), &[frontend("b", "10.96.0.1", &["10.1.2.2"])]);
+        assert!(ops.is_empty());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        // Removing the impostor leaves the owner's entries alone.
+        let (ops, _) = desired.set_service(&name("b"), &[]);
+        assert!(ops.is_empty());
+        assert_eq!(maps, desired.maps());
+        assert_eq!(maps.backends.len(), 1);
+    }
+
+    #[test]
+    fn adoption_keeps_ids_so_a_restarted_agent_rewrites_nothing() {
+        let frontends = [
+            frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.2.2"]),
+            frontend("web", "10.96.0.11", &["10.1.3.2"]),
+        ];
+        let mut first = fresh();
+        first.set_service(&name("web"), &frontends);
+        let live = first.maps();
+
+        let mut second = DesiredState::adopting(&live, 100, 100);
+        second.set_service(&name("web"), &frontends);
+        second.release_unclaimed();
+        assert!(diff(&live, &second.maps()).is_empty());
+    }
+
+    #[test]
+    fn adoption_drops_what_no_service_claims() {
+        let mut first = fresh();
+        first.set_service(
+            &name("gone"),
+            &[frontend("gone", "10.96.0.9", &["10.1.9.2"])],
+        );
+        first.set_service(
+            &name("web"),
+            &[frontend("web", "10.96.0.10", &["10.1.1.2"])],
+        );
+        let mut live = first.maps();
+
+        let mut second = DesiredState::adopting(&live, 100, 100);
+        second.set_service(
+            &name("web"),
+            &[frontend("web", "10.96.0.10", &["10.1.1.2"])],
+        );
+        second.release_unclaimed();
+        let ops = diff(&live, &second.maps());
+        apply_checked(&mut live, &ops);
+        assert_eq!(live, second.maps());
+        assert_eq!(live.backends.len(), 1);
+        assert_eq!(live.revnat.len(), 1);
+    }
+
+    #[test]
+    fn ids_run_out_cleanly_when_the_maps_are_full() {
+        let mut desired = DesiredState::adopting(&MapState::default(), 3, 100);
+        let mut problems = Vec::new();
+        for (i, vip) in ["10.96.0.1", "10.96.0.2", "10.96.0.3"].iter().enumerate() {
+            let service = format!("s{i}");
+            let (_, p) =
+                desired.set_service(&name(&service), &[frontend(&service, vip, &["10.1.1.2"])]);
+            problems.extend(p);
+        }
+        let maps = desired.maps();
+        assert_eq!(maps.revnat.len(), 2);
+        assert_eq!(problems.len(), 1);
+        maps.check_consistent().unwrap();
+    }
+}

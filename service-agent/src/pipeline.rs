@@ -1,0 +1,164 @@
+//! The agent's core loop body, without I/O: events from a source update the
+//! [`ClusterState`], mark Services dirty, and syncs write what changed. The
+//! first full sync waits until every watched kind has been listed once, so
+//! a restarted agent never removes entries for objects it has not seen yet.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use log::info;
+
+use crate::{
+    source::{ClusterEvent, ClusterState, Dirty, ObjectName, kube::event_kind, kube::is_full_list},
+    state::MapWriter,
+    sync::{MapReader, SyncReport, SyncTimer, Syncer},
+    telemetry::Metrics,
+};
+
+/// EndpointSlice annotation with the time of the change that triggered it.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Events in, map writes out.
+pub struct Pipeline<W> {
+    /// The objects as last seen.
+    pub cluster: ClusterState,
+    syncer: Syncer<W>,
+    /// Kinds not listed yet: no full sync before they are.
+    unlisted: BTreeSet<&'static str>,
+    dirty: Dirty,
+    synced: bool,
+    metrics: Option<Arc<Metrics>>,
+    /// Newest trigger time already accounted for, per Service.
+    trigger_seen: BTreeMap<ObjectName, jiff::Timestamp>,
+}
+
+impl<W> Pipeline<W>
+where
+    W: MapWriter + MapReader,
+    W::Error: std::fmt::Display,
+{
+    /// A pipeline that waits for a full list of each of `kinds` (names as
+    /// in [`crate::source::kube::KINDS`]) before its first full sync.
+    pub fn new(syncer: Syncer<W>, kinds: &[&'static str], metrics: Option<Arc<Metrics>>) -> Self {
+        Pipeline {
+            cluster: ClusterState::default(),
+            syncer,
+            unlisted: kinds.iter().copied().collect(),
+            dirty: Dirty::none(),
+            synced: false,
+            metrics,
+            trigger_seen: BTreeMap::new(),
+        }
+    }
+
+    /// The syncer (and through it, the maps).
+    pub fn syncer(&self) -> &Syncer<W> {
+        &self.syncer
+    }
+
+    /// Whether the first full sync has happened.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Takes one event in; nothing is written until [`Pipeline::flush`].
+    pub fn handle(&mut self, event: ClusterEvent) {
+        if is_full_list(&event) {
+            self.unlisted.remove(event_kind(&event));
+        }
+        let dirty = self.cluster.apply(event);
+        self.dirty.merge(dirty);
+    }
+
+    /// Writes what the events since the last flush changed. The first time
+    /// every kind has been listed, this is a full sync that also removes
+    /// stale entries left in the maps. `None` while still waiting for lists.
+    pub fn flush(&mut self) -> Option<SyncReport> {
+        if !self.unlisted.is_empty() {
+            return None;
+        }
+        let timer = SyncTimer::start();
+        let dirty = std::mem::replace(&mut self.dirty, Dirty::none());
+        let report = if self.synced {
+            if dirty == Dirty::none() {
+                return None;
+            }
+            self.syncer.sync(&self.cluster, &dirty)
+        } else {
+            info!(
+                "first full sync: {} services, {} endpoint slices",
+                self.cluster.services.len(),
+                self.cluster.endpoint_slices.len()
+            );
+            self.synced = true;
+            self.syncer.sync_full(&self.cluster)
+        };
+        self.record(&report, &timer, &dirty);
+        Some(report)
+    }
+
+    /// A full repair against the maps' real contents (periodic, and after
+    /// a failed write). `None` before the first full sync.
+    pub fn resync(&mut self) -> Option<SyncReport> {
+        if !self.synced {
+            return None;
+        }
+        let timer = SyncTimer::start();
+        let report = self.syncer.sync_full(&self.cluster);
+        self.record(&report, &timer, &Dirty::none());
+        Some(report)
+    }
+
+    /// Whether a failed write left the maps to be repaired.
+    pub fn repair_due(&self) -> bool {
+        self.synced && self.syncer.repair_due()
+    }
+
+    fn record(&mut self, report: &SyncReport, timer: &SyncTimer, dirty: &Dirty) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        metrics.sync_duration.observe(timer.seconds());
+        metrics.last_sync_timestamp.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        metrics.skipped.inc_by(report.skipped as u64);
+        if report.failed {
+            metrics.sync_failures.inc();
+        }
+        let (frontends, backends) = self.syncer.desired_counts();
+        metrics.frontends.set(frontends as i64);
+        metrics.backends.set(backends as i64);
+        if let Dirty::Services(names) = dirty {
+            let now = jiff::Timestamp::now();
+            for name in names {
+                let newest = self
+                    .cluster
+                    .slices_of(name)
+                    .filter_map(|slice| {
+                        slice
+                            .metadata
+                            .annotations
+                            .as_ref()?
+                            .get(TRIGGER_TIME_ANNOTATION)
+                    })
+                    .filter_map(|t| t.parse::<jiff::Timestamp>().ok())
+                    .max();
+                if let Some(trigger) = newest
+                    && self.trigger_seen.get(name) != Some(&trigger)
+                {
+                    self.trigger_seen.insert(name.clone(), trigger);
+                    let seconds = now.duration_since(trigger).as_secs_f64();
+                    if seconds >= 0.0 {
+                        metrics.network_programming.observe(seconds);
+                    }
+                }
+            }
+        }
+    }
+}
