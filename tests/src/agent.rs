@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::NetNs;
+use crate::netns::{NetNs, enter_on_spawn};
 
 /// Path of the `service-agent` binary: `SERVICE_AGENT_BIN`, or the debug
 /// build in this workspace's target folder (`cargo xtask test` builds it).
@@ -26,6 +26,17 @@ pub fn agent_binary() -> PathBuf {
 pub struct AgentProcess {
     child: Child,
     log: PathBuf,
+    /// How it was started, to start it again.
+    command: AgentCommand,
+}
+
+/// The arguments an agent was started with.
+#[derive(Clone)]
+struct AgentCommand {
+    source: PathBuf,
+    pin_path: PathBuf,
+    device_prefix: String,
+    netns: PathBuf,
 }
 
 impl AgentProcess {
@@ -39,38 +50,26 @@ impl AgentProcess {
         device_prefix: &str,
         log: &Path,
     ) -> anyhow::Result<Self> {
-        let binary = agent_binary();
-        if !binary.exists() {
-            bail!(
-                "{} not found: build it first (cargo xtask test does)",
-                binary.display()
-            );
-        }
-        let log_file = std::fs::File::create(log)?;
-        let mut command = Command::new(&binary);
-        command
-            .args(["run", "--source"])
-            .arg(format!("file:{}", source.display()))
-            .arg("--pin-path")
-            .arg(pin_path)
-            .args([
-                "--pod-device-prefix",
-                device_prefix,
-                "--poll-interval-ms",
-                "100",
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
-        node.enter_on_spawn(&mut command)?;
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let command = AgentCommand {
+            source: source.to_owned(),
+            pin_path: pin_path.to_owned(),
+            device_prefix: device_prefix.to_owned(),
+            netns: node.path(),
+        };
         Ok(AgentProcess {
-            child,
+            child: spawn(&command, log)?,
             log: log.to_owned(),
+            command,
         })
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean anything up) and
+    /// starts a new one with the same arguments; its log is appended.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill().context("SIGKILL")?;
+        self.child.wait()?;
+        self.child = spawn(&self.command, &self.log)?;
+        Ok(())
     }
 
     /// The agent's log so far.
@@ -85,6 +84,41 @@ impl AgentProcess {
         }
         Ok(())
     }
+}
+
+/// Starts `service-agent run` inside the node namespace; output appended to `log`.
+fn spawn(command: &AgentCommand, log: &Path) -> anyhow::Result<Child> {
+    let binary = agent_binary();
+    if !binary.exists() {
+        bail!(
+            "{} not found: build it first (cargo xtask test does)",
+            binary.display()
+        );
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut process = Command::new(&binary);
+    process
+        .args(["run", "--source"])
+        .arg(format!("file:{}", command.source.display()))
+        .arg("--pin-path")
+        .arg(&command.pin_path)
+        .args([
+            "--pod-device-prefix",
+            &command.device_prefix,
+            "--poll-interval-ms",
+            "100",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    enter_on_spawn(&command.netns, &mut process)?;
+    process
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 impl Drop for AgentProcess {

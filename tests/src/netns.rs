@@ -3,6 +3,7 @@
 use std::{
     fs::File,
     os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -95,22 +96,13 @@ impl NetNs {
         }))
     }
 
-    /// Makes `command` start inside the namespace (without the private
-    /// mount namespace `ip netns exec` would add, so bpffs pins stay shared).
-    pub fn enter_on_spawn(&self, command: &mut Command) -> anyhow::Result<()> {
-        let file = self.file()?;
-        // SAFETY: the closure only calls setns(2), which is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-            });
-        }
-        Ok(())
+    /// The namespace's file, `/run/netns/NAME`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
     }
 
     fn file(&self) -> anyhow::Result<File> {
-        File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening namespace {}", self.name))
+        File::open(self.path()).with_context(|| format!("opening namespace {}", self.name))
     }
 }
 
@@ -120,6 +112,19 @@ impl Drop for NetNs {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// Makes `command` start inside the namespace whose file is `netns` (without
+/// the private mount namespace `ip netns exec` would add, so bpffs pins stay
+/// shared with the caller).
+pub fn enter_on_spawn(netns: &Path, command: &mut Command) -> anyhow::Result<()> {
+    let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    // SAFETY: the closure only calls setns(2), which is async-signal-safe.
+    unsafe {
+        command
+            .pre_exec(move || setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+    }
+    Ok(())
 }
 
 /// Runs a command and fails with its stderr when it fails.

@@ -232,3 +232,27 @@ pub fn spread(
         (answers, failures)
     })
 }
+
+/// A plain `GET path` to `target` from inside the calling thread's
+/// namespace; returns the status code and the body (read to the end).
+pub fn http_get_path(target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
+        .with_context(|| format!("connecting to {target}"))?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status in {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

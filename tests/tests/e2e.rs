@@ -4,6 +4,11 @@
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -14,7 +19,7 @@ use service_tests::{
         BACKENDS, ClusterIpScenario, backend_name, demo_yaml_path, http_frontend, udp_frontend,
         web_service_yaml,
     },
-    traffic::{HttpConnection, http_get, spread, udp_request},
+    traffic::{HttpConnection, http_get, http_get_path, spread, udp_request},
 };
 
 /// Asserts every backend answered at least `min_share` of `answers`.
@@ -61,6 +66,115 @@ fn tcp_and_udp_to_a_cluster_ip_reach_all_three_backends() {
             .len(),
         3
     );
+
+    // The same counters, and kube-proxy's sync metrics, on /metrics; and a
+    // healthy /healthz. Both are served inside the node's namespace.
+    let node = &scenario.topology.node;
+    let (code, metrics) = node
+        .run(|| http_get_path(SocketAddr::from(([127, 0, 0, 1], 10249)), "/metrics"))
+        .unwrap()
+        .expect("GET /metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "service_agent_frontend_flows_total{frontend=\"10.96.0.10:80/TCP\"} 300",
+        "service_agent_frontends 2",
+        "service_agent_backends 6",
+        "service_agent_map_entries{map=\"revnat\"} 2",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "/metrics lacks {line:?}:\n{metrics}"
+        );
+    }
+    // UDP flows: a client port may be reused by chance, so up to 150.
+    let udp_flows: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("service_agent_frontend_flows_total{frontend=\"10.96.0.10:7/UDP\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .expect("UDP flow counter");
+    assert!((140..=150).contains(&udp_flows), "{udp_flows}");
+    let (code, health) = node
+        .run(|| http_get_path(SocketAddr::from(([127, 0, 0, 1], 10256)), "/healthz"))
+        .unwrap()
+        .expect("GET /healthz");
+    assert_eq!(code, 200, "{health}");
+    let health: serde_json::Value = serde_json::from_str(&health).expect("healthz JSON");
+    assert!(
+        health["lastUpdated"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{health}"
+    );
+}
+
+#[test]
+fn killing_and_restarting_the_agent_under_load_fails_no_request() {
+    require_root!();
+    let mut scenario =
+        ClusterIpScenario::start("restart", &web_service_yaml(&[1, 2, 3]), 3).expect("scenario");
+    let mut open = HttpConnection::open(scenario.client(), http_frontend()).expect("connect");
+    let pinned_backend = open.get().expect("first request");
+
+    // A client keeps opening connections and sending requests throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client_stop = stop.clone();
+    let client = scenario
+        .client()
+        .spawn(move || {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !client_stop.load(Ordering::Relaxed) {
+                match http_get(http_frontend()) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+            }
+            (ok, failed)
+        })
+        .expect("client thread");
+
+    std::thread::sleep(Duration::from_millis(300));
+    scenario
+        .agent
+        .kill_and_restart()
+        .expect("SIGKILL and restart");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scenario.agent.log().matches("first full sync").count() < 2 {
+        scenario
+            .agent
+            .check_running()
+            .expect("restarted agent runs");
+        assert!(
+            Instant::now() < deadline,
+            "no full sync after restart:\n{}",
+            scenario.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The maps were adopted, not flushed: the restart rewrote nothing.
+    assert!(
+        scenario.agent.log().matches("repair:").count() == 1,
+        "the restarted agent rewrote entries:\n{}",
+        scenario.agent.log()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client.join().expect("client thread");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok >= 100, "only {ok} requests in the run");
+    assert_eq!(
+        open.get().expect("request on the open connection"),
+        pinned_backend
+    );
+    eprintln!("restart under load: {ok} requests, 0 failed");
 }
 
 #[test]
