@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod run;
 pub mod source;
 pub mod state;
+pub mod status;
 pub mod sync;
 pub mod telemetry;
 pub mod translate;

@@ -16,6 +16,7 @@ use service_common::{
 use crate::{
     datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
     state::{MapState, ip_from_map},
+    status::{self, ServiceStatus, frontend_label},
     sync::{MapReader as _, proto_name},
 };
 
@@ -24,6 +25,9 @@ use crate::{
 pub struct Listing {
     /// Frontends, sorted by address, port and protocol.
     pub frontends: Vec<ListedFrontend>,
+    /// Services that program nothing (headless, ExternalName, not served),
+    /// from the agent's status file.
+    pub not_programmed: Vec<ServiceStatus>,
     /// Datapath event counters (drops and translations), by name.
     pub counters: Vec<(String, u64)>,
 }
@@ -31,6 +35,9 @@ pub struct Listing {
 /// One frontend.
 #[derive(Debug, Serialize)]
 pub struct ListedFrontend {
+    /// The Service (`namespace/name`), from the agent's status file; empty
+    /// when unknown.
+    pub service: String,
     /// Frontend address.
     pub address: String,
     /// Frontend port.
@@ -89,10 +96,24 @@ pub fn read_listing(pin_path: &Path) -> anyhow::Result<Listing> {
     let state = maps.read_state()?;
     let stats: PerCpuArray<MapData, FrontendStats> =
         PerCpuArray::try_from(open_pinned(pin_path, MAP_FRONTEND_STATS)?)?;
+    let statuses = status::read(pin_path).unwrap_or_default();
+    let owners: std::collections::BTreeMap<&str, &str> = statuses
+        .iter()
+        .flat_map(|s| s.frontends.iter().map(|f| (f.as_str(), s.service.as_str())))
+        .collect();
     let mut frontends = Vec::new();
     for (key, header) in state.frontends.iter().filter(|(k, _)| k.slot == 0) {
         let stats = sum_stats(&stats, header.rev_nat_id).unwrap_or_default();
+        let label = frontend_label(
+            ip_from_map(&key.addr, key.family),
+            u16::from_be(key.port),
+            key.proto,
+        );
         frontends.push(ListedFrontend {
+            service: owners
+                .get(label.as_str())
+                .map(|s| (*s).to_owned())
+                .unwrap_or_default(),
             address: ip_from_map(&key.addr, key.family).to_string(),
             port: u16::from_be(key.port),
             protocol: proto_name(key.proto),
@@ -116,6 +137,10 @@ pub fn read_listing(pin_path: &Path) -> anyhow::Result<Listing> {
         .collect();
     Ok(Listing {
         frontends,
+        not_programmed: statuses
+            .into_iter()
+            .filter(|s| s.state != "programmed")
+            .collect(),
         counters,
     })
 }
@@ -159,8 +184,8 @@ fn flag_names(flags: u16) -> Vec<&'static str> {
 pub fn render_table(listing: &Listing) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<24} {:<5} {:<12} {:>9} {:>9}  BACKENDS\n",
-        "FRONTEND", "PROTO", "KIND", "FLOWS", "PACKETS"
+        "{:<24} {:<5} {:<20} {:<12} {:>9} {:>9}  BACKENDS\n",
+        "FRONTEND", "PROTO", "SERVICE", "KIND", "FLOWS", "PACKETS"
     ));
     for f in &listing.frontends {
         let backends = if f.backends.is_empty() {
@@ -179,13 +204,24 @@ pub fn render_table(listing: &Listing) -> String {
                 .join(", ")
         };
         out.push_str(&format!(
-            "{:<24} {:<5} {:<12} {:>9} {:>9}  {}\n",
+            "{:<24} {:<5} {:<20} {:<12} {:>9} {:>9}  {}\n",
             format!("{}:{}", f.address, f.port),
             f.protocol,
+            if f.service.is_empty() {
+                "?"
+            } else {
+                &f.service
+            },
             f.flags.join(","),
             f.stats.new_flows,
             f.stats.packets,
             backends
+        ));
+    }
+    for s in &listing.not_programmed {
+        out.push_str(&format!(
+            "{:<24} {:<5} {:<20} {} (programs nothing)\n",
+            "-", "-", s.service, s.state
         ));
     }
     let counters: Vec<String> = listing

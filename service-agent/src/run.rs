@@ -29,6 +29,7 @@ use crate::{
         file::{Parsed, read_file},
         kube::{KINDS, spawn_watchers},
     },
+    status,
     sync::Syncer,
     telemetry::{self, Health, Metrics},
     translate::NodeContext,
@@ -109,7 +110,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 while let Ok(event) = incoming.try_recv() {
                     pipeline.handle(event);
                 }
-                pipeline.flush();
+                if pipeline.flush().is_some_and(|report| report.services_changed > 0)
+                    && let Err(e) = status::write(
+                        &options.pin_path,
+                        &status::statuses(pipeline.syncer().translations()),
+                    )
+                {
+                    warn!("writing the status file: {e:#}");
+                }
             }
             _ = ticker.tick() => {
                 if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {

@@ -34,7 +34,8 @@ use service_common::{
 use crate::{
     datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
     state::ip_from_map,
-    sync::{MapReader as _, proto_name},
+    status::frontend_label,
+    sync::MapReader as _,
 };
 
 /// The agent's metrics.
@@ -174,11 +175,10 @@ impl Collector for DatapathCollector {
             .filter(|(key, _)| key.slot == 0)
             .filter_map(|(key, header)| {
                 let stats = sum_stats(stats.as_ref()?, header.rev_nat_id).ok()?;
-                let label = format!(
-                    "{}:{}/{}",
+                let label = frontend_label(
                     ip_from_map(&key.addr, key.family),
                     u16::from_be(key.port),
-                    proto_name(key.proto)
+                    key.proto,
                 );
                 Some((label, stats))
             })

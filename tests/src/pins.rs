@@ -25,6 +25,7 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
+        service_agent::status::remove(&self.path);
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

@@ -60,6 +60,27 @@ fn tcp_and_udp_to_a_cluster_ip_reach_all_three_backends() {
         .find(|f| f["port"] == 80)
         .expect("HTTP frontend listed");
     assert_eq!(tcp["stats"]["new_flows"], 300, "{tcp}");
+    assert_eq!(tcp["service"], "demo/web", "{tcp}");
+    // The headless and ExternalName Services of the demo file program
+    // nothing and are listed as such.
+    let nothing: Vec<(String, String)> = listing["not_programmed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nothing,
+        [
+            ("demo/docs".to_owned(), "ExternalName".to_owned()),
+            ("demo/web-pods".to_owned(), "Headless".to_owned())
+        ]
+    );
     assert_eq!(
         listed_backends(&listing, udp_frontend(), "UDP")
             .unwrap()

@@ -1,0 +1,104 @@
+//! The agent's per-Service status, written next to the maps for `list`:
+//! which Service each frontend belongs to, and which Services program
+//! nothing on purpose (headless, ExternalName) or could not be served. The
+//! maps themselves only hold addresses; bpffs holds no ordinary files, so
+//! the status lives under `/run/service-lb/`, named after the pin folder.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    source::ObjectName,
+    sync::proto_name,
+    translate::{NotProgrammed, Translation},
+};
+
+/// Folder of the status files.
+pub const STATUS_DIR: &str = "/run/service-lb";
+
+/// One Service as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// `namespace/name`.
+    pub service: String,
+    /// `programmed`, `Headless`, `ExternalName`, or `not served` (every
+    /// port or address was skipped as invalid or unsupported).
+    pub state: String,
+    /// Its frontends as `address:port/PROTOCOL`.
+    pub frontends: Vec<String>,
+    /// What was skipped, and why.
+    pub problems: Vec<String>,
+}
+
+/// The status file of the agent pinning under `pin_path`.
+pub fn status_path(pin_path: &Path) -> PathBuf {
+    let name: String = pin_path
+        .to_string_lossy()
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Path::new(STATUS_DIR).join(format!("{name}.json"))
+}
+
+/// The frontend label used in the status and the metrics.
+pub fn frontend_label(addr: impl std::fmt::Display, port: u16, proto: u8) -> String {
+    format!("{addr}:{port}/{}", proto_name(proto))
+}
+
+/// The status of every translated Service.
+pub fn statuses(translations: &BTreeMap<ObjectName, Translation>) -> Vec<ServiceStatus> {
+    translations
+        .iter()
+        .map(|(name, t)| {
+            let state = match t.not_programmed.first() {
+                Some((_, NotProgrammed::Headless)) => "Headless",
+                Some((_, NotProgrammed::ExternalName)) => "ExternalName",
+                None if t.frontends.is_empty() => "not served",
+                None => "programmed",
+            };
+            ServiceStatus {
+                service: name.to_string(),
+                state: state.to_owned(),
+                frontends: t
+                    .frontends
+                    .iter()
+                    .map(|f| frontend_label(f.addr, f.port, f.proto))
+                    .collect(),
+                problems: t.skipped.clone(),
+            }
+        })
+        .collect()
+}
+
+/// Writes the status file atomically (write, then rename).
+pub fn write(pin_path: &Path, statuses: &[ServiceStatus]) -> anyhow::Result<()> {
+    let path = status_path(pin_path);
+    std::fs::create_dir_all(STATUS_DIR).with_context(|| format!("creating {STATUS_DIR}"))?;
+    let staging = path.with_extension("json.new");
+    std::fs::write(&staging, serde_json::to_vec_pretty(statuses)?)
+        .with_context(|| format!("writing {}", staging.display()))?;
+    std::fs::rename(&staging, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads the status file; `None` when there is none (no agent wrote it).
+pub fn read(pin_path: &Path) -> Option<Vec<ServiceStatus>> {
+    let text = std::fs::read_to_string(status_path(pin_path)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Removes the status file.
+pub fn remove(pin_path: &Path) {
+    let _ = std::fs::remove_file(status_path(pin_path));
+}
