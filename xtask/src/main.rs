@@ -62,8 +62,9 @@ fn main() -> anyhow::Result<()> {
                     "--bins",
                 ],
             )?;
-            println!("== unit tests");
-            cargo(
+            let mut totals = TestTotals::default();
+            println!("== unit tests, Kubernetes API tests (scripted responses), manifest checks");
+            totals.add(&cargo_test(
                 &root,
                 &[
                     "test",
@@ -73,14 +74,14 @@ fn main() -> anyhow::Result<()> {
                     "--exclude",
                     "service-tests",
                 ],
-            )?;
+            )?);
             println!(
                 "== privileged tests (datapath through BPF_PROG_TEST_RUN, end to end in namespaces)"
             );
             if !is_root() {
                 println!("warning: not root: the privileged tests will report themselves skipped");
             }
-            cargo_with_agent(
+            totals.add(&cargo_test(
                 &root,
                 &[
                     "test",
@@ -89,7 +90,11 @@ fn main() -> anyhow::Result<()> {
                     "--",
                     "--test-threads=1",
                 ],
-            )?;
+            )?);
+            println!(
+                "tests: {} passed, {} failed, {} skipped",
+                totals.passed, totals.failed, totals.ignored
+            );
         }
         Task::Demo => {
             toolchain::ensure_ebpf_toolchain()?;
@@ -179,12 +184,62 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     run(Command::new(cargo_bin()).current_dir(root).args(args))
 }
 
-/// Runs `cargo ARGS` with `SERVICE_AGENT_BIN` pointing at the debug agent.
-fn cargo_with_agent(root: &Path, args: &[&str]) -> anyhow::Result<()> {
-    run(Command::new(cargo_bin())
+/// Counts summed over `cargo test` runs.
+#[derive(Debug, Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds the counts of every `test result:` line in `output`.
+    fn add(&mut self, output: &str) {
+        for line in output.lines().filter(|l| l.starts_with("test result:")) {
+            let count = |word: &str| -> u64 {
+                line.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .split_whitespace()
+                            .last()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            self.passed += count(" passed");
+            self.failed += count(" failed");
+            self.ignored += count(" ignored");
+        }
+    }
+}
+
+/// Runs `cargo test ARGS` (with `SERVICE_AGENT_BIN` pointing at the debug
+/// agent), echoing its output, and returns that output; fails when it fails.
+fn cargo_test(root: &Path, args: &[&str]) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    let mut child = Command::new(cargo_bin())
         .current_dir(root)
         .args(args)
-        .env("SERVICE_AGENT_BIN", root.join("target/debug/service-agent")))
+        .env("SERVICE_AGENT_BIN", root.join("target/debug/service-agent"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut output = String::new();
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        std::io::stdout().flush()?;
+        output.push_str(&line);
+        output.push('\n');
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(output)
 }
 
 /// Runs a command, failing when it fails.
