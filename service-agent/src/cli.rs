@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    datapath::{DEFAULT_PIN_PATH, attach::DeviceSelection},
+    datapath::{DEFAULT_PIN_PATH, MapSizes, attach::DeviceSelection},
     run::RunOptions,
     source::SourceSpec,
     translate::NodeContext,
@@ -67,6 +67,20 @@ pub struct RunArgs {
     /// Address of the `/healthz` endpoint (kube-proxy's port).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
     pub healthz_addr: SocketAddr,
+    /// Capacity of the frontends map: a header plus one slot per backend, per
+    /// frontend (address, port, protocol).
+    #[arg(long, value_name = "ENTRIES", default_value_t = service_common::FRONTENDS_MAX_ENTRIES)]
+    pub map_size_frontends: u32,
+    /// Capacity of the backends map.
+    #[arg(long, value_name = "ENTRIES", default_value_t = service_common::BACKENDS_MAX_ENTRIES)]
+    pub map_size_backends: u32,
+    /// Capacity of the reverse-NAT map and per-frontend counters: the most
+    /// frontends (address, port, protocol) that can be served.
+    #[arg(long, value_name = "ENTRIES", default_value_t = service_common::REVNAT_MAX_ENTRIES)]
+    pub map_size_revnat: u32,
+    /// Capacity of the conntrack LRU map (two entries per flow).
+    #[arg(long, value_name = "ENTRIES", default_value_t = service_common::CONNTRACK_MAX_ENTRIES)]
+    pub map_size_conntrack: u32,
 }
 
 /// Flags of `service-agent list`.
@@ -103,6 +117,12 @@ impl RunArgs {
             resync_interval: Duration::from_secs(self.resync_interval_secs),
             metrics_addr: self.metrics_addr,
             healthz_addr: self.healthz_addr,
+            map_sizes: MapSizes {
+                frontends: self.map_size_frontends,
+                backends: self.map_size_backends,
+                revnat: self.map_size_revnat,
+                conntrack: self.map_size_conntrack,
+            },
         })
     }
 }

@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     datapath::{
-        self,
+        self, MapSizes,
         attach::{Attachments, DeviceSelection},
         maps::ServiceMaps,
     },
@@ -54,19 +54,22 @@ pub struct RunOptions {
     pub metrics_addr: SocketAddr,
     /// Where `/healthz` is served.
     pub healthz_addr: SocketAddr,
+    /// Capacities of the maps.
+    pub map_sizes: MapSizes,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let mut ebpf = datapath::load(&options.pin_path)?;
+    let mut ebpf = datapath::load_with_sizes(&options.pin_path, options.map_sizes)?;
     let maps = ServiceMaps::take_from(&mut ebpf)?;
-    let syncer = Syncer::adopting(maps, options.node.clone()).context("reading the pinned maps")?;
+    let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
+        .context("reading the pinned maps")?;
     info!("maps pinned in {}", options.pin_path.display());
     let link_dir = options.pin_path.join("links");
     std::fs::create_dir_all(&link_dir)
         .with_context(|| format!("creating {}", link_dir.display()))?;
 
-    let metrics = Arc::new(Metrics::new(options.pin_path.clone()));
+    let metrics = Arc::new(Metrics::new(options.pin_path.clone(), options.map_sizes));
     let health = Arc::new(Health::default());
     telemetry::serve(
         options.metrics_addr,

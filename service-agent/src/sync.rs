@@ -7,9 +7,9 @@
 use std::{collections::BTreeMap, time::Instant};
 
 use log::{error, info, warn};
-use service_common::{BACKENDS_MAX_ENTRIES, REVNAT_MAX_ENTRIES};
 
 use crate::{
+    datapath::MapSizes,
     desired::DesiredState,
     source::{ClusterState, Dirty, ObjectName},
     state::{MapOp, MapState, MapWriter, diff},
@@ -57,12 +57,23 @@ where
     W: MapWriter + MapReader,
     W::Error: std::fmt::Display,
 {
-    /// A syncer over `writer`, adopting the ids of what the maps hold now;
-    /// the first [`Syncer::sync_full`] then removes whatever is stale.
+    /// A syncer over `writer` with the default map sizes, adopting the ids
+    /// of what the maps hold now; the first [`Syncer::sync_full`] then
+    /// removes whatever is stale.
     pub fn adopting(writer: W, node: NodeContext) -> anyhow::Result<Self> {
+        Self::adopting_with_sizes(writer, node, MapSizes::default())
+    }
+
+    /// [`Syncer::adopting`] for maps of the given sizes (ids are allocated
+    /// below the rev-NAT and backends capacities).
+    pub fn adopting_with_sizes(
+        writer: W,
+        node: NodeContext,
+        sizes: MapSizes,
+    ) -> anyhow::Result<Self> {
         let current = writer.read_state()?;
         Ok(Syncer {
-            desired: DesiredState::adopting(&current, REVNAT_MAX_ENTRIES, BACKENDS_MAX_ENTRIES),
+            desired: DesiredState::adopting(&current, sizes.revnat, sizes.backends),
             writer,
             node,
             translations: BTreeMap::new(),

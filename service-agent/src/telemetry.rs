@@ -27,11 +27,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use service_common::{
-    BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ConntrackKey, ConntrackValue,
-    FRONTENDS_MAX_ENTRIES, FrontendStats, MAP_CONNTRACK, MAP_FRONTEND_STATS, REVNAT_MAX_ENTRIES,
+    ConntrackKey, ConntrackValue, FrontendStats, MAP_CONNTRACK, MAP_FRONTEND_STATS,
 };
 
 use crate::{
+    datapath::MapSizes,
     datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
     state::ip_from_map,
     status::frontend_label,
@@ -62,7 +62,7 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric; the datapath collector reads the maps
     /// pinned under `pin_path` at each scrape.
-    pub fn new(pin_path: PathBuf) -> Self {
+    pub fn new(pin_path: PathBuf, sizes: MapSizes) -> Self {
         let mut registry = Registry::default();
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let network_programming = Histogram::new(exponential_buckets(0.001, 2.0, 18));
@@ -99,7 +99,7 @@ impl Metrics {
             "Syncs that failed to write a map entry",
             sync_failures.clone(),
         );
-        ours.register_collector(Box::new(DatapathCollector { pin_path }));
+        ours.register_collector(Box::new(DatapathCollector { pin_path, sizes }));
         Metrics {
             sync_duration,
             network_programming,
@@ -126,6 +126,7 @@ impl Metrics {
 #[derive(Debug)]
 struct DatapathCollector {
     pin_path: PathBuf,
+    sizes: MapSizes,
 }
 
 impl Collector for DatapathCollector {
@@ -142,10 +143,10 @@ impl Collector for DatapathCollector {
             .map(|map| map.keys().count())
             .unwrap_or(0);
         let fill = [
-            ("frontends", state.frontends.len(), FRONTENDS_MAX_ENTRIES),
-            ("backends", state.backends.len(), BACKENDS_MAX_ENTRIES),
-            ("revnat", state.revnat.len(), REVNAT_MAX_ENTRIES),
-            ("conntrack", conntrack_entries, CONNTRACK_MAX_ENTRIES),
+            ("frontends", state.frontends.len(), self.sizes.frontends),
+            ("backends", state.backends.len(), self.sizes.backends),
+            ("revnat", state.revnat.len(), self.sizes.revnat),
+            ("conntrack", conntrack_entries, self.sizes.conntrack),
         ];
         let mut entries = encoder.encode_descriptor(
             "map_entries",

@@ -36,6 +36,14 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     lb::to_pod(&ctx)
 }
 
+/// Benchmark floor: a classifier that only returns its pass verdict, so
+/// `cargo xtask bench` can report the datapath's cost next to the fixed
+/// cost of running any program. Never attached by the agent.
+#[classifier]
+pub fn bench_floor_tc(_ctx: TcContext) -> i32 {
+    VERDICT_CONTINUE
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

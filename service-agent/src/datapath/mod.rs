@@ -22,14 +22,52 @@ pub const PROG_FROM_POD: &str = "from_pod";
 /// Name of the "to pod" program (TC egress on a pod's host-side device).
 pub const PROG_TO_POD: &str = "to_pod";
 
+/// Name of the benchmark floor program (returns its verdict, nothing else).
+pub const PROG_BENCH_FLOOR_TC: &str = "bench_floor_tc";
+
+/// Capacities of the maps, set when they are created. Maps that already
+/// exist under the pin folder keep the size they were created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Frontends map: one header plus one slot per backend, per frontend.
+    pub frontends: u32,
+    /// Backends map.
+    pub backends: u32,
+    /// Reverse-NAT map and per-frontend stats: the number of frontends.
+    pub revnat: u32,
+    /// Conntrack LRU map: two entries per flow.
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            frontends: service_common::FRONTENDS_MAX_ENTRIES,
+            backends: service_common::BACKENDS_MAX_ENTRIES,
+            revnat: service_common::REVNAT_MAX_ENTRIES,
+            conntrack: service_common::CONNTRACK_MAX_ENTRIES,
+        }
+    }
+}
+
 /// Loads the eBPF object with every map pinned under `pin_path` (bpffs is
 /// mounted there if needed). Maps already pinned there are reused, so a new
 /// agent adopts the live maps instead of starting empty. Both programs are
 /// loaded into the kernel, not attached.
 pub fn load(pin_path: &Path) -> anyhow::Result<Ebpf> {
+    load_with_sizes(pin_path, MapSizes::default())
+}
+
+/// [`load`] with map capacities other than the defaults.
+pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_path)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_path)
+        .map_max_entries(service_common::MAP_FRONTENDS, sizes.frontends)
+        .map_max_entries(service_common::MAP_BACKENDS, sizes.backends)
+        .map_max_entries(service_common::MAP_REVNAT, sizes.revnat)
+        .map_max_entries(service_common::MAP_FRONTEND_STATS, sizes.revnat)
+        .map_max_entries(service_common::MAP_CONNTRACK, sizes.conntrack)
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(
@@ -37,7 +75,7 @@ pub fn load(pin_path: &Path) -> anyhow::Result<Ebpf> {
                 pin_path.display()
             )
         })?;
-    for name in [PROG_FROM_POD, PROG_TO_POD] {
+    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_FLOOR_TC] {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?
