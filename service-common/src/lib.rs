@@ -226,13 +226,16 @@ const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
 ///
 /// Forward entries hold the backend the flow is pinned to, so the flow keeps
 /// working even after its backend leaves the Service. Reply entries hold the
-/// rev-NAT id used to restore the frontend as the reply's source.
+/// rev-NAT id used to restore the frontend as the reply's source, and for
+/// SNATed flows the client to restore as the reply's destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ConntrackValue {
-    /// Forward: backend address to DNAT to; reply: unused (zero). Network byte order.
+    /// Forward: backend address to DNAT to; reply of an SNATed flow: the
+    /// client's address; else zero. Network byte order.
     pub nat_addr: MapAddr,
-    /// Forward: backend port to DNAT to; reply: unused (zero). Network byte order.
+    /// Forward: backend port to DNAT to; reply of an SNATed flow: the
+    /// client's port; else zero. Network byte order.
     pub nat_port: u16,
     /// `CT_FLAG_*` bits.
     pub flags: u16,
@@ -240,10 +243,39 @@ pub struct ConntrackValue {
     pub backend_id: BackendId,
     /// Frontend of the flow (host byte order).
     pub rev_nat_id: RevNatId,
+    /// Forward entry of an SNATed flow: the source port it was given on
+    /// this node's SNAT address, network byte order; 0 when not SNATed.
+    pub snat_port: u16,
     /// Explicit padding, always zero.
-    pub _pad: u32,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
+
+/// Conntrack flag: the flow is SNATed to this node's address (a remote
+/// backend behind a NodePort, LoadBalancer or externalIP frontend). On the
+/// reply entry, `nat_addr`/`nat_port` hold the client to restore.
+pub const CT_FLAG_SNAT: u16 = 1 << 0;
+
+/// First source port handed out for SNAT (host byte order).
+pub const SNAT_PORT_MIN: u16 = 32_768;
+/// Last source port handed out for SNAT (host byte order).
+pub const SNAT_PORT_MAX: u16 = 60_999;
+
+/// Name of the datapath configuration array (one [`DatapathConfig`]).
+pub const MAP_CONFIG: &str = "SVC_CONFIG";
+
+/// Node-wide settings the agent gives the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// IPv4 address replies of SNATed flows come back to (this node's
+    /// address on the node network), network byte order; zero: no SNAT, so
+    /// remote backends are not used for external traffic.
+    pub snat_v4: [u8; 4],
+    /// Reserved, always zero.
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
 
 // ---------------------------------------------------------------------------
 // Counters
@@ -315,4 +347,5 @@ mod user {
     unsafe impl aya::Pod for super::ConntrackKey {}
     unsafe impl aya::Pod for super::ConntrackValue {}
     unsafe impl aya::Pod for super::FrontendStats {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
 }

@@ -1,22 +1,51 @@
-//! Service translation: frontend lookup, backend choice, conntrack, and the
-//! reverse translation of replies.
+//! Service translation, shared by every hook: reverse translation of
+//! replies, frontend lookup, backend choice, conntrack, DNAT and (for
+//! external traffic to a backend on another node) SNAT.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
-    BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_REPLY, ConntrackKey, ConntrackValue,
-    DatapathCounter, FAMILY_IPV4, FrontendKey, FrontendValue, RevNatId, SCOPE_ALL, map_addr_v4,
+    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_FLAG_SNAT, ConntrackKey, ConntrackValue, DatapathCounter, FAMILY_IPV4,
+    FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT, FrontendKey,
+    FrontendValue, RevNatId, SCOPE_ALL, SNAT_PORT_MAX, SNAT_PORT_MIN, map_addr_v4,
     map_addr_v4_octets,
 };
 
 use crate::{
-    VERDICT_CONTINUE, VERDICT_DROP,
-    maps::{BACKENDS, CONNTRACK, FRONTENDS, REVNAT, account_frontend, count},
-    nat::{Side, rewrite_v4},
-    packet::{Ipv4Flow, parse_ipv4},
+    maps::{BACKENDS, CONFIG, CONNTRACK, FRONTENDS, REVNAT, account_frontend, count},
+    nat::{Rewriter, Side},
+    packet::{Ipv4Flow, Packet},
 };
 
 /// `BPF_ANY`: insert or replace.
 const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+/// How many SNAT ports are tried for a new flow before giving up.
+const SNAT_PORT_TRIES: u32 = 16;
+
+/// Where a packet entered the datapath.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From a pod (TC ingress on its host-side device): every frontend kind.
+    Pod,
+    /// From the network (XDP or TC on an external device): only NodePort,
+    /// LoadBalancer and externalIP frontends; remote backends are SNATed.
+    Network,
+}
+
+/// What the datapath did with a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not for a frontend: untouched.
+    Untouched,
+    /// Translated (DNAT, SNAT or reverse NAT).
+    Translated,
+    /// A new flow to a frontend without usable backend.
+    NoBackend,
+    /// Dropped (already counted).
+    Dropped,
+}
 
 /// The backend a flow is (or will be) translated to.
 struct Target {
@@ -24,62 +53,102 @@ struct Target {
     port: u16,
     backend_id: BackendId,
     rev_nat_id: RevNatId,
+    node_local: bool,
+    /// SNAT source port on this node's SNAT address, network order; 0: none.
+    snat_port: u16,
 }
 
-/// "From pod": DNAT of traffic to a frontend.
+/// Translates a reply of a tracked flow back: the frontend becomes the
+/// source again and, for an SNATed flow, the client the destination.
+/// `Untouched` when the packet is no such reply.
 #[inline(always)]
-pub fn from_pod(ctx: &TcContext) -> i32 {
-    let Some(flow) = parse_ipv4(ctx) else {
-        return VERDICT_CONTINUE;
+pub fn reverse<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+    let key = conntrack_key(flow, CT_DIR_REPLY);
+    // SAFETY: the value is copied out at once.
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
+        return Outcome::Untouched;
     };
-    let ct_key = conntrack_key(&flow, CT_DIR_FORWARD);
-    let (target, new_flow) = match established_target(&flow, &ct_key) {
+    // SAFETY: copied out at once.
+    let Some(frontend) = (unsafe { REVNAT.get(ct.rev_nat_id) }).copied() else {
+        return Outcome::Untouched;
+    };
+    if ct.flags & CT_FLAG_SNAT != 0
+        && ctx
+            .rewrite_v4(
+                flow,
+                Side::Destination,
+                map_addr_v4_octets(&ct.nat_addr),
+                ct.nat_port,
+            )
+            .is_err()
+    {
+        count(DatapathCounter::DropRewrite);
+        return Outcome::Dropped;
+    }
+    let addr = map_addr_v4_octets(&frontend.addr);
+    if ctx
+        .rewrite_v4(flow, Side::Source, addr, frontend.port)
+        .is_err()
+    {
+        count(DatapathCounter::DropRewrite);
+        return Outcome::Dropped;
+    }
+    count(DatapathCounter::ReplyTranslated);
+    Outcome::Translated
+}
+
+/// Translates a packet towards a frontend: an established flow keeps its
+/// backend; a new one gets a random backend and conntrack entries.
+#[inline(always)]
+pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -> Outcome {
+    let ct_key = conntrack_key(flow, CT_DIR_FORWARD);
+    let (target, new_flow) = match established_target(flow, &ct_key) {
         Some(target) => (target, false),
-        None => match new_flow_target(&flow) {
-            Lookup::NotAFrontend => return VERDICT_CONTINUE,
+        None => match new_flow_target(flow, origin) {
+            Lookup::NotAFrontend => return Outcome::Untouched,
+            Lookup::NoBackend => return Outcome::NoBackend,
             Lookup::Drop(reason) => {
                 count(reason);
-                return VERDICT_DROP;
+                return Outcome::Dropped;
             }
-            Lookup::Backend(target) => {
-                if track(&flow, &ct_key, &target).is_err() {
+            Lookup::Backend(mut target) => {
+                if origin == Origin::Network && !target.node_local {
+                    match snat(flow, &target) {
+                        Some(port) => target.snat_port = port,
+                        None => {
+                            count(DatapathCounter::ConntrackInsertFailed);
+                            return Outcome::Dropped;
+                        }
+                    }
+                }
+                if track(flow, &ct_key, &target).is_err() {
                     count(DatapathCounter::ConntrackInsertFailed);
                 }
                 (target, true)
             }
         },
     };
-    if rewrite_v4(ctx, &flow, Side::Destination, target.addr, target.port).is_err() {
-        count(DatapathCounter::DropRewrite);
-        return VERDICT_DROP;
+    if target.snat_port != 0 {
+        let Some(snat_addr) = snat_address() else {
+            return Outcome::Dropped;
+        };
+        if ctx
+            .rewrite_v4(flow, Side::Source, snat_addr, target.snat_port)
+            .is_err()
+        {
+            count(DatapathCounter::DropRewrite);
+            return Outcome::Dropped;
+        }
     }
-    account_frontend(target.rev_nat_id, ctx.len(), new_flow);
-    VERDICT_CONTINUE
-}
-
-/// "To pod": replies of translated flows get the frontend back as source.
-#[inline(always)]
-pub fn to_pod(ctx: &TcContext) -> i32 {
-    let Some(flow) = parse_ipv4(ctx) else {
-        return VERDICT_CONTINUE;
-    };
-    let ct_key = conntrack_key(&flow, CT_DIR_REPLY);
-    // SAFETY: the value is copied out at once; a concurrent update at worst
-    // yields the other, equally valid, rev-NAT id.
-    let Some(rev_nat_id) = (unsafe { CONNTRACK.get(ct_key) }).map(|ct| ct.rev_nat_id) else {
-        return VERDICT_CONTINUE;
-    };
-    // SAFETY: as above, copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id) }).copied() else {
-        return VERDICT_CONTINUE;
-    };
-    let addr = map_addr_v4_octets(&frontend.addr);
-    if rewrite_v4(ctx, &flow, Side::Source, addr, frontend.port).is_err() {
+    if ctx
+        .rewrite_v4(flow, Side::Destination, target.addr, target.port)
+        .is_err()
+    {
         count(DatapathCounter::DropRewrite);
-        return VERDICT_DROP;
+        return Outcome::Dropped;
     }
-    count(DatapathCounter::ReplyTranslated);
-    VERDICT_CONTINUE
+    account_frontend(target.rev_nat_id, ctx.length() as u32, new_flow);
+    Outcome::Translated
 }
 
 /// The conntrack key of a packet as it stands, in the given direction.
@@ -119,22 +188,34 @@ fn established_target(flow: &Ipv4Flow, ct_key: &ConntrackKey) -> Option<Target> 
         port: ct.nat_port,
         backend_id: ct.backend_id,
         rev_nat_id: ct.rev_nat_id,
+        node_local: true,
+        snat_port: if ct.flags & CT_FLAG_SNAT != 0 {
+            ct.snat_port
+        } else {
+            0
+        },
     })
 }
 
 /// Outcome of a frontend lookup for a new flow.
 enum Lookup {
-    /// The destination is no frontend: leave the packet alone.
+    /// The destination is no frontend (for this origin): leave it alone.
     NotAFrontend,
+    /// A frontend without backends.
+    NoBackend,
     /// A frontend that cannot serve the flow: drop, counting why.
     Drop(DatapathCounter),
     /// The backend chosen for the flow.
     Backend(Target),
 }
 
+/// Frontend kinds served to traffic from the network.
+const EXTERNAL_KINDS: u16 =
+    FRONTEND_FLAG_NODE_PORT | FRONTEND_FLAG_LOAD_BALANCER | FRONTEND_FLAG_EXTERNAL_IP;
+
 /// Looks the destination up among the frontends and picks a random backend.
 #[inline(always)]
-fn new_flow_target(flow: &Ipv4Flow) -> Lookup {
+fn new_flow_target(flow: &Ipv4Flow, origin: Origin) -> Lookup {
     let mut key = FrontendKey {
         addr: map_addr_v4(flow.daddr),
         port: flow.dport,
@@ -148,8 +229,11 @@ fn new_flow_target(flow: &Ipv4Flow) -> Lookup {
     let Some(header) = (unsafe { FRONTENDS.get(key) }).copied() else {
         return Lookup::NotAFrontend;
     };
+    if origin == Origin::Network && header.flags & EXTERNAL_KINDS == 0 {
+        return Lookup::NotAFrontend;
+    }
     if header.count == 0 {
-        return Lookup::Drop(DatapathCounter::DropNoBackend);
+        return Lookup::NoBackend;
     }
     // SAFETY: the helper has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
@@ -173,35 +257,92 @@ fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
         port: backend.port,
         backend_id: slot.backend_id,
         rev_nat_id: header.rev_nat_id,
+        node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
+        snat_port: 0,
     })
 }
 
-/// Records a new flow: the reply entry first, so a reply can never arrive
-/// before the datapath knows how to translate it, then the forward entry.
+/// This node's SNAT address, when the agent configured one.
 #[inline(always)]
-fn track(flow: &Ipv4Flow, forward_key: &ConntrackKey, target: &Target) -> Result<(), i32> {
-    let reply_key = ConntrackKey {
+fn snat_address() -> Option<[u8; 4]> {
+    let config = CONFIG.get(0)?;
+    (config.snat_v4 != [0; 4]).then_some(config.snat_v4)
+}
+
+/// Gives a new flow to a remote backend a source port on this node's SNAT
+/// address, recording the reply entry that leads replies back to the
+/// client: a random start in the SNAT range, then the next ports, and a
+/// port is taken only if no other flow to the same backend holds it.
+/// `None` without an SNAT address or when every try collides.
+#[inline(always)]
+fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
+    let snat_addr = snat_address()?;
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    // SAFETY: the helper has no preconditions.
+    let start = unsafe { bpf_get_prandom_u32() } % range;
+    let mut reply_key = ConntrackKey {
         saddr: map_addr_v4(target.addr),
-        daddr: forward_key.saddr,
+        daddr: map_addr_v4(snat_addr),
         sport: target.port,
-        dport: flow.sport,
+        dport: 0,
         family: FAMILY_IPV4,
         proto: flow.proto,
         direction: CT_DIR_REPLY,
         _pad: 0,
     };
     let reply = ConntrackValue {
+        nat_addr: map_addr_v4(flow.saddr),
+        nat_port: flow.sport,
+        flags: CT_FLAG_SNAT,
         backend_id: target.backend_id,
         rev_nat_id: target.rev_nat_id,
         ..ConntrackValue::default()
     };
-    CONNTRACK.insert(reply_key, reply, BPF_ANY)?;
+    for attempt in 0..SNAT_PORT_TRIES {
+        let port = (SNAT_PORT_MIN as u32 + (start + attempt) % range) as u16;
+        reply_key.dport = port.to_be();
+        if CONNTRACK.insert(reply_key, reply, BPF_NOEXIST).is_ok() {
+            return Some(port.to_be());
+        }
+    }
+    None
+}
+
+/// Records a new flow: the reply entry first (for SNATed flows [`snat`]
+/// already wrote it), so a reply can never arrive before the datapath knows
+/// how to translate it, then the forward entry.
+#[inline(always)]
+fn track(flow: &Ipv4Flow, forward_key: &ConntrackKey, target: &Target) -> Result<(), i32> {
+    if target.snat_port == 0 {
+        let reply_key = ConntrackKey {
+            saddr: map_addr_v4(target.addr),
+            daddr: forward_key.saddr,
+            sport: target.port,
+            dport: flow.sport,
+            family: FAMILY_IPV4,
+            proto: flow.proto,
+            direction: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let reply = ConntrackValue {
+            backend_id: target.backend_id,
+            rev_nat_id: target.rev_nat_id,
+            ..ConntrackValue::default()
+        };
+        CONNTRACK.insert(reply_key, reply, BPF_ANY)?;
+    }
     let forward = ConntrackValue {
         nat_addr: map_addr_v4(target.addr),
         nat_port: target.port,
+        flags: if target.snat_port != 0 {
+            CT_FLAG_SNAT
+        } else {
+            0
+        },
         backend_id: target.backend_id,
         rev_nat_id: target.rev_nat_id,
-        ..ConntrackValue::default()
+        snat_port: target.snat_port,
+        _pad: 0,
     };
     CONNTRACK.insert(forward_key, forward, BPF_ANY)
 }

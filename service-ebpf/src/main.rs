@@ -6,6 +6,10 @@
 //!   conntrack and DNATs the packet.
 //! - `to_pod`: TC egress on the same device. Rewrites replies of translated
 //!   flows back to the frontend address and port.
+//! - `from_network`: XDP on the node's external devices (and
+//!   `from_network_tc`, the same on TC ingress, where XDP cannot be used).
+//!   Serves NodePort, LoadBalancer and externalIP frontends, SNATs flows to
+//!   backends on other nodes, and translates the replies that come back.
 //!
 //! Anything that is not a translated IPv4 TCP/UDP flow passes untouched.
 #![no_std]
@@ -16,7 +20,14 @@ mod maps;
 mod nat;
 mod packet;
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb::{Origin, Outcome};
+use packet::parse_ipv4;
+use service_common::DatapathCounter;
 
 /// Verdict for packets that continue through the stack (translated or not):
 /// `TC_ACT_UNSPEC`, which lets any later tc program run as well.
@@ -24,16 +35,75 @@ pub const VERDICT_CONTINUE: i32 = aya_ebpf::bindings::TC_ACT_UNSPEC;
 /// Verdict for packets the datapath drops.
 pub const VERDICT_DROP: i32 = TC_ACT_SHOT;
 
-/// "From pod": service translation for traffic a pod sends.
+/// "From pod": service translation for traffic a pod sends, and reverse
+/// translation of the replies a backend pod sends.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    lb::from_pod(&ctx)
+    let Some(flow) = parse_ipv4(&ctx) else {
+        return VERDICT_CONTINUE;
+    };
+    let outcome = match lb::reverse(&ctx, &flow) {
+        Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Pod),
+        done => done,
+    };
+    tc_verdict(outcome)
 }
 
 /// "To pod": reverse translation of replies travelling to a pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    lb::to_pod(&ctx)
+    let Some(flow) = parse_ipv4(&ctx) else {
+        return VERDICT_CONTINUE;
+    };
+    tc_verdict(lb::reverse(&ctx, &flow))
+}
+
+/// "From network" on XDP: external frontends and the replies of SNATed
+/// flows, before the kernel allocates an skb.
+#[xdp]
+pub fn from_network(ctx: XdpContext) -> u32 {
+    let Some(flow) = parse_ipv4(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let outcome = match lb::reverse(&ctx, &flow) {
+        Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Network),
+        done => done,
+    };
+    match outcome {
+        Outcome::Untouched | Outcome::Translated => xdp_action::XDP_PASS,
+        Outcome::NoBackend => {
+            maps::count(DatapathCounter::DropNoBackend);
+            xdp_action::XDP_DROP
+        }
+        Outcome::Dropped => xdp_action::XDP_DROP,
+    }
+}
+
+/// "From network" on TC ingress: the same as [`from_network`], for devices
+/// or setups where XDP cannot be used (`--nodeport-mode tc`).
+#[classifier]
+pub fn from_network_tc(ctx: TcContext) -> i32 {
+    let Some(flow) = parse_ipv4(&ctx) else {
+        return VERDICT_CONTINUE;
+    };
+    let outcome = match lb::reverse(&ctx, &flow) {
+        Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Network),
+        done => done,
+    };
+    tc_verdict(outcome)
+}
+
+/// The TC verdict for an outcome.
+#[inline(always)]
+fn tc_verdict(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Untouched | Outcome::Translated => VERDICT_CONTINUE,
+        Outcome::NoBackend => {
+            maps::count(DatapathCounter::DropNoBackend);
+            VERDICT_DROP
+        }
+        Outcome::Dropped => VERDICT_DROP,
+    }
 }
 
 /// Benchmark floor: a classifier that only returns its pass verdict, so

@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use service_common::{
     BACKENDS_MAX_ENTRIES, BackendId, BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES,
-    ConntrackKey, ConntrackValue, DatapathCounter, FRONTENDS_MAX_ENTRIES, FrontendKey,
-    FrontendStats, FrontendValue, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue,
+    ConntrackKey, ConntrackValue, DatapathConfig, DatapathCounter, FRONTENDS_MAX_ENTRIES,
+    FrontendKey, FrontendStats, FrontendValue, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue,
 };
 
 /// Frontends: `{addr, port, proto, scope, slot}` to header or backend slot.
@@ -37,6 +37,10 @@ pub static FRONTEND_STATS: PerCpuArray<FrontendStats> = PerCpuArray::pinned(REVN
 /// Per-CPU datapath event counters, indexed by `DatapathCounter`.
 #[map(name = "SVC_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_MAX_ENTRIES, 0);
+
+/// Node-wide settings written by the agent (one entry).
+#[map(name = "SVC_CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 /// Adds one to a datapath event counter.
 #[inline(always)]

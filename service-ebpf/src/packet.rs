@@ -1,11 +1,12 @@
-//! Packet parsing for the TC hooks: just enough of Ethernet, IPv4 and the L4
-//! header to know a flow's 5-tuple and where its fields and checksums are.
+//! Packet parsing for the TC and XDP hooks: just enough of Ethernet, IPv4
+//! and the L4 header to know a flow's 5-tuple and where its fields and
+//! checksums are.
 //!
-//! Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), so a
-//! truncated packet yields an error, never an out-of-bounds access, and the
-//! caller lets such a packet pass untouched.
+//! Every access goes through [`Packet`]: `bpf_skb_load_bytes` for TC, a
+//! bounds-checked read for XDP, so a truncated packet yields `None`, never
+//! an out-of-bounds access, and the caller lets such a packet pass untouched.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use service_common::{PROTO_TCP, PROTO_UDP};
 
@@ -66,17 +67,72 @@ impl Ipv4Flow {
     }
 }
 
+/// Bounds-checked access to a packet's bytes, for both hook types.
+pub trait Packet {
+    /// Reads a `T` at `offset`; `None` when the packet is too short.
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Writes `value` at `offset`.
+    fn write<T: Copy>(&self, offset: usize, value: &T) -> Result<(), i64>;
+    /// The packet's length in bytes.
+    fn length(&self) -> usize;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset).ok()
+    }
+
+    #[inline(always)]
+    fn write<T: Copy>(&self, offset: usize, value: &T) -> Result<(), i64> {
+        self.store(offset, value, 0)
+    }
+
+    #[inline(always)]
+    fn length(&self) -> usize {
+        self.len() as usize
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let start = self.data();
+        if start + offset + core::mem::size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: the range lies inside the packet, checked just above.
+        Some(unsafe { ((start + offset) as *const T).read_unaligned() })
+    }
+
+    #[inline(always)]
+    fn write<T: Copy>(&self, offset: usize, value: &T) -> Result<(), i64> {
+        let start = self.data();
+        if start + offset + core::mem::size_of::<T>() > self.data_end() {
+            return Err(-1);
+        }
+        // SAFETY: the range lies inside the packet, checked just above.
+        unsafe { ((start + offset) as *mut T).write_unaligned(*value) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn length(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
 /// Parses an Ethernet frame holding IPv4 TCP or UDP. `None` for anything
 /// else: other EtherTypes, other protocols, non-first fragments, and packets
 /// whose headers are cut short or inconsistent.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Flow> {
-    let eth: EthHdr = ctx.load(0).ok()?;
+pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
+    let eth: EthHdr = ctx.read(0)?;
     if u16::from_be(eth.ether_type) != ETH_P_IP {
         return None;
     }
     let l3_off = EthHdr::LEN;
-    let ip: Ipv4Hdr = ctx.load(l3_off).ok()?;
+    let ip: Ipv4Hdr = ctx.read(l3_off)?;
     let ihl = usize::from(ip.ihl());
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
         return None;
@@ -92,12 +148,12 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Flow> {
     };
     let tot_len = usize::from(ip.tot_len());
     let l4_off = l3_off + ihl;
-    if tot_len < ihl + l4_len || (ctx.len() as usize) < l4_off + l4_len {
+    if tot_len < ihl + l4_len || ctx.length() < l4_off + l4_len {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(l4_off).ok()?;
+    let ports: [u16; 2] = ctx.read(l4_off)?;
     let tcp_flags = if ip.proto == PROTO_TCP {
-        ctx.load::<u8>(l4_off + 13).ok()?
+        ctx.read::<u8>(l4_off + 13)?
     } else {
         0
     };

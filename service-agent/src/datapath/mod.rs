@@ -9,7 +9,10 @@ pub mod maps;
 use std::path::Path;
 
 use anyhow::Context as _;
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
 
 /// The eBPF object built from `service-ebpf` by the build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SERVICE_EBPF_OBJECT"));
@@ -22,6 +25,10 @@ pub const PROG_FROM_POD: &str = "from_pod";
 /// Name of the "to pod" program (TC egress on a pod's host-side device).
 pub const PROG_TO_POD: &str = "to_pod";
 
+/// Name of the "from network" XDP program (external devices).
+pub const PROG_FROM_NETWORK: &str = "from_network";
+/// Name of the "from network" TC ingress program (`--nodeport-mode tc`).
+pub const PROG_FROM_NETWORK_TC: &str = "from_network_tc";
 /// Name of the benchmark floor program (returns its verdict, nothing else).
 pub const PROG_BENCH_FLOOR_TC: &str = "bench_floor_tc";
 
@@ -75,7 +82,12 @@ pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf>
                 pin_path.display()
             )
         })?;
-    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_BENCH_FLOOR_TC] {
+    for name in [
+        PROG_FROM_POD,
+        PROG_TO_POD,
+        PROG_FROM_NETWORK_TC,
+        PROG_BENCH_FLOOR_TC,
+    ] {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?
@@ -85,5 +97,12 @@ pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf>
             .load()
             .with_context(|| format!("the kernel refused program {name}"))?;
     }
+    let xdp: &mut Xdp = ebpf
+        .program_mut(PROG_FROM_NETWORK)
+        .with_context(|| format!("program {PROG_FROM_NETWORK} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {PROG_FROM_NETWORK} is not an XDP program"))?;
+    xdp.load()
+        .with_context(|| format!("the kernel refused program {PROG_FROM_NETWORK}"))?;
     Ok(ebpf)
 }
