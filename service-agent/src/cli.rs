@@ -1,11 +1,21 @@
 //! Command-line interface of `service-agent`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use ipnet::IpNet;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    datapath::{DEFAULT_PIN_PATH, MapSizes, attach::DeviceSelection},
+    datapath::{
+        DEFAULT_PIN_PATH, MapSizes,
+        addresses::{local_ipv4_addresses, nodeport_addresses},
+        attach::{DeviceSelection, NodePortMode},
+    },
     run::RunOptions,
     source::SourceSpec,
     translate::NodeContext,
@@ -50,6 +60,32 @@ pub struct RunArgs {
     /// devices created later (repeatable), e.g. `lxc` or `veth`.
     #[arg(long = "pod-device-prefix", value_name = "PREFIX")]
     pub pod_device_prefixes: Vec<String>,
+    /// An external device (repeatable): traffic from the network to
+    /// NodePort, LoadBalancer and externalIP frontends, and replies of
+    /// SNATed flows, are handled there. Include the device towards other
+    /// nodes.
+    #[arg(long = "external-device", value_name = "NAME")]
+    pub external_devices: Vec<String>,
+    /// Hook of the "from network" program on external devices: `xdp`
+    /// (native where the driver has it, generic otherwise) or `tc` (TC
+    /// ingress fallback).
+    #[arg(long, value_enum, default_value_t = NodePortMode::Xdp)]
+    pub nodeport_mode: NodePortMode,
+    /// Serve NodePorts on the node's addresses inside these CIDRs
+    /// (comma-separated or repeated). Default: the IPv4 addresses of the
+    /// external devices (never 127.0.0.1 unless a CIDR includes it).
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<IpNet>,
+    /// Serve `spec.externalIPs` only inside these CIDRs (comma-separated or
+    /// repeated). Default: none, as externalIPs let any Service owner
+    /// capture traffic for any address (CVE-2020-8554).
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub external_ip_cidrs: Vec<IpNet>,
+    /// Address flows from the network to backends on other nodes are SNATed
+    /// to, so their replies come back through this node. Default: the first
+    /// IPv4 address of the first external device.
+    #[arg(long, value_name = "ADDR")]
+    pub snat_ipv4: Option<Ipv4Addr>,
     /// This node's name (default: `$NODE_NAME`, else the hostname): the Node
     /// object watched, and endpoints with this `nodeName` are node-local.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
@@ -97,22 +133,42 @@ pub struct ListArgs {
 impl RunArgs {
     /// The options `run` works with.
     pub fn options(&self) -> anyhow::Result<RunOptions> {
-        if self.pod_devices.is_empty() && self.pod_device_prefixes.is_empty() {
-            anyhow::bail!("name the pod devices with --pod-device or --pod-device-prefix");
+        if self.pod_devices.is_empty()
+            && self.pod_device_prefixes.is_empty()
+            && self.external_devices.is_empty()
+        {
+            anyhow::bail!(
+                "name the devices with --pod-device, --pod-device-prefix or --external-device"
+            );
         }
+        let local = local_ipv4_addresses()?;
+        let nodeport_addresses =
+            nodeport_addresses(&local, &self.external_devices, &self.nodeport_addresses);
+        let snat_ipv4 = self.snat_ipv4.or_else(|| {
+            let first = self.external_devices.first()?;
+            local
+                .iter()
+                .find(|(dev, _)| dev == first)
+                .map(|(_, addr)| *addr)
+        });
         Ok(RunOptions {
             source: self.source.clone(),
             pin_path: self.pin_path.clone(),
             devices: DeviceSelection {
                 names: self.pod_devices.clone(),
                 prefixes: self.pod_device_prefixes.clone(),
+                external: self.external_devices.clone(),
+                nodeport_mode: self.nodeport_mode,
             },
             node: NodeContext {
                 node_name: self
                     .node_name
                     .clone()
                     .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
+                nodeport_addresses,
+                external_ip_cidrs: self.external_ip_cidrs.clone(),
             },
+            snat_ipv4,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             resync_interval: Duration::from_secs(self.resync_interval_secs),
             metrics_addr: self.metrics_addr,

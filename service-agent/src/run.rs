@@ -56,11 +56,24 @@ pub struct RunOptions {
     pub healthz_addr: SocketAddr,
     /// Capacities of the maps.
     pub map_sizes: MapSizes,
+    /// This node's SNAT address for external flows to remote backends.
+    pub snat_ipv4: Option<std::net::Ipv4Addr>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut ebpf = datapath::load_with_sizes(&options.pin_path, options.map_sizes)?;
+    datapath::maps::write_config(
+        &mut ebpf,
+        &service_common::DatapathConfig {
+            snat_v4: options.snat_ipv4.map(|a| a.octets()).unwrap_or_default(),
+            _reserved: 0,
+        },
+    )?;
+    info!(
+        "NodePorts on {:?}, SNAT address {:?}",
+        options.node.nodeport_addresses, options.snat_ipv4
+    );
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
         .context("reading the pinned maps")?;

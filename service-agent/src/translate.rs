@@ -9,7 +9,8 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointSlice},
 };
 use service_common::{
-    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_TERMINATING_FALLBACK, PROTO_TCP, PROTO_UDP,
+    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
+    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::source::{ClusterState, ObjectName};
@@ -19,6 +20,10 @@ use crate::source::{ClusterState, ObjectName};
 pub struct NodeContext {
     /// This node's name, to mark endpoints whose `nodeName` is ours as local.
     pub node_name: Option<String>,
+    /// The node addresses NodePorts are served on.
+    pub nodeport_addresses: Vec<IpAddr>,
+    /// `spec.externalIPs` are served only inside these CIDRs.
+    pub external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// One frontend (address, port, protocol) the datapath must serve.
@@ -152,15 +157,78 @@ fn translate_service(
             continue;
         };
         let (backends, fallback) = backends_for_port(&slices, service_port, proto, node, name, out);
-        for addr in &addrs {
-            let mut flags = FRONTEND_FLAG_CLUSTER_IP;
+        let mut frontends: Vec<(IpAddr, u16, u16)> = addrs
+            .iter()
+            .map(|addr| (*addr, port, FRONTEND_FLAG_CLUSTER_IP))
+            .collect();
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if matches!(service_type, "NodePort" | "LoadBalancer")
+            && let Some(node_port) = service_port.node_port
+        {
+            match valid_port(node_port) {
+                Some(node_port) => frontends.extend(
+                    node.nodeport_addresses
+                        .iter()
+                        .filter(|addr| addr.is_ipv4())
+                        .map(|addr| (*addr, node_port, FRONTEND_FLAG_NODE_PORT)),
+                ),
+                None => out.skipped.push(format!(
+                    "Service {name} port {port_label:?}: invalid nodePort {node_port}"
+                )),
+            }
+        }
+        if service_type == "LoadBalancer" {
+            let ingresses = service
+                .status
+                .as_ref()
+                .and_then(|status| status.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            for ingress in ingresses.into_iter().flatten() {
+                // `ipMode: Proxy`: the load balancer proxies, traffic arrives
+                // for the node, not for the LoadBalancer IP.
+                if ingress.ip_mode.as_deref() == Some("Proxy") {
+                    continue;
+                }
+                let Some(ip) = ingress.ip.as_deref() else {
+                    continue;
+                };
+                match ip.parse::<IpAddr>() {
+                    Ok(addr @ IpAddr::V4(_)) => {
+                        frontends.push((addr, port, FRONTEND_FLAG_LOAD_BALANCER))
+                    }
+                    _ => out.skipped.push(format!(
+                        "Service {name}: LoadBalancer ingress IP {ip:?} is not a usable IPv4 address"
+                    )),
+                }
+            }
+        }
+        for ip in spec.external_ips.iter().flatten() {
+            match ip.parse::<IpAddr>() {
+                Ok(addr @ IpAddr::V4(_))
+                    if node
+                        .external_ip_cidrs
+                        .iter()
+                        .any(|cidr| cidr.contains(&addr)) =>
+                {
+                    frontends.push((addr, port, FRONTEND_FLAG_EXTERNAL_IP))
+                }
+                Ok(IpAddr::V4(_)) => out.skipped.push(format!(
+                    "Service {name}: externalIP {ip} is outside --external-ip-cidrs, not served"
+                )),
+                _ => out.skipped.push(format!(
+                    "Service {name}: externalIP {ip:?} is not a usable IPv4 address"
+                )),
+            }
+        }
+        for (addr, port, kind) in frontends {
+            let mut flags = kind;
             if fallback {
                 flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
             }
             out.frontends.push(DesiredFrontend {
                 service: name.clone(),
                 port_name: port_label.to_owned(),
-                addr: *addr,
+                addr,
                 port,
                 proto,
                 flags,
@@ -286,6 +354,7 @@ mod tests {
             &parsed.state,
             &NodeContext {
                 node_name: Some("node-a".into()),
+                ..NodeContext::default()
             },
         )
     }
@@ -408,6 +477,84 @@ spec:
         let other = "---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata:\n  name: x\n  namespace: other\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.9.9.9]}]\n";
         let t = translate_yaml(&format!("{SERVICE}{other}"));
         assert!(t.frontends.iter().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn node_ports_load_balancer_ips_and_allowed_external_ips_become_frontends() {
+        let yaml = format!(
+            r#"
+kind: Service
+apiVersion: v1
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [10.99.0.200, 10.99.0.201]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: 10.99.0.100}}, {{ip: 10.99.0.101, ipMode: Proxy}}, {{hostname: lb.example.org}}]
+{}"#,
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2]}]"
+            )
+        );
+        let parsed = parse_documents(&yaml).unwrap();
+        let t = translate(
+            &parsed.state,
+            &NodeContext {
+                node_name: None,
+                nodeport_addresses: vec!["10.99.0.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+                external_ip_cidrs: vec!["10.99.0.200/32".parse().unwrap()],
+            },
+        );
+        let mut got: Vec<String> = t
+            .frontends
+            .iter()
+            .map(|f| {
+                format!(
+                    "{}:{} {:#x} {}",
+                    f.addr,
+                    f.port,
+                    f.flags,
+                    backends(f).join(",")
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "10.0.0.1:30080 0x2 10.1.1.2:8080",
+                "10.96.0.10:80 0x1 10.1.1.2:8080",
+                "10.99.0.100:80 0x8 10.1.1.2:8080",
+                "10.99.0.1:30080 0x2 10.1.1.2:8080",
+                "10.99.0.200:80 0x4 10.1.1.2:8080",
+            ]
+        );
+        // The externalIP outside the allowed CIDRs is reported, not served.
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(t.skipped[0].contains("10.99.0.201"));
+    }
+
+    #[test]
+    fn a_cluster_ip_service_gets_no_node_ports() {
+        let yaml = SERVICE.replace("targetPort: web}", "targetPort: web, nodePort: 30080}");
+        let parsed = parse_documents(&yaml).unwrap();
+        let t = translate(
+            &parsed.state,
+            &NodeContext {
+                nodeport_addresses: vec!["10.99.0.1".parse().unwrap()],
+                ..NodeContext::default()
+            },
+        );
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.flags == FRONTEND_FLAG_CLUSTER_IP)
+        );
     }
 
     #[test]

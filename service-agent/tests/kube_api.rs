@@ -213,6 +213,7 @@ fn start() -> (ApiServer, watch::Receiver<MapState>) {
         MapState::default(),
         NodeContext {
             node_name: Some("node-a".into()),
+            ..NodeContext::default()
         },
     )
     .unwrap();

@@ -1,7 +1,8 @@
-//! Attaching the TC programs to pod devices: the ones named with
-//! `--pod-device` and every device whose name starts with a
+//! Attaching the programs: "from pod"/"to pod" to pod devices (the ones
+//! named with `--pod-device` and every device whose name starts with a
 //! `--pod-device-prefix`, found again on every scan so new pods get
-//! attached while the agent runs.
+//! attached while the agent runs), and "from network" to the external
+//! devices (`--external-device`).
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -9,27 +10,43 @@ use anyhow::Context as _;
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
     util::KernelVersion,
 };
 use log::{info, warn};
 
-use super::{PROG_FROM_POD, PROG_TO_POD};
+use super::{PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_POD};
 
-/// Which devices are pod devices.
+/// Which devices the datapath attaches to.
 #[derive(Clone, Debug, Default)]
 pub struct DeviceSelection {
-    /// Exact device names.
+    /// Pod devices: exact names.
     pub names: Vec<String>,
-    /// Name prefixes (e.g. `lxc`, `veth`).
+    /// Pod devices: name prefixes (e.g. `lxc`, `veth`).
     pub prefixes: Vec<String>,
+    /// External devices (traffic from the network: NodePort,
+    /// LoadBalancer, externalIPs, and replies of SNATed flows).
+    pub external: Vec<String>,
+    /// How "from network" attaches to the external devices.
+    pub nodeport_mode: NodePortMode,
+}
+
+/// The hook of the "from network" program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodePortMode {
+    /// XDP (native where the driver has it, generic otherwise).
+    #[default]
+    Xdp,
+    /// TC ingress, for devices or setups where XDP cannot be used.
+    Tc,
 }
 
 impl DeviceSelection {
-    /// Whether the device `name` is selected.
+    /// Whether `name` is a pod device.
     pub fn matches(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)
             || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
@@ -70,13 +87,27 @@ impl Attachments {
                 warn!("pod device {name} does not exist (yet)");
             }
         }
+        for name in &selection.external {
+            if !interfaces.contains_key(name) && !self.attached.contains_key(name) {
+                warn!("external device {name} does not exist (yet)");
+            }
+        }
         for (name, index) in interfaces {
-            if !selection.matches(&name) || self.attached.contains_key(&name) {
+            if self.attached.contains_key(&name) {
                 continue;
             }
-            match attach_device(ebpf, &name, link_dir) {
-                Ok(()) => {
-                    info!("attached from_pod (ingress) and to_pod (egress) to {name}");
+            let attached = if selection.external.contains(&name) {
+                attach_external(ebpf, &name, selection.nodeport_mode, link_dir)
+                    .map(|()| format!("from_network ({:?})", selection.nodeport_mode))
+            } else if selection.matches(&name) {
+                attach_device(ebpf, &name, link_dir)
+                    .map(|()| "from_pod (ingress) and to_pod (egress)".to_owned())
+            } else {
+                continue;
+            };
+            match attached {
+                Ok(programs) => {
+                    info!("attached {programs} to {name}");
                     self.attached.insert(name, index);
                 }
                 Err(error) => warn!("cannot attach to {name}: {error:#}"),
@@ -123,6 +154,66 @@ fn attach_device(ebpf: &mut Ebpf, device: &str, link_dir: &Path) -> anyhow::Resu
                 .attach(device, attach_type)
                 .with_context(|| format!("attaching {program_name} to {device} {direction}"))?;
         }
+    }
+    Ok(())
+}
+
+/// Attaches "from network" to an external device: XDP (its link pinned as
+/// `DEVICE-xdp`), or TC ingress in `--nodeport-mode tc`.
+fn attach_external(
+    ebpf: &mut Ebpf,
+    device: &str,
+    mode: NodePortMode,
+    link_dir: &Path,
+) -> anyhow::Result<()> {
+    if mode == NodePortMode::Tc {
+        let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROG_FROM_NETWORK_TC)
+            .with_context(|| format!("program {PROG_FROM_NETWORK_TC} missing"))?
+            .try_into()?;
+        if has_tcx {
+            return attach_pinned(
+                program,
+                device,
+                TcAttachType::Ingress,
+                &link_dir.join(format!("{device}-ingress")),
+            );
+        }
+        let _ = tc::qdisc_add_clsact(device);
+        let _ = tc::qdisc_detach_program(device, TcAttachType::Ingress, PROG_FROM_NETWORK_TC);
+        program
+            .attach(device, TcAttachType::Ingress)
+            .with_context(|| format!("attaching {PROG_FROM_NETWORK_TC} to {device}"))?;
+        return Ok(());
+    }
+    let program: &mut Xdp = ebpf
+        .program_mut(PROG_FROM_NETWORK)
+        .with_context(|| format!("program {PROG_FROM_NETWORK} missing"))?
+        .try_into()?;
+    let pin = link_dir.join(format!("{device}-xdp"));
+    if let Ok(pinned) = PinnedLink::from_pin(&pin) {
+        let link = XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not XDP")?;
+        match program.attach_to_link(link) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                warn!(
+                    "pinned link {} is stale ({e}); attaching afresh",
+                    pin.display()
+                );
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing stale pin {}", pin.display()))?;
+            }
+        }
+    }
+    let link_id = program
+        .attach(device, XdpMode::Default)
+        .with_context(|| format!("attaching XDP to {device}"))?;
+    // A bpf_link (kernel 5.9+) can be pinned; a netlink attachment stays
+    // on the device by itself.
+    if let Ok(link) = FdLink::try_from(program.take_link(link_id)?) {
+        link.pin(&pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
     }
     Ok(())
 }

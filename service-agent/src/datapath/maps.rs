@@ -6,12 +6,12 @@ use std::path::Path;
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use service_common::{
-    BackendId, BackendValue, DatapathCounter, FrontendKey, FrontendStats, FrontendValue,
-    MAP_BACKENDS, MAP_COUNTERS, MAP_FRONTEND_STATS, MAP_FRONTENDS, MAP_REVNAT, RevNatId,
-    RevNatValue,
+    BackendId, BackendValue, DatapathConfig, DatapathCounter, FrontendKey, FrontendStats,
+    FrontendValue, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTEND_STATS, MAP_FRONTENDS,
+    MAP_REVNAT, RevNatId, RevNatValue,
 };
 
 use crate::{
@@ -107,6 +107,17 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         }
         other => other,
     }
+}
+
+/// Writes the node-wide datapath settings.
+pub fn write_config(ebpf: &mut Ebpf, config: &DatapathConfig) -> anyhow::Result<()> {
+    let mut array: Array<&mut MapData, DatapathConfig> = Array::try_from(
+        ebpf.map_mut(MAP_CONFIG)
+            .with_context(|| format!("map {MAP_CONFIG} missing from the eBPF object"))?,
+    )?;
+    array
+        .set(0, config, 0)
+        .context("writing the datapath configuration")
 }
 
 /// Opens one pinned map.

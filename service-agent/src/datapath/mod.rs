@@ -2,6 +2,7 @@
 //! it with its maps pinned, attaching its programs to devices, and reading
 //! and writing the maps.
 
+pub mod addresses;
 pub mod attach;
 pub mod bpffs;
 pub mod maps;
