@@ -298,7 +298,9 @@ const _: () = assert!(core::mem::size_of::<FrontendStats>() == 24);
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatapathCounter {
-    /// A new flow to a frontend with no backend was dropped.
+    /// A new flow to a frontend with no backend was dropped: from the
+    /// network, or from a pod when no refusal could be built for it (a TCP
+    /// RST, an inconsistent header, a helper failure).
     DropNoBackend = 0,
     /// A backend slot pointed at a missing slot or backend entry.
     DropBackendMissing = 1,
@@ -308,16 +310,20 @@ pub enum DatapathCounter {
     ConntrackInsertFailed = 3,
     /// A reply was translated back to its frontend.
     ReplyTranslated = 4,
+    /// A new flow to a frontend with no backend was refused: a TCP RST or an
+    /// ICMP port unreachable went back to the client.
+    RejectedNoBackend = 5,
 }
 
 impl DatapathCounter {
     /// Every counter, in index order.
-    pub const ALL: [DatapathCounter; 5] = [
+    pub const ALL: [DatapathCounter; 6] = [
         DatapathCounter::DropNoBackend,
         DatapathCounter::DropBackendMissing,
         DatapathCounter::DropRewrite,
         DatapathCounter::ConntrackInsertFailed,
         DatapathCounter::ReplyTranslated,
+        DatapathCounter::RejectedNoBackend,
     ];
 
     /// The counter's name as shown by `service-agent list` and the metrics.
@@ -328,6 +334,7 @@ impl DatapathCounter {
             DatapathCounter::DropRewrite => "drop_rewrite",
             DatapathCounter::ConntrackInsertFailed => "conntrack_insert_failed",
             DatapathCounter::ReplyTranslated => "reply_translated",
+            DatapathCounter::RejectedNoBackend => "rejected_no_backend",
         }
     }
 }

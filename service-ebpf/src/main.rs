@@ -3,7 +3,8 @@
 //! Hooks (as in Cilium), each a thin entry point over plain fallible Rust:
 //! - `from_pod`: TC ingress on the host side of a pod's veth. Looks the
 //!   destination up among the frontends, picks a backend, records the flow in
-//!   conntrack and DNATs the packet.
+//!   conntrack and DNATs the packet. A new flow to a frontend without
+//!   backends is refused at once (TCP RST, ICMP port unreachable; `reject`).
 //! - `to_pod`: TC egress on the same device. Rewrites replies of translated
 //!   flows back to the frontend address and port.
 //! - `from_network`: XDP on the node's external devices (and
@@ -19,6 +20,7 @@ mod lb;
 mod maps;
 mod nat;
 mod packet;
+mod reject;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action},
@@ -46,7 +48,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Pod),
         done => done,
     };
-    tc_verdict(outcome)
+    match outcome {
+        // Refused like a closed port: TCP RST or ICMP port unreachable.
+        Outcome::NoBackend => reject::reject(&ctx, &flow),
+        outcome => tc_verdict(outcome),
+    }
 }
 
 /// "To pod": reverse translation of replies travelling to a pod.

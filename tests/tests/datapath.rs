@@ -6,27 +6,13 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf,
-    maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
 use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders,
     TransportHeader,
 };
-use service_agent::{
-    datapath::{self, PROG_FROM_POD, PROG_TO_POD, maps::ServiceMaps},
-    desired::DesiredState,
-    source::ObjectName,
-    state::{MapState, MapWriter as _},
-    translate::{DesiredBackend, DesiredFrontend},
-};
-use service_common::{
-    CT_DIR_FORWARD, ConntrackKey, ConntrackValue, FRONTEND_FLAG_CLUSTER_IP, MAP_CONNTRACK,
-    PROTO_TCP, PROTO_UDP,
-};
-use service_tests::{pins::PinDir, require_root};
+use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
+use service_common::{CT_DIR_FORWARD, ConntrackKey, PROTO_TCP, PROTO_UDP};
+use service_tests::{datapath_fixture::Datapath, require_root};
 
 /// `TC_ACT_UNSPEC` as BPF_PROG_TEST_RUN reports it: the packet continues.
 const CONTINUE: u32 = u32::MAX;
@@ -40,92 +26,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_NO_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-
-/// The loaded object, its maps, and the agent-side state it was given.
-struct Datapath {
-    ebpf: Ebpf,
-    maps: ServiceMaps,
-    conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
-    desired: DesiredState,
-    pin: PinDir,
-}
-
-impl Datapath {
-    fn load() -> Self {
-        let pin = PinDir::new("datapath").expect("pin folder");
-        let mut ebpf = datapath::load(pin.path()).expect("loading the eBPF object");
-        let maps = ServiceMaps::take_from(&mut ebpf).expect("service maps");
-        let conntrack = HashMap::try_from(ebpf.take_map(MAP_CONNTRACK).expect("conntrack map"))
-            .expect("conntrack map type");
-        Datapath {
-            ebpf,
-            maps,
-            conntrack,
-            desired: DesiredState::adopting(&MapState::default(), 1000, 1000),
-            pin,
-        }
-    }
-
-    /// Programs (or reprograms) `vip:port/proto` with `backends`, through the
-    /// same desired-state layout and ordered writes the agent uses.
-    fn set_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) {
-        let service = ObjectName {
-            namespace: "test".into(),
-            name: format!("svc-{vip}-{port}-{proto}"),
-        };
-        let frontend = DesiredFrontend {
-            service: service.clone(),
-            port_name: String::new(),
-            addr: vip.into(),
-            port,
-            proto,
-            flags: FRONTEND_FLAG_CLUSTER_IP,
-            backends: backends
-                .iter()
-                .map(|(addr, port)| DesiredBackend {
-                    addr: (*addr).into(),
-                    port: *port,
-                    node_local: true,
-                    terminating: false,
-                })
-                .collect(),
-        };
-        let (ops, problems) = self.desired.set_service(&service, &[frontend]);
-        assert!(problems.is_empty(), "{problems:?}");
-        for op in ops {
-            self.maps.apply(&op).expect("map write");
-        }
-    }
-
-    /// Runs `program` once on `packet`: the verdict and the packet after it.
-    fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(program)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
-        let mut out = vec![0u8; packet.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        datapath::maps::datapath_counters(self.pin.path())
-            .expect("counters")
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .expect("counter exists")
-            .1
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Packets
@@ -296,6 +196,16 @@ fn cluster_ip_translation_table() {
         p[16..18].copy_from_slice(&30u16.to_be_bytes());
         p
     };
+    let rst_to_empty = {
+        let mut p = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+            .ipv4(CLIENT.octets(), VIP_NO_BACKEND.octets(), 64)
+            .tcp(40000, 80, 1000, 0)
+            .rst()
+            .write(&mut p, &[])
+            .expect("build tcp rst");
+        p
+    };
     run_cases(
         &dp,
         vec![
@@ -422,9 +332,10 @@ fn cluster_ip_translation_table() {
                 expect: Expect::Untouched,
             },
             Case {
-                name: "a new flow to a frontend without backends is dropped",
+                // (A new flow there is refused: see datapath_reject.rs.)
+                name: "a TCP RST to a frontend without backends is dropped, never answered",
                 program: PROG_FROM_POD,
-                input: tcp(client, (VIP_NO_BACKEND, 80), true, false, &[]),
+                input: rst_to_empty,
                 verdict: DROP,
                 expect: Expect::Untouched,
             },

@@ -1,0 +1,315 @@
+//! Refusal of new flows to a frontend without backends, the way a host with
+//! no listener refuses them, so the client fails at once instead of timing
+//! out (kube-proxy's REJECT rules do the same).
+//!
+//! The offending packet itself becomes the reply, in place, and leaves
+//! through the device it came in on (the host side of the client pod's
+//! veth), that is, back to the pod:
+//! - A TCP segment gets a reset (RFC 793, "Reset Generation", CLOSED port):
+//!   a segment with ACK gets a RST whose sequence number is that ACK (the
+//!   segment of a flow whose conntrack entry is gone, so the client learns
+//!   the connection is dead); any other, a SYN above all, gets a RST|ACK
+//!   with sequence number 0 acknowledging the segment (seq + 1 for a bare
+//!   SYN). A RST is never answered: it is dropped.
+//! - A UDP datagram gets an ICMP destination unreachable, port unreachable
+//!   (RFC 792), quoting its IPv4 header and the first 8 bytes after it.
+//!
+//! Replies come from the frontend the client used (address, and port for
+//! TCP), so the client's socket matches them. They have an IPv4 header
+//! without options (TTL 64, DF set, ID 0, like Linux's own resets), a TCP
+//! header without options and no data.
+//!
+//! Checksums: the IPv4 and ICMP ones are computed in full; the TCP one goes
+//! through `bpf_l4_csum_replace`, which writes it in the form the skb's
+//! checksum state expects. That matters because a pod's packets usually
+//! leave their L4 checksum to offload (`CHECKSUM_PARTIAL`, which a program
+//! cannot clear), and a device without TX checksumming completes it, from
+//! the checksum start the skb still holds: the position of the pod's L4
+//! header. So the replies keep their L4 header there: the IPv4 options of
+//! a TCP segment are cut with `bpf_skb_adjust_room` (which keeps the L4
+//! header in place), and an ICMP error grows at the tail, its ICMP header
+//! taking the UDP header's place (completing a valid ICMP message at that
+//! offset only turns its unused bytes 6..8 into 0xffff). Only a datagram
+//! with IPv4 options, offloaded, through such a device, gets a broken
+//! ICMP checksum, and so times out as before.
+//!
+//! Anything that cannot be turned into a reply (a RST, an inconsistent TCP
+//! header, a helper failure) is dropped and counted as `DropNoBackend`.
+//! Fragments never get here: the parser lets them pass untouched.
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use network_types::{
+    bitfield::BitfieldU16, eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr,
+};
+use service_common::{DatapathCounter, PROTO_TCP};
+
+use crate::{
+    VERDICT_DROP,
+    maps::count,
+    packet::{Ipv4Flow, TCP_FLAG_ACK, TCP_FLAG_SYN},
+};
+
+/// Verdict for a reply sent back out (after `bpf_redirect`).
+const VERDICT_REDIRECT: i32 = TC_ACT_REDIRECT;
+/// Error for a packet that gets no reply although no helper failed.
+const NO_REPLY: i64 = -1;
+/// IP protocol number of ICMP.
+const PROTO_ICMP: u8 = 1;
+/// IP version of the replies.
+const IP_VERSION_4: u8 = 4;
+/// TTL of the replies: Linux's default (`net.ipv4.ip_default_ttl`).
+const REPLY_TTL: u8 = 64;
+/// "Don't fragment" in the 3-bit IPv4 flags field.
+const IP_FLAG_DF: u8 = 0b010;
+/// ICMP type "destination unreachable".
+const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP destination unreachable code "port unreachable".
+const ICMP_PORT_UNREACH: u8 = 3;
+/// Bytes of the offending datagram an ICMP error quotes after its IPv4
+/// header (RFC 792): here the whole UDP header.
+const ICMP_QUOTED_DATA_LEN: usize = 8;
+/// Length of the largest IPv4 header: 20 bytes and 40 of options.
+const IPV4_MAX_HDR_LEN: usize = 60;
+/// Bytes in a 32-bit word, the unit of IPv4 and TCP header lengths.
+const WORD_LEN: usize = 4;
+/// 32-bit words of the longest quote: the largest IPv4 header and 8 bytes.
+const QUOTE_MAX_WORDS: usize = (IPV4_MAX_HDR_LEN + ICMP_QUOTED_DATA_LEN) / WORD_LEN;
+/// TCP FIN flag bit.
+const TCP_FLAG_FIN: u8 = 0x01;
+/// TCP RST flag bit.
+const TCP_FLAG_RST: u8 = 0x04;
+/// Offset of the checksum inside a TCP header.
+const TCP_CSUM_OFF: usize = 16;
+/// Bit position of the header length (in words) in the TCP data offset byte.
+const TCP_DOFF_SHIFT: u32 = 4;
+/// The data offset byte of a TCP header without options.
+const TCP_DOFF_NO_OPTIONS: u8 = ((TcpHdr::LEN / WORD_LEN) as u8) << TCP_DOFF_SHIFT;
+
+/// The TCP pseudo header (RFC 793) the checksum covers besides the segment.
+#[repr(C)]
+struct PseudoHdr {
+    /// Source address, network byte order.
+    saddr: [u8; 4],
+    /// Destination address, network byte order.
+    daddr: [u8; 4],
+    /// Always zero.
+    zero: u8,
+    /// IP protocol.
+    proto: u8,
+    /// Length of the TCP segment, network byte order.
+    len: [u8; 2],
+}
+
+/// Turns a new flow's packet to a frontend without backends into the
+/// client's refusal and sends it back: [`VERDICT_REDIRECT`], counted as
+/// `RejectedNoBackend`; the drop verdict, counted as `DropNoBackend`, when
+/// no reply can be made.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
+    let reply = if flow.proto == PROTO_TCP {
+        tcp_reset(ctx, flow)
+    } else {
+        icmp_port_unreachable(ctx, flow)
+    };
+    if reply.is_ok() && redirect_back(ctx) {
+        count(DatapathCounter::RejectedNoBackend);
+        return VERDICT_REDIRECT;
+    }
+    count(DatapathCounter::DropNoBackend);
+    VERDICT_DROP
+}
+
+/// Asks for the packet to leave through the device it came in on.
+#[inline(always)]
+fn redirect_back(ctx: &TcContext) -> bool {
+    // SAFETY: reads a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the helper only records the target device.
+    let verdict = unsafe { bpf_redirect(ifindex, 0) };
+    verdict == i64::from(VERDICT_REDIRECT)
+}
+
+/// Turns a TCP segment into the reset a closed port answers it with.
+#[inline(always)]
+fn tcp_reset(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), i64> {
+    if flow.tcp_flags & TCP_FLAG_RST != 0 {
+        return Err(NO_REPLY);
+    }
+    let eth: EthHdr = ctx.load(0)?;
+    let ip: Ipv4Hdr = ctx.load(flow.l3_off)?;
+    let tcp: TcpHdr = ctx.load(flow.l4_off)?;
+    let ip_hdr_len = flow.l4_off - flow.l3_off;
+    let tcp_hdr_len = usize::from(tcp.doff()) * WORD_LEN;
+    if tcp_hdr_len < TcpHdr::LEN {
+        return Err(NO_REPLY);
+    }
+    let data_len = usize::from(ip.tot_len())
+        .checked_sub(ip_hdr_len + tcp_hdr_len)
+        .ok_or(NO_REPLY)?;
+    let (seq, ack_seq, flags) = if flow.tcp_flags & TCP_FLAG_ACK != 0 {
+        (tcp.ack_seq, [0; 4], TCP_FLAG_RST)
+    } else {
+        // SEG.LEN counts the data, and SYN and FIN as one each.
+        let seg_len = data_len as u32
+            + u32::from(flow.tcp_flags & TCP_FLAG_SYN != 0)
+            + u32::from(flow.tcp_flags & TCP_FLAG_FIN != 0);
+        let ack = u32::from_be_bytes(tcp.seq).wrapping_add(seg_len);
+        ([0; 4], ack.to_be_bytes(), TCP_FLAG_RST | TCP_FLAG_ACK)
+    };
+
+    // Only the headers stay, without options: cut the IPv4 options out
+    // (the TCP header keeps its place) and everything after 20 TCP bytes.
+    if ip_hdr_len > Ipv4Hdr::LEN {
+        ctx.adjust_room(-((ip_hdr_len - Ipv4Hdr::LEN) as i32), BPF_ADJ_ROOM_NET, 0)?;
+    }
+    let l4_off = EthHdr::LEN + Ipv4Hdr::LEN;
+    change_tail(ctx, l4_off + TcpHdr::LEN)?;
+
+    write_l2_l3(ctx, &eth, flow, PROTO_TCP, Ipv4Hdr::LEN + TcpHdr::LEN)?;
+    let reset = TcpHdr {
+        source: tcp.dest,
+        dest: tcp.source,
+        seq,
+        ack_seq,
+        _bitfield_align_1: [],
+        _bitfield_1: BitfieldU16::new([TCP_DOFF_NO_OPTIONS, flags]),
+        window: [0; 2],
+        check: [0; 2],
+        urg_ptr: [0; 2],
+    };
+    ctx.store(l4_off, &reset, 0)?;
+    let pseudo = PseudoHdr {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        zero: 0,
+        proto: PROTO_TCP,
+        len: (TcpHdr::LEN as u16).to_be_bytes(),
+    };
+    // From a zero checksum: first the pseudo header, then the segment.
+    let csum_off = l4_off + TCP_CSUM_OFF;
+    ctx.l4_csum_replace(
+        csum_off,
+        0,
+        u64::from(csum_add(&pseudo, 0)?),
+        u64::from(BPF_F_PSEUDO_HDR),
+    )?;
+    ctx.l4_csum_replace(csum_off, 0, u64::from(csum_add(&reset, 0)?), 0)
+}
+
+/// Turns a UDP datagram into the ICMP port unreachable a closed port
+/// answers it with, quoting its IPv4 header and UDP header: the quote is
+/// copied out, the packet grown or cut at its tail to the reply's length,
+/// and every byte after the Ethernet addresses written anew.
+#[inline(always)]
+fn icmp_port_unreachable(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), i64> {
+    let eth: EthHdr = ctx.load(0)?;
+    let quote_len = flow.l4_off - flow.l3_off + ICMP_QUOTED_DATA_LEN;
+    // The quote, word by word (IPv4 header lengths are whole words); the
+    // words after it stay zero and add nothing to the checksum.
+    let mut quote = [0u32; QUOTE_MAX_WORDS];
+    for (index, word) in quote.iter_mut().enumerate() {
+        if index * WORD_LEN >= quote_len {
+            break;
+        }
+        *word = ctx.load(flow.l3_off + index * WORD_LEN)?;
+    }
+    let mut icmp = Icmpv4Hdr {
+        type_: ICMP_DEST_UNREACH,
+        code: ICMP_PORT_UNREACH,
+        check: [0; 2],
+        data: [0; 4],
+    };
+    icmp.check = fold(csum_add(&quote, csum_add(&icmp, 0)?)?);
+
+    let icmp_off = EthHdr::LEN + Ipv4Hdr::LEN;
+    let quote_off = icmp_off + Icmpv4Hdr::LEN;
+    change_tail(ctx, quote_off + quote_len)?;
+    write_l2_l3(
+        ctx,
+        &eth,
+        flow,
+        PROTO_ICMP,
+        Ipv4Hdr::LEN + Icmpv4Hdr::LEN + quote_len,
+    )?;
+    ctx.store(icmp_off, &icmp, 0)?;
+    for (index, word) in quote.iter().enumerate() {
+        if index * WORD_LEN >= quote_len {
+            break;
+        }
+        ctx.store(quote_off + index * WORD_LEN, word, 0)?;
+    }
+    Ok(())
+}
+
+/// Writes the reply's Ethernet header (the addresses swapped) and its IPv4
+/// header, from the frontend to the client, `ip_len` bytes long in all.
+#[inline(always)]
+fn write_l2_l3(
+    ctx: &TcContext,
+    eth: &EthHdr,
+    flow: &Ipv4Flow,
+    proto: u8,
+    ip_len: usize,
+) -> Result<(), i64> {
+    let reply_eth = EthHdr {
+        dst_addr: eth.src_addr,
+        src_addr: eth.dst_addr,
+        ether_type: eth.ether_type,
+    };
+    let mut ip = Ipv4Hdr {
+        vihl: 0,
+        tos: 0,
+        tot_len: [0; 2],
+        id: [0; 2],
+        frags: [0; 2],
+        ttl: REPLY_TTL,
+        proto,
+        check: [0; 2],
+        src_addr: flow.daddr,
+        dst_addr: flow.saddr,
+    };
+    ip.set_vihl(IP_VERSION_4, Ipv4Hdr::LEN as u8);
+    ip.set_tot_len(ip_len as u16);
+    ip.set_frags(IP_FLAG_DF, 0);
+    ip.check = fold(csum_add(&ip, 0)?);
+    ctx.store(0, &reply_eth, 0)?;
+    ctx.store(EthHdr::LEN, &ip, 0)
+}
+
+/// Trims (or grows) the packet to `len` bytes.
+#[inline(always)]
+fn change_tail(ctx: &TcContext, len: usize) -> Result<(), i64> {
+    // SAFETY: the helper checks `len` against the packet itself.
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
+    if ret == 0 { Ok(()) } else { Err(ret) }
+}
+
+/// `seed` plus the one's complement sum of `value`'s bytes (its size a
+/// multiple of 4), by `bpf_csum_diff`.
+#[inline(always)]
+fn csum_add<T>(value: &T, seed: u32) -> Result<u32, i64> {
+    // SAFETY: the helper only reads the `size_of::<T>()` bytes of `value`.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            core::ptr::from_ref(value).cast_mut().cast(),
+            core::mem::size_of::<T>() as u32,
+            seed,
+        )
+    };
+    u32::try_from(sum).map_err(|_| sum)
+}
+
+/// Folds a 32-bit one's complement sum into the checksum field's bytes
+/// (RFC 1071). The sum's byte order is the wire's, so is the result's.
+#[inline(always)]
+fn fold(sum: u32) -> [u8; 2] {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_ne_bytes()
+}
