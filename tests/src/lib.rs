@@ -7,6 +7,7 @@
 //! panics. Traffic only ever goes to addresses inside namespaces made here.
 
 pub mod agent;
+pub mod bench;
 pub mod datapath_fixture;
 pub mod netns;
 pub mod pins;

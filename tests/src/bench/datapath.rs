@@ -1,0 +1,373 @@
+//! Datapath cost per packet: the real programs of the real object run
+//! through BPF_PROG_TEST_RUN against maps holding 1 to 100k Services.
+//!
+//! BPF_PROG_TEST_RUN with `repeat > 1` runs a program again and again on
+//! the same packet, and our programs rewrite it in place (DNAT), so every
+//! iteration after the first would miss the frontend. Each measurement is
+//! therefore one run with `repeat = 1` on a fresh copy of the packet (the
+//! kernel builds a new one from `data_in` at every call), and the figure is
+//! the kernel-reported duration of that run: the program only, timed inside
+//! the kernel, plus the fixed cost of the test harness around it, which the
+//! pass-only floor program measured the same way shows.
+//!
+//! - New flow: every packet is a TCP SYN from a client address and port
+//!   never seen before, so each run looks up the frontend, picks a backend
+//!   and inserts the conntrack entries (and an SNAT entry on the NodePort
+//!   path).
+//! - Established: the flows are created first (untimed); each timed packet
+//!   is an ACK of one of them, cycling through a pool of flows.
+//! - Before measuring, the conntrack map is filled with flows to random
+//!   Services (ten per Service, up to most of its capacity), so the large
+//!   cases run against a conntrack map as full as a busy node's.
+//!
+//! Floor, new and established batches alternate, so drift in the machine
+//! touches all three alike; each batch gives its median, and a figure is
+//! the median of its batches.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    programs::{Program, TestRun, TestRunOptions},
+};
+use etherparse::PacketBuilder;
+use service_agent::{
+    datapath::{
+        self, MapSizes, PROG_BENCH_FLOOR_TC, PROG_FROM_NETWORK, PROG_FROM_POD,
+        maps::{ServiceMaps, write_config},
+    },
+    desired::DesiredState,
+    state::{MapState, MapWriter as _},
+    translate::DesiredFrontend,
+};
+use service_common::{DatapathConfig as NodeSettings, FRONTEND_FLAG_NODE_PORT};
+
+use super::{
+    report::{Better, Figure, Group},
+    services::{SERVICE_PORT, ServiceSet},
+    stats::median,
+};
+use crate::pins::PinDir;
+
+/// `TC_ACT_UNSPEC` as BPF_PROG_TEST_RUN reports it: the packet continues.
+const TC_CONTINUE: u32 = u32::MAX;
+/// `XDP_PASS`.
+const XDP_PASS: u32 = 2;
+/// This node's address: the NodePort frontend and the SNAT address.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// The NodePort of the probed Service.
+const NODE_PORT: u16 = 30_080;
+/// Endpoints per Service.
+const ENDPOINTS: u32 = 10;
+/// Conntrack capacity in flows (two entries each): 1M, as a large node.
+const CONNTRACK_FLOWS: u32 = 1_000_000;
+/// Flows put in conntrack before measuring, per Service.
+const PREFILL_FLOWS_PER_SERVICE: u32 = 10;
+
+/// How much to measure.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Service counts.
+    pub sizes: Vec<u32>,
+    /// Batches per figure.
+    pub batches: usize,
+    /// Packets per batch.
+    pub packets: usize,
+    /// Most flows put in conntrack before measuring.
+    pub prefill_max: u32,
+}
+
+/// A program the bench runs, and how its verdicts read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    /// TC "from pod": pod to ClusterIP.
+    TcFromPod,
+    /// XDP "from network": external client to NodePort.
+    XdpFromNetwork,
+    /// The pass-only TC program.
+    Floor,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::TcFromPod => PROG_FROM_POD,
+            Hook::XdpFromNetwork => PROG_FROM_NETWORK,
+            Hook::Floor => PROG_BENCH_FLOOR_TC,
+        }
+    }
+
+    /// The verdict of a translated (or passed) packet.
+    fn pass_verdict(self) -> u32 {
+        match self {
+            Hook::XdpFromNetwork => XDP_PASS,
+            Hook::TcFromPod | Hook::Floor => TC_CONTINUE,
+        }
+    }
+
+    /// The frontend the packets of this hook are sent to.
+    fn destination(self, set: &ServiceSet) -> (Ipv4Addr, u16) {
+        match self {
+            Hook::XdpFromNetwork => (NODE_IP, NODE_PORT),
+            Hook::TcFromPod | Hook::Floor => (ServiceSet::cluster_ip(set.last()), SERVICE_PORT),
+        }
+    }
+}
+
+/// The paths measured: series name, label, hook.
+const PATHS: [(&str, &str, Hook); 2] = [
+    ("tc_from_pod", "TC from pod → ClusterIP", Hook::TcFromPod),
+    (
+        "xdp_from_network",
+        "XDP from network → NodePort",
+        Hook::XdpFromNetwork,
+    ),
+];
+
+/// The object loaded with its maps pinned in a folder of its own, and the
+/// desired state the Services were laid out with.
+struct LoadedDatapath {
+    ebpf: Ebpf,
+    maps: ServiceMaps,
+    desired: DesiredState,
+    /// Dropped last: unpins the maps.
+    _pin: PinDir,
+}
+
+impl LoadedDatapath {
+    fn load(sizes: MapSizes) -> anyhow::Result<Self> {
+        let pin = PinDir::new("bench")?;
+        let mut ebpf = datapath::load_with_sizes(pin.path(), sizes)?;
+        let maps = ServiceMaps::take_from(&mut ebpf)?;
+        write_config(
+            &mut ebpf,
+            &NodeSettings {
+                snat_v4: NODE_IP.octets(),
+                ..NodeSettings::default()
+            },
+        )?;
+        Ok(LoadedDatapath {
+            ebpf,
+            maps,
+            desired: DesiredState::adopting(&MapState::default(), sizes.revnat, sizes.backends),
+            _pin: pin,
+        })
+    }
+
+    /// Programs every Service of `set` with the agent's layout and ordered
+    /// writes; the last one also gets a NodePort on [`NODE_IP`].
+    fn program(&mut self, set: &ServiceSet) -> anyhow::Result<()> {
+        for i in 0..set.count {
+            let mut frontends = vec![set.frontend(i)];
+            if i == set.last() {
+                frontends.push(DesiredFrontend {
+                    addr: NODE_IP.into(),
+                    port: NODE_PORT,
+                    flags: FRONTEND_FLAG_NODE_PORT,
+                    ..set.frontend(i)
+                });
+            }
+            let (ops, problems) = self
+                .desired
+                .set_service(&ServiceSet::object_name(i), &frontends);
+            if !problems.is_empty() {
+                bail!("programming Service {i}: {problems:?}");
+            }
+            for op in ops {
+                self.maps.apply(&op)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `hook` once on `packet`: its verdict and the kernel-reported
+    /// duration in nanoseconds.
+    fn run(&self, hook: Hook, packet: &[u8]) -> anyhow::Result<(u32, f64)> {
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        let program = self
+            .ebpf
+            .program(hook.program())
+            .with_context(|| format!("program {}", hook.program()))?;
+        let result = match program {
+            Program::SchedClassifier(p) => p.test_run(options),
+            Program::Xdp(p) => p.test_run(options),
+            _ => bail!("{} is neither TC nor XDP", hook.program()),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
+        Ok((result.return_value, result.duration.as_nanos() as f64))
+    }
+
+    /// Runs `hook` on each packet; fails on an unexpected verdict. Returns
+    /// the durations.
+    fn run_all(&self, hook: Hook, packets: &[Vec<u8>]) -> anyhow::Result<Vec<f64>> {
+        packets
+            .iter()
+            .map(|packet| {
+                let (verdict, ns) = self.run(hook, packet)?;
+                if verdict != hook.pass_verdict() {
+                    bail!("{} returned {verdict} (expected a pass)", hook.program());
+                }
+                Ok(ns)
+            })
+            .collect()
+    }
+}
+
+/// A TCP packet from client `k` (a distinct address and port per `k`) to
+/// `destination`; a SYN, or an ACK of an open flow.
+fn tcp_packet(k: u32, destination: (Ipv4Addr, u16), syn: bool) -> Vec<u8> {
+    let client = Ipv4Addr::from(u32::from_be_bytes([10, 128, 0, 0]) + k / 50_000);
+    let port = 10_000 + (k % 50_000) as u16;
+    let mut builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(client.octets(), destination.0.octets(), 64)
+        .tcp(port, destination.1, 1000, 64240);
+    builder = if syn {
+        builder.syn()
+    } else {
+        builder.ack(2000)
+    };
+    let mut out = Vec::with_capacity(64);
+    builder
+        .write(&mut out, &[])
+        .expect("a TCP packet always builds");
+    out
+}
+
+/// Hands out client numbers no flow has used yet.
+struct Clients(u32);
+
+impl Clients {
+    fn take(&mut self, count: usize) -> std::ops::Range<u32> {
+        let start = self.0;
+        self.0 += count as u32;
+        start..self.0
+    }
+}
+
+/// Measures every path at every size; returns the figures.
+pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for &size in &config.sizes {
+        let started = Instant::now();
+        let set = ServiceSet::new(size, ENDPOINTS);
+        let mut sizes = set.map_sizes(CONNTRACK_FLOWS);
+        sizes.frontends += ENDPOINTS + 1;
+        sizes.revnat += 1;
+        let mut dp = LoadedDatapath::load(sizes)?;
+        dp.program(&set)?;
+        let programmed = started.elapsed();
+
+        // Fill conntrack with flows to random Services, through the datapath.
+        let mut clients = Clients(0);
+        let prefill = (size * PREFILL_FLOWS_PER_SERVICE).min(config.prefill_max);
+        let mut seed = 0x9e37_79b9_u32;
+        for k in clients.take(prefill as usize) {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            let service = seed % size;
+            let packet = tcp_packet(k, (ServiceSet::cluster_ip(service), SERVICE_PORT), true);
+            dp.run(Hook::TcFromPod, &packet)?;
+        }
+        eprintln!(
+            "   datapath: {size} Services programmed in {programmed:.2?}, {prefill} flows in conntrack after {:.2?}",
+            started.elapsed()
+        );
+
+        let mut floor = Vec::new();
+        for (series, label, hook) in PATHS {
+            let destination = hook.destination(&set);
+            // The established flows, opened once (untimed).
+            let open: Vec<u32> = clients.take(config.packets).collect();
+            for &k in &open {
+                dp.run(hook, &tcp_packet(k, destination, true))?;
+            }
+            let established: Vec<Vec<u8>> = open
+                .iter()
+                .map(|&k| tcp_packet(k, destination, false))
+                .collect();
+            let (mut new_runs, mut established_runs) = (Vec::new(), Vec::new());
+            // One batch of each first, not counted: warms caches and clocks.
+            for batch in 0..=config.batches {
+                let syns: Vec<Vec<u8>> = clients
+                    .take(config.packets)
+                    .map(|k| tcp_packet(k, destination, true))
+                    .collect();
+                let floor_ns = batch_median(dp.run_all(Hook::Floor, &syns)?);
+                let new_ns = batch_median(dp.run_all(hook, &syns)?);
+                let established_ns = batch_median(dp.run_all(hook, &established)?);
+                if batch > 0 {
+                    floor.push(floor_ns);
+                    new_runs.push(new_ns);
+                    established_runs.push(established_ns);
+                }
+            }
+            for (kind, runs) in [
+                ("new flow", &new_runs),
+                ("established flow", &established_runs),
+            ] {
+                let series = format!("{series}_{}", kind.replace(' ', "_"));
+                figures.push(
+                    Figure::new(
+                        Group::Datapath,
+                        &series,
+                        format!("{label}, {kind}, {size} Services"),
+                        "ns/packet",
+                        Better::Lower,
+                    )
+                    .services(u64::from(size))
+                    .ours_runs(runs)
+                    .reference("floor", &floor),
+                );
+            }
+        }
+    }
+    add_flatness(&mut figures, config);
+    Ok(figures)
+}
+
+fn batch_median(samples: Vec<f64>) -> f64 {
+    median(&samples).unwrap_or(f64::NAN)
+}
+
+/// The spec's flatness target per path and flow kind: the cost at the
+/// largest size over the cost at 1 Service, within 10%.
+fn add_flatness(figures: &mut Vec<Figure>, config: &DatapathConfig) {
+    let (Some(&smallest), Some(&largest)) = (config.sizes.first(), config.sizes.last()) else {
+        return;
+    };
+    if smallest == largest {
+        return;
+    }
+    let mut flatness = Vec::new();
+    for (series, label, _) in PATHS {
+        for kind in ["new flow", "established flow"] {
+            let series = format!("{series}_{}", kind.replace(' ', "_"));
+            let at = |size: u32| {
+                figures
+                    .iter()
+                    .find(|f| f.series == series && f.services == Some(u64::from(size)))
+                    .map(|f| f.ours)
+            };
+            if let (Some(small), Some(large)) = (at(smallest), at(largest)) {
+                flatness.push(
+                    Figure::new(
+                        Group::Datapath,
+                        &format!("{series}_flatness"),
+                        format!("{label}, {kind}: cost at {largest} ÷ cost at {smallest} Services"),
+                        "×",
+                        Better::Lower,
+                    )
+                    .ours(large / small)
+                    .target("≤ 1.10", 1.10),
+                );
+            }
+        }
+    }
+    figures.extend(flatness);
+}
