@@ -33,6 +33,14 @@ enum Task {
     Demo,
     /// cargo fmt --check and clippy -D warnings (host crates and the eBPF crate).
     Lint,
+    /// Benchmark our datapath and control plane against the pass-only floor
+    /// and kube-proxy's iptables and nftables modes; writes
+    /// target/bench/results.json, results.md and SVG plots (as root).
+    Bench {
+        /// Fewer sizes and shorter runs (under three minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -120,6 +128,42 @@ fn main() -> anyhow::Result<()> {
             if !status.success() {
                 bail!("the demo failed ({status})");
             }
+        }
+        Task::Bench { quick } => {
+            toolchain::ensure_ebpf_toolchain()?;
+            toolchain::ensure_debian_packages(&[
+                ("ip", "iproute2"),
+                ("sysctl", "procps"),
+                ("iptables-restore", "iptables"),
+                ("nft", "nftables"),
+            ])?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "service-agent",
+                    "--package",
+                    "service-tests",
+                    "--bins",
+                ],
+            )?;
+            if !is_root() {
+                bail!(
+                    "the bench needs root (network namespaces, BPF, netfilter): run it with sudo"
+                );
+            }
+            let out = root.join("target/bench");
+            let mut bench = Command::new(root.join("target/release/bench"));
+            bench.arg("--out").arg(&out).env(
+                "SERVICE_AGENT_BIN",
+                root.join("target/release/service-agent"),
+            );
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench).context("running the bench")?;
         }
         Task::Lint => {
             toolchain::ensure_ebpf_toolchain()?;

@@ -71,14 +71,19 @@ pub struct ControlPlaneConfig {
 /// Measures everything; returns the figures.
 pub fn run(config: &ControlPlaneConfig, workdir: &Path) -> anyhow::Result<Vec<Figure>> {
     let set = ServiceSet::new(config.services, ENDPOINTS);
+    let mut starts = Vec::new();
+    for &size in &config.rss_sizes {
+        let (programmed, rss_kib) = agent_start(size, workdir)?;
+        starts.push((size, programmed, rss_kib));
+    }
+    let latencies = change_latencies(&set, config.changes)?;
     let mut kube_proxy = Vec::new();
     for mode in KubeProxyMode::ALL {
         kube_proxy.push((mode, kube_proxy_times(mode, &set, config, workdir)?));
     }
 
     let mut figures = Vec::new();
-    for &size in &config.rss_sizes {
-        let (programmed, sync_secs, rss_kib) = agent_start(size, workdir)?;
+    for (size, programmed, rss_kib) in starts {
         if size == config.services {
             let mut figure = Figure::new(
                 Group::ControlPlane,
@@ -95,9 +100,9 @@ pub fn run(config: &ControlPlaneConfig, workdir: &Path) -> anyhow::Result<Vec<Fi
             figures.push(
                 figure
                     .target("< 1 s", 1.0)
-                    .note(format!(
-                        "agent binary, file source; its first sync took {sync_secs:.3} s of it; kube-proxy: the tool's run only"
-                    )),
+                    .note(
+                        "agent binary, file source (parsing the YAML included); kube-proxy: the tool's run only",
+                    ),
             );
         }
         figures.push(
@@ -114,7 +119,6 @@ pub fn run(config: &ControlPlaneConfig, workdir: &Path) -> anyhow::Result<Vec<Fi
         );
     }
 
-    let latencies = change_latencies(&set, config.changes)?;
     for (label, q, target) in [("p50", 0.5, None), ("p99", 0.99, Some(5.0))] {
         let mut figure = Figure::new(
             Group::ControlPlane,
@@ -202,9 +206,8 @@ fn kube_proxy_times(
 }
 
 /// Starts the agent on `size` Services in a namespace of its own; returns
-/// the seconds from spawn to fully programmed, its first sync's own
-/// duration (seconds, from its metrics) and its peak RSS (KiB).
-fn agent_start(size: u32, workdir: &Path) -> anyhow::Result<(f64, f64, u64)> {
+/// the seconds from spawn to fully programmed and its peak RSS (KiB).
+fn agent_start(size: u32, workdir: &Path) -> anyhow::Result<(f64, u64)> {
     let set = ServiceSet::new(size, ENDPOINTS);
     let yaml = workdir.join(format!("control-plane-{size}.yaml"));
     std::fs::write(&yaml, set.yaml())?;
@@ -222,15 +225,14 @@ fn agent_start(size: u32, workdir: &Path) -> anyhow::Result<(f64, f64, u64)> {
     let programmed = synced.duration_since(started).as_secs_f64();
     let rss_kib = agent.peak_rss_kib()?;
     check_programmed(&pin, &set)?;
-    let sync_secs = first_sync_seconds(&node)?;
     eprintln!(
-        "   control plane: agent programmed {size} Services in {programmed:.3} s (its sync {sync_secs:.3} s), peak RSS {} MiB",
+        "   control plane: agent programmed {size} Services in {programmed:.3} s, peak RSS {} MiB",
         rss_kib / 1024
     );
     drop(agent);
     drop(pin);
     drop(node);
-    Ok((programmed, sync_secs, rss_kib))
+    Ok((programmed, rss_kib))
 }
 
 /// Checks that the pinned maps hold every Service with all its backends.
@@ -253,24 +255,6 @@ fn check_programmed(pin: &PinDir, set: &ServiceSet) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// `kubeproxy_sync_proxy_rules_duration_seconds_sum` from the agent's
-/// metrics in `node` (one sync so far: the first one's duration).
-fn first_sync_seconds(node: &NetNs) -> anyhow::Result<f64> {
-    let (code, body) = node.run(|| {
-        crate::traffic::http_get_path(
-            std::net::SocketAddr::from(([127, 0, 0, 1], 10249)),
-            "/metrics",
-        )
-    })??;
-    if code != 200 {
-        bail!("/metrics answered {code}");
-    }
-    body.lines()
-        .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_duration_seconds_sum "))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no sync duration in the agent's metrics")
 }
 
 /// Latencies (ms) of `changes` single-endpoint changes at `set`'s size,

@@ -83,13 +83,21 @@ impl KubeProxyMode {
         }
     }
 
-    /// The command that loads `file` (`iptables-restore --noflush` as
-    /// kube-proxy runs it, or `nft -f`).
-    fn load_command(self, file: &Path) -> Command {
+    /// The command that loads `file`: `nft -f`, or `iptables-restore` as
+    /// kube-proxy runs it (`--noflush`, so rules of others stay), except
+    /// for the first load into an empty namespace (`first`), which flushes
+    /// instead: the result is the same, and iptables-nft 1.8's `--noflush`
+    /// takes time growing faster than the square of the chain count (6 s
+    /// at 1k Services, 48 s at 2k here), which would make kube-proxy's
+    /// first sync at 10k Services last hours.
+    fn load_command(self, file: &Path, first: bool) -> Command {
         let mut command = match self {
             KubeProxyMode::Iptables => {
                 let mut c = Command::new("iptables-restore");
-                c.args(["--noflush", "--counters"]);
+                if !first {
+                    c.arg("--noflush");
+                }
+                c.arg("--counters");
                 c
             }
             KubeProxyMode::Nftables => {
@@ -145,14 +153,18 @@ impl LoadedRules {
             mode,
             netns: ns.path(),
         };
-        let took = guard.apply(&file)?;
+        let took = guard.run(&file, true)?;
         Ok((guard, took))
     }
 
-    /// Applies one more file of rules (a change) and returns how long the
-    /// tool ran.
+    /// Applies one more file of rules (a change, from
+    /// [`KubeProxyMode::change_rules`]) and returns how long the tool ran.
     pub fn apply(&self, file: &Path) -> anyhow::Result<Duration> {
-        let mut command = self.mode.load_command(file);
+        self.run(file, false)
+    }
+
+    fn run(&self, file: &Path, first: bool) -> anyhow::Result<Duration> {
+        let mut command = self.mode.load_command(file, first);
         enter_on_spawn(&self.netns, &mut command)?;
         let started = Instant::now();
         let output = command
