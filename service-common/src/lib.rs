@@ -192,10 +192,18 @@ const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 // Connection tracking
 // ---------------------------------------------------------------------------
 
-/// Conntrack direction: the original direction, client to frontend.
+/// Conntrack direction: the original direction, client to frontend
+/// (before DNAT). Value: the backend.
 pub const CT_DIR_FORWARD: u8 = 0;
-/// Conntrack direction: the reply direction, backend to client.
+/// Conntrack direction: the reply direction, backend to client (before the
+/// reply's source is restored to the frontend). Value: the rev-NAT id.
 pub const CT_DIR_REPLY: u8 = 1;
+/// Conntrack direction: an SNATed flow leaving the node, client to backend
+/// (after DNAT, before SNAT). Value: `snat_port`.
+pub const CT_DIR_SNAT: u8 = 2;
+/// Conntrack direction: a reply to an SNATed flow arriving, backend to this
+/// node's SNAT address and port. Value: the client in `nat_addr`/`nat_port`.
+pub const CT_DIR_SNAT_REPLY: u8 = 3;
 
 /// Key of the conntrack map: a flow's 5-tuple as seen in one direction.
 /// A forward entry is keyed by the packet as the client sent it (destination
@@ -215,7 +223,7 @@ pub struct ConntrackKey {
     pub family: u8,
     /// IP protocol.
     pub proto: u8,
-    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REPLY`].
+    /// `CT_DIR_*`: which of a flow's entries this is.
     pub direction: u8,
     /// Explicit padding, always zero.
     pub _pad: u8,
@@ -226,16 +234,17 @@ const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
 ///
 /// Forward entries hold the backend the flow is pinned to, so the flow keeps
 /// working even after its backend leaves the Service. Reply entries hold the
-/// rev-NAT id used to restore the frontend as the reply's source, and for
-/// SNATed flows the client to restore as the reply's destination.
+/// rev-NAT id used to restore the frontend as the reply's source. An SNATed
+/// flow has two more: its SNAT port, and the client to restore as its
+/// replies' destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ConntrackValue {
-    /// Forward: backend address to DNAT to; reply of an SNATed flow: the
-    /// client's address; else zero. Network byte order.
+    /// Forward: backend address to DNAT to; SNAT reply: the client's
+    /// address; else zero. Network byte order.
     pub nat_addr: MapAddr,
-    /// Forward: backend port to DNAT to; reply of an SNATed flow: the
-    /// client's port; else zero. Network byte order.
+    /// Forward: backend port to DNAT to; SNAT reply: the client's port; else
+    /// zero. Network byte order.
     pub nat_port: u16,
     /// `CT_FLAG_*` bits.
     pub flags: u16,
@@ -243,17 +252,17 @@ pub struct ConntrackValue {
     pub backend_id: BackendId,
     /// Frontend of the flow (host byte order).
     pub rev_nat_id: RevNatId,
-    /// Forward entry of an SNATed flow: the source port it was given on
-    /// this node's SNAT address, network byte order; 0 when not SNATed.
+    /// SNAT entry: the source port the flow was given on this node's SNAT
+    /// address, network byte order; else zero.
     pub snat_port: u16,
     /// Explicit padding, always zero.
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
 
-/// Conntrack flag: the flow is SNATed to this node's address (a remote
-/// backend behind a NodePort, LoadBalancer or externalIP frontend). On the
-/// reply entry, `nat_addr`/`nat_port` hold the client to restore.
+/// Conntrack flag on a forward entry: the flow is SNATed to this node's
+/// address (a remote backend behind a NodePort, LoadBalancer or externalIP
+/// frontend).
 pub const CT_FLAG_SNAT: u16 = 1 << 0;
 
 /// First source port handed out for SNAT (host byte order).

@@ -1,13 +1,19 @@
-//! Service translation, shared by every hook: reverse translation of
-//! replies, frontend lookup, backend choice, conntrack, DNAT and (for
-//! external traffic to a backend on another node) SNAT.
+//! Service translation, shared by every hook: frontend lookup, backend
+//! choice, conntrack, DNAT, SNAT for external traffic to a backend on
+//! another node, and the reverse of both.
+//!
+//! Each rewrite happens where the kernel's routing agrees with it: DNAT and
+//! the reverse of SNAT (which change destinations) on ingress, before the
+//! routing decision; SNAT and the reverse of DNAT (which change sources,
+//! sometimes to this node's own address, which routing would take for a
+//! martian on ingress) on egress, after it.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_FLAG_SNAT, ConntrackKey, ConntrackValue, DatapathCounter, FAMILY_IPV4,
-    FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT, FrontendKey,
-    FrontendValue, RevNatId, SCOPE_ALL, SNAT_PORT_MAX, SNAT_PORT_MIN, map_addr_v4,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_SNAT, ConntrackKey, ConntrackValue, DatapathCounter,
+    FAMILY_IPV4, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT,
+    FrontendKey, FrontendValue, RevNatId, SCOPE_ALL, SNAT_PORT_MAX, SNAT_PORT_MIN, map_addr_v4,
     map_addr_v4_octets,
 };
 
@@ -58,33 +64,19 @@ struct Target {
     snat_port: u16,
 }
 
-/// Translates a reply of a tracked flow back: the frontend becomes the
-/// source again and, for an SNATed flow, the client the destination.
-/// `Untouched` when the packet is no such reply.
+/// Reverse DNAT (egress hooks): a reply of a tracked flow gets its
+/// frontend back as source. `Untouched` when the packet is no such reply.
 #[inline(always)]
-pub fn reverse<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_REPLY);
     // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
+    let Some(rev_nat_id) = (unsafe { CONNTRACK.get(key) }).map(|ct| ct.rev_nat_id) else {
         return Outcome::Untouched;
     };
     // SAFETY: copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(ct.rev_nat_id) }).copied() else {
+    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id) }).copied() else {
         return Outcome::Untouched;
     };
-    if ct.flags & CT_FLAG_SNAT != 0
-        && ctx
-            .rewrite_v4(
-                flow,
-                Side::Destination,
-                map_addr_v4_octets(&ct.nat_addr),
-                ct.nat_port,
-            )
-            .is_err()
-    {
-        count(DatapathCounter::DropRewrite);
-        return Outcome::Dropped;
-    }
     let addr = map_addr_v4_octets(&frontend.addr);
     if ctx
         .rewrite_v4(flow, Side::Source, addr, frontend.port)
@@ -97,8 +89,51 @@ pub fn reverse<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     Outcome::Translated
 }
 
-/// Translates a packet towards a frontend: an established flow keeps its
-/// backend; a new one gets a random backend and conntrack entries.
+/// Reverse SNAT (ingress from the network): a reply to an SNATed flow,
+/// addressed to this node's SNAT address and port, goes to the client
+/// again. Its source (the backend) is restored by [`reverse_dnat`] on the
+/// way out.
+#[inline(always)]
+pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+    let key = conntrack_key(flow, CT_DIR_SNAT_REPLY);
+    // SAFETY: the value is copied out at once.
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
+        return Outcome::Untouched;
+    };
+    let client = map_addr_v4_octets(&ct.nat_addr);
+    if ctx
+        .rewrite_v4(flow, Side::Destination, client, ct.nat_port)
+        .is_err()
+    {
+        count(DatapathCounter::DropRewrite);
+        return Outcome::Dropped;
+    }
+    Outcome::Translated
+}
+
+/// SNAT (egress to the network): a flow to a remote backend leaves with
+/// this node's SNAT address and the flow's SNAT port as source.
+#[inline(always)]
+pub fn snat_out<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+    let key = conntrack_key(flow, CT_DIR_SNAT);
+    // SAFETY: the value is copied out at once.
+    let Some(port) = (unsafe { CONNTRACK.get(key) }).map(|ct| ct.snat_port) else {
+        return Outcome::Untouched;
+    };
+    let Some(addr) = snat_address() else {
+        return Outcome::Dropped;
+    };
+    if ctx.rewrite_v4(flow, Side::Source, addr, port).is_err() {
+        count(DatapathCounter::DropRewrite);
+        return Outcome::Dropped;
+    }
+    Outcome::Translated
+}
+
+/// DNAT (ingress hooks): a packet towards a frontend goes to a backend. An
+/// established flow keeps its backend; a new one gets a random backend and
+/// conntrack entries, and from the network, when the backend is on another
+/// node, an SNAT port (applied by [`snat_out`] on the way out).
 #[inline(always)]
 pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -> Outcome {
     let ct_key = conntrack_key(flow, CT_DIR_FORWARD);
@@ -112,7 +147,7 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
                 return Outcome::Dropped;
             }
             Lookup::Backend(mut target) => {
-                if origin == Origin::Network && !target.node_local {
+                if origin == Origin::Network && !target.node_local && snat_address().is_some() {
                     match snat(flow, &target) {
                         Some(port) => target.snat_port = port,
                         None => {
@@ -128,18 +163,6 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
             }
         },
     };
-    if target.snat_port != 0 {
-        let Some(snat_addr) = snat_address() else {
-            return Outcome::Dropped;
-        };
-        if ctx
-            .rewrite_v4(flow, Side::Source, snat_addr, target.snat_port)
-            .is_err()
-        {
-            count(DatapathCounter::DropRewrite);
-            return Outcome::Dropped;
-        }
-    }
     if ctx
         .rewrite_v4(flow, Side::Destination, target.addr, target.port)
         .is_err()
@@ -189,11 +212,7 @@ fn established_target(flow: &Ipv4Flow, ct_key: &ConntrackKey) -> Option<Target> 
         backend_id: ct.backend_id,
         rev_nat_id: ct.rev_nat_id,
         node_local: true,
-        snat_port: if ct.flags & CT_FLAG_SNAT != 0 {
-            ct.snat_port
-        } else {
-            0
-        },
+        snat_port: 0,
     })
 }
 
@@ -270,10 +289,11 @@ fn snat_address() -> Option<[u8; 4]> {
 }
 
 /// Gives a new flow to a remote backend a source port on this node's SNAT
-/// address, recording the reply entry that leads replies back to the
-/// client: a random start in the SNAT range, then the next ports, and a
-/// port is taken only if no other flow to the same backend holds it.
-/// `None` without an SNAT address or when every try collides.
+/// address: a random start in the SNAT range, then the next ports; a port
+/// is taken only if no other flow to the same backend holds it (the SNAT
+/// reply entry is inserted only if absent). Then records the SNAT entry
+/// [`snat_out`] uses. `None` without an SNAT address or when every try
+/// collides.
 #[inline(always)]
 fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
     let snat_addr = snat_address()?;
@@ -287,50 +307,66 @@ fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
         dport: 0,
         family: FAMILY_IPV4,
         proto: flow.proto,
-        direction: CT_DIR_REPLY,
+        direction: CT_DIR_SNAT_REPLY,
         _pad: 0,
     };
     let reply = ConntrackValue {
         nat_addr: map_addr_v4(flow.saddr),
         nat_port: flow.sport,
-        flags: CT_FLAG_SNAT,
         backend_id: target.backend_id,
         rev_nat_id: target.rev_nat_id,
         ..ConntrackValue::default()
     };
+    let mut port = None;
     for attempt in 0..SNAT_PORT_TRIES {
-        let port = (SNAT_PORT_MIN as u32 + (start + attempt) % range) as u16;
-        reply_key.dport = port.to_be();
+        let candidate = (SNAT_PORT_MIN as u32 + (start + attempt) % range) as u16;
+        reply_key.dport = candidate.to_be();
         if CONNTRACK.insert(reply_key, reply, BPF_NOEXIST).is_ok() {
-            return Some(port.to_be());
+            port = Some(candidate.to_be());
+            break;
         }
     }
-    None
+    let port = port?;
+    let out_key = ConntrackKey {
+        saddr: map_addr_v4(flow.saddr),
+        daddr: map_addr_v4(target.addr),
+        sport: flow.sport,
+        dport: target.port,
+        family: FAMILY_IPV4,
+        proto: flow.proto,
+        direction: CT_DIR_SNAT,
+        _pad: 0,
+    };
+    let out = ConntrackValue {
+        snat_port: port,
+        backend_id: target.backend_id,
+        rev_nat_id: target.rev_nat_id,
+        ..ConntrackValue::default()
+    };
+    CONNTRACK.insert(out_key, out, BPF_ANY).ok()?;
+    Some(port)
 }
 
-/// Records a new flow: the reply entry first (for SNATed flows [`snat`]
-/// already wrote it), so a reply can never arrive before the datapath knows
-/// how to translate it, then the forward entry.
+/// Records a new flow: the reply entry first, so a reply can never arrive
+/// before the datapath knows how to translate it, then the forward entry.
 #[inline(always)]
 fn track(flow: &Ipv4Flow, forward_key: &ConntrackKey, target: &Target) -> Result<(), i32> {
-    if target.snat_port == 0 {
-        let reply_key = ConntrackKey {
-            saddr: map_addr_v4(target.addr),
-            daddr: forward_key.saddr,
-            sport: target.port,
-            dport: flow.sport,
-            family: FAMILY_IPV4,
-            proto: flow.proto,
-            direction: CT_DIR_REPLY,
-            _pad: 0,
-        };
-        let reply = ConntrackValue {
-            backend_id: target.backend_id,
-            rev_nat_id: target.rev_nat_id,
-            ..ConntrackValue::default()
-        };
-        CONNTRACK.insert(reply_key, reply, BPF_ANY)?;
-    }
+    let reply_key = ConntrackKey {
+        saddr: map_addr_v4(target.addr),
+        daddr: forward_key.saddr,
+        sport: target.port,
+        dport: flow.sport,
+        family: FAMILY_IPV4,
+        proto: flow.proto,
+        direction: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let reply = ConntrackValue {
+        backend_id: target.backend_id,
+        rev_nat_id: target.rev_nat_id,
+        ..ConntrackValue::default()
+    };
+    CONNTRACK.insert(reply_key, reply, BPF_ANY)?;
     let forward = ConntrackValue {
         nat_addr: map_addr_v4(target.addr),
         nat_port: target.port,

@@ -9,8 +9,14 @@
 //!   flows back to the frontend address and port.
 //! - `from_network`: XDP on the node's external devices (and
 //!   `from_network_tc`, the same on TC ingress, where XDP cannot be used).
-//!   Serves NodePort, LoadBalancer and externalIP frontends, SNATs flows to
-//!   backends on other nodes, and translates the replies that come back.
+//!   DNATs traffic to NodePort, LoadBalancer and externalIP frontends, and
+//!   gives replies of SNATed flows their client back as destination.
+//! - `to_network`: TC egress on the external devices. SNATs flows to
+//!   backends on other nodes and restores the frontend as the source of
+//!   replies to external clients.
+//!
+//! Rewrites that change a source run on egress only: on ingress, a source
+//! that is one of the node's own addresses would be dropped as a martian.
 //!
 //! Anything that is not a translated IPv4 TCP/UDP flow passes untouched.
 #![no_std]
@@ -44,11 +50,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(flow) = parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
     };
-    let outcome = match lb::reverse(&ctx, &flow) {
-        Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Pod),
-        done => done,
-    };
-    match outcome {
+    match lb::forward(&ctx, &flow, Origin::Pod) {
         // Refused like a closed port: TCP RST or ICMP port unreachable.
         Outcome::NoBackend => reject::reject(&ctx, &flow),
         outcome => tc_verdict(outcome),
@@ -61,17 +63,17 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let Some(flow) = parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
     };
-    tc_verdict(lb::reverse(&ctx, &flow))
+    tc_verdict(lb::reverse_dnat(&ctx, &flow))
 }
 
-/// "From network" on XDP: external frontends and the replies of SNATed
-/// flows, before the kernel allocates an skb.
+/// "From network" on XDP: external frontends (DNAT) and replies of SNATed
+/// flows (reverse SNAT), before the kernel allocates an skb.
 #[xdp]
 pub fn from_network(ctx: XdpContext) -> u32 {
     let Some(flow) = parse_ipv4(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let outcome = match lb::reverse(&ctx, &flow) {
+    let outcome = match lb::reverse_snat(&ctx, &flow) {
         Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Network),
         done => done,
     };
@@ -92,8 +94,23 @@ pub fn from_network_tc(ctx: TcContext) -> i32 {
     let Some(flow) = parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
     };
-    let outcome = match lb::reverse(&ctx, &flow) {
+    let outcome = match lb::reverse_snat(&ctx, &flow) {
         Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Network),
+        done => done,
+    };
+    tc_verdict(outcome)
+}
+
+/// "To network": TC egress on the external devices. Flows to backends on
+/// other nodes get their SNAT source; replies to external clients get their
+/// frontend back as source.
+#[classifier]
+pub fn to_network(ctx: TcContext) -> i32 {
+    let Some(flow) = parse_ipv4(&ctx) else {
+        return VERDICT_CONTINUE;
+    };
+    let outcome = match lb::snat_out(&ctx, &flow) {
+        Outcome::Untouched => lb::reverse_dnat(&ctx, &flow),
         done => done,
     };
     tc_verdict(outcome)

@@ -35,7 +35,8 @@ pub struct AgentProcess {
 struct AgentCommand {
     source: PathBuf,
     pin_path: PathBuf,
-    device_prefix: String,
+    /// Flags after `--source` and `--pin-path`.
+    args: Vec<String>,
     netns: PathBuf,
 }
 
@@ -50,10 +51,29 @@ impl AgentProcess {
         device_prefix: &str,
         log: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_with_args(
+            node,
+            source,
+            pin_path,
+            &["--pod-device-prefix", device_prefix],
+            log,
+        )
+    }
+
+    /// Starts the agent in `node` on the YAML file `source`, pinning under
+    /// `pin_path`, with more flags (devices, node name, ...). Metrics and
+    /// health are served on their default ports inside `node`.
+    pub fn start_with_args(
+        node: &NetNs,
+        source: &Path,
+        pin_path: &Path,
+        args: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let command = AgentCommand {
             source: source.to_owned(),
             pin_path: pin_path.to_owned(),
-            device_prefix: device_prefix.to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             netns: node.path(),
         };
         Ok(AgentProcess {
@@ -105,12 +125,8 @@ fn spawn(command: &AgentCommand, log: &Path) -> anyhow::Result<Child> {
         .arg(format!("file:{}", command.source.display()))
         .arg("--pin-path")
         .arg(&command.pin_path)
-        .args([
-            "--pod-device-prefix",
-            &command.device_prefix,
-            "--poll-interval-ms",
-            "100",
-        ])
+        .args(["--poll-interval-ms", "100"])
+        .args(&command.args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)

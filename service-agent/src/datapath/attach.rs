@@ -19,7 +19,7 @@ use aya::{
 };
 use log::{info, warn};
 
-use super::{PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_POD};
+use super::{PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD};
 
 /// Which devices the datapath attaches to.
 #[derive(Clone, Debug, Default)]
@@ -97,8 +97,12 @@ impl Attachments {
                 continue;
             }
             let attached = if selection.external.contains(&name) {
-                attach_external(ebpf, &name, selection.nodeport_mode, link_dir)
-                    .map(|()| format!("from_network ({:?})", selection.nodeport_mode))
+                attach_external(ebpf, &name, selection.nodeport_mode, link_dir).map(|()| {
+                    format!(
+                        "from_network ({:?}) and to_network",
+                        selection.nodeport_mode
+                    )
+                })
             } else if selection.matches(&name) {
                 attach_device(ebpf, &name, link_dir)
                     .map(|()| "from_pod (ingress) and to_pod (egress)".to_owned())
@@ -118,74 +122,38 @@ impl Attachments {
 }
 
 /// Attaches "from pod" to the device's ingress and "to pod" to its egress.
-///
-/// With tcx (kernel 6.6+) each link is pinned under `link_dir` as
-/// `DEVICE-ingress` and `DEVICE-egress` (bpffs refuses dots in names), so the
-/// programs stay attached when the agent exits or is killed, and a new agent
-/// swaps its programs into the pinned links atomically: traffic never sees
-/// a device without the datapath. Before 6.6, clsact and cls_bpf through
-/// netlink, which the kernel keeps without a pin; a restart replaces the
-/// filters of the previous agent.
+/// Pinned links (see [`attach_tc`]) keep the programs attached when the
+/// agent exits or is killed, and a new agent swaps its programs into them
+/// atomically: traffic never sees a device without the datapath.
 fn attach_device(ebpf: &mut Ebpf, device: &str, link_dir: &Path) -> anyhow::Result<()> {
-    let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-    if !has_tcx {
-        // Adding clsact twice fails with EEXIST, which is fine.
-        let _ = tc::qdisc_add_clsact(device);
-    }
-    for (program_name, attach_type, direction) in [
-        (PROG_FROM_POD, TcAttachType::Ingress, "ingress"),
-        (PROG_TO_POD, TcAttachType::Egress, "egress"),
-    ] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(program_name)
-            .with_context(|| format!("program {program_name} missing"))?
-            .try_into()?;
-        if has_tcx {
-            attach_pinned(
-                program,
-                device,
-                attach_type,
-                &link_dir.join(format!("{device}-{direction}")),
-            )?;
-        } else {
-            // Remove the previous agent's filter of this program, then attach.
-            let _ = tc::qdisc_detach_program(device, attach_type, program_name);
-            program
-                .attach(device, attach_type)
-                .with_context(|| format!("attaching {program_name} to {device} {direction}"))?;
-        }
-    }
-    Ok(())
+    attach_tc(ebpf, PROG_FROM_POD, device, TcAttachType::Ingress, link_dir)?;
+    attach_tc(ebpf, PROG_TO_POD, device, TcAttachType::Egress, link_dir)
 }
 
-/// Attaches "from network" to an external device: XDP (its link pinned as
-/// `DEVICE-xdp`), or TC ingress in `--nodeport-mode tc`.
+/// Attaches to an external device: "from network" on XDP (its link pinned
+/// as `DEVICE-xdp`) or, in `--nodeport-mode tc`, on TC ingress; and "to
+/// network" on TC egress.
 fn attach_external(
     ebpf: &mut Ebpf,
     device: &str,
     mode: NodePortMode,
     link_dir: &Path,
 ) -> anyhow::Result<()> {
+    attach_tc(
+        ebpf,
+        PROG_TO_NETWORK,
+        device,
+        TcAttachType::Egress,
+        link_dir,
+    )?;
     if mode == NodePortMode::Tc {
-        let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROG_FROM_NETWORK_TC)
-            .with_context(|| format!("program {PROG_FROM_NETWORK_TC} missing"))?
-            .try_into()?;
-        if has_tcx {
-            return attach_pinned(
-                program,
-                device,
-                TcAttachType::Ingress,
-                &link_dir.join(format!("{device}-ingress")),
-            );
-        }
-        let _ = tc::qdisc_add_clsact(device);
-        let _ = tc::qdisc_detach_program(device, TcAttachType::Ingress, PROG_FROM_NETWORK_TC);
-        program
-            .attach(device, TcAttachType::Ingress)
-            .with_context(|| format!("attaching {PROG_FROM_NETWORK_TC} to {device}"))?;
-        return Ok(());
+        return attach_tc(
+            ebpf,
+            PROG_FROM_NETWORK_TC,
+            device,
+            TcAttachType::Ingress,
+            link_dir,
+        );
     }
     let program: &mut Xdp = ebpf
         .program_mut(PROG_FROM_NETWORK)
@@ -215,6 +183,44 @@ fn attach_external(
         link.pin(&pin)
             .with_context(|| format!("pinning link at {}", pin.display()))?;
     }
+    Ok(())
+}
+
+/// Attaches the TC program `name` to `device` in `direction`: a pinned tcx
+/// link (`DEVICE-ingress` / `DEVICE-egress`, bpffs refuses dots in names)
+/// where the kernel has tcx (6.6+), clsact and cls_bpf through netlink
+/// before that, replacing a previous agent's filter of the same program.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &str,
+    device: &str,
+    direction: TcAttachType,
+    link_dir: &Path,
+) -> anyhow::Result<()> {
+    let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing"))?
+        .try_into()?;
+    let suffix = if direction == TcAttachType::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    };
+    if has_tcx {
+        return attach_pinned(
+            program,
+            device,
+            direction,
+            &link_dir.join(format!("{device}-{suffix}")),
+        );
+    }
+    // Adding clsact twice fails with EEXIST, which is fine.
+    let _ = tc::qdisc_add_clsact(device);
+    let _ = tc::qdisc_detach_program(device, direction, name);
+    program
+        .attach(device, direction)
+        .with_context(|| format!("attaching {name} to {device} {suffix}"))?;
     Ok(())
 }
 

@@ -30,6 +30,8 @@ pub const PROG_TO_POD: &str = "to_pod";
 pub const PROG_FROM_NETWORK: &str = "from_network";
 /// Name of the "from network" TC ingress program (`--nodeport-mode tc`).
 pub const PROG_FROM_NETWORK_TC: &str = "from_network_tc";
+/// Name of the "to network" TC egress program (external devices).
+pub const PROG_TO_NETWORK: &str = "to_network";
 /// Name of the benchmark floor program (returns its verdict, nothing else).
 pub const PROG_BENCH_FLOOR_TC: &str = "bench_floor_tc";
 
@@ -87,6 +89,7 @@ pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf>
         PROG_FROM_POD,
         PROG_TO_POD,
         PROG_FROM_NETWORK_TC,
+        PROG_TO_NETWORK,
         PROG_BENCH_FLOOR_TC,
     ] {
         let program: &mut SchedClassifier = ebpf

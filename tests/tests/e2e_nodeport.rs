@@ -1,0 +1,263 @@
+//! End to end across two nodes: an external client reaches a Service through
+//! node A's NodePort, a LoadBalancer IP and an allowed externalIP; backends
+//! on node A answer directly (DNAT), backends on node B through SNAT to node
+//! A's address, and every reply comes back from the address the client
+//! used. Run with the "from network" program on XDP and on TC.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use service_tests::{
+    agent::{AgentProcess, wait_for_backends},
+    pins::PinDir,
+    require_root,
+    topology::{
+        EXTERNAL_DEVICE, NODE_A_EXTERNAL_IP, NODE_A_IP, NODE_B_IP, NODE_NETWORK_DEVICE,
+        POD_DEVICE_PREFIX, TwoNodes,
+    },
+    traffic::{BackendServer, http_get, spread, udp_request},
+};
+
+const NODE_PORT_TCP: u16 = 30080;
+const NODE_PORT_UDP: u16 = 30007;
+// Outside the client's own subnet, so the client routes them to node A.
+const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 100);
+const ALLOWED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 200);
+const DENIED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 201);
+const PODS_PER_NODE: usize = 2;
+
+/// Service "web" (LoadBalancer) with its pods on both nodes.
+fn service_yaml() -> String {
+    let mut yaml = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: ["{ALLOWED_EXTERNAL_IP}", "{DENIED_EXTERNAL_IP}"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: {NODE_PORT_TCP}}}
+  - {{name: echo, protocol: UDP, port: 7, targetPort: 7007, nodePort: {NODE_PORT_UDP}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: "{LOAD_BALANCER_IP}"}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: echo, protocol: UDP, port: 7007}}
+endpoints:
+"#
+    );
+    for (node, net) in [("node-a", 201), ("node-b", 202)] {
+        for i in 0..PODS_PER_NODE {
+            yaml.push_str(&format!(
+                "- {{addresses: [\"10.{net}.{i}.2\"], nodeName: {node}, conditions: {{ready: true}}}}\n"
+            ));
+        }
+    }
+    yaml
+}
+
+/// The two nodes, their servers and agents; dropped in that order.
+struct NodePortSetup {
+    agents: Vec<AgentProcess>,
+    _servers: Vec<BackendServer>,
+    topology: TwoNodes,
+    pins: Vec<PinDir>,
+    _workdir: tempfile::TempDir,
+}
+
+impl NodePortSetup {
+    fn start(tag: &str, nodeport_mode: &str) -> Self {
+        let workdir = tempfile::Builder::new()
+            .prefix("service-lb-")
+            .tempdir()
+            .unwrap();
+        let yaml = workdir.path().join("services.yaml");
+        std::fs::write(&yaml, service_yaml()).unwrap();
+        let topology = TwoNodes::new(tag, PODS_PER_NODE).expect("topology");
+        let mut servers = Vec::new();
+        for (node, pods) in [("a", &topology.pods_a), ("b", &topology.pods_b)] {
+            for (i, pod) in pods.iter().enumerate() {
+                servers.push(
+                    BackendServer::start(&pod.ns, &format!("web-{node}{i}"), 8080, 7007)
+                        .expect("servers"),
+                );
+            }
+        }
+        let pins = vec![
+            PinDir::new(&format!("{tag}-a")).unwrap(),
+            PinDir::new(&format!("{tag}-b")).unwrap(),
+        ];
+        let snat_a = NODE_A_IP.to_string();
+        let snat_b = NODE_B_IP.to_string();
+        let agent_a = AgentProcess::start_with_args(
+            &topology.node_a,
+            &yaml,
+            pins[0].path(),
+            &[
+                "--pod-device-prefix",
+                POD_DEVICE_PREFIX,
+                "--external-device",
+                EXTERNAL_DEVICE,
+                "--external-device",
+                NODE_NETWORK_DEVICE,
+                "--node-name",
+                "node-a",
+                "--snat-ipv4",
+                &snat_a,
+                "--external-ip-cidrs",
+                &format!("{ALLOWED_EXTERNAL_IP}/32"),
+                "--nodeport-mode",
+                nodeport_mode,
+            ],
+            &workdir.path().join("agent-a.log"),
+        )
+        .expect("agent A");
+        let agent_b = AgentProcess::start_with_args(
+            &topology.node_b,
+            &yaml,
+            pins[1].path(),
+            &[
+                "--pod-device-prefix",
+                POD_DEVICE_PREFIX,
+                "--external-device",
+                NODE_NETWORK_DEVICE,
+                "--node-name",
+                "node-b",
+                "--snat-ipv4",
+                &snat_b,
+                "--nodeport-mode",
+                nodeport_mode,
+            ],
+            &workdir.path().join("agent-b.log"),
+        )
+        .expect("agent B");
+        let mut agents = vec![agent_a, agent_b];
+        let node_port = SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT_TCP));
+        let backends = PODS_PER_NODE * 2;
+        wait_for_backends(
+            &mut agents[0],
+            pins[0].path(),
+            node_port,
+            "TCP",
+            backends,
+            Duration::from_secs(20),
+        )
+        .expect("node A programmed");
+        // Both agents attach within a tick of programming; give them one.
+        std::thread::sleep(Duration::from_millis(500));
+        NodePortSetup {
+            agents,
+            _servers: servers,
+            topology,
+            pins,
+            _workdir: workdir,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(AgentProcess::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    }
+}
+
+/// Shares of answers per node (`web-a*` vs `web-b*`).
+fn node_shares(answers: &BTreeMap<String, usize>) -> (usize, usize) {
+    answers.iter().fold((0, 0), |(a, b), (name, n)| {
+        if name.starts_with("web-a") {
+            (a + n, b)
+        } else {
+            (a, b + n)
+        }
+    })
+}
+
+fn check_frontend(setup: &NodePortSetup, frontend: SocketAddr, connections: usize) {
+    // One request first, so a frontend that does not work fails fast.
+    let first = setup
+        .topology
+        .client
+        .run(move || http_get(frontend))
+        .unwrap();
+    assert!(first.is_ok(), "{frontend}: {first:?}\n{}", setup.logs());
+    let started = std::time::Instant::now();
+    let (answers, failures) =
+        spread(&setup.topology.client, connections, frontend, http_get).expect("requests");
+    eprintln!(
+        "{frontend}: {connections} connections in {:?}, {} failed: {answers:?}",
+        started.elapsed(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{frontend}: {} of {connections} failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(3)],
+        setup.logs()
+    );
+    let (a, b) = node_shares(&answers);
+    let quarter = connections / 4;
+    assert!(
+        a >= quarter && b >= quarter,
+        "{frontend}: node A answered {a}, node B {b} of {connections}: {answers:?}"
+    );
+}
+
+fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str) {
+    let setup = NodePortSetup::start(&format!("np{mode}"), mode);
+    // NodePort, TCP: 200 new connections, both nodes' backends answer; a
+    // reply from any other address than the one connected to would not
+    // complete the handshake.
+    check_frontend(
+        &setup,
+        SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT_TCP)),
+        200,
+    );
+    // NodePort, UDP: each answer must come from the NodePort address.
+    let udp = SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT_UDP));
+    let (answers, failures) = spread(&setup.topology.client, 100, udp, udp_request).unwrap();
+    assert!(failures.is_empty(), "UDP: {failures:?}\n{}", setup.logs());
+    let (a, b) = node_shares(&answers);
+    assert!(a >= 25 && b >= 25, "UDP node shares {a}/{b}");
+    // The LoadBalancer IP and the allowed externalIP behave the same.
+    check_frontend(&setup, SocketAddr::from((LOAD_BALANCER_IP, 80)), 100);
+    check_frontend(&setup, SocketAddr::from((ALLOWED_EXTERNAL_IP, 80)), 100);
+    // The externalIP outside --external-ip-cidrs is not served.
+    let denied = setup
+        .topology
+        .client
+        .run(|| http_get(SocketAddr::from((DENIED_EXTERNAL_IP, 80))))
+        .unwrap();
+    assert!(
+        denied.is_err(),
+        "the denied externalIP answered: {denied:?}"
+    );
+    let _ = &setup.pins;
+}
+
+#[test]
+fn xdp_nodeport_lb_and_external_ips_reach_both_nodes() {
+    require_root!();
+    nodeport_lb_and_external_ips_reach_both_nodes("xdp");
+}
+
+#[test]
+fn tc_nodeport_lb_and_external_ips_reach_both_nodes() {
+    require_root!();
+    nodeport_lb_and_external_ips_reach_both_nodes("tc");
+}
