@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test => {
             toolchain::ensure_ebpf_toolchain()?;
-            toolchain::ensure_debian_packages(&[("ip", "iproute2"), ("sysctl", "procps")])?;
+            toolchain::ensure_debian_packages(TEST_PACKAGES)?;
             cargo(
                 &root,
                 &[
@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => {
             toolchain::ensure_ebpf_toolchain()?;
-            toolchain::ensure_debian_packages(&[("ip", "iproute2"), ("sysctl", "procps")])?;
+            toolchain::ensure_debian_packages(TEST_PACKAGES)?;
             cargo(
                 &root,
                 &[
@@ -204,6 +204,13 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Commands the tests and the demo need, with the Debian package of each.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("ethtool", "ethtool"),
+];
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
