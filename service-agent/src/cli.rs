@@ -32,6 +32,10 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only obscure the clap derive"
+)]
 pub enum Command {
     /// Load the datapath, attach it to pod devices and keep its maps in line
     /// with the Services and EndpointSlices of the source.

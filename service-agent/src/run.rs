@@ -201,10 +201,10 @@ async fn watch_file(path: PathBuf, interval: Duration, events: UnboundedSender<C
                 let slices = state.endpoint_slices.into_values().collect();
                 if events
                     .send(ClusterEvent::Service(Change::Replaced(services)))
-                    .and_then(|()| {
-                        events.send(ClusterEvent::EndpointSlice(Change::Replaced(slices)))
-                    })
                     .is_err()
+                    || events
+                        .send(ClusterEvent::EndpointSlice(Change::Replaced(slices)))
+                        .is_err()
                 {
                     return;
                 }

@@ -63,6 +63,10 @@ pub enum Change<K> {
 
 /// A change to one kind of object the agent watches.
 #[derive(Clone, Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "events move through a channel one at a time; a Node is the largest and the rarest"
+)]
 pub enum ClusterEvent {
     /// A Service changed.
     Service(Change<Service>),
