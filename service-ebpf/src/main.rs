@@ -78,11 +78,10 @@ pub fn from_network(ctx: XdpContext) -> u32 {
         done => done,
     };
     match outcome {
-        Outcome::Untouched | Outcome::Translated => xdp_action::XDP_PASS,
-        Outcome::NoBackend => {
-            maps::count(DatapathCounter::DropNoBackend);
-            xdp_action::XDP_DROP
-        }
+        // Without a backend the packet goes on untouched: for a NodePort
+        // (a node address), the node's own stack refuses it at once (TCP
+        // RST, ICMP port unreachable), as it does for any closed port.
+        Outcome::Untouched | Outcome::Translated | Outcome::NoBackend => xdp_action::XDP_PASS,
         Outcome::Dropped => xdp_action::XDP_DROP,
     }
 }
@@ -98,7 +97,11 @@ pub fn from_network_tc(ctx: TcContext) -> i32 {
         Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Network),
         done => done,
     };
-    tc_verdict(outcome)
+    match outcome {
+        // Refused like a closed port, back out the device it came in on.
+        Outcome::NoBackend => reject::reject(&ctx, &flow),
+        outcome => tc_verdict(outcome),
+    }
 }
 
 /// "To network": TC egress on the external devices. Flows to backends on

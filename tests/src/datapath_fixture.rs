@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{Program, TestRun, TestRunOptions},
 };
 use service_agent::{
     datapath::{self, maps::ServiceMaps},
@@ -17,7 +17,9 @@ use service_agent::{
     state::{MapState, MapWriter as _},
     translate::{DesiredBackend, DesiredFrontend},
 };
-use service_common::{ConntrackKey, ConntrackValue, FRONTEND_FLAG_CLUSTER_IP, MAP_CONNTRACK};
+use service_common::{
+    ConntrackKey, ConntrackValue, DatapathConfig, FRONTEND_FLAG_CLUSTER_IP, MAP_CONNTRACK,
+};
 
 use crate::pins::PinDir;
 
@@ -56,8 +58,9 @@ impl Datapath {
         }
     }
 
-    /// Programs (or reprograms) `vip:port/proto` with `backends`, through the
-    /// same desired-state layout and ordered writes the agent uses.
+    /// Programs (or reprograms) the ClusterIP `vip:port/proto` with
+    /// node-local `backends`, through the same desired-state layout and
+    /// ordered writes the agent uses.
     pub fn set_service(
         &mut self,
         vip: Ipv4Addr,
@@ -65,23 +68,41 @@ impl Datapath {
         proto: u8,
         backends: &[(Ipv4Addr, u16)],
     ) {
+        let backends: Vec<(Ipv4Addr, u16, bool)> = backends
+            .iter()
+            .map(|(addr, port)| (*addr, *port, true))
+            .collect();
+        self.set_frontend(vip, port, proto, FRONTEND_FLAG_CLUSTER_IP, &backends);
+    }
+
+    /// Programs (or reprograms) the frontend `addr:port/proto` of kind
+    /// `flags` (`FRONTEND_FLAG_*`) with `backends` as (address, port,
+    /// node-local).
+    pub fn set_frontend(
+        &mut self,
+        addr: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        flags: u16,
+        backends: &[(Ipv4Addr, u16, bool)],
+    ) {
         let service = ObjectName {
             namespace: "test".into(),
-            name: format!("svc-{vip}-{port}-{proto}"),
+            name: format!("svc-{addr}-{port}-{proto}"),
         };
         let frontend = DesiredFrontend {
             service: service.clone(),
             port_name: String::new(),
-            addr: vip.into(),
+            addr: addr.into(),
             port,
             proto,
-            flags: FRONTEND_FLAG_CLUSTER_IP,
+            flags,
             backends: backends
                 .iter()
-                .map(|(addr, port)| DesiredBackend {
+                .map(|(addr, port, node_local)| DesiredBackend {
                     addr: (*addr).into(),
                     port: *port,
-                    node_local: true,
+                    node_local: *node_local,
                     terminating: false,
                 })
                 .collect(),
@@ -93,24 +114,35 @@ impl Datapath {
         }
     }
 
-    /// Runs `program` once on `packet`: the verdict and the packet after it.
+    /// Runs `program` (a TC classifier or an XDP program) once on `packet`:
+    /// the verdict and the packet after it.
     pub fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(program)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
         let mut out = vec![0u8; packet.len() + OUTPUT_HEADROOM];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = match self.ebpf.program(program).expect("program") {
+            Program::SchedClassifier(tc) => tc.test_run(options),
+            Program::Xdp(xdp) => xdp.test_run(options),
+            other => panic!("{program} is a {:?}, not TC or XDP", other.prog_type()),
+        }
+        .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
+    }
+
+    /// Sets this node's SNAT address in the datapath configuration.
+    pub fn set_snat_address(&mut self, addr: Ipv4Addr) {
+        datapath::maps::write_config(
+            &mut self.ebpf,
+            &DatapathConfig {
+                snat_v4: addr.octets(),
+                _reserved: 0,
+            },
+        )
+        .expect("writing the configuration");
     }
 
     /// A datapath event counter, summed over CPUs, by name.

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bench;
 pub mod datapath_fixture;
 pub mod netns;
+pub mod packets;
 pub mod pins;
 pub mod scenario;
 pub mod topology;

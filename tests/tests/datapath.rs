@@ -6,13 +6,14 @@
 
 use std::net::Ipv4Addr;
 
-use etherparse::{
-    IpHeaders, IpNumber, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders,
-    TransportHeader,
-};
+use etherparse::{IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder};
 use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
 use service_common::{CT_DIR_FORWARD, ConntrackKey, PROTO_TCP, PROTO_UDP};
-use service_tests::{datapath_fixture::Datapath, require_root};
+use service_tests::{
+    datapath_fixture::Datapath,
+    packets::{CLIENT_MAC, Case, Expect, NODE_MAC, run_cases, tcp, udp, udp_without_checksum},
+    require_root,
+};
 
 /// `TC_ACT_UNSPEC` as BPF_PROG_TEST_RUN reports it: the packet continues.
 const CONTINUE: u32 = u32::MAX;
@@ -24,51 +25,10 @@ const BACKEND_A: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
 const BACKEND_B: Ipv4Addr = Ipv4Addr::new(10, 200, 2, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_NO_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 // ---------------------------------------------------------------------------
 // Packets
 // ---------------------------------------------------------------------------
-
-fn tcp(
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    syn: bool,
-    ack: bool,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1000, 64240);
-    if syn {
-        builder = builder.syn();
-    }
-    if ack {
-        builder = builder.ack(2000);
-    }
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).expect("build tcp");
-    out
-}
-
-fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .udp(src.1, dst.1)
-        .write(&mut out, payload)
-        .expect("build udp");
-    out
-}
-
-/// A UDP packet whose checksum is 0 ("none", allowed over IPv4).
-fn udp_without_checksum(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
-    let mut out = udp(src, dst, payload);
-    out[14 + 20 + 6] = 0;
-    out[14 + 20 + 7] = 0;
-    out
-}
 
 /// A TCP SYN whose IPv4 header carries 4 bytes of options (NOPs).
 fn tcp_syn_with_ip_options(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
@@ -108,66 +68,6 @@ fn arp() -> Vec<u8> {
     out.extend_from_slice(&[0; 6]);
     out.extend_from_slice(&VIP.octets());
     out
-}
-
-/// Asserts the IPv4 header checksum and the TCP/UDP checksum of `packet`.
-fn assert_checksums_valid(packet: &[u8], case: &str) {
-    let headers = PacketHeaders::from_ethernet_slice(packet)
-        .unwrap_or_else(|e| panic!("{case}: output does not parse: {e}"));
-    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
-        return;
-    };
-    assert_eq!(
-        ip.header_checksum,
-        ip.calc_header_checksum(),
-        "{case}: IPv4 checksum"
-    );
-    let payload = headers.payload.slice();
-    match &headers.transport {
-        Some(TransportHeader::Tcp(tcp)) => assert_eq!(
-            tcp.checksum,
-            tcp.calc_checksum_ipv4(ip, payload).unwrap(),
-            "{case}: TCP checksum"
-        ),
-        Some(TransportHeader::Udp(udp)) if udp.checksum != 0 => assert_eq!(
-            udp.checksum,
-            udp.calc_checksum_ipv4(ip, payload).unwrap(),
-            "{case}: UDP checksum"
-        ),
-        _ => {}
-    }
-}
-
-/// What a case expects to come out.
-enum Expect {
-    /// The input, byte for byte.
-    Untouched,
-    /// Exactly these bytes.
-    Bytes(Vec<u8>),
-}
-
-/// One table row: program, input, verdict, output.
-struct Case {
-    name: &'static str,
-    program: &'static str,
-    input: Vec<u8>,
-    verdict: u32,
-    expect: Expect,
-}
-
-fn run_cases(datapath: &Datapath, cases: Vec<Case>) {
-    for case in cases {
-        let (verdict, out) = datapath.run(case.program, &case.input);
-        assert_eq!(verdict, case.verdict, "{}: verdict", case.name);
-        let expected = match &case.expect {
-            Expect::Untouched => &case.input,
-            Expect::Bytes(bytes) => bytes,
-        };
-        assert_eq!(&out, expected, "{}: output bytes", case.name);
-        if matches!(case.expect, Expect::Bytes(_)) {
-            assert_checksums_valid(&out, case.name);
-        }
-    }
 }
 
 #[test]
