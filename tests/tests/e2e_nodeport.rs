@@ -28,6 +28,8 @@ const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 100);
 const ALLOWED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 200);
 const DENIED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 201);
 const PODS_PER_NODE: usize = 2;
+/// NodePort of a Service without endpoints.
+const EMPTY_NODE_PORT: u16 = 30090;
 
 /// Service "web" (LoadBalancer) with its pods on both nodes.
 fn service_yaml() -> String {
@@ -66,6 +68,10 @@ endpoints:
             ));
         }
     }
+    // A second Service, without any endpoint.
+    yaml.push_str(&format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: empty, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {EMPTY_NODE_PORT}}}]\n"
+    ));
     yaml
 }
 
@@ -237,6 +243,24 @@ fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str) {
     // The LoadBalancer IP and the allowed externalIP behave the same.
     check_frontend(&setup, SocketAddr::from((LOAD_BALANCER_IP, 80)), 100);
     check_frontend(&setup, SocketAddr::from((ALLOWED_EXTERNAL_IP, 80)), 100);
+    // A NodePort without endpoints refuses a TCP connect at once.
+    let empty = SocketAddr::from((NODE_A_EXTERNAL_IP, EMPTY_NODE_PORT));
+    let (refused, took) = setup
+        .topology
+        .client
+        .run(move || {
+            let started = std::time::Instant::now();
+            let result = std::net::TcpStream::connect_timeout(&empty, Duration::from_secs(2));
+            (result.map(|_| ()).map_err(|e| e.kind()), started.elapsed())
+        })
+        .unwrap();
+    assert_eq!(
+        refused,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "{empty}"
+    );
+    // The bound: refused in well under a second, within 100 ms.
+    assert!(took < Duration::from_millis(100), "refusal took {took:?}");
     // The externalIP outside --external-ip-cidrs is not served.
     let denied = setup
         .topology
