@@ -18,10 +18,14 @@
 //! Rewrites that change a source run on egress only: on ingress, a source
 //! that is one of the node's own addresses would be dropped as a martian.
 //!
+//! ICMP errors about a translated flow are translated on the egress hooks
+//! too (`icmp`), so path MTU discovery works through a Service.
+//!
 //! Anything that is not a translated IPv4 TCP/UDP flow passes untouched.
 #![no_std]
 #![no_main]
 
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -61,7 +65,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     let Some(flow) = parse_ipv4(&ctx) else {
-        return VERDICT_CONTINUE;
+        return tc_verdict(icmp::reverse_icmp_error(&ctx));
     };
     tc_verdict(lb::reverse_dnat(&ctx, &flow))
 }
@@ -110,7 +114,7 @@ pub fn from_network_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_network(ctx: TcContext) -> i32 {
     let Some(flow) = parse_ipv4(&ctx) else {
-        return VERDICT_CONTINUE;
+        return tc_verdict(icmp::reverse_icmp_error(&ctx));
     };
     let outcome = match lb::snat_out(&ctx, &flow) {
         Outcome::Untouched => lb::reverse_dnat(&ctx, &flow),

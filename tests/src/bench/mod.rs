@@ -48,7 +48,7 @@ pub struct BenchConfig {
 
 /// Why the agent is not started on 100k Services: its first sync takes
 /// time growing with the square of the Service count.
-const AGENT_SCALING: &str = "the agent's first full sync looks up each Service's EndpointSlices by scanning all of them (ClusterState::slices_of), so it grows with the square of the Service count: 45 s at 10k here, over an hour at 100k";
+const AGENT_SCALING: &str = "the agent's first full sync looks up each Service's EndpointSlices by scanning all of them (ClusterState::slices_of), so it grows with the square of the Service count: 45 to 55 s at 10k here, over an hour at 100k";
 
 impl BenchConfig {
     /// The full run (about ten minutes on two cores).

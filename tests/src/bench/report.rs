@@ -311,7 +311,7 @@ fn table(figures: &[&Figure]) -> String {
                         Some(false) => " (**behind**)",
                         None => "",
                     };
-                    cells.push(format!("{:.2}×{verdict}", b.ratio));
+                    cells.push(format!("{}×{verdict}", ratio(b.ratio)));
                 }
                 None => cells.extend(["–".to_owned(), "–".to_owned()]),
             }
@@ -332,6 +332,15 @@ fn table(figures: &[&Figure]) -> String {
 
 fn row(cells: &[String]) -> String {
     format!("| {} |\n", cells.join(" | "))
+}
+
+/// A ratio with two significant digits below 0.1, two decimals above.
+fn ratio(value: f64) -> String {
+    if value.is_finite() && value.abs() < 0.1 {
+        format!("{value:.2e}")
+    } else {
+        format!("{value:.2}")
+    }
 }
 
 /// A value with as many digits as are meaningful at its size.
