@@ -90,7 +90,7 @@ where
             info!(
                 "first full sync: {} services, {} endpoint slices",
                 self.cluster.services.len(),
-                self.cluster.endpoint_slices.len()
+                self.cluster.endpoint_slices().len()
             );
             self.synced = true;
             self.syncer.sync_full(&self.cluster)

@@ -194,11 +194,10 @@ async fn watch_file(path: PathBuf, interval: Duration, events: UnboundedSender<C
                     "read {}: {} services, {} endpoint slices, {} objects skipped",
                     path.display(),
                     state.services.len(),
-                    state.endpoint_slices.len(),
+                    state.endpoint_slices().len(),
                     skipped.len()
                 );
-                let services = state.services.into_values().collect();
-                let slices = state.endpoint_slices.into_values().collect();
+                let (services, slices) = state.into_objects();
                 if events
                     .send(ClusterEvent::Service(Change::Replaced(services)))
                     .is_err()

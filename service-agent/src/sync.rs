@@ -334,7 +334,7 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
         let mut syncer = syncer();
         let mut state = parse_documents(BASE).unwrap().state;
         syncer.sync_full(&state);
-        let mut slice = state.endpoint_slices.values().next().unwrap().clone();
+        let mut slice = state.endpoint_slices().values().next().unwrap().clone();
         slice.endpoints.truncate(1);
         let dirty = state.apply(ClusterEvent::EndpointSlice(crate::source::Change::Applied(
             slice,

@@ -108,7 +108,7 @@ fn add_object(parsed: &mut Parsed, value: serde_yaml::Value, origin: &str) {
         "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
             Ok(slice) => match object_name(&slice.metadata) {
                 Some(name) => {
-                    parsed.state.endpoint_slices.insert(name, slice);
+                    parsed.state.insert_slice(name, slice);
                 }
                 None => skip(parsed, origin, "EndpointSlice has no metadata.name"),
             },

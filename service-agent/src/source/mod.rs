@@ -45,7 +45,10 @@ pub struct ClusterState {
     /// Services by name.
     pub services: BTreeMap<ObjectName, Service>,
     /// EndpointSlices by their own name (not their Service's).
-    pub endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
+    endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
+    /// EndpointSlice names by the Service they belong to, so a Service's
+    /// slices are found without scanning them all.
+    slices_by_service: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
     /// This node, when the source knows it.
     pub node: Option<Node>,
 }
@@ -112,7 +115,33 @@ impl ClusterState {
                 }))
             }
             ClusterEvent::EndpointSlice(change) => {
-                Dirty::Services(apply_change(&mut self.endpoint_slices, change, slice_owner))
+                let mut dirty = BTreeSet::new();
+                match change {
+                    Change::Applied(slice) => {
+                        if let Some(name) = object_name(&slice.metadata) {
+                            dirty.extend(slice_owner(&slice));
+                            dirty.extend(self.insert_slice(name, slice));
+                        }
+                    }
+                    Change::Deleted(slice) => {
+                        if let Some(name) = object_name(&slice.metadata) {
+                            dirty.extend(slice_owner(&slice));
+                            dirty.extend(self.remove_slice(&name));
+                        }
+                    }
+                    Change::Replaced(all) => {
+                        dirty.extend(self.slices_by_service.keys().cloned());
+                        self.endpoint_slices.clear();
+                        self.slices_by_service.clear();
+                        for slice in all {
+                            if let Some(name) = object_name(&slice.metadata) {
+                                dirty.extend(slice_owner(&slice));
+                                self.insert_slice(name, slice);
+                            }
+                        }
+                    }
+                }
+                Dirty::Services(dirty)
             }
             ClusterEvent::Node(change) => {
                 self.node = match change {
@@ -130,9 +159,50 @@ impl ClusterState {
         &'a self,
         service: &'a ObjectName,
     ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
-        self.endpoint_slices
-            .values()
-            .filter(move |slice| slice_owner(slice).as_ref() == Some(service))
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.endpoint_slices.get(name))
+    }
+
+    /// Every EndpointSlice, by its own name.
+    pub fn endpoint_slices(&self) -> &BTreeMap<ObjectName, EndpointSlice> {
+        &self.endpoint_slices
+    }
+
+    /// Adds or replaces an EndpointSlice; returns the Service the replaced
+    /// version belonged to.
+    pub fn insert_slice(&mut self, name: ObjectName, slice: EndpointSlice) -> Option<ObjectName> {
+        let previous_owner = self.remove_slice(&name);
+        if let Some(owner) = slice_owner(&slice) {
+            self.slices_by_service
+                .entry(owner)
+                .or_default()
+                .insert(name.clone());
+        }
+        self.endpoint_slices.insert(name, slice);
+        previous_owner
+    }
+
+    /// Removes an EndpointSlice; returns the Service it belonged to.
+    fn remove_slice(&mut self, name: &ObjectName) -> Option<ObjectName> {
+        let owner = slice_owner(&self.endpoint_slices.remove(name)?)?;
+        if let Some(names) = self.slices_by_service.get_mut(&owner) {
+            names.remove(name);
+            if names.is_empty() {
+                self.slices_by_service.remove(&owner);
+            }
+        }
+        Some(owner)
+    }
+
+    /// The Services and EndpointSlices, taken out.
+    pub fn into_objects(self) -> (Vec<Service>, Vec<EndpointSlice>) {
+        (
+            self.services.into_values().collect(),
+            self.endpoint_slices.into_values().collect(),
+        )
     }
 }
 
@@ -218,6 +288,57 @@ impl FromStr for SourceSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slice(name: &str, service: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                labels: Some([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: Vec::new(),
+            ports: None,
+        }
+    }
+
+    fn owners(state: &ClusterState, service: &str) -> Vec<String> {
+        let service = ObjectName {
+            namespace: "default".into(),
+            name: service.into(),
+        };
+        state
+            .slices_of(&service)
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn slice_events_keep_the_service_index_right_and_mark_both_owners() {
+        let mut state = ClusterState::default();
+        state.apply(ClusterEvent::EndpointSlice(Change::Replaced(vec![
+            slice("a-1", "a"),
+            slice("a-2", "a"),
+            slice("b-1", "b"),
+        ])));
+        assert_eq!(owners(&state, "a"), ["a-1", "a-2"]);
+        // A slice relabelled to another Service moves, and both are dirty.
+        let dirty = state.apply(ClusterEvent::EndpointSlice(Change::Applied(slice("a-2", "b"))));
+        let Dirty::Services(dirty) = dirty else {
+            panic!("a slice event marks Services");
+        };
+        assert_eq!(dirty.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(owners(&state, "a"), ["a-1"]);
+        assert_eq!(owners(&state, "b"), ["a-2", "b-1"]);
+        state.apply(ClusterEvent::EndpointSlice(Change::Deleted(slice("a-1", "a"))));
+        assert!(owners(&state, "a").is_empty());
+        // A re-list replaces everything.
+        state.apply(ClusterEvent::EndpointSlice(Change::Replaced(vec![slice("c-1", "c")])));
+        assert!(owners(&state, "b").is_empty());
+        assert_eq!(owners(&state, "c"), ["c-1"]);
+        assert_eq!(state.endpoint_slices().len(), 1);
+    }
 
     #[test]
     fn source_spec_parses_file_paths_and_rejects_the_rest() {

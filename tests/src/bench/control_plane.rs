@@ -267,12 +267,9 @@ fn change_latencies(set: &ServiceSet, changes: usize) -> anyhow::Result<Vec<f64>
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let syncer = Syncer::adopting_with_sizes(maps, NodeContext::default(), sizes)?;
     let mut pipeline = Pipeline::new(syncer, &KINDS[..2], None);
-    pipeline.handle(ClusterEvent::Service(Change::Replaced(
-        parsed.state.services.into_values().collect(),
-    )));
-    pipeline.handle(ClusterEvent::EndpointSlice(Change::Replaced(
-        parsed.state.endpoint_slices.into_values().collect(),
-    )));
+    let (services, slices) = parsed.state.into_objects();
+    pipeline.handle(ClusterEvent::Service(Change::Replaced(services)));
+    pipeline.handle(ClusterEvent::EndpointSlice(Change::Replaced(slices)));
     let report = pipeline
         .flush()
         .context("the first full sync did not run")?;
@@ -294,7 +291,7 @@ fn change_latencies(set: &ServiceSet, changes: usize) -> anyhow::Result<Vec<f64>
         };
         let mut slice = pipeline
             .cluster
-            .endpoint_slices
+            .endpoint_slices()
             .get(&slice_name)
             .with_context(|| format!("no EndpointSlice {slice_name}"))?
             .clone();
