@@ -570,8 +570,7 @@ mod tests {
         // The nodeports rule stays last in KUBE-SERVICES.
         let last = rules
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES "))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
             .unwrap();
         assert!(last.contains("KUBE-NODEPORTS"));
     }

@@ -157,7 +157,7 @@ impl Figure {
     fn baseline(mut self, name: &str, runs: &[f64], competitor: bool) -> Self {
         if let Some(summary) = Summary::of(runs) {
             let value = summary.median;
-            let ahead = competitor.then(|| match self.better {
+            let ahead = competitor.then_some(match self.better {
                 Better::Lower => self.ours < value,
                 Better::Higher => self.ours > value,
             });
