@@ -15,6 +15,7 @@ use crate::{
         DEFAULT_PIN_PATH, MapSizes,
         addresses::{local_ipv4_addresses, nodeport_addresses},
         attach::{DeviceSelection, NodePortMode},
+        cgroup::{CgroupPath, DEFAULT_CGROUP_PATH},
     },
     run::RunOptions,
     source::SourceSpec,
@@ -90,6 +91,15 @@ pub struct RunArgs {
     /// IPv4 address of the first external device.
     #[arg(long, value_name = "ADDR")]
     pub snat_ipv4: Option<Ipv4Addr>,
+    /// Socket-LB: the cgroup v2 folder the socket programs are attached to,
+    /// so processes in the node's own network (hostNetwork pods, node
+    /// daemons) reach Services: their `connect` and `sendmsg` to a frontend
+    /// go straight to a backend. Applies to every process in that cgroup and
+    /// in every cgroup below it; the default, the root of the hierarchy, is
+    /// every process on the host. `none` disables it (and removes the links
+    /// a previous agent pinned).
+    #[arg(long, value_name = "PATH|none", default_value = DEFAULT_CGROUP_PATH)]
+    pub cgroup_path: CgroupPath,
     /// This node's name (default: `$NODE_NAME`, else the hostname): the Node
     /// object watched, and endpoints with this `nodeName` are node-local.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
@@ -173,6 +183,7 @@ impl RunArgs {
                 external_ip_cidrs: self.external_ip_cidrs.clone(),
             },
             snat_ipv4,
+            cgroup_path: self.cgroup_path.clone(),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             resync_interval: Duration::from_secs(self.resync_interval_secs),
             metrics_addr: self.metrics_addr,

@@ -21,6 +21,7 @@ use crate::{
     datapath::{
         self, MapSizes,
         attach::{Attachments, DeviceSelection},
+        cgroup::CgroupPath,
         maps::ServiceMaps,
     },
     pipeline::Pipeline,
@@ -58,6 +59,8 @@ pub struct RunOptions {
     pub map_sizes: MapSizes,
     /// This node's SNAT address for external flows to remote backends.
     pub snat_ipv4: Option<std::net::Ipv4Addr>,
+    /// The cgroup the socket-LB programs are attached to, if any.
+    pub cgroup_path: CgroupPath,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -81,6 +84,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let link_dir = options.pin_path.join("links");
     std::fs::create_dir_all(&link_dir)
         .with_context(|| format!("creating {}", link_dir.display()))?;
+    datapath::cgroup::configure(&mut ebpf, &options.cgroup_path, &link_dir)?;
 
     let metrics = Arc::new(Metrics::new(options.pin_path.clone(), options.map_sizes));
     let health = Arc::new(Health::default());

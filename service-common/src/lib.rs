@@ -351,6 +351,69 @@ impl DatapathCounter {
 /// Number of entries of the [`MAP_COUNTERS`] array.
 pub const COUNTERS_MAX_ENTRIES: u32 = DatapathCounter::ALL.len() as u32;
 
+// ---------------------------------------------------------------------------
+// Socket-LB (cgroup socket hooks for host-originated traffic)
+// ---------------------------------------------------------------------------
+
+/// Name of the socket-LB NAT LRU map (`SockNatKey -> SockNatValue`).
+pub const MAP_SOCK_NAT: &str = "SVC_SOCK_NAT";
+/// Capacity of the socket-LB NAT LRU map: one reverse entry per socket
+/// translated, plus one forward entry per UDP socket.
+pub const SOCK_NAT_MAX_ENTRIES: u32 = 65_536;
+
+/// Socket-LB direction: a UDP socket's frontend (key) to the backend it
+/// was given (value), so every datagram the socket sends to that frontend
+/// goes to the same backend, as conntrack keeps a pod's UDP flow on its
+/// backend.
+pub const SOCK_DIR_FORWARD: u8 = 0;
+/// Socket-LB direction: a backend a socket was sent to (key) to the
+/// frontend the application asked for (value), restored as the peer
+/// address by `recvmsg4` and `getpeername4`.
+pub const SOCK_DIR_REVERSE: u8 = 1;
+
+/// Key of the socket-LB NAT map: one socket (by cookie) and one address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SockNatKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`), host byte order.
+    pub cookie: u64,
+    /// Forward: the frontend address; reverse: the backend address.
+    /// Network byte order (see [`MapAddr`]).
+    pub addr: MapAddr,
+    /// Forward: the frontend port; reverse: the backend port. Network byte order.
+    pub port: u16,
+    /// Address family: [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// IP protocol: [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`SOCK_DIR_FORWARD`] or [`SOCK_DIR_REVERSE`].
+    pub direction: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<SockNatKey>() == 32);
+
+/// Value of the socket-LB NAT map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockNatValue {
+    /// Forward: the backend address; reverse: the frontend address.
+    /// Network byte order (see [`MapAddr`]).
+    pub addr: MapAddr,
+    /// Forward: the backend port; reverse: the frontend port. Network byte order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+    /// The backend (host byte order): a forward entry is only reused while
+    /// this backend is still in the backends map with the same address.
+    pub backend_id: BackendId,
+    /// The frontend (host byte order).
+    pub rev_nat_id: RevNatId,
+    /// Explicit padding, always zero.
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockNatValue>() == 32);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all these types are `#[repr(C)]`, `Copy`, and have no implicit
@@ -364,4 +427,6 @@ mod user {
     unsafe impl aya::Pod for super::ConntrackValue {}
     unsafe impl aya::Pod for super::FrontendStats {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::SockNatKey {}
+    unsafe impl aya::Pod for super::SockNatValue {}
 }

@@ -54,14 +54,19 @@ pub enum Outcome {
 }
 
 /// The backend a flow is (or will be) translated to.
-struct Target {
-    addr: [u8; 4],
-    port: u16,
-    backend_id: BackendId,
-    rev_nat_id: RevNatId,
-    node_local: bool,
+pub struct Target {
+    /// Backend address, network byte order.
+    pub addr: [u8; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// The backend's id.
+    pub backend_id: BackendId,
+    /// The frontend's rev-NAT id.
+    pub rev_nat_id: RevNatId,
+    /// The backend runs on this node.
+    pub node_local: bool,
     /// SNAT source port on this node's SNAT address, network order; 0: none.
-    snat_port: u16,
+    pub snat_port: u16,
 }
 
 /// Reverse DNAT (egress hooks): a reply of a tracked flow gets its
@@ -217,7 +222,7 @@ fn established_target(flow: &Ipv4Flow, ct_key: &ConntrackKey) -> Option<Target> 
 }
 
 /// Outcome of a frontend lookup for a new flow.
-enum Lookup {
+pub enum Lookup {
     /// The destination is no frontend (for this origin): leave it alone.
     NotAFrontend,
     /// A frontend without backends.
@@ -235,12 +240,21 @@ const EXTERNAL_KINDS: u16 =
 /// Looks the destination up among the frontends and picks a random backend.
 #[inline(always)]
 fn new_flow_target(flow: &Ipv4Flow, origin: Origin) -> Lookup {
+    select_backend(flow.daddr, flow.dport, flow.proto, origin)
+}
+
+/// Looks `daddr:dport` (network byte order) for `proto` up among the
+/// frontends (scope [`SCOPE_ALL`]) and picks a random backend: the choice
+/// every new flow gets, from the packet hooks and from the socket hooks
+/// (`sock`) alike.
+#[inline(always)]
+pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> Lookup {
     let mut key = FrontendKey {
-        addr: map_addr_v4(flow.daddr),
-        port: flow.dport,
+        addr: map_addr_v4(daddr),
+        port: dport,
         slot: 0,
         family: FAMILY_IPV4,
-        proto: flow.proto,
+        proto,
         scope: SCOPE_ALL,
         _pad: 0,
     };

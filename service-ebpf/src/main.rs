@@ -14,6 +14,10 @@
 //! - `to_network`: TC egress on the external devices. SNATs flows to
 //!   backends on other nodes and restores the frontend as the source of
 //!   replies to external clients.
+//! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeer4`:
+//!   cgroup socket hooks (socket-LB, `sock`) for processes on the node
+//!   itself: a socket connecting or sending to a frontend goes straight to
+//!   a backend, and sees the frontend as its peer.
 //!
 //! Rewrites that change a source run on egress only: on ingress, a source
 //! that is one of the node's own addresses would be dropped as a martian.
@@ -31,6 +35,7 @@ mod maps;
 mod nat;
 mod packet;
 mod reject;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action},

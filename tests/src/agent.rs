@@ -92,6 +92,14 @@ impl AgentProcess {
         Ok(())
     }
 
+    /// Kills the agent with SIGKILL and starts a new one with `args` in
+    /// place of the flags it had after `--source` and `--pin-path`; its log
+    /// is appended.
+    pub fn kill_and_restart_with_args(&mut self, args: &[&str]) -> anyhow::Result<()> {
+        self.command.args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.kill_and_restart()
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -127,6 +135,15 @@ fn spawn(command: &AgentCommand, log: &Path) -> anyhow::Result<Child> {
         .arg(&command.pin_path)
         .args(["--poll-interval-ms", "100"])
         .args(&command.args)
+        // Socket-LB only where a test asks for it, on its own cgroup: never
+        // on the machine's root cgroup (the default), which would reach every
+        // process on the machine.
+        .args(
+            (!command.args.iter().any(|a| a.starts_with("--cgroup-path")))
+                .then_some(["--cgroup-path", "none"])
+                .into_iter()
+                .flatten(),
+        )
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod cgroup;
 pub mod datapath_fixture;
 pub mod netns;
 pub mod packets;

@@ -86,6 +86,17 @@ impl ClusterIpScenario {
     /// Builds the topology, starts the servers and the agent on `yaml`, and
     /// waits until `list` shows the HTTP frontend with `expected_backends`.
     pub fn start(tag: &str, yaml: &str, expected_backends: usize) -> anyhow::Result<Self> {
+        Self::start_with_agent_args(tag, yaml, expected_backends, &[])
+    }
+
+    /// [`ClusterIpScenario::start`] with more agent flags (after
+    /// `--pod-device-prefix`), e.g. `--cgroup-path`.
+    pub fn start_with_agent_args(
+        tag: &str,
+        yaml: &str,
+        expected_backends: usize,
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let workdir = tempfile::Builder::new().prefix("service-lb-").tempdir()?;
         let yaml_path = workdir.path().join("services.yaml");
         std::fs::write(&yaml_path, yaml)?;
@@ -103,11 +114,13 @@ impl ClusterIpScenario {
                 .with_context(|| format!("starting the servers of pod {pod}"))?,
             );
         }
-        let mut agent = AgentProcess::start(
+        let mut args = vec!["--pod-device-prefix", POD_DEVICE_PREFIX];
+        args.extend_from_slice(agent_args);
+        let mut agent = AgentProcess::start_with_args(
             &topology.node,
             &yaml_path,
             pin.path(),
-            POD_DEVICE_PREFIX,
+            &args,
             &workdir.path().join("agent.log"),
         )?;
         wait_for_backends(

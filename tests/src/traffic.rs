@@ -256,3 +256,43 @@ pub fn http_get_path(target: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// One HTTP GET on a new connection, like [`http_get`], failing unless the
+/// socket's peer (`getpeername`) is `target`: what a client sees when
+/// socket-LB sent its connection to a backend.
+pub fn http_get_peer_checked(target: SocketAddr) -> anyhow::Result<String> {
+    let stream = TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
+        .with_context(|| format!("connecting to {target}"))?;
+    let peer = stream.peer_addr().context("getpeername")?;
+    if peer != target {
+        bail!("the connection's peer is {peer}, not {target}");
+    }
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    writer.write_all(b"GET / HTTP/1.1\r\nHost: service\r\nConnection: close\r\n\r\n")?;
+    read_http_response(&mut BufReader::new(stream))
+}
+
+/// One UDP request from a new socket connected to `target`; fails unless
+/// the socket's peer (`getpeername`) and the answer's source (`recvfrom`)
+/// are both `target`. Returns the answer.
+pub fn udp_request_connected(target: SocketAddr) -> anyhow::Result<String> {
+    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    socket
+        .connect(target)
+        .with_context(|| format!("connecting to {target}"))?;
+    let peer = socket.peer_addr().context("getpeername")?;
+    if peer != target {
+        bail!("the UDP socket's peer is {peer}, not {target}");
+    }
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.send(b"which backend?\n")?;
+    let mut buf = [0u8; 512];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .context("waiting for the UDP answer")?;
+    if from != target {
+        bail!("UDP answer came from {from}, not from {target}");
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}

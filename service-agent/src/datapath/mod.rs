@@ -5,6 +5,7 @@
 pub mod addresses;
 pub mod attach;
 pub mod bpffs;
+pub mod cgroup;
 pub mod maps;
 
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, Xdp},
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 
 /// The eBPF object built from `service-ebpf` by the build script.
@@ -34,6 +35,15 @@ pub const PROG_FROM_NETWORK_TC: &str = "from_network_tc";
 pub const PROG_TO_NETWORK: &str = "to_network";
 /// Name of the benchmark floor program (returns its verdict, nothing else).
 pub const PROG_BENCH_FLOOR_TC: &str = "bench_floor_tc";
+
+/// Name of the socket-LB `connect4` program (cgroup, `--cgroup-path`).
+pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+/// Name of the socket-LB `sendmsg4` program (unconnected UDP).
+pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+/// Name of the socket-LB `recvmsg4` program (UDP answers from the frontend).
+pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+/// Name of the socket-LB `getpeername4` program (the frontend as peer).
+pub const PROG_SOCK_GETPEER4: &str = "sock_getpeer4";
 
 /// Capacities of the maps, set when they are created. Maps that already
 /// exist under the pin folder keep the size they were created with.
@@ -108,5 +118,25 @@ pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf>
         .with_context(|| format!("program {PROG_FROM_NETWORK} is not an XDP program"))?;
     xdp.load()
         .with_context(|| format!("the kernel refused program {PROG_FROM_NETWORK}"))?;
+    // The socket-LB programs need kernel 5.18 (`bpf_set_retval`): where the
+    // kernel refuses them, the rest of the datapath still works, and
+    // attaching them (`--cgroup-path`) fails with this reason.
+    for name in [
+        PROG_SOCK_CONNECT4,
+        PROG_SOCK_SENDMSG4,
+        PROG_SOCK_RECVMSG4,
+        PROG_SOCK_GETPEER4,
+    ] {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not a cgroup socket program"))?;
+        if let Err(e) = program.load() {
+            log::warn!(
+                "the kernel refused program {name} ({e}); socket-LB (--cgroup-path) is unavailable"
+            );
+        }
+    }
     Ok(ebpf)
 }

@@ -49,6 +49,9 @@ impl BenchAgent {
             .arg(pin_path)
             .args(["--pod-device-prefix", POD_DEVICE_PREFIX])
             .args(["--poll-interval-ms", "50"])
+            // No socket-LB: the default (the root cgroup) would reach every
+            // process on the machine.
+            .args(["--cgroup-path", "none"])
             .arg(format!("--map-size-frontends={}", sizes.frontends))
             .arg(format!("--map-size-backends={}", sizes.backends))
             .arg(format!("--map-size-revnat={}", sizes.revnat))
