@@ -498,7 +498,7 @@ fn daemon_set_mounts_bpffs_and_probes_its_healthz_port() {
     // cgroup), read only, is what `--cgroup-path` names.
     let args = agent.args.as_deref().unwrap_or_default();
     let cgroup_path = flag(args, "--cgroup-path");
-    let (cgroup, host) = host_path_of(&cgroup_path);
+    let (cgroup, host) = host_path_of(cgroup_path);
     assert_eq!(host.path, "/sys/fs/cgroup");
     assert_eq!(cgroup.read_only, Some(true));
 
