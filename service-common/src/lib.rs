@@ -204,6 +204,13 @@ pub const CT_DIR_SNAT: u8 = 2;
 /// Conntrack direction: a reply to an SNATed flow arriving, backend to this
 /// node's SNAT address and port. Value: the client in `nat_addr`/`nat_port`.
 pub const CT_DIR_SNAT_REPLY: u8 = 3;
+/// Conntrack direction: the reply of a hairpin flow (a pod that reached
+/// itself through a frontend), as the pod sends it: pod and target port to
+/// [`HAIRPIN_IPV4`] and the client port. Value: the client (the pod
+/// itself) in `nat_addr`/`nat_port`, the frontend in `rev_nat_id`, flag
+/// [`CT_FLAG_HAIRPIN`]. Such a flow has this entry instead of a
+/// [`CT_DIR_REPLY`] one.
+pub const CT_DIR_HAIRPIN_REPLY: u8 = 4;
 
 /// Key of the conntrack map: a flow's 5-tuple as seen in one direction.
 /// A forward entry is keyed by the packet as the client sent it (destination
@@ -236,15 +243,16 @@ const _: () = assert!(core::mem::size_of::<ConntrackKey>() == 40);
 /// working even after its backend leaves the Service. Reply entries hold the
 /// rev-NAT id used to restore the frontend as the reply's source. An SNATed
 /// flow has two more: its SNAT port, and the client to restore as its
-/// replies' destination.
+/// replies' destination. A hairpin flow's reply entry
+/// ([`CT_DIR_HAIRPIN_REPLY`]) holds both the rev-NAT id and the client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ConntrackValue {
-    /// Forward: backend address to DNAT to; SNAT reply: the client's
-    /// address; else zero. Network byte order.
+    /// Forward: backend address to DNAT to; SNAT reply and hairpin reply:
+    /// the client's address; else zero. Network byte order.
     pub nat_addr: MapAddr,
-    /// Forward: backend port to DNAT to; SNAT reply: the client's port; else
-    /// zero. Network byte order.
+    /// Forward: backend port to DNAT to; SNAT reply and hairpin reply: the
+    /// client's port; else zero. Network byte order.
     pub nat_port: u16,
     /// `CT_FLAG_*` bits.
     pub flags: u16,
@@ -264,6 +272,20 @@ const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
 /// address (a remote backend behind a NodePort, LoadBalancer or externalIP
 /// frontend).
 pub const CT_FLAG_SNAT: u16 = 1 << 0;
+/// Conntrack flag on the forward and the [`CT_DIR_HAIRPIN_REPLY`] entry of
+/// a hairpin flow: the backend is the client pod itself, so the flow's
+/// source is SNATed to [`HAIRPIN_IPV4`]. (The datapath decides hairpin by
+/// comparing the backend with the source; the flag records it.)
+pub const CT_FLAG_HAIRPIN: u16 = 1 << 1;
+
+/// Source address of hairpin flows, network byte order: a pod that reaches
+/// a frontend whose chosen backend is the pod itself gets its packets back
+/// from this link-local address (and its own client port) instead of from
+/// its own address, which it would drop as a packet it never sent; its
+/// replies go to this address, through its default gateway, where the
+/// datapath translates them back. The address Cilium uses for the same
+/// purpose (`IPV4_LOOPBACK`); it must not be any pod's or node's address.
+pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
 
 /// First source port handed out for SNAT (host byte order).
 pub const SNAT_PORT_MIN: u16 = 32_768;

@@ -1,20 +1,35 @@
 //! Service translation, shared by every hook: frontend lookup, backend
 //! choice, conntrack, DNAT, SNAT for external traffic to a backend on
-//! another node, and the reverse of both.
+//! another node, hairpin, and the reverse of each.
 //!
 //! Each rewrite happens where the kernel's routing agrees with it: DNAT and
 //! the reverse of SNAT (which change destinations) on ingress, before the
 //! routing decision; SNAT and the reverse of DNAT (which change sources,
 //! sometimes to this node's own address, which routing would take for a
 //! martian on ingress) on egress, after it.
+//!
+//! Hairpin (Cilium's "loopback") is the one exception. When a pod's flow
+//! gets the pod itself as its backend, DNAT alone would hand the pod a
+//! packet from its own address, which it drops. So [`forward`] also SNATs
+//! such a flow, on every packet, to the link-local [`HAIRPIN_IPV4`],
+//! keeping the client port; the pod answers that address through its
+//! default gateway, so the reply enters `from_pod` on the same device, and
+//! [`reverse_hairpin`] gives it the frontend as source and the pod's client
+//! port as destination. Both source changes happen on ingress, because the
+//! packet's next stop is the very pod it came from: the hook sends both
+//! directions straight back out the device they came in on (`hairpin`
+//! module), so they never meet the node's routing, and none of the
+//! addresses involved is the node's anyway. What it costs every other
+//! flow: one address comparison per packet in each direction (the backend
+//! against the source; the destination against the hairpin address).
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_SNAT, ConntrackKey, ConntrackValue, DatapathCounter,
-    FAMILY_IPV4, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT,
-    FrontendKey, FrontendValue, RevNatId, SCOPE_ALL, SNAT_PORT_MAX, SNAT_PORT_MIN, map_addr_v4,
-    map_addr_v4_octets,
+    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey,
+    ConntrackValue, DatapathCounter, FAMILY_IPV4, FRONTEND_FLAG_EXTERNAL_IP,
+    FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT, FrontendKey, FrontendValue, HAIRPIN_IPV4,
+    RevNatId, SCOPE_ALL, SNAT_PORT_MAX, SNAT_PORT_MIN, map_addr_v4, map_addr_v4_octets,
 };
 
 use crate::{
@@ -47,6 +62,9 @@ pub enum Outcome {
     Untouched,
     /// Translated (DNAT, SNAT or reverse NAT).
     Translated,
+    /// Translated as a hairpin flow (only from pods): the packet's next
+    /// stop is the pod it came from, both ends of the flow being that pod.
+    Hairpin,
     /// A new flow to a frontend without usable backend.
     NoBackend,
     /// Dropped (already counted).
@@ -138,7 +156,9 @@ pub fn snat_out<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 /// DNAT (ingress hooks): a packet towards a frontend goes to a backend. An
 /// established flow keeps its backend; a new one gets a random backend and
 /// conntrack entries, and from the network, when the backend is on another
-/// node, an SNAT port (applied by [`snat_out`] on the way out).
+/// node, an SNAT port (applied by [`snat_out`] on the way out). From a pod
+/// whose backend is the pod itself (hairpin), the source becomes
+/// [`HAIRPIN_IPV4`] as well, and the outcome is [`Outcome::Hairpin`].
 #[inline(always)]
 pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -> Outcome {
     let ct_key = conntrack_key(flow, CT_DIR_FORWARD);
@@ -161,22 +181,65 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
                         }
                     }
                 }
-                if track(flow, &ct_key, &target).is_err() {
-                    count(DatapathCounter::ConntrackInsertFailed);
-                }
                 (target, true)
             }
         },
     };
+    // Hairpin, decided afresh for every packet of the flow (new or tracked):
+    // the only cost it adds to other flows is this comparison.
+    let hairpin = origin == Origin::Pod && target.addr == flow.saddr;
+    if new_flow && track(flow, &ct_key, &target, hairpin).is_err() {
+        count(DatapathCounter::ConntrackInsertFailed);
+    }
     if ctx
         .rewrite_v4(flow, Side::Destination, target.addr, target.port)
         .is_err()
+        || (hairpin
+            && ctx
+                .rewrite_v4(flow, Side::Source, HAIRPIN_IPV4, flow.sport)
+                .is_err())
     {
         count(DatapathCounter::DropRewrite);
         return Outcome::Dropped;
     }
     account_frontend(target.rev_nat_id, ctx.length() as u32, new_flow);
-    Outcome::Translated
+    if hairpin {
+        Outcome::Hairpin
+    } else {
+        Outcome::Translated
+    }
+}
+
+/// Reverse hairpin (`from_pod`, only for packets addressed to
+/// [`HAIRPIN_IPV4`]): the reply of a hairpin flow, from the pod's target
+/// port to the hairpin address and the client port, gets the frontend as
+/// source and the client (the same pod) and its port as destination.
+/// `Untouched` when no hairpin flow matches.
+#[inline(always)]
+pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+    let key = conntrack_key(flow, CT_DIR_HAIRPIN_REPLY);
+    // SAFETY: the value is copied out at once.
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
+        return Outcome::Untouched;
+    };
+    // SAFETY: copied out at once.
+    let Some(frontend) = (unsafe { REVNAT.get(ct.rev_nat_id) }).copied() else {
+        return Outcome::Untouched;
+    };
+    let client = map_addr_v4_octets(&ct.nat_addr);
+    let frontend_addr = map_addr_v4_octets(&frontend.addr);
+    if ctx
+        .rewrite_v4(flow, Side::Destination, client, ct.nat_port)
+        .is_err()
+        || ctx
+            .rewrite_v4(flow, Side::Source, frontend_addr, frontend.port)
+            .is_err()
+    {
+        count(DatapathCounter::DropRewrite);
+        return Outcome::Dropped;
+    }
+    count(DatapathCounter::ReplyTranslated);
+    Outcome::Hairpin
 }
 
 /// The conntrack key of a packet as it stands, in the given direction.
@@ -363,9 +426,16 @@ fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
 
 /// Records a new flow: the reply entry first, so a reply can never arrive
 /// before the datapath knows how to translate it, then the forward entry.
+/// A hairpin flow's reply entry is keyed by the reply as the pod sends it,
+/// to [`HAIRPIN_IPV4`], and names the client to restore.
 #[inline(always)]
-fn track(flow: &Ipv4Flow, forward_key: &ConntrackKey, target: &Target) -> Result<(), i32> {
-    let reply_key = ConntrackKey {
+fn track(
+    flow: &Ipv4Flow,
+    forward_key: &ConntrackKey,
+    target: &Target,
+    hairpin: bool,
+) -> Result<(), i32> {
+    let mut reply_key = ConntrackKey {
         saddr: map_addr_v4(target.addr),
         daddr: forward_key.saddr,
         sport: target.port,
@@ -375,20 +445,29 @@ fn track(flow: &Ipv4Flow, forward_key: &ConntrackKey, target: &Target) -> Result
         direction: CT_DIR_REPLY,
         _pad: 0,
     };
-    let reply = ConntrackValue {
+    let mut reply = ConntrackValue {
         backend_id: target.backend_id,
         rev_nat_id: target.rev_nat_id,
         ..ConntrackValue::default()
     };
+    let mut flags = if target.snat_port != 0 {
+        CT_FLAG_SNAT
+    } else {
+        0
+    };
+    if hairpin {
+        reply_key.daddr = map_addr_v4(HAIRPIN_IPV4);
+        reply_key.direction = CT_DIR_HAIRPIN_REPLY;
+        reply.nat_addr = forward_key.saddr;
+        reply.nat_port = flow.sport;
+        reply.flags = CT_FLAG_HAIRPIN;
+        flags |= CT_FLAG_HAIRPIN;
+    }
     CONNTRACK.insert(reply_key, reply, BPF_ANY)?;
     let forward = ConntrackValue {
         nat_addr: map_addr_v4(target.addr),
         nat_port: target.port,
-        flags: if target.snat_port != 0 {
-            CT_FLAG_SNAT
-        } else {
-            0
-        },
+        flags,
         backend_id: target.backend_id,
         rev_nat_id: target.rev_nat_id,
         snat_port: target.snat_port,

@@ -5,6 +5,9 @@
 //!   destination up among the frontends, picks a backend, records the flow in
 //!   conntrack and DNATs the packet. A new flow to a frontend without
 //!   backends is refused at once (TCP RST, ICMP port unreachable; `reject`).
+//!   A pod whose flow gets itself as backend (hairpin) also has the flow
+//!   SNATed to `HAIRPIN_IPV4`, and its replies to that address translated
+//!   back; both directions go straight back to the pod (`hairpin`).
 //! - `to_pod`: TC egress on the same device. Rewrites replies of translated
 //!   flows back to the frontend address and port.
 //! - `from_network`: XDP on the node's external devices (and
@@ -21,6 +24,8 @@
 //!
 //! Rewrites that change a source run on egress only: on ingress, a source
 //! that is one of the node's own addresses would be dropped as a martian.
+//! The exception is hairpin, whose packets never reach the node's routing
+//! (and whose addresses are no node's).
 //!
 //! ICMP errors about a translated flow are translated on the egress hooks
 //! too (`icmp`), so path MTU discovery works through a Service.
@@ -29,6 +34,7 @@
 #![no_std]
 #![no_main]
 
+mod hairpin;
 mod icmp;
 mod lb;
 mod maps;
@@ -44,7 +50,7 @@ use aya_ebpf::{
 };
 use lb::{Origin, Outcome};
 use packet::parse_ipv4;
-use service_common::DatapathCounter;
+use service_common::{DatapathCounter, HAIRPIN_IPV4};
 
 /// Verdict for packets that continue through the stack (translated or not):
 /// `TC_ACT_UNSPEC`, which lets any later tc program run as well.
@@ -53,15 +59,24 @@ pub const VERDICT_CONTINUE: i32 = aya_ebpf::bindings::TC_ACT_UNSPEC;
 pub const VERDICT_DROP: i32 = TC_ACT_SHOT;
 
 /// "From pod": service translation for traffic a pod sends, and reverse
-/// translation of the replies a backend pod sends.
+/// translation of the replies a pod sends to the hairpin address.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(flow) = parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
     };
-    match lb::forward(&ctx, &flow, Origin::Pod) {
+    // Only replies of hairpin flows go to the hairpin address: one
+    // comparison keeps every other packet off that lookup.
+    let outcome = if flow.daddr == HAIRPIN_IPV4 {
+        lb::reverse_hairpin(&ctx, &flow)
+    } else {
+        lb::forward(&ctx, &flow, Origin::Pod)
+    };
+    match outcome {
         // Refused like a closed port: TCP RST or ICMP port unreachable.
         Outcome::NoBackend => reject::reject(&ctx, &flow),
+        // Back to the pod it came from, which is both ends of the flow.
+        Outcome::Hairpin => hairpin::send_back(&ctx),
         outcome => tc_verdict(outcome),
     }
 }
@@ -90,7 +105,10 @@ pub fn from_network(ctx: XdpContext) -> u32 {
         // Without a backend the packet goes on untouched: for a NodePort
         // (a node address), the node's own stack refuses it at once (TCP
         // RST, ICMP port unreachable), as it does for any closed port.
-        Outcome::Untouched | Outcome::Translated | Outcome::NoBackend => xdp_action::XDP_PASS,
+        // (Hairpin only comes from pods, never from the network.)
+        Outcome::Untouched | Outcome::Translated | Outcome::Hairpin | Outcome::NoBackend => {
+            xdp_action::XDP_PASS
+        }
         Outcome::Dropped => xdp_action::XDP_DROP,
     }
 }
@@ -132,7 +150,7 @@ pub fn to_network(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn tc_verdict(outcome: Outcome) -> i32 {
     match outcome {
-        Outcome::Untouched | Outcome::Translated => VERDICT_CONTINUE,
+        Outcome::Untouched | Outcome::Translated | Outcome::Hairpin => VERDICT_CONTINUE,
         Outcome::NoBackend => {
             maps::count(DatapathCounter::DropNoBackend);
             VERDICT_DROP
