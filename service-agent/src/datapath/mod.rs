@@ -78,9 +78,100 @@ pub fn load(pin_path: &Path) -> anyhow::Result<Ebpf> {
     load_with_sizes(pin_path, MapSizes::default())
 }
 
+/// Unpins maps left by an agent whose map layout differs from this one's
+/// (an upgrade that changed a key or value, or the number of counters):
+/// aya would reuse a pinned map as it is, and entries of another layout
+/// would be misread. Such a map starts empty, with a warning. A map whose
+/// only difference is its capacity (`--map-size-*`) is kept, with a
+/// warning that the new size applies once its pin is removed: dropping the
+/// conntrack map would reset established flows.
+fn drop_incompatible_pins(pin_path: &Path, sizes: MapSizes) {
+    use core::mem::size_of;
+    use service_common::*;
+    // (name, key size, value size, capacity, whether the capacity is part
+    // of the layout)
+    let expected: [(&str, usize, usize, u32, bool); 7] = [
+        (
+            MAP_FRONTENDS,
+            size_of::<FrontendKey>(),
+            size_of::<FrontendValue>(),
+            sizes.frontends,
+            false,
+        ),
+        (
+            MAP_BACKENDS,
+            size_of::<BackendId>(),
+            size_of::<BackendValue>(),
+            sizes.backends,
+            false,
+        ),
+        (
+            MAP_REVNAT,
+            size_of::<RevNatId>(),
+            size_of::<RevNatValue>(),
+            sizes.revnat,
+            false,
+        ),
+        (
+            MAP_CONNTRACK,
+            size_of::<ConntrackKey>(),
+            size_of::<ConntrackValue>(),
+            sizes.conntrack,
+            false,
+        ),
+        (
+            MAP_FRONTEND_STATS,
+            size_of::<u32>(),
+            size_of::<FrontendStats>(),
+            sizes.revnat,
+            false,
+        ),
+        (
+            MAP_COUNTERS,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            COUNTERS_MAX_ENTRIES,
+            true,
+        ),
+        (
+            MAP_CONFIG,
+            size_of::<u32>(),
+            size_of::<DatapathConfig>(),
+            1,
+            true,
+        ),
+    ];
+    for (name, key_size, value_size, capacity, capacity_is_layout) in expected {
+        let pin = pin_path.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        let layout_differs = info.key_size() as usize != key_size
+            || info.value_size() as usize != value_size
+            || (capacity_is_layout && info.max_entries() != capacity);
+        if layout_differs {
+            log::warn!(
+                "pinned map {} has another layout (key {} B, value {} B, {} entries): starting it afresh",
+                pin.display(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            );
+            let _ = std::fs::remove_file(&pin);
+        } else if info.max_entries() != capacity {
+            log::warn!(
+                "pinned map {} keeps its capacity of {} entries (asked: {capacity}); remove the pin to resize it",
+                pin.display(),
+                info.max_entries()
+            );
+        }
+    }
+}
+
 /// [`load`] with map capacities other than the defaults.
 pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_path)?;
+    drop_incompatible_pins(pin_path, sizes);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_path)
         .map_max_entries(service_common::MAP_FRONTENDS, sizes.frontends)

@@ -324,17 +324,26 @@ mod tests {
         ])));
         assert_eq!(owners(&state, "a"), ["a-1", "a-2"]);
         // A slice relabelled to another Service moves, and both are dirty.
-        let dirty = state.apply(ClusterEvent::EndpointSlice(Change::Applied(slice("a-2", "b"))));
+        let dirty = state.apply(ClusterEvent::EndpointSlice(Change::Applied(slice(
+            "a-2", "b",
+        ))));
         let Dirty::Services(dirty) = dirty else {
             panic!("a slice event marks Services");
         };
-        assert_eq!(dirty.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            dirty.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(owners(&state, "a"), ["a-1"]);
         assert_eq!(owners(&state, "b"), ["a-2", "b-1"]);
-        state.apply(ClusterEvent::EndpointSlice(Change::Deleted(slice("a-1", "a"))));
+        state.apply(ClusterEvent::EndpointSlice(Change::Deleted(slice(
+            "a-1", "a",
+        ))));
         assert!(owners(&state, "a").is_empty());
         // A re-list replaces everything.
-        state.apply(ClusterEvent::EndpointSlice(Change::Replaced(vec![slice("c-1", "c")])));
+        state.apply(ClusterEvent::EndpointSlice(Change::Replaced(vec![slice(
+            "c-1", "c",
+        )])));
         assert!(owners(&state, "b").is_empty());
         assert_eq!(owners(&state, "c"), ["c-1"]);
         assert_eq!(state.endpoint_slices().len(), 1);
