@@ -57,19 +57,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Task::Test => {
-            toolchain::ensure_ebpf_toolchain()?;
-            toolchain::ensure_debian_packages(TEST_PACKAGES)?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--package",
-                    "service-agent",
-                    "--package",
-                    "service-tests",
-                    "--bins",
-                ],
-            )?;
+            prepare_namespaced_run(&root)?;
             let mut totals = TestTotals::default();
             println!("== unit tests, Kubernetes API tests (scripted responses), manifest checks");
             totals.add(&cargo_test(
@@ -105,19 +93,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Task::Demo => {
-            toolchain::ensure_ebpf_toolchain()?;
-            toolchain::ensure_debian_packages(TEST_PACKAGES)?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--package",
-                    "service-agent",
-                    "--package",
-                    "service-tests",
-                    "--bins",
-                ],
-            )?;
+            prepare_namespaced_run(&root)?;
             if !is_root() {
                 bail!("the demo needs root (network namespaces, BPF): run it with sudo");
             }
@@ -211,6 +187,24 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("sysctl", "procps"),
     ("ethtool", "ethtool"),
 ];
+
+/// What the tests and the demo need first: the eBPF toolchain, the
+/// Debian packages, and the agent and harness binaries (debug build).
+fn prepare_namespaced_run(root: &Path) -> anyhow::Result<()> {
+    toolchain::ensure_ebpf_toolchain()?;
+    toolchain::ensure_debian_packages(TEST_PACKAGES)?;
+    cargo(
+        root,
+        &[
+            "build",
+            "--package",
+            "service-agent",
+            "--package",
+            "service-tests",
+            "--bins",
+        ],
+    )
+}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
