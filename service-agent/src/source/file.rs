@@ -66,12 +66,12 @@ pub fn read_file(path: &Path) -> Result<(Parsed, u64), FileSourceError> {
 /// fails the whole text.
 pub fn parse_documents(text: &str) -> Result<Parsed, serde_yaml::Error> {
     let mut parsed = Parsed::default();
-    let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        documents.push(serde_yaml::Value::deserialize(document)?);
-    }
-    for (index, document) in documents.into_iter().enumerate() {
-        add_object(&mut parsed, document, &format!("document {}", index + 1));
+    // One document at a time: its generic YAML value is dropped as soon as
+    // it has become a typed object, which keeps the peak memory of a large
+    // file low.
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(document)?;
+        add_object(&mut parsed, value, &format!("document {}", index + 1));
     }
     Ok(parsed)
 }
