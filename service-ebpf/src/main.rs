@@ -167,6 +167,13 @@ pub fn bench_floor_tc(_ctx: TcContext) -> i32 {
     VERDICT_CONTINUE
 }
 
+/// Benchmark floor for the XDP path: an XDP program that only passes.
+/// Never attached by the agent.
+#[xdp]
+pub fn bench_floor_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

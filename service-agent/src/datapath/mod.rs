@@ -33,8 +33,10 @@ pub const PROG_FROM_NETWORK: &str = "from_network";
 pub const PROG_FROM_NETWORK_TC: &str = "from_network_tc";
 /// Name of the "to network" TC egress program (external devices).
 pub const PROG_TO_NETWORK: &str = "to_network";
-/// Name of the benchmark floor program (returns its verdict, nothing else).
+/// Name of the TC benchmark floor program (returns its verdict, nothing else).
 pub const PROG_BENCH_FLOOR_TC: &str = "bench_floor_tc";
+/// Name of the XDP benchmark floor program (passes, nothing else).
+pub const PROG_BENCH_FLOOR_XDP: &str = "bench_floor_xdp";
 
 /// Name of the socket-LB `connect4` program (cgroup, `--cgroup-path`).
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
@@ -202,13 +204,15 @@ pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf>
             .load()
             .with_context(|| format!("the kernel refused program {name}"))?;
     }
-    let xdp: &mut Xdp = ebpf
-        .program_mut(PROG_FROM_NETWORK)
-        .with_context(|| format!("program {PROG_FROM_NETWORK} missing from the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("program {PROG_FROM_NETWORK} is not an XDP program"))?;
-    xdp.load()
-        .with_context(|| format!("the kernel refused program {PROG_FROM_NETWORK}"))?;
+    for name in [PROG_FROM_NETWORK, PROG_BENCH_FLOOR_XDP] {
+        let xdp: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {name} is not an XDP program"))?;
+        xdp.load()
+            .with_context(|| format!("the kernel refused program {name}"))?;
+    }
     // The socket-LB programs need kernel 5.18 (`bpf_set_retval`): where the
     // kernel refuses them, the rest of the datapath still works, and
     // attaching them (`--cgroup-path`) fails with this reason.

@@ -34,7 +34,8 @@ use aya::{
 use etherparse::PacketBuilder;
 use service_agent::{
     datapath::{
-        self, MapSizes, PROG_BENCH_FLOOR_TC, PROG_FROM_NETWORK, PROG_FROM_POD,
+        self, MapSizes, PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP, PROG_FROM_NETWORK,
+        PROG_FROM_POD,
         maps::{ServiceMaps, write_config},
     },
     desired::DesiredState,
@@ -86,7 +87,9 @@ enum Hook {
     /// XDP "from network": external client to NodePort.
     XdpFromNetwork,
     /// The pass-only TC program.
-    Floor,
+    FloorTc,
+    /// The pass-only XDP program.
+    FloorXdp,
 }
 
 impl Hook {
@@ -94,23 +97,32 @@ impl Hook {
         match self {
             Hook::TcFromPod => PROG_FROM_POD,
             Hook::XdpFromNetwork => PROG_FROM_NETWORK,
-            Hook::Floor => PROG_BENCH_FLOOR_TC,
+            Hook::FloorTc => PROG_BENCH_FLOOR_TC,
+            Hook::FloorXdp => PROG_BENCH_FLOOR_XDP,
+        }
+    }
+
+    /// The pass-only program of the same hook type: this path's floor.
+    fn floor(self) -> Hook {
+        match self {
+            Hook::XdpFromNetwork | Hook::FloorXdp => Hook::FloorXdp,
+            Hook::TcFromPod | Hook::FloorTc => Hook::FloorTc,
         }
     }
 
     /// The verdict of a translated (or passed) packet.
     fn pass_verdict(self) -> u32 {
         match self {
-            Hook::XdpFromNetwork => XDP_PASS,
-            Hook::TcFromPod | Hook::Floor => TC_CONTINUE,
+            Hook::XdpFromNetwork | Hook::FloorXdp => XDP_PASS,
+            Hook::TcFromPod | Hook::FloorTc => TC_CONTINUE,
         }
     }
 
     /// The frontend the packets of this hook are sent to.
     fn destination(self, set: &ServiceSet) -> (Ipv4Addr, u16) {
         match self {
-            Hook::XdpFromNetwork => (NODE_IP, NODE_PORT),
-            Hook::TcFromPod | Hook::Floor => (ServiceSet::cluster_ip(set.last()), SERVICE_PORT),
+            Hook::XdpFromNetwork | Hook::FloorXdp => (NODE_IP, NODE_PORT),
+            Hook::TcFromPod | Hook::FloorTc => (ServiceSet::cluster_ip(set.last()), SERVICE_PORT),
         }
     }
 }
@@ -279,8 +291,9 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
             started.elapsed()
         );
 
-        let mut floor = Vec::new();
         for (series, label, hook) in PATHS {
+            // Each path next to the pass-only program of its own hook type.
+            let mut floor = Vec::new();
             let destination = hook.destination(&set);
             // The established flows, opened once (untimed).
             let open: Vec<u32> = clients.take(config.packets).collect();
@@ -298,7 +311,7 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
                     .take(config.packets)
                     .map(|k| tcp_packet(k, destination, true))
                     .collect();
-                let floor_ns = batch_median(dp.run_all(Hook::Floor, &syns)?);
+                let floor_ns = batch_median(dp.run_all(hook.floor(), &syns)?);
                 let new_ns = batch_median(dp.run_all(hook, &syns)?);
                 let established_ns = batch_median(dp.run_all(hook, &established)?);
                 if batch > 0 {

@@ -135,10 +135,6 @@ pub fn run(config: &BenchConfig, groups: &[Group], workdir: &Path) -> anyhow::Re
         figures,
         not_available: [
             NotAvailable {
-                name: "XDP floor".to_owned(),
-                reason: "the object has no pass-only XDP program yet; the XDP rows are compared with the TC floor (the same BPF_PROG_TEST_RUN timing around a program that only returns)".to_owned(),
-            },
-            NotAvailable {
                 name: "Start to fully programmed with the Kubernetes source".to_owned(),
                 reason: "needs scripted API responses served to the agent binary; measured with the file source".to_owned(),
             },
