@@ -188,8 +188,17 @@ fn read_http_response(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Strin
 /// One HTTP GET on a new connection from inside the calling thread's
 /// namespace; returns the body. Use through [`NetNs::run`].
 pub fn http_get(target: SocketAddr) -> anyhow::Result<String> {
-    let stream = TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
-        .with_context(|| format!("connecting to {target}"))?;
+    get_once(connect(target)?)
+}
+
+/// A TCP connection to `target`, within [`CLIENT_TIMEOUT`].
+fn connect(target: SocketAddr) -> anyhow::Result<TcpStream> {
+    TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
+        .with_context(|| format!("connecting to {target}"))
+}
+
+/// Sends one GET that closes the connection and returns the body.
+fn get_once(stream: TcpStream) -> anyhow::Result<String> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     let mut writer = stream.try_clone()?;
     writer.write_all(b"GET / HTTP/1.1\r\nHost: service\r\nConnection: close\r\n\r\n")?;
@@ -236,8 +245,7 @@ pub fn spread(
 /// A plain `GET path` to `target` from inside the calling thread's
 /// namespace; returns the status code and the body (read to the end).
 pub fn http_get_path(target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
-        .with_context(|| format!("connecting to {target}"))?;
+    let mut stream = connect(target)?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     write!(
         stream,
@@ -261,16 +269,12 @@ pub fn http_get_path(target: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
 /// socket's peer (`getpeername`) is `target`: what a client sees when
 /// socket-LB sent its connection to a backend.
 pub fn http_get_peer_checked(target: SocketAddr) -> anyhow::Result<String> {
-    let stream = TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
-        .with_context(|| format!("connecting to {target}"))?;
+    let stream = connect(target)?;
     let peer = stream.peer_addr().context("getpeername")?;
     if peer != target {
         bail!("the connection's peer is {peer}, not {target}");
     }
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut writer = stream.try_clone()?;
-    writer.write_all(b"GET / HTTP/1.1\r\nHost: service\r\nConnection: close\r\n\r\n")?;
-    read_http_response(&mut BufReader::new(stream))
+    get_once(stream)
 }
 
 /// One UDP request from a new socket connected to `target`; fails unless
