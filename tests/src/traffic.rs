@@ -211,6 +211,12 @@ pub fn udp_request(target: SocketAddr) -> anyhow::Result<String> {
     let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
     socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     socket.send_to(b"which backend?\n", target)?;
+    read_udp_answer(&socket, target)
+}
+
+/// Waits for the answer to a UDP request; fails unless it comes from
+/// `target`. Returns the answer.
+fn read_udp_answer(socket: &UdpSocket, target: SocketAddr) -> anyhow::Result<String> {
     let mut buf = [0u8; 512];
     let (n, from) = socket
         .recv_from(&mut buf)
@@ -291,12 +297,5 @@ pub fn udp_request_connected(target: SocketAddr) -> anyhow::Result<String> {
     }
     socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     socket.send(b"which backend?\n")?;
-    let mut buf = [0u8; 512];
-    let (n, from) = socket
-        .recv_from(&mut buf)
-        .context("waiting for the UDP answer")?;
-    if from != target {
-        bail!("UDP answer came from {from}, not from {target}");
-    }
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    read_udp_answer(&socket, target)
 }

@@ -160,19 +160,12 @@ fn attach_external(
         .with_context(|| format!("program {PROG_FROM_NETWORK} missing"))?
         .try_into()?;
     let pin = link_dir.join(format!("{device}-xdp"));
-    if let Ok(pinned) = PinnedLink::from_pin(&pin) {
-        let link = XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not XDP")?;
-        match program.attach_to_link(link) {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                warn!(
-                    "pinned link {} is stale ({e}); attaching afresh",
-                    pin.display()
-                );
-                std::fs::remove_file(&pin)
-                    .with_context(|| format!("removing stale pin {}", pin.display()))?;
-            }
-        }
+    if adopt_pinned(&pin, |link| {
+        let link = XdpLink::try_from(link).context("pinned link is not XDP")?;
+        program.attach_to_link(link)?;
+        Ok(())
+    })? {
+        return Ok(());
     }
     let link_id = program
         .attach(device, XdpMode::Default)
@@ -233,20 +226,12 @@ fn attach_pinned(
     attach_type: TcAttachType,
     pin: &Path,
 ) -> anyhow::Result<()> {
-    if let Ok(pinned) = PinnedLink::from_pin(pin) {
-        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-            .context("pinned link is not a tcx link")?;
-        match program.attach_to_link(link) {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                warn!(
-                    "pinned link {} is stale ({e}); attaching afresh",
-                    pin.display()
-                );
-                std::fs::remove_file(pin)
-                    .with_context(|| format!("removing stale pin {}", pin.display()))?;
-            }
-        }
+    if adopt_pinned(pin, |link| {
+        let link = SchedClassifierLink::try_from(link).context("pinned link is not a tcx link")?;
+        program.attach_to_link(link)?;
+        Ok(())
+    })? {
+        return Ok(());
     }
     let link_id = program
         .attach_with_options(
@@ -259,4 +244,29 @@ fn attach_pinned(
     link.pin(pin)
         .with_context(|| format!("pinning link at {}", pin.display()))?;
     Ok(())
+}
+
+/// Puts a new program into the link pinned at `pin` with `swap` (the link
+/// stays attached, only its program changes). `Ok(true)` when done;
+/// `Ok(false)` when there is no pin, or when the pinned link is stale (its
+/// device is gone): that pin is removed, for a fresh attach.
+fn adopt_pinned(
+    pin: &Path,
+    swap: impl FnOnce(FdLink) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    let Ok(pinned) = PinnedLink::from_pin(pin) else {
+        return Ok(false);
+    };
+    match swap(FdLink::from(pinned)) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            warn!(
+                "pinned link {} is stale ({e:#}); attaching afresh",
+                pin.display()
+            );
+            std::fs::remove_file(pin)
+                .with_context(|| format!("removing stale pin {}", pin.display()))?;
+            Ok(false)
+        }
+    }
 }
