@@ -2,6 +2,7 @@
 //! command first installs what a fresh machine lacks (rust-src, bpf-linker,
 //! Debian packages), so the README's commands are all a new machine needs.
 
+mod kernel_matrix;
 mod toolchain;
 
 use std::{
@@ -28,6 +29,9 @@ enum Task {
     /// Run every test: unit tests, then the privileged datapath and
     /// end-to-end tests (as root, one at a time).
     Test,
+    /// Run only the kernel matrix: the datapath tests on Debian's 6.1 LTS
+    /// and 6.12 kernels in QEMU (part of `test`).
+    KernelMatrix,
     /// Run the demo: namespaces as node and pods, the agent on
     /// examples/demo-services.yaml, real traffic to a ClusterIP.
     Demo,
@@ -82,6 +86,14 @@ fn main() -> anyhow::Result<()> {
                 &["--package", "service-tests"],
                 &["--test-threads=1"],
             )?);
+            println!("== kernel matrix (the datapath tests on other kernels, in QEMU)");
+            totals.add_kernel_matrix(&root)?;
+            totals.finish()?;
+        }
+        Task::KernelMatrix => {
+            prepare_namespaced_run(&root)?;
+            let mut totals = TestTotals::default();
+            totals.add_kernel_matrix(&root)?;
             totals.finish()?;
         }
         Task::Demo => {
@@ -215,14 +227,14 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn cargo_bin() -> String {
+pub(crate) fn cargo_bin() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
@@ -293,6 +305,53 @@ impl TestTotals {
         self.skipped += run.skipped;
         self.skipped_privileged.extend(run.skipped_privileged);
         self.broken |= run.broken;
+    }
+
+    /// Runs the datapath tests on every kernel of the matrix and adds what
+    /// each reported; a kernel whose guest did not run to its end counts as
+    /// a failure named after it.
+    fn add_kernel_matrix(&mut self, root: &Path) -> anyhow::Result<()> {
+        let guest = kernel_matrix::prepare(root, &target_dir(root))?;
+        // One guest per kernel, side by side (each emulated CPU is one
+        // host thread); their lines carry the kernel's name.
+        let guest_runs: Vec<anyhow::Result<kernel_matrix::GuestRun>> =
+            std::thread::scope(|scope| {
+                let guests: Vec<_> = kernel_matrix::KERNELS
+                    .iter()
+                    .map(|kernel| scope.spawn(|| kernel_matrix::boot(kernel, &guest)))
+                    .collect();
+                guests
+                    .into_iter()
+                    .map(|guest| guest.join().expect("guest thread panicked"))
+                    .collect()
+            });
+        let mut summary = Vec::new();
+        for (kernel, guest_run) in kernel_matrix::KERNELS.iter().zip(guest_runs) {
+            let guest_run = guest_run?;
+            let mut run = TestRun::parse(&guest_run.output);
+            let verdict = match &guest_run.problem {
+                Some(problem) => {
+                    run.broken = true;
+                    format!("FAILED: {problem}")
+                }
+                None if run.failed > 0 => format!("FAILED: {} tests failed", run.failed),
+                None => "ok".to_owned(),
+            };
+            summary.push(format!(
+                "kernel matrix: {} ({}): {verdict}; {} passed, {} failed; boot {:.1} s, tests {:.1} s",
+                kernel.label,
+                guest_run.release,
+                run.passed,
+                run.failed,
+                guest_run.boot.as_secs_f64(),
+                guest_run.tests.as_secs_f64(),
+            ));
+            self.add(run);
+        }
+        for line in summary {
+            println!("{line}");
+        }
+        Ok(())
     }
 
     /// Prints the closing line; fails when a test failed or a run broke.
