@@ -3,6 +3,7 @@
 //! Debian packages), so the README's commands are all a new machine needs.
 
 mod kernel_matrix;
+mod lint;
 mod toolchain;
 
 use std::{
@@ -35,7 +36,8 @@ enum Task {
     /// Run the demo: namespaces as node and pods, the agent on
     /// examples/demo-services.yaml, real traffic to a ClusterIP.
     Demo,
-    /// cargo fmt --check and clippy -D warnings (host crates and the eBPF crate).
+    /// cargo fmt --check, clippy -D warnings (host crates and the eBPF
+    /// crate), cargo-deny (deny.toml) and shellcheck on the shell scripts.
     Lint,
     /// Benchmark our datapath and control plane against the pass-only floor
     /// and kube-proxy's iptables and nftables modes; writes
@@ -183,6 +185,12 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .env("RUSTC_BOOTSTRAP", "1");
             run(&mut ebpf)?;
+            let advisories = lint::cargo_deny(&root)?;
+            let scripts = lint::shellcheck(&root)?;
+            println!(
+                "lint: fmt ok, clippy ok, cargo-deny bans, licenses and sources ok, {advisories}; \
+                 shellcheck ok ({scripts} scripts)"
+            );
         }
     }
     Ok(())
