@@ -8,13 +8,12 @@
 //! like the reverse translation of ordinary replies.
 
 use service_common::{
-    CT_DIR_REPLY, ConntrackKey, DatapathCounter, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, map_addr_v4,
-    map_addr_v4_octets,
+    CT_DIR_REPLY, ConntrackKey, DatapathCounter, PROTO_TCP, PROTO_UDP, map_addr_v4_octets,
 };
 
 use crate::{
     lb::Outcome,
-    maps::{CONNTRACK, REVNAT, count},
+    maps::{CONNTRACK, count},
     nat::csum_replace,
     packet::Packet,
 };
@@ -123,30 +122,20 @@ pub fn reverse_icmp_error<P: Packet>(ctx: &P) -> Outcome {
     };
     // The quoted packet went client -> backend; its reply entry is the
     // other way round.
-    let key = ConntrackKey {
-        saddr: map_addr_v4(error.inner_daddr),
-        daddr: map_addr_v4(error.inner_saddr),
-        sport: error.inner_dport,
-        dport: error.inner_sport,
-        family: FAMILY_IPV4,
-        proto: error.inner_proto,
-        direction: CT_DIR_REPLY,
-        _pad: 0,
-    };
+    let key = ConntrackKey::v4(
+        error.inner_daddr,
+        error.inner_dport,
+        error.inner_saddr,
+        error.inner_sport,
+        error.inner_proto,
+        CT_DIR_REPLY,
+    );
     // SAFETY: the value is copied out at once.
-    let Some(rev_nat_id) = (unsafe { CONNTRACK.get(key) }).map(|ct| ct.rev_nat_id) else {
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
         return Outcome::Untouched;
     };
-    // SAFETY: copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id) }).copied() else {
-        return Outcome::Untouched;
-    };
-    match rewrite(
-        ctx,
-        &error,
-        map_addr_v4_octets(&frontend.addr),
-        frontend.port,
-    ) {
+    // The reply entry holds the frontend.
+    match rewrite(ctx, &error, map_addr_v4_octets(&ct.nat_addr), ct.nat_port) {
         Ok(()) => {
             count(DatapathCounter::ReplyTranslated);
             Outcome::Translated

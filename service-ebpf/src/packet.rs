@@ -24,6 +24,8 @@ const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 
 /// An IPv4 TCP or UDP packet whose headers are all present in the skb.
+/// Aligned so its addresses are copied into map keys as whole words.
+#[repr(C, align(8))]
 pub struct Ipv4Flow {
     /// Source address, network byte order.
     pub saddr: [u8; 4],

@@ -107,8 +107,9 @@ struct PseudoHdr {
 /// Turns a new flow's packet to a frontend without backends into the
 /// client's refusal and sends it back: [`VERDICT_REDIRECT`], counted as
 /// `RejectedNoBackend`; the drop verdict, counted as `DropNoBackend`, when
-/// no reply can be made.
-#[inline(always)]
+/// no reply can be made. Not inlined: its own stack frame keeps the
+/// hooks that refuse within the BPF stack limit.
+#[inline(never)]
 pub fn reject(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
     let reply = if flow.proto == PROTO_TCP {
         tcp_reset(ctx, flow)
