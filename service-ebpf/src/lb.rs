@@ -23,26 +23,21 @@
 //! flow: one address comparison per packet in each direction (the backend
 //! against the source; the destination against the hairpin address).
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
-    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey,
-    ConntrackValue, DatapathCounter, FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue,
-    HAIRPIN_IPV4, RevNatId, map_addr_v4, map_addr_v4_octets, mono_seconds, reply_key,
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey, DatapathCounter,
+    FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue, HAIRPIN_IPV4, RevNatId,
+    map_addr_v4_octets,
 };
 
 use crate::{
+    conntrack::{conntrack_key, snat, track},
     maps::{BACKENDS, CONNTRACK, FRONTENDS, account_frontend, config, count},
     nat::{Rewriter, Side},
     packet::{Ipv4Flow, Packet},
+    verdict::Outcome,
 };
-
-/// `BPF_ANY`: insert or replace.
-const BPF_ANY: u64 = 0;
-/// `BPF_NOEXIST`: insert only if the key is absent.
-const BPF_NOEXIST: u64 = 1;
-/// How many SNAT ports are tried for a new flow before giving up.
-const SNAT_PORT_TRIES: u32 = 16;
 
 /// Where a packet entered the datapath.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -52,22 +47,6 @@ pub enum Origin {
     /// From the network (XDP or TC on an external device): only NodePort,
     /// LoadBalancer and externalIP frontends; remote backends are SNATed.
     Network,
-}
-
-/// What the datapath did with a packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Not for a frontend: untouched.
-    Untouched,
-    /// Translated (DNAT, SNAT or reverse NAT).
-    Translated,
-    /// Translated as a hairpin flow (only from pods): the packet's next
-    /// stop is the pod it came from, both ends of the flow being that pod.
-    Hairpin,
-    /// A new flow to a frontend without usable backend.
-    NoBackend,
-    /// Dropped (already counted).
-    Dropped,
 }
 
 /// The backend a flow is (or will be) translated to. Aligned so its
@@ -239,21 +218,6 @@ pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcom
     Outcome::Hairpin
 }
 
-/// The conntrack key of a packet as it stands, in the given direction.
-#[inline(always)]
-fn conntrack_key(flow: &Ipv4Flow, direction: u8) -> ConntrackKey {
-    ConntrackKey::v4(
-        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, direction,
-    )
-}
-
-/// Monotonic seconds, as conntrack entries store them.
-#[inline(always)]
-fn now_seconds() -> u32 {
-    // SAFETY: the helper has no preconditions.
-    mono_seconds(unsafe { bpf_ktime_get_ns() })
-}
-
 /// The backend of an already tracked flow. A TCP SYN whose tracked backend
 /// is gone or no longer active (the 5-tuple was reused after the backend
 /// left) starts afresh.
@@ -348,109 +312,4 @@ fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
 fn snat_address() -> Option<[u8; 4]> {
     let snat_v4 = config().snat_v4;
     (snat_v4 != [0; 4]).then_some(snat_v4)
-}
-
-/// Gives a new flow to a remote backend a source port on this node's SNAT
-/// address: a random start in the SNAT range, then the next ports; a port
-/// is taken only if no other flow to the same backend holds it (the SNAT
-/// reply entry is inserted only if absent). Then records the SNAT entry
-/// [`snat_out`] uses. `None` without an SNAT address or when every try
-/// collides. Not inlined (its own stack frame).
-#[inline(never)]
-fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
-    let config = config();
-    let snat_addr = config.snat_v4;
-    if snat_addr == [0; 4] {
-        return None;
-    }
-    let now = now_seconds();
-    let range = config.snat_ports;
-    // SAFETY: the helper has no preconditions.
-    let start = unsafe { bpf_get_prandom_u32() } % range.port_count();
-    let mut reply_key = ConntrackKey::v4(
-        target.addr,
-        target.port,
-        snat_addr,
-        0,
-        flow.proto,
-        CT_DIR_SNAT_REPLY,
-    );
-    let reply = ConntrackValue::new(
-        map_addr_v4(flow.saddr),
-        flow.sport,
-        target.backend_id,
-        target.rev_nat_id,
-        now,
-    )
-    .with_flags(CT_FLAG_SNAT);
-    let mut port = None;
-    for attempt in 0..SNAT_PORT_TRIES {
-        let candidate = range.nth(start + attempt).to_be();
-        reply_key.dport = candidate;
-        if CONNTRACK.insert(reply_key, reply, BPF_NOEXIST).is_ok() {
-            port = Some(candidate);
-            break;
-        }
-    }
-    let port = port?;
-    let out_key = ConntrackKey::v4(
-        flow.saddr,
-        flow.sport,
-        target.addr,
-        target.port,
-        flow.proto,
-        CT_DIR_SNAT,
-    );
-    let out = ConntrackValue::new(
-        map_addr_v4(snat_addr),
-        port,
-        target.backend_id,
-        target.rev_nat_id,
-        now,
-    )
-    .with_flags(CT_FLAG_SNAT);
-    CONNTRACK.insert(out_key, out, BPF_ANY).ok()?;
-    Some(port)
-}
-
-/// Records a new flow: the reply entry first, so a reply can never arrive
-/// before the datapath knows how to translate it, then the forward entry.
-/// A hairpin flow's reply entry is keyed by the reply as the pod sends it,
-/// to [`HAIRPIN_IPV4`]. Not inlined (its own stack frame).
-#[inline(never)]
-fn track(
-    flow: &Ipv4Flow,
-    forward_key: &ConntrackKey,
-    target: &Target,
-    hairpin: bool,
-) -> Result<(), i32> {
-    let now = now_seconds();
-    let mut flags = if target.snat_port != 0 {
-        CT_FLAG_SNAT
-    } else {
-        0
-    };
-    if hairpin {
-        flags |= CT_FLAG_HAIRPIN;
-    }
-    let forward = ConntrackValue::new(
-        map_addr_v4(target.addr),
-        target.port,
-        target.backend_id,
-        target.rev_nat_id,
-        now,
-    )
-    .with_flags(flags)
-    .with_snat_port(target.snat_port);
-    // The reply entry holds the frontend it restores.
-    let reply = ConntrackValue::new(
-        forward_key.daddr,
-        flow.dport,
-        target.backend_id,
-        target.rev_nat_id,
-        now,
-    )
-    .with_flags(flags & CT_FLAG_HAIRPIN);
-    CONNTRACK.insert(reply_key(forward_key, &forward), reply, BPF_ANY)?;
-    CONNTRACK.insert(forward_key, forward, BPF_ANY)
 }

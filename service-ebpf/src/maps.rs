@@ -89,6 +89,11 @@ pub static SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> =
     LruHashMap::pinned(SOCK_NAT_MAX_ENTRIES, 0);
 check_map!("SVC_SOCK_NAT", SockNatKey, SockNatValue, MapKind::LruHash);
 
+/// `BPF_ANY`: insert or replace.
+pub const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: insert only if the key is absent.
+pub const BPF_NOEXIST: u64 = 1;
+
 /// The node-wide settings; all zero (every default) before the agent
 /// writes them.
 #[inline(always)]

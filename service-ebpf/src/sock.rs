@@ -60,7 +60,7 @@ use service_common::{
 
 use crate::{
     lb::{self, Lookup, Origin, Target},
-    maps::{BACKENDS, FRONTEND_STATS, SOCK_NAT, count},
+    maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, count},
 };
 
 /// Verdict letting the system call go on (with the address as rewritten).
@@ -76,8 +76,6 @@ const EHOSTUNREACH: i32 = 113;
 const IPPROTO_TCP: u32 = 6;
 /// `IPPROTO_UDP` as the socket reports it.
 const IPPROTO_UDP: u32 = 17;
-/// `BPF_ANY`: insert or replace.
-const BPF_ANY: u64 = 0;
 
 /// `connect(2)` of a TCP or UDP socket: a frontend becomes a backend.
 #[cgroup_sock_addr(connect4)]
