@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
 use crate::datapath_fixture::Datapath;
 
@@ -22,14 +23,32 @@ pub fn tcp(
     ack: bool,
     payload: &[u8],
 ) -> Vec<u8> {
+    let flags = if syn { TCP_FLAG_SYN } else { 0 } | if ack { TCP_FLAG_ACK } else { 0 };
+    tcp_segment(src, dst, flags, payload)
+}
+
+/// A TCP segment `src` -> `dst` with `flags` (`TCP_FLAG_*` of
+/// service-common: SYN, ACK, FIN, RST), seq 1000, ack 2000 when ACK is set.
+pub fn tcp_segment(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv4(src.0.octets(), dst.0.octets(), 64)
         .tcp(src.1, dst.1, 1000, 64240);
-    if syn {
+    if flags & TCP_FLAG_SYN != 0 {
         builder = builder.syn();
     }
-    if ack {
+    if flags & TCP_FLAG_ACK != 0 {
         builder = builder.ack(2000);
+    }
+    if flags & TCP_FLAG_FIN != 0 {
+        builder = builder.fin();
+    }
+    if flags & TCP_FLAG_RST != 0 {
+        builder = builder.rst();
     }
     let mut out = Vec::new();
     builder.write(&mut out, payload).expect("build tcp");

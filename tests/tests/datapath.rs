@@ -8,9 +8,9 @@ use std::net::Ipv4Addr;
 
 use etherparse::{IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder};
 use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
-use service_common::{CT_DIR_FORWARD, ConntrackKey, PROTO_TCP, PROTO_UDP};
+use service_common::{CT_DIR_FORWARD, PROTO_TCP, PROTO_UDP};
 use service_tests::{
-    datapath_fixture::Datapath,
+    datapath_fixture::{Datapath, ct_key},
     packets::{CLIENT_MAC, Case, Expect, NODE_MAC, run_cases, tcp, udp, udp_without_checksum},
     require_root,
 };
@@ -245,15 +245,8 @@ fn cluster_ip_translation_table() {
     assert_eq!(dp.counter("reply_translated"), 2);
 
     // The SYN left a forward conntrack entry pinned to backend A.
-    let key = ConntrackKey::v4(
-        CLIENT.octets(),
-        40000u16.to_be(),
-        VIP.octets(),
-        80u16.to_be(),
-        PROTO_TCP,
-        CT_DIR_FORWARD,
-    );
-    let entry = dp.conntrack.get(&key, 0).expect("forward conntrack entry");
+    let key = ct_key((CLIENT, 40000), (VIP, 80), PROTO_TCP, CT_DIR_FORWARD);
+    let entry = dp.entry(&key).expect("forward conntrack entry");
     assert_eq!(entry.nat_addr[..4], BACKEND_A.octets());
     assert_eq!(u16::from_be(entry.nat_port), 8080);
 }
