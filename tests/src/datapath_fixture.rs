@@ -144,7 +144,7 @@ impl Datapath {
             &mut self.ebpf,
             &DatapathConfig {
                 snat_v4: addr.octets(),
-                _reserved: 0,
+                ..DatapathConfig::default()
             },
         )
         .expect("writing the configuration");
