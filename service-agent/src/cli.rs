@@ -18,9 +18,9 @@ use crate::{
         attach::{DeviceSelection, NodePortMode},
         cgroup::{CgroupPath, DEFAULT_CGROUP_PATH},
     },
+    reconcile::translate::NodeContext,
     run::RunOptions,
     source::SourceSpec,
-    translate::NodeContext,
 };
 
 /// eBPF Service load balancer for Kubernetes: a kube-proxy replacement.

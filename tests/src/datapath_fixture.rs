@@ -11,11 +11,16 @@ use aya::{
     programs::{Program, TestRun, TestRunOptions},
 };
 use service_agent::{
-    datapath::{self, maps::ServiceMaps},
-    desired::DesiredState,
-    source::ObjectName,
-    state::{MapState, MapWriter as _},
-    translate::{DesiredBackend, DesiredFrontend},
+    datapath::{
+        self,
+        maps::ServiceMaps,
+        model::{MapState, MapWriter as _},
+    },
+    reconcile::{
+        cluster::ObjectName,
+        desired::DesiredState,
+        translate::{DesiredBackend, DesiredFrontend},
+    },
 };
 use service_common::{
     BackendValue, CT_FLAG_DEAD, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,

@@ -12,8 +12,10 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use service_agent::{
     datapath::MapSizes,
-    source::ObjectName,
-    translate::{DesiredBackend, DesiredFrontend},
+    reconcile::{
+        cluster::ObjectName,
+        translate::{DesiredBackend, DesiredFrontend},
+    },
 };
 use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
 
@@ -160,8 +162,8 @@ impl ServiceSet {
 mod tests {
     use super::*;
     use service_agent::{
+        reconcile::translate::{NodeContext, translate},
         source::file::parse_documents,
-        translate::{NodeContext, translate},
     };
 
     #[test]

@@ -13,7 +13,7 @@ use service_common::{
     FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::source::{ClusterState, ObjectName};
+use super::cluster::{ClusterState, ObjectName};
 
 /// What the translation needs to know about the node it runs on.
 #[derive(Clone, Debug, Default)]

@@ -8,25 +8,16 @@ use std::{collections::BTreeMap, time::Instant};
 
 use log::{error, info, warn};
 
-use crate::{
-    datapath::MapSizes,
+use super::{
+    cluster::{ClusterState, Dirty, ObjectName},
     desired::DesiredState,
-    source::{ClusterState, Dirty, ObjectName},
-    state::{MapOp, MapState, MapWriter, diff},
+    diff::diff,
     translate::{NodeContext, Translation, translate_one},
 };
-
-/// Reads the maps' whole contents (for adoption and repairs).
-pub trait MapReader {
-    /// The maps' contents.
-    fn read_state(&self) -> anyhow::Result<MapState>;
-}
-
-impl MapReader for MapState {
-    fn read_state(&self) -> anyhow::Result<MapState> {
-        Ok(self.clone())
-    }
-}
+use crate::datapath::{
+    MapSizes,
+    model::{MapOp, MapReader, MapWriter, proto_name},
+};
 
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -256,16 +247,6 @@ fn summarize(ops: &[MapOp]) -> String {
         .join(", ")
 }
 
-/// `TCP`, `UDP` or the number.
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        service_common::PROTO_TCP => "TCP".to_owned(),
-        service_common::PROTO_UDP => "UDP".to_owned(),
-        service_common::PROTO_SCTP => "SCTP".to_owned(),
-        other => other.to_string(),
-    }
-}
-
 /// Times a sync for the metrics.
 pub struct SyncTimer(Instant);
 
@@ -284,7 +265,9 @@ impl SyncTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{ClusterEvent, file::parse_documents};
+    use crate::{
+        datapath::model::MapState, reconcile::cluster::ClusterEvent, source::file::parse_documents,
+    };
 
     const BASE: &str = r#"
 kind: Service
@@ -336,9 +319,9 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
         syncer.sync_full(&state);
         let mut slice = state.endpoint_slices().values().next().unwrap().clone();
         slice.endpoints.truncate(1);
-        let dirty = state.apply(ClusterEvent::EndpointSlice(crate::source::Change::Applied(
-            slice,
-        )));
+        let dirty = state.apply(ClusterEvent::EndpointSlice(
+            crate::reconcile::cluster::Change::Applied(slice),
+        ));
         let names: Vec<String> = match &dirty {
             Dirty::Services(names) => names.iter().map(|n| n.to_string()).collect(),
             Dirty::All => panic!("a slice event marks its Service only"),

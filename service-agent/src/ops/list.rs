@@ -13,11 +13,10 @@ use service_common::{
     MAP_FRONTEND_STATS,
 };
 
-use crate::{
-    datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
-    state::{MapState, ip_from_map},
-    status::{self, ServiceStatus, frontend_label},
-    sync::{MapReader as _, proto_name},
+use super::status::{self, ServiceStatus};
+use crate::datapath::{
+    maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
+    model::{MapReader as _, MapState, frontend_label, ip_from_map, proto_name},
 };
 
 /// Everything `list` shows.

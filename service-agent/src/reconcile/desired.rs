@@ -12,11 +12,12 @@ use service_common::{
     BackendValue, FrontendKey, FrontendValue, MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
 };
 
-use crate::{
-    source::ObjectName,
-    state::{MapOp, MapState, diff, map_addr},
+use super::{
+    cluster::ObjectName,
+    diff::diff,
     translate::{DesiredBackend, DesiredFrontend},
 };
+use crate::datapath::model::{MapOp, MapState, map_addr};
 
 /// Identity of a frontend (address, port in network order, protocol,
 /// scope): what a rev-NAT id is allocated for.
@@ -356,7 +357,7 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::MapWriter as _;
+    use crate::datapath::model::MapWriter as _;
     use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
 
     fn name(n: &str) -> ObjectName {
