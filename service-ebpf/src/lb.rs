@@ -37,7 +37,7 @@ use crate::{
     },
     maps::{BACKENDS, FRONTENDS, account_frontend, config, count},
     nat::{Rewriter, Side},
-    packet::{Ipv4Flow, Packet},
+    packet::{Fragment, Ipv4Flow, Packet},
     verdict::Outcome,
 };
 
@@ -150,6 +150,8 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
     let tracked = lookup_master(&ct_key, flow, now, &config.timeouts);
     let (target, new_flow) = match tracked {
         Tracked::Flow(target) => (target, false),
+        // A later fragment follows its flow, it never starts one.
+        _ if flow.fragment == Fragment::Later => return Outcome::Untouched,
         _ => match new_flow_target(flow, origin) {
             Lookup::NotAFrontend if tracked == Tracked::Dead => {
                 count(DatapathCounter::DeadFlowDropped);

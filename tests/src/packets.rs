@@ -5,7 +5,9 @@
 
 use std::net::Ipv4Addr;
 
-use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use etherparse::{
+    IpFragOffset, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
+};
 use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
 use crate::datapath_fixture::Datapath;
@@ -64,6 +66,44 @@ pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8
         .write(&mut out, payload)
         .expect("build udp");
     out
+}
+
+/// The two fragments of the UDP datagram `src` -> `dst` carrying `payload`
+/// (with the checksum of the whole datagram), IP identification `id`: the
+/// first holds the UDP header and the first `first_len - 8` payload bytes
+/// (`first_len`, the first fragment's L4 length, a multiple of 8), the
+/// later one the rest. Each has its own valid IPv4 header checksum.
+pub fn udp_fragments(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+    first_len: usize,
+    id: u16,
+) -> [Vec<u8>; 2] {
+    assert!(first_len % 8 == 0 && first_len < payload.len() + 8);
+    let whole = udp(src, dst, payload);
+    let l4 = &whole[14 + 20..];
+    let fragment = |bytes: &[u8], offset: usize, more: bool| {
+        let mut ip = Ipv4Header::new(
+            bytes.len() as u16,
+            64,
+            IpNumber::UDP,
+            src.0.octets(),
+            dst.0.octets(),
+        )
+        .expect("fragment header");
+        ip.identification = id;
+        ip.more_fragments = more;
+        ip.fragment_offset = IpFragOffset::try_new((offset / 8) as u16).expect("offset");
+        let mut out = whole[..14].to_vec();
+        ip.write(&mut out).expect("write fragment header");
+        out.extend_from_slice(bytes);
+        out
+    };
+    [
+        fragment(&l4[..first_len], 0, true),
+        fragment(&l4[first_len..], first_len, false),
+    ]
 }
 
 /// A UDP packet whose checksum is 0 ("none", allowed over IPv4).

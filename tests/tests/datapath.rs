@@ -11,7 +11,10 @@ use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
 use service_common::{CT_DIR_FORWARD, PROTO_TCP, PROTO_UDP};
 use service_tests::{
     datapath_fixture::{Datapath, ct_key},
-    packets::{CLIENT_MAC, Case, Expect, NODE_MAC, run_cases, tcp, udp, udp_without_checksum},
+    packets::{
+        CLIENT_MAC, Case, Expect, NODE_MAC, run_cases, tcp, udp, udp_fragments,
+        udp_without_checksum,
+    },
     require_root,
 };
 
@@ -41,19 +44,6 @@ fn tcp_syn_with_ip_options(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8
         .syn()
         .write(&mut out, &[])
         .expect("build tcp with options");
-    out
-}
-
-/// A UDP packet that is the first fragment of a larger datagram.
-fn udp_first_fragment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
-    let mut header = Ipv4Header::new(0, 64, IpNumber::UDP, src.0.octets(), dst.0.octets()).unwrap();
-    header.more_fragments = true;
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ip(IpHeaders::Ipv4(header, Default::default()))
-        .udp(src.1, dst.1)
-        .write(&mut out, b"first part")
-        .expect("build fragment");
     out
 }
 
@@ -96,6 +86,9 @@ fn cluster_ip_translation_table() {
         p[16..18].copy_from_slice(&30u16.to_be_bytes());
         p
     };
+    let payload = [7u8; 40];
+    let fragments = udp_fragments((CLIENT, 50002), (VIP, 53), &payload, 24, 77);
+    let translated_fragments = udp_fragments((CLIENT, 50002), (BACKEND_A, 5353), &payload, 24, 77);
     let rst_to_empty = {
         let mut p = Vec::new();
         PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
@@ -218,11 +211,13 @@ fn cluster_ip_translation_table() {
                 expect: Expect::Untouched,
             },
             Case {
-                name: "an IPv4 fragment passes untouched",
+                // (Every hook, both directions, later fragments too:
+                // datapath_fragments.rs.)
+                name: "the first fragment of a datagram to a ClusterIP is translated",
                 program: PROG_FROM_POD,
-                input: udp_first_fragment((CLIENT, 50002), (VIP, 53)),
+                input: fragments[0].clone(),
                 verdict: CONTINUE,
-                expect: Expect::Untouched,
+                expect: Expect::Bytes(translated_fragments[0].clone()),
             },
             Case {
                 name: "a reply of an untracked flow passes untouched",
