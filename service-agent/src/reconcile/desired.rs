@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BackendId,
-    BackendValue, FrontendKey, FrontendValue, MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
+    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, MapAddr,
+    RevNatId, RevNatValue, SCOPE_ALL,
 };
 
 use super::{
@@ -281,17 +281,16 @@ impl DesiredState {
             scope: SCOPE_ALL,
             _pad: 0,
         };
+        // Draining backends are kept in the backends map for their flows,
+        // without a slot.
+        for backend in &frontend.draining {
+            if let Some((id, value)) = self.backend_entry(&label, backend, problems) {
+                fragment.backends.insert(id, value);
+            }
+        }
         let mut slot: u16 = 0;
         for backend in &frontend.backends {
-            let value = backend_value(backend);
-            let Some(id) =
-                self.backend_ids
-                    .get_or_allocate(&(value.addr, value.port, value.family))
-            else {
-                problems.push(format!(
-                    "{label}: backend {}:{}: no free backend id (map full)",
-                    backend.addr, backend.port
-                ));
+            let Some((id, value)) = self.backend_entry(&label, backend, problems) else {
                 continue;
             };
             let Some(next) = slot.checked_add(1) else {
@@ -331,6 +330,27 @@ impl DesiredState {
             },
         );
     }
+
+    /// The id and value of `backend` of frontend `label`, allocating its
+    /// id if needed; `None` (with a line in `problems`) when no id is free.
+    fn backend_entry(
+        &mut self,
+        label: &str,
+        backend: &DesiredBackend,
+        problems: &mut Vec<String>,
+    ) -> Option<(BackendId, BackendValue)> {
+        let value = backend_value(backend);
+        let id = self
+            .backend_ids
+            .get_or_allocate(&(value.addr, value.port, value.family));
+        if id.is_none() {
+            problems.push(format!(
+                "{label}: backend {}:{}: no free backend id (map full)",
+                backend.addr, backend.port
+            ));
+        }
+        Some((id?, value))
+    }
 }
 
 fn backend_value(backend: &DesiredBackend) -> BackendValue {
@@ -339,11 +359,7 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
         addr,
         port: backend.port.to_be(),
         family,
-        state: if backend.terminating {
-            BACKEND_STATE_TERMINATING
-        } else {
-            BACKEND_STATE_ACTIVE
-        },
+        state: backend.state.map_value(),
         flags: if backend.node_local {
             BACKEND_FLAG_NODE_LOCAL
         } else {
@@ -357,7 +373,7 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::model::MapWriter as _;
+    use crate::{datapath::model::MapWriter as _, reconcile::translate::BackendState};
     use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
 
     fn name(n: &str) -> ObjectName {
@@ -381,9 +397,10 @@ mod tests {
                     addr: b.parse().unwrap(),
                     port: 8080,
                     node_local: false,
-                    terminating: false,
+                    state: BackendState::Active,
                 })
                 .collect(),
+            draining: Vec::new(),
         }
     }
 
@@ -458,6 +475,110 @@ mod tests {
             .unwrap();
         assert!(header < slot_delete);
         assert!(matches!(ops.last(), Some(MapOp::DeleteBackend(_))));
+    }
+
+    /// `frontend` with its backends in `slots` taking new flows and
+    /// `draining` ones (address, state) kept for their flows.
+    fn with_states(
+        service: &str,
+        slots: &[&str],
+        draining: &[(&str, BackendState)],
+    ) -> DesiredFrontend {
+        let mut f = frontend(service, "10.96.0.10", slots);
+        f.draining = draining
+            .iter()
+            .map(|(addr, state)| DesiredBackend {
+                state: *state,
+                ..frontend(service, "10.96.0.10", &[addr]).backends[0]
+            })
+            .collect();
+        f
+    }
+
+    /// Backend address (last octet) -> `BACKEND_STATE_*`, and the backend
+    /// ids in the slots.
+    fn backend_states(maps: &MapState) -> (BTreeMap<u8, u8>, BTreeSet<BackendId>) {
+        let states = maps
+            .backends
+            .values()
+            .map(|b| (b.addr[3], b.state))
+            .collect();
+        let slotted = maps
+            .frontends
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        (states, slotted)
+    }
+
+    #[test]
+    fn draining_backends_stay_in_the_backends_map_without_a_slot() {
+        use service_common::{
+            BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
+        };
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[with_states(
+                "web",
+                &["10.1.1.2", "10.1.1.3", "10.1.1.4"],
+                &[],
+            )],
+        );
+        apply_checked(&mut maps, &ops);
+        let ids: BTreeMap<u8, BackendId> = maps
+            .backends
+            .iter()
+            .map(|(id, b)| (b.addr[3], *id))
+            .collect();
+
+        // .3 terminates (serving), .4 stops serving: both leave the slots,
+        // keep their ids and change state; nothing is deleted.
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[with_states(
+                "web",
+                &["10.1.1.2"],
+                &[
+                    ("10.1.1.3", BackendState::Terminating),
+                    ("10.1.1.4", BackendState::NotServing),
+                ],
+            )],
+        );
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        let (states, slotted) = backend_states(&maps);
+        assert_eq!(
+            states,
+            BTreeMap::from([
+                (2, BACKEND_STATE_ACTIVE),
+                (3, BACKEND_STATE_TERMINATING),
+                (4, BACKEND_STATE_NOT_SERVING)
+            ])
+        );
+        assert_eq!(slotted, BTreeSet::from([ids[&2]]));
+        let kept: BTreeMap<u8, BackendId> = maps
+            .backends
+            .iter()
+            .map(|(id, b)| (b.addr[3], *id))
+            .collect();
+        assert_eq!(kept, ids);
+
+        // Gone from every slice: deleted.
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[with_states(
+                "web",
+                &["10.1.1.2"],
+                &[("10.1.1.3", BackendState::Terminating)],
+            )],
+        );
+        assert!(ops.contains(&MapOp::DeleteBackend(ids[&4])));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(backend_states(&maps).0.len(), 2);
     }
 
     #[test]
