@@ -1,21 +1,23 @@
 //! The `service-agent` library: everything but argument parsing.
 //!
-//! Pipeline: a [`source`] yields Kubernetes objects as a
-//! [`source::ClusterState`]; [`translate`] turns them into the frontends to
-//! serve; [`state`] lays those out as map entries with stable ids and diffs
-//! them against what the maps hold; [`sync`] applies the ordered writes
-//! through the [`state::MapWriter`] trait, implemented by the kernel maps in
-//! [`datapath`]. [`run`] drives it; [`list`] reads the live maps back.
+//! The folders follow the pipeline, and imports only point down it:
+//!
+//! - [`source`]: where the objects come from (a YAML file, or the
+//!   Kubernetes API), sent as events;
+//! - [`reconcile`]: the events' cluster state, translated per Service into
+//!   the frontends to serve, laid out as map entries, diffed, and written in
+//!   a safe order;
+//! - [`datapath`]: the kernel side: the eBPF object, loading, attaching,
+//!   and the maps (their contents as plain data in [`datapath::model`],
+//!   written through the narrow [`datapath::model::MapWriter`] trait).
+//!
+//! Beside them, [`ops`] holds what operators see: metrics and health (which
+//! the pipeline updates), the status file and `list`. [`cli`] and [`run`]
+//! wire everything together.
 
 pub mod cli;
 pub mod datapath;
-pub mod desired;
-pub mod list;
-pub mod pipeline;
+pub mod ops;
+pub mod reconcile;
 pub mod run;
 pub mod source;
-pub mod state;
-pub mod status;
-pub mod sync;
-pub mod telemetry;
-pub mod translate;

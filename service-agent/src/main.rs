@@ -3,7 +3,8 @@
 use clap::Parser as _;
 use service_agent::{
     cli::{Cli, Command},
-    list, run,
+    ops::list,
+    run,
 };
 
 fn main() -> anyhow::Result<()> {

@@ -5,16 +5,17 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use log::{error, info, warn};
+use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc::{UnboundedSender, unbounded_channel},
+    sync::mpsc::unbounded_channel,
 };
 
 use crate::{
@@ -24,16 +25,9 @@ use crate::{
         cgroup::CgroupPath,
         maps::ServiceMaps,
     },
-    pipeline::Pipeline,
-    source::{
-        Change, ClusterEvent, SourceSpec,
-        file::{Parsed, read_file},
-        kube::{KINDS, spawn_watchers},
-    },
-    status,
-    sync::Syncer,
-    telemetry::{self, Health, Metrics},
-    translate::NodeContext,
+    ops::{self, health::Health, metrics::Metrics, status},
+    reconcile::{cluster::Kind, pipeline::Pipeline, sync::Syncer, translate::NodeContext},
+    source::{self, SourceSpec},
 };
 
 /// How `run` was asked to behave.
@@ -61,6 +55,10 @@ pub struct RunOptions {
     pub snat_ipv4: Option<std::net::Ipv4Addr>,
     /// The cgroup the socket-LB programs are attached to, if any.
     pub cgroup_path: CgroupPath,
+    /// Source ports of SNATed flows.
+    pub snat_ports: SnatPortRange,
+    /// Conntrack timeouts.
+    pub ct_timeouts: ConntrackTimeouts,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -68,14 +66,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut ebpf = datapath::load_with_sizes(&options.pin_path, options.map_sizes)?;
     datapath::maps::write_config(
         &mut ebpf,
-        &service_common::DatapathConfig {
+        &DatapathConfig {
             snat_v4: options.snat_ipv4.map(|a| a.octets()).unwrap_or_default(),
-            _reserved: 0,
+            snat_ports: options.snat_ports,
+            timeouts: options.ct_timeouts,
         },
     )?;
     info!(
-        "NodePorts on {:?}, SNAT address {:?}",
-        options.node.nodeport_addresses, options.snat_ipv4
+        "NodePorts on {:?}, SNAT address {:?} ports {}-{}, conntrack timeouts {:?}",
+        options.node.nodeport_addresses,
+        options.snat_ipv4,
+        options.snat_ports.min,
+        options.snat_ports.max,
+        options.ct_timeouts
     );
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
@@ -88,7 +91,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new(options.pin_path.clone(), options.map_sizes));
     let health = Arc::new(Health::default());
-    telemetry::serve(
+    ops::server::serve(
         options.metrics_addr,
         options.healthz_addr,
         metrics.clone(),
@@ -97,10 +100,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     .await?;
 
     let (events, mut incoming) = unbounded_channel();
-    let kinds: &[&'static str] = match &options.source {
+    let kinds: &[Kind] = match &options.source {
         SourceSpec::File(path) => {
-            tokio::spawn(watch_file(path.clone(), options.poll_interval, events));
-            &KINDS[..2]
+            source::file::spawn_watcher(path.clone(), options.poll_interval, events);
+            &source::file::KINDS
         }
         SourceSpec::Kube => {
             let client = kube::Client::try_default()
@@ -108,8 +111,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
             let node_name = options.node.node_name.clone().unwrap_or_default();
             info!("watching the Kubernetes API as node {node_name:?}");
-            spawn_watchers(client, &node_name, events);
-            &KINDS
+            source::kube::spawn_watchers(client, &node_name, events);
+            &source::kube::KINDS
         }
     };
     let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics));
@@ -159,66 +162,4 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         attachments.devices().collect::<Vec<_>>().join(", ")
     );
     Ok(())
-}
-
-/// The file source: re-reads the file when its size, time or inode changes
-/// and sends its objects as full lists when the content differs. A file
-/// that is missing or not valid YAML keeps the last good state.
-async fn watch_file(path: PathBuf, interval: Duration, events: UnboundedSender<ClusterEvent>) {
-    let mut stamp = None;
-    let mut content_hash = None;
-    let mut missing_reported = false;
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        ticker.tick().await;
-        let now = file_stamp(&path);
-        if now.is_none() {
-            if !missing_reported {
-                warn!(
-                    "source file {} cannot be read; keeping the last state",
-                    path.display()
-                );
-                missing_reported = true;
-            }
-            stamp = None;
-            continue;
-        }
-        missing_reported = false;
-        if now == stamp {
-            continue;
-        }
-        stamp = now;
-        match read_file(&path) {
-            Ok((Parsed { state, skipped }, hash)) => {
-                if Some(hash) == content_hash {
-                    continue;
-                }
-                content_hash = Some(hash);
-                info!(
-                    "read {}: {} services, {} endpoint slices, {} objects skipped",
-                    path.display(),
-                    state.services.len(),
-                    state.endpoint_slices().len(),
-                    skipped.len()
-                );
-                let (services, slices) = state.into_objects();
-                if events
-                    .send(ClusterEvent::Service(Change::Replaced(services)))
-                    .is_err()
-                    || events
-                        .send(ClusterEvent::EndpointSlice(Change::Replaced(slices)))
-                        .is_err()
-                {
-                    return;
-                }
-            }
-            Err(e) => error!("{e}; keeping the last good state"),
-        }
-    }
-}
-
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }

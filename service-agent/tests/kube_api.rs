@@ -11,11 +11,9 @@ use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
 use service_agent::{
-    pipeline::Pipeline,
+    datapath::model::{MapState, ip_from_map},
+    reconcile::{pipeline::Pipeline, sync::Syncer, translate::NodeContext},
     source::kube::{KINDS, SERVICE_LABEL_SELECTOR, spawn_watchers},
-    state::{MapState, ip_from_map},
-    sync::Syncer,
-    translate::NodeContext,
 };
 use tokio::sync::watch;
 use tower_test::mock::{Handle, SendResponse};

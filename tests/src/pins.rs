@@ -25,7 +25,7 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        service_agent::status::remove(&self.path);
+        service_agent::ops::status::remove(&self.path);
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

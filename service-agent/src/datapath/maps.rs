@@ -14,10 +14,7 @@ use service_common::{
     MAP_REVNAT, RevNatId, RevNatValue,
 };
 
-use crate::{
-    state::{MapOp, MapState, MapWriter},
-    sync::MapReader,
-};
+use super::model::{MapOp, MapReader, MapState, MapWriter};
 
 /// The three maps the agent programs.
 pub struct ServiceMaps {

@@ -6,13 +6,15 @@ use std::{
     collections::hash_map::DefaultHasher,
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use log::warn;
+use log::{error, info, warn};
 use serde::Deserialize;
+use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle};
 
-use super::{ClusterState, object_name};
+use crate::reconcile::cluster::{Change, ClusterEvent, ClusterState, Kind, object_name};
 
 /// Why a file could not be read at all. Problems with single objects are
 /// not errors: they are reported in [`Parsed::skipped`] and the rest is used.
@@ -124,10 +126,85 @@ fn skip(parsed: &mut Parsed, origin: &str, reason: &str) {
     parsed.skipped.push(line);
 }
 
+/// The kinds this source lists before the first full sync may run.
+pub const KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
+
+/// Starts watching the file at `path` (checked every `interval`); its
+/// objects go to `events` as full lists. Returns the task.
+pub fn spawn_watcher(
+    path: PathBuf,
+    interval: Duration,
+    events: UnboundedSender<ClusterEvent>,
+) -> JoinHandle<()> {
+    tokio::spawn(watch(path, interval, events))
+}
+
+/// The file source: re-reads the file when its size, time or inode changes
+/// and sends its objects as full lists when the content differs. A file
+/// that is missing or not valid YAML keeps the last good state.
+async fn watch(path: PathBuf, interval: Duration, events: UnboundedSender<ClusterEvent>) {
+    let mut stamp = None;
+    let mut content_hash = None;
+    let mut missing_reported = false;
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let now = file_stamp(&path);
+        if now.is_none() {
+            if !missing_reported {
+                warn!(
+                    "source file {} cannot be read; keeping the last state",
+                    path.display()
+                );
+                missing_reported = true;
+            }
+            stamp = None;
+            continue;
+        }
+        missing_reported = false;
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        match read_file(&path) {
+            Ok((Parsed { state, skipped }, hash)) => {
+                if Some(hash) == content_hash {
+                    continue;
+                }
+                content_hash = Some(hash);
+                info!(
+                    "read {}: {} services, {} endpoint slices, {} objects skipped",
+                    path.display(),
+                    state.services.len(),
+                    state.endpoint_slices().len(),
+                    skipped.len()
+                );
+                let (services, slices) = state.into_objects();
+                if events
+                    .send(ClusterEvent::Service(Change::Replaced(services)))
+                    .is_err()
+                    || events
+                        .send(ClusterEvent::EndpointSlice(Change::Replaced(slices)))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => error!("{e}; keeping the last good state"),
+        }
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::ObjectName;
+    use crate::reconcile::cluster::ObjectName;
 
     const TWO_OBJECTS: &str = r#"
 apiVersion: v1

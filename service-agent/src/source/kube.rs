@@ -19,7 +19,7 @@ use log::{info, warn};
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle};
 
-use super::{Change, ClusterEvent};
+use crate::reconcile::cluster::{Change, ClusterEvent, Kind};
 
 /// Services of other proxies (`service.kubernetes.io/service-proxy-name`)
 /// are not ours, as in kube-proxy.
@@ -29,8 +29,8 @@ pub const SERVICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-n
 pub const SLICE_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
 
-/// The kinds a source lists before the first full sync may run.
-pub const KINDS: [&str; 3] = ["Service", "EndpointSlice", "Node"];
+/// The kinds this source lists before the first full sync may run.
+pub const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
 
 /// Starts the three watchers; their events go to `events`. Returns their tasks.
 pub fn spawn_watchers(
@@ -58,25 +58,6 @@ pub fn spawn_watchers(
             ClusterEvent::Node,
         ),
     ]
-}
-
-/// The kind name of a cluster event, as in [`KINDS`].
-pub fn event_kind(event: &ClusterEvent) -> &'static str {
-    match event {
-        ClusterEvent::Service(_) => "Service",
-        ClusterEvent::EndpointSlice(_) => "EndpointSlice",
-        ClusterEvent::Node(_) => "Node",
-    }
-}
-
-/// Whether an event is a full list (the first one, or a re-list).
-pub fn is_full_list(event: &ClusterEvent) -> bool {
-    matches!(
-        event,
-        ClusterEvent::Service(Change::Replaced(_))
-            | ClusterEvent::EndpointSlice(Change::Replaced(_))
-            | ClusterEvent::Node(Change::Replaced(_))
-    )
 }
 
 fn spawn_watcher<K>(

@@ -92,7 +92,7 @@ impl BenchAgent {
     /// appearing marks the end of the first full sync; it is polled every
     /// millisecond, which loads the agent with nothing.
     pub fn wait_synced(&mut self, timeout: Duration) -> anyhow::Result<Instant> {
-        let status = service_agent::status::status_path(&self.pin_path);
+        let status = service_agent::ops::status::status_path(&self.pin_path);
         let deadline = Instant::now() + timeout;
         loop {
             if status.exists() {

@@ -25,12 +25,18 @@ use std::{
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::discovery::v1::EndpointConditions;
 use service_agent::{
-    datapath::{self, maps::ServiceMaps},
-    pipeline::Pipeline,
-    source::{Change, ClusterEvent, ObjectName, file::parse_documents, kube::KINDS},
-    state::map_addr,
-    sync::{MapReader as _, Syncer},
-    translate::NodeContext,
+    datapath::{
+        self,
+        maps::ServiceMaps,
+        model::{MapReader as _, map_addr},
+    },
+    reconcile::{
+        cluster::{Change, ClusterEvent, ObjectName},
+        pipeline::Pipeline,
+        sync::Syncer,
+        translate::NodeContext,
+    },
+    source::{file::parse_documents, kube::KINDS},
 };
 use service_common::{FAMILY_IPV4, FrontendKey, PROTO_TCP, SCOPE_ALL};
 

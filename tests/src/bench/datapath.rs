@@ -37,10 +37,9 @@ use service_agent::{
         self, MapSizes, PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP, PROG_FROM_NETWORK,
         PROG_FROM_POD,
         maps::{ServiceMaps, write_config},
+        model::{MapState, MapWriter as _},
     },
-    desired::DesiredState,
-    state::{MapState, MapWriter as _},
-    translate::DesiredFrontend,
+    reconcile::{desired::DesiredState, translate::DesiredFrontend},
 };
 use service_common::{DatapathConfig as NodeSettings, FRONTEND_FLAG_NODE_PORT};
 

@@ -12,8 +12,10 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use service_agent::{
     datapath::MapSizes,
-    source::ObjectName,
-    translate::{DesiredBackend, DesiredFrontend},
+    reconcile::{
+        cluster::ObjectName,
+        translate::{BackendState, DesiredBackend, DesiredFrontend},
+    },
 };
 use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
 
@@ -113,9 +115,10 @@ impl ServiceSet {
                     addr: addr.into(),
                     port: TARGET_PORT,
                     node_local: false,
-                    terminating: false,
+                    state: BackendState::Active,
                 })
                 .collect(),
+            draining: Vec::new(),
         }
     }
 
@@ -128,6 +131,7 @@ impl ServiceSet {
             backends: endpoints + 1024,
             revnat: self.count + 1024,
             conntrack: conntrack_flows * 2,
+            ..MapSizes::default()
         }
     }
 
@@ -159,8 +163,8 @@ impl ServiceSet {
 mod tests {
     use super::*;
     use service_agent::{
+        reconcile::translate::{NodeContext, translate},
         source::file::parse_documents,
-        translate::{NodeContext, translate},
     };
 
     #[test]

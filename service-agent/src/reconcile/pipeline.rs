@@ -10,11 +10,13 @@ use std::{
 
 use log::info;
 
+use super::{
+    cluster::{ClusterEvent, ClusterState, Dirty, Kind, ObjectName},
+    sync::{SyncReport, SyncTimer, Syncer},
+};
 use crate::{
-    source::{ClusterEvent, ClusterState, Dirty, ObjectName, kube::event_kind, kube::is_full_list},
-    state::MapWriter,
-    sync::{MapReader, SyncReport, SyncTimer, Syncer},
-    telemetry::Metrics,
+    datapath::model::{MapReader, MapWriter},
+    ops::metrics::Metrics,
 };
 
 /// EndpointSlice annotation with the time of the change that triggered it.
@@ -26,7 +28,7 @@ pub struct Pipeline<W> {
     pub cluster: ClusterState,
     syncer: Syncer<W>,
     /// Kinds not listed yet: no full sync before they are.
-    unlisted: BTreeSet<&'static str>,
+    unlisted: BTreeSet<Kind>,
     dirty: Dirty,
     synced: bool,
     metrics: Option<Arc<Metrics>>,
@@ -39,9 +41,9 @@ where
     W: MapWriter + MapReader,
     W::Error: std::fmt::Display,
 {
-    /// A pipeline that waits for a full list of each of `kinds` (names as
-    /// in [`crate::source::kube::KINDS`]) before its first full sync.
-    pub fn new(syncer: Syncer<W>, kinds: &[&'static str], metrics: Option<Arc<Metrics>>) -> Self {
+    /// A pipeline that waits for a full list of each of `kinds` (its
+    /// source's `KINDS`) before its first full sync.
+    pub fn new(syncer: Syncer<W>, kinds: &[Kind], metrics: Option<Arc<Metrics>>) -> Self {
         Pipeline {
             cluster: ClusterState::default(),
             syncer,
@@ -65,8 +67,8 @@ where
 
     /// Takes one event in; nothing is written until [`Pipeline::flush`].
     pub fn handle(&mut self, event: ClusterEvent) {
-        if is_full_list(&event) {
-            self.unlisted.remove(event_kind(&event));
+        if event.is_full_list() {
+            self.unlisted.remove(&event.kind());
         }
         let dirty = self.cluster.apply(event);
         self.dirty.merge(dirty);

@@ -13,9 +13,11 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    source::ObjectName,
-    sync::proto_name,
-    translate::{NotProgrammed, Translation},
+    datapath::model::frontend_label,
+    reconcile::{
+        cluster::ObjectName,
+        translate::{NotProgrammed, Translation},
+    },
 };
 
 /// Folder of the status files.
@@ -50,11 +52,6 @@ pub fn status_path(pin_path: &Path) -> PathBuf {
         })
         .collect();
     Path::new(STATUS_DIR).join(format!("{name}.json"))
-}
-
-/// The frontend label used in the status and the metrics.
-pub fn frontend_label(addr: impl std::fmt::Display, port: u16, proto: u8) -> String {
-    format!("{addr}:{port}/{}", proto_name(proto))
 }
 
 /// The status of every translated Service.

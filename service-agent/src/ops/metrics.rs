@@ -1,19 +1,9 @@
-//! Operations endpoints: Prometheus metrics (kube-proxy's names where one
-//! exists, plus map fill levels and per-frontend counters read from the
-//! live per-CPU maps at scrape time) and a kube-proxy-style `/healthz`.
+//! Prometheus metrics: kube-proxy's names where one exists, plus map fill
+//! levels and per-frontend counters read from the live per-CPU maps at
+//! scrape time.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, SystemTime},
-};
+use std::path::PathBuf;
 
-use anyhow::Context as _;
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
@@ -30,12 +20,10 @@ use service_common::{
     ConntrackKey, ConntrackValue, FrontendStats, MAP_CONNTRACK, MAP_FRONTEND_STATS,
 };
 
-use crate::{
-    datapath::MapSizes,
-    datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
-    state::ip_from_map,
-    status::frontend_label,
-    sync::MapReader as _,
+use crate::datapath::{
+    MapSizes,
+    maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
+    model::{MapReader as _, frontend_label, ip_from_map},
 };
 
 /// The agent's metrics.
@@ -220,115 +208,4 @@ impl Collector for DatapathCollector {
         }
         Ok(())
     }
-}
-
-/// What `/healthz` reports, like kube-proxy's: healthy once the maps have
-/// been fully synced and while the sync loop keeps running.
-#[derive(Debug, Default)]
-pub struct Health {
-    synced: AtomicBool,
-    last_updated: Mutex<Option<SystemTime>>,
-}
-
-/// How long the sync loop may stay silent before `/healthz` answers 503.
-const HEALTH_STALE_AFTER: Duration = Duration::from_secs(60);
-
-impl Health {
-    /// Records that the loop ran; `synced` once the first full sync is done.
-    pub fn beat(&self, synced: bool) {
-        if synced {
-            self.synced.store(true, Ordering::Relaxed);
-        }
-        *self.last_updated.lock().expect("health lock") = Some(SystemTime::now());
-    }
-
-    /// The status code and JSON body of `/healthz`.
-    pub fn report(&self) -> (StatusCode, String) {
-        let now = SystemTime::now();
-        let last = *self.last_updated.lock().expect("health lock");
-        let healthy = self.synced.load(Ordering::Relaxed)
-            && last.is_some_and(|t| now.duration_since(t).unwrap_or_default() < HEALTH_STALE_AFTER);
-        let body = serde_json::json!({
-            "lastUpdated": last.map(rfc3339).unwrap_or_default(),
-            "currentTime": rfc3339(now),
-            "nodeEligible": true,
-        });
-        let code = if healthy {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        (code, body.to_string())
-    }
-}
-
-fn rfc3339(time: SystemTime) -> String {
-    jiff::Timestamp::try_from(time)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
-}
-
-#[derive(Clone)]
-struct Endpoints {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-}
-
-async fn metrics_handler(State(endpoints): State<Endpoints>) -> impl IntoResponse {
-    let body = tokio::task::spawn_blocking(move || endpoints.metrics.encode())
-        .await
-        .unwrap_or_default();
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-}
-
-async fn healthz_handler(State(endpoints): State<Endpoints>) -> impl IntoResponse {
-    let (code, body) = endpoints.health.report();
-    (
-        code,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-}
-
-/// Serves `/metrics` (and `/healthz`) on `metrics_addr`, and `/healthz` and
-/// `/livez` on `healthz_addr`, until the runtime stops.
-pub async fn serve(
-    metrics_addr: SocketAddr,
-    healthz_addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-) -> anyhow::Result<()> {
-    let endpoints = Endpoints { metrics, health };
-    let metrics_router = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz_handler))
-        .with_state(endpoints.clone());
-    let health_router = Router::new()
-        .route("/healthz", get(healthz_handler))
-        .route("/livez", get(healthz_handler))
-        .with_state(endpoints);
-    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics address {metrics_addr}"))?;
-    let health_listener = tokio::net::TcpListener::bind(healthz_addr)
-        .await
-        .with_context(|| format!("binding the healthz address {healthz_addr}"))?;
-    log::info!("metrics on http://{metrics_addr}/metrics, health on http://{healthz_addr}/healthz");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(health_listener, health_router).await {
-            log::error!("healthz server stopped: {e}");
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics_listener, metrics_router).await {
-            log::error!("metrics server stopped: {e}");
-        }
-    });
-    Ok(())
 }

@@ -7,17 +7,16 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray};
 use serde::Serialize;
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_TERMINATING, FRONTEND_FLAG_CLUSTER_IP,
-    FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_LOCAL_ONLY,
-    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, FrontendKey, FrontendStats,
-    MAP_FRONTEND_STATS,
+    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
+    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
+    FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
+    FrontendKey, FrontendStats, MAP_FRONTEND_STATS,
 };
 
-use crate::{
-    datapath::maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
-    state::{MapState, ip_from_map},
-    status::{self, ServiceStatus, frontend_label},
-    sync::{MapReader as _, proto_name},
+use super::status::{self, ServiceStatus};
+use crate::datapath::{
+    maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
+    model::{MapReader as _, MapState, frontend_label, ip_from_map, proto_name},
 };
 
 /// Everything `list` shows.
@@ -63,7 +62,7 @@ pub struct ListedBackend {
     pub address: String,
     /// Backend port.
     pub port: u16,
-    /// `active` or `terminating`.
+    /// `active`, `terminating` (the serving fallback) or `not-serving`.
     pub state: &'static str,
     /// Runs on this node.
     pub node_local: bool,
@@ -154,10 +153,10 @@ fn listed_backends(state: &MapState, header: &FrontendKey, count: u16) -> Vec<Li
                 id: slot.backend_id,
                 address: ip_from_map(&backend.addr, backend.family).to_string(),
                 port: u16::from_be(backend.port),
-                state: if backend.state == BACKEND_STATE_TERMINATING {
-                    "terminating"
-                } else {
-                    "active"
+                state: match backend.state {
+                    BACKEND_STATE_TERMINATING => "terminating",
+                    BACKEND_STATE_NOT_SERVING => "not-serving",
+                    _ => "active",
                 },
                 node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
             })

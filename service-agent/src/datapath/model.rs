@@ -1,5 +1,8 @@
-//! The datapath's map contents as plain data ([`MapState`]) and the ordered
-//! list of writes ([`MapOp`]) that turns one content into another.
+//! The maps' contents as plain data ([`MapState`]), the writes that change
+//! them ([`MapOp`]), and the narrow traits through which they are written
+//! and read ([`MapWriter`], [`MapReader`]): implemented by the kernel maps
+//! ([`super::maps::ServiceMaps`]) and by [`MapState`] in memory, so the
+//! reconciler above is tested without a kernel.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -34,6 +37,18 @@ pub enum MapOp {
     DeleteRevNat(RevNatId),
     /// Delete a backend.
     DeleteBackend(BackendId),
+}
+
+/// Reads the maps' whole contents (for adoption and repairs).
+pub trait MapReader {
+    /// The maps' contents.
+    fn read_state(&self) -> anyhow::Result<MapState>;
+}
+
+impl MapReader for MapState {
+    fn read_state(&self) -> anyhow::Result<MapState> {
+        Ok(self.clone())
+    }
 }
 
 /// Something that applies [`MapOp`]s: the kernel maps, or a [`MapState`] in
@@ -103,55 +118,6 @@ impl MapState {
     }
 }
 
-/// The writes that turn `current` into `desired`, ordered so the datapath
-/// never sees a frontend pointing at something missing: backends, rev-NAT
-/// entries, backend slots, then headers; deletions in the reverse order.
-/// Entries that are already right are not touched.
-pub fn diff(current: &MapState, desired: &MapState) -> Vec<MapOp> {
-    let mut ops = Vec::new();
-    let (backend_upserts, backend_deletes) = changes(&current.backends, &desired.backends);
-    let (revnat_upserts, revnat_deletes) = changes(&current.revnat, &desired.revnat);
-    let (frontend_upserts, frontend_deletes) = changes(&current.frontends, &desired.frontends);
-
-    ops.extend(backend_upserts.map(|(k, v)| MapOp::UpsertBackend(*k, *v)));
-    ops.extend(revnat_upserts.map(|(k, v)| MapOp::UpsertRevNat(*k, *v)));
-    let (headers, slots): (Vec<_>, Vec<_>) = frontend_upserts.partition(|(k, _)| k.slot == 0);
-    ops.extend(
-        slots
-            .into_iter()
-            .map(|(k, v)| MapOp::UpsertFrontend(*k, *v)),
-    );
-    ops.extend(
-        headers
-            .into_iter()
-            .map(|(k, v)| MapOp::UpsertFrontend(*k, *v)),
-    );
-
-    let (headers, slots): (Vec<&FrontendKey>, Vec<&FrontendKey>) =
-        frontend_deletes.partition(|k| k.slot == 0);
-    ops.extend(headers.into_iter().map(|k| MapOp::DeleteFrontend(*k)));
-    ops.extend(slots.into_iter().map(|k| MapOp::DeleteFrontend(*k)));
-    ops.extend(revnat_deletes.map(|k| MapOp::DeleteRevNat(*k)));
-    ops.extend(backend_deletes.map(|k| MapOp::DeleteBackend(*k)));
-    ops
-}
-
-/// Entries of `desired` that `current` lacks or holds differently, and keys
-/// of `current` that `desired` lacks.
-fn changes<'a, K: Ord, V: PartialEq>(
-    current: &'a BTreeMap<K, V>,
-    desired: &'a BTreeMap<K, V>,
-) -> (
-    impl Iterator<Item = (&'a K, &'a V)>,
-    impl Iterator<Item = &'a K>,
-) {
-    let upserts = desired
-        .iter()
-        .filter(move |(k, v)| current.get(k) != Some(v));
-    let deletes = current.keys().filter(move |k| !desired.contains_key(k));
-    (upserts, deletes)
-}
-
 /// An address as stored in the maps, with its family tag.
 pub fn map_addr(addr: IpAddr) -> (MapAddr, u8) {
     match addr {
@@ -167,4 +133,20 @@ pub fn ip_from_map(addr: &MapAddr, family: u8) -> IpAddr {
     } else {
         IpAddr::from(service_common::map_addr_v4_octets(addr))
     }
+}
+
+/// `TCP`, `UDP` or the number.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        service_common::PROTO_TCP => "TCP".to_owned(),
+        service_common::PROTO_UDP => "UDP".to_owned(),
+        service_common::PROTO_SCTP => "SCTP".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// A frontend as `address:port/PROTOCOL`, the label used in the status
+/// file and the metrics.
+pub fn frontend_label(addr: impl std::fmt::Display, port: u16, proto: u8) -> String {
+    format!("{addr}:{port}/{}", proto_name(proto))
 }

@@ -8,25 +8,17 @@ use std::{collections::BTreeMap, time::Instant};
 
 use log::{error, info, warn};
 
-use crate::{
-    datapath::MapSizes,
+use super::{
+    cluster::{ClusterState, Dirty, ObjectName},
     desired::DesiredState,
-    source::{ClusterState, Dirty, ObjectName},
-    state::{MapOp, MapState, MapWriter, diff},
+    diff::diff,
+    flows::FlowChanges,
     translate::{NodeContext, Translation, translate_one},
 };
-
-/// Reads the maps' whole contents (for adoption and repairs).
-pub trait MapReader {
-    /// The maps' contents.
-    fn read_state(&self) -> anyhow::Result<MapState>;
-}
-
-impl MapReader for MapState {
-    fn read_state(&self) -> anyhow::Result<MapState> {
-        Ok(self.clone())
-    }
-}
+use crate::datapath::{
+    MapSizes,
+    model::{MapOp, MapReader, MapWriter, proto_name},
+};
 
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,6 +31,8 @@ pub struct SyncReport {
     pub skipped: usize,
     /// Whether a write failed (a full repair is due).
     pub failed: bool,
+    /// What the applied writes changed for flows already tracked.
+    pub flows: FlowChanges,
 }
 
 /// Keeps the maps in line with the cluster state, writing only what changed.
@@ -194,6 +188,7 @@ where
                 return false;
             }
             report.writes += 1;
+            report.flows.record(op);
         }
         true
     }
@@ -256,16 +251,6 @@ fn summarize(ops: &[MapOp]) -> String {
         .join(", ")
 }
 
-/// `TCP`, `UDP` or the number.
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        service_common::PROTO_TCP => "TCP".to_owned(),
-        service_common::PROTO_UDP => "UDP".to_owned(),
-        service_common::PROTO_SCTP => "SCTP".to_owned(),
-        other => other.to_string(),
-    }
-}
-
 /// Times a sync for the metrics.
 pub struct SyncTimer(Instant);
 
@@ -284,7 +269,9 @@ impl SyncTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{ClusterEvent, file::parse_documents};
+    use crate::{
+        datapath::model::MapState, reconcile::cluster::ClusterEvent, source::file::parse_documents,
+    };
 
     const BASE: &str = r#"
 kind: Service
@@ -330,15 +317,62 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
     }
 
     #[test]
+    fn a_sync_reports_what_changed_for_tracked_flows() {
+        let mut syncer = syncer();
+        let state = parse_documents(BASE).unwrap().state;
+        assert!(syncer.sync_full(&state).flows.is_empty());
+        let maps = syncer.writer().clone();
+        let backend_id = |last: u8| {
+            *maps
+                .backends
+                .iter()
+                .find(|(_, b)| b.addr[3] == 2 && b.addr[2] == last)
+                .unwrap()
+                .0
+        };
+        let db_rev_nat = maps
+            .frontends
+            .iter()
+            .find(|(k, _)| k.slot == 0 && k.addr[3] == 20)
+            .unwrap()
+            .1
+            .rev_nat_id;
+
+        // 10.1.1.2 stops serving, 10.1.2.2 leaves, Service db is deleted.
+        let changed = BASE
+            .replace(
+                "{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}",
+                "{addresses: [10.1.1.2], conditions: {ready: false}}",
+            )
+            .replace(
+                "kind: Service\napiVersion: v1\nmetadata: {name: db}",
+                "kind: ConfigMap\napiVersion: v1\nmetadata: {name: db}",
+            );
+        let changed = parse_documents(&changed).unwrap().state;
+        let report = syncer.sync(&changed, &Dirty::All);
+        assert_eq!(report.services_changed, 2);
+        assert_eq!(
+            report.flows,
+            FlowChanges {
+                backends_deleted: [backend_id(2)].into(),
+                backends_not_serving: [backend_id(1)].into(),
+                rev_nat_ids_released: [db_rev_nat].into(),
+            }
+        );
+        // Nothing changes again: nothing to report.
+        assert!(syncer.sync(&changed, &Dirty::All).flows.is_empty());
+    }
+
+    #[test]
     fn events_mark_only_their_service_dirty() {
         let mut syncer = syncer();
         let mut state = parse_documents(BASE).unwrap().state;
         syncer.sync_full(&state);
         let mut slice = state.endpoint_slices().values().next().unwrap().clone();
         slice.endpoints.truncate(1);
-        let dirty = state.apply(ClusterEvent::EndpointSlice(crate::source::Change::Applied(
-            slice,
-        )));
+        let dirty = state.apply(ClusterEvent::EndpointSlice(
+            crate::reconcile::cluster::Change::Applied(slice),
+        ));
         let names: Vec<String> = match &dirty {
             Dirty::Services(names) => names.iter().map(|n| n.to_string()).collect(),
             Dirty::All => panic!("a slice event marks its Service only"),

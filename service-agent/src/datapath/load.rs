@@ -1,0 +1,124 @@
+//! Loading the embedded eBPF object with its maps pinned, after dropping
+//! pins of another layout (checked against the shared table of maps).
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapType,
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
+};
+use service_common::{MAPS, MapKind, PROGRAMS, ProgramKind};
+
+use super::{EBPF_OBJECT, MapSizes, bpffs};
+
+/// Loads the eBPF object with every map pinned under `pin_path` (bpffs is
+/// mounted there if needed). Maps already pinned there are reused, so a new
+/// agent adopts the live maps instead of starting empty. Both programs are
+/// loaded into the kernel, not attached.
+pub fn load(pin_path: &Path) -> anyhow::Result<Ebpf> {
+    load_with_sizes(pin_path, MapSizes::default())
+}
+
+/// The aya map type of a map kind of the shared table.
+fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+    }
+}
+
+/// Unpins maps left by an agent whose map layout differs from this one's
+/// (an upgrade that changed a map's kind, key or value, or the number of
+/// counters), checked against the shared table ([`MAPS`]): aya would reuse
+/// a pinned map as it is, and entries of another layout would be misread.
+/// Such a map starts empty, with a warning. A map whose only difference is
+/// its capacity (`--map-size-*`) is kept, with a warning that the new size
+/// applies once its pin is removed: dropping the conntrack map would reset
+/// established flows.
+fn drop_incompatible_pins(pin_path: &Path, sizes: MapSizes) {
+    for spec in &MAPS {
+        let capacity = sizes.capacity(spec);
+        let pin = pin_path.join(spec.name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        let layout_differs = info.map_type().ok() != Some(map_type(spec.kind))
+            || info.key_size() != spec.key_size
+            || info.value_size() != spec.value_size
+            || (spec.fixed_capacity && info.max_entries() != capacity);
+        if layout_differs {
+            log::warn!(
+                "pinned map {} has another layout (key {} B, value {} B, {} entries): starting it afresh",
+                pin.display(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            );
+            let _ = std::fs::remove_file(&pin);
+        } else if info.max_entries() != capacity {
+            log::warn!(
+                "pinned map {} keeps its capacity of {} entries (asked: {capacity}); remove the pin to resize it",
+                pin.display(),
+                info.max_entries()
+            );
+        }
+    }
+}
+
+/// [`load`] with map capacities other than the defaults.
+pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
+    bpffs::ensure_pin_dir(pin_path)?;
+    drop_incompatible_pins(pin_path, sizes);
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_path);
+    for spec in MAPS.iter().filter(|spec| !spec.fixed_capacity) {
+        loader.map_max_entries(spec.name, sizes.capacity(spec));
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+        format!(
+            "loading the eBPF object with maps pinned in {}",
+            pin_path.display()
+        )
+    })?;
+    for spec in &PROGRAMS {
+        let name = spec.name;
+        let program = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?;
+        let loaded = match spec.kind {
+            ProgramKind::Classifier => {
+                let program: &mut SchedClassifier = program
+                    .try_into()
+                    .with_context(|| format!("program {name} is not a TC classifier"))?;
+                program.load()
+            }
+            ProgramKind::Xdp => {
+                let program: &mut Xdp = program
+                    .try_into()
+                    .with_context(|| format!("program {name} is not an XDP program"))?;
+                program.load()
+            }
+            ProgramKind::CgroupSockAddr => {
+                let program: &mut CgroupSockAddr = program
+                    .try_into()
+                    .with_context(|| format!("program {name} is not a cgroup socket program"))?;
+                // The socket-LB programs need kernel 5.18
+                // (`bpf_set_retval`): where the kernel refuses them, the
+                // rest of the datapath still works, and attaching them
+                // (`--cgroup-path`) fails with this reason.
+                if let Err(e) = program.load() {
+                    log::warn!(
+                        "the kernel refused program {name} ({e}); socket-LB (--cgroup-path) is unavailable"
+                    );
+                }
+                Ok(())
+            }
+        };
+        loaded.with_context(|| format!("the kernel refused program {name}"))?;
+    }
+    Ok(ebpf)
+}
