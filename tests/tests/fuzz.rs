@@ -37,7 +37,7 @@ use service_agent::datapath::{
 };
 use service_common::{
     FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_NODE_PORT, HAIRPIN_IPV4, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    FRONTEND_FLAG_NODE_PORT, HAIRPIN_IPV4, PROTO_TCP, PROTO_UDP,
 };
 use service_tests::{datapath_fixture::Datapath, packets, require_root};
 
@@ -58,6 +58,9 @@ const DEFAULT_PACKETS: u64 = 1_000_000;
 const CASES_PER_RUN: u32 = 20_000;
 
 const SNAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// The SNAT port range configured here (both included): a small one, so
+/// that ports get reused.
+const SNAT_PORTS: std::ops::RangeInclusive<u16> = 20000..=20999;
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const HAIRPIN: Ipv4Addr = Ipv4Addr::new(
     HAIRPIN_IPV4[0],
@@ -208,6 +211,7 @@ impl Model {
 /// of the client pods (hairpin).
 fn program(dp: &mut Datapath) -> Model {
     dp.set_snat_address(SNAT);
+    dp.set_snat_ports(*SNAT_PORTS.start(), *SNAT_PORTS.end());
     let pod = |n: u8| Ipv4Addr::new(10, 200, n, 2);
     let remote = |n: u8| Ipv4Addr::new(10, 202, n, 2);
     let frontends = vec![
@@ -905,7 +909,7 @@ fn check_translation(
                     .iter()
                     .any(|b| !b.2 && b.0 == dst && dport.is_none_or(|p| p == b.1))
         });
-        let port_ok = sport2.is_none_or(|p| (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p));
+        let port_ok = sport2.is_none_or(|p| SNAT_PORTS.contains(&p));
         if !remote || !port_ok {
             return Err(format!(
                 "SNAT of a flow to {dst}:{dport:?} (port {sport2:?})"
