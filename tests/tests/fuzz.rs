@@ -687,6 +687,15 @@ enum Outcome {
     Hairpin,
 }
 
+/// A packet that went in and the packet that came out, as the checker
+/// reads them.
+struct Pair<'a> {
+    input: &'a [u8],
+    ip_in: Ip,
+    output: &'a [u8],
+    ip_out: Ip,
+}
+
 /// Checks one output against the invariant, recording translated flows in
 /// the model. `Err` names what is wrong.
 fn check(
@@ -714,9 +723,13 @@ fn check(
         return Err("the IPv4 header checksum no longer verifies".into());
     }
     if verdict == TC_REDIRECT && ip_out.src == ip_in.dst && ip_out.dst == ip_in.src {
-        return check_refusal(
-            model, hook, input, &ip_in, output, &ip_out, in_l4_ok, out_l4_ok,
-        );
+        let pair = Pair {
+            input,
+            ip_in,
+            output,
+            ip_out,
+        };
+        return check_refusal(model, hook, &pair, in_l4_ok, out_l4_ok);
     }
     if in_l4_ok && !out_l4_ok {
         return Err(format!(
@@ -740,7 +753,13 @@ fn check(
         return Err(format!("byte {at} changed, which no translation changes"));
     }
     if ip_in.proto == 1 {
-        return check_icmp_error(model, hook, input, &ip_in, output, &ip_out);
+        let pair = Pair {
+            input,
+            ip_in,
+            output,
+            ip_out,
+        };
+        return check_icmp_error(model, hook, &pair);
     }
     let before = (ip_in.src, ip_in.dst, ports(input, &ip_in));
     let after = (ip_out.src, ip_out.dst, ports(output, &ip_out));
@@ -954,20 +973,19 @@ fn check_translation(
 
 /// A refusal sent back to the sender: its flow was to a frontend without
 /// backends, and the answer is a TCP RST or an ICMP port unreachable.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the two packets and what was read of them"
-)]
 fn check_refusal(
     model: &Model,
     hook: Hook,
-    input: &[u8],
-    ip_in: &Ip,
-    output: &[u8],
-    ip_out: &Ip,
+    pair: &Pair,
     in_l4_ok: bool,
     out_l4_ok: bool,
 ) -> Result<Outcome, String> {
+    let Pair {
+        input,
+        ip_in,
+        output,
+        ip_out,
+    } = pair;
     let Some((_, dport)) = ports(input, ip_in) else {
         return Err("refused a packet without ports".into());
     };
@@ -1000,14 +1018,13 @@ fn check_refusal(
 /// backend, or SNAT address to remote backend) gets its frontend (or
 /// client) back, and so does the error's own source when it was the
 /// backend.
-fn check_icmp_error(
-    model: &Model,
-    hook: Hook,
-    input: &[u8],
-    ip_in: &Ip,
-    output: &[u8],
-    ip_out: &Ip,
-) -> Result<Outcome, String> {
+fn check_icmp_error(model: &Model, hook: Hook, pair: &Pair) -> Result<Outcome, String> {
+    let Pair {
+        input,
+        ip_in,
+        output,
+        ip_out,
+    } = pair;
     if hook.is_ingress() {
         return Err(format!("{hook:?} rewrote an ICMP packet"));
     }
