@@ -249,3 +249,23 @@ pub fn wait_for_backends(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `service-agent trace --json` on the maps pinned under `pin_path` with
+/// `args` (the packet and its options), parsed.
+pub fn trace_json(pin_path: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let output = Command::new(agent_binary())
+        .arg("trace")
+        .arg("--pin-path")
+        .arg(pin_path)
+        .args(args)
+        .arg("--json")
+        .output()
+        .context("running service-agent trace")?;
+    if !output.status.success() {
+        bail!(
+            "trace {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("parsing trace --json")
+}

@@ -2,7 +2,9 @@
 //! program names, [`load`]ing it with its maps pinned ([`bpffs`]),
 //! [`attach`]ing its programs to devices and cgroups ([`cgroup`]), the
 //! node's [`addresses`], and the maps: their contents as plain data
-//! ([`model`]) and the kernel maps that hold them ([`maps`]). Nothing here
+//! ([`model`]) and the kernel maps that hold them ([`maps`]), and a private
+//! [`snapshot`] of what one packet can read, to run it through the real
+//! programs without touching the live maps. Nothing here
 //! depends on the reconciler above it.
 
 pub mod addresses;
@@ -12,6 +14,7 @@ pub mod cgroup;
 pub mod load;
 pub mod maps;
 pub mod model;
+pub mod snapshot;
 
 pub use load::{load, load_with_sizes};
 use service_common::MapSpec;
