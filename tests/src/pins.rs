@@ -30,6 +30,9 @@ impl Drop for PinDir {
     }
 }
 
+/// Every entry of a map as raw bytes: (key, value), sorted by key.
+pub type MapBytes = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The raw bytes of every entry of every map of the shared table pinned
 /// under `pin_path`, by map name: keys with their values (for per-CPU maps,
 /// every CPU's), read through the bpf syscall as the kernel holds them.
@@ -37,7 +40,7 @@ impl Drop for PinDir {
 /// Two dumps compare equal exactly when no map changed.
 pub fn pinned_map_bytes(
     pin_path: &Path,
-) -> anyhow::Result<std::collections::BTreeMap<&'static str, Vec<(Vec<u8>, Vec<u8>)>>> {
+) -> anyhow::Result<std::collections::BTreeMap<&'static str, MapBytes>> {
     use anyhow::Context as _;
     use aya::maps::{MapData, MapInfo};
     use std::os::fd::{AsFd as _, AsRawFd as _};

@@ -162,6 +162,7 @@ fn trace_shows_a_new_flow_and_names_the_backend_an_open_connection_really_has() 
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
+    eprintln!("{text}");
     assert!(
         text.contains(&format!("backend   10.200.{pod}.2:{BACKEND_HTTP_PORT} (id"))
             && text.contains("tracked"),
@@ -283,6 +284,7 @@ fn trace_from_the_network_shows_the_snat_to_a_remote_backend_and_the_reply_undon
             &to,
         ],
     );
+    eprintln!("{trace:#}");
     assert_eq!(trace["entry"], "from network (XDP)", "{trace:#}");
     assert_eq!(trace["outcome"], "translated");
     assert_eq!(trace["backend"]["backend"], backend.as_str());

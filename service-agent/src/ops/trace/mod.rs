@@ -232,6 +232,7 @@ pub fn trace(request: &TraceRequest) -> anyhow::Result<Trace> {
     };
     if let (Some(chosen), Some(frontend)) = (&traced_backend, &frontend)
         && chosen.choice == "new flow"
+        && frontend.backends.len() > 1
     {
         notes.push(format!(
             "backend choice is random: {} is one possible choice among the {} backends of {} ({})",
