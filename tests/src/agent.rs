@@ -253,19 +253,30 @@ pub fn wait_for_backends(
 /// `service-agent trace --json` on the maps pinned under `pin_path` with
 /// `args` (the packet and its options), parsed.
 pub fn trace_json(pin_path: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let output = Command::new(agent_binary())
+    serde_json::from_str(&trace(pin_path, args, true)?).context("parsing trace --json")
+}
+
+/// `service-agent trace` (text) on the maps pinned under `pin_path`.
+pub fn trace_text(pin_path: &Path, args: &[&str]) -> anyhow::Result<String> {
+    trace(pin_path, args, false)
+}
+
+fn trace(pin_path: &Path, args: &[&str], json: bool) -> anyhow::Result<String> {
+    let mut command = Command::new(agent_binary());
+    command
         .arg("trace")
         .arg("--pin-path")
         .arg(pin_path)
-        .args(args)
-        .arg("--json")
-        .output()
-        .context("running service-agent trace")?;
+        .args(args);
+    if json {
+        command.arg("--json");
+    }
+    let output = command.output().context("running service-agent trace")?;
     if !output.status.success() {
         bail!(
             "trace {args:?} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    serde_json::from_slice(&output.stdout).context("parsing trace --json")
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

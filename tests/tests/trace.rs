@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use service_tests::{
-    agent::{AgentProcess, trace_json, wait_for_backends},
+    agent::{AgentProcess, trace_json, trace_text, wait_for_backends},
     pins::{PinDir, pinned_map_bytes},
     require_root,
     scenario::{
@@ -110,6 +110,12 @@ fn trace_shows_a_new_flow_and_names_the_backend_an_open_connection_really_has() 
             .any(|n| n.as_str().unwrap().contains("one possible choice")),
         "{new:#}"
     );
+    let text = trace_text(pin, &["--from", &from, "--to", &to]).unwrap();
+    eprintln!("{text}");
+    assert!(
+        text.contains("is one possible choice among the 3 backends"),
+        "{text}"
+    );
     let reply = &new["reply"];
     assert_eq!(reply["packet"]["source"], chosen.as_str());
     assert_eq!(reply["stages"][0]["program"], "to_pod");
@@ -155,13 +161,11 @@ fn trace_shows_a_new_flow_and_names_the_backend_an_open_connection_really_has() 
     assert_eq!(connection.get().unwrap(), answered);
 
     // The text form says the same.
-    let text = std::process::Command::new(service_tests::agent::agent_binary())
-        .args(["trace", "--pin-path"])
-        .arg(pin)
-        .args(["--from", &local.to_string(), "--to", &to, "--established"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = trace_text(
+        pin,
+        &["--from", &local.to_string(), "--to", &to, "--established"],
+    )
+    .unwrap();
     eprintln!("{text}");
     assert!(
         text.contains(&format!("backend   10.200.{pod}.2:{BACKEND_HTTP_PORT} (id"))
@@ -284,7 +288,22 @@ fn trace_from_the_network_shows_the_snat_to_a_remote_backend_and_the_reply_undon
             &to,
         ],
     );
-    eprintln!("{trace:#}");
+    eprintln!(
+        "{}",
+        trace_text(
+            pin.path(),
+            &[
+                "--from-network",
+                "--device",
+                EXTERNAL_DEVICE,
+                "--from",
+                &from,
+                "--to",
+                &to
+            ],
+        )
+        .unwrap()
+    );
     assert_eq!(trace["entry"], "from network (XDP)", "{trace:#}");
     assert_eq!(trace["outcome"], "translated");
     assert_eq!(trace["backend"]["backend"], backend.as_str());
