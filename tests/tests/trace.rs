@@ -25,6 +25,10 @@ use service_tests::{
 /// Runs `trace` with `args` and checks that the live maps are unchanged.
 fn trace_leaving_maps_alone(pin: &Path, args: &[&str]) -> serde_json::Value {
     let before = pinned_map_bytes(pin).expect("maps before");
+    // The comparison has something to compare: the Service is programmed.
+    for map in ["SVC_FRONTENDS", "SVC_BACKENDS", "SVC_REVNAT", "SVC_CONFIG"] {
+        assert!(!before[map].is_empty(), "{map} read as empty");
+    }
     let trace = trace_json(pin, args).expect("trace");
     let after = pinned_map_bytes(pin).expect("maps after");
     for (map, entries) in &before {
@@ -133,6 +137,10 @@ fn trace_shows_a_new_flow_and_names_the_backend_an_open_connection_really_has() 
         .find(|pod| backend_name(*pod) == answered)
         .unwrap_or_else(|| panic!("unknown backend {answered:?}"));
     let local: SocketAddr = connection.local_addr().unwrap();
+    assert!(
+        pinned_map_bytes(pin).unwrap()["SVC_CONNTRACK"].len() >= 2,
+        "the open connection's entries are in the dump"
+    );
     let established = trace_leaving_maps_alone(
         pin,
         &["--from", &local.to_string(), "--to", &to, "--established"],
