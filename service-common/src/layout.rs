@@ -176,6 +176,10 @@ pub const PROG_TO_POD: &str = "to_pod";
 pub const PROG_FROM_NETWORK: &str = "from_network";
 /// Name of the "from network" TC ingress program (`--nodeport-mode tc`).
 pub const PROG_FROM_NETWORK_TC: &str = "from_network_tc";
+/// Name of the TC ingress program beside "from network" on XDP: it
+/// translates the packets XDP deferred because their checksum is left to
+/// offload (`--nodeport-mode xdp`).
+pub const PROG_FROM_NETWORK_DEFERRED: &str = "from_network_deferred";
 /// Name of the "to network" TC egress program (external devices).
 pub const PROG_TO_NETWORK: &str = "to_network";
 /// Name of the TC benchmark floor program (returns its verdict, nothing else).
@@ -213,7 +217,7 @@ pub struct ProgramSpec {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramSpec; 11] = [
+pub const PROGRAMS: [ProgramSpec; 12] = [
     ProgramSpec {
         name: PROG_FROM_POD,
         kind: ProgramKind::Classifier,
@@ -228,6 +232,10 @@ pub const PROGRAMS: [ProgramSpec; 11] = [
     },
     ProgramSpec {
         name: PROG_FROM_NETWORK_TC,
+        kind: ProgramKind::Classifier,
+    },
+    ProgramSpec {
+        name: PROG_FROM_NETWORK_DEFERRED,
         kind: ProgramKind::Classifier,
     },
     ProgramSpec {

@@ -10,13 +10,14 @@ use std::{
     time::Duration,
 };
 
+use service_agent::datapath::maps::datapath_counters;
 use service_tests::{
     agent::{AgentProcess, wait_for_backends},
     pins::PinDir,
     require_root,
     topology::{
         EXTERNAL_DEVICE, NODE_A_EXTERNAL_IP, NODE_A_IP, NODE_B_IP, NODE_NETWORK_DEVICE,
-        POD_DEVICE_PREFIX, TwoNodes,
+        POD_DEVICE_PREFIX, TwoNodes, TwoNodesOptions,
     },
     traffic::{BackendServer, http_get, spread, udp_request},
 };
@@ -85,14 +86,14 @@ struct NodePortSetup {
 }
 
 impl NodePortSetup {
-    fn start(tag: &str, nodeport_mode: &str) -> Self {
+    fn start(tag: &str, nodeport_mode: &str, options: TwoNodesOptions) -> Self {
         let workdir = tempfile::Builder::new()
             .prefix("service-lb-")
             .tempdir()
             .unwrap();
         let yaml = workdir.path().join("services.yaml");
         std::fs::write(&yaml, service_yaml()).unwrap();
-        let topology = TwoNodes::new(tag, PODS_PER_NODE).expect("topology");
+        let topology = TwoNodes::with_options(tag, PODS_PER_NODE, options).expect("topology");
         let mut servers = Vec::new();
         for (node, pods) in [("a", &topology.pods_a), ("b", &topology.pods_b)] {
             for (i, pod) in pods.iter().enumerate() {
@@ -224,8 +225,13 @@ fn check_frontend(setup: &NodePortSetup, frontend: SocketAddr, connections: usiz
     );
 }
 
-fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str) {
-    let setup = NodePortSetup::start(&format!("np{mode}"), mode);
+fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str, options: TwoNodesOptions) {
+    let tag = if options.client_tx_offload {
+        format!("np{mode}o")
+    } else {
+        format!("np{mode}")
+    };
+    let setup = NodePortSetup::start(&tag, mode, options);
     // NodePort, TCP: 200 new connections, both nodes' backends answer; a
     // reply from any other address than the one connected to would not
     // complete the handshake.
@@ -271,17 +277,45 @@ fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str) {
         denied.is_err(),
         "the denied externalIP answered: {denied:?}"
     );
-    let _ = &setup.pins;
+    if options.client_tx_offload && mode == "xdp" {
+        // The client's partial checksums really went the deferred way.
+        let deferred = datapath_counters(setup.pins[0].path())
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == "checksum_deferred")
+            .unwrap()
+            .1;
+        assert!(deferred > 0, "XDP deferred no packet to TC");
+    }
 }
 
 #[test]
 fn xdp_nodeport_lb_and_external_ips_reach_both_nodes() {
     require_root!();
-    nodeport_lb_and_external_ips_reach_both_nodes("xdp");
+    nodeport_lb_and_external_ips_reach_both_nodes("xdp", TwoNodesOptions::default());
 }
 
 #[test]
 fn tc_nodeport_lb_and_external_ips_reach_both_nodes() {
     require_root!();
-    nodeport_lb_and_external_ips_reach_both_nodes("tc");
+    nodeport_lb_and_external_ips_reach_both_nodes("tc", TwoNodesOptions::default());
+}
+
+/// The client keeps its transmit checksum offload on, as containers and
+/// kind nodes do: XDP sees partial checksums and defers those packets to
+/// the TC program beside it.
+const CLIENT_OFFLOAD_ON: TwoNodesOptions = TwoNodesOptions {
+    client_tx_offload: true,
+};
+
+#[test]
+fn xdp_nodeport_lb_and_external_ips_reach_both_nodes_with_client_offload_on() {
+    require_root!();
+    nodeport_lb_and_external_ips_reach_both_nodes("xdp", CLIENT_OFFLOAD_ON);
+}
+
+#[test]
+fn tc_nodeport_lb_and_external_ips_reach_both_nodes_with_client_offload_on() {
+    require_root!();
+    nodeport_lb_and_external_ips_reach_both_nodes("tc", CLIENT_OFFLOAD_ON);
 }
