@@ -77,6 +77,21 @@ pub const fn map_addr_v4_octets(addr: &MapAddr) -> [u8; 4] {
     octets
 }
 
+/// Whether two map addresses are equal, compared as two 64-bit words (the
+/// BPF target would otherwise call a byte-by-byte compare).
+#[inline(always)]
+pub const fn map_addrs_equal(a: &MapAddr, b: &MapAddr) -> bool {
+    // SAFETY: `[u8; 16]` and `[u64; 2]` have the same size, and every byte
+    // pattern is a valid `[u64; 2]`.
+    let (a, b) = unsafe {
+        (
+            core::mem::transmute::<MapAddr, [u64; 2]>(*a),
+            core::mem::transmute::<MapAddr, [u64; 2]>(*b),
+        )
+    };
+    a[0] == b[0] && a[1] == b[1]
+}
+
 /// Monotonic seconds as conntrack and fragment entries store them
 /// (`last_seen`, `created`): `CLOCK_MONOTONIC` (what the datapath's
 /// `bpf_ktime_get_ns` reads) in nanoseconds, divided down. Both sides use
@@ -84,6 +99,22 @@ pub const fn map_addr_v4_octets(addr: &MapAddr) -> [u8; 4] {
 #[inline(always)]
 pub const fn mono_seconds(nanos: u64) -> u32 {
     (nanos / 1_000_000_000) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_addresses_compare_by_every_byte() {
+        let a = map_addr_v4([10, 0, 0, 1]);
+        assert!(map_addrs_equal(&a, &a));
+        assert!(!map_addrs_equal(&a, &map_addr_v4([10, 0, 0, 2])));
+        let mut v6 = a;
+        v6[15] = 1;
+        assert!(!map_addrs_equal(&a, &v6));
+        assert_eq!(map_addr_v4_octets(&a), [10, 0, 0, 1]);
+    }
 }
 
 #[cfg(feature = "user")]

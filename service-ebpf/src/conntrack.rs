@@ -21,8 +21,8 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use service_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
     CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,
-    DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets, master_key, mono_seconds,
-    packet_state_bits, reopens, reply_key, snat_port_reusable,
+    DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets, map_addrs_equal, master_key,
+    mono_seconds, packet_state_bits, reopens, reply_key, snat_port_reusable,
 };
 
 use crate::{
@@ -94,7 +94,7 @@ pub fn lookup_master(
     let Some(backend) = (unsafe { BACKENDS.get(master.backend_id) }) else {
         return Tracked::Rebalance;
     };
-    if backend.addr != master.nat_addr || backend.port != master.nat_port {
+    if !map_addrs_equal(&backend.addr, &master.nat_addr) || backend.port != master.nat_port {
         return Tracked::Rebalance;
     }
     if backend.state != BACKEND_STATE_ACTIVE {
@@ -311,7 +311,7 @@ pub fn take_over_snat_port(
     }
     let kept = unsafe { CONNTRACK.get(&key) };
     let ours_kept = kept.is_some_and(|kept| {
-        kept.nat_addr == ours.nat_addr
+        map_addrs_equal(&kept.nat_addr, &ours.nat_addr)
             && kept.nat_port == ours.nat_port
             && kept.backend_id == ours.backend_id
     });
