@@ -258,9 +258,12 @@ pub struct HttpConnection {
 impl HttpConnection {
     /// Connects from inside `ns` to `target`.
     pub fn open(ns: &NetNs, target: SocketAddr) -> anyhow::Result<Self> {
-        let stream = ns
-            .run(move || TcpStream::connect_timeout(&target, CLIENT_TIMEOUT))?
-            .with_context(|| format!("connecting to {target}"))?;
+        ns.run(move || Self::open_here(target))?
+    }
+
+    /// Opens a connection to `target` from the calling thread's namespace.
+    pub fn open_here(target: SocketAddr) -> anyhow::Result<Self> {
+        let stream = connect(target)?;
         stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
         stream.set_nodelay(true)?;
         Ok(HttpConnection {
