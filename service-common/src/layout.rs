@@ -15,7 +15,8 @@ use crate::{
 
 /// Name of the frontends map (`FrontendKey -> FrontendValue`).
 pub const MAP_FRONTENDS: &str = "SVC_FRONTENDS";
-/// Name of the backends map (`BackendId -> BackendValue`).
+/// Name of the backends map (an array: `BackendId` index -> `BackendValue`,
+/// all zero where no backend has the id).
 pub const MAP_BACKENDS: &str = "SVC_BACKENDS";
 /// Name of the reverse-NAT map (`RevNatId -> RevNatValue`).
 pub const MAP_REVNAT: &str = "SVC_REVNAT";
@@ -89,7 +90,7 @@ pub const MAPS: [MapSpec; 9] = [
     ),
     MapSpec::of::<BackendId, BackendValue>(
         MAP_BACKENDS,
-        MapKind::Hash,
+        MapKind::Array,
         BACKENDS_MAX_ENTRIES,
         false,
     ),

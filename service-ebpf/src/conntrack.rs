@@ -90,8 +90,7 @@ pub fn lookup_master(
     if reopens(master, flow.proto, flow.tcp_flags) {
         return Tracked::New;
     }
-    // SAFETY: only read.
-    let Some(backend) = (unsafe { BACKENDS.get(master.backend_id) }) else {
+    let Some(backend) = BACKENDS.get(master.backend_id).filter(|b| b.exists()) else {
         return Tracked::Rebalance;
     };
     if !map_addrs_equal(&backend.addr, &master.nat_addr) || backend.port != master.nat_port {

@@ -292,8 +292,7 @@ pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> 
 /// Resolves a backend slot to the address and port to DNAT to.
 #[inline(always)]
 fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
-    // SAFETY: copied out at once.
-    let Some(backend) = (unsafe { BACKENDS.get(slot.backend_id) }).copied() else {
+    let Some(backend) = BACKENDS.get(slot.backend_id).filter(|b| b.exists()) else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
     Lookup::Backend(Target {

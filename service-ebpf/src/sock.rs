@@ -202,8 +202,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
 fn sticky_backend(forward_key: &SockNatKey) -> Option<([u8; 4], u16)> {
     // SAFETY: copied out at once.
     let entry = unsafe { SOCK_NAT.get(forward_key) }.copied()?;
-    // SAFETY: only read.
-    let backend = unsafe { BACKENDS.get(entry.backend_id) }?;
+    let backend = BACKENDS.get(entry.backend_id).filter(|b| b.exists())?;
     if !map_addrs_equal(&backend.addr, &entry.addr) || backend.port != entry.port {
         return None;
     }
