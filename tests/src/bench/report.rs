@@ -252,6 +252,9 @@ impl Report {
             "Machine: {} CPUs ({}), kernel {}, {}, {}. Mode: {}, {:.0} s in all.\n",
             m.cpus, m.cpu_model, m.kernel, m.iptables, m.nft, self.mode, self.duration_secs
         );
+        out.push_str(
+            "Values measured several times are medians, their interquartile range in brackets.\n\n",
+        );
         for group in Group::ALL {
             let figures: Vec<&Figure> = self.group(group).collect();
             if figures.is_empty() {
@@ -334,15 +337,15 @@ fn table(figures: &[&Figure]) -> String {
     out
 }
 
-/// A value, and when it is the median of several runs, their range: the
-/// spread a comparison must stand clear of.
+/// A value, and when it is the median of several runs, their
+/// interquartile range: the spread a comparison must stand clear of.
 fn with_spread(value: f64, runs: Option<&Summary>) -> String {
     match runs {
         Some(runs) => format!(
             "{} ({}–{})",
             number(value),
-            number(runs.min),
-            number(runs.max)
+            number(runs.q1),
+            number(runs.q3)
         ),
         None => number(value),
     }
