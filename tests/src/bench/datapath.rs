@@ -53,7 +53,7 @@ use service_agent::{
     },
     reconcile::{desired::DesiredState, translate::DesiredFrontend},
 };
-use service_common::{DatapathConfig as NodeSettings, FRONTEND_FLAG_NODE_PORT};
+use service_common::{DatapathConfig as NodeSettings, FRONTEND_FLAG_NODE_PORT, SnatPortRange};
 
 use super::{
     report::{Better, Figure, Group},
@@ -167,6 +167,14 @@ impl LoadedDatapath {
             &mut ebpf,
             &NodeSettings {
                 snat_v4: NODE_IP.octets(),
+                // Every port but the privileged ones: the tens of thousands
+                // of flows measured to the NodePort's ten remote backends
+                // never crowd it, so each new flow's SNAT port is found on
+                // the first tries, as on a node that is not out of ports.
+                snat_ports: SnatPortRange {
+                    min: 1024,
+                    max: 65_535,
+                },
                 ..NodeSettings::default()
             },
         )?;
