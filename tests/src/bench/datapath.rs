@@ -167,12 +167,13 @@ impl LoadedDatapath {
             &mut ebpf,
             &NodeSettings {
                 snat_v4: NODE_IP.octets(),
-                // Every port but the privileged ones: the tens of thousands
-                // of flows measured to the NodePort's ten remote backends
-                // never crowd it, so each new flow's SNAT port is found on
-                // the first tries, as on a node that is not out of ports.
+                // Every port above the NodePort range (as Cilium's): the
+                // tens of thousands of flows measured to the NodePort's ten
+                // remote backends never crowd it, so each new flow's SNAT
+                // port is found on the first tries, as on a node that is
+                // not out of ports.
                 snat_ports: SnatPortRange {
-                    min: 1024,
+                    min: 32_768,
                     max: 65_535,
                 },
                 ..NodeSettings::default()
