@@ -19,7 +19,7 @@ use service_agent::{
     reconcile::{
         cluster::ObjectName,
         desired::DesiredState,
-        translate::{DesiredBackend, DesiredFrontend},
+        translate::{BackendState, DesiredBackend, DesiredFrontend},
     },
 };
 use service_common::{
@@ -109,9 +109,10 @@ impl Datapath {
                     addr: (*addr).into(),
                     port: *port,
                     node_local: *node_local,
-                    terminating: false,
+                    state: BackendState::Active,
                 })
                 .collect(),
+            draining: Vec::new(),
         };
         let (ops, problems) = self.desired.set_service(&service, &[frontend]);
         assert!(problems.is_empty(), "{problems:?}");

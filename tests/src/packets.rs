@@ -80,7 +80,7 @@ pub fn udp_fragments(
     first_len: usize,
     id: u16,
 ) -> [Vec<u8>; 2] {
-    assert!(first_len % 8 == 0 && first_len < payload.len() + 8);
+    assert!(first_len.is_multiple_of(8) && first_len < payload.len() + 8);
     let whole = udp(src, dst, payload);
     let l4 = &whole[14 + 20..];
     let fragment = |bytes: &[u8], offset: usize, more: bool| {

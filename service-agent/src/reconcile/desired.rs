@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BackendId,
-    BackendValue, FrontendKey, FrontendValue, MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
+    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, MapAddr,
+    RevNatId, RevNatValue, SCOPE_ALL,
 };
 
 use super::{
@@ -27,23 +27,67 @@ type FrontendIdentity = (MapAddr, u16, u8, u8);
 type BackendIdentity = (MapAddr, u16, u8);
 
 /// Allocates small integer ids to keys and keeps them stable while the key
-/// lives, so an unchanged Service keeps its entries byte for byte.
+/// lives, so an unchanged Service keeps its entries byte for byte. Ids are
+/// handed out round-robin, so a freed id is not reused at once.
 #[derive(Clone, Debug)]
 struct IdAllocator<K> {
     ids: BTreeMap<K, u32>,
     used: BTreeSet<u32>,
     next: u32,
     limit: u32,
+    /// Whether released ids go to `held` instead of being free again.
+    holds_released: bool,
+    /// Ids no key has that are not handed out until [`IdAllocator::reuse`]:
+    /// conntrack entries may still name them.
+    held: BTreeSet<u32>,
 }
 
 impl<K: Ord + Clone> IdAllocator<K> {
-    /// Ids are handed out in `1..limit`.
+    /// Ids are handed out in `1..limit`; a released id is free again at once.
     fn new(limit: u32) -> Self {
         IdAllocator {
             ids: BTreeMap::new(),
             used: BTreeSet::new(),
             next: 1,
             limit,
+            holds_released: false,
+            held: BTreeSet::new(),
+        }
+    }
+
+    /// Like [`IdAllocator::new`], but a released id is held until
+    /// [`IdAllocator::reuse`] says nothing names it any more.
+    fn holding_released(limit: u32) -> Self {
+        IdAllocator {
+            holds_released: true,
+            ..Self::new(limit)
+        }
+    }
+
+    /// Makes held ids free again.
+    fn reuse(&mut self, ids: impl IntoIterator<Item = u32>) {
+        for id in ids {
+            self.held.remove(&id);
+        }
+    }
+
+    /// Holds ids that no key has (found named by conntrack entries): they
+    /// are not handed out until [`IdAllocator::reuse`]. Returns those now held.
+    fn hold(&mut self, ids: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        let mut held = Vec::new();
+        for id in ids {
+            if id != 0 && id < self.limit && !self.used.contains(&id) && self.held.insert(id) {
+                held.push(id);
+            }
+        }
+        held
+    }
+
+    /// Frees `id`, or holds it.
+    fn free(used: &mut BTreeSet<u32>, held: &mut BTreeSet<u32>, holds: bool, id: u32) {
+        used.remove(&id);
+        if holds {
+            held.insert(id);
         }
     }
 
@@ -60,10 +104,10 @@ impl<K: Ord + Clone> IdAllocator<K> {
         if let Some(id) = self.ids.get(key) {
             return Some(*id);
         }
-        if self.used.len() as u64 >= u64::from(self.limit.saturating_sub(1)) {
+        if (self.used.len() + self.held.len()) as u64 >= u64::from(self.limit.saturating_sub(1)) {
             return None;
         }
-        while self.used.contains(&self.next) || self.next == 0 {
+        while self.used.contains(&self.next) || self.held.contains(&self.next) || self.next == 0 {
             self.next = if self.next + 1 >= self.limit {
                 1
             } else {
@@ -71,28 +115,26 @@ impl<K: Ord + Clone> IdAllocator<K> {
             };
         }
         let id = self.next;
-        // Hand out ids round-robin, so a freed id is not reused at once and
-        // conntrack entries naming it cannot mistake a new backend for it.
         self.next = if id + 1 >= self.limit { 1 } else { id + 1 };
         self.used.insert(id);
         self.ids.insert(key.clone(), id);
         Some(id)
     }
 
-    /// Frees the key's id.
+    /// Frees (or holds) the key's id.
     fn release(&mut self, key: &K) {
         if let Some(id) = self.ids.remove(key) {
-            self.used.remove(&id);
+            Self::free(&mut self.used, &mut self.held, self.holds_released, id);
         }
     }
 
-    /// Frees the ids of every key not in `live`.
+    /// Frees (or holds) the ids of every key not in `live`.
     fn retain(&mut self, live: impl Fn(&K) -> bool) {
-        let used = &mut self.used;
+        let (used, held, holds) = (&mut self.used, &mut self.held, self.holds_released);
         self.ids.retain(|key, id| {
             let keep = live(key);
             if !keep {
-                used.remove(id);
+                Self::free(used, held, holds, *id);
             }
             keep
         });
@@ -129,7 +171,11 @@ impl DesiredState {
     /// Service has been set.
     pub fn adopting(current: &MapState, revnat_limit: u32, backend_limit: u32) -> Self {
         let mut state = DesiredState {
-            revnat_ids: IdAllocator::new(revnat_limit),
+            // A released rev-NAT id could rewrite a deleted frontend's
+            // stale replies to a new frontend's address: it is held until
+            // its flows are gone. A backend id needs no such care: the
+            // datapath checks a flow's backend address, not only its id.
+            revnat_ids: IdAllocator::holding_released(revnat_limit),
             backend_ids: IdAllocator::new(backend_limit),
             services: BTreeMap::new(),
             backend_refs: BTreeMap::new(),
@@ -161,6 +207,20 @@ impl DesiredState {
             .collect();
         self.backend_ids
             .retain(|identity| backend_ids.contains(identity));
+    }
+
+    /// Makes released rev-NAT ids free again: no conntrack entry names
+    /// them any more.
+    pub fn reuse_rev_nat_ids(&mut self, ids: impl IntoIterator<Item = RevNatId>) {
+        self.revnat_ids.reuse(ids);
+    }
+
+    /// Holds rev-NAT ids no frontend has but conntrack entries still name
+    /// (found after a restart): they are not handed out until
+    /// [`DesiredState::reuse_rev_nat_ids`]. Returns the ids now held (those
+    /// in use by a frontend are not).
+    pub fn hold_rev_nat_ids(&mut self, ids: impl IntoIterator<Item = RevNatId>) -> Vec<RevNatId> {
+        self.revnat_ids.hold(ids)
     }
 
     /// Names of the Services with entries.
@@ -281,17 +341,16 @@ impl DesiredState {
             scope: SCOPE_ALL,
             _pad: 0,
         };
+        // Draining backends are kept in the backends map for their flows,
+        // without a slot.
+        for backend in &frontend.draining {
+            if let Some((id, value)) = self.backend_entry(&label, backend, problems) {
+                fragment.backends.insert(id, value);
+            }
+        }
         let mut slot: u16 = 0;
         for backend in &frontend.backends {
-            let value = backend_value(backend);
-            let Some(id) =
-                self.backend_ids
-                    .get_or_allocate(&(value.addr, value.port, value.family))
-            else {
-                problems.push(format!(
-                    "{label}: backend {}:{}: no free backend id (map full)",
-                    backend.addr, backend.port
-                ));
+            let Some((id, value)) = self.backend_entry(&label, backend, problems) else {
                 continue;
             };
             let Some(next) = slot.checked_add(1) else {
@@ -331,6 +390,27 @@ impl DesiredState {
             },
         );
     }
+
+    /// The id and value of `backend` of frontend `label`, allocating its
+    /// id if needed; `None` (with a line in `problems`) when no id is free.
+    fn backend_entry(
+        &mut self,
+        label: &str,
+        backend: &DesiredBackend,
+        problems: &mut Vec<String>,
+    ) -> Option<(BackendId, BackendValue)> {
+        let value = backend_value(backend);
+        let id = self
+            .backend_ids
+            .get_or_allocate(&(value.addr, value.port, value.family));
+        if id.is_none() {
+            problems.push(format!(
+                "{label}: backend {}:{}: no free backend id (map full)",
+                backend.addr, backend.port
+            ));
+        }
+        Some((id?, value))
+    }
 }
 
 fn backend_value(backend: &DesiredBackend) -> BackendValue {
@@ -339,11 +419,7 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
         addr,
         port: backend.port.to_be(),
         family,
-        state: if backend.terminating {
-            BACKEND_STATE_TERMINATING
-        } else {
-            BACKEND_STATE_ACTIVE
-        },
+        state: backend.state.map_value(),
         flags: if backend.node_local {
             BACKEND_FLAG_NODE_LOCAL
         } else {
@@ -357,7 +433,7 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::model::MapWriter as _;
+    use crate::{datapath::model::MapWriter as _, reconcile::translate::BackendState};
     use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
 
     fn name(n: &str) -> ObjectName {
@@ -381,9 +457,10 @@ mod tests {
                     addr: b.parse().unwrap(),
                     port: 8080,
                     node_local: false,
-                    terminating: false,
+                    state: BackendState::Active,
                 })
                 .collect(),
+            draining: Vec::new(),
         }
     }
 
@@ -458,6 +535,110 @@ mod tests {
             .unwrap();
         assert!(header < slot_delete);
         assert!(matches!(ops.last(), Some(MapOp::DeleteBackend(_))));
+    }
+
+    /// `frontend` with its backends in `slots` taking new flows and
+    /// `draining` ones (address, state) kept for their flows.
+    fn with_states(
+        service: &str,
+        slots: &[&str],
+        draining: &[(&str, BackendState)],
+    ) -> DesiredFrontend {
+        let mut f = frontend(service, "10.96.0.10", slots);
+        f.draining = draining
+            .iter()
+            .map(|(addr, state)| DesiredBackend {
+                state: *state,
+                ..frontend(service, "10.96.0.10", &[addr]).backends[0]
+            })
+            .collect();
+        f
+    }
+
+    /// Backend address (last octet) -> `BACKEND_STATE_*`, and the backend
+    /// ids in the slots.
+    fn backend_states(maps: &MapState) -> (BTreeMap<u8, u8>, BTreeSet<BackendId>) {
+        let states = maps
+            .backends
+            .values()
+            .map(|b| (b.addr[3], b.state))
+            .collect();
+        let slotted = maps
+            .frontends
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        (states, slotted)
+    }
+
+    #[test]
+    fn draining_backends_stay_in_the_backends_map_without_a_slot() {
+        use service_common::{
+            BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
+        };
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[with_states(
+                "web",
+                &["10.1.1.2", "10.1.1.3", "10.1.1.4"],
+                &[],
+            )],
+        );
+        apply_checked(&mut maps, &ops);
+        let ids: BTreeMap<u8, BackendId> = maps
+            .backends
+            .iter()
+            .map(|(id, b)| (b.addr[3], *id))
+            .collect();
+
+        // .3 terminates (serving), .4 stops serving: both leave the slots,
+        // keep their ids and change state; nothing is deleted.
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[with_states(
+                "web",
+                &["10.1.1.2"],
+                &[
+                    ("10.1.1.3", BackendState::Terminating),
+                    ("10.1.1.4", BackendState::NotServing),
+                ],
+            )],
+        );
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        let (states, slotted) = backend_states(&maps);
+        assert_eq!(
+            states,
+            BTreeMap::from([
+                (2, BACKEND_STATE_ACTIVE),
+                (3, BACKEND_STATE_TERMINATING),
+                (4, BACKEND_STATE_NOT_SERVING)
+            ])
+        );
+        assert_eq!(slotted, BTreeSet::from([ids[&2]]));
+        let kept: BTreeMap<u8, BackendId> = maps
+            .backends
+            .iter()
+            .map(|(id, b)| (b.addr[3], *id))
+            .collect();
+        assert_eq!(kept, ids);
+
+        // Gone from every slice: deleted.
+        let (ops, _) = desired.set_service(
+            &name("web"),
+            &[with_states(
+                "web",
+                &["10.1.1.2"],
+                &[("10.1.1.3", BackendState::Terminating)],
+            )],
+        );
+        assert!(ops.contains(&MapOp::DeleteBackend(ids[&4])));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(backend_states(&maps).0.len(), 2);
     }
 
     #[test]
@@ -551,6 +732,54 @@ mod tests {
         assert_eq!(live, second.maps());
         assert_eq!(live.backends.len(), 1);
         assert_eq!(live.revnat.len(), 1);
+    }
+
+    /// The rev-NAT id of the frontend on `vip`.
+    fn rev_nat_id(maps: &MapState, vip: u8) -> RevNatId {
+        maps.frontends
+            .iter()
+            .find(|(k, _)| k.slot == 0 && k.addr[3] == vip)
+            .map(|(_, v)| v.rev_nat_id)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_released_rev_nat_id_is_held_until_its_flows_are_gone() {
+        // Three rev-NAT ids (1, 2) and round-robin: without holding, the
+        // third Service would get the first one's id back at once.
+        let mut desired = DesiredState::adopting(&MapState::default(), 3, 100);
+        desired.set_service(&name("a"), &[frontend("a", "10.96.0.1", &["10.1.1.2"])]);
+        desired.set_service(&name("b"), &[frontend("b", "10.96.0.2", &["10.1.1.2"])]);
+        let released = rev_nat_id(&desired.maps(), 1);
+        desired.set_service(&name("a"), &[]);
+        let (_, problems) =
+            desired.set_service(&name("c"), &[frontend("c", "10.96.0.3", &["10.1.1.2"])]);
+        assert_eq!(
+            problems.len(),
+            1,
+            "the held id was handed out: {problems:?}"
+        );
+        // Once no entry names it, it is free again.
+        desired.reuse_rev_nat_ids([released]);
+        let (_, problems) =
+            desired.set_service(&name("c"), &[frontend("c", "10.96.0.3", &["10.1.1.2"])]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(rev_nat_id(&desired.maps(), 3), released);
+    }
+
+    #[test]
+    fn rev_nat_ids_named_only_by_flows_are_held_until_reused() {
+        let mut desired = DesiredState::adopting(&MapState::default(), 4, 100);
+        desired.set_service(&name("a"), &[frontend("a", "10.96.0.1", &["10.1.1.2"])]);
+        let live = rev_nat_id(&desired.maps(), 1);
+        // A restarted agent finds flows naming ids 2 (no frontend) and the
+        // live one: only 2 is held.
+        assert_eq!(desired.hold_rev_nat_ids([2, live, 0, 99]), [2]);
+        desired.set_service(&name("b"), &[frontend("b", "10.96.0.2", &["10.1.1.2"])]);
+        assert_eq!(rev_nat_id(&desired.maps(), 2), 3);
+        desired.reuse_rev_nat_ids([2]);
+        desired.set_service(&name("c"), &[frontend("c", "10.96.0.3", &["10.1.1.2"])]);
+        assert_eq!(rev_nat_id(&desired.maps(), 3), 2);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::{
     cluster::{ClusterState, Dirty, ObjectName},
     desired::DesiredState,
     diff::diff,
+    flows::FlowChanges,
     translate::{NodeContext, Translation, translate_one},
 };
 use crate::datapath::{
@@ -30,6 +31,8 @@ pub struct SyncReport {
     pub skipped: usize,
     /// Whether a write failed (a full repair is due).
     pub failed: bool,
+    /// What the applied writes changed for flows already tracked.
+    pub flows: FlowChanges,
 }
 
 /// Keeps the maps in line with the cluster state, writing only what changed.
@@ -185,6 +188,7 @@ where
                 return false;
             }
             report.writes += 1;
+            report.flows.record(op);
         }
         true
     }
@@ -310,6 +314,53 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
         assert_eq!(report.services_changed, 1);
         assert_eq!(syncer.writer().backends.len(), 1);
         syncer.writer().check_consistent().unwrap();
+    }
+
+    #[test]
+    fn a_sync_reports_what_changed_for_tracked_flows() {
+        let mut syncer = syncer();
+        let state = parse_documents(BASE).unwrap().state;
+        assert!(syncer.sync_full(&state).flows.is_empty());
+        let maps = syncer.writer().clone();
+        let backend_id = |last: u8| {
+            *maps
+                .backends
+                .iter()
+                .find(|(_, b)| b.addr[3] == 2 && b.addr[2] == last)
+                .unwrap()
+                .0
+        };
+        let db_rev_nat = maps
+            .frontends
+            .iter()
+            .find(|(k, _)| k.slot == 0 && k.addr[3] == 20)
+            .unwrap()
+            .1
+            .rev_nat_id;
+
+        // 10.1.1.2 stops serving, 10.1.2.2 leaves, Service db is deleted.
+        let changed = BASE
+            .replace(
+                "{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}",
+                "{addresses: [10.1.1.2], conditions: {ready: false}}",
+            )
+            .replace(
+                "kind: Service\napiVersion: v1\nmetadata: {name: db}",
+                "kind: ConfigMap\napiVersion: v1\nmetadata: {name: db}",
+            );
+        let changed = parse_documents(&changed).unwrap().state;
+        let report = syncer.sync(&changed, &Dirty::All);
+        assert_eq!(report.services_changed, 2);
+        assert_eq!(
+            report.flows,
+            FlowChanges {
+                backends_deleted: [backend_id(2)].into(),
+                backends_not_serving: [backend_id(1)].into(),
+                rev_nat_ids_released: [db_rev_nat].into(),
+            }
+        );
+        // Nothing changes again: nothing to report.
+        assert!(syncer.sync(&changed, &Dirty::All).flows.is_empty());
     }
 
     #[test]
