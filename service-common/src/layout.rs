@@ -15,7 +15,8 @@ use crate::{
 
 /// Name of the frontends map (`FrontendKey -> FrontendValue`).
 pub const MAP_FRONTENDS: &str = "SVC_FRONTENDS";
-/// Name of the backends map (`BackendId -> BackendValue`).
+/// Name of the backends map (an array: `BackendId` index -> `BackendValue`,
+/// all zero where no backend has the id).
 pub const MAP_BACKENDS: &str = "SVC_BACKENDS";
 /// Name of the reverse-NAT map (`RevNatId -> RevNatValue`).
 pub const MAP_REVNAT: &str = "SVC_REVNAT";
@@ -134,7 +135,7 @@ pub const MAPS: [MapSpec; 9] = [
     ),
     MapSpec::of::<BackendId, BackendValue>(
         MAP_BACKENDS,
-        MapKind::Hash,
+        MapKind::Array,
         BACKENDS_MAX_ENTRIES,
         false,
         TraceCopy::NamedBackends,
@@ -239,6 +240,10 @@ pub const PROG_TO_POD: &str = "to_pod";
 pub const PROG_FROM_NETWORK: &str = "from_network";
 /// Name of the "from network" TC ingress program (`--nodeport-mode tc`).
 pub const PROG_FROM_NETWORK_TC: &str = "from_network_tc";
+/// Name of the TC ingress program beside "from network" on XDP: it
+/// translates the packets XDP deferred because their checksum is left to
+/// offload (`--nodeport-mode xdp`).
+pub const PROG_FROM_NETWORK_DEFERRED: &str = "from_network_deferred";
 /// Name of the "to network" TC egress program (external devices).
 pub const PROG_TO_NETWORK: &str = "to_network";
 /// Name of the TC benchmark floor program (returns its verdict, nothing else).
@@ -276,7 +281,7 @@ pub struct ProgramSpec {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramSpec; 11] = [
+pub const PROGRAMS: [ProgramSpec; 12] = [
     ProgramSpec {
         name: PROG_FROM_POD,
         kind: ProgramKind::Classifier,
@@ -291,6 +296,10 @@ pub const PROGRAMS: [ProgramSpec; 11] = [
     },
     ProgramSpec {
         name: PROG_FROM_NETWORK_TC,
+        kind: ProgramKind::Classifier,
+    },
+    ProgramSpec {
+        name: PROG_FROM_NETWORK_DEFERRED,
         kind: ProgramKind::Classifier,
     },
     ProgramSpec {

@@ -77,13 +77,85 @@ pub const fn map_addr_v4_octets(addr: &MapAddr) -> [u8; 4] {
     octets
 }
 
+/// Whether two map addresses are equal, compared as two 64-bit words (the
+/// BPF target would otherwise call a byte-by-byte compare).
+#[inline(always)]
+pub const fn map_addrs_equal(a: &MapAddr, b: &MapAddr) -> bool {
+    // SAFETY: `[u8; 16]` and `[u64; 2]` have the same size, and every byte
+    // pattern is a valid `[u64; 2]`.
+    let (a, b) = unsafe {
+        (
+            core::mem::transmute::<MapAddr, [u64; 2]>(*a),
+            core::mem::transmute::<MapAddr, [u64; 2]>(*b),
+        )
+    };
+    a[0] == b[0] && a[1] == b[1]
+}
+
 /// Monotonic seconds as conntrack and fragment entries store them
 /// (`last_seen`, `created`): `CLOCK_MONOTONIC` (what the datapath's
 /// `bpf_ktime_get_ns` reads) in nanoseconds, divided down. Both sides use
 /// this one conversion so their "now" agree.
+///
+/// Divides by multiplying, as compilers divide by a constant (10⁹ = 2⁹ ×
+/// 1953125: the high half of `nanos / 2⁹` × ⌈2⁷⁵ / 1953125⌉, shifted by 11,
+/// exact for every `u64`): the BPF target's 64-bit division costs more than
+/// the whole rest of reading the clock.
 #[inline(always)]
 pub const fn mono_seconds(nanos: u64) -> u32 {
-    (nanos / 1_000_000_000) as u32
+    (mul_high(nanos >> 9, 0x44_B82F_A09B_5A53) >> 11) as u32
+}
+
+/// The high 64 bits of the 128-bit product `a × b`, from 32-bit halves
+/// (the BPF target has no wider multiplication).
+#[inline(always)]
+const fn mul_high(a: u64, b: u64) -> u64 {
+    const LOW: u64 = 0xFFFF_FFFF;
+    let (a_low, a_high) = (a & LOW, a >> 32);
+    let (b_low, b_high) = (b & LOW, b >> 32);
+    let low_low = a_low * b_low;
+    let high_low = a_high * b_low;
+    let low_high = a_low * b_high;
+    let cross = (low_low >> 32) + (high_low & LOW) + low_high;
+    (cross >> 32) + (high_low >> 32) + a_high * b_high
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mono_seconds_divide_exactly() {
+        let exact = |nanos: u64| assert_eq!(mono_seconds(nanos), (nanos / 1_000_000_000) as u32);
+        for nanos in [0, 1, 999_999_999, 1_000_000_000, u64::MAX, 1 << 63] {
+            exact(nanos);
+        }
+        for seconds in [1u64, 59, 86_400, 4_294_967_295, 18_446_744_073] {
+            let ns = seconds * 1_000_000_000;
+            exact(ns - 1);
+            exact(ns);
+            exact(ns + 1);
+        }
+        // xorshift: spread over the whole range.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            exact(x);
+        }
+    }
+
+    #[test]
+    fn map_addresses_compare_by_every_byte() {
+        let a = map_addr_v4([10, 0, 0, 1]);
+        assert!(map_addrs_equal(&a, &a));
+        assert!(!map_addrs_equal(&a, &map_addr_v4([10, 0, 0, 2])));
+        let mut v6 = a;
+        v6[15] = 1;
+        assert!(!map_addrs_equal(&a, &v6));
+        assert_eq!(map_addr_v4_octets(&a), [10, 0, 0, 1]);
+    }
 }
 
 #[cfg(feature = "user")]

@@ -111,7 +111,8 @@ pub struct FrontendValue {
 }
 const _: () = assert!(core::mem::size_of::<FrontendValue>() == 16);
 
-/// Key of the backends map: a backend id, host byte order, never 0.
+/// Index of the backends map (an array): a backend id, host byte order,
+/// never 0, below the map's capacity.
 pub type BackendId = u32;
 
 /// Backend state: ready; takes new flows (it is in its frontends' slots).
@@ -147,6 +148,15 @@ pub struct BackendValue {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<BackendValue>() == 24);
+
+impl BackendValue {
+    /// Whether this entry is a backend: the backends map is an array
+    /// indexed by id, where an all-zero entry (family 0) is no backend.
+    #[inline(always)]
+    pub const fn exists(&self) -> bool {
+        self.family != 0
+    }
+}
 
 /// Key of the reverse-NAT map and index of the per-frontend stats: host
 /// byte order, never 0.

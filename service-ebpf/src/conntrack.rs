@@ -21,8 +21,8 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use service_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
     CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,
-    DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets, master_key, mono_seconds,
-    packet_state_bits, reopens, reply_key, snat_port_reusable,
+    DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets, map_addrs_equal, master_key,
+    mono_seconds, packet_state_bits, reopens, reply_key, snat_port_reusable,
 };
 
 use crate::{
@@ -90,11 +90,10 @@ pub fn lookup_master(
     if reopens(master, flow.proto, flow.tcp_flags) {
         return Tracked::New;
     }
-    // SAFETY: only read.
-    let Some(backend) = (unsafe { BACKENDS.get(master.backend_id) }) else {
+    let Some(backend) = BACKENDS.get(master.backend_id).filter(|b| b.exists()) else {
         return Tracked::Rebalance;
     };
-    if backend.addr != master.nat_addr || backend.port != master.nat_port {
+    if !map_addrs_equal(&backend.addr, &master.nat_addr) || backend.port != master.nat_port {
         return Tracked::Rebalance;
     }
     if backend.state != BACKEND_STATE_ACTIVE {
@@ -209,9 +208,12 @@ pub enum SnatPort {
 }
 
 /// Looks for a source port on this node's SNAT address for a new flow to
-/// a remote backend, at `now`: a random start in the SNAT range, then the
-/// next ports, [`SNAT_PORT_TRIES`] in all. A port is taken by inserting its
-/// SNAT reply entry only if absent. Not inlined (its own stack frame).
+/// a remote backend, at `now`: up to [`SNAT_PORT_TRIES`] ports of the SNAT
+/// range, each drawn at random (independent draws find a free port as
+/// long as any sizeable share is free; probing the next ports would walk
+/// along the runs of taken ones that build up). A port is taken by
+/// inserting its SNAT reply entry only if absent. Not inlined (its own
+/// stack frame).
 #[inline(never)]
 pub fn allocate_snat_port(
     flow: &Ipv4Flow,
@@ -220,16 +222,15 @@ pub fn allocate_snat_port(
     now: u32,
 ) -> SnatPort {
     let range = config.snat_ports;
-    // SAFETY: the helper has no preconditions.
-    let start = unsafe { bpf_get_prandom_u32() } % range.port_count();
     let mut key = snat_reply_entry_key(flow, target, config, 0);
     let value = snat_reply_entry(flow, target, now);
     // The first port tried whose holder has expired (network byte order;
     // 0: none). One take-over at most keeps this loop cheap to run and to
     // verify.
     let mut expired = 0;
-    for attempt in 0..SNAT_PORT_TRIES {
-        let candidate = range.nth(start + attempt).to_be();
+    for _ in 0..SNAT_PORT_TRIES {
+        // SAFETY: the helper has no preconditions.
+        let candidate = range.nth(unsafe { bpf_get_prandom_u32() }).to_be();
         key.dport = candidate;
         if CONNTRACK.insert(&key, &value, BPF_NOEXIST).is_ok() {
             return SnatPort::Taken(candidate);
@@ -311,7 +312,7 @@ pub fn take_over_snat_port(
     }
     let kept = unsafe { CONNTRACK.get(&key) };
     let ours_kept = kept.is_some_and(|kept| {
-        kept.nat_addr == ours.nat_addr
+        map_addrs_equal(&kept.nat_addr, &ours.nat_addr)
             && kept.nat_port == ours.nat_port
             && kept.backend_id == ours.backend_id
     });

@@ -93,9 +93,18 @@ pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 /// Reverse SNAT (ingress from the network): a reply to an SNATed flow,
 /// addressed to this node's SNAT address and port, goes to the client
 /// again. Its source (the backend) is restored by [`reverse_dnat`] on the
-/// way out, which also brings the flow's master up to date.
+/// way out, which also brings the flow's master up to date. Only a packet
+/// to the SNAT address and a port of the SNAT range can be such a reply:
+/// every other packet (NodePort traffic above all, whose ports lie outside
+/// that range) is spared the lookup.
 #[inline(always)]
 pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+    let Some(config) = config() else {
+        return Outcome::Untouched;
+    };
+    if flow.daddr != config.snat_v4 || !config.snat_ports.contains(u16::from_be(flow.dport)) {
+        return Outcome::Untouched;
+    }
     let key = conntrack_key(flow, CT_DIR_SNAT_REPLY);
     // The SNAT reply entry holds the client.
     let (client, port) = match use_entry(&key, flow, true, false) {
@@ -292,8 +301,7 @@ pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> 
 /// Resolves a backend slot to the address and port to DNAT to.
 #[inline(always)]
 fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
-    // SAFETY: copied out at once.
-    let Some(backend) = (unsafe { BACKENDS.get(slot.backend_id) }).copied() else {
+    let Some(backend) = BACKENDS.get(slot.backend_id).filter(|b| b.exists()) else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
     Lookup::Backend(Target {

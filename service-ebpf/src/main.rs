@@ -14,6 +14,8 @@
 //!   `from_network_tc`, the same on TC ingress, where XDP cannot be used).
 //!   DNATs traffic to NodePort, LoadBalancer and externalIP frontends, and
 //!   gives replies of SNATed flows their client back as destination.
+//!   Packets whose checksum is left to offload are deferred from XDP to
+//!   `from_network_deferred`, TC ingress beside it (`offload`).
 //! - `to_network`: TC egress on the external devices. SNATs flows to
 //!   backends on other nodes and restores the frontend as the source of
 //!   replies to external clients.
@@ -42,6 +44,7 @@ mod icmp;
 mod lb;
 mod maps;
 mod nat;
+mod offload;
 mod packet;
 mod reject;
 mod sock;
@@ -66,16 +69,17 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(mut flow) = parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
     };
-    let outcome = translate_datagram(&mut flow, |flow| {
-        // Only replies of hairpin flows go to the hairpin address: one
-        // comparison keeps every other packet off that lookup.
-        if flow.daddr == HAIRPIN_IPV4 {
-            lb::reverse_hairpin(&ctx, flow)
-        } else {
-            lb::forward(&ctx, flow, Origin::Pod)
-        }
-    });
-    match outcome {
+    if !fragment_ports(&mut flow) {
+        return VERDICT_CONTINUE;
+    }
+    // Only replies of hairpin flows go to the hairpin address: one
+    // comparison keeps every other packet off that lookup.
+    let outcome = if flow.daddr == HAIRPIN_IPV4 {
+        lb::reverse_hairpin(&ctx, &flow)
+    } else {
+        lb::forward(&ctx, &flow, Origin::Pod)
+    };
+    match fragment_done(&flow, outcome) {
         // Refused like a closed port: TCP RST or ICMP port unreachable.
         Outcome::NoBackend => reject::reject(&ctx, &flow),
         // Back to the pod it came from, which is both ends of the flow.
@@ -90,9 +94,10 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let Some(mut flow) = parse_ipv4(&ctx) else {
         return tc_verdict(icmp::reverse_icmp_error(&ctx));
     };
-    tc_verdict(translate_datagram(&mut flow, |flow| {
-        lb::reverse_dnat(&ctx, flow)
-    }))
+    if !fragment_ports(&mut flow) {
+        return VERDICT_CONTINUE;
+    }
+    tc_verdict(fragment_done(&flow, lb::reverse_dnat(&ctx, &flow)))
 }
 
 /// "From network" on XDP: external frontends (DNAT) and replies of SNATed
@@ -102,7 +107,15 @@ pub fn from_network(ctx: XdpContext) -> u32 {
     let Some(mut flow) = parse_ipv4(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    match translate_datagram(&mut flow, |flow| from_the_network(&ctx, flow)) {
+    // A checksum left to offload is TC's to update (`offload`).
+    if offload::checksum_is_partial(&ctx, &flow) && offload::defer_to_tc(&ctx) {
+        maps::count(DatapathCounter::ChecksumDeferred);
+        return xdp_action::XDP_PASS;
+    }
+    if !fragment_ports(&mut flow) {
+        return xdp_action::XDP_PASS;
+    }
+    match fragment_done(&flow, from_the_network(&ctx, &flow)) {
         // Without a backend the packet goes on untouched: for a NodePort
         // (a node address), the node's own stack refuses it at once (TCP
         // RST, ICMP port unreachable), as it does for any closed port.
@@ -118,12 +131,33 @@ pub fn from_network(ctx: XdpContext) -> u32 {
 /// or setups where XDP cannot be used (`--nodeport-mode tc`).
 #[classifier]
 pub fn from_network_tc(ctx: TcContext) -> i32 {
-    let Some(mut flow) = parse_ipv4(&ctx) else {
+    from_network_on_tc(&ctx)
+}
+
+/// TC ingress beside [`from_network`] on XDP: translates the packets XDP
+/// deferred because their checksum is left to offload (`offload`), and
+/// leaves every other packet alone.
+#[classifier]
+pub fn from_network_deferred(ctx: TcContext) -> i32 {
+    if !offload::take_deferred(&ctx) {
+        return VERDICT_CONTINUE;
+    }
+    from_network_on_tc(&ctx)
+}
+
+/// The "from network" translation on TC ingress; a new flow to a frontend
+/// without backend is refused like a closed port, back out the device it
+/// came in on.
+#[inline(always)]
+fn from_network_on_tc(ctx: &TcContext) -> i32 {
+    let Some(mut flow) = parse_ipv4(ctx) else {
         return VERDICT_CONTINUE;
     };
-    match translate_datagram(&mut flow, |flow| from_the_network(&ctx, flow)) {
-        // Refused like a closed port, back out the device it came in on.
-        Outcome::NoBackend => reject::reject(&ctx, &flow),
+    if !fragment_ports(&mut flow) {
+        return VERDICT_CONTINUE;
+    }
+    match fragment_done(&flow, from_the_network(ctx, &flow)) {
+        Outcome::NoBackend => reject::reject(ctx, &flow),
         outcome => tc_verdict(outcome),
     }
 }
@@ -136,12 +170,14 @@ pub fn to_network(ctx: TcContext) -> i32 {
     let Some(mut flow) = parse_ipv4(&ctx) else {
         return tc_verdict(icmp::reverse_icmp_error(&ctx));
     };
-    tc_verdict(translate_datagram(&mut flow, |flow| {
-        match lb::snat_out(&ctx, flow) {
-            Outcome::Untouched => lb::reverse_dnat(&ctx, flow),
-            done => done,
-        }
-    }))
+    if !fragment_ports(&mut flow) {
+        return VERDICT_CONTINUE;
+    }
+    let outcome = match lb::snat_out(&ctx, &flow) {
+        Outcome::Untouched => lb::reverse_dnat(&ctx, &flow),
+        done => done,
+    };
+    tc_verdict(fragment_done(&flow, outcome))
 }
 
 /// The translation of traffic from the network, on either hook: replies
@@ -154,19 +190,19 @@ fn from_the_network<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     }
 }
 
-/// Runs a hook's `translate` on `flow`, fragments included: a later
-/// fragment first gets the ports its first fragment recorded at this hook
-/// (without a record it passes untouched), and a first fragment the hook
-/// translated leaves that record (`fragments`).
+/// Before a hook translates `flow`: a later fragment gets the ports its
+/// first fragment recorded at this hook (`fragments`). Whether the packet
+/// can be translated (a later fragment without a record passes untouched).
 #[inline(always)]
-fn translate_datagram(
-    flow: &mut Ipv4Flow,
-    translate: impl FnOnce(&Ipv4Flow) -> Outcome,
-) -> Outcome {
-    if flow.fragment == Fragment::Later && !fragments::resolve_ports(flow) {
-        return Outcome::Untouched;
-    }
-    let outcome = translate(flow);
+fn fragment_ports(flow: &mut Ipv4Flow) -> bool {
+    flow.fragment != Fragment::Later || fragments::resolve_ports(flow)
+}
+
+/// After a hook translated `flow` with `outcome`: a translated first
+/// fragment records its ports for the later ones; a translated later one
+/// is counted.
+#[inline(always)]
+fn fragment_done(flow: &Ipv4Flow, outcome: Outcome) -> Outcome {
     if matches!(outcome, Outcome::Translated | Outcome::Hairpin) {
         match flow.fragment {
             Fragment::Whole => {}

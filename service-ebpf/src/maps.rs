@@ -35,10 +35,12 @@ pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
     HashMap::pinned(FRONTENDS_MAX_ENTRIES, 0);
 check_map!("SVC_FRONTENDS", FrontendKey, FrontendValue, MapKind::Hash);
 
-/// Backends: id to address and port.
+/// Backends: id to address and port. An array, so the backend check every
+/// packet of a tracked flow makes is an inlined index, not a hash lookup;
+/// an all-zero entry is no backend (`BackendValue::exists`).
 #[map(name = "SVC_BACKENDS")]
-pub static BACKENDS: HashMap<BackendId, BackendValue> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
-check_map!("SVC_BACKENDS", BackendId, BackendValue, MapKind::Hash);
+pub static BACKENDS: Array<BackendValue> = Array::pinned(BACKENDS_MAX_ENTRIES, 0);
+check_map!("SVC_BACKENDS", BackendId, BackendValue, MapKind::Array);
 
 /// Reverse NAT: frontend id to the frontend address replies come from.
 #[map(name = "SVC_REVNAT")]

@@ -47,41 +47,47 @@ fn fields(flow: &Ipv4Flow, side: Side) -> ([u8; 4], u16, usize, usize) {
 }
 
 impl Rewriter for TcContext {
+    /// The L4 checksum goes through `bpf_l4_csum_replace` (the address as
+    /// part of the pseudo header, the port as data), which knows the skb's
+    /// checksum state: a checksum left to offload only gets the address
+    /// change, as it must. The IPv4 header checksum is plain arithmetic, and
+    /// the fields are written in place.
     #[inline(always)]
     fn rewrite_v4(&self, flow: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
         let (old_addr, old_port, addr_off, port_off) = fields(flow, side);
-        if flow.fragment == Fragment::Later {
-            let old_ip = u64::from(u32::from_ne_bytes(old_addr));
-            let new_ip = u64::from(u32::from_ne_bytes(addr));
-            self.l3_csum_replace(flow.l3_off + IP_CSUM_OFF, old_ip, new_ip, 4)?;
-            return self.store(flow.l3_off + addr_off, &addr, 0);
+        let ip_csum: u16 = self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?;
+        let whole = flow.fragment != Fragment::Later;
+        if whole {
+            let mangled_0 = if flow.proto == PROTO_UDP {
+                u64::from(BPF_F_MARK_MANGLED_0)
+            } else {
+                0
+            };
+            let csum_off = flow.l4_csum_off();
+            if old_addr != addr {
+                self.l4_csum_replace(
+                    csum_off,
+                    u64::from(u32::from_ne_bytes(old_addr)),
+                    u64::from(u32::from_ne_bytes(addr)),
+                    u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4,
+                )?;
+            }
+            if old_port != port {
+                self.l4_csum_replace(
+                    csum_off,
+                    u64::from(old_port),
+                    u64::from(port),
+                    mangled_0 | 2,
+                )?;
+            }
         }
-        let mangled_0 = if flow.proto == PROTO_UDP {
-            u64::from(BPF_F_MARK_MANGLED_0)
-        } else {
-            0
-        };
-        let csum_off = flow.l4_csum_off();
-        let old_ip = u64::from(u32::from_ne_bytes(old_addr));
-        let new_ip = u64::from(u32::from_ne_bytes(addr));
-        if old_ip != new_ip {
-            self.l4_csum_replace(
-                csum_off,
-                old_ip,
-                new_ip,
-                u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4,
-            )?;
-            self.l3_csum_replace(flow.l3_off + IP_CSUM_OFF, old_ip, new_ip, 4)?;
-            self.store(flow.l3_off + addr_off, &addr, 0)?;
-        }
-        if old_port != port {
-            self.l4_csum_replace(
-                csum_off,
-                u64::from(old_port),
-                u64::from(port),
-                mangled_0 | 2,
-            )?;
-            self.store(flow.l4_off + port_off, &port, 0)?;
+        self.write(
+            flow.l3_off + IP_CSUM_OFF,
+            &csum_replace_addr(ip_csum, old_addr, addr),
+        )?;
+        self.write(flow.l3_off + addr_off, &addr)?;
+        if whole {
+            self.write(flow.l4_off + port_off, &port)?;
         }
         Ok(())
     }

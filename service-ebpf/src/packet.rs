@@ -2,9 +2,10 @@
 //! and the L4 header to know a flow's 5-tuple and where its fields and
 //! checksums are.
 //!
-//! Every access goes through [`Packet`]: `bpf_skb_load_bytes` for TC, a
-//! bounds-checked read for XDP, so a truncated packet yields `None`, never
-//! an out-of-bounds access, and the caller lets such a packet pass untouched.
+//! Every access goes through [`Packet`]: a bounds-checked read of the
+//! packet's data (for TC, `bpf_skb_load_bytes` when the bytes are not in
+//! the skb's linear part), so a truncated packet yields `None`, never an
+//! out-of-bounds access, and the caller lets such a packet pass untouched.
 //!
 //! An IPv4 fragment is parsed too: the first one (offset 0, more fragments)
 //! carries the L4 header like any packet; a later one carries none, so its
@@ -85,14 +86,38 @@ pub trait Packet {
 }
 
 impl Packet for TcContext {
+    /// Reads straight from the skb's linear data when the bytes are there
+    /// (the headers of almost every packet), else through
+    /// `bpf_skb_load_bytes`, which also reaches paged data.
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        self.load(offset).ok()
+        let start = self.data();
+        // At least two bytes: for one, the compiler turns the check into
+        // `pointer >= end`, from which the verifier derives no readable
+        // range. (A single byte that ends the linear data is read through
+        // the helper instead.)
+        let needed = core::mem::size_of::<T>().max(2);
+        if start + offset + needed > self.data_end() {
+            return self.load(offset).ok();
+        }
+        // SAFETY: the range lies inside the linear data, checked just above.
+        Some(unsafe { ((start + offset) as *const T).read_unaligned() })
     }
 
+    /// Writes straight into the skb's linear data when the bytes are there
+    /// (the kernel makes a cloned skb writable before the program runs),
+    /// else through `bpf_skb_store_bytes`.
     #[inline(always)]
     fn write<T: Copy>(&self, offset: usize, value: &T) -> Result<(), i64> {
-        self.store(offset, value, 0)
+        let start = self.data();
+        // At least two bytes, as for `read`.
+        let needed = core::mem::size_of::<T>().max(2);
+        if start + offset + needed > self.data_end() {
+            return self.store(offset, value, 0);
+        }
+        // SAFETY: the range lies inside the linear data, checked just above.
+        unsafe { ((start + offset) as *mut T).write_unaligned(*value) };
+        Ok(())
     }
 
     #[inline(always)]

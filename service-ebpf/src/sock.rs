@@ -55,7 +55,7 @@ use aya_ebpf::{
 };
 use service_common::{
     DatapathCounter, PROTO_TCP, PROTO_UDP, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey,
-    SockNatValue, map_addr_v4, map_addr_v4_octets,
+    SockNatValue, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::{
@@ -202,9 +202,8 @@ fn forward(ctx: &SockAddrContext) -> i32 {
 fn sticky_backend(forward_key: &SockNatKey) -> Option<([u8; 4], u16)> {
     // SAFETY: copied out at once.
     let entry = unsafe { SOCK_NAT.get(forward_key) }.copied()?;
-    // SAFETY: only read.
-    let backend = unsafe { BACKENDS.get(entry.backend_id) }?;
-    if backend.addr != entry.addr || backend.port != entry.port {
+    let backend = BACKENDS.get(entry.backend_id).filter(|b| b.exists())?;
+    if !map_addrs_equal(&backend.addr, &entry.addr) || backend.port != entry.port {
         return None;
     }
     Some((map_addr_v4_octets(&entry.addr), entry.port))

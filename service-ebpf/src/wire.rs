@@ -11,6 +11,8 @@ pub const ETH_TYPE_OFF: usize = 12;
 
 /// IP version of IPv4.
 pub const IP_VERSION_4: u8 = 4;
+/// Offset of the total length inside an IPv4 header.
+pub const IP_TOT_LEN_OFF: usize = 2;
 /// Offset of the header checksum inside an IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
 /// Offset of the protocol inside an IPv4 header.
@@ -111,4 +113,20 @@ pub fn fold(sum: u32) -> u16 {
 #[inline(always)]
 pub fn checksum_bytes(sum: u32) -> [u8; 2] {
     (!fold(sum)).to_ne_bytes()
+}
+
+/// The folded, not inverted, one's complement sum of the IPv4 pseudo
+/// header (RFC 768, RFC 793) of an L4 segment of `l4_len` bytes: what the
+/// L4 checksum field holds while the checksum is left to offload
+/// (`CHECKSUM_PARTIAL`). Wire bytes read as native u16s, like the field.
+#[inline(always)]
+pub fn pseudo_header_sum(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: u16) -> u16 {
+    let (s, d) = (addr_words(saddr), addr_words(daddr));
+    let sum = u32::from(s[0])
+        + u32::from(s[1])
+        + u32::from(d[0])
+        + u32::from(d[1])
+        + u32::from(u16::from_ne_bytes([0, proto]))
+        + u32::from(u16::from_ne_bytes(l4_len.to_be_bytes()));
+    fold(sum)
 }

@@ -206,19 +206,19 @@ impl Datapath {
     /// backends map (what the agent writes for a terminating or no longer
     /// serving endpoint).
     pub fn set_backend_state(&mut self, addr: Ipv4Addr, port: u16, state: u8) {
-        let (id, mut value): (u32, BackendValue) = self
-            .maps
-            .backends
-            .iter()
-            .filter_map(Result::ok)
+        let (id, mut value): (u32, BackendValue) = (0..)
+            .zip(self.maps.backends.iter())
+            .filter_map(|(id, value)| Some((id, value.ok()?)))
             .find(|(_, value)| {
-                value.addr == map_addr_v4(addr.octets()) && value.port == port.to_be()
+                value.exists()
+                    && value.addr == map_addr_v4(addr.octets())
+                    && value.port == port.to_be()
             })
             .expect("the backend is in the map");
         value.state = state;
         self.maps
             .backends
-            .insert(id, value, 0)
+            .set(id, value, 0)
             .expect("rewriting the backend");
     }
 

@@ -114,6 +114,29 @@ pub fn udp_without_checksum(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload:
     out
 }
 
+/// `packet` (Ethernet, IPv4 without options, TCP or UDP) as a sender with
+/// transmit checksum offload hands it over (`CHECKSUM_PARTIAL`): its L4
+/// checksum field holds only the folded pseudo-header sum, for the device
+/// to complete.
+pub fn with_partial_checksum(mut packet: Vec<u8>) -> Vec<u8> {
+    let ip = &packet[14..34];
+    let proto = ip[9];
+    let l4_len = u16::from_be_bytes([ip[2], ip[3]]) - 20;
+    let word = |b: &[u8]| u32::from(u16::from_be_bytes([b[0], b[1]]));
+    let mut sum = word(&ip[12..14])
+        + word(&ip[14..16])
+        + word(&ip[16..18])
+        + word(&ip[18..20])
+        + u32::from(proto)
+        + u32::from(l4_len);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let field = 34 + if proto == 6 { 16 } else { 6 };
+    packet[field..field + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+    packet
+}
+
 /// Asserts the IPv4 header checksum and the TCP/UDP checksum of `packet`.
 pub fn assert_checksums_valid(packet: &[u8], case: &str) {
     let headers = PacketHeaders::from_ethernet_slice(packet)

@@ -108,12 +108,23 @@ pub const EXTERNAL_DEVICE: &str = "ext0";
 /// Each node's device on the node network.
 pub const NODE_NETWORK_DEVICE: &str = "node0";
 
+/// How [`TwoNodes`] is built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TwoNodesOptions {
+    /// Leave the external client's transmit checksum offload on, as every
+    /// container and kind node has it: its TCP and UDP packets reach node
+    /// A's `ext0` (and XDP there) with their checksum left to offload
+    /// (`CHECKSUM_PARTIAL`, the field holding only the pseudo-header sum).
+    pub client_tx_offload: bool,
+}
+
 /// Two nodes joined by the node network (`node0`, `10.0.0.0/24`), pods on
 /// each (node A: `10.201.i.2`, node B: `10.202.i.2`, routed through the
 /// other node's address), and an external client (`10.99.0.2`) on node A's
-/// external device `ext0` (`10.99.0.1`). Every sender has transmit checksum
-/// offload off, so packets reaching XDP carry complete checksums, as from a
-/// physical network. Dropping it removes every namespace.
+/// external device `ext0` (`10.99.0.1`). By default every sender has
+/// transmit checksum offload off, so packets reaching XDP carry complete
+/// checksums, as from a physical network; [`TwoNodesOptions`] can leave the
+/// client's on. Dropping it removes every namespace.
 pub struct TwoNodes {
     /// Pods of node A.
     pub pods_a: Vec<Pod>,
@@ -130,6 +141,16 @@ pub struct TwoNodes {
 impl TwoNodes {
     /// Creates the topology with `pods_per_node` pods on each node.
     pub fn new(tag: &str, pods_per_node: usize) -> anyhow::Result<Self> {
+        Self::with_options(tag, pods_per_node, TwoNodesOptions::default())
+    }
+
+    /// Creates the topology with `pods_per_node` pods on each node, built
+    /// as `options` say.
+    pub fn with_options(
+        tag: &str,
+        pods_per_node: usize,
+        options: TwoNodesOptions,
+    ) -> anyhow::Result<Self> {
         let prefix = unique_prefix(tag);
         let node_a = new_node(&format!("{prefix}-a"))?;
         let node_b = new_node(&format!("{prefix}-b"))?;
@@ -164,7 +185,9 @@ impl TwoNodes {
             "via",
             &NODE_A_EXTERNAL_IP.to_string(),
         ])?;
-        client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        if !options.client_tx_offload {
+            client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        }
         // The node network.
         node_a.ip(&[
             "link",

@@ -1,6 +1,7 @@
 //! Real servers and clients inside namespaces: a small HTTP/1.1 server and
-//! a UDP server that both answer with their backend's name, and clients
-//! that report which backend answered.
+//! a UDP server that both answer with their backend's name, a UDP echo
+//! server for large datagrams, and clients that report which backend
+//! answered.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -55,16 +56,8 @@ impl BackendServer {
                 std::thread::spawn(move || serve_http(stream, &name));
             }
         });
-        let udp_name = name.to_owned();
-        let udp_stop = stop.clone();
-        let udp_thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !udp_stop.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{udp_name}\n").as_bytes(), peer);
-                }
-            }
-        });
+        let answer = format!("{name}\n").into_bytes();
+        let udp_thread = serve_udp(udp, stop.clone(), move |_| answer.clone());
         Ok(BackendServer {
             stop,
             threads: vec![http, udp_thread],
@@ -72,6 +65,131 @@ impl BackendServer {
             ns_file: format!("/run/netns/{}", ns.name()).into(),
         })
     }
+}
+
+/// Answers every datagram `socket` receives with `answer(datagram)`, on a
+/// thread of its own, until `stop` is set (`socket` has a read timeout).
+fn serve_udp(
+    socket: UdpSocket,
+    stop: Arc<AtomicBool>,
+    answer: impl Fn(&[u8]) -> Vec<u8> + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; LARGEST_DATAGRAM];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&answer(&buf[..n]), peer);
+            }
+        }
+    })
+}
+
+/// The largest UDP datagram the test servers and clients handle.
+const LARGEST_DATAGRAM: usize = 65_535;
+
+/// A UDP server that answers every datagram with the datagram itself
+/// (so a 2000-byte request gets a 2000-byte answer); stopped on drop.
+pub struct UdpEchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEchoServer {
+    /// Starts the server in `ns` on UDP `port`, all addresses.
+    pub fn start(ns: &NetNs, port: u16) -> anyhow::Result<Self> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let socket = ns
+            .run(move || UdpSocket::bind(addr))?
+            .with_context(|| format!("binding the UDP echo server on {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = serve_udp(socket, stop.clone(), <[u8]>::to_vec);
+        Ok(UdpEchoServer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends `payload` to `target` from a new socket (so a new flow) from
+/// inside the calling thread's namespace and returns the answer, which
+/// must come from `target`. Use through [`NetNs::run`].
+pub fn udp_exchange(target: SocketAddr, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.send_to(payload, target)?;
+    read_udp_datagram(&socket, target)
+}
+
+/// Sends `count` datagrams of `len` bytes, each from a new socket (a new
+/// flow) and each with content of its own, from inside `ns` to an echo
+/// server behind `target`; returns one line per datagram whose answer did
+/// not come back whole.
+pub fn echo_large_datagrams(
+    ns: &NetNs,
+    target: SocketAddr,
+    count: usize,
+    len: usize,
+) -> anyhow::Result<Vec<String>> {
+    ns.run(move || {
+        (0..count)
+            .filter_map(|index| {
+                let sent: Vec<u8> = (0..len)
+                    .map(|i| ((i * 7 + index * 13) % 251) as u8)
+                    .collect();
+                match udp_exchange(target, &sent) {
+                    Ok(answer) if answer == sent => None,
+                    Ok(answer) => Some(format!(
+                        "datagram {index}: an answer of {} bytes that differs",
+                        answer.len()
+                    )),
+                    Err(e) => Some(format!("datagram {index}: {e:#}")),
+                }
+            })
+            .collect()
+    })
+}
+
+/// What `ns` counted against UDP datagrams it received: checksum errors
+/// (`Udp InCsumErrors`) and failed reassemblies (`Ip ReasmFails`).
+pub fn udp_receive_errors(ns: &NetNs) -> anyhow::Result<(u64, u64)> {
+    ns.run(|| {
+        Ok((
+            snmp_counter("Udp", "InCsumErrors")?,
+            snmp_counter("Ip", "ReasmFails")?,
+        ))
+    })?
+}
+
+/// The counter `name` of group `group` (`Udp`, `Ip`, ...) of the calling
+/// thread's network namespace, from `/proc/thread-self/net/snmp` (the
+/// thread's own namespace, unlike `/proc/net`, which is the process's).
+fn snmp_counter(group: &str, name: &str) -> anyhow::Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+    let prefix = format!("{group}:");
+    let mut lines = snmp.lines().filter(|line| line.starts_with(&prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {group} counters in /proc/thread-self/net/snmp");
+    };
+    let index = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .with_context(|| format!("no counter {group} {name}"))?;
+    values
+        .split_whitespace()
+        .nth(index)
+        .context("counter value missing")?
+        .parse()
+        .context("counter value")
 }
 
 impl Drop for BackendServer {
@@ -140,9 +258,12 @@ pub struct HttpConnection {
 impl HttpConnection {
     /// Connects from inside `ns` to `target`.
     pub fn open(ns: &NetNs, target: SocketAddr) -> anyhow::Result<Self> {
-        let stream = ns
-            .run(move || TcpStream::connect_timeout(&target, CLIENT_TIMEOUT))?
-            .with_context(|| format!("connecting to {target}"))?;
+        ns.run(move || Self::open_here(target))?
+    }
+
+    /// Opens a connection to `target` from the calling thread's namespace.
+    pub fn open_here(target: SocketAddr) -> anyhow::Result<Self> {
+        let stream = connect(target)?;
         stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
         stream.set_nodelay(true)?;
         Ok(HttpConnection {
@@ -220,16 +341,24 @@ pub fn udp_request(target: SocketAddr) -> anyhow::Result<String> {
 }
 
 /// Waits for the answer to a UDP request; fails unless it comes from
-/// `target`. Returns the answer.
+/// `target`. Returns the answer as text.
 fn read_udp_answer(socket: &UdpSocket, target: SocketAddr) -> anyhow::Result<String> {
-    let mut buf = [0u8; 512];
+    let answer = read_udp_datagram(socket, target)?;
+    Ok(String::from_utf8_lossy(&answer).trim().to_owned())
+}
+
+/// Waits for the answer to a UDP request; fails unless it comes from
+/// `target`. Returns its bytes.
+fn read_udp_datagram(socket: &UdpSocket, target: SocketAddr) -> anyhow::Result<Vec<u8>> {
+    let mut buf = vec![0u8; LARGEST_DATAGRAM];
     let (n, from) = socket
         .recv_from(&mut buf)
         .context("waiting for the UDP answer")?;
     if from != target {
         bail!("UDP answer came from {from}, not from {target}");
     }
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    buf.truncate(n);
+    Ok(buf)
 }
 
 /// Makes `count` requests, each on a new flow, from inside `ns`, with

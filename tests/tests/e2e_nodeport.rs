@@ -10,15 +10,19 @@ use std::{
     time::Duration,
 };
 
+use service_agent::datapath::maps::datapath_counters;
 use service_tests::{
     agent::{AgentProcess, wait_for_backends},
     pins::PinDir,
     require_root,
     topology::{
         EXTERNAL_DEVICE, NODE_A_EXTERNAL_IP, NODE_A_IP, NODE_B_IP, NODE_NETWORK_DEVICE,
-        POD_DEVICE_PREFIX, TwoNodes,
+        POD_DEVICE_PREFIX, TwoNodes, TwoNodesOptions,
     },
-    traffic::{BackendServer, http_get, spread, udp_request},
+    traffic::{
+        BackendServer, UdpEchoServer, echo_large_datagrams, http_get, spread, udp_receive_errors,
+        udp_request,
+    },
 };
 
 const NODE_PORT_TCP: u16 = 30080;
@@ -30,6 +34,10 @@ const DENIED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 201);
 const PODS_PER_NODE: usize = 2;
 /// NodePort of a Service without endpoints.
 const EMPTY_NODE_PORT: u16 = 30090;
+/// NodePort of the UDP echo Service "big", whose only backend is on node B.
+const BIG_NODE_PORT: u16 = 30009;
+/// The echo port of that backend.
+const BIG_TARGET_PORT: u16 = 9009;
 
 /// Service "web" (LoadBalancer) with its pods on both nodes.
 fn service_yaml() -> String {
@@ -68,6 +76,11 @@ endpoints:
             ));
         }
     }
+    // Service "big": UDP echo of large datagrams, its only endpoint on
+    // node B (remote for the client, who reaches node A).
+    yaml.push_str(&format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: big, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.12\n  ports: [{{name: echo, protocol: UDP, port: 9, targetPort: {BIG_TARGET_PORT}, nodePort: {BIG_NODE_PORT}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: big-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: big}}\naddressType: IPv4\nports: [{{name: echo, protocol: UDP, port: {BIG_TARGET_PORT}}}]\nendpoints:\n- {{addresses: [\"10.202.0.2\"], nodeName: node-b, conditions: {{ready: true}}}}\n"
+    ));
     // A second Service, without any endpoint.
     yaml.push_str(&format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: empty, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {EMPTY_NODE_PORT}}}]\n"
@@ -85,14 +98,14 @@ struct NodePortSetup {
 }
 
 impl NodePortSetup {
-    fn start(tag: &str, nodeport_mode: &str) -> Self {
+    fn start(tag: &str, nodeport_mode: &str, options: TwoNodesOptions) -> Self {
         let workdir = tempfile::Builder::new()
             .prefix("service-lb-")
             .tempdir()
             .unwrap();
         let yaml = workdir.path().join("services.yaml");
         std::fs::write(&yaml, service_yaml()).unwrap();
-        let topology = TwoNodes::new(tag, PODS_PER_NODE).expect("topology");
+        let topology = TwoNodes::with_options(tag, PODS_PER_NODE, options).expect("topology");
         let mut servers = Vec::new();
         for (node, pods) in [("a", &topology.pods_a), ("b", &topology.pods_b)] {
             for (i, pod) in pods.iter().enumerate() {
@@ -224,8 +237,13 @@ fn check_frontend(setup: &NodePortSetup, frontend: SocketAddr, connections: usiz
     );
 }
 
-fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str) {
-    let setup = NodePortSetup::start(&format!("np{mode}"), mode);
+fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str, options: TwoNodesOptions) {
+    let tag = if options.client_tx_offload {
+        format!("np{mode}o")
+    } else {
+        format!("np{mode}")
+    };
+    let setup = NodePortSetup::start(&tag, mode, options);
     // NodePort, TCP: 200 new connections, both nodes' backends answer; a
     // reply from any other address than the one connected to would not
     // complete the handshake.
@@ -271,17 +289,88 @@ fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str) {
         denied.is_err(),
         "the denied externalIP answered: {denied:?}"
     );
-    let _ = &setup.pins;
+    if options.client_tx_offload && mode == "xdp" {
+        // The client's partial checksums really went the deferred way.
+        let deferred = datapath_counters(setup.pins[0].path())
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == "checksum_deferred")
+            .unwrap()
+            .1;
+        assert!(deferred > 0, "XDP deferred no packet to TC");
+    }
 }
 
 #[test]
 fn xdp_nodeport_lb_and_external_ips_reach_both_nodes() {
     require_root!();
-    nodeport_lb_and_external_ips_reach_both_nodes("xdp");
+    nodeport_lb_and_external_ips_reach_both_nodes("xdp", TwoNodesOptions::default());
 }
 
 #[test]
 fn tc_nodeport_lb_and_external_ips_reach_both_nodes() {
     require_root!();
-    nodeport_lb_and_external_ips_reach_both_nodes("tc");
+    nodeport_lb_and_external_ips_reach_both_nodes("tc", TwoNodesOptions::default());
+}
+
+/// The client keeps its transmit checksum offload on, as containers and
+/// kind nodes do: XDP sees partial checksums and defers those packets to
+/// the TC program beside it.
+const CLIENT_OFFLOAD_ON: TwoNodesOptions = TwoNodesOptions {
+    client_tx_offload: true,
+};
+
+#[test]
+fn xdp_nodeport_lb_and_external_ips_reach_both_nodes_with_client_offload_on() {
+    require_root!();
+    nodeport_lb_and_external_ips_reach_both_nodes("xdp", CLIENT_OFFLOAD_ON);
+}
+
+#[test]
+fn tc_nodeport_lb_and_external_ips_reach_both_nodes_with_client_offload_on() {
+    require_root!();
+    nodeport_lb_and_external_ips_reach_both_nodes("tc", CLIENT_OFFLOAD_ON);
+}
+
+/// Issue 8, acceptance 3: 2000-byte UDP datagrams (two fragments on the
+/// 1500-byte links) from the external client through node A's NodePort to
+/// the only backend, on node B (DNAT and SNAT, then reverse SNAT and
+/// reverse DNAT of the 2000-byte answers, fragments included): every one
+/// answered whole, and no namespace counted a bad UDP checksum or a failed
+/// reassembly.
+fn large_datagrams_cross_a_nodeport_to_a_remote_backend(mode: &str) {
+    let setup = NodePortSetup::start(&format!("npbig{mode}"), mode, TwoNodesOptions::default());
+    let _echo =
+        UdpEchoServer::start(&setup.topology.pods_b[0].ns, BIG_TARGET_PORT).expect("echo server");
+    let frontend = SocketAddr::from((NODE_A_EXTERNAL_IP, BIG_NODE_PORT));
+    let failures =
+        echo_large_datagrams(&setup.topology.client, frontend, 20, 2000).expect("client thread");
+    assert!(
+        failures.is_empty(),
+        "{} of 20 failed: {failures:?}\n{}",
+        failures.len(),
+        setup.logs()
+    );
+    for (what, ns) in [
+        ("client", &setup.topology.client),
+        ("backend", &setup.topology.pods_b[0].ns),
+    ] {
+        assert_eq!(
+            udp_receive_errors(ns).unwrap(),
+            (0, 0),
+            "{what}: UDP checksum errors, reassembly failures"
+        );
+    }
+}
+
+#[test]
+fn xdp_large_udp_datagrams_cross_a_nodeport_to_a_remote_backend() {
+    require_root!();
+    large_datagrams_cross_a_nodeport_to_a_remote_backend("xdp");
+}
+
+#[test]
+fn tc_large_udp_datagrams_cross_a_nodeport_to_a_remote_backend() {
+    require_root!();
+    large_datagrams_cross_a_nodeport_to_a_remote_backend("tc");
 }

@@ -296,7 +296,9 @@ fn fetch_kernel(kernel: &MatrixKernel, cache: &Path) -> anyhow::Result<KernelIma
     if !complete.exists() {
         println!("== downloading {package} ({})", kernel.label);
         let _ = std::fs::remove_dir_all(&dir);
-        let download = cache.join("download");
+        // One download folder per kernel: the kernels are fetched side by
+        // side, and each clears its own folder first.
+        let download = cache.join(format!("download-{package}"));
         let _ = std::fs::remove_dir_all(&download);
         std::fs::create_dir_all(&download)?;
         let mut apt = Command::new("apt-get");

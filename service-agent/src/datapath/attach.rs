@@ -19,7 +19,10 @@ use aya::{
 };
 use log::{info, warn};
 
-use super::{PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD};
+use super::{
+    PROG_FROM_NETWORK, PROG_FROM_NETWORK_DEFERRED, PROG_FROM_NETWORK_TC, PROG_FROM_POD,
+    PROG_TO_NETWORK, PROG_TO_POD,
+};
 
 /// Which devices the datapath attaches to.
 #[derive(Clone, Debug, Default)]
@@ -98,10 +101,11 @@ impl Attachments {
             }
             let attached = if selection.external.contains(&name) {
                 attach_external(ebpf, &name, selection.nodeport_mode, link_dir).map(|()| {
-                    format!(
-                        "from_network ({:?}) and to_network",
-                        selection.nodeport_mode
-                    )
+                    match selection.nodeport_mode {
+                        NodePortMode::Xdp => "from_network (XDP), from_network_deferred (TC ingress, checksum offload) and to_network",
+                        NodePortMode::Tc => "from_network_tc (TC ingress) and to_network",
+                    }
+                    .to_owned()
                 })
             } else if selection.matches(&name) {
                 attach_device(ebpf, &name, link_dir)
@@ -131,7 +135,10 @@ fn attach_device(ebpf: &mut Ebpf, device: &str, link_dir: &Path) -> anyhow::Resu
 }
 
 /// Attaches to an external device: "from network" on XDP (its link pinned
-/// as `DEVICE-xdp`) or, in `--nodeport-mode tc`, on TC ingress; and "to
+/// as `DEVICE-xdp`) with, beside it on TC ingress, the program that
+/// translates the packets XDP defers because their checksum is left to
+/// offload (attached first, so no deferred packet finds it missing); or,
+/// in `--nodeport-mode tc`, "from network" on TC ingress alone; and "to
 /// network" on TC egress.
 fn attach_external(
     ebpf: &mut Ebpf,
@@ -146,14 +153,13 @@ fn attach_external(
         TcAttachType::Egress,
         link_dir,
     )?;
+    let ingress = match mode {
+        NodePortMode::Tc => PROG_FROM_NETWORK_TC,
+        NodePortMode::Xdp => PROG_FROM_NETWORK_DEFERRED,
+    };
+    attach_tc(ebpf, ingress, device, TcAttachType::Ingress, link_dir)?;
     if mode == NodePortMode::Tc {
-        return attach_tc(
-            ebpf,
-            PROG_FROM_NETWORK_TC,
-            device,
-            TcAttachType::Ingress,
-            link_dir,
-        );
+        return Ok(());
     }
     let program: &mut Xdp = ebpf
         .program_mut(PROG_FROM_NETWORK)

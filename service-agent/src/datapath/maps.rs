@@ -9,9 +9,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use service_common::{
-    BackendId, BackendValue, DatapathConfig, DatapathCounter, FrontendKey, FrontendStats,
-    FrontendValue, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTEND_STATS, MAP_FRONTENDS,
-    MAP_REVNAT, RevNatId, RevNatValue,
+    BackendValue, DatapathConfig, DatapathCounter, FrontendKey, FrontendStats, FrontendValue,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTEND_STATS, MAP_FRONTENDS, MAP_REVNAT,
+    RevNatId, RevNatValue,
 };
 
 use super::model::{MapOp, MapReader, MapState, MapWriter};
@@ -20,8 +20,9 @@ use super::model::{MapOp, MapReader, MapState, MapWriter};
 pub struct ServiceMaps {
     /// Frontends map.
     pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    /// Backends map.
-    pub backends: HashMap<MapData, BackendId, BackendValue>,
+    /// Backends map: an array indexed by backend id, an all-zero entry
+    /// where no backend has the id.
+    pub backends: Array<MapData, BackendValue>,
     /// Reverse-NAT map.
     pub revnat: HashMap<MapData, RevNatId, RevNatValue>,
 }
@@ -45,7 +46,7 @@ impl ServiceMaps {
         };
         Ok(ServiceMaps {
             frontends: HashMap::try_from(take(MAP_FRONTENDS)?)?,
-            backends: HashMap::try_from(take(MAP_BACKENDS)?)?,
+            backends: Array::try_from(take(MAP_BACKENDS)?)?,
             revnat: HashMap::try_from(take(MAP_REVNAT)?)?,
         })
     }
@@ -54,7 +55,7 @@ impl ServiceMaps {
     pub fn open_pinned(pin_path: &Path) -> anyhow::Result<Self> {
         Ok(ServiceMaps {
             frontends: HashMap::try_from(open_pinned(pin_path, MAP_FRONTENDS)?)?,
-            backends: HashMap::try_from(open_pinned(pin_path, MAP_BACKENDS)?)?,
+            backends: Array::try_from(open_pinned(pin_path, MAP_BACKENDS)?)?,
             revnat: HashMap::try_from(open_pinned(pin_path, MAP_REVNAT)?)?,
         })
     }
@@ -67,9 +68,11 @@ impl MapReader for ServiceMaps {
             let (key, value) = entry.context("reading the frontends map")?;
             state.frontends.insert(key, value);
         }
-        for entry in self.backends.iter() {
-            let (key, value) = entry.context("reading the backends map")?;
-            state.backends.insert(key, value);
+        for (id, entry) in (0..).zip(self.backends.iter()) {
+            let value: BackendValue = entry.context("reading the backends map")?;
+            if value.exists() {
+                state.backends.insert(id, value);
+            }
         }
         for entry in self.revnat.iter() {
             let (key, value) = entry.context("reading the rev-NAT map")?;
@@ -84,12 +87,13 @@ impl MapWriter for ServiceMaps {
 
     fn apply(&mut self, op: &MapOp) -> Result<(), MapWriteError> {
         let result = match op {
-            MapOp::UpsertBackend(id, value) => self.backends.insert(id, value, 0),
+            MapOp::UpsertBackend(id, value) => self.backends.set(*id, value, 0),
             MapOp::UpsertRevNat(id, value) => self.revnat.insert(id, value, 0),
             MapOp::UpsertFrontend(key, value) => self.frontends.insert(key, value, 0),
             MapOp::DeleteFrontend(key) => ignore_missing(self.frontends.remove(key)),
             MapOp::DeleteRevNat(id) => ignore_missing(self.revnat.remove(id)),
-            MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(id)),
+            // An array entry is never removed: zeroed, it is no backend.
+            MapOp::DeleteBackend(id) => self.backends.set(*id, BackendValue::default(), 0),
         };
         result.map_err(|source| MapWriteError { op: *op, source })
     }

@@ -132,7 +132,7 @@ pub struct Snapshot {
 /// module never writes them.
 struct LiveMaps {
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    backends: HashMap<MapData, BackendId, BackendValue>,
+    backends: Array<MapData, BackendValue>,
     revnat: HashMap<MapData, RevNatId, RevNatValue>,
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     fragments: HashMap<MapData, FragmentKey, FragmentValue>,
@@ -189,7 +189,7 @@ impl LiveMaps {
         let open = |name| open_pinned(pin_path, name);
         Ok(LiveMaps {
             frontends: HashMap::try_from(open(MAP_FRONTENDS)?)?,
-            backends: HashMap::try_from(open(MAP_BACKENDS)?)?,
+            backends: Array::try_from(open(MAP_BACKENDS)?)?,
             revnat: HashMap::try_from(open(MAP_REVNAT)?)?,
             conntrack: HashMap::try_from(open(MAP_CONNTRACK)?)?,
             fragments: HashMap::try_from(open(MAP_FRAGMENTS)?)?,
@@ -232,7 +232,7 @@ impl LiveMaps {
                         .chain(copied.conntrack.values().map(|v| v.backend_id))
                         .collect();
                     for id in ids {
-                        if let Some(backend) = found(self.backends.get(&id, 0))? {
+                        if let Some(backend) = self.backend(id)? {
                             copied.backends.insert(id, backend);
                         }
                     }
@@ -255,6 +255,16 @@ impl LiveMaps {
             }
         }
         Ok(copied)
+    }
+
+    /// The backend `id`, if there is one (the backends map is an array:
+    /// an all-zero entry, or an id beyond it, is none).
+    fn backend(&self, id: BackendId) -> anyhow::Result<Option<BackendValue>> {
+        match self.backends.get(&id, 0) {
+            Ok(backend) => Ok(backend.exists().then_some(backend)),
+            Err(MapError::OutOfBounds { .. }) => Ok(None),
+            Err(e) => Err(e).context("reading the backends map"),
+        }
     }
 
     /// The destination frontend's header and slots, in every scope.
@@ -317,7 +327,7 @@ impl LiveMaps {
             if key.slot == 0 || key.scope != SCOPE_ALL {
                 continue;
             }
-            if let Some(backend) = found(self.backends.get(&slot.backend_id, 0))?
+            if let Some(backend) = self.backend(slot.backend_id)?
                 && backend.flags & BACKEND_FLAG_NODE_LOCAL == 0
             {
                 remote.insert((backend.addr, backend.port));
@@ -428,7 +438,12 @@ impl Snapshot {
         let copied = live.copy(tuple, from_network)?;
         let sizes = MapSizes {
             frontends: room_for(copied.frontends.len()),
-            backends: room_for(copied.backends.len()),
+            // An array indexed by backend id: room up to the highest copied.
+            backends: copied
+                .backends
+                .keys()
+                .max()
+                .map_or(1, |id| id.saturating_add(1)),
             // Indexes the per-frontend counters by rev-NAT id: full size.
             revnat: REVNAT_MAX_ENTRIES,
             conntrack: room_for(copied.conntrack.len()),
@@ -459,8 +474,7 @@ impl Snapshot {
         let mut config: Array<MapData, DatapathConfig> = Array::try_from(take(MAP_CONFIG)?)?;
         let mut frontends: HashMap<MapData, FrontendKey, FrontendValue> =
             HashMap::try_from(take(MAP_FRONTENDS)?)?;
-        let mut backends: HashMap<MapData, BackendId, BackendValue> =
-            HashMap::try_from(take(MAP_BACKENDS)?)?;
+        let mut backends: Array<MapData, BackendValue> = Array::try_from(take(MAP_BACKENDS)?)?;
         let mut revnat: HashMap<MapData, RevNatId, RevNatValue> =
             HashMap::try_from(take(MAP_REVNAT)?)?;
         let mut conntrack: HashMap<MapData, ConntrackKey, ConntrackValue> =
@@ -470,7 +484,7 @@ impl Snapshot {
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         config.set(0, copied.config, 0)?;
         for (id, value) in &copied.backends {
-            backends.insert(id, value, 0)?;
+            backends.set(*id, value, 0)?;
         }
         for (id, value) in &copied.revnat {
             revnat.insert(id, value, 0)?;

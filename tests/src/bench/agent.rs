@@ -28,12 +28,15 @@ pub struct BenchAgent {
 impl BenchAgent {
     /// Starts the agent inside `node` on the YAML file `source`, with maps
     /// of `sizes` pinned under `pin_path`, attaching to the pod devices
-    /// (`lxc*`). Its log goes to `log`.
+    /// (`lxc*`), and socket-LB on the cgroup `socket_lb` if given (never
+    /// the default, the root cgroup, which would reach every process on
+    /// the machine). Its log goes to `log`.
     pub fn start(
         node: &NetNs,
         source: &Path,
         pin_path: &Path,
         sizes: MapSizes,
+        socket_lb: Option<&Path>,
         log: &Path,
     ) -> anyhow::Result<Self> {
         let binary = agent_binary();
@@ -49,9 +52,8 @@ impl BenchAgent {
             .arg(pin_path)
             .args(["--pod-device-prefix", POD_DEVICE_PREFIX])
             .args(["--poll-interval-ms", "50"])
-            // No socket-LB: the default (the root cgroup) would reach every
-            // process on the machine.
-            .args(["--cgroup-path", "none"])
+            .arg("--cgroup-path")
+            .arg(socket_lb.unwrap_or(Path::new("none")))
             .arg(format!("--map-size-frontends={}", sizes.frontends))
             .arg(format!("--map-size-backends={}", sizes.backends))
             .arg(format!("--map-size-revnat={}", sizes.revnat))

@@ -225,6 +225,7 @@ fn agent_start(size: u32, workdir: &Path) -> anyhow::Result<(f64, u64)> {
         &yaml,
         pin.path(),
         set.map_sizes(CONNTRACK_FLOWS),
+        None,
         &workdir.join(format!("agent-control-plane-{size}.log")),
     )?;
     let synced = agent.wait_synced(Duration::from_secs(600))?;

@@ -54,11 +54,14 @@ impl BenchConfig {
     pub fn full() -> Self {
         BenchConfig {
             mode: "full",
+            // Every flow fits in conntrack (2M entries) without eviction:
+            // 800k prefilled, and (13 + 1) batches of 2 x 2000 new flows
+            // per path (4 entries each on the SNAT path).
             datapath: DatapathConfig {
                 sizes: vec![1, 1_000, 10_000, 100_000],
-                batches: 7,
-                packets: 4_000,
-                prefill_max: 900_000,
+                batches: 13,
+                packets: 2_000,
+                prefill_max: 800_000,
             },
             traffic: TrafficConfig {
                 sizes: vec![1, 1_000, 10_000],
@@ -83,7 +86,7 @@ impl BenchConfig {
             mode: "quick",
             datapath: DatapathConfig {
                 sizes: vec![1, 1_000, 10_000],
-                batches: 5,
+                batches: 11,
                 packets: 2_000,
                 prefill_max: 100_000,
             },

@@ -252,6 +252,9 @@ impl Report {
             "Machine: {} CPUs ({}), kernel {}, {}, {}. Mode: {}, {:.0} s in all.\n",
             m.cpus, m.cpu_model, m.kernel, m.iptables, m.nft, self.mode, self.duration_secs
         );
+        out.push_str(
+            "Values measured several times are medians, their interquartile range in brackets.\n\n",
+        );
         for group in Group::ALL {
             let figures: Vec<&Figure> = self.group(group).collect();
             if figures.is_empty() {
@@ -300,12 +303,16 @@ fn table(figures: &[&Figure]) -> String {
     for figure in figures {
         let mut cells = vec![
             figure.name.clone(),
-            format!("{} {}", number(figure.ours), figure.unit),
+            format!(
+                "{} {}",
+                with_spread(figure.ours, figure.ours_runs.as_ref()),
+                figure.unit
+            ),
         ];
         for name in &names {
             match figure.baseline_named(name) {
                 Some(b) => {
-                    cells.push(number(b.value));
+                    cells.push(with_spread(b.value, b.runs.as_ref()));
                     let verdict = match b.ahead {
                         Some(true) => " (ahead)",
                         Some(false) => " (**behind**)",
@@ -328,6 +335,20 @@ fn table(figures: &[&Figure]) -> String {
         out.push_str(&row(&cells));
     }
     out
+}
+
+/// A value, and when it is the median of several runs, their
+/// interquartile range: the spread a comparison must stand clear of.
+fn with_spread(value: f64, runs: Option<&Summary>) -> String {
+    match runs {
+        Some(runs) => format!(
+            "{} ({}–{})",
+            number(value),
+            number(runs.q1),
+            number(runs.q3)
+        ),
+        None => number(value),
+    }
 }
 
 fn row(cells: &[String]) -> String {

@@ -17,11 +17,16 @@ pub fn median(samples: &[f64]) -> Option<f64> {
     quantile(samples, 0.5)
 }
 
-/// Median, smallest and largest of the per-run values of one figure.
+/// Median, quartiles, smallest and largest of the per-run values of one
+/// figure.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// Median of the runs.
     pub median: f64,
+    /// First quartile of the runs.
+    pub q1: f64,
+    /// Third quartile of the runs.
+    pub q3: f64,
     /// Smallest run.
     pub min: f64,
     /// Largest run.
@@ -35,6 +40,8 @@ impl Summary {
     pub fn of(runs: &[f64]) -> Option<Self> {
         Some(Summary {
             median: median(runs)?,
+            q1: quantile(runs, 0.25)?,
+            q3: quantile(runs, 0.75)?,
             min: runs.iter().copied().fold(f64::INFINITY, f64::min),
             max: runs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             runs: runs.len(),
@@ -62,6 +69,8 @@ mod tests {
         let summary = Summary::of(&[3.0, 1.0, 2.0]).unwrap();
         assert_eq!((summary.median, summary.min, summary.max), (2.0, 1.0, 3.0));
         assert_eq!(summary.runs, 3);
+        let summary = Summary::of(&(1..=8).map(f64::from).collect::<Vec<_>>()).unwrap();
+        assert_eq!((summary.q1, summary.median, summary.q3), (2.0, 4.0, 6.0));
         assert!(Summary::of(&[]).is_none());
     }
 }

@@ -13,6 +13,10 @@ use service_tests::{
 };
 
 fn main() -> anyhow::Result<()> {
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some(bench::traffic::CLIENT_FLAG) {
+        return bench::traffic::client_main(&all[1..]);
+    }
     let mut quick = false;
     let mut out = PathBuf::from("target/bench");
     let mut groups = Vec::new();
