@@ -12,7 +12,7 @@ use service_tests::{
     pins::{PinDir, pinned_map_bytes},
     require_root,
     scenario::{
-        BACKEND_HTTP_PORT, BACKENDS, ClusterIpScenario, backend_name, http_frontend,
+        BACKEND_HTTP_PORT, BACKENDS, ClusterIpScenario, backend_name, http_frontend, udp_frontend,
         web_service_yaml,
     },
     topology::{
@@ -128,6 +128,27 @@ fn trace_shows_a_new_flow_and_names_the_backend_an_open_connection_really_has() 
     assert_eq!(reply_out["destination"], from.as_str());
     assert_eq!(reply_out["tcp_flags"], "SYN,ACK");
     assert_eq!(reply["from_frontend"], true);
+
+    // UDP alike: to the backends' UDP port, answered from the ClusterIP.
+    let udp = trace_leaving_maps_alone(
+        pin,
+        &[
+            "--from",
+            &from,
+            "--to",
+            &udp_frontend().to_string(),
+            "--proto",
+            "udp",
+        ],
+    );
+    assert_eq!(udp["frontend"]["frontend"], "10.96.0.10:7/UDP", "{udp:#}");
+    let udp_backend = udp["backend"]["backend"].as_str().unwrap();
+    assert!(udp_backend.ends_with(":7007"), "{udp_backend}");
+    assert_eq!(last_output(&udp["stages"])["protocol"], "UDP");
+    assert_eq!(
+        last_output(&udp["reply"]["stages"])["source"],
+        udp_frontend().to_string().as_str()
+    );
 
     // A real connection, then the same 5-tuple probed as established: the
     // backend that answered, from conntrack.
