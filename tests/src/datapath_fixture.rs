@@ -14,7 +14,7 @@ use service_agent::{
     datapath::{
         self,
         maps::ServiceMaps,
-        model::{MapState, MapWriter as _},
+        model::{MapState, write_in_order},
     },
     reconcile::{
         cluster::ObjectName,
@@ -91,13 +91,8 @@ impl Datapath {
         flags: u16,
         backends: &[(Ipv4Addr, u16, bool)],
     ) {
-        let service = ObjectName {
-            namespace: "test".into(),
-            name: format!("svc-{addr}-{port}-{proto}"),
-        };
+        let service = ObjectName::new("test", &format!("svc-{addr}-{port}-{proto}"));
         let frontend = DesiredFrontend {
-            service: service.clone(),
-            port_name: String::new(),
             addr: addr.into(),
             port,
             proto,
@@ -112,10 +107,10 @@ impl Datapath {
                 })
                 .collect(),
         };
-        let (ops, problems) = self.desired.set_service(&service, &[frontend]);
-        assert!(problems.is_empty(), "{problems:?}");
-        for op in ops {
-            self.maps.apply(&op).expect("map write");
+        let update = self.desired.set_service(&service, &[frontend]);
+        assert!(update.problems.is_empty(), "{:?}", update.problems);
+        if let Err(failure) = write_in_order(&mut self.maps, &update.writes.ops) {
+            panic!("map write: {}", failure.error);
         }
     }
 

@@ -16,6 +16,7 @@ use crate::{
     datapath::model::frontend_label,
     reconcile::{
         cluster::ObjectName,
+        sync::WriteFailure,
         translate::{NotProgrammed, Translation},
     },
 };
@@ -23,14 +24,45 @@ use crate::{
 /// Folder of the status files.
 pub const STATUS_DIR: &str = "/run/service-lb";
 
+/// What became of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceState {
+    /// Its frontends are in the maps.
+    #[serde(rename = "programmed")]
+    Programmed,
+    /// `clusterIP: None`: programs nothing, by design.
+    Headless,
+    /// `type: ExternalName`: programs nothing, by design.
+    ExternalName,
+    /// Every port or address was skipped as invalid or unsupported.
+    #[serde(rename = "not served")]
+    NotServed,
+    /// A map write failed (a full map): some of its entries may be
+    /// missing until a repair writes them.
+    #[serde(rename = "write failed")]
+    WriteFailed,
+}
+
+impl ServiceState {
+    /// The state as `list` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Programmed => "programmed",
+            ServiceState::Headless => "Headless",
+            ServiceState::ExternalName => "ExternalName",
+            ServiceState::NotServed => "not served",
+            ServiceState::WriteFailed => "write failed",
+        }
+    }
+}
+
 /// One Service as the agent sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     /// `namespace/name`.
     pub service: String,
-    /// `programmed`, `Headless`, `ExternalName`, or `not served` (every
-    /// port or address was skipped as invalid or unsupported).
-    pub state: String,
+    /// What became of it.
+    pub state: ServiceState,
     /// Its frontends as `address:port/PROTOCOL`.
     pub frontends: Vec<String>,
     /// What was skipped, and why.
@@ -54,26 +86,37 @@ pub fn status_path(pin_path: &Path) -> PathBuf {
     Path::new(STATUS_DIR).join(format!("{name}.json"))
 }
 
-/// The status of every translated Service.
-pub fn statuses(translations: &BTreeMap<ObjectName, Translation>) -> Vec<ServiceStatus> {
+/// The status of every translated Service; `failures` are the Services
+/// whose writes failed.
+pub fn statuses(
+    translations: &BTreeMap<ObjectName, Translation>,
+    failures: &BTreeMap<ObjectName, WriteFailure>,
+) -> Vec<ServiceStatus> {
     translations
         .iter()
         .map(|(name, t)| {
+            let failure = failures.get(name);
             let state = match t.not_programmed.first() {
-                Some((_, NotProgrammed::Headless)) => "Headless",
-                Some((_, NotProgrammed::ExternalName)) => "ExternalName",
-                None if t.frontends.is_empty() => "not served",
-                None => "programmed",
+                Some((_, NotProgrammed::Headless)) => ServiceState::Headless,
+                Some((_, NotProgrammed::ExternalName)) => ServiceState::ExternalName,
+                None if failure.is_some() => ServiceState::WriteFailed,
+                None if t.frontends.is_empty() => ServiceState::NotServed,
+                None => ServiceState::Programmed,
             };
             ServiceStatus {
                 service: name.to_string(),
-                state: state.to_owned(),
+                state,
                 frontends: t
                     .frontends
                     .iter()
                     .map(|f| frontend_label(f.addr, f.port, f.proto))
                     .collect(),
-                problems: t.skipped.clone(),
+                problems: t
+                    .skipped
+                    .iter()
+                    .cloned()
+                    .chain(failure.map(|f| f.error.clone()))
+                    .collect(),
             }
         })
         .collect()

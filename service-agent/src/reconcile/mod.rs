@@ -1,13 +1,16 @@
 //! From the cluster's objects to ordered map writes: the sources' events
-//! build a [`cluster::ClusterState`]; [`translate`] turns one Service into
+//! carry compact [`records`] and build a [`cluster::ClusterState`]; [`translate`] turns one Service into
 //! the frontends to serve (a pure function); [`desired`] lays those out as
 //! map entries with stable ids; [`diff`] orders the writes; [`sync`] applies
-//! them through [`crate::datapath::model::MapWriter`] and repairs drift;
+//! them through [`crate::datapath::model::MapWriter`] and, with
+//! [`repair`], repairs drift;
 //! [`pipeline`] drives it all from events.
 
 pub mod cluster;
 pub mod desired;
 pub mod diff;
 pub mod pipeline;
+pub mod records;
+pub mod repair;
 pub mod sync;
 pub mod translate;

@@ -23,7 +23,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::discovery::v1::EndpointConditions;
 use service_agent::{
     datapath::{
         self,
@@ -36,7 +35,7 @@ use service_agent::{
         sync::Syncer,
         translate::NodeContext,
     },
-    source::{file::parse_documents, kube::KINDS},
+    source::file::{KINDS, parse_documents},
 };
 use service_common::{FAMILY_IPV4, FrontendKey, PROTO_TCP, SCOPE_ALL};
 
@@ -266,20 +265,19 @@ fn check_programmed(pin: &PinDir, set: &ServiceSet) -> anyhow::Result<()> {
 /// Latencies (ms) of `changes` single-endpoint changes at `set`'s size,
 /// through the agent's pipeline over the real kernel maps.
 fn change_latencies(set: &ServiceSet, changes: usize) -> anyhow::Result<Vec<f64>> {
-    let parsed = parse_documents(&set.yaml()).context("parsing the generated YAML")?;
+    let parsed = parse_documents(&set.yaml(), None).context("parsing the generated YAML")?;
     let pin = PinDir::new("bench-latency")?;
     let sizes = set.map_sizes(CONNTRACK_FLOWS);
     let mut ebpf = datapath::load_with_sizes(pin.path(), sizes)?;
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let syncer = Syncer::adopting_with_sizes(maps, NodeContext::default(), sizes)?;
-    let mut pipeline = Pipeline::new(syncer, &KINDS[..2], None);
-    let (services, slices) = parsed.state.into_objects();
-    pipeline.handle(ClusterEvent::Service(Change::Replaced(services)));
-    pipeline.handle(ClusterEvent::EndpointSlice(Change::Replaced(slices)));
+    let mut pipeline = Pipeline::new(syncer, &KINDS);
+    pipeline.handle(ClusterEvent::Service(Change::Replaced(parsed.services)));
+    pipeline.handle(ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)));
     let report = pipeline
         .flush()
         .context("the first full sync did not run")?;
-    if report.failed {
+    if report.failed() {
         bail!("the first full sync failed: {report:?}");
     }
 
@@ -291,33 +289,27 @@ fn change_latencies(set: &ServiceSet, changes: usize) -> anyhow::Result<Vec<f64>
         seed ^= seed << 5;
         let service = seed % set.count;
         let endpoint = ((seed >> 8) % set.endpoints_per_service) as usize;
-        let slice_name = ObjectName {
-            namespace: NAMESPACE.to_owned(),
-            name: format!("{}-s1", ServiceSet::name(service)),
-        };
+        let slice_name = ObjectName::new(NAMESPACE, &format!("{}-s1", ServiceSet::name(service)));
         let mut slice = pipeline
             .cluster
             .endpoint_slices()
             .get(&slice_name)
             .with_context(|| format!("no EndpointSlice {slice_name}"))?
             .clone();
-        let conditions = slice.endpoints[endpoint]
-            .conditions
-            .get_or_insert_with(EndpointConditions::default);
-        let ready = conditions.ready != Some(false);
-        conditions.ready = Some(!ready);
-        let expected = slice
-            .endpoints
-            .iter()
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-            .count();
+        let mut endpoints = slice.endpoints.to_vec();
+        endpoints[endpoint].ready = !endpoints[endpoint].ready;
+        let expected = endpoints.iter().filter(|e| e.ready).count();
+        slice.endpoints = endpoints.into();
 
         let started = Instant::now();
-        pipeline.handle(ClusterEvent::EndpointSlice(Change::Applied(slice)));
+        pipeline.handle(ClusterEvent::EndpointSlice(Change::Applied(
+            slice_name.clone(),
+            slice,
+        )));
         let report = pipeline.flush().context("a change caused no sync")?;
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
 
-        if report.failed || report.writes == 0 {
+        if report.failed() || report.writes == 0 {
             bail!("the change of {slice_name} was not written: {report:?}");
         }
         let (addr, family) = map_addr(ServiceSet::cluster_ip(service).into());
