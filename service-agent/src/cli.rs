@@ -7,6 +7,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+use service_common::{ConntrackTimeouts, SnatPortRange};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -128,9 +129,85 @@ pub struct RunArgs {
     /// frontends (address, port, protocol) that can be served.
     #[arg(long, value_name = "ENTRIES", default_value_t = service_common::REVNAT_MAX_ENTRIES)]
     pub map_size_revnat: u32,
-    /// Capacity of the conntrack LRU map (two entries per flow).
+    /// Capacity of the conntrack LRU map (two entries per flow, four for
+    /// a flow SNATed to a backend on another node).
     #[arg(long, value_name = "ENTRIES", default_value_t = service_common::CONNTRACK_MAX_ENTRIES)]
     pub map_size_conntrack: u32,
+    /// Capacity of the IPv4 fragments LRU map (one entry per fragmented
+    /// datagram in flight through a Service).
+    #[arg(long, value_name = "ENTRIES", default_value_t = service_common::FRAGMENTS_MAX_ENTRIES)]
+    pub map_size_fragments: u32,
+    /// Source ports flows SNATed to this node's address get, `MIN-MAX`.
+    /// The default lies outside Linux's default ephemeral range
+    /// (32768-60999) and the NodePort range (30000-32767), so no host
+    /// socket picks one of them by itself.
+    #[arg(long, value_name = "MIN-MAX", default_value = "20000-29999", value_parser = parse_port_range)]
+    pub snat_port_range: SnatPortRange,
+    /// Conntrack timeouts, in seconds. A flow's entries are treated as gone
+    /// once idle for longer than the timeout of its state.
+    #[command(flatten)]
+    pub ct_timeouts: ConntrackTimeoutArgs,
+}
+
+/// The conntrack timeouts (`--ct-timeout-*`), in seconds.
+#[derive(Debug, Args)]
+pub struct ConntrackTimeoutArgs {
+    /// TCP: a SYN was seen, no reply yet.
+    #[arg(long = "ct-timeout-tcp-syn", value_name = "SECONDS", default_value_t = ConntrackTimeouts::DEFAULT.tcp_syn, value_parser = timeout_parser())]
+    pub tcp_syn: u32,
+    /// TCP: established (a reply seen, no FIN or RST).
+    #[arg(long = "ct-timeout-tcp-established", value_name = "SECONDS", default_value_t = ConntrackTimeouts::DEFAULT.tcp_established, value_parser = timeout_parser())]
+    pub tcp_established: u32,
+    /// TCP: a FIN in one direction.
+    #[arg(long = "ct-timeout-tcp-fin", value_name = "SECONDS", default_value_t = ConntrackTimeouts::DEFAULT.tcp_fin, value_parser = timeout_parser())]
+    pub tcp_fin: u32,
+    /// TCP: FINs in both directions, or a RST; also flows of a deleted Service.
+    #[arg(long = "ct-timeout-tcp-close", value_name = "SECONDS", default_value_t = ConntrackTimeouts::DEFAULT.tcp_close, value_parser = timeout_parser())]
+    pub tcp_close: u32,
+    /// UDP: no reply yet, or a reply within 2 s of the first datagram
+    /// (request/response, such as DNS).
+    #[arg(long = "ct-timeout-udp", value_name = "SECONDS", default_value_t = ConntrackTimeouts::DEFAULT.udp, value_parser = timeout_parser())]
+    pub udp: u32,
+    /// UDP: replied and older than 2 s (a stream).
+    #[arg(long = "ct-timeout-udp-stream", value_name = "SECONDS", default_value_t = ConntrackTimeouts::DEFAULT.udp_stream, value_parser = timeout_parser())]
+    pub udp_stream: u32,
+}
+
+impl ConntrackTimeoutArgs {
+    /// The timeouts as the datapath's configuration holds them.
+    pub fn timeouts(&self) -> ConntrackTimeouts {
+        ConntrackTimeouts {
+            tcp_syn: self.tcp_syn,
+            tcp_established: self.tcp_established,
+            tcp_fin: self.tcp_fin,
+            tcp_close: self.tcp_close,
+            udp: self.udp,
+            udp_stream: self.udp_stream,
+        }
+    }
+}
+
+/// Timeouts run from 1 s to about 68 years (the datapath compares them as
+/// signed 32-bit seconds).
+fn timeout_parser() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i32::MAX as i64)
+}
+
+/// Parses `MIN-MAX` (both included, `1 <= MIN <= MAX <= 65535`).
+fn parse_port_range(text: &str) -> Result<SnatPortRange, String> {
+    let (min, max) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not MIN-MAX"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|e| format!("{p:?} is not a port: {e}"))
+    };
+    let (min, max) = (port(min)?, port(max)?);
+    if min == 0 || max < min {
+        return Err(format!("{text:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok(SnatPortRange { min, max })
 }
 
 /// Flags of `service-agent list`.
@@ -193,7 +270,67 @@ impl RunArgs {
                 backends: self.map_size_backends,
                 revnat: self.map_size_revnat,
                 conntrack: self.map_size_conntrack,
+                fragments: self.map_size_fragments,
             },
+            snat_ports: self.snat_port_range,
+            ct_timeouts: self.ct_timeouts.timeouts(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snat_port_ranges_parse_and_reject_nonsense() {
+        assert_eq!(
+            parse_port_range("20000-29999"),
+            Ok(SnatPortRange {
+                min: 20000,
+                max: 29999
+            })
+        );
+        assert_eq!(
+            parse_port_range("7-7"),
+            Ok(SnatPortRange { min: 7, max: 7 })
+        );
+        for bad in ["", "20000", "0-10", "10-9", "1-70000", "a-b"] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_design_values() {
+        let cli = Cli::parse_from([
+            "service-agent",
+            "run",
+            "--source",
+            "file:/x",
+            "--pod-device",
+            "x",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!("run expected");
+        };
+        assert_eq!(args.ct_timeouts.timeouts(), ConntrackTimeouts::DEFAULT);
+        assert_eq!(args.snat_port_range, SnatPortRange::DEFAULT);
+        let cli = Cli::parse_from([
+            "service-agent",
+            "run",
+            "--source",
+            "file:/x",
+            "--pod-device",
+            "x",
+            "--ct-timeout-udp",
+            "3",
+            "--snat-port-range",
+            "40000-40009",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!("run expected");
+        };
+        assert_eq!(args.ct_timeouts.timeouts().udp, 3);
+        assert_eq!(args.snat_port_range.port_count(), 10);
     }
 }

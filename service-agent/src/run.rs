@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use log::{error, info, warn};
+use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::unbounded_channel,
@@ -63,6 +64,10 @@ pub struct RunOptions {
     pub snat_ipv4: Option<std::net::Ipv4Addr>,
     /// The cgroup the socket-LB programs are attached to, if any.
     pub cgroup_path: CgroupPath,
+    /// Source ports of SNATed flows.
+    pub snat_ports: SnatPortRange,
+    /// Conntrack timeouts.
+    pub ct_timeouts: ConntrackTimeouts,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -70,14 +75,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut ebpf = datapath::load_with_sizes(&options.pin_path, options.map_sizes)?;
     datapath::maps::write_config(
         &mut ebpf,
-        &service_common::DatapathConfig {
+        &DatapathConfig {
             snat_v4: options.snat_ipv4.map(|a| a.octets()).unwrap_or_default(),
-            _reserved: 0,
+            snat_ports: options.snat_ports,
+            timeouts: options.ct_timeouts,
         },
     )?;
     info!(
-        "NodePorts on {:?}, SNAT address {:?}",
-        options.node.nodeport_addresses, options.snat_ipv4
+        "NodePorts on {:?}, SNAT address {:?} ports {}-{}, conntrack timeouts {:?}",
+        options.node.nodeport_addresses,
+        options.snat_ipv4,
+        options.snat_ports.min,
+        options.snat_ports.max,
+        options.ct_timeouts
     );
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let counters = CounterMaps::take_from(&mut ebpf)?;

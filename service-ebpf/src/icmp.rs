@@ -8,41 +8,20 @@
 //! like the reverse translation of ordinary replies.
 
 use service_common::{
-    CT_DIR_REPLY, ConntrackKey, DatapathCounter, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, map_addr_v4,
-    map_addr_v4_octets,
+    CT_DIR_REPLY, ConntrackKey, DatapathCounter, PROTO_TCP, PROTO_UDP, map_addr_v4_octets,
 };
 
 use crate::{
-    lb::Outcome,
-    maps::{CONNTRACK, REVNAT, count},
-    nat::csum_replace,
+    maps::{CONNTRACK, count},
     packet::Packet,
+    verdict::Outcome,
+    wire::{
+        ETH_P_IP, ETH_TYPE_OFF, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HDR_LEN, ICMP_TIME_EXCEEDED,
+        IP_CSUM_OFF, IP_DST_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_VERSION_4, L4_DPORT_OFF, PROTO_ICMP,
+        WORD_LEN, csum_replace, csum_replace_addr, l4_csum_off,
+    },
 };
-
-/// IP protocol number of ICMP.
-const PROTO_ICMP: u8 = 1;
-/// ICMP type: destination unreachable (code 4: fragmentation needed).
-const ICMP_DEST_UNREACH: u8 = 3;
-/// ICMP type: time exceeded.
-const ICMP_TIME_EXCEEDED: u8 = 11;
-/// Length of the Ethernet header.
-const ETH_LEN: usize = 14;
-/// EtherType of IPv4, host byte order.
-const ETH_P_IP: u16 = 0x0800;
-/// Length of the ICMP error header (type, code, checksum, 4 more bytes).
-const ICMP_HDR_LEN: usize = 8;
-/// Offset of the header checksum inside an IPv4 header.
-const IP_CSUM_OFF: usize = 10;
-/// Offset of the source address inside an IPv4 header.
-const IP_SRC_OFF: usize = 12;
-/// Offset of the destination address inside an IPv4 header.
-const IP_DST_OFF: usize = 16;
-/// Offset of the checksum inside an ICMP header.
-const ICMP_CSUM_OFF: usize = 2;
-/// Offset of the checksum inside a TCP header.
-const TCP_CSUM_OFF: usize = 16;
-/// Offset of the checksum inside a UDP header.
-const UDP_CSUM_OFF: usize = 6;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 /// An ICMP error quoting an IPv4 TCP or UDP packet.
 struct IcmpError {
@@ -72,15 +51,15 @@ struct IcmpError {
 /// packet (RFC 792); `None` for anything else.
 #[inline(always)]
 fn parse<P: Packet>(ctx: &P) -> Option<IcmpError> {
-    let ether_type: u16 = ctx.read(12)?;
+    let ether_type: u16 = ctx.read(ETH_TYPE_OFF)?;
     if u16::from_be(ether_type) != ETH_P_IP {
         return None;
     }
-    let l3_off = ETH_LEN;
+    let l3_off = EthHdr::LEN;
     let vihl: u8 = ctx.read(l3_off)?;
-    let proto: u8 = ctx.read(l3_off + 9)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 || proto != PROTO_ICMP {
+    let proto: u8 = ctx.read(l3_off + IP_PROTO_OFF)?;
+    let ihl = usize::from(vihl & 0x0f) * WORD_LEN;
+    if vihl >> 4 != IP_VERSION_4 || ihl < Ipv4Hdr::LEN || proto != PROTO_ICMP {
         return None;
     }
     let icmp_off = l3_off + ihl;
@@ -90,9 +69,9 @@ fn parse<P: Packet>(ctx: &P) -> Option<IcmpError> {
     }
     let inner_l3_off = icmp_off + ICMP_HDR_LEN;
     let inner_vihl: u8 = ctx.read(inner_l3_off)?;
-    let inner_proto: u8 = ctx.read(inner_l3_off + 9)?;
-    let inner_ihl = usize::from(inner_vihl & 0x0f) * 4;
-    if inner_vihl >> 4 != 4 || inner_ihl < 20 {
+    let inner_proto: u8 = ctx.read(inner_l3_off + IP_PROTO_OFF)?;
+    let inner_ihl = usize::from(inner_vihl & 0x0f) * WORD_LEN;
+    if inner_vihl >> 4 != IP_VERSION_4 || inner_ihl < Ipv4Hdr::LEN {
         return None;
     }
     if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
@@ -123,30 +102,20 @@ pub fn reverse_icmp_error<P: Packet>(ctx: &P) -> Outcome {
     };
     // The quoted packet went client -> backend; its reply entry is the
     // other way round.
-    let key = ConntrackKey {
-        saddr: map_addr_v4(error.inner_daddr),
-        daddr: map_addr_v4(error.inner_saddr),
-        sport: error.inner_dport,
-        dport: error.inner_sport,
-        family: FAMILY_IPV4,
-        proto: error.inner_proto,
-        direction: CT_DIR_REPLY,
-        _pad: 0,
-    };
+    let key = ConntrackKey::v4(
+        error.inner_daddr,
+        error.inner_dport,
+        error.inner_saddr,
+        error.inner_sport,
+        error.inner_proto,
+        CT_DIR_REPLY,
+    );
     // SAFETY: the value is copied out at once.
-    let Some(rev_nat_id) = (unsafe { CONNTRACK.get(key) }).map(|ct| ct.rev_nat_id) else {
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
         return Outcome::Untouched;
     };
-    // SAFETY: copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id) }).copied() else {
-        return Outcome::Untouched;
-    };
-    match rewrite(
-        ctx,
-        &error,
-        map_addr_v4_octets(&frontend.addr),
-        frontend.port,
-    ) {
+    // The reply entry holds the frontend.
+    match rewrite(ctx, &error, map_addr_v4_octets(&ct.nat_addr), ct.nat_port) {
         Ok(()) => {
             count(DatapathCounter::ReplyTranslated);
             Outcome::Translated
@@ -164,32 +133,26 @@ pub fn reverse_icmp_error<P: Packet>(ctx: &P) -> Outcome {
 /// checksum, by RFC 1624 incremental updates.
 #[inline(always)]
 fn rewrite<P: Packet>(ctx: &P, error: &IcmpError, addr: [u8; 4], port: u16) -> Result<(), i64> {
-    let old = words(error.inner_daddr);
-    let new = words(addr);
+    let (old, new) = (error.inner_daddr, addr);
     let mut icmp_csum: u16 = ctx.read(error.icmp_off + ICMP_CSUM_OFF).ok_or(-1i64)?;
 
     // Quoted IPv4 header: destination and header checksum.
     let inner_csum_off = error.inner_l3_off + IP_CSUM_OFF;
     let old_inner_csum: u16 = ctx.read(inner_csum_off).ok_or(-1i64)?;
-    let new_inner_csum = replace2(old_inner_csum, old, new);
+    let new_inner_csum = csum_replace_addr(old_inner_csum, old, new);
     ctx.write(inner_csum_off, &new_inner_csum)?;
     ctx.write(error.inner_l3_off + IP_DST_OFF, &addr)?;
-    icmp_csum = replace2(icmp_csum, old, new);
+    icmp_csum = csum_replace_addr(icmp_csum, old, new);
     icmp_csum = csum_replace(icmp_csum, old_inner_csum, new_inner_csum);
 
     // Quoted destination port, and the quoted L4 checksum when present.
-    ctx.write(error.inner_l4_off + 2, &port)?;
+    ctx.write(error.inner_l4_off + L4_DPORT_OFF, &port)?;
     icmp_csum = csum_replace(icmp_csum, error.inner_dport, port);
-    let l4_csum_off = error.inner_l4_off
-        + if error.inner_proto == PROTO_TCP {
-            TCP_CSUM_OFF
-        } else {
-            UDP_CSUM_OFF
-        };
+    let l4_csum_off = error.inner_l4_off + l4_csum_off(error.inner_proto);
     if let Some(old_l4) = ctx.read::<u16>(l4_csum_off)
         && !(error.inner_proto == PROTO_UDP && old_l4 == 0)
     {
-        let new_l4 = csum_replace(replace2(old_l4, old, new), error.inner_dport, port);
+        let new_l4 = csum_replace(csum_replace_addr(old_l4, old, new), error.inner_dport, port);
         ctx.write(l4_csum_off, &new_l4)?;
         icmp_csum = csum_replace(icmp_csum, old_l4, new_l4);
     }
@@ -199,23 +162,8 @@ fn rewrite<P: Packet>(ctx: &P, error: &IcmpError, addr: [u8; 4], port: u16) -> R
     if error.saddr == error.inner_daddr {
         let outer_csum_off = error.l3_off + IP_CSUM_OFF;
         let outer_csum: u16 = ctx.read(outer_csum_off).ok_or(-1i64)?;
-        ctx.write(outer_csum_off, &replace2(outer_csum, old, new))?;
+        ctx.write(outer_csum_off, &csum_replace_addr(outer_csum, old, new))?;
         ctx.write(error.l3_off + IP_SRC_OFF, &addr)?;
     }
     Ok(())
-}
-
-/// An address as two 16-bit words in wire order (as native u16s).
-#[inline(always)]
-fn words(addr: [u8; 4]) -> [u16; 2] {
-    [
-        u16::from_ne_bytes([addr[0], addr[1]]),
-        u16::from_ne_bytes([addr[2], addr[3]]),
-    ]
-}
-
-/// A checksum after a 32-bit field changed from `old` to `new`.
-#[inline(always)]
-fn replace2(csum: u16, old: [u16; 2], new: [u16; 2]) -> u16 {
-    csum_replace(csum_replace(csum, old[0], new[0]), old[1], new[1])
 }

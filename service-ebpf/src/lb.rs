@@ -26,24 +26,18 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
-    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey,
-    ConntrackValue, DatapathCounter, FAMILY_IPV4, FRONTEND_FLAG_EXTERNAL_IP,
-    FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT, FrontendKey, FrontendValue, HAIRPIN_IPV4,
-    RevNatId, SCOPE_ALL, SNAT_PORT_MAX, SNAT_PORT_MIN, map_addr_v4, map_addr_v4_octets,
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey, DatapathCounter,
+    FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue, HAIRPIN_IPV4, RevNatId,
+    map_addr_v4_octets,
 };
 
 use crate::{
-    maps::{BACKENDS, CONFIG, CONNTRACK, FRONTENDS, REVNAT, account_frontend, count},
+    conntrack::{conntrack_key, snat, track},
+    maps::{BACKENDS, CONNTRACK, FRONTENDS, account_frontend, config, count},
     nat::{Rewriter, Side},
     packet::{Ipv4Flow, Packet},
+    verdict::Outcome,
 };
-
-/// `BPF_ANY`: insert or replace.
-const BPF_ANY: u64 = 0;
-/// `BPF_NOEXIST`: insert only if the key is absent.
-const BPF_NOEXIST: u64 = 1;
-/// How many SNAT ports are tried for a new flow before giving up.
-const SNAT_PORT_TRIES: u32 = 16;
 
 /// Where a packet entered the datapath.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -55,23 +49,9 @@ pub enum Origin {
     Network,
 }
 
-/// What the datapath did with a packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Not for a frontend: untouched.
-    Untouched,
-    /// Translated (DNAT, SNAT or reverse NAT).
-    Translated,
-    /// Translated as a hairpin flow (only from pods): the packet's next
-    /// stop is the pod it came from, both ends of the flow being that pod.
-    Hairpin,
-    /// A new flow to a frontend without usable backend.
-    NoBackend,
-    /// Dropped (already counted).
-    Dropped,
-}
-
-/// The backend a flow is (or will be) translated to.
+/// The backend a flow is (or will be) translated to. Aligned so its
+/// address is copied into map keys as a whole word.
+#[repr(C, align(8))]
 pub struct Target {
     /// Backend address, network byte order.
     pub addr: [u8; 4],
@@ -93,16 +73,13 @@ pub struct Target {
 pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_REPLY);
     // SAFETY: the value is copied out at once.
-    let Some(rev_nat_id) = (unsafe { CONNTRACK.get(key) }).map(|ct| ct.rev_nat_id) else {
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
         return Outcome::Untouched;
     };
-    // SAFETY: copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id) }).copied() else {
-        return Outcome::Untouched;
-    };
-    let addr = map_addr_v4_octets(&frontend.addr);
+    // The reply entry holds the frontend to restore.
+    let addr = map_addr_v4_octets(&ct.nat_addr);
     if ctx
-        .rewrite_v4(flow, Side::Source, addr, frontend.port)
+        .rewrite_v4(flow, Side::Source, addr, ct.nat_port)
         .is_err()
     {
         count(DatapathCounter::DropRewrite);
@@ -140,13 +117,15 @@ pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 pub fn snat_out<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_SNAT);
     // SAFETY: the value is copied out at once.
-    let Some(port) = (unsafe { CONNTRACK.get(key) }).map(|ct| ct.snat_port) else {
+    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
         return Outcome::Untouched;
     };
-    let Some(addr) = snat_address() else {
-        return Outcome::Dropped;
-    };
-    if ctx.rewrite_v4(flow, Side::Source, addr, port).is_err() {
+    // The SNAT entry holds the new source: this node's address and the port.
+    let addr = map_addr_v4_octets(&ct.nat_addr);
+    if ctx
+        .rewrite_v4(flow, Side::Source, addr, ct.nat_port)
+        .is_err()
+    {
         count(DatapathCounter::DropRewrite);
         return Outcome::Dropped;
     }
@@ -222,17 +201,14 @@ pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcom
     let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
         return Outcome::Untouched;
     };
-    // SAFETY: copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(ct.rev_nat_id) }).copied() else {
-        return Outcome::Untouched;
-    };
-    let client = map_addr_v4_octets(&ct.nat_addr);
-    let frontend_addr = map_addr_v4_octets(&frontend.addr);
+    // The client is the pod itself (the reply's source) at the port the
+    // reply goes to; the entry holds the frontend.
+    let frontend_addr = map_addr_v4_octets(&ct.nat_addr);
     if ctx
-        .rewrite_v4(flow, Side::Destination, client, ct.nat_port)
+        .rewrite_v4(flow, Side::Destination, flow.saddr, flow.dport)
         .is_err()
         || ctx
-            .rewrite_v4(flow, Side::Source, frontend_addr, frontend.port)
+            .rewrite_v4(flow, Side::Source, frontend_addr, ct.nat_port)
             .is_err()
     {
         count(DatapathCounter::DropRewrite);
@@ -240,21 +216,6 @@ pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcom
     }
     count(DatapathCounter::ReplyTranslated);
     Outcome::Hairpin
-}
-
-/// The conntrack key of a packet as it stands, in the given direction.
-#[inline(always)]
-fn conntrack_key(flow: &Ipv4Flow, direction: u8) -> ConntrackKey {
-    ConntrackKey {
-        saddr: map_addr_v4(flow.saddr),
-        daddr: map_addr_v4(flow.daddr),
-        sport: flow.sport,
-        dport: flow.dport,
-        family: FAMILY_IPV4,
-        proto: flow.proto,
-        direction,
-        _pad: 0,
-    }
 }
 
 /// The backend of an already tracked flow. A TCP SYN whose tracked backend
@@ -296,10 +257,6 @@ pub enum Lookup {
     Backend(Target),
 }
 
-/// Frontend kinds served to traffic from the network.
-const EXTERNAL_KINDS: u16 =
-    FRONTEND_FLAG_NODE_PORT | FRONTEND_FLAG_LOAD_BALANCER | FRONTEND_FLAG_EXTERNAL_IP;
-
 /// Looks the destination up among the frontends and picks a random backend.
 #[inline(always)]
 fn new_flow_target(flow: &Ipv4Flow, origin: Origin) -> Lookup {
@@ -307,25 +264,17 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin) -> Lookup {
 }
 
 /// Looks `daddr:dport` (network byte order) for `proto` up among the
-/// frontends (scope [`SCOPE_ALL`]) and picks a random backend: the choice
+/// frontends (scope [`service_common::SCOPE_ALL`]) and picks a random backend: the choice
 /// every new flow gets, from the packet hooks and from the socket hooks
 /// (`sock`) alike.
 #[inline(always)]
 pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> Lookup {
-    let mut key = FrontendKey {
-        addr: map_addr_v4(daddr),
-        port: dport,
-        slot: 0,
-        family: FAMILY_IPV4,
-        proto,
-        scope: SCOPE_ALL,
-        _pad: 0,
-    };
+    let header_key = FrontendKey::v4(daddr, dport, proto);
     // SAFETY: the header is copied out at once.
-    let Some(header) = (unsafe { FRONTENDS.get(key) }).copied() else {
+    let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
         return Lookup::NotAFrontend;
     };
-    if origin == Origin::Network && header.flags & EXTERNAL_KINDS == 0 {
+    if origin == Origin::Network && header.flags & FRONTEND_FLAGS_EXTERNAL == 0 {
         return Lookup::NotAFrontend;
     }
     if header.count == 0 {
@@ -333,9 +282,9 @@ pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> 
     }
     // SAFETY: the helper has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
-    key.slot = (random % u32::from(header.count)) as u16 + 1;
+    let slot_key = header_key.with_slot((random % u32::from(header.count)) as u16 + 1);
     // SAFETY: copied out at once.
-    let Some(slot) = (unsafe { FRONTENDS.get(key) }).copied() else {
+    let Some(slot) = (unsafe { FRONTENDS.get(slot_key) }).copied() else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
     backend_target(&header, &slot)
@@ -361,117 +310,6 @@ fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
 /// This node's SNAT address, when the agent configured one.
 #[inline(always)]
 fn snat_address() -> Option<[u8; 4]> {
-    let config = CONFIG.get(0)?;
-    (config.snat_v4 != [0; 4]).then_some(config.snat_v4)
-}
-
-/// Gives a new flow to a remote backend a source port on this node's SNAT
-/// address: a random start in the SNAT range, then the next ports; a port
-/// is taken only if no other flow to the same backend holds it (the SNAT
-/// reply entry is inserted only if absent). Then records the SNAT entry
-/// [`snat_out`] uses. `None` without an SNAT address or when every try
-/// collides.
-#[inline(always)]
-fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
-    let snat_addr = snat_address()?;
-    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-    // SAFETY: the helper has no preconditions.
-    let start = unsafe { bpf_get_prandom_u32() } % range;
-    let mut reply_key = ConntrackKey {
-        saddr: map_addr_v4(target.addr),
-        daddr: map_addr_v4(snat_addr),
-        sport: target.port,
-        dport: 0,
-        family: FAMILY_IPV4,
-        proto: flow.proto,
-        direction: CT_DIR_SNAT_REPLY,
-        _pad: 0,
-    };
-    let reply = ConntrackValue {
-        nat_addr: map_addr_v4(flow.saddr),
-        nat_port: flow.sport,
-        backend_id: target.backend_id,
-        rev_nat_id: target.rev_nat_id,
-        ..ConntrackValue::default()
-    };
-    let mut port = None;
-    for attempt in 0..SNAT_PORT_TRIES {
-        let candidate = (SNAT_PORT_MIN as u32 + (start + attempt) % range) as u16;
-        reply_key.dport = candidate.to_be();
-        if CONNTRACK.insert(reply_key, reply, BPF_NOEXIST).is_ok() {
-            port = Some(candidate.to_be());
-            break;
-        }
-    }
-    let port = port?;
-    let out_key = ConntrackKey {
-        saddr: map_addr_v4(flow.saddr),
-        daddr: map_addr_v4(target.addr),
-        sport: flow.sport,
-        dport: target.port,
-        family: FAMILY_IPV4,
-        proto: flow.proto,
-        direction: CT_DIR_SNAT,
-        _pad: 0,
-    };
-    let out = ConntrackValue {
-        snat_port: port,
-        backend_id: target.backend_id,
-        rev_nat_id: target.rev_nat_id,
-        ..ConntrackValue::default()
-    };
-    CONNTRACK.insert(out_key, out, BPF_ANY).ok()?;
-    Some(port)
-}
-
-/// Records a new flow: the reply entry first, so a reply can never arrive
-/// before the datapath knows how to translate it, then the forward entry.
-/// A hairpin flow's reply entry is keyed by the reply as the pod sends it,
-/// to [`HAIRPIN_IPV4`], and names the client to restore.
-#[inline(always)]
-fn track(
-    flow: &Ipv4Flow,
-    forward_key: &ConntrackKey,
-    target: &Target,
-    hairpin: bool,
-) -> Result<(), i32> {
-    let mut reply_key = ConntrackKey {
-        saddr: map_addr_v4(target.addr),
-        daddr: forward_key.saddr,
-        sport: target.port,
-        dport: flow.sport,
-        family: FAMILY_IPV4,
-        proto: flow.proto,
-        direction: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    let mut reply = ConntrackValue {
-        backend_id: target.backend_id,
-        rev_nat_id: target.rev_nat_id,
-        ..ConntrackValue::default()
-    };
-    let mut flags = if target.snat_port != 0 {
-        CT_FLAG_SNAT
-    } else {
-        0
-    };
-    if hairpin {
-        reply_key.daddr = map_addr_v4(HAIRPIN_IPV4);
-        reply_key.direction = CT_DIR_HAIRPIN_REPLY;
-        reply.nat_addr = forward_key.saddr;
-        reply.nat_port = flow.sport;
-        reply.flags = CT_FLAG_HAIRPIN;
-        flags |= CT_FLAG_HAIRPIN;
-    }
-    CONNTRACK.insert(reply_key, reply, BPF_ANY)?;
-    let forward = ConntrackValue {
-        nat_addr: map_addr_v4(target.addr),
-        nat_port: target.port,
-        flags,
-        backend_id: target.backend_id,
-        rev_nat_id: target.rev_nat_id,
-        snat_port: target.snat_port,
-        _pad: 0,
-    };
-    CONNTRACK.insert(forward_key, forward, BPF_ANY)
+    let snat_v4 = config().snat_v4;
+    (snat_v4 != [0; 4]).then_some(snat_v4)
 }

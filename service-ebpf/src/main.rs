@@ -7,7 +7,7 @@
 //!   backends is refused at once (TCP RST, ICMP port unreachable; `reject`).
 //!   A pod whose flow gets itself as backend (hairpin) also has the flow
 //!   SNATed to `HAIRPIN_IPV4`, and its replies to that address translated
-//!   back; both directions go straight back to the pod (`hairpin`).
+//!   back; both directions go straight back to the pod (`verdict`).
 //! - `to_pod`: TC egress on the same device. Rewrites replies of translated
 //!   flows back to the frontend address and port.
 //! - `from_network`: XDP on the node's external devices (and
@@ -34,7 +34,7 @@
 #![no_std]
 #![no_main]
 
-mod hairpin;
+mod conntrack;
 mod icmp;
 mod lb;
 mod maps;
@@ -42,21 +42,18 @@ mod nat;
 mod packet;
 mod reject;
 mod sock;
+mod verdict;
+mod wire;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, xdp_action},
+    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb::{Origin, Outcome};
+use lb::Origin;
 use packet::parse_ipv4;
-use service_common::{DatapathCounter, HAIRPIN_IPV4};
-
-/// Verdict for packets that continue through the stack (translated or not):
-/// `TC_ACT_UNSPEC`, which lets any later tc program run as well.
-pub const VERDICT_CONTINUE: i32 = aya_ebpf::bindings::TC_ACT_UNSPEC;
-/// Verdict for packets the datapath drops.
-pub const VERDICT_DROP: i32 = TC_ACT_SHOT;
+use service_common::HAIRPIN_IPV4;
+use verdict::{Outcome, VERDICT_CONTINUE, tc_verdict};
 
 /// "From pod": service translation for traffic a pod sends, and reverse
 /// translation of the replies a pod sends to the hairpin address.
@@ -76,7 +73,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         // Refused like a closed port: TCP RST or ICMP port unreachable.
         Outcome::NoBackend => reject::reject(&ctx, &flow),
         // Back to the pod it came from, which is both ends of the flow.
-        Outcome::Hairpin => hairpin::send_back(&ctx),
+        Outcome::Hairpin => verdict::send_back(&ctx),
         outcome => tc_verdict(outcome),
     }
 }
@@ -144,19 +141,6 @@ pub fn to_network(ctx: TcContext) -> i32 {
         done => done,
     };
     tc_verdict(outcome)
-}
-
-/// The TC verdict for an outcome.
-#[inline(always)]
-fn tc_verdict(outcome: Outcome) -> i32 {
-    match outcome {
-        Outcome::Untouched | Outcome::Translated | Outcome::Hairpin => VERDICT_CONTINUE,
-        Outcome::NoBackend => {
-            maps::count(DatapathCounter::DropNoBackend);
-            VERDICT_DROP
-        }
-        Outcome::Dropped => VERDICT_DROP,
-    }
 }
 
 /// Benchmark floor: a classifier that only returns its pass verdict, so

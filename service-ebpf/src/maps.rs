@@ -1,6 +1,9 @@
-//! The maps of the datapath. Keys and values come from `service-common`;
-//! every map is pinned by name under the agent's `--pin-path` so a restarted
-//! agent adopts them and `service-agent list` can read them.
+//! Every map of the datapath. Keys, values, names and capacities come from
+//! `service-common`, whose map table ([`service_common::MAPS`]) each
+//! definition is checked against at compile time (name, kind, key and
+//! value sizes). Every map is pinned by name under the agent's
+//! `--pin-path` so a restarted agent adopts them and `service-agent list`
+//! can read them.
 
 use aya_ebpf::{
     macros::map,
@@ -8,39 +11,95 @@ use aya_ebpf::{
 };
 use service_common::{
     BACKENDS_MAX_ENTRIES, BackendId, BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES,
-    ConntrackKey, ConntrackValue, DatapathConfig, DatapathCounter, FRONTENDS_MAX_ENTRIES,
-    FrontendKey, FrontendStats, FrontendValue, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue,
+    ConntrackKey, ConntrackValue, DatapathConfig, DatapathCounter, FRAGMENTS_MAX_ENTRIES,
+    FRONTENDS_MAX_ENTRIES, FragmentKey, FragmentValue, FrontendKey, FrontendStats, FrontendValue,
+    MapKind, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES, SockNatKey,
+    SockNatValue, map_matches,
 };
+
+/// Asserts at compile time that the map named `$name` (the literal its
+/// `#[map]` attribute carries) is in the shared table with key `$key`,
+/// value `$value` and kind `$kind`.
+macro_rules! check_map {
+    ($name:literal, $key:ty, $value:ty, $kind:expr) => {
+        const _: () = assert!(
+            map_matches::<$key, $value>($name, $kind),
+            concat!("map ", $name, " differs from service_common::MAPS")
+        );
+    };
+}
 
 /// Frontends: `{addr, port, proto, scope, slot}` to header or backend slot.
 #[map(name = "SVC_FRONTENDS")]
 pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
     HashMap::pinned(FRONTENDS_MAX_ENTRIES, 0);
+check_map!("SVC_FRONTENDS", FrontendKey, FrontendValue, MapKind::Hash);
 
 /// Backends: id to address and port.
 #[map(name = "SVC_BACKENDS")]
 pub static BACKENDS: HashMap<BackendId, BackendValue> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
+check_map!("SVC_BACKENDS", BackendId, BackendValue, MapKind::Hash);
 
 /// Reverse NAT: frontend id to the frontend address replies come from.
 #[map(name = "SVC_REVNAT")]
 pub static REVNAT: HashMap<RevNatId, RevNatValue> = HashMap::pinned(REVNAT_MAX_ENTRIES, 0);
+check_map!("SVC_REVNAT", RevNatId, RevNatValue, MapKind::Hash);
 
-/// Connection tracking: one forward and one reply entry per flow.
+/// Connection tracking: every entry of every flow (see `conntrack`).
 #[map(name = "SVC_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> =
     LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+check_map!(
+    "SVC_CONNTRACK",
+    ConntrackKey,
+    ConntrackValue,
+    MapKind::LruHash
+);
+
+/// IPv4 fragments: the ports of a translated datagram's first fragment.
+#[map(name = "SVC_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::pinned(FRAGMENTS_MAX_ENTRIES, 0);
+check_map!(
+    "SVC_FRAGMENTS",
+    FragmentKey,
+    FragmentValue,
+    MapKind::LruHash
+);
 
 /// Per-CPU counters per frontend, indexed by rev-NAT id.
 #[map(name = "SVC_FE_STATS")]
 pub static FRONTEND_STATS: PerCpuArray<FrontendStats> = PerCpuArray::pinned(REVNAT_MAX_ENTRIES, 0);
+check_map!("SVC_FE_STATS", u32, FrontendStats, MapKind::PerCpuArray);
 
 /// Per-CPU datapath event counters, indexed by `DatapathCounter`.
 #[map(name = "SVC_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_MAX_ENTRIES, 0);
+check_map!("SVC_COUNTERS", u32, u64, MapKind::PerCpuArray);
 
 /// Node-wide settings written by the agent (one entry).
 #[map(name = "SVC_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+check_map!("SVC_CONFIG", u32, DatapathConfig, MapKind::Array);
+
+/// Socket-LB translations: per socket, frontend to backend (UDP) and
+/// backend to frontend (every translated socket). See `sock`.
+#[map(name = "SVC_SOCK_NAT")]
+pub static SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> =
+    LruHashMap::pinned(SOCK_NAT_MAX_ENTRIES, 0);
+check_map!("SVC_SOCK_NAT", SockNatKey, SockNatValue, MapKind::LruHash);
+
+/// `BPF_ANY`: insert or replace.
+pub const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: insert only if the key is absent.
+pub const BPF_NOEXIST: u64 = 1;
+
+/// The node-wide settings; all zero (every default) before the agent
+/// writes them.
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
 
 /// Adds one to a datapath event counter.
 #[inline(always)]

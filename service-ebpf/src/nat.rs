@@ -8,14 +8,13 @@ use aya_ebpf::{
 };
 use service_common::PROTO_UDP;
 
-use crate::packet::{Ipv4Flow, Packet as _};
-
-/// Offset of the source address inside the IPv4 header.
-const IP_SRC_OFF: usize = 12;
-/// Offset of the destination address inside the IPv4 header.
-const IP_DST_OFF: usize = 16;
-/// Offset of the header checksum inside the IPv4 header.
-const IP_CSUM_OFF: usize = 10;
+use crate::{
+    packet::{Ipv4Flow, Packet as _},
+    wire::{
+        IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, csum_replace,
+        csum_replace_addr,
+    },
+};
 
 /// Which end of the flow a rewrite changes.
 #[derive(Clone, Copy)]
@@ -39,8 +38,8 @@ pub trait Rewriter {
 #[inline(always)]
 fn fields(flow: &Ipv4Flow, side: Side) -> ([u8; 4], u16, usize, usize) {
     match side {
-        Side::Source => (flow.saddr, flow.sport, IP_SRC_OFF, 0),
-        Side::Destination => (flow.daddr, flow.dport, IP_DST_OFF, 2),
+        Side::Source => (flow.saddr, flow.sport, IP_SRC_OFF, L4_SPORT_OFF),
+        Side::Destination => (flow.daddr, flow.dport, IP_DST_OFF, L4_DPORT_OFF),
     }
 }
 
@@ -86,12 +85,9 @@ impl Rewriter for XdpContext {
         let csum_off = flow.l4_csum_off();
         let ip_csum: u16 = self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?;
         let l4_csum: u16 = self.read(csum_off).ok_or(-1i64)?;
-        let old = split(old_addr);
-        let new = split(addr);
-        let ip_csum = csum_replace(csum_replace(ip_csum, old[0], new[0]), old[1], new[1]);
+        let ip_csum = csum_replace_addr(ip_csum, old_addr, addr);
         // The L4 checksum covers the pseudo header (addresses) and the port.
-        let mut l4 = csum_replace(csum_replace(l4_csum, old[0], new[0]), old[1], new[1]);
-        l4 = csum_replace(l4, old_port, port);
+        let mut l4 = csum_replace(csum_replace_addr(l4_csum, old_addr, addr), old_port, port);
         if flow.proto == PROTO_UDP {
             // Zero means "no checksum" for UDP over IPv4: keep it so, and
             // never produce a zero from a real one.
@@ -108,25 +104,4 @@ impl Rewriter for XdpContext {
         self.write(flow.l3_off + addr_off, &addr)?;
         self.write(flow.l4_off + port_off, &port)
     }
-}
-
-/// An address as two 16-bit words in wire order (as native u16s).
-#[inline(always)]
-fn split(addr: [u8; 4]) -> [u16; 2] {
-    [
-        u16::from_ne_bytes([addr[0], addr[1]]),
-        u16::from_ne_bytes([addr[2], addr[3]]),
-    ]
-}
-
-/// Incremental checksum update (RFC 1624, eqn. 3): the checksum `csum`
-/// after one 16-bit word changes from `old` to `new`. All values are wire
-/// bytes read as native u16s; the one's complement sum does not depend on
-/// byte order as long as it is the same for all.
-#[inline(always)]
-pub fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
-    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

@@ -10,20 +10,14 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use service_common::{PROTO_TCP, PROTO_UDP};
 
-/// EtherType of IPv4, host byte order.
-const ETH_P_IP: u16 = 0x0800;
-/// "More fragments" flag in the IPv4 flags field.
-const IP_MF: u8 = 0b001;
-/// Length of a TCP header without options.
-const TCP_HDR_LEN: usize = 20;
-/// Length of a UDP header.
-const UDP_HDR_LEN: usize = 8;
-/// Offset of the checksum inside a TCP header.
-const TCP_CSUM_OFF: usize = 16;
-/// Offset of the checksum inside a UDP header.
-const UDP_CSUM_OFF: usize = 6;
+use crate::wire::{
+    ETH_P_IP, IP_FLAG_MF, TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_FLAGS_OFF, TCP_HDR_LEN, UDP_HDR_LEN,
+    l4_csum_off,
+};
 
 /// An IPv4 TCP or UDP packet whose headers are all present in the skb.
+/// Aligned so its addresses are copied into map keys as whole words.
+#[repr(C, align(8))]
 pub struct Ipv4Flow {
     /// Source address, network byte order.
     pub saddr: [u8; 4],
@@ -43,21 +37,11 @@ pub struct Ipv4Flow {
     pub l4_off: usize,
 }
 
-/// TCP SYN flag bit.
-pub const TCP_FLAG_SYN: u8 = 0x02;
-/// TCP ACK flag bit.
-pub const TCP_FLAG_ACK: u8 = 0x10;
-
 impl Ipv4Flow {
     /// Offset of the L4 checksum.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        self.l4_off
-            + if self.proto == PROTO_TCP {
-                TCP_CSUM_OFF
-            } else {
-                UDP_CSUM_OFF
-            }
+        self.l4_off + l4_csum_off(self.proto)
     }
 
     /// Whether this is a TCP SYN without ACK: the first packet of a connection.
@@ -138,7 +122,7 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
         return None;
     }
     // Fragments carry no (or only partial) L4 header: never translate them.
-    if ip.frag_offset() != 0 || ip.frag_flags() & IP_MF != 0 {
+    if ip.frag_offset() != 0 || ip.frag_flags() & IP_FLAG_MF != 0 {
         return None;
     }
     let l4_len = match ip.proto {
@@ -153,7 +137,7 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
     }
     let ports: [u16; 2] = ctx.read(l4_off)?;
     let tcp_flags = if ip.proto == PROTO_TCP {
-        ctx.read::<u8>(l4_off + 13)?
+        ctx.read::<u8>(l4_off + TCP_FLAGS_OFF)?
     } else {
         0
     };

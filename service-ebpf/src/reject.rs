@@ -38,8 +38,8 @@
 //! Fragments never get here: the parser lets them pass untouched.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    bindings::{BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
+    helpers::{bpf_csum_diff, bpf_skb_change_tail},
     programs::TcContext,
 };
 use network_types::{
@@ -48,42 +48,22 @@ use network_types::{
 use service_common::{DatapathCounter, PROTO_TCP};
 
 use crate::{
-    VERDICT_DROP,
     maps::count,
-    packet::{Ipv4Flow, TCP_FLAG_ACK, TCP_FLAG_SYN},
+    packet::Ipv4Flow,
+    verdict::{VERDICT_DROP, VERDICT_REDIRECT, redirect_back, swapped_macs},
+    wire::{
+        ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, ICMP_QUOTED_DATA_LEN, IP_FLAG_DF, IP_VERSION_4,
+        IPV4_MAX_HDR_LEN, PROTO_ICMP, TCP_CSUM_OFF, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
+        TCP_FLAG_SYN, WORD_LEN, checksum_bytes,
+    },
 };
 
-/// Verdict for a reply sent back out (after `bpf_redirect`).
-const VERDICT_REDIRECT: i32 = TC_ACT_REDIRECT;
 /// Error for a packet that gets no reply although no helper failed.
 const NO_REPLY: i64 = -1;
-/// IP protocol number of ICMP.
-const PROTO_ICMP: u8 = 1;
-/// IP version of the replies.
-const IP_VERSION_4: u8 = 4;
 /// TTL of the replies: Linux's default (`net.ipv4.ip_default_ttl`).
 const REPLY_TTL: u8 = 64;
-/// "Don't fragment" in the 3-bit IPv4 flags field.
-const IP_FLAG_DF: u8 = 0b010;
-/// ICMP type "destination unreachable".
-const ICMP_DEST_UNREACH: u8 = 3;
-/// ICMP destination unreachable code "port unreachable".
-const ICMP_PORT_UNREACH: u8 = 3;
-/// Bytes of the offending datagram an ICMP error quotes after its IPv4
-/// header (RFC 792): here the whole UDP header.
-const ICMP_QUOTED_DATA_LEN: usize = 8;
-/// Length of the largest IPv4 header: 20 bytes and 40 of options.
-const IPV4_MAX_HDR_LEN: usize = 60;
-/// Bytes in a 32-bit word, the unit of IPv4 and TCP header lengths.
-const WORD_LEN: usize = 4;
 /// 32-bit words of the longest quote: the largest IPv4 header and 8 bytes.
 const QUOTE_MAX_WORDS: usize = (IPV4_MAX_HDR_LEN + ICMP_QUOTED_DATA_LEN) / WORD_LEN;
-/// TCP FIN flag bit.
-const TCP_FLAG_FIN: u8 = 0x01;
-/// TCP RST flag bit.
-const TCP_FLAG_RST: u8 = 0x04;
-/// Offset of the checksum inside a TCP header.
-const TCP_CSUM_OFF: usize = 16;
 /// Bit position of the header length (in words) in the TCP data offset byte.
 const TCP_DOFF_SHIFT: u32 = 4;
 /// The data offset byte of a TCP header without options.
@@ -107,8 +87,9 @@ struct PseudoHdr {
 /// Turns a new flow's packet to a frontend without backends into the
 /// client's refusal and sends it back: [`VERDICT_REDIRECT`], counted as
 /// `RejectedNoBackend`; the drop verdict, counted as `DropNoBackend`, when
-/// no reply can be made.
-#[inline(always)]
+/// no reply can be made. Not inlined: its own stack frame keeps the
+/// hooks that refuse within the BPF stack limit.
+#[inline(never)]
 pub fn reject(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
     let reply = if flow.proto == PROTO_TCP {
         tcp_reset(ctx, flow)
@@ -121,16 +102,6 @@ pub fn reject(ctx: &TcContext, flow: &Ipv4Flow) -> i32 {
     }
     count(DatapathCounter::DropNoBackend);
     VERDICT_DROP
-}
-
-/// Asks for the packet to leave through the device it came in on.
-#[inline(always)]
-fn redirect_back(ctx: &TcContext) -> bool {
-    // SAFETY: reads a field of the program's own context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the helper only records the target device.
-    let verdict = unsafe { bpf_redirect(ifindex, 0) };
-    verdict == i64::from(VERDICT_REDIRECT)
 }
 
 /// Turns a TCP segment into the reset a closed port answers it with.
@@ -223,7 +194,7 @@ fn icmp_port_unreachable(ctx: &TcContext, flow: &Ipv4Flow) -> Result<(), i64> {
         check: [0; 2],
         data: [0; 4],
     };
-    icmp.check = fold(csum_add(&quote, csum_add(&icmp, 0)?)?);
+    icmp.check = checksum_bytes(csum_add(&quote, csum_add(&icmp, 0)?)?);
 
     let icmp_off = EthHdr::LEN + Ipv4Hdr::LEN;
     let quote_off = icmp_off + Icmpv4Hdr::LEN;
@@ -255,11 +226,7 @@ fn write_l2_l3(
     proto: u8,
     ip_len: usize,
 ) -> Result<(), i64> {
-    let reply_eth = EthHdr {
-        dst_addr: eth.src_addr,
-        src_addr: eth.dst_addr,
-        ether_type: eth.ether_type,
-    };
+    let reply_eth = swapped_macs(eth);
     let mut ip = Ipv4Hdr {
         vihl: 0,
         tos: 0,
@@ -275,7 +242,7 @@ fn write_l2_l3(
     ip.set_vihl(IP_VERSION_4, Ipv4Hdr::LEN as u8);
     ip.set_tot_len(ip_len as u16);
     ip.set_frags(IP_FLAG_DF, 0);
-    ip.check = fold(csum_add(&ip, 0)?);
+    ip.check = checksum_bytes(csum_add(&ip, 0)?);
     ctx.store(0, &reply_eth, 0)?;
     ctx.store(EthHdr::LEN, &ip, 0)
 }
@@ -303,13 +270,4 @@ fn csum_add<T>(value: &T, seed: u32) -> Result<u32, i64> {
         )
     };
     u32::try_from(sum).map_err(|_| sum)
-}
-
-/// Folds a 32-bit one's complement sum into the checksum field's bytes
-/// (RFC 1071). The sum's byte order is the wire's, so is the result's.
-#[inline(always)]
-fn fold(sum: u32) -> [u8; 2] {
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_ne_bytes()
 }

@@ -21,7 +21,7 @@
 //!   answers come from `ClusterIP:port` and a connected socket's peer is
 //!   the ClusterIP.
 //!
-//! The [`SOCK_NAT`] LRU map holds what the reverse hooks need, per socket
+//! The `SOCK_NAT` LRU map holds what the reverse hooks need, per socket
 //! (keyed by its cookie, so two sockets never see each other's entries):
 //! - a reverse entry `{cookie, backend, backend port}` -> frontend, written
 //!   for every translated `connect` and `sendmsg`;
@@ -50,25 +50,18 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
     helpers::{bpf_get_socket_cookie, bpf_set_retval},
-    macros::{cgroup_sock_addr, map},
-    maps::LruHashMap,
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use service_common::{
-    DatapathCounter, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE,
-    SOCK_NAT_MAX_ENTRIES, SockNatKey, SockNatValue, map_addr_v4, map_addr_v4_octets,
+    DatapathCounter, PROTO_TCP, PROTO_UDP, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey,
+    SockNatValue, map_addr_v4, map_addr_v4_octets,
 };
 
 use crate::{
     lb::{self, Lookup, Origin, Target},
-    maps::{BACKENDS, FRONTEND_STATS, count},
+    maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, count},
 };
-
-/// Socket-LB translations: per socket, frontend to backend (UDP) and
-/// backend to frontend (every translated socket). See the module docs.
-#[map(name = "SVC_SOCK_NAT")]
-pub static SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> =
-    LruHashMap::pinned(SOCK_NAT_MAX_ENTRIES, 0);
 
 /// Verdict letting the system call go on (with the address as rewritten).
 const SOCK_ALLOW: i32 = 1;
@@ -83,8 +76,6 @@ const EHOSTUNREACH: i32 = 113;
 const IPPROTO_TCP: u32 = 6;
 /// `IPPROTO_UDP` as the socket reports it.
 const IPPROTO_UDP: u32 = 17;
-/// `BPF_ANY`: insert or replace.
-const BPF_ANY: u64 = 0;
 
 /// `connect(2)` of a TCP or UDP socket: a frontend becomes a backend.
 #[cgroup_sock_addr(connect4)]
@@ -176,15 +167,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         return SOCK_ALLOW;
     };
     let cookie = cookie(ctx);
-    let mut forward_key = SockNatKey {
-        cookie,
-        addr: map_addr_v4(daddr),
-        port: dport,
-        family: FAMILY_IPV4,
-        proto,
-        direction: SOCK_DIR_FORWARD,
-        _pad: [0; 3],
-    };
+    let forward_key = SockNatKey::v4(cookie, daddr, dport, proto, SOCK_DIR_FORWARD);
     // A UDP socket already sending to this frontend keeps its backend.
     if proto == PROTO_UDP
         && let Some((addr, port)) = sticky_backend(&forward_key)
@@ -204,7 +187,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         }
         Lookup::Backend(target) => target,
     };
-    if record(&mut forward_key, daddr, dport, &target).is_err() {
+    if record(&forward_key, daddr, dport, &target).is_err() {
         count(DatapathCounter::ConntrackInsertFailed);
     }
     set_destination(ctx, target.addr, target.port);
@@ -228,22 +211,22 @@ fn sticky_backend(forward_key: &SockNatKey) -> Option<([u8; 4], u16)> {
 }
 
 /// Records a translated socket: the reverse entry (backend to frontend),
-/// then for UDP the forward entry (frontend to backend). `forward_key` is
-/// the forward key; it is reused for the reverse one.
+/// then for UDP the forward entry (frontend to backend) under `forward_key`.
 #[inline(always)]
 fn record(
-    forward_key: &mut SockNatKey,
+    forward_key: &SockNatKey,
     frontend: [u8; 4],
     frontend_port: u16,
     target: &Target,
 ) -> Result<(), i32> {
     let proto = forward_key.proto;
-    let reverse_key = SockNatKey {
-        addr: map_addr_v4(target.addr),
-        port: target.port,
-        direction: SOCK_DIR_REVERSE,
-        ..*forward_key
-    };
+    let reverse_key = SockNatKey::v4(
+        forward_key.cookie,
+        target.addr,
+        target.port,
+        proto,
+        SOCK_DIR_REVERSE,
+    );
     let reverse = SockNatValue {
         addr: map_addr_v4(frontend),
         port: frontend_port,
@@ -260,8 +243,7 @@ fn record(
         port: target.port,
         ..reverse
     };
-    forward_key.direction = SOCK_DIR_FORWARD;
-    SOCK_NAT.insert(*forward_key, forward, BPF_ANY)
+    SOCK_NAT.insert(forward_key, forward, BPF_ANY)
 }
 
 /// `recvmsg4` and `getpeername4`: a backend this socket was translated to
@@ -271,15 +253,7 @@ fn reverse(ctx: &SockAddrContext) {
     let Some((addr, port, proto)) = destination(ctx) else {
         return;
     };
-    let key = SockNatKey {
-        cookie: cookie(ctx),
-        addr: map_addr_v4(addr),
-        port,
-        family: FAMILY_IPV4,
-        proto,
-        direction: SOCK_DIR_REVERSE,
-        _pad: [0; 3],
-    };
+    let key = SockNatKey::v4(cookie(ctx), addr, port, proto, SOCK_DIR_REVERSE);
     // SAFETY: copied out at once.
     let Some(frontend) = (unsafe { SOCK_NAT.get(key) }).copied() else {
         return;

@@ -139,7 +139,7 @@ impl Datapath {
             &mut self.ebpf,
             &DatapathConfig {
                 snat_v4: addr.octets(),
-                _reserved: 0,
+                ..DatapathConfig::default()
             },
         )
         .expect("writing the configuration");

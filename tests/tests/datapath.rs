@@ -245,16 +245,14 @@ fn cluster_ip_translation_table() {
     assert_eq!(dp.counter("reply_translated"), 2);
 
     // The SYN left a forward conntrack entry pinned to backend A.
-    let key = ConntrackKey {
-        saddr: service_common::map_addr_v4(CLIENT.octets()),
-        daddr: service_common::map_addr_v4(VIP.octets()),
-        sport: 40000u16.to_be(),
-        dport: 80u16.to_be(),
-        family: service_common::FAMILY_IPV4,
-        proto: PROTO_TCP,
-        direction: CT_DIR_FORWARD,
-        _pad: 0,
-    };
+    let key = ConntrackKey::v4(
+        CLIENT.octets(),
+        40000u16.to_be(),
+        VIP.octets(),
+        80u16.to_be(),
+        PROTO_TCP,
+        CT_DIR_FORWARD,
+    );
     let entry = dp.conntrack.get(&key, 0).expect("forward conntrack entry");
     assert_eq!(entry.nat_addr[..4], BACKEND_A.octets());
     assert_eq!(u16::from_be(entry.nat_port), 8080);

@@ -12,8 +12,8 @@ use std::net::Ipv4Addr;
 
 use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
 use service_common::{
-    CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_FLAG_HAIRPIN, ConntrackKey, FAMILY_IPV4,
-    HAIRPIN_IPV4, PROTO_TCP, PROTO_UDP, map_addr_v4,
+    CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_FLAG_HAIRPIN, ConntrackKey,
+    HAIRPIN_IPV4, PROTO_TCP, PROTO_UDP,
 };
 use service_tests::{
     datapath_fixture::Datapath,
@@ -59,16 +59,14 @@ fn sent_back(mut packet: Vec<u8>) -> Vec<u8> {
 
 /// A conntrack key as the datapath writes it.
 fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, direction: u8) -> ConntrackKey {
-    ConntrackKey {
-        saddr: map_addr_v4(src.0.octets()),
-        daddr: map_addr_v4(dst.0.octets()),
-        sport: src.1.to_be(),
-        dport: dst.1.to_be(),
-        family: FAMILY_IPV4,
+    ConntrackKey::v4(
+        src.0.octets(),
+        src.1.to_be(),
+        dst.0.octets(),
+        dst.1.to_be(),
         proto,
         direction,
-        _pad: 0,
-    }
+    )
 }
 
 #[test]
@@ -215,7 +213,7 @@ fn a_pod_reaching_itself_through_its_cluster_ip_is_hairpinned() {
 
     // The hairpin flow: a forward entry flagged hairpin, and instead of the
     // usual reply entry one keyed by the reply to the hairpin address,
-    // naming the client to restore.
+    // naming the frontend to restore (the client is the pod itself).
     let forward = dp
         .conntrack
         .get(&ct_key(client, (VIP, 80), PROTO_TCP, CT_DIR_FORWARD), 0)
@@ -235,8 +233,8 @@ fn a_pod_reaching_itself_through_its_cluster_ip_is_hairpinned() {
             0,
         )
         .expect("hairpin reply entry");
-    assert_eq!(reply.nat_addr[..4], POD.octets());
-    assert_eq!(u16::from_be(reply.nat_port), 40000);
+    assert_eq!(reply.nat_addr[..4], VIP.octets());
+    assert_eq!(u16::from_be(reply.nat_port), 80);
     assert_eq!(reply.flags, CT_FLAG_HAIRPIN);
     assert_eq!(reply.rev_nat_id, forward.rev_nat_id);
     assert!(

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use service_agent::datapath::{PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_TO_NETWORK};
 use service_common::{
     FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_NODE_PORT, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    FRONTEND_FLAG_NODE_PORT, PROTO_TCP, PROTO_UDP, SnatPortRange,
 };
 use service_tests::{
     datapath_fixture::Datapath,
@@ -181,10 +181,7 @@ fn a_remote_backend_is_reached_through_snat_and_its_replies_come_back() {
     let (verdict, snatted) = dp.run(PROG_TO_NETWORK, &dnatted);
     assert_eq!(verdict, TC_CONTINUE);
     let snat_port = u16::from_be_bytes([snatted[34], snatted[35]]);
-    assert!(
-        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat_port),
-        "{snat_port}"
-    );
+    assert!(SnatPortRange::DEFAULT.contains(snat_port), "{snat_port}");
     assert_eq!(snatted, tcp((SNAT_IP, snat_port), remote, true, false, &[]));
     assert_checksums_valid(&snatted, "SNATed SYN");
     // A later segment of the flow gets the same SNAT port.

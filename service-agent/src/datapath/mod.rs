@@ -15,37 +15,18 @@ pub mod model;
 pub mod sys;
 
 pub use load::{load, load_with_sizes};
+use service_common::MapSpec;
+pub use service_common::{
+    PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP, PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC,
+    PROG_FROM_POD, PROG_SOCK_CONNECT4, PROG_SOCK_GETPEER4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
+    PROG_TO_NETWORK, PROG_TO_POD,
+};
 
 /// The eBPF object built from `service-ebpf` by the build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SERVICE_EBPF_OBJECT"));
 
 /// Default folder the maps (and later the links) are pinned in.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/service-lb";
-
-/// Name of the "from pod" program (TC ingress on a pod's host-side device).
-pub const PROG_FROM_POD: &str = "from_pod";
-/// Name of the "to pod" program (TC egress on a pod's host-side device).
-pub const PROG_TO_POD: &str = "to_pod";
-
-/// Name of the "from network" XDP program (external devices).
-pub const PROG_FROM_NETWORK: &str = "from_network";
-/// Name of the "from network" TC ingress program (`--nodeport-mode tc`).
-pub const PROG_FROM_NETWORK_TC: &str = "from_network_tc";
-/// Name of the "to network" TC egress program (external devices).
-pub const PROG_TO_NETWORK: &str = "to_network";
-/// Name of the TC benchmark floor program (returns its verdict, nothing else).
-pub const PROG_BENCH_FLOOR_TC: &str = "bench_floor_tc";
-/// Name of the XDP benchmark floor program (passes, nothing else).
-pub const PROG_BENCH_FLOOR_XDP: &str = "bench_floor_xdp";
-
-/// Name of the socket-LB `connect4` program (cgroup, `--cgroup-path`).
-pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
-/// Name of the socket-LB `sendmsg4` program (unconnected UDP).
-pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
-/// Name of the socket-LB `recvmsg4` program (UDP answers from the frontend).
-pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
-/// Name of the socket-LB `getpeername4` program (the frontend as peer).
-pub const PROG_SOCK_GETPEER4: &str = "sock_getpeer4";
 
 /// Capacities of the maps, set when they are created. Maps that already
 /// exist under the pin folder keep the size they were created with.
@@ -57,8 +38,10 @@ pub struct MapSizes {
     pub backends: u32,
     /// Reverse-NAT map and per-frontend stats: the number of frontends.
     pub revnat: u32,
-    /// Conntrack LRU map: two entries per flow.
+    /// Conntrack LRU map: two entries per flow (four when SNATed).
     pub conntrack: u32,
+    /// IPv4 fragments LRU map: one entry per fragmented datagram in flight.
+    pub fragments: u32,
 }
 
 impl Default for MapSizes {
@@ -68,6 +51,26 @@ impl Default for MapSizes {
             backends: service_common::BACKENDS_MAX_ENTRIES,
             revnat: service_common::REVNAT_MAX_ENTRIES,
             conntrack: service_common::CONNTRACK_MAX_ENTRIES,
+            fragments: service_common::FRAGMENTS_MAX_ENTRIES,
+        }
+    }
+}
+
+impl MapSizes {
+    /// The capacity the map of `spec` is created with: the setting for the
+    /// maps sized by `--map-size-*`, the table's capacity for the others.
+    pub fn capacity(&self, spec: &MapSpec) -> u32 {
+        use service_common::{
+            MAP_BACKENDS, MAP_CONNTRACK, MAP_FRAGMENTS, MAP_FRONTEND_STATS, MAP_FRONTENDS,
+            MAP_REVNAT,
+        };
+        match spec.name {
+            MAP_FRONTENDS => self.frontends,
+            MAP_BACKENDS => self.backends,
+            MAP_REVNAT | MAP_FRONTEND_STATS => self.revnat,
+            MAP_CONNTRACK => self.conntrack,
+            MAP_FRAGMENTS => self.fragments,
+            _ => spec.max_entries,
         }
     }
 }

@@ -125,6 +125,7 @@ impl ServiceSet {
             backends: endpoints + 1024,
             revnat: self.count + 1024,
             conntrack: conntrack_flows * 2,
+            ..MapSizes::default()
         }
     }
 

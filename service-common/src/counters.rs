@@ -1,0 +1,99 @@
+//! Datapath event counters: one per-CPU `u64` per [`DatapathCounter`],
+//! summed by user space (`service-agent list`, the metrics).
+
+/// Index of a datapath event counter in the counters map (per-CPU `u64`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DatapathCounter {
+    /// A new flow to a frontend with no backend was dropped: from the
+    /// network, or from a pod when no refusal could be built for it (a TCP
+    /// RST, an inconsistent header, a helper failure).
+    DropNoBackend = 0,
+    /// A backend slot pointed at a missing slot or backend entry.
+    DropBackendMissing = 1,
+    /// A packet could not be rewritten (helper error).
+    DropRewrite = 2,
+    /// The conntrack entry for a new flow could not be inserted.
+    ConntrackInsertFailed = 3,
+    /// A reply was translated back to its frontend.
+    ReplyTranslated = 4,
+    /// A new flow to a frontend with no backend was refused: a TCP RST or an
+    /// ICMP port unreachable went back to the client.
+    RejectedNoBackend = 5,
+    /// A new flow to a backend on another node was dropped: no SNAT port of
+    /// the range was free within the tries. The collector should run.
+    SnatPortsExhausted = 6,
+    /// A tracked flow moved to another backend: its backend was deleted
+    /// (or its id now names another address), or, for UDP, stopped serving.
+    FlowRebalanced = 7,
+    /// A packet of a flow whose frontend was deleted (`CT_FLAG_DEAD`) was
+    /// dropped, in either direction.
+    DeadFlowDropped = 8,
+    /// A packet found its flow's master expired (idle beyond its timeout)
+    /// and started a new flow.
+    ConntrackExpired = 9,
+    /// A later fragment of a datagram was translated from the ports its
+    /// first fragment recorded.
+    FragmentTranslated = 10,
+    /// XDP left a packet whose L4 checksum is partial (checksum offload) to
+    /// the TC ingress program beside it, which translates it.
+    ChecksumDeferred = 11,
+    /// A new flow took over the SNAT port of an expired flow.
+    SnatPortReused = 12,
+}
+
+impl DatapathCounter {
+    /// Every counter, in index order.
+    pub const ALL: [DatapathCounter; 13] = [
+        DatapathCounter::DropNoBackend,
+        DatapathCounter::DropBackendMissing,
+        DatapathCounter::DropRewrite,
+        DatapathCounter::ConntrackInsertFailed,
+        DatapathCounter::ReplyTranslated,
+        DatapathCounter::RejectedNoBackend,
+        DatapathCounter::SnatPortsExhausted,
+        DatapathCounter::FlowRebalanced,
+        DatapathCounter::DeadFlowDropped,
+        DatapathCounter::ConntrackExpired,
+        DatapathCounter::FragmentTranslated,
+        DatapathCounter::ChecksumDeferred,
+        DatapathCounter::SnatPortReused,
+    ];
+
+    /// The counter's name as shown by `service-agent list` and the metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DatapathCounter::DropNoBackend => "drop_no_backend",
+            DatapathCounter::DropBackendMissing => "drop_backend_missing",
+            DatapathCounter::DropRewrite => "drop_rewrite",
+            DatapathCounter::ConntrackInsertFailed => "conntrack_insert_failed",
+            DatapathCounter::ReplyTranslated => "reply_translated",
+            DatapathCounter::RejectedNoBackend => "rejected_no_backend",
+            DatapathCounter::SnatPortsExhausted => "snat_ports_exhausted",
+            DatapathCounter::FlowRebalanced => "flow_rebalanced",
+            DatapathCounter::DeadFlowDropped => "dead_flow_dropped",
+            DatapathCounter::ConntrackExpired => "conntrack_expired",
+            DatapathCounter::FragmentTranslated => "fragment_translated",
+            DatapathCounter::ChecksumDeferred => "checksum_deferred",
+            DatapathCounter::SnatPortReused => "snat_port_reused",
+        }
+    }
+}
+
+/// Number of entries of the counters map.
+pub const COUNTERS_MAX_ENTRIES: u32 = DatapathCounter::ALL.len() as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_listed_in_index_order_with_distinct_names() {
+        for (index, counter) in DatapathCounter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, index);
+            for other in &DatapathCounter::ALL[..index] {
+                assert_ne!(counter.name(), other.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Wire facts (header offsets, protocol numbers, flags) and the one's
+//! complement checksum arithmetic every hook uses. The only place these
+//! numbers are written down.
+
+pub use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
+
+/// EtherType of IPv4, host byte order.
+pub const ETH_P_IP: u16 = 0x0800;
+/// Offset of the EtherType inside an Ethernet header.
+pub const ETH_TYPE_OFF: usize = 12;
+
+/// IP version of IPv4.
+pub const IP_VERSION_4: u8 = 4;
+/// Offset of the header checksum inside an IPv4 header.
+pub const IP_CSUM_OFF: usize = 10;
+/// Offset of the protocol inside an IPv4 header.
+pub const IP_PROTO_OFF: usize = 9;
+/// Offset of the source address inside an IPv4 header.
+pub const IP_SRC_OFF: usize = 12;
+/// Offset of the destination address inside an IPv4 header.
+pub const IP_DST_OFF: usize = 16;
+/// "More fragments" in the 3-bit IPv4 flags field.
+pub const IP_FLAG_MF: u8 = 0b001;
+/// "Don't fragment" in the 3-bit IPv4 flags field.
+pub const IP_FLAG_DF: u8 = 0b010;
+/// Length of the largest IPv4 header: 20 bytes and 40 of options.
+pub const IPV4_MAX_HDR_LEN: usize = 60;
+/// Bytes in a 32-bit word, the unit of IPv4 and TCP header lengths.
+pub const WORD_LEN: usize = 4;
+
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// ICMP type: destination unreachable.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP destination unreachable code: port unreachable.
+pub const ICMP_PORT_UNREACH: u8 = 3;
+/// ICMP type: time exceeded.
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Length of an ICMP error header (type, code, checksum, 4 more bytes).
+pub const ICMP_HDR_LEN: usize = 8;
+/// Offset of the checksum inside an ICMP header.
+pub const ICMP_CSUM_OFF: usize = 2;
+/// Bytes of the offending datagram an ICMP error quotes after its IPv4
+/// header (RFC 792): enough for the ports of TCP and UDP.
+pub const ICMP_QUOTED_DATA_LEN: usize = 8;
+
+/// Length of a TCP header without options.
+pub const TCP_HDR_LEN: usize = 20;
+/// Offset of the flags byte inside a TCP header.
+pub const TCP_FLAGS_OFF: usize = 13;
+/// Offset of the checksum inside a TCP header.
+pub const TCP_CSUM_OFF: usize = 16;
+/// Length of a UDP header.
+pub const UDP_HDR_LEN: usize = 8;
+/// Offset of the checksum inside a UDP header.
+pub const UDP_CSUM_OFF: usize = 6;
+/// Offset of the source port inside a TCP or UDP header.
+pub const L4_SPORT_OFF: usize = 0;
+/// Offset of the destination port inside a TCP or UDP header.
+pub const L4_DPORT_OFF: usize = 2;
+
+/// Offset of the checksum inside the L4 header of `proto` (TCP or UDP).
+#[inline(always)]
+pub fn l4_csum_off(proto: u8) -> usize {
+    if proto == service_common::PROTO_TCP {
+        TCP_CSUM_OFF
+    } else {
+        UDP_CSUM_OFF
+    }
+}
+
+/// An IPv4 address as two 16-bit words in wire order (as native u16s).
+#[inline(always)]
+pub fn addr_words(addr: [u8; 4]) -> [u16; 2] {
+    [
+        u16::from_ne_bytes([addr[0], addr[1]]),
+        u16::from_ne_bytes([addr[2], addr[3]]),
+    ]
+}
+
+/// Incremental checksum update (RFC 1624, eqn. 3): the checksum `csum`
+/// after one 16-bit word changes from `old` to `new`. All values are wire
+/// bytes read as native u16s; the one's complement sum does not depend on
+/// byte order as long as it is the same for all.
+#[inline(always)]
+pub fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The checksum `csum` after an IPv4 address in the covered data changed
+/// from `old` to `new`.
+#[inline(always)]
+pub fn csum_replace_addr(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let (old, new) = (addr_words(old), addr_words(new));
+    csum_replace(csum_replace(csum, old[0], new[0]), old[1], new[1])
+}
+
+/// Folds a 32-bit one's complement sum into 16 bits (RFC 1071), without
+/// inverting it. The sum's byte order is the wire's, so is the result's.
+#[inline(always)]
+pub fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ((sum & 0xffff) + (sum >> 16)) as u16
+}
+
+/// The checksum field's bytes for a 32-bit one's complement sum: folded
+/// and inverted (RFC 1071).
+#[inline(always)]
+pub fn checksum_bytes(sum: u32) -> [u8; 2] {
+    (!fold(sum)).to_ne_bytes()
+}
