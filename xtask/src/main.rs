@@ -40,6 +40,10 @@ enum Task {
         /// Fewer sizes and shorter runs (under three minutes).
         #[arg(long)]
         quick: bool,
+        /// Run only this group (repeatable): `datapath`, `traffic` or
+        /// `control-plane`.
+        #[arg(long, value_name = "GROUP")]
+        only: Vec<String>,
     },
 }
 
@@ -105,7 +109,7 @@ fn main() -> anyhow::Result<()> {
                 bail!("the demo failed ({status})");
             }
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             toolchain::ensure_ebpf_toolchain()?;
             toolchain::ensure_debian_packages(&[
                 ("ip", "iproute2"),
@@ -138,6 +142,9 @@ fn main() -> anyhow::Result<()> {
             );
             if quick {
                 bench.arg("--quick");
+            }
+            for group in &only {
+                bench.args(["--only", group]);
             }
             run(&mut bench).context("running the bench")?;
         }

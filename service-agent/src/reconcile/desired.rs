@@ -198,6 +198,17 @@ impl EntryCounts {
     }
 }
 
+/// The desired entries of one Service, per map.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceEntries {
+    /// Headers and slots.
+    pub frontends: Vec<(FrontendKey, FrontendValue)>,
+    /// Rev-NAT entries.
+    pub revnat: Vec<(RevNatId, RevNatValue)>,
+    /// Backends.
+    pub backends: Vec<(BackendId, BackendValue)>,
+}
+
 /// What [`DesiredState::set_service`] did.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceUpdate {
@@ -286,14 +297,6 @@ impl DesiredState {
         maps
     }
 
-    /// The desired entries of Service `name` (its frontends' headers, slots
-    /// and rev-NAT entries, and the backends they name).
-    pub fn service_maps(&self, name: &ObjectName) -> MapState {
-        let mut maps = MapState::default();
-        self.add_service_entries(name, &mut maps);
-        maps
-    }
-
     fn add_service_entries(&self, name: &ObjectName, maps: &mut MapState) {
         for layout in self.services.get(name).into_iter().flatten() {
             maps.frontends.extend(layout.entries());
@@ -305,6 +308,25 @@ impl DesiredState {
                 }
             }
         }
+    }
+
+    /// The desired entries of Service `name`, per map, in no particular
+    /// order (a backend two of its frontends share is listed twice).
+    pub fn service_entries(&self, name: &ObjectName) -> ServiceEntries {
+        let mut entries = ServiceEntries::default();
+        for layout in self.services.get(name).into_iter().flatten() {
+            entries.frontends.extend(layout.entries());
+            entries
+                .revnat
+                .push((layout.header.rev_nat_id, layout.revnat()));
+            entries.backends.extend(
+                layout
+                    .backends
+                    .iter()
+                    .filter_map(|id| Some((*id, self.backends.get(id)?.value))),
+            );
+        }
+        entries
     }
 
     /// The Service serving the frontend with this identity.
@@ -353,6 +375,25 @@ impl DesiredState {
         name: &ObjectName,
         frontends: &[DesiredFrontend],
     ) -> ServiceUpdate {
+        self.update_service(name, frontends, true)
+    }
+
+    /// [`DesiredState::set_service`] without working out the writes (a
+    /// full sync compares with the maps' real contents instead).
+    pub fn replace_service(
+        &mut self,
+        name: &ObjectName,
+        frontends: &[DesiredFrontend],
+    ) -> Vec<String> {
+        self.update_service(name, frontends, false).problems
+    }
+
+    fn update_service(
+        &mut self,
+        name: &ObjectName,
+        frontends: &[DesiredFrontend],
+        with_writes: bool,
+    ) -> ServiceUpdate {
         let old = self.services.remove(name).unwrap_or_default();
         let mut problems = Vec::new();
         let mut new = Vec::new();
@@ -385,26 +426,30 @@ impl DesiredState {
 
         let mut old_scoped = MapState::default();
         let mut new_scoped = MapState::default();
-        for layout in &old {
-            old_scoped.frontends.extend(layout.entries());
-            old_scoped
-                .revnat
-                .insert(layout.header.rev_nat_id, layout.revnat());
-        }
-        for layout in &new {
-            new_scoped.frontends.extend(layout.entries());
-            new_scoped
-                .revnat
-                .insert(layout.header.rev_nat_id, layout.revnat());
+        if with_writes {
+            for layout in &old {
+                old_scoped.frontends.extend(layout.entries());
+                old_scoped
+                    .revnat
+                    .insert(layout.header.rev_nat_id, layout.revnat());
+            }
+            for layout in &new {
+                new_scoped.frontends.extend(layout.entries());
+                new_scoped
+                    .revnat
+                    .insert(layout.header.rev_nat_id, layout.revnat());
+            }
         }
         // Reference counts: the new backends first, then the old ones
         // released, so a backend this Service keeps never drops to 0.
         for (id, value) in &new_backends {
-            new_scoped.backends.insert(*id, *value);
+            if with_writes {
+                new_scoped.backends.insert(*id, *value);
+            }
             match self.backends.get_mut(id) {
                 Some(used) => {
                     // Already written with this value: no write needed.
-                    if used.value == *value {
+                    if with_writes && used.value == *value {
                         old_scoped.backends.insert(*id, *value);
                     }
                     used.value = *value;
@@ -429,12 +474,18 @@ impl DesiredState {
             if used.services == 0 {
                 let value = used.value;
                 self.backends.remove(&id);
-                old_scoped.backends.insert(id, value);
+                if with_writes {
+                    old_scoped.backends.insert(id, value);
+                }
                 self.backend_ids
                     .release(&(value.addr, value.port, value.family));
             }
         }
-        let writes = diff(&old_scoped, &new_scoped);
+        let writes = if with_writes {
+            diff(&old_scoped, &new_scoped)
+        } else {
+            Writes::default()
+        };
 
         let new_identities: Vec<FrontendIdentity> =
             new.iter().map(|l| frontend_identity(&l.key)).collect();
@@ -448,8 +499,10 @@ impl DesiredState {
             }
         }
         self.counts.frontends = self.counts.frontends + new.len() - old.len();
-        self.counts.frontend_entries =
-            self.counts.frontend_entries + new_scoped.frontends.len() - old_scoped.frontends.len();
+        let entries = |layouts: &[FrontendLayout]| -> usize {
+            layouts.iter().map(|l| 1 + l.backends.len()).sum()
+        };
+        self.counts.frontend_entries = self.counts.frontend_entries + entries(&new) - entries(&old);
         self.counts.backends = self.backends.len();
         if !new.is_empty() {
             self.services.insert(name.clone(), new);
@@ -792,5 +845,29 @@ mod tests {
         assert_eq!(maps.revnat.len(), 2);
         assert_eq!(problems.len(), 1);
         maps.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn entry_counts_follow_the_desired_maps_with_or_without_writes() {
+        let mut desired = fresh();
+        let check = |desired: &DesiredState| {
+            let maps = desired.maps();
+            let counts = desired.counts();
+            assert_eq!(counts.of(MapName::Frontends), maps.frontends.len());
+            assert_eq!(counts.of(MapName::Backends), maps.backends.len());
+            assert_eq!(counts.of(MapName::RevNat), maps.revnat.len());
+        };
+        set(
+            &mut desired,
+            &name("a"),
+            &[frontend("10.96.0.1", &["10.1.1.2", "10.1.1.3"])],
+        );
+        desired.replace_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.2"])]);
+        check(&desired);
+        desired.replace_service(&name("a"), &[frontend("10.96.0.1", &["10.1.1.3"])]);
+        check(&desired);
+        set(&mut desired, &name("b"), &[]);
+        check(&desired);
+        assert_eq!(desired.counts().frontends, 1);
     }
 }

@@ -12,7 +12,7 @@ use service_common::{BackendId, FrontendKey, RevNatId};
 use super::{
     cluster::ObjectName,
     desired::{DesiredState, frontend_identity},
-    diff::{Writes, diff},
+    diff::Writes,
 };
 use crate::datapath::model::{MapOp, MapState};
 
@@ -30,32 +30,54 @@ pub struct StaleEntries {
 /// `desired`: its headers, its slots (also those beyond the desired count,
 /// which are deleted), its rev-NAT entries and the backends it names.
 pub fn service_writes(actual: &MapState, desired: &DesiredState, name: &ObjectName) -> Writes {
-    let wanted = desired.service_maps(name);
-    let mut found = MapState::default();
-    for (key, header) in wanted.frontends.iter().filter(|(k, _)| k.slot == 0) {
-        let actual_header = actual.frontends.get(key);
-        if let Some(value) = actual_header {
-            found.frontends.insert(*key, *value);
+    let wanted = desired.service_entries(name);
+    let mut writes = Writes::default();
+    let mut upsert = |op: MapOp, current: Option<bool>| match current {
+        // Already right.
+        Some(true) => {}
+        Some(false) => writes.ops.push(op),
+        None => {
+            writes.needs_room = true;
+            writes.ops.push(op);
         }
-        let slots = header.count.max(actual_header.map_or(0, |h| h.count));
-        for slot in 1..=slots {
-            let slot_key = FrontendKey { slot, ..*key };
-            if let Some(value) = actual.frontends.get(&slot_key) {
-                found.frontends.insert(slot_key, *value);
-            }
+    };
+    let mut backends = wanted.backends;
+    backends.sort_unstable_by_key(|(id, _)| *id);
+    backends.dedup_by_key(|(id, _)| *id);
+    for (id, value) in backends {
+        upsert(
+            MapOp::UpsertBackend(id, value),
+            actual.backends.get(&id).map(|v| *v == value),
+        );
+    }
+    for (id, value) in wanted.revnat {
+        upsert(
+            MapOp::UpsertRevNat(id, value),
+            actual.revnat.get(&id).map(|v| *v == value),
+        );
+    }
+    let mut stale_slots = Vec::new();
+    for (key, value) in &wanted.frontends {
+        let current = actual.frontends.get(key);
+        upsert(
+            MapOp::UpsertFrontend(*key, *value),
+            current.map(|v| v == value),
+        );
+        // Slots beyond the desired count that the maps still hold.
+        if key.slot == 0
+            && let Some(current) = current
+        {
+            stale_slots.extend(
+                (value.count + 1..=current.count)
+                    .map(|slot| FrontendKey { slot, ..*key })
+                    .filter(|slot_key| actual.frontends.contains_key(slot_key))
+                    .map(MapOp::DeleteFrontend),
+            );
         }
     }
-    for id in wanted.revnat.keys() {
-        if let Some(value) = actual.revnat.get(id) {
-            found.revnat.insert(*id, *value);
-        }
-    }
-    for id in wanted.backends.keys() {
-        if let Some(value) = actual.backends.get(id) {
-            found.backends.insert(*id, *value);
-        }
-    }
-    diff(&found, &wanted)
+    writes.ops.extend(stale_slots);
+    writes.ops.sort_by_key(MapOp::step);
+    writes
 }
 
 /// The entries of `actual` that no Service wants.

@@ -23,7 +23,7 @@ use service_common::{FrontendKey, RevNatId};
 
 use super::{
     cluster::{ClusterState, Dirty, ObjectName},
-    desired::{DesiredState, EntryCounts},
+    desired::{DesiredState, EntryCounts, ServiceUpdate},
     diff::Writes,
     repair::{named_by, service_writes, stale_entries},
     translate::{NodeContext, Translation, translate_one},
@@ -210,7 +210,14 @@ where
                     .frontends_of(&name)
                     .map(|(_, header)| header.rev_nat_id),
             );
-            let update = self.desired.set_service(&name, &translation.frontends);
+            let update = if keep_writes {
+                self.desired.set_service(&name, &translation.frontends)
+            } else {
+                ServiceUpdate {
+                    problems: self.desired.replace_service(&name, &translation.frontends),
+                    ..ServiceUpdate::default()
+                }
+            };
             report.frontends_added.extend(
                 self.desired
                     .frontends_of(&name)
@@ -220,7 +227,14 @@ where
                 error!("not programmed: {line}");
             }
             report.skipped += update.problems.len();
-            log_change(&name, self.translations.get(&name), &translation);
+            // A full sync (at start, every Service is new) logs a summary;
+            // events log each Service they change.
+            let level = if keep_writes {
+                log::Level::Info
+            } else {
+                log::Level::Debug
+            };
+            log_change(level, &name, self.translations.get(&name), &translation);
             if translation == Translation::default() {
                 self.translations.remove(&name);
             } else {
@@ -313,6 +327,12 @@ where
                 }],
                 &mut report,
                 true,
+            );
+        }
+        if report.services_changed > 0 {
+            info!(
+                "full sync: {} services changed (each one logged at debug level)",
+                report.services_changed
             );
         }
         if repaired > 0 {
@@ -451,19 +471,28 @@ fn link_shared_backends(groups: &mut [WriteGroup]) {
 }
 
 /// Logs what changed for one Service.
-fn log_change(name: &ObjectName, before: Option<&Translation>, after: &Translation) {
+fn log_change(
+    level: log::Level,
+    name: &ObjectName,
+    before: Option<&Translation>,
+    after: &Translation,
+) {
+    if !log::log_enabled!(level) {
+        return;
+    }
     if after == &Translation::default() {
         if before.is_some() {
-            info!("service {name} removed");
+            log::log!(level, "service {name} removed");
         }
         return;
     }
     let verb = if before.is_some() { "updated" } else { "added" };
     for (_, kind) in &after.not_programmed {
-        info!("service {name} {verb}: {kind:?}, nothing to program");
+        log::log!(level, "service {name} {verb}: {kind:?}, nothing to program");
     }
     for f in &after.frontends {
-        info!(
+        log::log!(
+            level,
             "service {name} {verb}: {}:{}/{} -> [{}]",
             f.addr,
             f.port,

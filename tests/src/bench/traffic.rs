@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{
-    agent::BenchAgent,
+    agent::{AgentSource, BenchAgent},
     kube_proxy::{KubeProxyMode, LoadedRules},
     report::{Better, Figure, Group},
     services::{SERVICE_PORT, ServiceSet, TARGET_PORT},
@@ -123,7 +123,7 @@ impl TestBed {
                 let pin = PinDir::new("bench-traffic")?;
                 let mut agent = BenchAgent::start(
                     &topology.node,
-                    &yaml,
+                    &AgentSource::File(yaml.clone()),
                     pin.path(),
                     set.map_sizes(service_common::CONNTRACK_MAX_ENTRIES / 2),
                     &workdir.join(format!("agent-traffic-{size}.log")),
