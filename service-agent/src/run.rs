@@ -196,7 +196,11 @@ fn write_status<W: MapWriter + MapReader>(
     *failed_services = failures.len();
     if let Err(e) = status::write(
         pin_path,
-        &status::statuses(pipeline.syncer().translations(), failures),
+        &status::statuses(
+            pipeline.syncer().services(),
+            pipeline.syncer().desired(),
+            failures,
+        ),
     ) {
         warn!("writing the status file: {e:#}");
     }

@@ -13,11 +13,12 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::model::frontend_label,
+    datapath::model::{frontend_label, ip_from_map},
     reconcile::{
         cluster::ObjectName,
-        sync::WriteFailure,
-        translate::{NotProgrammed, Translation},
+        desired::DesiredState,
+        sync::{ServiceSummary, WriteFailure},
+        translate::NotProgrammed,
     },
 };
 
@@ -86,33 +87,40 @@ pub fn status_path(pin_path: &Path) -> PathBuf {
     Path::new(STATUS_DIR).join(format!("{name}.json"))
 }
 
-/// The status of every translated Service; `failures` are the Services
-/// whose writes failed.
+/// The status of every translated Service: `services` as the syncer keeps
+/// them, their frontends from `desired`, `failures` the Services whose
+/// writes failed.
 pub fn statuses(
-    translations: &BTreeMap<ObjectName, Translation>,
+    services: &BTreeMap<ObjectName, ServiceSummary>,
+    desired: &DesiredState,
     failures: &BTreeMap<ObjectName, WriteFailure>,
 ) -> Vec<ServiceStatus> {
-    translations
+    services
         .iter()
-        .map(|(name, t)| {
+        .map(|(name, summary)| {
             let failure = failures.get(name);
-            let state = match t.not_programmed.first() {
-                Some((_, NotProgrammed::Headless)) => ServiceState::Headless,
-                Some((_, NotProgrammed::ExternalName)) => ServiceState::ExternalName,
+            let state = match summary.not_programmed {
+                Some(NotProgrammed::Headless) => ServiceState::Headless,
+                Some(NotProgrammed::ExternalName) => ServiceState::ExternalName,
                 None if failure.is_some() => ServiceState::WriteFailed,
-                None if t.frontends.is_empty() => ServiceState::NotServed,
+                None if !summary.has_frontends => ServiceState::NotServed,
                 None => ServiceState::Programmed,
             };
             ServiceStatus {
                 service: name.to_string(),
                 state,
-                frontends: t
-                    .frontends
-                    .iter()
-                    .map(|f| frontend_label(f.addr, f.port, f.proto))
+                frontends: desired
+                    .frontends_of(name)
+                    .map(|(key, _)| {
+                        frontend_label(
+                            ip_from_map(&key.addr, key.family),
+                            u16::from_be(key.port),
+                            key.proto,
+                        )
+                    })
                     .collect(),
-                problems: t
-                    .skipped
+                problems: summary
+                    .problems
                     .iter()
                     .cloned()
                     .chain(failure.map(|f| f.error.clone()))
@@ -122,13 +130,16 @@ pub fn statuses(
         .collect()
 }
 
-/// Writes the status file atomically (write, then rename).
+/// Writes the status file atomically (write, then rename), streaming it.
 pub fn write(pin_path: &Path, statuses: &[ServiceStatus]) -> anyhow::Result<()> {
     let path = status_path(pin_path);
     std::fs::create_dir_all(STATUS_DIR).with_context(|| format!("creating {STATUS_DIR}"))?;
     let staging = path.with_extension("json.new");
-    std::fs::write(&staging, serde_json::to_vec_pretty(statuses)?)
+    let file = std::fs::File::create(&staging)
         .with_context(|| format!("writing {}", staging.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut writer, statuses)?;
+    std::io::Write::flush(&mut writer).with_context(|| format!("writing {}", staging.display()))?;
     std::fs::rename(&staging, &path).with_context(|| format!("writing {}", path.display()))
 }
 

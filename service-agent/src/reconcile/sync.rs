@@ -26,7 +26,7 @@ use super::{
     desired::{DesiredState, EntryCounts, ServiceUpdate},
     diff::Writes,
     repair::{named_by, service_writes, stale_entries},
-    translate::{NodeContext, Translation, translate_one},
+    translate::{NodeContext, NotProgrammed, Translation, translate_one},
 };
 use crate::datapath::{
     MapSizes,
@@ -90,13 +90,27 @@ struct WriteGroup {
     writes: Writes,
 }
 
+/// What the agent keeps of a Service's last translation (the frontends
+/// themselves are in the desired state).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSummary {
+    /// [`Translation::fingerprint`]: a different one means the Service changed.
+    pub fingerprint: u64,
+    /// Why it programs nothing, if by design.
+    pub not_programmed: Option<NotProgrammed>,
+    /// Whether translation found frontends to serve.
+    pub has_frontends: bool,
+    /// What was skipped, and why.
+    pub problems: Box<[String]>,
+}
+
 /// Keeps the maps in line with the cluster state, writing only what changed.
 pub struct Syncer<W> {
     writer: W,
     desired: DesiredState,
     node: NodeContext,
-    /// The last translation of each Service.
-    translations: BTreeMap<ObjectName, Translation>,
+    /// What was kept of each Service's last translation.
+    services: BTreeMap<ObjectName, ServiceSummary>,
     /// Services whose writes failed, until a repair writes them.
     failed: BTreeMap<ObjectName, WriteFailure>,
     /// A write failed: the desired state and the maps may differ.
@@ -126,7 +140,7 @@ where
             desired: DesiredState::adopting(&current, sizes.revnat, sizes.backends),
             writer,
             node,
-            translations: BTreeMap::new(),
+            services: BTreeMap::new(),
             failed: BTreeMap::new(),
             repair_due: true,
         })
@@ -137,9 +151,14 @@ where
         &self.writer
     }
 
-    /// The last translation of each Service.
-    pub fn translations(&self) -> &BTreeMap<ObjectName, Translation> {
-        &self.translations
+    /// What was kept of each Service's last translation.
+    pub fn services(&self) -> &BTreeMap<ObjectName, ServiceSummary> {
+        &self.services
+    }
+
+    /// The desired map contents.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
     }
 
     /// Services whose writes failed and wait for a repair.
@@ -187,7 +206,7 @@ where
             Dirty::All => cluster
                 .services
                 .keys()
-                .chain(self.translations.keys())
+                .chain(self.services.keys())
                 .cloned()
                 .collect::<BTreeSet<_>>()
                 .into_iter()
@@ -197,9 +216,12 @@ where
         let mut groups = Vec::new();
         for name in names {
             let translation = translate_one(cluster, &self.node, &name);
-            if self.translations.get(&name) == Some(&translation) {
+            let fingerprint = translation.fingerprint();
+            let before = self.services.get(&name);
+            if before.is_some_and(|b| b.fingerprint == fingerprint) {
                 continue;
             }
+            let existed = before.is_some();
             report.services_changed += 1;
             for line in &translation.skipped {
                 warn!("skipped: {line}");
@@ -234,11 +256,23 @@ where
             } else {
                 log::Level::Debug
             };
-            log_change(level, &name, self.translations.get(&name), &translation);
+            log_change(level, &name, existed, &translation);
             if translation == Translation::default() {
-                self.translations.remove(&name);
+                self.services.remove(&name);
             } else {
-                self.translations.insert(name.clone(), translation);
+                self.services.insert(
+                    name.clone(),
+                    ServiceSummary {
+                        fingerprint,
+                        not_programmed: translation.not_programmed.first().map(|(_, why)| *why),
+                        has_frontends: !translation.frontends.is_empty(),
+                        problems: translation
+                            .skipped
+                            .into_iter()
+                            .chain(update.problems)
+                            .collect(),
+                    },
+                );
             }
             if keep_writes && !update.writes.is_empty() {
                 groups.push(WriteGroup {
@@ -471,22 +505,17 @@ fn link_shared_backends(groups: &mut [WriteGroup]) {
 }
 
 /// Logs what changed for one Service.
-fn log_change(
-    level: log::Level,
-    name: &ObjectName,
-    before: Option<&Translation>,
-    after: &Translation,
-) {
+fn log_change(level: log::Level, name: &ObjectName, existed: bool, after: &Translation) {
     if !log::log_enabled!(level) {
         return;
     }
     if after == &Translation::default() {
-        if before.is_some() {
+        if existed {
             log::log!(level, "service {name} removed");
         }
         return;
     }
-    let verb = if before.is_some() { "updated" } else { "added" };
+    let verb = if existed { "updated" } else { "added" };
     for (_, kind) in &after.not_programmed {
         log::log!(level, "service {name} {verb}: {kind:?}, nothing to program");
     }

@@ -25,7 +25,7 @@ pub struct NodeContext {
 }
 
 /// One frontend (address, port, protocol) the datapath must serve.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DesiredFrontend {
     /// Frontend address.
     pub addr: IpAddr,
@@ -53,7 +53,7 @@ pub struct DesiredBackend {
 }
 
 /// Why a Service programs nothing on purpose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NotProgrammed {
     /// `type: ExternalName`: DNS only.
     ExternalName,
@@ -62,7 +62,7 @@ pub enum NotProgrammed {
 }
 
 /// The outcome of translating a whole [`ClusterState`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Translation {
     /// Every frontend to program, in a stable order.
     pub frontends: Vec<DesiredFrontend>,
@@ -70,6 +70,18 @@ pub struct Translation {
     pub not_programmed: Vec<(ObjectName, NotProgrammed)>,
     /// One line per object or field skipped as invalid or unsupported.
     pub skipped: Vec<String>,
+}
+
+impl Translation {
+    /// A 64-bit fingerprint (SipHash) of the whole translation: the agent
+    /// keeps it instead of the translation to tell whether a Service
+    /// changed.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 /// Translates every Service with its EndpointSlices.
