@@ -7,10 +7,10 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray};
 use serde::Serialize;
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_TERMINATING, FRONTEND_FLAG_CLUSTER_IP,
-    FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_LOCAL_ONLY,
-    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, FrontendKey, FrontendStats,
-    MAP_FRONTEND_STATS,
+    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
+    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
+    FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
+    FrontendKey, FrontendStats, MAP_FRONTEND_STATS,
 };
 
 use super::status::{self, ServiceState, ServiceStatus};
@@ -63,7 +63,7 @@ pub struct ListedBackend {
     pub address: String,
     /// Backend port.
     pub port: u16,
-    /// `active` or `terminating`.
+    /// `active`, `terminating` (the serving fallback) or `not-serving`.
     pub state: &'static str,
     /// Runs on this node.
     pub node_local: bool,
@@ -154,10 +154,10 @@ fn listed_backends(state: &MapState, header: &FrontendKey, count: u16) -> Vec<Li
                 id: slot.backend_id,
                 address: ip_from_map(&backend.addr, backend.family).to_string(),
                 port: u16::from_be(backend.port),
-                state: if backend.state == BACKEND_STATE_TERMINATING {
-                    "terminating"
-                } else {
-                    "active"
+                state: match backend.state {
+                    BACKEND_STATE_TERMINATING => "terminating",
+                    BACKEND_STATE_NOT_SERVING => "not-serving",
+                    _ => "active",
                 },
                 node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
             })

@@ -9,11 +9,11 @@
 //! ids (its slots and rev-NAT entry follow from them), a backend once
 //! however many Services use it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BackendId,
-    BackendValue, FrontendKey, FrontendValue, MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
+    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, MapAddr,
+    RevNatId, RevNatValue, SCOPE_ALL,
 };
 
 use super::{
@@ -36,7 +36,8 @@ pub fn frontend_identity(key: &FrontendKey) -> FrontendIdentity {
 }
 
 /// Allocates small integer ids to keys and keeps them stable while the key
-/// lives, so an unchanged Service keeps its entries byte for byte.
+/// lives, so an unchanged Service keeps its entries byte for byte. Ids are
+/// handed out round-robin, so a freed id is not reused at once.
 #[derive(Clone, Debug)]
 struct IdAllocator<K> {
     ids: BTreeMap<K, u32>,
@@ -45,10 +46,15 @@ struct IdAllocator<K> {
     taken: u32,
     next: u32,
     limit: u32,
+    /// Whether released ids go to `held` instead of being free again.
+    holds_released: bool,
+    /// Ids no key has that are not handed out until [`IdAllocator::reuse`]:
+    /// conntrack entries may still name them.
+    held: BTreeSet<u32>,
 }
 
 impl<K: Ord + Clone> IdAllocator<K> {
-    /// Ids are handed out in `1..limit`.
+    /// Ids are handed out in `1..limit`; a released id is free again at once.
     fn new(limit: u32) -> Self {
         IdAllocator {
             ids: BTreeMap::new(),
@@ -56,6 +62,44 @@ impl<K: Ord + Clone> IdAllocator<K> {
             taken: 0,
             next: 1,
             limit,
+            holds_released: false,
+            held: BTreeSet::new(),
+        }
+    }
+
+    /// Like [`IdAllocator::new`], but a released id is held until
+    /// [`IdAllocator::reuse`] says nothing names it any more.
+    fn holding_released(limit: u32) -> Self {
+        IdAllocator {
+            holds_released: true,
+            ..Self::new(limit)
+        }
+    }
+
+    /// Makes held ids free again.
+    fn reuse(&mut self, ids: impl IntoIterator<Item = u32>) {
+        for id in ids {
+            self.held.remove(&id);
+        }
+    }
+
+    /// Holds ids that no key has (found named by conntrack entries): they
+    /// are not handed out until [`IdAllocator::reuse`]. Returns those now held.
+    fn hold(&mut self, ids: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        let mut held = Vec::new();
+        for id in ids {
+            if id != 0 && id < self.limit && !self.is_used(id) && self.held.insert(id) {
+                held.push(id);
+            }
+        }
+        held
+    }
+
+    /// Frees `id`, or holds it.
+    fn free(&mut self, id: u32) {
+        self.set_used(id, false);
+        if self.holds_released {
+            self.held.insert(id);
         }
     }
 
@@ -88,12 +132,17 @@ impl<K: Ord + Clone> IdAllocator<K> {
         if let Some(id) = self.ids.get(key) {
             return Some(*id);
         }
-        if self.taken >= self.limit.saturating_sub(1) {
+        if u64::from(self.taken) + self.held.len() as u64 >= u64::from(self.limit.saturating_sub(1))
+        {
             return None;
         }
         // Hand out ids round-robin, so a freed id is not reused at once and
         // conntrack entries naming it cannot mistake a new backend for it.
-        while self.next == 0 || self.next >= self.limit || self.is_used(self.next) {
+        while self.next == 0
+            || self.next >= self.limit
+            || self.is_used(self.next)
+            || self.held.contains(&self.next)
+        {
             self.next = if self.next + 1 >= self.limit {
                 1
             } else {
@@ -107,14 +156,14 @@ impl<K: Ord + Clone> IdAllocator<K> {
         Some(id)
     }
 
-    /// Frees the key's id.
+    /// Frees (or holds) the key's id.
     fn release(&mut self, key: &K) {
         if let Some(id) = self.ids.remove(key) {
-            self.set_used(id, false);
+            self.free(id);
         }
     }
 
-    /// Frees the ids of every key and id not `live`.
+    /// Frees (or holds) the ids of every key and id not `live`.
     fn retain(&mut self, live: impl Fn(&K, u32) -> bool) {
         let mut freed = Vec::new();
         self.ids.retain(|key, id| {
@@ -125,7 +174,7 @@ impl<K: Ord + Clone> IdAllocator<K> {
             keep
         });
         for id in freed {
-            self.set_used(id, false);
+            self.free(id);
         }
     }
 }
@@ -140,6 +189,16 @@ struct FrontendLayout {
     header: FrontendValue,
     /// Backend ids of slots `1..=header.count`.
     backends: Box<[BackendId]>,
+    /// Backend ids kept in the backends map for the flows they have, with
+    /// no slot (draining: terminating or not serving).
+    draining: Box<[BackendId]>,
+}
+
+impl FrontendLayout {
+    /// Every backend id it keeps in the backends map: slots, then draining.
+    fn backend_ids(&self) -> impl Iterator<Item = &BackendId> {
+        self.backends.iter().chain(self.draining.iter())
+    }
 }
 
 impl FrontendLayout {
@@ -240,7 +299,11 @@ impl DesiredState {
     /// Service has been set.
     pub fn adopting(current: &MapState, revnat_limit: u32, backend_limit: u32) -> Self {
         let mut state = DesiredState {
-            revnat_ids: IdAllocator::new(revnat_limit),
+            // A released rev-NAT id could rewrite a deleted frontend's
+            // stale replies to a new frontend's address: it is held until
+            // its flows are gone. A backend id needs no such care: the
+            // datapath checks a flow's backend address, not only its id.
+            revnat_ids: IdAllocator::holding_released(revnat_limit),
             backend_ids: IdAllocator::new(backend_limit),
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
@@ -258,6 +321,20 @@ impl DesiredState {
                 .adopt((value.addr, value.port, value.family), *id);
         }
         state
+    }
+
+    /// Makes released rev-NAT ids free again: no conntrack entry names
+    /// them any more.
+    pub fn reuse_rev_nat_ids(&mut self, ids: impl IntoIterator<Item = RevNatId>) {
+        self.revnat_ids.reuse(ids);
+    }
+
+    /// Holds rev-NAT ids no frontend has but conntrack entries still name
+    /// (found after a restart): they are not handed out until
+    /// [`DesiredState::reuse_rev_nat_ids`]. Returns the ids now held (those
+    /// in use by a frontend are not).
+    pub fn hold_rev_nat_ids(&mut self, ids: impl IntoIterator<Item = RevNatId>) -> Vec<RevNatId> {
+        self.revnat_ids.hold(ids)
     }
 
     /// Frees adopted ids that no Service claimed (their entries are stale).
@@ -302,7 +379,7 @@ impl DesiredState {
             maps.frontends.extend(layout.entries());
             maps.revnat
                 .insert(layout.header.rev_nat_id, layout.revnat());
-            for id in layout.backends.iter() {
+            for id in layout.backend_ids() {
                 if let Some(backend) = self.backends.get(id) {
                     maps.backends.insert(*id, backend.value);
                 }
@@ -321,8 +398,7 @@ impl DesiredState {
                 .push((layout.header.rev_nat_id, layout.revnat()));
             entries.backends.extend(
                 layout
-                    .backends
-                    .iter()
+                    .backend_ids()
                     .filter_map(|id| Some((*id, self.backends.get(id)?.value))),
             );
         }
@@ -417,10 +493,8 @@ impl DesiredState {
         }
         new_backends.sort_by_key(|(id, _)| *id);
         new_backends.dedup_by_key(|(id, _)| *id);
-        let mut old_ids: Vec<BackendId> = old
-            .iter()
-            .flat_map(|l| l.backends.iter().copied())
-            .collect();
+        let mut old_ids: Vec<BackendId> =
+            old.iter().flat_map(|l| l.backend_ids().copied()).collect();
         old_ids.sort_unstable();
         old_ids.dedup();
 
@@ -572,6 +646,25 @@ impl DesiredState {
             ids.push(id);
             backends.push((id, value));
         }
+        // Draining backends are kept in the backends map for their flows,
+        // without a slot.
+        let mut draining = Vec::with_capacity(frontend.draining.len());
+        for backend in &frontend.draining {
+            let value = backend_value(backend);
+            match self
+                .backend_ids
+                .get_or_allocate(&(value.addr, value.port, value.family))
+            {
+                Some(id) => {
+                    draining.push(id);
+                    backends.push((id, value));
+                }
+                None => problems.push(format!(
+                    "{label}: backend {}:{}: no free backend id (map full)",
+                    backend.addr, backend.port
+                )),
+            }
+        }
         Some(FrontendLayout {
             key,
             header: FrontendValue {
@@ -582,6 +675,7 @@ impl DesiredState {
                 affinity_timeout_secs: 0,
             },
             backends: ids.into_boxed_slice(),
+            draining: draining.into_boxed_slice(),
         })
     }
 }
@@ -592,11 +686,7 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
         addr,
         port: backend.port.to_be(),
         family,
-        state: if backend.terminating {
-            BACKEND_STATE_TERMINATING
-        } else {
-            BACKEND_STATE_ACTIVE
-        },
+        state: backend.state.map_value(),
         flags: if backend.node_local {
             BACKEND_FLAG_NODE_LOCAL
         } else {
@@ -610,7 +700,7 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::model::MapOp;
+    use crate::{datapath::model::MapOp, reconcile::translate::BackendState};
 
     /// Sets a Service and returns its writes and problems.
     fn set(
@@ -639,9 +729,10 @@ mod tests {
                     addr: b.parse().unwrap(),
                     port: 8080,
                     node_local: false,
-                    terminating: false,
+                    state: BackendState::Active,
                 })
                 .collect(),
+            draining: Vec::new(),
         }
     }
 
@@ -869,5 +960,150 @@ mod tests {
         set(&mut desired, &name("b"), &[]);
         check(&desired);
         assert_eq!(desired.counts().frontends, 1);
+    }
+
+    fn rev_nat_id(maps: &MapState, vip: u8) -> RevNatId {
+        maps.frontends
+            .iter()
+            .find(|(k, _)| k.slot == 0 && k.addr[3] == vip)
+            .map(|(_, v)| v.rev_nat_id)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_released_rev_nat_id_is_held_until_its_flows_are_gone() {
+        // Three rev-NAT ids (1, 2) and round-robin: without holding, the
+        // third Service would get the first one's id back at once.
+        let mut desired = DesiredState::adopting(&MapState::default(), 3, 100);
+        set(
+            &mut desired,
+            &name("a"),
+            &[frontend("10.96.0.1", &["10.1.1.2"])],
+        );
+        set(
+            &mut desired,
+            &name("b"),
+            &[frontend("10.96.0.2", &["10.1.1.2"])],
+        );
+        let released = rev_nat_id(&desired.maps(), 1);
+        set(&mut desired, &name("a"), &[]);
+        let (_, problems) = set(
+            &mut desired,
+            &name("c"),
+            &[frontend("10.96.0.3", &["10.1.1.2"])],
+        );
+        assert_eq!(
+            problems.len(),
+            1,
+            "the held id was handed out: {problems:?}"
+        );
+        // Once no entry names it, it is free again.
+        desired.reuse_rev_nat_ids([released]);
+        let (_, problems) = set(
+            &mut desired,
+            &name("c"),
+            &[frontend("10.96.0.3", &["10.1.1.2"])],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(rev_nat_id(&desired.maps(), 3), released);
+    }
+
+    #[test]
+    fn rev_nat_ids_named_only_by_flows_are_held_until_reused() {
+        let mut desired = DesiredState::adopting(&MapState::default(), 4, 100);
+        set(
+            &mut desired,
+            &name("a"),
+            &[frontend("10.96.0.1", &["10.1.1.2"])],
+        );
+        let live = rev_nat_id(&desired.maps(), 1);
+        // A restarted agent finds flows naming ids 2 (no frontend) and the
+        // live one: only 2 is held.
+        assert_eq!(desired.hold_rev_nat_ids([2, live, 0, 99]), [2]);
+        set(
+            &mut desired,
+            &name("b"),
+            &[frontend("10.96.0.2", &["10.1.1.2"])],
+        );
+        assert_eq!(rev_nat_id(&desired.maps(), 2), 3);
+        desired.reuse_rev_nat_ids([2]);
+        set(
+            &mut desired,
+            &name("c"),
+            &[frontend("10.96.0.3", &["10.1.1.2"])],
+        );
+        assert_eq!(rev_nat_id(&desired.maps(), 3), 2);
+    }
+
+    #[test]
+    fn draining_backends_stay_in_the_backends_map_without_a_slot() {
+        use service_common::{
+            BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
+        };
+        let with_states = |slots: &[&str], draining: &[(&str, BackendState)]| {
+            let mut f = frontend("10.96.0.10", slots);
+            f.draining = draining
+                .iter()
+                .map(|(addr, state)| DesiredBackend {
+                    state: *state,
+                    ..frontend("10.96.0.10", &[addr]).backends[0]
+                })
+                .collect();
+            f
+        };
+        let states = |maps: &MapState| -> BTreeMap<u8, u8> {
+            maps.backends
+                .values()
+                .map(|b| (b.addr[3], b.state))
+                .collect()
+        };
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let (ops, _) = set(
+            &mut desired,
+            &name("web"),
+            &[with_states(&["10.1.1.2", "10.1.1.3", "10.1.1.4"], &[])],
+        );
+        apply_checked(&mut maps, &ops);
+        // .3 terminates (serving), .4 stops serving: both leave the slots,
+        // keep their entries and change state; nothing is deleted.
+        let (ops, _) = set(
+            &mut desired,
+            &name("web"),
+            &[with_states(
+                &["10.1.1.2"],
+                &[
+                    ("10.1.1.3", BackendState::Terminating),
+                    ("10.1.1.4", BackendState::NotServing),
+                ],
+            )],
+        );
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert_eq!(
+            states(&maps),
+            BTreeMap::from([
+                (2, BACKEND_STATE_ACTIVE),
+                (3, BACKEND_STATE_TERMINATING),
+                (4, BACKEND_STATE_NOT_SERVING)
+            ])
+        );
+        assert_eq!(
+            maps.frontends.iter().filter(|(k, _)| k.slot != 0).count(),
+            1
+        );
+        // Gone from every slice: deleted.
+        let (ops, _) = set(
+            &mut desired,
+            &name("web"),
+            &[with_states(
+                &["10.1.1.2"],
+                &[("10.1.1.3", BackendState::Terminating)],
+            )],
+        );
+        assert!(ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(states(&maps).len(), 2);
     }
 }

@@ -3,12 +3,13 @@
 //! the frontends to serve (a pure function); [`desired`] lays those out as
 //! map entries with stable ids; [`diff`] orders the writes; [`sync`] applies
 //! them through [`crate::datapath::model::MapWriter`] and, with
-//! [`repair`], repairs drift;
-//! [`pipeline`] drives it all from events.
+//! [`repair`], repairs drift; [`pipeline`] drives it all from events.
+//! [`flows`] says what a sync changed that tracked flows must follow.
 
 pub mod cluster;
 pub mod desired;
 pub mod diff;
+pub mod flows;
 pub mod pipeline;
 pub mod records;
 pub mod repair;

@@ -25,6 +25,7 @@ use super::{
     cluster::{ClusterState, Dirty, ObjectName},
     desired::{DesiredState, EntryCounts, ServiceUpdate},
     diff::Writes,
+    flows::FlowChanges,
     repair::{named_by, service_writes, stale_entries},
     translate::{NodeContext, NotProgrammed, Translation, translate_one},
 };
@@ -73,6 +74,8 @@ pub struct SyncReport {
     pub frontends_removed: Vec<RevNatId>,
     /// Frontends served now, by rev-NAT id.
     pub frontends_added: Vec<(RevNatId, FrontendKey)>,
+    /// What the applied writes changed for flows already tracked.
+    pub flows: FlowChanges,
 }
 
 impl SyncReport {
@@ -431,9 +434,13 @@ where
             while !batch.is_empty() {
                 let Err(failure) = self.writer.apply_batch(&batch) else {
                     report.writes += batch.len();
+                    batch.iter().for_each(|op| report.flows.record(op));
                     break;
                 };
                 report.writes += failure.done;
+                batch[..failure.done]
+                    .iter()
+                    .for_each(|op| report.flows.record(op));
                 let index = owners[failure.done];
                 failures[index] = Some(WriteFailure {
                     service: groups[index].owner.clone(),
@@ -600,6 +607,55 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
         assert_eq!(report.services_changed, 1);
         assert_eq!(syncer.writer().backends.len(), 1);
         syncer.writer().check_consistent().unwrap();
+    }
+
+    #[test]
+    fn a_sync_reports_what_changed_for_tracked_flows() {
+        let mut syncer = syncer();
+        let state = parse_documents(BASE, None).unwrap().into_cluster_state();
+        assert!(syncer.sync_full(&state).flows.is_empty());
+        let maps = syncer.writer().clone();
+        let backend_id = |last: u8| {
+            *maps
+                .backends
+                .iter()
+                .find(|(_, b)| b.addr[3] == 2 && b.addr[2] == last)
+                .unwrap()
+                .0
+        };
+        let db_rev_nat = maps
+            .frontends
+            .iter()
+            .find(|(k, _)| k.slot == 0 && k.addr[3] == 20)
+            .unwrap()
+            .1
+            .rev_nat_id;
+
+        // 10.1.1.2 stops serving, 10.1.2.2 leaves, Service db is deleted.
+        let changed = BASE
+            .replace(
+                "{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}",
+                "{addresses: [10.1.1.2], conditions: {ready: false}}",
+            )
+            .replace(
+                "kind: Service\napiVersion: v1\nmetadata: {name: db}",
+                "kind: ConfigMap\napiVersion: v1\nmetadata: {name: db}",
+            );
+        let changed = parse_documents(&changed, None)
+            .unwrap()
+            .into_cluster_state();
+        let report = syncer.sync(&changed, &Dirty::All);
+        assert_eq!(report.services_changed, 2);
+        assert_eq!(
+            report.flows,
+            FlowChanges {
+                backends_deleted: [backend_id(2)].into(),
+                backends_not_serving: [backend_id(1)].into(),
+                rev_nat_ids_released: [db_rev_nat].into(),
+            }
+        );
+        // Nothing changes again: nothing to report.
+        assert!(syncer.sync(&changed, &Dirty::All).flows.is_empty());
     }
 
     #[test]

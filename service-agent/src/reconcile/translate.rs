@@ -5,13 +5,16 @@
 use std::net::IpAddr;
 
 use service_common::{
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
     FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
     FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
 };
 
 use super::{
     cluster::{ClusterState, ObjectName},
-    records::{AddressType, ServicePortRecord, ServiceRecord, ServiceType, SliceRecord},
+    records::{
+        AddressType, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceType, SliceRecord,
+    },
 };
 
 /// What the translation needs to know about the node it runs on (which
@@ -35,8 +38,14 @@ pub struct DesiredFrontend {
     pub proto: u8,
     /// `FRONTEND_FLAG_*` bits.
     pub flags: u16,
-    /// Backends taking new flows, sorted and without duplicates.
+    /// Backends taking new flows (the frontend's slots), sorted by address
+    /// and port, without duplicates.
     pub backends: Vec<DesiredBackend>,
+    /// Backends kept in the backends map for the flows they already have,
+    /// but taking no new ones (not in the slots): serving and terminating
+    /// while other endpoints are ready, or listed but not serving. Sorted,
+    /// without duplicates, none of them in `backends`.
+    pub draining: Vec<DesiredBackend>,
 }
 
 /// A backend of a frontend: an endpoint address with the resolved target port.
@@ -48,8 +57,33 @@ pub struct DesiredBackend {
     pub port: u16,
     /// The endpoint runs on this node.
     pub node_local: bool,
-    /// The endpoint is terminating (only used as the serving fallback).
-    pub terminating: bool,
+    /// What the endpoint's conditions say about its flows.
+    pub state: BackendState,
+}
+
+/// A backend's state as the backends map holds it (`BACKEND_STATE_*`),
+/// from its endpoint's conditions. Ordered from most to least serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendState {
+    /// Ready: takes new flows.
+    Active,
+    /// Serving and terminating: keeps its flows (they drain); takes new
+    /// ones only as the all-terminating fallback (KEP-1669).
+    Terminating,
+    /// Listed in an EndpointSlice but not serving: its TCP flows drain,
+    /// its UDP flows move to another backend.
+    NotServing,
+}
+
+impl BackendState {
+    /// The `BACKEND_STATE_*` value of the backends map.
+    pub const fn map_value(self) -> u8 {
+        match self {
+            BackendState::Active => BACKEND_STATE_ACTIVE,
+            BackendState::Terminating => BACKEND_STATE_TERMINATING,
+            BackendState::NotServing => BACKEND_STATE_NOT_SERVING,
+        }
+    }
 }
 
 /// Why a Service programs nothing on purpose.
@@ -154,7 +188,11 @@ fn translate_service(
             ));
             continue;
         };
-        let (backends, fallback) = backends_for_port(&slices, service_port, proto, name, out);
+        let PortBackends {
+            backends,
+            draining,
+            fallback,
+        } = backends_for_port(&slices, service_port, proto, name, out);
         let mut frontends: Vec<(IpAddr, u16, u16)> = addrs
             .iter()
             .map(|addr| (*addr, port, FRONTEND_FLAG_CLUSTER_IP))
@@ -208,26 +246,39 @@ fn translate_service(
                 proto,
                 flags,
                 backends: backends.clone(),
+                draining: draining.clone(),
             });
         }
     }
 }
 
-/// The backends of one Service port: every ready endpoint of every slice
-/// that has a port of the same name and protocol, at that slice's port
-/// number (this is how a named `targetPort` resolves per pod). When no
-/// endpoint is ready, the serving and terminating ones (KEP-1669); the
-/// second value says whether that fallback was used.
+/// The backends of one Service port, by what they take.
+struct PortBackends {
+    /// Taking new flows.
+    backends: Vec<DesiredBackend>,
+    /// Kept for their flows only.
+    draining: Vec<DesiredBackend>,
+    /// `backends` are the serving and terminating fallback.
+    fallback: bool,
+}
+
+/// The backends of one Service port: every endpoint of every slice that
+/// has a port of the same name and protocol, at that slice's port number
+/// (this is how a named `targetPort` resolves per pod). Ready endpoints
+/// take new flows; when none is ready, the serving and terminating ones do
+/// (KEP-1669). Every other endpoint still listed is kept, draining: serving
+/// and terminating ones as [`BackendState::Terminating`], the rest as
+/// [`BackendState::NotServing`]. An address listed twice counts once, in
+/// its most serving state.
 fn backends_for_port(
     slices: &[(&ObjectName, &SliceRecord)],
     service_port: &ServicePortRecord,
     proto: u8,
     service: &ObjectName,
     out: &mut Translation,
-) -> (Vec<DesiredBackend>, bool) {
+) -> PortBackends {
     let wanted_name = &*service_port.name;
-    let mut ready = Vec::new();
-    let mut terminating = Vec::new();
+    let mut listed = Vec::new();
     for (slice_name, slice) in slices {
         if slice.address_type != AddressType::Ipv4 {
             continue;
@@ -250,24 +301,44 @@ fn backends_for_port(
             if !endpoint.addr.is_ipv4() {
                 continue;
             }
-            let backend = DesiredBackend {
+            listed.push(DesiredBackend {
                 addr: endpoint.addr,
                 port,
                 node_local: endpoint.node_local,
-                terminating: endpoint.terminating,
-            };
-            if endpoint.ready {
-                ready.push(backend);
-            } else if endpoint.serving && endpoint.terminating {
-                terminating.push(backend);
-            }
+                state: backend_state(endpoint),
+            });
         }
     }
-    let fallback = ready.is_empty() && !terminating.is_empty();
-    let mut backends = if fallback { terminating } else { ready };
-    backends.sort();
-    backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
-    (backends, fallback)
+    // Each address and port once, in its most serving state.
+    listed.sort_by_key(|b| (b.addr, b.port, b.state));
+    listed.dedup_by(|later, first| later.addr == first.addr && later.port == first.port);
+    let fallback = !listed.iter().any(|b| b.state == BackendState::Active)
+        && listed.iter().any(|b| b.state == BackendState::Terminating);
+    let new_flows = if fallback {
+        BackendState::Terminating
+    } else {
+        BackendState::Active
+    };
+    let (backends, draining) = listed.into_iter().partition(|b| b.state == new_flows);
+    PortBackends {
+        backends,
+        draining,
+        fallback,
+    }
+}
+
+/// The backend state an endpoint's conditions give: ready is active;
+/// serving and terminating is terminating; anything else (not ready and not
+/// serving, or serving without terminating, which the API does not
+/// produce) is not serving.
+fn backend_state(endpoint: &EndpointRecord) -> BackendState {
+    if endpoint.ready {
+        BackendState::Active
+    } else if endpoint.serving && endpoint.terminating {
+        BackendState::Terminating
+    } else {
+        BackendState::NotServing
+    }
 }
 
 /// A port number in 1..=65535.
@@ -377,6 +448,130 @@ spec:
         let http = t.frontends.iter().find(|f| f.proto == PROTO_TCP).unwrap();
         assert_eq!(backends(http), ["10.1.1.2:8080"]);
         assert_ne!(http.flags & FRONTEND_FLAG_TERMINATING_FALLBACK, 0);
+    }
+
+    /// Address:port and state of each draining backend.
+    fn draining(frontend: &DesiredFrontend) -> Vec<(String, BackendState)> {
+        frontend
+            .draining
+            .iter()
+            .map(|b| (format!("{}:{}", b.addr, b.port), b.state))
+            .collect()
+    }
+
+    fn http(t: &Translation) -> &DesiredFrontend {
+        t.frontends.iter().find(|f| f.proto == PROTO_TCP).unwrap()
+    }
+
+    #[test]
+    fn a_terminating_endpoint_drains_while_others_are_ready() {
+        let yaml = format!(
+            "{SERVICE}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2]}, {addresses: [10.1.1.3], conditions: {ready: false, serving: true, terminating: true}}]"
+            )
+        );
+        let t = translate_yaml(&yaml);
+        let http = http(&t);
+        assert_eq!(backends(http), ["10.1.1.2:8080"]);
+        assert!(
+            http.backends
+                .iter()
+                .all(|b| b.state == BackendState::Active)
+        );
+        assert_eq!(
+            draining(http),
+            [("10.1.1.3:8080".to_owned(), BackendState::Terminating)]
+        );
+        assert_eq!(http.flags & FRONTEND_FLAG_TERMINATING_FALLBACK, 0);
+    }
+
+    #[test]
+    fn a_listed_endpoint_that_does_not_serve_is_kept_as_not_serving() {
+        let yaml = format!(
+            "{SERVICE}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                // Not ready; not serving while terminating; serving without
+                // terminating (inconsistent: `ready` wins).
+                "[{addresses: [10.1.1.2]}, {addresses: [10.1.1.3], conditions: {ready: false}}, {addresses: [10.1.1.4], conditions: {ready: false, serving: false, terminating: true}}, {addresses: [10.1.1.5], conditions: {ready: false, serving: true}}]"
+            )
+        );
+        let t = translate_yaml(&yaml);
+        let http = http(&t);
+        assert_eq!(backends(http), ["10.1.1.2:8080"]);
+        assert_eq!(
+            draining(http),
+            [
+                ("10.1.1.3:8080".to_owned(), BackendState::NotServing),
+                ("10.1.1.4:8080".to_owned(), BackendState::NotServing),
+                ("10.1.1.5:8080".to_owned(), BackendState::NotServing),
+            ]
+        );
+    }
+
+    #[test]
+    fn in_the_terminating_fallback_not_serving_endpoints_still_drain() {
+        let yaml = format!(
+            "{SERVICE}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.1.3], conditions: {ready: false, serving: false, terminating: true}}]"
+            )
+        );
+        let t = translate_yaml(&yaml);
+        let http = http(&t);
+        assert_eq!(backends(http), ["10.1.1.2:8080"]);
+        assert_eq!(http.backends[0].state, BackendState::Terminating);
+        assert_eq!(
+            draining(http),
+            [("10.1.1.3:8080".to_owned(), BackendState::NotServing)]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_listed_twice_counts_once_in_its_most_serving_state() {
+        let yaml = format!(
+            "{SERVICE}{}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2], conditions: {ready: false}}, {addresses: [10.1.1.3], conditions: {ready: false}}]"
+            ),
+            slice(
+                "web-b",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2]}, {addresses: [10.1.1.3], conditions: {ready: false, serving: true, terminating: true}}]"
+            ),
+        );
+        let t = translate_yaml(&yaml);
+        let http = http(&t);
+        assert_eq!(backends(http), ["10.1.1.2:8080"]);
+        assert_eq!(
+            draining(http),
+            [("10.1.1.3:8080".to_owned(), BackendState::Terminating)]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_gone_from_every_slice_is_no_backend_at_all() {
+        let before = format!(
+            "{SERVICE}{}",
+            slice(
+                "web-a",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.1.1.2]}, {addresses: [10.1.1.3], conditions: {ready: false}}]"
+            )
+        );
+        assert_eq!(draining(http(&translate_yaml(&before))).len(), 1);
+        let after = before.replace(", {addresses: [10.1.1.3], conditions: {ready: false}}", "");
+        let t = translate_yaml(&after);
+        assert_eq!(backends(http(&t)), ["10.1.1.2:8080"]);
+        assert!(http(&t).draining.is_empty());
     }
 
     #[test]

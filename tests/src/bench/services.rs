@@ -14,7 +14,7 @@ use service_agent::{
     datapath::MapSizes,
     reconcile::{
         cluster::ObjectName,
-        translate::{DesiredBackend, DesiredFrontend},
+        translate::{BackendState, DesiredBackend, DesiredFrontend},
     },
 };
 use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
@@ -110,9 +110,10 @@ impl ServiceSet {
                     addr: addr.into(),
                     port: TARGET_PORT,
                     node_local: false,
-                    terminating: false,
+                    state: BackendState::Active,
                 })
                 .collect(),
+            draining: Vec::new(),
         }
     }
 
