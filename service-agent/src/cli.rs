@@ -251,11 +251,11 @@ impl RunArgs {
                 external: self.external_devices.clone(),
                 nodeport_mode: self.nodeport_mode,
             },
+            node_name: self
+                .node_name
+                .clone()
+                .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
             node: NodeContext {
-                node_name: self
-                    .node_name
-                    .clone()
-                    .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
                 nodeport_addresses,
                 external_ip_cidrs: self.external_ip_cidrs.clone(),
             },

@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -23,10 +23,16 @@ use crate::{
         self, MapSizes,
         attach::{Attachments, DeviceSelection},
         cgroup::CgroupPath,
-        maps::ServiceMaps,
+        maps::{CounterMaps, ServiceMaps},
+        model::{MapReader, MapWriter},
     },
     ops::{self, health::Health, metrics::Metrics, status},
-    reconcile::{cluster::Kind, pipeline::Pipeline, sync::Syncer, translate::NodeContext},
+    reconcile::{
+        cluster::Kind,
+        pipeline::Pipeline,
+        sync::{SyncReport, Syncer},
+        translate::NodeContext,
+    },
     source::{self, SourceSpec},
 };
 
@@ -39,7 +45,10 @@ pub struct RunOptions {
     pub pin_path: PathBuf,
     /// Pod devices to attach to.
     pub devices: DeviceSelection,
-    /// This node.
+    /// This node's name: its endpoints are node-local, and the kube source
+    /// watches its Node.
+    pub node_name: Option<String>,
+    /// This node, as translation sees it.
     pub node: NodeContext,
     /// How often the file source and the devices are checked.
     pub poll_interval: Duration,
@@ -81,6 +90,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.ct_timeouts
     );
     let maps = ServiceMaps::take_from(&mut ebpf)?;
+    let counters = CounterMaps::take_from(&mut ebpf)?;
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
         .context("reading the pinned maps")?;
     info!("maps pinned in {}", options.pin_path.display());
@@ -89,8 +99,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", link_dir.display()))?;
     datapath::cgroup::configure(&mut ebpf, &options.cgroup_path, &link_dir)?;
 
-    let metrics = Arc::new(Metrics::new(options.pin_path.clone(), options.map_sizes));
-    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new(options.map_sizes, Some(counters)));
+    // kube-proxy's bound: twice its sync period.
+    let health = Arc::new(Health::new(2 * options.resync_interval));
     ops::server::serve(
         options.metrics_addr,
         options.healthz_addr,
@@ -102,20 +113,28 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (events, mut incoming) = unbounded_channel();
     let kinds: &[Kind] = match &options.source {
         SourceSpec::File(path) => {
-            source::file::spawn_watcher(path.clone(), options.poll_interval, events);
+            source::file::spawn_watcher(
+                path.clone(),
+                options.poll_interval,
+                options.node_name.clone(),
+                events,
+            );
             &source::file::KINDS
         }
         SourceSpec::Kube => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
-            let node_name = options.node.node_name.clone().unwrap_or_default();
+            let node_name = options.node_name.clone().unwrap_or_default();
             info!("watching the Kubernetes API as node {node_name:?}");
-            source::kube::spawn_watchers(client, &node_name, events);
+            source::kube::spawn_watchers(client, &node_name, events, health.clone());
             &source::kube::KINDS
         }
     };
-    let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics));
+    let mut pipeline = Pipeline::new(syncer, kinds)
+        .with_metrics(metrics)
+        .with_health(health.clone());
+    let mut failed_services = 0;
     let mut attachments = Attachments::default();
     let mut last_full_sync = Instant::now();
 
@@ -133,21 +152,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 while let Ok(event) = incoming.try_recv() {
                     pipeline.handle(event);
                 }
-                if pipeline.flush().is_some_and(|report| report.services_changed > 0)
-                    && let Err(e) = status::write(
-                        &options.pin_path,
-                        &status::statuses(pipeline.syncer().translations()),
-                    )
-                {
-                    warn!("writing the status file: {e:#}");
-                }
+                let report = pipeline.flush();
+                write_status(&options.pin_path, &pipeline, report.as_ref(), &mut failed_services);
             }
             _ = ticker.tick() => {
                 if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {
                     warn!("device scan failed: {e:#}");
                 }
                 if pipeline.repair_due() || last_full_sync.elapsed() >= options.resync_interval {
-                    pipeline.resync();
+                    let report = pipeline.resync();
+                    write_status(&options.pin_path, &pipeline, report.as_ref(), &mut failed_services);
                     last_full_sync = Instant::now();
                 }
                 health.beat(pipeline.is_synced());
@@ -162,4 +176,32 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         attachments.devices().collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// Rewrites the status file when a sync changed a Service or which
+/// Services failed (`failed_services`: their number at the last write).
+fn write_status<W: MapWriter + MapReader>(
+    pin_path: &Path,
+    pipeline: &Pipeline<W>,
+    report: Option<&SyncReport>,
+    failed_services: &mut usize,
+) {
+    let Some(report) = report else {
+        return;
+    };
+    let failures = pipeline.syncer().failures();
+    if report.services_changed == 0 && !report.failed() && failures.len() == *failed_services {
+        return;
+    }
+    *failed_services = failures.len();
+    if let Err(e) = status::write(
+        pin_path,
+        &status::statuses(
+            pipeline.syncer().services(),
+            pipeline.syncer().desired(),
+            failures,
+        ),
+    ) {
+        warn!("writing the status file: {e:#}");
+    }
 }

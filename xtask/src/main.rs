@@ -51,6 +51,10 @@ enum Task {
         /// Fewer sizes and shorter runs (under three minutes).
         #[arg(long)]
         quick: bool,
+        /// Run only this group (repeatable): `datapath`, `traffic` or
+        /// `control-plane`.
+        #[arg(long, value_name = "GROUP")]
+        only: Vec<String>,
     },
 }
 
@@ -123,7 +127,7 @@ fn main() -> anyhow::Result<()> {
                 bail!("the demo failed ({status})");
             }
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             toolchain::ensure_ebpf_toolchain()?;
             toolchain::ensure_debian_packages(&[
                 ("ip", "iproute2"),
@@ -156,6 +160,9 @@ fn main() -> anyhow::Result<()> {
             );
             if quick {
                 bench.arg("--quick");
+            }
+            for group in &only {
+                bench.args(["--only", group]);
             }
             run(&mut bench).context("running the bench")?;
         }

@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod load;
 pub mod maps;
 pub mod model;
+pub mod sys;
 
 pub use load::{load, load_with_sizes};
 use service_common::MapSpec;

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use log::info;
@@ -15,12 +16,15 @@ use super::{
     sync::{SyncReport, SyncTimer, Syncer},
 };
 use crate::{
-    datapath::model::{MapReader, MapWriter},
-    ops::metrics::Metrics,
+    datapath::model::{MapName, MapReader, MapWriter},
+    ops::{health::Health, metrics::Metrics},
 };
 
-/// EndpointSlice annotation with the time of the change that triggered it.
-const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The first retry of a failed repair waits this long; each further
+/// failure doubles the wait, up to [`REPAIR_BACKOFF_MAX`].
+const REPAIR_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between repairs while writes keep failing.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(32);
 
 /// Events in, map writes out.
 pub struct Pipeline<W> {
@@ -32,27 +36,46 @@ pub struct Pipeline<W> {
     dirty: Dirty,
     synced: bool,
     metrics: Option<Arc<Metrics>>,
+    health: Option<Arc<Health>>,
     /// Newest trigger time already accounted for, per Service.
     trigger_seen: BTreeMap<ObjectName, jiff::Timestamp>,
+    /// No repair before this (backoff while writes keep failing).
+    repair_not_before: Instant,
+    /// The wait after the next failed repair.
+    repair_backoff: Duration,
 }
 
 impl<W> Pipeline<W>
 where
     W: MapWriter + MapReader,
-    W::Error: std::fmt::Display,
 {
     /// A pipeline that waits for a full list of each of `kinds` (its
     /// source's `KINDS`) before its first full sync.
-    pub fn new(syncer: Syncer<W>, kinds: &[Kind], metrics: Option<Arc<Metrics>>) -> Self {
+    pub fn new(syncer: Syncer<W>, kinds: &[Kind]) -> Self {
         Pipeline {
             cluster: ClusterState::default(),
             syncer,
             unlisted: kinds.iter().copied().collect(),
             dirty: Dirty::none(),
             synced: false,
-            metrics,
+            metrics: None,
+            health: None,
             trigger_seen: BTreeMap::new(),
+            repair_not_before: Instant::now(),
+            repair_backoff: REPAIR_BACKOFF_MIN,
         }
+    }
+
+    /// Keeps `metrics` up to date after each sync.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Tells `health` whether this node is being deleted.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// The syncer (and through it, the maps).
@@ -70,8 +93,12 @@ where
         if event.is_full_list() {
             self.unlisted.remove(&event.kind());
         }
+        let is_node = event.kind() == Kind::Node;
         let dirty = self.cluster.apply(event);
         self.dirty.merge(dirty);
+        if is_node && let Some(health) = &self.health {
+            health.set_node_being_deleted(self.cluster.node_being_deleted());
+        }
     }
 
     /// Writes what the events since the last flush changed. The first time
@@ -109,13 +136,20 @@ where
         }
         let timer = SyncTimer::start();
         let report = self.syncer.sync_full(&self.cluster);
+        if self.syncer.repair_due() {
+            self.repair_not_before = Instant::now() + self.repair_backoff;
+            self.repair_backoff = (self.repair_backoff * 2).min(REPAIR_BACKOFF_MAX);
+        } else {
+            self.repair_backoff = REPAIR_BACKOFF_MIN;
+        }
         self.record(&report, &timer, &Dirty::none());
         Some(report)
     }
 
-    /// Whether a failed write left the maps to be repaired.
+    /// Whether a failed write left the maps to be repaired (and the
+    /// backoff after the last failed repair has passed).
     pub fn repair_due(&self) -> bool {
-        self.synced && self.syncer.repair_due()
+        self.synced && self.syncer.repair_due() && Instant::now() >= self.repair_not_before
     }
 
     fn record(&mut self, report: &SyncReport, timer: &SyncTimer, dirty: &Dirty) {
@@ -130,26 +164,32 @@ where
                 .as_secs_f64(),
         );
         metrics.skipped.inc_by(report.skipped as u64);
-        if report.failed {
+        if report.failed() {
             metrics.sync_failures.inc();
         }
-        let (frontends, backends) = self.syncer.desired_counts();
-        metrics.frontends.set(frontends as i64);
-        metrics.backends.set(backends as i64);
+        for failure in &report.failures {
+            metrics.map_write_failed(failure.map);
+        }
+        metrics
+            .services_failed
+            .set(self.syncer.failures().len() as i64);
+        let counts = self.syncer.desired_counts();
+        metrics.frontends.set(counts.frontends as i64);
+        metrics.backends.set(counts.backends as i64);
+        for map in MapName::ALL {
+            metrics.set_map_entries(map, counts.of(map));
+        }
+        metrics.update_frontends(
+            report.frontends_removed.iter().copied(),
+            report.frontends_added.iter().copied(),
+        );
         if let Dirty::Services(names) = dirty {
             let now = jiff::Timestamp::now();
             for name in names {
                 let newest = self
                     .cluster
                     .slices_of(name)
-                    .filter_map(|slice| {
-                        slice
-                            .metadata
-                            .annotations
-                            .as_ref()?
-                            .get(TRIGGER_TIME_ANNOTATION)
-                    })
-                    .filter_map(|t| t.parse::<jiff::Timestamp>().ok())
+                    .filter_map(|(_, slice)| slice.trigger_time)
                     .max();
                 if let Some(trigger) = newest
                     && self.trigger_seen.get(name) != Some(&trigger)
