@@ -370,6 +370,40 @@ pub const fn snat_reply_key(
     ))
 }
 
+/// The keys of every companion of the flow whose master is `master`/`value`,
+/// given this node's SNAT address (network byte order): its reply (or
+/// hairpin reply) entry, and for an SNATed flow its [`CT_DIR_SNAT`] and
+/// [`CT_DIR_SNAT_REPLY`] entries. The collector deletes them with their
+/// master.
+#[inline(always)]
+pub const fn companion_keys(
+    master: &ConntrackKey,
+    value: &ConntrackValue,
+    snat_addr: &MapAddr,
+) -> [Option<ConntrackKey>; 3] {
+    [
+        Some(reply_key(master, value)),
+        snat_key(master, value),
+        snat_reply_key(master, value, snat_addr),
+    ]
+}
+
+/// Whether `key` is one of the companions ([`companion_keys`]) of the flow
+/// whose master is `master`/`value`. A non-master entry whose master no
+/// longer names it (the flow moved to another backend, or another flow took
+/// the tuple) is an orphan.
+#[inline(always)]
+pub fn is_companion(
+    key: &ConntrackKey,
+    master: &ConntrackKey,
+    value: &ConntrackValue,
+    snat_addr: &MapAddr,
+) -> bool {
+    companion_keys(master, value, snat_addr)
+        .iter()
+        .any(|companion| companion.as_ref() == Some(key))
+}
+
 /// The master key of the flow a non-master entry belongs to. A reply or
 /// hairpin reply entry holds its frontend; SNAT and SNAT reply entries need
 /// it given (`frontend`: the rev-NAT entry of the value's `rev_nat_id`).
@@ -657,6 +691,46 @@ mod tests {
             );
         }
         assert_eq!(master_key(&key, &value, Some(&frontend())), None);
+    }
+
+    #[test]
+    fn companions_are_the_entries_that_lead_back_to_their_master() {
+        let snat = map_addr_v4(SNAT);
+        let key = master(PROTO_UDP);
+        let plain = master_value(0, 0);
+        let [reply, none_a, none_b] = companion_keys(&key, &plain, &snat);
+        assert_eq!(reply, Some(reply_key(&key, &plain)));
+        assert_eq!((none_a, none_b), (None, None));
+        let snated = master_value(CT_FLAG_SNAT, 20017u16.to_be());
+        let companions = companion_keys(&key, &snated, &snat);
+        for companion in companions.iter().flatten() {
+            assert!(is_companion(companion, &key, &snated, &snat));
+            // Leads back to the master (the SNAT ones through the frontend).
+            let back = match companion.direction {
+                // Holds the frontend.
+                CT_DIR_REPLY => master_key(
+                    companion,
+                    &ConntrackValue::new(key.daddr, key.dport, 7, 3, 100),
+                    None,
+                ),
+                // Holds the client.
+                _ => master_key(
+                    companion,
+                    &ConntrackValue::new(key.saddr, key.sport, 7, 3, 100),
+                    Some(&frontend()),
+                ),
+            };
+            assert_eq!(back, Some(key), "{companion:?}");
+        }
+        assert_eq!(companions.iter().flatten().count(), 3);
+        // After a re-balance the master names another backend: the old
+        // reply entry is no companion any more.
+        let moved = ConntrackValue {
+            nat_addr: map_addr_v4([10, 200, 9, 9]),
+            ..plain
+        };
+        assert!(!is_companion(&reply_key(&key, &plain), &key, &moved, &snat));
+        assert!(!is_companion(&key, &key, &plain, &snat));
     }
 
     #[test]
