@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use log::{error, info, warn};
-use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange};
+use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange, map_addr_v4};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::unbounded_channel,
@@ -23,12 +23,19 @@ use crate::{
         self, MapSizes,
         attach::{Attachments, DeviceSelection},
         cgroup::CgroupPath,
+        conntrack::{ConntrackMap, PressureCounters},
         maps::ServiceMaps,
     },
     ops::{self, health::Health, metrics::Metrics, status},
-    reconcile::{cluster::Kind, pipeline::Pipeline, sync::Syncer, translate::NodeContext},
+    reconcile::{
+        self, cluster::Kind, collector::CollectorSettings, flows::FlowRules, pipeline::Pipeline,
+        sync::Syncer, translate::NodeContext,
+    },
     source::{self, SourceSpec},
 };
+
+/// Shortest time between two conntrack collector passes.
+const COLLECTOR_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How `run` was asked to behave.
 #[derive(Clone, Debug)]
@@ -59,6 +66,8 @@ pub struct RunOptions {
     pub snat_ports: SnatPortRange,
     /// Conntrack timeouts.
     pub ct_timeouts: ConntrackTimeouts,
+    /// Longest time between two conntrack collector passes.
+    pub ct_gc_max_interval: Duration,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -115,7 +124,30 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             &source::kube::KINDS
         }
     };
-    let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics));
+    let (collector_news, mut news) = unbounded_channel();
+    let collector = reconcile::collector::spawn(
+        ConntrackMap::open(&options.pin_path)?,
+        CollectorSettings {
+            rules: FlowRules {
+                timeouts: options.ct_timeouts,
+                snat_addr: map_addr_v4(options.snat_ipv4.map(|a| a.octets()).unwrap_or_default()),
+            },
+            snat_ports: options.snat_ports,
+            min_interval: COLLECTOR_MIN_INTERVAL.min(options.ct_gc_max_interval),
+            max_interval: options.ct_gc_max_interval,
+        },
+        match PressureCounters::open(&options.pin_path) {
+            Ok(counters) => Box::new(move || counters.read()),
+            Err(e) => {
+                warn!("the datapath's counters cannot be read ({e:#}): the conntrack collector only runs on its own pace");
+                Box::new(|| None)
+            }
+        },
+        Some(metrics.clone()),
+        collector_news,
+    )
+    .context("starting the conntrack collector")?;
+    let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics)).with_collector(collector);
     let mut attachments = Attachments::default();
     let mut last_full_sync = Instant::now();
 
@@ -142,6 +174,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                     warn!("writing the status file: {e:#}");
                 }
             }
+            Some(item) = news.recv() => pipeline.collector_news(item),
             _ = ticker.tick() => {
                 if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {
                     warn!("device scan failed: {e:#}");

@@ -13,9 +13,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use service_common::{
-    ConntrackKey, ConntrackValue, MAP_CONNTRACK, MAP_REVNAT, RevNatId, RevNatValue, mono_seconds,
+    ConntrackKey, ConntrackValue, DatapathCounter, MAP_CONNTRACK, MAP_COUNTERS, MAP_REVNAT,
+    RevNatId, RevNatValue, mono_seconds,
 };
 
 use super::{maps::open_pinned, sys};
@@ -300,6 +301,40 @@ impl ConntrackTable for MemoryConntrack {
 
     fn frontends(&self) -> io::Result<BTreeMap<RevNatId, RevNatValue>> {
         Ok(self.frontends.clone())
+    }
+}
+
+/// The datapath's signals that conntrack needs room: its counters of SNAT
+/// ports exhausted and of conntrack inserts failed, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pressure {
+    /// New flows to remote backends dropped for want of an SNAT port.
+    pub snat_ports_exhausted: u64,
+    /// New flows whose conntrack entries could not be inserted.
+    pub conntrack_insert_failed: u64,
+}
+
+/// The datapath's counters map, opened once, read for [`Pressure`].
+pub struct PressureCounters(PerCpuArray<MapData, u64>);
+
+impl PressureCounters {
+    /// Opens the counters map pinned under `pin_path`.
+    pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
+        Ok(PressureCounters(
+            PerCpuArray::try_from(open_pinned(pin_path, MAP_COUNTERS)?)
+                .context("the counters map")?,
+        ))
+    }
+
+    /// The counters now; `None` if they cannot be read.
+    pub fn read(&self) -> Option<Pressure> {
+        let sum = |counter: DatapathCounter| -> Option<u64> {
+            Some(self.0.get(&(counter as u32), 0).ok()?.iter().sum())
+        };
+        Some(Pressure {
+            snat_ports_exhausted: sum(DatapathCounter::SnatPortsExhausted)?,
+            conntrack_insert_failed: sum(DatapathCounter::ConntrackInsertFailed)?,
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use prometheus_client::{
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
@@ -44,6 +45,10 @@ pub struct Metrics {
     pub skipped: Counter,
     /// Syncs that failed to write a map entry.
     pub sync_failures: Counter,
+    /// The conntrack collector's figures.
+    pub conntrack_gc: ConntrackGcMetrics,
+    /// Conntrack entries, as last counted by the conntrack collector.
+    conntrack_entries: Gauge,
     registry: Registry,
 }
 
@@ -87,6 +92,13 @@ impl Metrics {
             "Syncs that failed to write a map entry",
             sync_failures.clone(),
         );
+        let conntrack_gc = ConntrackGcMetrics::register(ours);
+        let conntrack_entries = Gauge::default();
+        ours.register(
+            "conntrack_entries",
+            "Entries in the conntrack map, as last counted by the conntrack collector",
+            conntrack_entries.clone(),
+        );
         ours.register_collector(Box::new(DatapathCollector { pin_path, sizes }));
         Metrics {
             sync_duration,
@@ -96,8 +108,16 @@ impl Metrics {
             backends,
             skipped,
             sync_failures,
+            conntrack_gc,
+            conntrack_entries,
             registry,
         }
+    }
+
+    /// Sets the conntrack map's occupancy (fed by the conntrack collector,
+    /// which walks the map anyway).
+    pub fn set_conntrack_entries(&self, entries: u64) {
+        self.conntrack_entries.set(entries as i64);
     }
 
     /// The metrics in the Prometheus text format.
@@ -207,5 +227,75 @@ impl Collector for DatapathCollector {
             }
         }
         Ok(())
+    }
+}
+
+/// The conntrack collector's metrics (`service_agent_conntrack_gc_*`).
+#[derive(Debug)]
+pub struct ConntrackGcMetrics {
+    /// Passes over the whole map.
+    pub passes: Counter,
+    /// Time one pass took.
+    pub pass_duration: Histogram,
+    /// The time until the next pass, as last paced.
+    pub interval: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Entries read, by passes and by walks for syncs' changes.
+    pub scanned: Counter,
+    /// Entries marked dead (their frontend was deleted).
+    pub marked_dead: Counter,
+    /// Entries deleted, by reason.
+    deleted: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl ConntrackGcMetrics {
+    /// Registers the metrics in `registry`.
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = ConntrackGcMetrics {
+            passes: Counter::default(),
+            pass_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            interval: Gauge::default(),
+            scanned: Counter::default(),
+            marked_dead: Counter::default(),
+            deleted: Family::default(),
+        };
+        let gc = registry.sub_registry_with_prefix("conntrack_gc");
+        gc.register(
+            "passes",
+            "Conntrack collector passes over the whole map",
+            metrics.passes.clone(),
+        );
+        gc.register(
+            "pass_duration_seconds",
+            "Time one conntrack collector pass took",
+            metrics.pass_duration.clone(),
+        );
+        gc.register(
+            "interval_seconds",
+            "Time until the next conntrack collector pass, as last paced",
+            metrics.interval.clone(),
+        );
+        gc.register(
+            "scanned_entries",
+            "Conntrack entries read by the collector (passes and walks for sync changes)",
+            metrics.scanned.clone(),
+        );
+        gc.register(
+            "marked_dead_entries",
+            "Conntrack entries marked dead because their frontend was deleted",
+            metrics.marked_dead.clone(),
+        );
+        gc.register(
+            "deleted_entries",
+            "Conntrack entries deleted by the collector, by reason (expired, dead, orphan, reaped)",
+            metrics.deleted.clone(),
+        );
+        metrics
+    }
+
+    /// The counter of entries deleted for `reason`.
+    pub fn deleted(&self, reason: &'static str) -> Counter {
+        self.deleted
+            .get_or_create(&vec![("reason", reason)])
+            .clone()
     }
 }

@@ -12,6 +12,7 @@ use log::info;
 
 use super::{
     cluster::{ClusterEvent, ClusterState, Dirty, Kind, ObjectName},
+    collector::{CollectorHandle, CollectorNews},
     sync::{SyncReport, SyncTimer, Syncer},
 };
 use crate::{
@@ -34,6 +35,8 @@ pub struct Pipeline<W> {
     metrics: Option<Arc<Metrics>>,
     /// Newest trigger time already accounted for, per Service.
     trigger_seen: BTreeMap<ObjectName, jiff::Timestamp>,
+    /// The conntrack collector, told what each sync changed for flows.
+    collector: Option<CollectorHandle>,
 }
 
 impl<W> Pipeline<W>
@@ -52,6 +55,26 @@ where
             synced: false,
             metrics,
             trigger_seen: BTreeMap::new(),
+            collector: None,
+        }
+    }
+
+    /// Tells `collector` what each sync changed for tracked flows.
+    pub fn with_collector(mut self, collector: CollectorHandle) -> Self {
+        self.collector = Some(collector);
+        self
+    }
+
+    /// Takes the collector's news about rev-NAT ids in.
+    pub fn collector_news(&mut self, news: CollectorNews) {
+        match news {
+            CollectorNews::RevNatIdsInUse(ids) => {
+                let held = self.syncer.hold_rev_nat_ids(ids);
+                if !held.is_empty() {
+                    info!("rev-NAT ids {held:?} are held until no conntrack entry names them");
+                }
+            }
+            CollectorNews::RevNatIdsDrained(ids) => self.syncer.reuse_rev_nat_ids(ids),
         }
     }
 
@@ -119,6 +142,9 @@ where
     }
 
     fn record(&mut self, report: &SyncReport, timer: &SyncTimer, dirty: &Dirty) {
+        if let Some(collector) = &self.collector {
+            collector.follow(&report.flows);
+        }
         let Some(metrics) = &self.metrics else {
             return;
         };
