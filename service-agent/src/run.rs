@@ -25,6 +25,7 @@ use crate::{
         cgroup::CgroupPath,
         conntrack::{ConntrackMap, PressureCounters},
         maps::ServiceMaps,
+        snat_ports::Reservation,
     },
     ops::{self, health::Health, metrics::Metrics, status},
     reconcile::{
@@ -89,6 +90,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.snat_ports.max,
         options.ct_timeouts
     );
+    if options.snat_ipv4.is_some() {
+        reserve_snat_ports(options.snat_ports);
+    }
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
         .context("reading the pinned maps")?;
@@ -195,4 +199,30 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         attachments.devices().collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// Keeps this network namespace's own sockets off the SNAT ports, and says so.
+fn reserve_snat_ports(snat: SnatPortRange) {
+    let snat = snat.effective();
+    match datapath::snat_ports::reserve(snat) {
+        Ok(Reservation::Disjoint { ephemeral }) => info!(
+            "SNAT ports {}-{} lie outside the ephemeral range {}-{}: no host socket picks them",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Ok(Reservation::AlreadyReserved { ephemeral }) => info!(
+            "SNAT ports {}-{} overlap the ephemeral range {}-{} and are reserved already (net.ipv4.ip_local_reserved_ports)",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Ok(Reservation::Reserved {
+            ephemeral,
+            reserved,
+        }) => info!(
+            "SNAT ports {}-{} overlap the ephemeral range {}-{}: reserved, so no host socket picks them (net.ipv4.ip_local_reserved_ports = {reserved})",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Err(e) => warn!(
+            "could not keep host sockets off the SNAT ports {}-{} ({e:#}): a host socket may share a tuple with an SNATed flow",
+            snat.min, snat.max
+        ),
+    }
 }

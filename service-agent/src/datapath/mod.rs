@@ -4,8 +4,9 @@
 //! node's [`addresses`], and the maps: their contents as plain data
 //! ([`model`]) and the kernel maps that hold them ([`maps`]), the conntrack
 //! map as the collector walks it ([`conntrack`]), and the raw `bpf(2)`
-//! batch calls aya lacks ([`sys`]). Nothing here depends on the reconciler
-//! above it.
+//! batch calls aya lacks ([`sys`]), and the node's ephemeral ports kept
+//! off the SNAT range ([`snat_ports`]). Nothing here depends on the
+//! reconciler above it.
 
 pub mod addresses;
 pub mod attach;
@@ -15,6 +16,7 @@ pub mod conntrack;
 pub mod load;
 pub mod maps;
 pub mod model;
+pub mod snat_ports;
 pub mod sys;
 
 pub use load::{load, load_with_sizes};
