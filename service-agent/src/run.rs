@@ -24,6 +24,7 @@ use crate::{
         attach::{Attachments, DeviceSelection},
         cgroup::CgroupPath,
         conntrack::{ConntrackMap, PressureCounters},
+        id_cursors::IdCursorMap,
         maps::ServiceMaps,
         snat_ports::Reservation,
     },
@@ -94,6 +95,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         reserve_snat_ports(options.snat_ports);
     }
     let maps = ServiceMaps::take_from(&mut ebpf)?;
+    let mut id_cursors = IdCursorMap::take_from(&mut ebpf)?;
+    let kept_cursors = id_cursors.load();
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
         .context("reading the pinned maps")?;
     info!("maps pinned in {}", options.pin_path.display());
@@ -151,7 +154,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         collector_news,
     )
     .context("starting the conntrack collector")?;
-    let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics)).with_collector(collector);
+    let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics))
+        .with_collector(collector)
+        .with_id_store(
+            Box::new(move |cursors| id_cursors.store(cursors)),
+            kept_cursors,
+        );
     let mut attachments = Attachments::default();
     let mut last_full_sync = Instant::now();
 

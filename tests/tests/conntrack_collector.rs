@@ -2,19 +2,24 @@
 //! object loaded with its maps pinned, conntrack filled with more flows
 //! than one batch read holds, then the agent's collector pass and reap walk
 //! run through the pinned maps (batched reads and deletes, replacements of
-//! existing entries only), and the map read back.
+//! existing entries only), and the map read back. Also the id allocators'
+//! position, kept in its pinned array across a reload of the object.
 
 use std::net::Ipv4Addr;
 
 use service_agent::{
-    datapath::conntrack::{ConntrackMap, SCAN_BATCH, monotonic_seconds},
+    datapath::{
+        self,
+        conntrack::{ConntrackMap, SCAN_BATCH, monotonic_seconds},
+        id_cursors::IdCursorMap,
+    },
     reconcile::flows::{DeleteReason, FlowChanges, FlowRules, collect, reap},
 };
 use service_common::{
-    CT_DIR_FORWARD, ConntrackKey, ConntrackTimeouts, ConntrackValue, PROTO_UDP, map_addr_v4,
-    reply_key,
+    CT_DIR_FORWARD, ConntrackKey, ConntrackTimeouts, ConntrackValue, IdCursors, PROTO_UDP,
+    map_addr_v4, reply_key,
 };
-use service_tests::{datapath_fixture::Datapath, require_root};
+use service_tests::{datapath_fixture::Datapath, pins::PinDir, require_root};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
@@ -157,4 +162,24 @@ fn udp_flows_of_a_backend_that_left_are_reaped_from_the_kernel_map() {
     let left = entries(&datapath);
     assert_eq!(left.len(), 6000);
     assert!(left.iter().all(|(_, v)| v.backend_id == 8));
+}
+
+#[test]
+fn the_id_allocators_position_outlives_the_agent_in_its_pinned_array() {
+    require_root!();
+    let pin = PinDir::new("cursors").expect("pin folder");
+    let cursors = IdCursors {
+        next_rev_nat_id: 4242,
+        next_backend_id: 77,
+    };
+    {
+        let mut ebpf = datapath::load(pin.path()).expect("loading the object");
+        let mut map = IdCursorMap::take_from(&mut ebpf).expect("the cursor array");
+        assert_eq!(map.load(), IdCursors::default(), "a fresh array");
+        map.store(&cursors).expect("storing");
+    }
+    // A new agent loads the object again and adopts the pinned array.
+    let mut ebpf = datapath::load(pin.path()).expect("loading the object again");
+    let map = IdCursorMap::take_from(&mut ebpf).expect("the cursor array");
+    assert_eq!(map.load(), cursors);
 }

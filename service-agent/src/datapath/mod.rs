@@ -4,8 +4,9 @@
 //! node's [`addresses`], and the maps: their contents as plain data
 //! ([`model`]) and the kernel maps that hold them ([`maps`]), the conntrack
 //! map as the collector walks it ([`conntrack`]), and the raw `bpf(2)`
-//! batch calls aya lacks ([`sys`]), and the node's ephemeral ports kept
-//! off the SNAT range ([`snat_ports`]). Nothing here depends on the
+//! batch calls aya lacks ([`sys`]), the id allocators' position kept across
+//! restarts ([`id_cursors`]), and the node's ephemeral ports kept off the
+//! SNAT range ([`snat_ports`]). Nothing here depends on the
 //! reconciler above it.
 
 pub mod addresses;
@@ -13,6 +14,7 @@ pub mod attach;
 pub mod bpffs;
 pub mod cgroup;
 pub mod conntrack;
+pub mod id_cursors;
 pub mod load;
 pub mod maps;
 pub mod model;

@@ -90,6 +90,16 @@ where
         self.repair_due
     }
 
+    /// Where the id allocators stand.
+    pub fn id_cursors(&self) -> service_common::IdCursors {
+        self.desired.id_cursors()
+    }
+
+    /// Goes on from where a previous agent's id allocators stood.
+    pub fn resume_ids(&mut self, cursors: &service_common::IdCursors) {
+        self.desired.resume_ids(cursors);
+    }
+
     /// Makes released rev-NAT ids free again once no conntrack entry names
     /// them.
     pub fn reuse_rev_nat_ids(&mut self, ids: impl IntoIterator<Item = service_common::RevNatId>) {
