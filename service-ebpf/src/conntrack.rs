@@ -1,17 +1,33 @@
-//! Conntrack entries as the datapath writes them: the key of a packet in
-//! a direction, the entries a new flow gets, and the SNAT port a flow to a
-//! remote backend is given. What the entries mean is the shared contract
+//! Conntrack as the datapath runs it: the key of a packet in a direction,
+//! what a flow's master entry says about the next forward packet (a live
+//! flow, a new flow, a re-balance, a dead flow), the use of the other
+//! entries by the packets that match them, the entries a new flow gets,
+//! and the SNAT port a flow to a remote backend is given. What the entries
+//! mean, and when they expire, is the shared contract
 //! (`service_common::conntrack`, `docs/design/flow-lifecycle.md`).
+//!
+//! Writes are rare: a packet writes an entry only when the second changed
+//! since the entry's `last_seen` or the packet brings a new state bit
+//! (`ConntrackValue::needs_touch`); a reply that does so also brings the
+//! master up to date, so the master knows of both directions.
+
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map calls take keys and values by reference: the BPF target then \
+              copies no 40-byte key or value into another stack slot"
+)]
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use service_common::{
-    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackValue,
-    map_addr_v4, mono_seconds, reply_key,
+    BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
+    CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,
+    DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets, master_key, mono_seconds,
+    packet_state_bits, reopens, reply_key, snat_port_reusable,
 };
 
 use crate::{
     lb::Target,
-    maps::{BPF_ANY, BPF_NOEXIST, CONNTRACK, config},
+    maps::{BACKENDS, BPF_ANY, BPF_NOEXIST, CONNTRACK, REVNAT, count},
     packet::Ipv4Flow,
 };
 
@@ -33,50 +49,290 @@ pub fn now_seconds() -> u32 {
     mono_seconds(unsafe { bpf_ktime_get_ns() })
 }
 
-/// Gives a new flow to a remote backend a source port on this node's SNAT
-/// address: a random start in the SNAT range, then the next ports; a port
-/// is taken only if no other flow to the same backend holds it (the SNAT
-/// reply entry is inserted only if absent). Then records the SNAT entry
-/// `lb::snat_out` uses. `None` without an SNAT address or when every try
-/// collides. Not inlined (its own stack frame).
-#[inline(never)]
-pub fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
-    let config = config();
-    let snat_addr = config.snat_v4;
-    if snat_addr == [0; 4] {
-        return None;
+/// What a forward packet's master entry says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Tracked {
+    /// A live flow: translate to this backend (the entry is up to date).
+    Flow(Target),
+    /// No usable entry: absent, expired, or a TCP SYN reusing the tuple of
+    /// a closing flow or of a flow whose backend no longer takes new ones.
+    New,
+    /// The flow's backend was deleted (or its id names another address now)
+    /// or, for UDP, stopped serving: the flow moves to another backend.
+    Rebalance,
+    /// The flow's frontend was deleted: a new flow if a frontend exists
+    /// there again, else the packet is dropped.
+    Dead,
+}
+
+/// Looks up the master entry `key` of a forward packet `flow` at `now`
+/// and judges it (see [`Tracked`]); a live flow's entry records the
+/// packet (its `last_seen`, its FIN or RST).
+#[inline(always)]
+pub fn lookup_master(
+    key: &ConntrackKey,
+    flow: &Ipv4Flow,
+    now: u32,
+    timeouts: &ConntrackTimeouts,
+) -> Tracked {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return Tracked::New;
+    };
+    // SAFETY: a live map value, read in place (no copy on the stack).
+    let master = unsafe { &*entry };
+    if master.is_dead() {
+        return Tracked::Dead;
     }
+    if timeouts.is_expired(flow.proto, master, now) {
+        count(DatapathCounter::ConntrackExpired);
+        return Tracked::New;
+    }
+    if reopens(master, flow.proto, flow.tcp_flags) {
+        return Tracked::New;
+    }
+    // SAFETY: only read.
+    let Some(backend) = (unsafe { BACKENDS.get(master.backend_id) }) else {
+        return Tracked::Rebalance;
+    };
+    if backend.addr != master.nat_addr || backend.port != master.nat_port {
+        return Tracked::Rebalance;
+    }
+    if backend.state != BACKEND_STATE_ACTIVE {
+        if flow.is_tcp_syn() {
+            return Tracked::New;
+        }
+        if backend.state == BACKEND_STATE_NOT_SERVING && flow.proto != PROTO_TCP {
+            return Tracked::Rebalance;
+        }
+    }
+    let target = Target {
+        addr: map_addr_v4_octets(&master.nat_addr),
+        port: master.nat_port,
+        backend_id: master.backend_id,
+        rev_nat_id: master.rev_nat_id,
+        node_local: true,
+        snat_port: master.snat_port,
+    };
+    touch(
+        entry,
+        packet_state_bits(flow.proto, flow.tcp_flags, false),
+        now,
+    );
+    Tracked::Flow(target)
+}
+
+/// What a non-master entry said to the packet that matched it.
+#[derive(Clone, Copy)]
+pub enum Used {
+    /// No entry: not a packet of a tracked flow in this direction.
+    Missing,
+    /// The flow's frontend was deleted: the packet is dropped.
+    Dead,
+    /// The address and port (network byte order) the entry translates to
+    /// (its `nat_addr`, `nat_port`).
+    Translate([u8; 4], u16),
+}
+
+/// Looks up the non-master entry `key` for `flow`, a packet travelling in
+/// the reply direction (`reply`) or not, and records the packet in it. A
+/// reply or hairpin reply entry that changed (`propagate`) brings its
+/// master up to date too: the master learns of replies, FINs and RSTs at
+/// once and of reply-only activity once a second. The reply path does not
+/// judge expiry: replies follow their master.
+#[inline(always)]
+pub fn use_entry(key: &ConntrackKey, flow: &Ipv4Flow, reply: bool, propagate: bool) -> Used {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return Used::Missing;
+    };
+    // SAFETY: a live map value, read in place.
+    let value = unsafe { &*entry };
+    if value.is_dead() {
+        count(DatapathCounter::DeadFlowDropped);
+        return Used::Dead;
+    }
+    let used = Used::Translate(map_addr_v4_octets(&value.nat_addr), value.nat_port);
+    let bits = packet_state_bits(flow.proto, flow.tcp_flags, reply);
     let now = now_seconds();
+    if touch(entry, bits, now) && propagate {
+        touch_master(key, entry, bits, now);
+    }
+    used
+}
+
+/// Records a packet contributing state `bits` at `now` in the entry at
+/// `entry`, if that changes it; whether it did.
+#[inline(always)]
+fn touch(entry: *mut ConntrackValue, bits: u8, now: u32) -> bool {
+    // SAFETY: a live map value; concurrent writers only ever set bits and
+    // a recent second, so a lost update costs at most one second.
+    unsafe {
+        if !(*entry).needs_touch(bits, now) {
+            return false;
+        }
+        (*entry).last_seen = now;
+        (*entry).state |= bits;
+    }
+    true
+}
+
+/// Brings the master of the reply-side entry `key`/`value` up to date with
+/// a reply's state `bits` at `now`, if it is still the same flow's (the
+/// same backend: a re-balanced flow's old reply entry has no say).
+/// Not inlined: rare, and its own stack frame.
+#[inline(never)]
+fn touch_master(key: &ConntrackKey, value: *const ConntrackValue, bits: u8, now: u32) {
+    // SAFETY: a live map value, read in place.
+    let value = unsafe { &*value };
+    let Some(master_key) = master_key(key, value, None) else {
+        return;
+    };
+    let Some(entry) = CONNTRACK.get_ptr_mut(master_key) else {
+        return;
+    };
+    // SAFETY: a live map value, read in place.
+    let master = unsafe { &*entry };
+    if master.backend_id == value.backend_id && !master.is_dead() {
+        touch(entry, bits, now);
+    }
+}
+
+/// What the search for a free SNAT port found.
+#[derive(Clone, Copy)]
+pub enum SnatPort {
+    /// This port (network byte order) was free and is now the flow's.
+    Taken(u16),
+    /// No port tried was free; this one's holder has expired (to be
+    /// taken over with [`take_over_snat_port`] if its flow let go of it).
+    Expired(u16),
+    /// Every port tried is held by a live entry.
+    Exhausted,
+}
+
+/// Looks for a source port on this node's SNAT address for a new flow to
+/// a remote backend, at `now`: a random start in the SNAT range, then the
+/// next ports, [`SNAT_PORT_TRIES`] in all. A port is taken by inserting its
+/// SNAT reply entry only if absent. Not inlined (its own stack frame).
+#[inline(never)]
+pub fn allocate_snat_port(
+    flow: &Ipv4Flow,
+    target: &Target,
+    config: &DatapathConfig,
+    now: u32,
+) -> SnatPort {
     let range = config.snat_ports;
     // SAFETY: the helper has no preconditions.
     let start = unsafe { bpf_get_prandom_u32() } % range.port_count();
-    let mut reply_key = ConntrackKey::v4(
+    let mut key = snat_reply_entry_key(flow, target, config, 0);
+    let value = snat_reply_entry(flow, target, now);
+    // The first port tried whose holder has expired (network byte order;
+    // 0: none). One take-over at most keeps this loop cheap to run and to
+    // verify.
+    let mut expired = 0;
+    for attempt in 0..SNAT_PORT_TRIES {
+        let candidate = range.nth(start + attempt).to_be();
+        key.dport = candidate;
+        if CONNTRACK.insert(&key, &value, BPF_NOEXIST).is_ok() {
+            return SnatPort::Taken(candidate);
+        }
+        // SAFETY: read in place.
+        let holder = unsafe { CONNTRACK.get(&key) };
+        if expired == 0 && holder.is_some_and(|h| config.timeouts.is_expired(flow.proto, h, now)) {
+            expired = candidate;
+        }
+    }
+    if expired == 0 {
+        SnatPort::Exhausted
+    } else {
+        SnatPort::Expired(expired)
+    }
+}
+
+/// The SNAT reply entry key of a flow to `target` given SNAT port `port`.
+#[inline(always)]
+fn snat_reply_entry_key(
+    flow: &Ipv4Flow,
+    target: &Target,
+    config: &DatapathConfig,
+    port: u16,
+) -> ConntrackKey {
+    ConntrackKey::v4(
         target.addr,
         target.port,
-        snat_addr,
-        0,
+        config.snat_v4,
+        port,
         flow.proto,
         CT_DIR_SNAT_REPLY,
-    );
-    let reply = ConntrackValue::new(
+    )
+}
+
+/// The SNAT reply entry of a new flow `flow`: it restores the client.
+#[inline(always)]
+fn snat_reply_entry(flow: &Ipv4Flow, target: &Target, now: u32) -> ConntrackValue {
+    ConntrackValue::new(
         map_addr_v4(flow.saddr),
         flow.sport,
         target.backend_id,
         target.rev_nat_id,
         now,
     )
-    .with_flags(CT_FLAG_SNAT);
-    let mut port = None;
-    for attempt in 0..SNAT_PORT_TRIES {
-        let candidate = range.nth(start + attempt).to_be();
-        reply_key.dport = candidate;
-        if CONNTRACK.insert(reply_key, reply, BPF_NOEXIST).is_ok() {
-            port = Some(candidate);
-            break;
-        }
+    .with_flags(CT_FLAG_SNAT)
+}
+
+/// Takes SNAT port `port` (network byte order), whose reply entry has
+/// expired, for a new flow, if the flow holding it let go of it at `now`
+/// (`service_common::snat_port_reusable`: its master is gone, expired,
+/// dead, or moved on): replaces the entry, then reads it back, so of two
+/// CPUs taking the same port over at once only the one whose entry stayed
+/// keeps it. Not inlined: rare, and its own stack frame.
+#[inline(never)]
+pub fn take_over_snat_port(
+    flow: &Ipv4Flow,
+    target: &Target,
+    config: &DatapathConfig,
+    port: u16,
+    now: u32,
+) -> bool {
+    let key = snat_reply_entry_key(flow, target, config, port);
+    let ours = snat_reply_entry(flow, target, now);
+    // SAFETY (all lookups): map values, read in place.
+    let Some(holder) = (unsafe { CONNTRACK.get(&key) }) else {
+        return false;
+    };
+    let frontend = unsafe { REVNAT.get(holder.rev_nat_id) };
+    let master = match master_key(&key, holder, frontend) {
+        Some(master_key) => unsafe { CONNTRACK.get(master_key) },
+        None => None,
+    };
+    if !snat_port_reusable(&config.timeouts, key.proto, holder, master, port, now) {
+        return false;
     }
-    let port = port?;
-    let out_key = ConntrackKey::v4(
+    if CONNTRACK.insert(&key, &ours, BPF_ANY).is_err() {
+        return false;
+    }
+    let kept = unsafe { CONNTRACK.get(&key) };
+    let ours_kept = kept.is_some_and(|kept| {
+        kept.nat_addr == ours.nat_addr
+            && kept.nat_port == ours.nat_port
+            && kept.backend_id == ours.backend_id
+    });
+    if ours_kept {
+        count(DatapathCounter::SnatPortReused);
+    }
+    ours_kept
+}
+
+/// Records the SNAT entry of a new flow to a remote backend: its packets
+/// leave with `config`'s SNAT address and `port` (network byte order) as
+/// source. Not inlined (its own stack frame, apart from the port search's).
+#[inline(never)]
+pub fn record_snat(
+    flow: &Ipv4Flow,
+    target: &Target,
+    config: &DatapathConfig,
+    port: u16,
+    now: u32,
+) -> bool {
+    let key = ConntrackKey::v4(
         flow.saddr,
         flow.sport,
         target.addr,
@@ -84,30 +340,31 @@ pub fn snat(flow: &Ipv4Flow, target: &Target) -> Option<u16> {
         flow.proto,
         CT_DIR_SNAT,
     );
-    let out = ConntrackValue::new(
-        map_addr_v4(snat_addr),
+    let value = ConntrackValue::new(
+        map_addr_v4(config.snat_v4),
         port,
         target.backend_id,
         target.rev_nat_id,
         now,
     )
     .with_flags(CT_FLAG_SNAT);
-    CONNTRACK.insert(out_key, out, BPF_ANY).ok()?;
-    Some(port)
+    CONNTRACK.insert(&key, &value, BPF_ANY).is_ok()
 }
 
-/// Records a new flow: the reply entry first, so a reply can never arrive
-/// before the datapath knows how to translate it, then the forward entry.
-/// A hairpin flow's reply entry is keyed by the reply as the pod sends it,
-/// to [`HAIRPIN_IPV4`]. Not inlined (its own stack frame).
+/// Records a new flow at `now`: the reply entry first, so a reply can
+/// never arrive before the datapath knows how to translate it, then the
+/// master. A hairpin flow's reply entry is keyed by the reply as the pod
+/// sends it, to `HAIRPIN_IPV4`. Both are written over any entries of an
+/// earlier flow on the same tuple. Whether both were written. Not inlined
+/// (its own stack frame).
 #[inline(never)]
 pub fn track(
     flow: &Ipv4Flow,
     forward_key: &ConntrackKey,
     target: &Target,
     hairpin: bool,
-) -> Result<(), i32> {
-    let now = now_seconds();
+    now: u32,
+) -> bool {
     let mut flags = if target.snat_port != 0 {
         CT_FLAG_SNAT
     } else {
@@ -134,6 +391,8 @@ pub fn track(
         now,
     )
     .with_flags(flags & CT_FLAG_HAIRPIN);
-    CONNTRACK.insert(reply_key(forward_key, &forward), reply, BPF_ANY)?;
-    CONNTRACK.insert(forward_key, forward, BPF_ANY)
+    CONNTRACK
+        .insert(&reply_key(forward_key, &forward), &reply, BPF_ANY)
+        .is_ok()
+        && CONNTRACK.insert(forward_key, &forward, BPF_ANY).is_ok()
 }

@@ -25,17 +25,19 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
-    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey, DatapathCounter,
-    FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue, HAIRPIN_IPV4, RevNatId,
-    map_addr_v4_octets,
+    BACKEND_FLAG_NODE_LOCAL, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, DatapathCounter, FRONTEND_FLAGS_EXTERNAL, FrontendKey,
+    FrontendValue, HAIRPIN_IPV4, RevNatId, map_addr_v4_octets,
 };
 
 use crate::{
-    conntrack::{conntrack_key, snat, track},
-    maps::{BACKENDS, CONNTRACK, FRONTENDS, account_frontend, config, count},
+    conntrack::{
+        SnatPort, Tracked, Used, allocate_snat_port, conntrack_key, lookup_master, now_seconds,
+        record_snat, take_over_snat_port, track, use_entry,
+    },
+    maps::{BACKENDS, FRONTENDS, account_frontend, config, count},
     nat::{Rewriter, Side},
-    packet::{Ipv4Flow, Packet},
+    packet::{Fragment, Ipv4Flow, Packet},
     verdict::Outcome,
 };
 
@@ -52,6 +54,7 @@ pub enum Origin {
 /// The backend a flow is (or will be) translated to. Aligned so its
 /// address is copied into map keys as a whole word.
 #[repr(C, align(8))]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     /// Backend address, network byte order.
     pub addr: [u8; 4],
@@ -68,20 +71,18 @@ pub struct Target {
 }
 
 /// Reverse DNAT (egress hooks): a reply of a tracked flow gets its
-/// frontend back as source. `Untouched` when the packet is no such reply.
+/// frontend back as source. `Untouched` when the packet is no such reply;
+/// dropped when the flow's frontend was deleted.
 #[inline(always)]
 pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_REPLY);
-    // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
-        return Outcome::Untouched;
-    };
     // The reply entry holds the frontend to restore.
-    let addr = map_addr_v4_octets(&ct.nat_addr);
-    if ctx
-        .rewrite_v4(flow, Side::Source, addr, ct.nat_port)
-        .is_err()
-    {
+    let (addr, port) = match use_entry(&key, flow, true, true) {
+        Used::Missing => return Outcome::Untouched,
+        Used::Dead => return Outcome::Dropped,
+        Used::Translate(addr, port) => (addr, port),
+    };
+    if ctx.rewrite_v4(flow, Side::Source, addr, port).is_err() {
         count(DatapathCounter::DropRewrite);
         return Outcome::Dropped;
     }
@@ -92,17 +93,18 @@ pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 /// Reverse SNAT (ingress from the network): a reply to an SNATed flow,
 /// addressed to this node's SNAT address and port, goes to the client
 /// again. Its source (the backend) is restored by [`reverse_dnat`] on the
-/// way out.
+/// way out, which also brings the flow's master up to date.
 #[inline(always)]
 pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_SNAT_REPLY);
-    // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
-        return Outcome::Untouched;
+    // The SNAT reply entry holds the client.
+    let (client, port) = match use_entry(&key, flow, true, false) {
+        Used::Missing => return Outcome::Untouched,
+        Used::Dead => return Outcome::Dropped,
+        Used::Translate(addr, port) => (addr, port),
     };
-    let client = map_addr_v4_octets(&ct.nat_addr);
     if ctx
-        .rewrite_v4(flow, Side::Destination, client, ct.nat_port)
+        .rewrite_v4(flow, Side::Destination, client, port)
         .is_err()
     {
         count(DatapathCounter::DropRewrite);
@@ -116,34 +118,45 @@ pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 #[inline(always)]
 pub fn snat_out<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_SNAT);
-    // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
-        return Outcome::Untouched;
-    };
     // The SNAT entry holds the new source: this node's address and the port.
-    let addr = map_addr_v4_octets(&ct.nat_addr);
-    if ctx
-        .rewrite_v4(flow, Side::Source, addr, ct.nat_port)
-        .is_err()
-    {
+    let (addr, port) = match use_entry(&key, flow, false, false) {
+        Used::Missing => return Outcome::Untouched,
+        Used::Dead => return Outcome::Dropped,
+        Used::Translate(addr, port) => (addr, port),
+    };
+    if ctx.rewrite_v4(flow, Side::Source, addr, port).is_err() {
         count(DatapathCounter::DropRewrite);
         return Outcome::Dropped;
     }
     Outcome::Translated
 }
 
-/// DNAT (ingress hooks): a packet towards a frontend goes to a backend. An
-/// established flow keeps its backend; a new one gets a random backend and
-/// conntrack entries, and from the network, when the backend is on another
-/// node, an SNAT port (applied by [`snat_out`] on the way out). From a pod
-/// whose backend is the pod itself (hairpin), the source becomes
-/// [`HAIRPIN_IPV4`] as well, and the outcome is [`Outcome::Hairpin`].
+/// DNAT (ingress hooks): a packet towards a frontend goes to a backend. A
+/// tracked flow keeps its backend while its master entry lives (see
+/// `conntrack::lookup_master`); a new one, or one whose backend left, gets
+/// a random backend and conntrack entries, and from the network, when the
+/// backend is on another node, an SNAT port (applied by [`snat_out`] on
+/// the way out). A packet of a deleted frontend's flow is dropped unless a
+/// frontend is there again. From a pod whose backend is the pod itself
+/// (hairpin), the source becomes [`HAIRPIN_IPV4`] as well, and the outcome
+/// is [`Outcome::Hairpin`].
 #[inline(always)]
 pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -> Outcome {
     let ct_key = conntrack_key(flow, CT_DIR_FORWARD);
-    let (target, new_flow) = match established_target(flow, &ct_key) {
-        Some(target) => (target, false),
-        None => match new_flow_target(flow, origin) {
+    let now = now_seconds();
+    let Some(config) = config() else {
+        return Outcome::Untouched;
+    };
+    let tracked = lookup_master(&ct_key, flow, now, &config.timeouts);
+    let (target, new_flow) = match tracked {
+        Tracked::Flow(target) => (target, false),
+        // A later fragment follows its flow, it never starts one.
+        _ if flow.fragment == Fragment::Later => return Outcome::Untouched,
+        _ => match new_flow_target(flow, origin) {
+            Lookup::NotAFrontend if tracked == Tracked::Dead => {
+                count(DatapathCounter::DeadFlowDropped);
+                return Outcome::Dropped;
+            }
             Lookup::NotAFrontend => return Outcome::Untouched,
             Lookup::NoBackend => return Outcome::NoBackend,
             Lookup::Drop(reason) => {
@@ -151,14 +164,27 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
                 return Outcome::Dropped;
             }
             Lookup::Backend(mut target) => {
-                if origin == Origin::Network && !target.node_local && snat_address().is_some() {
-                    match snat(flow, &target) {
-                        Some(port) => target.snat_port = port,
-                        None => {
-                            count(DatapathCounter::ConntrackInsertFailed);
+                if origin == Origin::Network && !target.node_local && config.snat_v4 != [0; 4] {
+                    let port = match allocate_snat_port(flow, &target, config, now) {
+                        SnatPort::Taken(port) => port,
+                        SnatPort::Expired(port)
+                            if take_over_snat_port(flow, &target, config, port, now) =>
+                        {
+                            port
+                        }
+                        SnatPort::Expired(_) | SnatPort::Exhausted => {
+                            count(DatapathCounter::SnatPortsExhausted);
                             return Outcome::Dropped;
                         }
+                    };
+                    if !record_snat(flow, &target, config, port, now) {
+                        count(DatapathCounter::ConntrackInsertFailed);
+                        return Outcome::Dropped;
                     }
+                    target.snat_port = port;
+                }
+                if tracked == Tracked::Rebalance {
+                    count(DatapathCounter::FlowRebalanced);
                 }
                 (target, true)
             }
@@ -167,7 +193,7 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
     // Hairpin, decided afresh for every packet of the flow (new or tracked):
     // the only cost it adds to other flows is this comparison.
     let hairpin = origin == Origin::Pod && target.addr == flow.saddr;
-    if new_flow && track(flow, &ct_key, &target, hairpin).is_err() {
+    if new_flow && !track(flow, &ct_key, &target, hairpin, now) {
         count(DatapathCounter::ConntrackInsertFailed);
     }
     if ctx
@@ -197,18 +223,18 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
 #[inline(always)]
 pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_HAIRPIN_REPLY);
-    // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
-        return Outcome::Untouched;
-    };
     // The client is the pod itself (the reply's source) at the port the
     // reply goes to; the entry holds the frontend.
-    let frontend_addr = map_addr_v4_octets(&ct.nat_addr);
+    let (frontend, frontend_port) = match use_entry(&key, flow, true, true) {
+        Used::Missing => return Outcome::Untouched,
+        Used::Dead => return Outcome::Dropped,
+        Used::Translate(addr, port) => (addr, port),
+    };
     if ctx
         .rewrite_v4(flow, Side::Destination, flow.saddr, flow.dport)
         .is_err()
         || ctx
-            .rewrite_v4(flow, Side::Source, frontend_addr, ct.nat_port)
+            .rewrite_v4(flow, Side::Source, frontend, frontend_port)
             .is_err()
     {
         count(DatapathCounter::DropRewrite);
@@ -216,33 +242,6 @@ pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcom
     }
     count(DatapathCounter::ReplyTranslated);
     Outcome::Hairpin
-}
-
-/// The backend of an already tracked flow. A TCP SYN whose tracked backend
-/// is gone or no longer active (the 5-tuple was reused after the backend
-/// left) starts afresh.
-#[inline(always)]
-fn established_target(flow: &Ipv4Flow, ct_key: &ConntrackKey) -> Option<Target> {
-    // SAFETY: the value is copied out at once.
-    let ct = unsafe { CONNTRACK.get(ct_key) }.copied()?;
-    if flow.is_tcp_syn() {
-        // SAFETY: only read, to test the backend's presence and state.
-        let backend = unsafe { BACKENDS.get(ct.backend_id) }?;
-        if backend.state != BACKEND_STATE_ACTIVE
-            || backend.addr != ct.nat_addr
-            || backend.port != ct.nat_port
-        {
-            return None;
-        }
-    }
-    Some(Target {
-        addr: map_addr_v4_octets(&ct.nat_addr),
-        port: ct.nat_port,
-        backend_id: ct.backend_id,
-        rev_nat_id: ct.rev_nat_id,
-        node_local: true,
-        snat_port: 0,
-    })
 }
 
 /// Outcome of a frontend lookup for a new flow.
@@ -305,11 +304,4 @@ fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
         node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
         snat_port: 0,
     })
-}
-
-/// This node's SNAT address, when the agent configured one.
-#[inline(always)]
-fn snat_address() -> Option<[u8; 4]> {
-    let snat_v4 = config().snat_v4;
-    (snat_v4 != [0; 4]).then_some(snat_v4)
 }

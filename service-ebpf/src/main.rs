@@ -28,13 +28,16 @@
 //! (and whose addresses are no node's).
 //!
 //! ICMP errors about a translated flow are translated on the egress hooks
-//! too (`icmp`), so path MTU discovery works through a Service.
+//! too (`icmp`), so path MTU discovery works through a Service. IPv4
+//! fragments of a translated datagram are translated on every hook, the
+//! later ones by the ports their first fragment recorded (`fragments`).
 //!
 //! Anything that is not a translated IPv4 TCP/UDP flow passes untouched.
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod fragments;
 mod icmp;
 mod lb;
 mod maps;
@@ -51,24 +54,27 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb::Origin;
-use packet::parse_ipv4;
-use service_common::HAIRPIN_IPV4;
+use nat::Rewriter;
+use packet::{Fragment, Ipv4Flow, Packet, parse_ipv4};
+use service_common::{DatapathCounter, HAIRPIN_IPV4};
 use verdict::{Outcome, VERDICT_CONTINUE, tc_verdict};
 
 /// "From pod": service translation for traffic a pod sends, and reverse
 /// translation of the replies a pod sends to the hairpin address.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let Some(flow) = parse_ipv4(&ctx) else {
+    let Some(mut flow) = parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
     };
-    // Only replies of hairpin flows go to the hairpin address: one
-    // comparison keeps every other packet off that lookup.
-    let outcome = if flow.daddr == HAIRPIN_IPV4 {
-        lb::reverse_hairpin(&ctx, &flow)
-    } else {
-        lb::forward(&ctx, &flow, Origin::Pod)
-    };
+    let outcome = translate_datagram(&mut flow, |flow| {
+        // Only replies of hairpin flows go to the hairpin address: one
+        // comparison keeps every other packet off that lookup.
+        if flow.daddr == HAIRPIN_IPV4 {
+            lb::reverse_hairpin(&ctx, flow)
+        } else {
+            lb::forward(&ctx, flow, Origin::Pod)
+        }
+    });
     match outcome {
         // Refused like a closed port: TCP RST or ICMP port unreachable.
         Outcome::NoBackend => reject::reject(&ctx, &flow),
@@ -81,24 +87,22 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// "To pod": reverse translation of replies travelling to a pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let Some(flow) = parse_ipv4(&ctx) else {
+    let Some(mut flow) = parse_ipv4(&ctx) else {
         return tc_verdict(icmp::reverse_icmp_error(&ctx));
     };
-    tc_verdict(lb::reverse_dnat(&ctx, &flow))
+    tc_verdict(translate_datagram(&mut flow, |flow| {
+        lb::reverse_dnat(&ctx, flow)
+    }))
 }
 
 /// "From network" on XDP: external frontends (DNAT) and replies of SNATed
 /// flows (reverse SNAT), before the kernel allocates an skb.
 #[xdp]
 pub fn from_network(ctx: XdpContext) -> u32 {
-    let Some(flow) = parse_ipv4(&ctx) else {
+    let Some(mut flow) = parse_ipv4(&ctx) else {
         return xdp_action::XDP_PASS;
     };
-    let outcome = match lb::reverse_snat(&ctx, &flow) {
-        Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Network),
-        done => done,
-    };
-    match outcome {
+    match translate_datagram(&mut flow, |flow| from_the_network(&ctx, flow)) {
         // Without a backend the packet goes on untouched: for a NodePort
         // (a node address), the node's own stack refuses it at once (TCP
         // RST, ICMP port unreachable), as it does for any closed port.
@@ -114,14 +118,10 @@ pub fn from_network(ctx: XdpContext) -> u32 {
 /// or setups where XDP cannot be used (`--nodeport-mode tc`).
 #[classifier]
 pub fn from_network_tc(ctx: TcContext) -> i32 {
-    let Some(flow) = parse_ipv4(&ctx) else {
+    let Some(mut flow) = parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
     };
-    let outcome = match lb::reverse_snat(&ctx, &flow) {
-        Outcome::Untouched => lb::forward(&ctx, &flow, Origin::Network),
-        done => done,
-    };
-    match outcome {
+    match translate_datagram(&mut flow, |flow| from_the_network(&ctx, flow)) {
         // Refused like a closed port, back out the device it came in on.
         Outcome::NoBackend => reject::reject(&ctx, &flow),
         outcome => tc_verdict(outcome),
@@ -133,14 +133,48 @@ pub fn from_network_tc(ctx: TcContext) -> i32 {
 /// frontend back as source.
 #[classifier]
 pub fn to_network(ctx: TcContext) -> i32 {
-    let Some(flow) = parse_ipv4(&ctx) else {
+    let Some(mut flow) = parse_ipv4(&ctx) else {
         return tc_verdict(icmp::reverse_icmp_error(&ctx));
     };
-    let outcome = match lb::snat_out(&ctx, &flow) {
-        Outcome::Untouched => lb::reverse_dnat(&ctx, &flow),
+    tc_verdict(translate_datagram(&mut flow, |flow| {
+        match lb::snat_out(&ctx, flow) {
+            Outcome::Untouched => lb::reverse_dnat(&ctx, flow),
+            done => done,
+        }
+    }))
+}
+
+/// The translation of traffic from the network, on either hook: replies
+/// of SNATed flows first (reverse SNAT), then frontends (DNAT).
+#[inline(always)]
+fn from_the_network<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+    match lb::reverse_snat(ctx, flow) {
+        Outcome::Untouched => lb::forward(ctx, flow, Origin::Network),
         done => done,
-    };
-    tc_verdict(outcome)
+    }
+}
+
+/// Runs a hook's `translate` on `flow`, fragments included: a later
+/// fragment first gets the ports its first fragment recorded at this hook
+/// (without a record it passes untouched), and a first fragment the hook
+/// translated leaves that record (`fragments`).
+#[inline(always)]
+fn translate_datagram(
+    flow: &mut Ipv4Flow,
+    translate: impl FnOnce(&Ipv4Flow) -> Outcome,
+) -> Outcome {
+    if flow.fragment == Fragment::Later && !fragments::resolve_ports(flow) {
+        return Outcome::Untouched;
+    }
+    let outcome = translate(flow);
+    if matches!(outcome, Outcome::Translated | Outcome::Hairpin) {
+        match flow.fragment {
+            Fragment::Whole => {}
+            Fragment::First => fragments::record_ports(flow),
+            Fragment::Later => maps::count(DatapathCounter::FragmentTranslated),
+        }
+    }
+    outcome
 }
 
 /// Benchmark floor: a classifier that only returns its pass verdict, so

@@ -100,11 +100,12 @@ pub const BPF_ANY: u64 = 0;
 /// `BPF_NOEXIST`: insert only if the key is absent.
 pub const BPF_NOEXIST: u64 = 1;
 
-/// The node-wide settings; all zero (every default) before the agent
-/// writes them.
+/// The node-wide settings (all zero, every default, until the agent
+/// writes them), read in place. `None` never happens (index 0 of a
+/// one-entry array) but the verifier wants it handled.
 #[inline(always)]
-pub fn config() -> DatapathConfig {
-    CONFIG.get(0).copied().unwrap_or_default()
+pub fn config() -> Option<&'static DatapathConfig> {
+    CONFIG.get(0)
 }
 
 /// Adds one to a datapath event counter.

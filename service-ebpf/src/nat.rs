@@ -9,7 +9,7 @@ use aya_ebpf::{
 use service_common::PROTO_UDP;
 
 use crate::{
-    packet::{Ipv4Flow, Packet as _},
+    packet::{Fragment, Ipv4Flow, Packet as _},
     wire::{
         IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, csum_replace,
         csum_replace_addr,
@@ -27,8 +27,11 @@ pub enum Side {
 
 /// Rewrites one side of an IPv4 flow to `addr:port` (both network byte
 /// order) and fixes the IP and L4 checksums. A UDP checksum of zero (none)
-/// stays zero. Implemented with the kernel's checksum helpers for TC (which
-/// also handle offloaded checksums) and by hand for XDP.
+/// stays zero. A later fragment holds no L4 header: only its address and
+/// IPv4 checksum change (its first fragment's L4 checksum covers the whole
+/// datagram, ports included). Implemented with the kernel's checksum
+/// helpers for TC (which also handle offloaded checksums) and by hand for
+/// XDP.
 pub trait Rewriter {
     /// Rewrites `side` of `flow` (as it was parsed) to `addr:port`.
     fn rewrite_v4(&self, flow: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64>;
@@ -47,6 +50,12 @@ impl Rewriter for TcContext {
     #[inline(always)]
     fn rewrite_v4(&self, flow: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
         let (old_addr, old_port, addr_off, port_off) = fields(flow, side);
+        if flow.fragment == Fragment::Later {
+            let old_ip = u64::from(u32::from_ne_bytes(old_addr));
+            let new_ip = u64::from(u32::from_ne_bytes(addr));
+            self.l3_csum_replace(flow.l3_off + IP_CSUM_OFF, old_ip, new_ip, 4)?;
+            return self.store(flow.l3_off + addr_off, &addr, 0);
+        }
         let mangled_0 = if flow.proto == PROTO_UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
         } else {
@@ -82,10 +91,14 @@ impl Rewriter for XdpContext {
     #[inline(always)]
     fn rewrite_v4(&self, flow: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
         let (old_addr, old_port, addr_off, port_off) = fields(flow, side);
-        let csum_off = flow.l4_csum_off();
         let ip_csum: u16 = self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?;
-        let l4_csum: u16 = self.read(csum_off).ok_or(-1i64)?;
         let ip_csum = csum_replace_addr(ip_csum, old_addr, addr);
+        if flow.fragment == Fragment::Later {
+            self.write(flow.l3_off + IP_CSUM_OFF, &ip_csum)?;
+            return self.write(flow.l3_off + addr_off, &addr);
+        }
+        let csum_off = flow.l4_csum_off();
+        let l4_csum: u16 = self.read(csum_off).ok_or(-1i64)?;
         // The L4 checksum covers the pseudo header (addresses) and the port.
         let mut l4 = csum_replace(csum_replace_addr(l4_csum, old_addr, addr), old_port, port);
         if flow.proto == PROTO_UDP {

@@ -5,6 +5,11 @@
 //! Every access goes through [`Packet`]: `bpf_skb_load_bytes` for TC, a
 //! bounds-checked read for XDP, so a truncated packet yields `None`, never
 //! an out-of-bounds access, and the caller lets such a packet pass untouched.
+//!
+//! An IPv4 fragment is parsed too: the first one (offset 0, more fragments)
+//! carries the L4 header like any packet; a later one carries none, so its
+//! ports are unknown until `fragments` finds them in the record its first
+//! fragment left.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -15,22 +20,40 @@ use crate::wire::{
     l4_csum_off,
 };
 
-/// An IPv4 TCP or UDP packet whose headers are all present in the skb.
-/// Aligned so its addresses are copied into map keys as whole words.
+/// Which part of a datagram a packet is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    Whole,
+    /// The first fragment of a datagram: it holds the L4 header.
+    First,
+    /// A later fragment: no L4 header, its ports come from the first one.
+    Later,
+}
+
+/// An IPv4 TCP or UDP packet whose headers are all present in the skb (for
+/// a later fragment: its IPv4 header). Aligned so its addresses are copied
+/// into map keys as whole words.
 #[repr(C, align(8))]
 pub struct Ipv4Flow {
     /// Source address, network byte order.
     pub saddr: [u8; 4],
     /// Destination address, network byte order.
     pub daddr: [u8; 4],
-    /// Source port, network byte order (wire bytes read as a native u16).
+    /// Source port, network byte order (wire bytes read as a native u16);
+    /// for a later fragment, 0 until its first fragment's record is found.
     pub sport: u16,
-    /// Destination port, network byte order.
+    /// Destination port, network byte order (the same caveat).
     pub dport: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    /// TCP flags byte (offset 13 of the TCP header); 0 for UDP.
+    /// TCP flags byte (offset 13 of the TCP header); 0 for UDP and for a
+    /// later fragment.
     pub tcp_flags: u8,
+    /// The IPv4 identification (the header's two bytes as a native u16).
+    pub id: u16,
+    /// Which part of its datagram the packet is.
+    pub fragment: Fragment,
     /// Offset of the IPv4 header.
     pub l3_off: usize,
     /// Offset of the L4 header.
@@ -106,9 +129,9 @@ impl Packet for XdpContext {
     }
 }
 
-/// Parses an Ethernet frame holding IPv4 TCP or UDP. `None` for anything
-/// else: other EtherTypes, other protocols, non-first fragments, and packets
-/// whose headers are cut short or inconsistent.
+/// Parses an Ethernet frame holding IPv4 TCP or UDP (a whole datagram or a
+/// fragment of one). `None` for anything else: other EtherTypes, other
+/// protocols, and packets whose headers are cut short or inconsistent.
 #[inline(always)]
 pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
     let eth: EthHdr = ctx.read(0)?;
@@ -121,10 +144,6 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
         return None;
     }
-    // Fragments carry no (or only partial) L4 header: never translate them.
-    if ip.frag_offset() != 0 || ip.frag_flags() & IP_FLAG_MF != 0 {
-        return None;
-    }
     let l4_len = match ip.proto {
         PROTO_TCP => TCP_HDR_LEN,
         PROTO_UDP => UDP_HDR_LEN,
@@ -132,6 +151,25 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
     };
     let tot_len = usize::from(ip.tot_len());
     let l4_off = l3_off + ihl;
+    let id = u16::from_ne_bytes(ip.id);
+    if ip.frag_offset() != 0 {
+        // A later fragment: only its IPv4 header is ours to read.
+        if tot_len < ihl {
+            return None;
+        }
+        return Some(Ipv4Flow {
+            saddr: ip.src_addr,
+            daddr: ip.dst_addr,
+            sport: 0,
+            dport: 0,
+            proto: ip.proto,
+            tcp_flags: 0,
+            id,
+            fragment: Fragment::Later,
+            l3_off,
+            l4_off,
+        });
+    }
     if tot_len < ihl + l4_len || ctx.length() < l4_off + l4_len {
         return None;
     }
@@ -148,6 +186,12 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
         dport: ports[1],
         proto: ip.proto,
         tcp_flags,
+        id,
+        fragment: if ip.frag_flags() & IP_FLAG_MF != 0 {
+            Fragment::First
+        } else {
+            Fragment::Whole
+        },
         l3_off,
         l4_off,
     })

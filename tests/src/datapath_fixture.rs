@@ -23,7 +23,8 @@ use service_agent::{
     },
 };
 use service_common::{
-    ConntrackKey, ConntrackValue, DatapathConfig, FRONTEND_FLAG_CLUSTER_IP, MAP_CONNTRACK,
+    BackendValue, CT_FLAG_DEAD, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,
+    FRONTEND_FLAG_CLUSTER_IP, FrontendKey, MAP_CONNTRACK, SnatPortRange, map_addr_v4,
 };
 
 use crate::pins::PinDir;
@@ -42,6 +43,8 @@ pub struct Datapath {
     pub conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     /// The agent-side state the maps were programmed from.
     pub desired: DesiredState,
+    /// The node-wide settings last written to the datapath.
+    pub config: DatapathConfig,
     /// The pin folder, removed on drop.
     pub pin: PinDir,
 }
@@ -59,6 +62,7 @@ impl Datapath {
             maps,
             conntrack,
             desired: DesiredState::adopting(&MapState::default(), 1000, 1000),
+            config: DatapathConfig::default(),
             pin,
         }
     }
@@ -91,10 +95,7 @@ impl Datapath {
         flags: u16,
         backends: &[(Ipv4Addr, u16, bool)],
     ) {
-        let service = ObjectName {
-            namespace: "test".into(),
-            name: format!("svc-{addr}-{port}-{proto}"),
-        };
+        let service = frontend_service(addr, port, proto);
         let frontend = DesiredFrontend {
             service: service.clone(),
             port_name: String::new(),
@@ -139,16 +140,107 @@ impl Datapath {
         (result.return_value, out)
     }
 
+    /// Deletes the frontend `addr:port/proto` (its Service), as the agent
+    /// does: header, slots and rev-NAT entry, and backends no other
+    /// frontend uses.
+    pub fn delete_frontend(&mut self, addr: Ipv4Addr, port: u16, proto: u8) {
+        let (ops, _) = self
+            .desired
+            .set_service(&frontend_service(addr, port, proto), &[]);
+        for op in ops {
+            self.maps.apply(&op).expect("map write");
+        }
+    }
+
     /// Sets this node's SNAT address in the datapath configuration.
     pub fn set_snat_address(&mut self, addr: Ipv4Addr) {
-        datapath::maps::write_config(
-            &mut self.ebpf,
-            &DatapathConfig {
-                snat_v4: addr.octets(),
-                ..DatapathConfig::default()
-            },
-        )
-        .expect("writing the configuration");
+        self.config.snat_v4 = addr.octets();
+        self.write_config();
+    }
+
+    /// Sets the SNAT port range (host byte order, both included).
+    pub fn set_snat_ports(&mut self, min: u16, max: u16) {
+        self.config.snat_ports = SnatPortRange { min, max };
+        self.write_config();
+    }
+
+    /// Sets the conntrack timeouts.
+    pub fn set_timeouts(&mut self, timeouts: ConntrackTimeouts) {
+        self.config.timeouts = timeouts;
+        self.write_config();
+    }
+
+    fn write_config(&mut self) {
+        datapath::maps::write_config(&mut self.ebpf, &self.config)
+            .expect("writing the configuration");
+    }
+
+    /// The conntrack entry `key`, if any.
+    pub fn entry(&self, key: &ConntrackKey) -> Option<ConntrackValue> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    /// Replaces the conntrack entry `key` by `change` applied to it.
+    pub fn change_entry(&mut self, key: &ConntrackKey, change: impl FnOnce(&mut ConntrackValue)) {
+        let mut value = self.entry(key).expect("the entry to change exists");
+        change(&mut value);
+        self.conntrack
+            .insert(key, value, 0)
+            .expect("rewriting the entry");
+    }
+
+    /// Ages the conntrack entry `key` by `seconds`: its `last_seen` and
+    /// `created` move back, as if no packet had used it since. (Tests age
+    /// entries this way, never by sleeping.)
+    pub fn age(&mut self, key: &ConntrackKey, seconds: u32) {
+        self.change_entry(key, |value| {
+            value.last_seen = value.last_seen.wrapping_sub(seconds);
+            value.created = value.created.wrapping_sub(seconds);
+        });
+    }
+
+    /// Marks every conntrack entry of the flows of rev-NAT id `rev_nat_id`
+    /// dead, as the agent does when that frontend is deleted.
+    pub fn mark_dead(&mut self, rev_nat_id: u32) {
+        let keys: Vec<ConntrackKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, value)| value.rev_nat_id == rev_nat_id)
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            self.change_entry(&key, |value| value.flags |= CT_FLAG_DEAD);
+        }
+    }
+
+    /// Sets the `BACKEND_STATE_*` of the backend `addr:port` in the
+    /// backends map (what the agent writes for a terminating or no longer
+    /// serving endpoint).
+    pub fn set_backend_state(&mut self, addr: Ipv4Addr, port: u16, state: u8) {
+        let (id, mut value): (u32, BackendValue) = self
+            .maps
+            .backends
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(_, value)| {
+                value.addr == map_addr_v4(addr.octets()) && value.port == port.to_be()
+            })
+            .expect("the backend is in the map");
+        value.state = state;
+        self.maps
+            .backends
+            .insert(id, value, 0)
+            .expect("rewriting the backend");
+    }
+
+    /// The rev-NAT id of the frontend `addr:port/proto`.
+    pub fn rev_nat_id(&self, addr: Ipv4Addr, port: u16, proto: u8) -> u32 {
+        self.maps
+            .frontends
+            .get(&FrontendKey::v4(addr.octets(), port.to_be(), proto), 0)
+            .expect("the frontend is programmed")
+            .rev_nat_id
     }
 
     /// A datapath event counter, summed over CPUs, by name.
@@ -160,4 +252,30 @@ impl Datapath {
             .expect("counter exists")
             .1
     }
+}
+
+/// The Service the fixture programs the frontend `addr:port/proto` as.
+fn frontend_service(addr: Ipv4Addr, port: u16, proto: u8) -> ObjectName {
+    ObjectName {
+        namespace: "test".into(),
+        name: format!("svc-{addr}-{port}-{proto}"),
+    }
+}
+
+/// The conntrack key of the IPv4 packet `src -> dst` (ports in host byte
+/// order) in `direction`, as the datapath writes it.
+pub fn ct_key(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    proto: u8,
+    direction: u8,
+) -> ConntrackKey {
+    ConntrackKey::v4(
+        src.0.octets(),
+        src.1.to_be(),
+        dst.0.octets(),
+        dst.1.to_be(),
+        proto,
+        direction,
+    )
 }

@@ -5,7 +5,10 @@
 
 use std::net::Ipv4Addr;
 
-use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use etherparse::{
+    IpFragOffset, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
+};
+use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
 use crate::datapath_fixture::Datapath;
 
@@ -22,14 +25,32 @@ pub fn tcp(
     ack: bool,
     payload: &[u8],
 ) -> Vec<u8> {
+    let flags = if syn { TCP_FLAG_SYN } else { 0 } | if ack { TCP_FLAG_ACK } else { 0 };
+    tcp_segment(src, dst, flags, payload)
+}
+
+/// A TCP segment `src` -> `dst` with `flags` (`TCP_FLAG_*` of
+/// service-common: SYN, ACK, FIN, RST), seq 1000, ack 2000 when ACK is set.
+pub fn tcp_segment(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv4(src.0.octets(), dst.0.octets(), 64)
         .tcp(src.1, dst.1, 1000, 64240);
-    if syn {
+    if flags & TCP_FLAG_SYN != 0 {
         builder = builder.syn();
     }
-    if ack {
+    if flags & TCP_FLAG_ACK != 0 {
         builder = builder.ack(2000);
+    }
+    if flags & TCP_FLAG_FIN != 0 {
+        builder = builder.fin();
+    }
+    if flags & TCP_FLAG_RST != 0 {
+        builder = builder.rst();
     }
     let mut out = Vec::new();
     builder.write(&mut out, payload).expect("build tcp");
@@ -45,6 +66,44 @@ pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8
         .write(&mut out, payload)
         .expect("build udp");
     out
+}
+
+/// The two fragments of the UDP datagram `src` -> `dst` carrying `payload`
+/// (with the checksum of the whole datagram), IP identification `id`: the
+/// first holds the UDP header and the first `first_len - 8` payload bytes
+/// (`first_len`, the first fragment's L4 length, a multiple of 8), the
+/// later one the rest. Each has its own valid IPv4 header checksum.
+pub fn udp_fragments(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+    first_len: usize,
+    id: u16,
+) -> [Vec<u8>; 2] {
+    assert!(first_len.is_multiple_of(8) && first_len < payload.len() + 8);
+    let whole = udp(src, dst, payload);
+    let l4 = &whole[14 + 20..];
+    let fragment = |bytes: &[u8], offset: usize, more: bool| {
+        let mut ip = Ipv4Header::new(
+            bytes.len() as u16,
+            64,
+            IpNumber::UDP,
+            src.0.octets(),
+            dst.0.octets(),
+        )
+        .expect("fragment header");
+        ip.identification = id;
+        ip.more_fragments = more;
+        ip.fragment_offset = IpFragOffset::try_new((offset / 8) as u16).expect("offset");
+        let mut out = whole[..14].to_vec();
+        ip.write(&mut out).expect("write fragment header");
+        out.extend_from_slice(bytes);
+        out
+    };
+    [
+        fragment(&l4[..first_len], 0, true),
+        fragment(&l4[first_len..], first_len, false),
+    ]
 }
 
 /// A UDP packet whose checksum is 0 ("none", allowed over IPv4).

@@ -54,12 +54,25 @@ pub fn backend_name(pod: usize) -> String {
 /// Service "web" with one EndpointSlice listing the given backend pods
 /// (1..=3) as ready, the same objects as the demo file.
 pub fn web_service_yaml(backend_pods: &[usize]) -> String {
+    web_service_yaml_draining(backend_pods, &[])
+}
+
+/// [`web_service_yaml`] with the pods of `terminating_pods` listed as well,
+/// serving but terminating (`ready: false, serving: true, terminating:
+/// true`), as a pod being deleted gracefully is: they take no new flows
+/// while others are ready, and keep the flows they have.
+pub fn web_service_yaml_draining(backend_pods: &[usize], terminating_pods: &[usize]) -> String {
     let mut yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec:\n  clusterIP: {CLUSTER_IP}\n  ports:\n  - {{name: http, protocol: TCP, port: {HTTP_PORT}, targetPort: http}}\n  - {{name: echo, protocol: UDP, port: {UDP_PORT}, targetPort: {BACKEND_UDP_PORT}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-7x2kq\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}\n- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}\nendpoints:\n"
     );
     for pod in backend_pods {
         yaml.push_str(&format!(
             "- addresses: [\"10.200.{pod}.2\"]\n  conditions: {{ready: true}}\n"
+        ));
+    }
+    for pod in terminating_pods {
+        yaml.push_str(&format!(
+            "- addresses: [\"10.200.{pod}.2\"]\n  conditions: {{ready: false, serving: true, terminating: true}}\n"
         ));
     }
     yaml

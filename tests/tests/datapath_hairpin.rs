@@ -12,11 +12,11 @@ use std::net::Ipv4Addr;
 
 use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
 use service_common::{
-    CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_FLAG_HAIRPIN, ConntrackKey,
-    HAIRPIN_IPV4, PROTO_TCP, PROTO_UDP,
+    CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_FLAG_HAIRPIN, HAIRPIN_IPV4, PROTO_TCP,
+    PROTO_UDP,
 };
 use service_tests::{
-    datapath_fixture::Datapath,
+    datapath_fixture::{Datapath, ct_key},
     packets::{Case, Expect, assert_checksums_valid, run_cases, tcp, udp},
     require_root,
 };
@@ -55,18 +55,6 @@ fn sent_back(mut packet: Vec<u8>) -> Vec<u8> {
     packet[ETH_DST].copy_from_slice(&src);
     packet[ETH_SRC].copy_from_slice(&dst);
     packet
-}
-
-/// A conntrack key as the datapath writes it.
-fn ct_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, direction: u8) -> ConntrackKey {
-    ConntrackKey::v4(
-        src.0.octets(),
-        src.1.to_be(),
-        dst.0.octets(),
-        dst.1.to_be(),
-        proto,
-        direction,
-    )
 }
 
 #[test]

@@ -17,7 +17,7 @@ use service_tests::{
     require_root,
     scenario::{
         BACKENDS, ClusterIpScenario, backend_name, demo_yaml_path, http_frontend, udp_frontend,
-        web_service_yaml,
+        web_service_yaml, web_service_yaml_draining,
     },
     traffic::{HttpConnection, http_get, http_get_path, spread, udp_request},
 };
@@ -198,34 +198,41 @@ fn killing_and_restarting_the_agent_under_load_fails_no_request() {
     eprintln!("restart under load: {ok} requests, 0 failed");
 }
 
-#[test]
-fn a_dropped_backend_gets_no_new_flows_while_its_open_connection_keeps_working() {
-    require_root!();
-    let scenario =
-        ClusterIpScenario::start("drop", &web_service_yaml(&[1, 2, 3]), 3).expect("scenario");
+/// Opens a connection through the ClusterIP and returns it with the pod
+/// that answered it and the other pods.
+fn open_pinned_connection(
+    scenario: &ClusterIpScenario,
+) -> (HttpConnection, String, usize, Vec<usize>) {
     let mut open = HttpConnection::open(scenario.client(), http_frontend()).expect("connect");
     let pinned_backend = open.get().expect("first request on the open connection");
-    let dropped_pod = (1..=BACKENDS)
+    let pinned_pod = (1..=BACKENDS)
         .find(|pod| backend_name(*pod) == pinned_backend)
         .expect("answer names a backend");
-    let remaining: Vec<usize> = (1..=BACKENDS).filter(|p| *p != dropped_pod).collect();
+    let others = (1..=BACKENDS).filter(|p| *p != pinned_pod).collect();
+    (open, pinned_backend, pinned_pod, others)
+}
 
-    scenario
-        .rewrite_yaml(&web_service_yaml(&remaining))
-        .expect("rewrite YAML");
-    let changed_at = Instant::now();
-    // From one second after the change on, no new connection may reach it.
+/// New connections from one second after a change on: none reaches
+/// `gone`, each of `remaining` answers at least 30 of 150, and `list` shows
+/// exactly `remaining` as the frontend's backends.
+fn assert_new_flows_avoid(
+    scenario: &ClusterIpScenario,
+    changed_at: Instant,
+    gone: &str,
+    gone_pod: usize,
+    remaining: &[usize],
+) {
     std::thread::sleep(Duration::from_secs(1).saturating_sub(changed_at.elapsed()));
     let (answers, failures) =
         spread(scenario.client(), 150, http_frontend(), http_get).expect("HTTP requests");
     assert!(failures.is_empty(), "failed HTTP requests: {failures:?}");
     assert_eq!(
-        answers.get(&pinned_backend),
+        answers.get(gone),
         None,
-        "a new connection reached the dropped backend {pinned_backend}: {answers:?}\nagent log:\n{}",
+        "a new connection reached {gone}: {answers:?}\nagent log:\n{}",
         scenario.agent.log()
     );
-    for pod in &remaining {
+    for pod in remaining {
         assert!(
             answers.get(&backend_name(*pod)).copied().unwrap_or(0) >= 30,
             "{answers:?}"
@@ -237,8 +244,28 @@ fn a_dropped_backend_gets_no_new_flows_while_its_open_connection_keeps_working()
         "TCP",
     )
     .expect("frontend listed");
-    assert_eq!(listed.len(), 2, "{listed:?}");
-    assert!(!listed.contains(&format!("10.200.{dropped_pod}.2:8080")));
+    assert_eq!(listed.len(), remaining.len(), "{listed:?}");
+    assert!(!listed.contains(&format!("10.200.{gone_pod}.2:8080")));
+}
+
+#[test]
+fn a_terminating_backend_gets_no_new_flows_while_its_open_connection_drains() {
+    require_root!();
+    let scenario =
+        ClusterIpScenario::start("drain", &web_service_yaml(&[1, 2, 3]), 3).expect("scenario");
+    let (mut open, pinned_backend, pinned_pod, remaining) = open_pinned_connection(&scenario);
+
+    // The pod is being deleted gracefully: serving, terminating, not ready.
+    scenario
+        .rewrite_yaml(&web_service_yaml_draining(&remaining, &[pinned_pod]))
+        .expect("rewrite YAML");
+    assert_new_flows_avoid(
+        &scenario,
+        Instant::now(),
+        &pinned_backend,
+        pinned_pod,
+        &remaining,
+    );
 
     // The connection opened before the change still reaches its backend.
     for _ in 0..5 {
@@ -247,6 +274,39 @@ fn a_dropped_backend_gets_no_new_flows_while_its_open_connection_keeps_working()
             pinned_backend
         );
     }
+}
+
+#[test]
+fn a_deleted_backend_s_open_connection_fails_at_once_and_new_flows_avoid_it() {
+    require_root!();
+    let scenario =
+        ClusterIpScenario::start("drop", &web_service_yaml(&[1, 2, 3]), 3).expect("scenario");
+    let (mut open, pinned_backend, pinned_pod, remaining) = open_pinned_connection(&scenario);
+
+    // The endpoint leaves the slice outright (the pod is gone): its flows
+    // are re-balanced on their next packet, so the open connection meets a
+    // backend that does not know it and is reset, instead of hanging.
+    scenario
+        .rewrite_yaml(&web_service_yaml(&remaining))
+        .expect("rewrite YAML");
+    assert_new_flows_avoid(
+        &scenario,
+        Instant::now(),
+        &pinned_backend,
+        pinned_pod,
+        &remaining,
+    );
+    let started = Instant::now();
+    let answer = open.get();
+    assert!(
+        answer.is_err(),
+        "the connection to the deleted backend answered: {answer:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the connection to the deleted backend hung for {:?} instead of being reset",
+        started.elapsed()
+    );
 }
 
 #[test]
