@@ -265,6 +265,14 @@ impl ConntrackValue {
     pub const fn needs_touch(&self, bits: u8, now: u32) -> bool {
         self.last_seen != now || self.state | bits != self.state
     }
+
+    /// Whether this entry has seen no packet for more than `seconds` at
+    /// `now` (monotonic seconds); a `last_seen` ahead of `now` (written by
+    /// another CPU in the next second) is not idle.
+    #[inline(always)]
+    pub const fn idle_longer_than(&self, seconds: u32, now: u32) -> bool {
+        seconds_between(self.last_seen, now) > seconds as i32
+    }
 }
 
 /// The `CT_STATE_*` bits one packet contributes to its flow: `reply` says
@@ -523,7 +531,17 @@ impl ConntrackTimeouts {
     /// [`timeout`]: ConntrackTimeouts::timeout
     #[inline(always)]
     pub const fn is_expired(&self, proto: u8, value: &ConntrackValue, now: u32) -> bool {
-        seconds_between(value.last_seen, now) > self.timeout(proto, value) as i32
+        value.idle_longer_than(self.timeout(proto, value), now)
+    }
+
+    /// The close timeout in effect: the configured one, or its default.
+    #[inline(always)]
+    pub const fn close(&self) -> u32 {
+        if self.tcp_close == 0 {
+            Self::DEFAULT.tcp_close
+        } else {
+            self.tcp_close
+        }
     }
 }
 
@@ -847,6 +865,23 @@ mod tests {
             // Written by another CPU a second ahead: not expired.
             assert!(!t.is_expired(PROTO_UDP, &value, last_seen.wrapping_sub(1)));
         }
+    }
+
+    #[test]
+    fn idleness_is_measured_on_the_wrapping_clock_and_the_close_timeout_defaults() {
+        let value = ConntrackValue {
+            last_seen: u32::MAX - 1,
+            ..with_state(0)
+        };
+        assert!(!value.idle_longer_than(3, 1));
+        assert!(value.idle_longer_than(2, 1));
+        assert!(!value.idle_longer_than(0, u32::MAX - 2), "ahead of now");
+        assert_eq!(ConntrackTimeouts::default().close(), 10);
+        let short = ConntrackTimeouts {
+            tcp_close: 2,
+            ..ConntrackTimeouts::default()
+        };
+        assert_eq!(short.close(), 2);
     }
 
     #[test]

@@ -85,8 +85,10 @@ pub enum DeleteReason {
     /// Its flow's frontend was deleted, and the close timeout has passed
     /// since it was marked dead.
     Dead,
-    /// It expired, and its flow is gone or moved on: its master is absent,
-    /// or names other companions (a re-balanced flow's old reply entry).
+    /// Its flow is gone or moved on (its master is absent, or names other
+    /// companions: a re-balanced flow's old reply entry, the SNAT port a
+    /// reopened tuple let go of), and it was idle past its timeout or the
+    /// close timeout, whichever is shorter.
     Orphan,
     /// A UDP entry of a backend deleted or no longer serving, deleted at once.
     Reaped,
@@ -129,6 +131,20 @@ pub struct FlowRules {
     pub timeouts: ConntrackTimeouts,
     /// This node's SNAT address, network byte order (zero: none).
     pub snat_addr: MapAddr,
+}
+
+impl FlowRules {
+    /// Whether the non-master entry `value` of `proto` has been idle long
+    /// enough at `now` to be judged an orphan: past its own timeout, or past
+    /// the close timeout if that is shorter. An entry its flow no longer
+    /// names can keep a long timeout of its own (a TCP SNAT reply entry
+    /// that saw the handshake is "established" for a day) and would hold
+    /// its SNAT port that long; the idle time guards an entry the datapath
+    /// has just written before its master (within the same second).
+    fn may_be_orphan(&self, proto: u8, value: &ConntrackValue, now: u32) -> bool {
+        self.timeouts.is_expired(proto, value, now)
+            || value.idle_longer_than(self.timeouts.close(), now)
+    }
 }
 
 /// What one walk of the conntrack map found and did.
@@ -268,8 +284,9 @@ pub fn reap(
 }
 
 /// One collector pass at `now`: deletes every expired master with its
-/// companions (a dead one past the close timeout), and every expired entry
-/// whose master is absent, expired or names other companions (orphans).
+/// companions (a dead one past the close timeout), and every other entry
+/// whose master is absent, expired or names other companions once it is
+/// idle past its timeout or the close timeout (orphans).
 /// Entries still naming a frontend that no longer exists (their frontend
 /// went while no agent ran) are marked dead, as a reap would have.
 pub fn collect(
@@ -284,15 +301,16 @@ pub fn collect(
         table,
         &mut report,
         |table, key, value, deletions, report| {
-            if rules.timeouts.is_expired(key.proto, value, now) {
-                if key.is_master() {
+            if key.is_master() {
+                if rules.timeouts.is_expired(key.proto, value, now) {
                     delete_flow(table, rules, &frontends, key, value, deletions, report);
                     return;
                 }
-                if let Some(reason) = orphan_or_gone(table, rules, &frontends, key, value, now) {
-                    deletions.add(*key, reason, report);
-                    return;
-                }
+            } else if rules.may_be_orphan(key.proto, value, now)
+                && let Some(reason) = orphan_or_gone(table, rules, &frontends, key, value, now)
+            {
+                deletions.add(*key, reason, report);
+                return;
             }
             report.remaining += 1;
             report.rev_nat_ids_named.insert(value.rev_nat_id);
@@ -346,9 +364,9 @@ fn delete_flow(
     }
 }
 
-/// Whether the expired non-master entry `key` goes: with its expired
-/// master (the master's reason), or as an orphan; `None` while its master
-/// lives and still names it.
+/// Whether the idle non-master entry `key` goes: with its expired master
+/// (the master's reason), or as an orphan; `None` while its master lives
+/// and still names it.
 fn orphan_or_gone(
     table: &impl ConntrackTable,
     rules: &FlowRules,
@@ -595,9 +613,10 @@ mod tests {
         table.entries.remove(&masterless.master().0);
         table.entries.remove(&frontendless.master().0);
         table.frontends.remove(&7);
-        // Not yet expired: all kept (the frontendless ones marked dead).
+        // Idle no longer than the close timeout (3 s): all kept (the
+        // frontendless ones marked dead).
         assert_eq!(
-            collect(&mut table, &RULES, 1020).unwrap().deleted_total(),
+            collect(&mut table, &RULES, 1003).unwrap().deleted_total(),
             0
         );
         let report = collect(&mut table, &RULES, 1031).unwrap();
@@ -605,6 +624,36 @@ mod tests {
         assert_eq!(report.deleted_total(), 7);
         assert_eq!(present(&table, &after), [true; 2]);
         assert_eq!(table.entries.len(), 2);
+    }
+
+    #[test]
+    fn an_snat_port_a_reopened_tuple_let_go_of_is_freed_after_the_close_timeout() {
+        // A TCP flow whose handshake went through SNAT port 20001 (its SNAT
+        // reply entry saw a reply: "established", a day's timeout) ...
+        let first = Flow {
+            snat_port: Some(20001),
+            ..Flow::tcp(40000, 1)
+        };
+        // ... then the client reused its port: a new flow on the same tuple
+        // got port 20002 and rewrote the master and the SNAT entry.
+        let reopened = Flow {
+            snat_port: Some(20002),
+            last_seen: 1001,
+            ..first
+        };
+        let mut table = table(&[first]);
+        table.entries.extend(reopened.entries());
+        let leaked = first.keys()[3];
+        assert!(table.entries.contains_key(&leaked));
+        // Idle for the close timeout (3 s) or less: kept.
+        assert_eq!(
+            collect(&mut table, &RULES, 1003).unwrap().deleted_total(),
+            0
+        );
+        let report = collect(&mut table, &RULES, 1004).unwrap();
+        assert_eq!(deleted(&report, DeleteReason::Orphan), 1);
+        assert!(!table.entries.contains_key(&leaked));
+        assert_eq!(present(&table, &reopened), [true; 4]);
     }
 
     #[test]
