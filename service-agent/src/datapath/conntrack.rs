@@ -107,26 +107,15 @@ impl ConntrackMap {
         cursor: &mut ScanCursor,
         batch: &mut Vec<(ConntrackKey, ConntrackValue)>,
     ) -> io::Result<bool> {
-        let keys = match &mut cursor.keys {
-            Some(keys) => keys,
-            None => {
-                let mut keys = VecDeque::new();
-                for key in self.conntrack.keys() {
-                    keys.push_back(key.map_err(map_error)?);
-                }
-                cursor.keys.insert(keys)
+        if cursor.keys.is_none() {
+            let mut keys = VecDeque::new();
+            for key in self.conntrack.keys() {
+                keys.push_back(key.map_err(map_error)?);
             }
-        };
-        while batch.len() < SCAN_BATCH {
-            let Some(key) = keys.pop_front() else {
-                cursor.done = true;
-                return Ok(false);
-            };
-            if let Ok(value) = self.conntrack.get(&key, 0) {
-                batch.push((key, value));
-            }
+            cursor.keys = Some(keys);
         }
-        Ok(true)
+        let conntrack = &self.conntrack;
+        Ok(cursor.fill_from_keys(batch, SCAN_BATCH, |key| conntrack.get(key, 0).ok()))
     }
 }
 
@@ -222,6 +211,30 @@ impl ScanCursor {
     fn batch_is_fresh(&self) -> bool {
         self.keys.is_none() && !self.done
     }
+
+    /// Fills `batch` up to `size` entries from the keys left to read (an
+    /// entry deleted since they were listed is skipped), each read with
+    /// `get`; `false` once the keys ran out.
+    fn fill_from_keys(
+        &mut self,
+        batch: &mut Vec<(ConntrackKey, ConntrackValue)>,
+        size: usize,
+        get: impl Fn(&ConntrackKey) -> Option<ConntrackValue>,
+    ) -> bool {
+        let Some(keys) = &mut self.keys else {
+            return false;
+        };
+        while batch.len() < size {
+            let Some(key) = keys.pop_front() else {
+                self.done = true;
+                return false;
+            };
+            if let Some(value) = get(&key) {
+                batch.push((key, value));
+            }
+        }
+        true
+    }
 }
 
 /// A conntrack table in memory, for tests: the same contract as the
@@ -263,19 +276,11 @@ impl ConntrackTable for MemoryConntrack {
         if cursor.done {
             return Ok(false);
         }
-        let keys = cursor
-            .keys
-            .get_or_insert_with(|| self.entries.keys().copied().collect());
-        while batch.len() < self.batch_size {
-            let Some(key) = keys.pop_front() else {
-                cursor.done = true;
-                return Ok(false);
-            };
-            if let Some(value) = self.entries.get(&key) {
-                batch.push((key, *value));
-            }
+        if cursor.keys.is_none() {
+            cursor.keys = Some(self.entries.keys().copied().collect());
         }
-        Ok(true)
+        let entries = &self.entries;
+        Ok(cursor.fill_from_keys(batch, self.batch_size, |key| entries.get(key).copied()))
     }
 
     fn get(&self, key: &ConntrackKey) -> Option<ConntrackValue> {

@@ -306,11 +306,28 @@ pub fn collect(
                     delete_flow(table, rules, &frontends, key, value, deletions, report);
                     return;
                 }
-            } else if rules.may_be_orphan(key.proto, value, now)
-                && let Some(reason) = orphan_or_gone(table, rules, &frontends, key, value, now)
-            {
-                deletions.add(*key, reason, report);
-                return;
+            } else if rules.may_be_orphan(key.proto, value, now) {
+                match judge_companion(table, rules, &frontends, key, value, now) {
+                    Companion::Kept => {}
+                    Companion::Orphan => {
+                        deletions.add(*key, DeleteReason::Orphan, report);
+                        return;
+                    }
+                    // The whole flow at once: its other entries need no
+                    // lookup of the master again when they are read.
+                    Companion::OfExpired(master, master_value) => {
+                        delete_flow(
+                            table,
+                            rules,
+                            &frontends,
+                            &master,
+                            &master_value,
+                            deletions,
+                            report,
+                        );
+                        return;
+                    }
+                }
             }
             report.remaining += 1;
             report.rev_nat_ids_named.insert(value.rev_nat_id);
@@ -364,29 +381,37 @@ fn delete_flow(
     }
 }
 
-/// Whether the idle non-master entry `key` goes: with its expired master
-/// (the master's reason), or as an orphan; `None` while its master lives
-/// and still names it.
-fn orphan_or_gone(
+/// What an idle non-master entry is.
+enum Companion {
+    /// Its master lives and still names it.
+    Kept,
+    /// Its master is absent or names other companions.
+    Orphan,
+    /// Its master (key and value) names it and has expired.
+    OfExpired(ConntrackKey, ConntrackValue),
+}
+
+/// Judges the idle non-master entry `key` by its master.
+fn judge_companion(
     table: &impl ConntrackTable,
     rules: &FlowRules,
     frontends: &BTreeMap<RevNatId, RevNatValue>,
     key: &ConntrackKey,
     value: &ConntrackValue,
     now: u32,
-) -> Option<DeleteReason> {
+) -> Companion {
     let Some(master) = master_key(key, value, frontends.get(&value.rev_nat_id)) else {
-        return Some(DeleteReason::Orphan);
+        return Companion::Orphan;
     };
     match table.get(&master) {
         Some(master_value) if is_companion(key, &master, &master_value, &rules.snat_addr) => {
             if rules.timeouts.is_expired(master.proto, &master_value, now) {
-                Some(DeleteReason::of_master(&master_value))
+                Companion::OfExpired(master, master_value)
             } else {
-                None
+                Companion::Kept
             }
         }
-        _ => Some(DeleteReason::Orphan),
+        _ => Companion::Orphan,
     }
 }
 
