@@ -199,7 +199,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// License of the programs: GPL-compatible, as several helpers require.
+/// License of the programs: GPL-compatible, as several helpers require;
+/// the kernel's name for the workspace's `MIT OR GPL-2.0-only`
+/// (service-agent/tests/license.rs checks that they agree).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -153,8 +153,10 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
     let l4_off = l3_off + ihl;
     let id = u16::from_ne_bytes(ip.id);
     if ip.frag_offset() != 0 {
-        // A later fragment: only its IPv4 header is ours to read.
-        if tot_len < ihl {
+        // A later fragment: only its IPv4 header is ours to read, and the
+        // frame must hold all of it (options included), as for any packet
+        // (the packet fuzzer found one cut inside its options translated).
+        if tot_len < ihl || ctx.length() < l4_off {
             return None;
         }
         return Some(Ipv4Flow {

@@ -124,6 +124,12 @@ impl Datapath {
     /// Runs `program` (a TC classifier or an XDP program) once on `packet`:
     /// the verdict and the packet after it.
     pub fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run(program, packet).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// [`Datapath::run`], with BPF_PROG_TEST_RUN's refusal of a packet
+    /// (e.g. `EINVAL` for one too short for its hook) as an error.
+    pub fn try_run(&self, program: &str, packet: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; packet.len() + OUTPUT_HEADROOM];
         let options = TestRunOptions {
             data_in: Some(packet),
@@ -135,9 +141,12 @@ impl Datapath {
             Program::Xdp(xdp) => xdp.test_run(options),
             other => panic!("{program} is a {:?}, not TC or XDP", other.prog_type()),
         }
-        .expect("BPF_PROG_TEST_RUN");
+        .map_err(|e| match e {
+            aya::programs::ProgramError::SyscallError(e) => e.io_error,
+            other => std::io::Error::other(other),
+        })?;
         out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        Ok((result.return_value, out))
     }
 
     /// Deletes the frontend `addr:port/proto` (its Service), as the agent

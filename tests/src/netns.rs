@@ -140,3 +140,59 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Runs `f` on a thread in a network namespace of its own, unshared and
+/// unnamed, holding only its loopback device (brought up); the namespace
+/// goes away with the thread. Needs no `ip` command, so it also works in
+/// the kernel-matrix guests, which have none.
+pub fn in_private_namespace<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).context("unsharing the network namespace")?;
+        set_up("lo")?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        anyhow::anyhow!("thread in the private namespace panicked: {message}")
+    })?
+}
+
+/// Brings `device` of the calling thread's network namespace up
+/// (`SIOCSIFFLAGS` with `IFF_UP`, what `ip link set DEV up` does).
+fn set_up(device: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("opening a socket for interface ioctls")?;
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if device.len() >= request.ifr_name.len() {
+        bail!("device name {device} too long");
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(device.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq we own.
+    unsafe {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS");
+        }
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("bringing {device} up"));
+        }
+    }
+    Ok(())
+}

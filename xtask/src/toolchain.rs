@@ -11,6 +11,10 @@ use anyhow::{Context as _, bail};
 
 use crate::run;
 
+/// cargo-deny release `cargo xtask lint` installs: the newest that builds on
+/// the installed Rust (1.95; it needs 1.88).
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// bpf-linker release known to build here (with `--features llvm-22`).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -82,17 +86,35 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
         std::os::unix::fs::symlink(&llvm, &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
-            .env("LLVM_PREFIX", &prefix),
-    )
+    run(Command::new(crate::cargo_bin())
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+/// Installs cargo-deny ([`CARGO_DENY_VERSION`], from crates.io, with its
+/// locked dependencies) when that version is missing.
+pub fn ensure_cargo_deny() -> anyhow::Result<()> {
+    let installed = Command::new(crate::cargo_bin())
+        .args(["deny", "--version"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).trim() == format!("cargo-deny {CARGO_DENY_VERSION}")
+        });
+    if installed {
+        return Ok(());
+    }
+    println!("== installing cargo-deny {CARGO_DENY_VERSION} (a few minutes)");
+    run(Command::new(crate::cargo_bin()).args([
+        "install",
+        "--locked",
+        &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+    ]))
 }
 
 /// Installs the Debian package of each `(command, package)` whose command

@@ -12,7 +12,7 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
     util::KernelVersion,
@@ -181,8 +181,8 @@ fn attach_external(
 
 /// Attaches the TC program `name` to `device` in `direction`: a pinned tcx
 /// link (`DEVICE-ingress` / `DEVICE-egress`, bpffs refuses dots in names)
-/// where the kernel has tcx (6.6+), clsact and cls_bpf through netlink
-/// before that, replacing a previous agent's filter of the same program.
+/// where the kernel has tcx (6.6+), a clsact cls_bpf filter through
+/// netlink before that ([`attach_netlink`]).
 fn attach_tc(
     ebpf: &mut Ebpf,
     name: &str,
@@ -208,12 +208,46 @@ fn attach_tc(
             &link_dir.join(format!("{device}-{suffix}")),
         );
     }
+    attach_netlink(program, device, direction)
+        .with_context(|| format!("attaching {name} to {device} {suffix} (clsact, netlink)"))
+}
+
+/// Priority of our cls_bpf filters (kernels without tcx): fixed, with
+/// [`NETLINK_HANDLE`], so that a new agent finds its predecessor's filter.
+const NETLINK_PRIORITY: u16 = 1;
+/// Handle of our cls_bpf filters at [`NETLINK_PRIORITY`].
+const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// The netlink twin of [`attach_pinned`], for kernels without tcx (Debian
+/// 12's 6.1): adds clsact, then replaces the program of the filter a
+/// previous agent left at our priority and handle (in place, atomically:
+/// traffic never sees the device without a filter), or adds that filter.
+/// The filter stays when the agent exits, as a pinned tcx link does.
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    device: &str,
+    direction: TcAttachType,
+) -> anyhow::Result<()> {
     // Adding clsact twice fails with EEXIST, which is fine.
     let _ = tc::qdisc_add_clsact(device);
-    let _ = tc::qdisc_detach_program(device, direction, name);
-    program
-        .attach(device, direction)
-        .with_context(|| format!("attaching {name} to {device} {suffix}"))?;
+    let previous =
+        SchedClassifierLink::attached(device, direction, NETLINK_PRIORITY, NETLINK_HANDLE, None)?;
+    let link_id = match program.attach_to_link(previous) {
+        Ok(link_id) => link_id,
+        // No filter there yet (the kernel answers ENOENT to a replace).
+        Err(_) => program.attach_with_options(
+            device,
+            direction,
+            TcAttachOptions::Netlink(NlOptions {
+                priority: NETLINK_PRIORITY,
+                handle: NETLINK_HANDLE,
+                ..NlOptions::default()
+            }),
+        )?,
+    };
+    // Dropping the link would remove the filter: it is let go of instead,
+    // so the datapath keeps working after this agent is gone.
+    std::mem::forget(program.take_link(link_id)?);
     Ok(())
 }
 
