@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use log::{error, info, warn};
-use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange};
+use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange, map_addr_v4};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::unbounded_channel,
@@ -23,18 +23,27 @@ use crate::{
         self, MapSizes,
         attach::{Attachments, DeviceSelection},
         cgroup::CgroupPath,
+        conntrack::{ConntrackMap, PressureCounters},
+        id_cursors::IdCursorMap,
         maps::{CounterMaps, ServiceMaps},
         model::{MapReader, MapWriter},
+        snat_ports::Reservation,
     },
     ops::{self, health::Health, metrics::Metrics, status},
     reconcile::{
+        self,
         cluster::Kind,
+        collector::CollectorSettings,
+        flows::FlowRules,
         pipeline::Pipeline,
         sync::{SyncReport, Syncer},
         translate::NodeContext,
     },
     source::{self, SourceSpec},
 };
+
+/// Shortest time between two conntrack collector passes.
+const COLLECTOR_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How `run` was asked to behave.
 #[derive(Clone, Debug)]
@@ -68,6 +77,8 @@ pub struct RunOptions {
     pub snat_ports: SnatPortRange,
     /// Conntrack timeouts.
     pub ct_timeouts: ConntrackTimeouts,
+    /// Longest time between two conntrack collector passes.
+    pub ct_gc_max_interval: Duration,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -89,8 +100,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.snat_ports.max,
         options.ct_timeouts
     );
+    if options.snat_ipv4.is_some() {
+        reserve_snat_ports(options.snat_ports);
+    }
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let counters = CounterMaps::take_from(&mut ebpf)?;
+    let mut id_cursors = IdCursorMap::take_from(&mut ebpf)?;
+    let kept_cursors = id_cursors.load();
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
         .context("reading the pinned maps")?;
     info!("maps pinned in {}", options.pin_path.display());
@@ -131,9 +147,37 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             &source::kube::KINDS
         }
     };
+    let (collector_news, mut news) = unbounded_channel();
+    let collector = reconcile::collector::spawn(
+        ConntrackMap::open(&options.pin_path)?,
+        CollectorSettings {
+            rules: FlowRules {
+                timeouts: options.ct_timeouts,
+                snat_addr: map_addr_v4(options.snat_ipv4.map(|a| a.octets()).unwrap_or_default()),
+            },
+            snat_ports: options.snat_ports,
+            min_interval: COLLECTOR_MIN_INTERVAL.min(options.ct_gc_max_interval),
+            max_interval: options.ct_gc_max_interval,
+        },
+        match PressureCounters::open(&options.pin_path) {
+            Ok(counters) => Box::new(move || counters.read()),
+            Err(e) => {
+                warn!("the datapath's counters cannot be read ({e:#}): the conntrack collector only runs on its own pace");
+                Box::new(|| None)
+            }
+        },
+        Some(metrics.clone()),
+        collector_news,
+    )
+    .context("starting the conntrack collector")?;
     let mut pipeline = Pipeline::new(syncer, kinds)
         .with_metrics(metrics)
-        .with_health(health.clone());
+        .with_health(health.clone())
+        .with_collector(collector)
+        .with_id_store(
+            Box::new(move |cursors| id_cursors.store(cursors)),
+            kept_cursors,
+        );
     let mut failed_services = 0;
     let mut attachments = Attachments::default();
     let mut last_full_sync = Instant::now();
@@ -155,6 +199,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 let report = pipeline.flush();
                 write_status(&options.pin_path, &pipeline, report.as_ref(), &mut failed_services);
             }
+            Some(item) = news.recv() => pipeline.collector_news(item),
             _ = ticker.tick() => {
                 if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {
                     warn!("device scan failed: {e:#}");
@@ -203,5 +248,31 @@ fn write_status<W: MapWriter + MapReader>(
         ),
     ) {
         warn!("writing the status file: {e:#}");
+    }
+}
+
+/// Keeps this network namespace's own sockets off the SNAT ports, and says so.
+fn reserve_snat_ports(snat: SnatPortRange) {
+    let snat = snat.effective();
+    match datapath::snat_ports::reserve(snat) {
+        Ok(Reservation::Disjoint { ephemeral }) => info!(
+            "SNAT ports {}-{} lie outside the ephemeral range {}-{}: no host socket picks them",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Ok(Reservation::AlreadyReserved { ephemeral }) => info!(
+            "SNAT ports {}-{} overlap the ephemeral range {}-{} and are reserved already (net.ipv4.ip_local_reserved_ports)",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Ok(Reservation::Reserved {
+            ephemeral,
+            reserved,
+        }) => info!(
+            "SNAT ports {}-{} overlap the ephemeral range {}-{}: reserved, so no host socket picks them (net.ipv4.ip_local_reserved_ports = {reserved})",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Err(e) => warn!(
+            "could not keep host sockets off the SNAT ports {}-{} ({e:#}): a host socket may share a tuple with an SNATed flow",
+            snat.min, snat.max
+        ),
     }
 }

@@ -45,14 +45,15 @@ enum Task {
     /// crate), cargo-deny (deny.toml) and shellcheck on the shell scripts.
     Lint,
     /// Benchmark our datapath and control plane against the pass-only floor
-    /// and kube-proxy's iptables and nftables modes; writes
+    /// and kube-proxy's iptables and nftables modes, and the conntrack
+    /// collector on a 1M-entry map; writes
     /// target/bench/results.json, results.md and SVG plots (as root).
     Bench {
         /// Fewer sizes and shorter runs (under three minutes).
         #[arg(long)]
         quick: bool,
-        /// Run only this group (repeatable): `datapath`, `traffic` or
-        /// `control-plane`.
+        /// Run only this group (repeatable): `datapath`, `traffic`,
+        /// `control-plane` or `conntrack`.
         #[arg(long, value_name = "GROUP")]
         only: Vec<String>,
     },

@@ -55,7 +55,7 @@ fn describe(map: MapName, error: &io::Error) -> String {
 }
 
 /// The I/O error inside an aya map error.
-fn io_error(error: MapError) -> io::Error {
+pub(crate) fn io_error(error: MapError) -> io::Error {
     match error {
         MapError::SyscallError(e) => e.io_error,
         MapError::KeyNotFound => io::Error::from_raw_os_error(libc::ENOENT),

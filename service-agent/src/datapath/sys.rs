@@ -1,8 +1,9 @@
 //! Raw `bpf(2)` commands aya 0.14 does not expose: the map batch
 //! operations (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`,
-//! `BPF_MAP_LOOKUP_BATCH`, kernel 5.6), which write or read thousands of
-//! entries per system call instead of one, and the generic [`bpf`] call the
-//! cgroup link code uses.
+//! `BPF_MAP_LOOKUP_BATCH`, kernel 5.6), which write, delete or read
+//! thousands of entries per system call instead of one (reads either all at
+//! once or batch by batch from a resumable [`BatchCursor`]), and the generic
+//! [`bpf`] call the cgroup link code uses.
 
 use std::{
     io,
@@ -58,12 +59,20 @@ struct BatchAttr {
 
 /// A batch call that stopped early: `done` entries were processed before
 /// the entry at that index failed with `error`.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (after {done} entries of the batch)")]
 pub struct BatchError {
     /// Entries processed before the failing one.
     pub done: usize,
     /// The kernel's answer for the failing entry.
+    #[source]
     pub error: io::Error,
+}
+
+impl From<BatchError> for io::Error {
+    fn from(failure: BatchError) -> Self {
+        failure.error
+    }
 }
 
 /// Whether the kernel lacks batch operations for this map (kernels before
@@ -108,9 +117,10 @@ pub fn update_batch<K: Pod, V: Pod>(
     Ok(())
 }
 
-/// Deletes `keys` in order. A key that is already absent stops a kernel
-/// batch with ENOENT; it is skipped and the rest deleted. On another
-/// failure the keys before the failing one are deleted and the rest are not.
+/// Deletes `keys` in order. A key that is already absent (an LRU eviction,
+/// a delete by someone else) stops a kernel batch with ENOENT; it is
+/// skipped and the rest deleted. On another failure the keys before the
+/// failing one are deleted and the rest are not.
 pub fn delete_batch<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), BatchError> {
     let mut done = 0;
     while done < keys.len() {
@@ -139,6 +149,93 @@ pub fn delete_batch<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), Batch
     Ok(())
 }
 
+/// Where a walk of a map in batches stands: the kernel's position token
+/// between calls (a bucket index for hash maps, a key for arrays).
+#[derive(Debug, Default)]
+pub struct BatchCursor {
+    /// The token of the next call; empty before the first.
+    token: Vec<u8>,
+    /// The walk has reached the end.
+    done: bool,
+}
+
+impl BatchCursor {
+    /// Whether the walk has reached the end.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` call of up to `count` entries into `keys`
+/// and `values` (buffers of at least `count` keys of `key_size` bytes and
+/// `count` values), continuing from `cursor`; returns how many were read.
+///
+/// # Safety
+///
+/// `keys` and `values` must be valid for writes of `count` entries of the
+/// map's key and value size (per-CPU values: times the possible CPUs), and
+/// any bit pattern must be valid in them.
+unsafe fn lookup_batch_raw(
+    map: BorrowedFd<'_>,
+    cursor: &mut BatchCursor,
+    key_size: usize,
+    keys: *mut u8,
+    values: *mut u8,
+    count: usize,
+) -> io::Result<usize> {
+    if cursor.done {
+        return Ok(0);
+    }
+    let mut out_token = vec![0u8; key_size.max(8)];
+    let mut attr = BatchAttr {
+        // The kernel only reads the token it is given.
+        in_batch: if cursor.token.is_empty() {
+            0
+        } else {
+            cursor.token.as_ptr() as u64
+        },
+        out_batch: out_token.as_mut_ptr() as u64,
+        keys: keys as u64,
+        values: values as u64,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(_) => cursor.token = out_token,
+        // The last batch (possibly empty).
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => cursor.done = true,
+        Err(error) => return Err(error),
+    }
+    Ok(attr.count as usize)
+}
+
+/// Reads the next batch of a map's entries (as many as `keys` and `values`
+/// hold, which must be equally long) into their fronts, continuing from
+/// `cursor`; returns how many were read. Entries of a hash map deleted
+/// between calls never make the walk start over (the kernel walks bucket by
+/// bucket).
+pub fn lookup_batch<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    cursor: &mut BatchCursor,
+    keys: &mut [K],
+    values: &mut [V],
+) -> io::Result<usize> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    // SAFETY: both buffers hold `keys.len()` entries of `Pod` types of
+    // the map's key and value size.
+    unsafe {
+        lookup_batch_raw(
+            map,
+            cursor,
+            std::mem::size_of::<K>(),
+            keys.as_mut_ptr().cast(),
+            values.as_mut_ptr().cast(),
+            keys.len(),
+        )
+    }
+}
+
 /// Reads every entry of a hash or array map, [`BATCH_SIZE`] entries per
 /// call, handing each to `entry`.
 pub fn lookup_all<K: Pod, V: Pod>(
@@ -151,40 +248,14 @@ pub fn lookup_all<K: Pod, V: Pod>(
     let zero_value: V = unsafe { std::mem::zeroed() };
     let mut keys = vec![zero_key; BATCH_SIZE];
     let mut values = vec![zero_value; BATCH_SIZE];
-    // The position token: a bucket index for hash maps, a key for arrays.
-    let token_len = std::mem::size_of::<K>().max(8);
-    let mut in_token = vec![0u8; token_len];
-    let mut out_token = vec![0u8; token_len];
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                in_token.as_mut_ptr() as u64
-            },
-            out_batch: out_token.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH_SIZE as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let last = match result {
-            Ok(_) => false,
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(error) => return Err(error),
-        };
-        for i in 0..attr.count as usize {
+    let mut cursor = BatchCursor::default();
+    while !cursor.is_done() {
+        let read = lookup_batch(map, &mut cursor, &mut keys, &mut values)?;
+        for i in 0..read {
             entry(keys[i], values[i]);
         }
-        if last {
-            return Ok(());
-        }
-        std::mem::swap(&mut in_token, &mut out_token);
-        first = false;
     }
+    Ok(())
 }
 
 /// Reads every entry of a per-CPU array, [`BATCH_SIZE`] entries per call,
@@ -204,35 +275,24 @@ pub fn lookup_all_per_cpu<V: Pod>(
     let zero: V = unsafe { std::mem::zeroed() };
     let mut keys = vec![0u32; BATCH_SIZE];
     let mut values = vec![zero; BATCH_SIZE * cpus];
-    let mut in_token = 0u64;
-    let mut out_token = 0u64;
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut in_token as *mut u64 as u64
-            },
-            out_batch: &mut out_token as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH_SIZE as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        let last = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-            Ok(_) => false,
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(error) => return Err(error),
-        };
-        for i in 0..attr.count as usize {
+    let mut cursor = BatchCursor::default();
+    while !cursor.is_done() {
+        // SAFETY: `keys` holds `BATCH_SIZE` indexes and `values` as many
+        // times `cpus` values of a `Pod` type, 8-byte strided as the
+        // kernel writes them.
+        let read = unsafe {
+            lookup_batch_raw(
+                map,
+                &mut cursor,
+                std::mem::size_of::<u32>(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                BATCH_SIZE,
+            )
+        }?;
+        for i in 0..read {
             entry(keys[i], &values[i * cpus..(i + 1) * cpus]);
         }
-        if last {
-            return Ok(());
-        }
-        in_token = out_token;
-        first = false;
     }
+    Ok(())
 }

@@ -3,7 +3,8 @@
 //!
 //! A scrape costs the same whatever the maps hold: gauges and counters are
 //! kept by the code that does the work (the pipeline sets them after each
-//! sync; the conntrack collector sets the conntrack occupancy), and the
+//! sync; the conntrack collector sets the conntrack occupancy and its own
+//! `conntrack_gc` figures), and the
 //! only maps read at scrape time are the small per-CPU counter arrays,
 //! through file descriptors opened once, the per-frontend ones in a few
 //! batched calls. Nothing walks the conntrack map or reopens a pin.
@@ -69,6 +70,8 @@ pub struct Metrics {
     /// The per-frontend counters' labels, by rev-NAT id (the counters'
     /// index), kept by the pipeline.
     frontends_by_id: Arc<Mutex<BTreeMap<RevNatId, FrontendKey>>>,
+    /// The conntrack collector's figures.
+    pub conntrack_gc: ConntrackGcMetrics,
     registry: Registry,
 }
 
@@ -159,6 +162,7 @@ impl Metrics {
                 frontends_by_id: frontends_by_id.clone(),
             }));
         }
+        let conntrack_gc = ConntrackGcMetrics::register(ours);
         Metrics {
             sync_duration,
             network_programming,
@@ -171,6 +175,7 @@ impl Metrics {
             services_failed,
             map_entries,
             frontends_by_id,
+            conntrack_gc,
             registry,
         }
     }
@@ -295,5 +300,75 @@ impl Collector for CounterCollector {
                 .encode(metric.encode_family(&[("event", counter.name())])?)?;
         }
         Ok(())
+    }
+}
+
+/// The conntrack collector's metrics (`service_agent_conntrack_gc_*`).
+#[derive(Debug)]
+pub struct ConntrackGcMetrics {
+    /// Passes over the whole map.
+    pub passes: Counter,
+    /// Time one pass took.
+    pub pass_duration: Histogram,
+    /// The time until the next pass, as last paced.
+    pub interval: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Entries read, by passes and by walks for syncs' changes.
+    pub scanned: Counter,
+    /// Entries marked dead (their frontend was deleted).
+    pub marked_dead: Counter,
+    /// Entries deleted, by reason.
+    deleted: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl ConntrackGcMetrics {
+    /// Registers the metrics in `registry`.
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = ConntrackGcMetrics {
+            passes: Counter::default(),
+            pass_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            interval: Gauge::default(),
+            scanned: Counter::default(),
+            marked_dead: Counter::default(),
+            deleted: Family::default(),
+        };
+        let gc = registry.sub_registry_with_prefix("conntrack_gc");
+        gc.register(
+            "passes",
+            "Conntrack collector passes over the whole map",
+            metrics.passes.clone(),
+        );
+        gc.register(
+            "pass_duration_seconds",
+            "Time one conntrack collector pass took",
+            metrics.pass_duration.clone(),
+        );
+        gc.register(
+            "interval_seconds",
+            "Time until the next conntrack collector pass, as last paced",
+            metrics.interval.clone(),
+        );
+        gc.register(
+            "scanned_entries",
+            "Conntrack entries read by the collector (passes and walks for sync changes)",
+            metrics.scanned.clone(),
+        );
+        gc.register(
+            "marked_dead_entries",
+            "Conntrack entries marked dead because their frontend was deleted",
+            metrics.marked_dead.clone(),
+        );
+        gc.register(
+            "deleted_entries",
+            "Conntrack entries deleted by the collector, by reason (expired, dead, orphan, reaped)",
+            metrics.deleted.clone(),
+        );
+        metrics
+    }
+
+    /// The counter of entries deleted for `reason`.
+    pub fn deleted(&self, reason: &'static str) -> Counter {
+        self.deleted
+            .get_or_create(&vec![("reason", reason)])
+            .clone()
     }
 }

@@ -12,8 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, MapAddr,
-    RevNatId, RevNatValue, SCOPE_ALL,
+    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, IdCursors,
+    MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
 };
 
 use super::{
@@ -73,6 +73,18 @@ impl<K: Ord + Clone> IdAllocator<K> {
         IdAllocator {
             holds_released: true,
             ..Self::new(limit)
+        }
+    }
+
+    /// The next id to try.
+    fn cursor(&self) -> u32 {
+        self.next
+    }
+
+    /// Goes on from `next` (a cursor a previous agent kept), if in range.
+    fn resume(&mut self, next: u32) {
+        if next != 0 && next < self.limit {
+            self.next = next;
         }
     }
 
@@ -321,6 +333,22 @@ impl DesiredState {
                 .adopt((value.addr, value.port, value.family), *id);
         }
         state
+    }
+
+    /// Where the id allocators stand (kept across restarts).
+    pub fn id_cursors(&self) -> IdCursors {
+        IdCursors {
+            next_rev_nat_id: self.revnat_ids.cursor(),
+            next_backend_id: self.backend_ids.cursor(),
+        }
+    }
+
+    /// Goes on from where a previous agent's allocators stood, so ids it
+    /// handed out (and conntrack entries may still name) are not handed
+    /// out again soon. Out-of-range cursors are ignored.
+    pub fn resume_ids(&mut self, cursors: &IdCursors) {
+        self.revnat_ids.resume(cursors.next_rev_nat_id);
+        self.backend_ids.resume(cursors.next_backend_id);
     }
 
     /// Makes released rev-NAT ids free again: no conntrack entry names
@@ -1105,5 +1133,42 @@ mod tests {
         assert!(ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
         apply_checked(&mut maps, &ops);
         assert_eq!(states(&maps).len(), 2);
+    }
+
+    #[test]
+    fn a_restarted_agent_goes_on_after_the_last_ids_handed_out() {
+        let mut first = fresh();
+        first.set_service(&name("a"), &[frontend("10.96.0.1", &["10.1.1.2"])]);
+        first.set_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.3"])]);
+        first.set_service(&name("a"), &[]);
+        let cursors = first.id_cursors();
+        assert_eq!(
+            cursors,
+            IdCursors {
+                next_rev_nat_id: 3,
+                next_backend_id: 3
+            }
+        );
+        // Only b's entries are left; a's ids (1) may still be named by
+        // conntrack entries.
+        let mut second = DesiredState::adopting(&first.maps(), 100, 100);
+        second.resume_ids(&cursors);
+        second.set_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.3"])]);
+        second.set_service(&name("c"), &[frontend("10.96.0.3", &["10.1.1.4"])]);
+        let maps = second.maps();
+        assert_eq!(rev_nat_id(&maps, 3), 3);
+        assert!(maps.backends.contains_key(&3));
+        // Without the cursors it would have started again at 1.
+        let mut forgetful = DesiredState::adopting(&first.maps(), 100, 100);
+        forgetful.set_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.3"])]);
+        forgetful.set_service(&name("c"), &[frontend("10.96.0.3", &["10.1.1.4"])]);
+        assert_eq!(rev_nat_id(&forgetful.maps(), 3), 1);
+        // Nonsense cursors are ignored.
+        let mut third = DesiredState::adopting(&MapState::default(), 100, 100);
+        third.resume_ids(&IdCursors {
+            next_rev_nat_id: 100,
+            next_backend_id: 0,
+        });
+        assert_eq!(third.id_cursors().next_rev_nat_id, 1);
     }
 }

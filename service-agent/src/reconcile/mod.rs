@@ -4,9 +4,12 @@
 //! map entries with stable ids; [`diff`] orders the writes; [`sync`] applies
 //! them through [`crate::datapath::model::MapWriter`] and, with
 //! [`repair`], repairs drift; [`pipeline`] drives it all from events.
-//! [`flows`] says what a sync changed that tracked flows must follow.
+//! [`flows`] holds the rules for tracked flows (what a sync changed for
+//! them, what a collector pass deletes), which the conntrack [`collector`]
+//! applies on its own thread.
 
 pub mod cluster;
+pub mod collector;
 pub mod desired;
 pub mod diff;
 pub mod flows;

@@ -10,9 +10,11 @@ use std::{
 };
 
 use log::info;
+use service_common::IdCursors;
 
 use super::{
     cluster::{ClusterEvent, ClusterState, Dirty, Kind, ObjectName},
+    collector::{CollectorHandle, CollectorNews},
     sync::{SyncReport, SyncTimer, Syncer},
 };
 use crate::{
@@ -43,7 +45,15 @@ pub struct Pipeline<W> {
     repair_not_before: Instant,
     /// The wait after the next failed repair.
     repair_backoff: Duration,
+    /// The conntrack collector, told what each sync changed for flows.
+    collector: Option<CollectorHandle>,
+    /// Where the id allocators' position is kept across restarts, and the
+    /// position last kept there.
+    id_store: Option<(IdCursorStore, IdCursors)>,
 }
+
+/// Keeps the id allocators' position for the next agent.
+pub type IdCursorStore = Box<dyn FnMut(&IdCursors) -> anyhow::Result<()> + Send>;
 
 impl<W> Pipeline<W>
 where
@@ -63,6 +73,36 @@ where
             trigger_seen: BTreeMap::new(),
             repair_not_before: Instant::now(),
             repair_backoff: REPAIR_BACKOFF_MIN,
+            collector: None,
+            id_store: None,
+        }
+    }
+
+    /// Keeps the id allocators' position in `store` after each sync that
+    /// moved it; `kept` is the position kept there now (the syncer goes on
+    /// from it).
+    pub fn with_id_store(mut self, store: IdCursorStore, kept: IdCursors) -> Self {
+        self.syncer.resume_ids(&kept);
+        self.id_store = Some((store, self.syncer.id_cursors()));
+        self
+    }
+
+    /// Tells `collector` what each sync changed for tracked flows.
+    pub fn with_collector(mut self, collector: CollectorHandle) -> Self {
+        self.collector = Some(collector);
+        self
+    }
+
+    /// Takes the collector's news about rev-NAT ids in.
+    pub fn collector_news(&mut self, news: CollectorNews) {
+        match news {
+            CollectorNews::RevNatIdsInUse(ids) => {
+                let held = self.syncer.hold_rev_nat_ids(ids);
+                if !held.is_empty() {
+                    info!("rev-NAT ids {held:?} are held until no conntrack entry names them");
+                }
+            }
+            CollectorNews::RevNatIdsDrained(ids) => self.syncer.reuse_rev_nat_ids(ids),
         }
     }
 
@@ -153,6 +193,18 @@ where
     }
 
     fn record(&mut self, report: &SyncReport, timer: &SyncTimer, dirty: &Dirty) {
+        if let Some(collector) = &self.collector {
+            collector.follow(&report.flows);
+        }
+        if let Some((store, kept)) = &mut self.id_store {
+            let now = self.syncer.id_cursors();
+            if now != *kept {
+                match store(&now) {
+                    Ok(()) => *kept = now,
+                    Err(e) => log::warn!("{e:#}"),
+                }
+            }
+        }
         let Some(metrics) = &self.metrics else {
             return;
         };
@@ -202,5 +254,78 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::{
+        datapath::model::MapState,
+        reconcile::{cluster::Change, translate::NodeContext},
+        source::file::{KINDS, parse_documents},
+    };
+
+    const WEB: &str = r#"
+kind: Service
+apiVersion: v1
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.1.2]}]
+"#;
+
+    /// The events of a file source reading `yaml`.
+    fn events(yaml: &str) -> [ClusterEvent; 2] {
+        let parsed = parse_documents(yaml, None).unwrap();
+        [
+            ClusterEvent::Service(Change::Replaced(parsed.services)),
+            ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)),
+        ]
+    }
+
+    #[test]
+    fn the_id_allocators_go_on_from_the_kept_position_and_keep_theirs() {
+        let stored: Arc<Mutex<Vec<IdCursors>>> = Arc::default();
+        let sink = stored.clone();
+        let syncer = Syncer::adopting(MapState::default(), NodeContext::default()).unwrap();
+        let kept = IdCursors {
+            next_rev_nat_id: 7,
+            next_backend_id: 9,
+        };
+        let mut pipeline = Pipeline::new(syncer, &KINDS).with_id_store(
+            Box::new(move |cursors| {
+                sink.lock().unwrap().push(*cursors);
+                Ok(())
+            }),
+            kept,
+        );
+        for event in events(WEB) {
+            pipeline.handle(event);
+        }
+        pipeline.flush().unwrap();
+        let maps = pipeline.syncer().writer();
+        assert_eq!(maps.revnat.keys().collect::<Vec<_>>(), [&7]);
+        assert_eq!(maps.backends.keys().collect::<Vec<_>>(), [&9]);
+        assert_eq!(
+            *stored.lock().unwrap(),
+            [IdCursors {
+                next_rev_nat_id: 8,
+                next_backend_id: 10
+            }]
+        );
+        // A sync that hands out no id keeps nothing new.
+        for event in events(WEB) {
+            pipeline.handle(event);
+        }
+        pipeline.resync().unwrap();
+        assert_eq!(stored.lock().unwrap().len(), 1);
     }
 }

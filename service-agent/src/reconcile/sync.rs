@@ -174,6 +174,31 @@ where
         self.repair_due
     }
 
+    /// Where the id allocators stand.
+    pub fn id_cursors(&self) -> service_common::IdCursors {
+        self.desired.id_cursors()
+    }
+
+    /// Goes on from where a previous agent's id allocators stood.
+    pub fn resume_ids(&mut self, cursors: &service_common::IdCursors) {
+        self.desired.resume_ids(cursors);
+    }
+
+    /// Makes released rev-NAT ids free again once no conntrack entry names
+    /// them.
+    pub fn reuse_rev_nat_ids(&mut self, ids: impl IntoIterator<Item = service_common::RevNatId>) {
+        self.desired.reuse_rev_nat_ids(ids);
+    }
+
+    /// Holds rev-NAT ids conntrack entries still name though no frontend
+    /// has them; returns those now held.
+    pub fn hold_rev_nat_ids(
+        &mut self,
+        ids: impl IntoIterator<Item = service_common::RevNatId>,
+    ) -> Vec<service_common::RevNatId> {
+        self.desired.hold_rev_nat_ids(ids)
+    }
+
     /// Sets this node's context; every Service is re-translated on the next sync.
     pub fn set_node(&mut self, node: NodeContext) {
         self.node = node;
