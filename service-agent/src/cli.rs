@@ -157,6 +157,12 @@ pub struct RunArgs {
     /// once idle for longer than the timeout of its state.
     #[command(flatten)]
     pub ct_timeouts: ConntrackTimeoutArgs,
+    /// Longest time between two conntrack collector passes, in seconds. The
+    /// collector paces itself between 1 s and this: sooner when a pass
+    /// freed much of the map, later when it freed little, and at once when
+    /// the datapath runs out of SNAT ports or conntrack room.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub ct_gc_max_interval_secs: u64,
 }
 
 /// The conntrack timeouts (`--ct-timeout-*`), in seconds.
@@ -363,11 +369,11 @@ impl RunArgs {
                 external: self.external_devices.clone(),
                 nodeport_mode: self.nodeport_mode,
             },
+            node_name: self
+                .node_name
+                .clone()
+                .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
             node: NodeContext {
-                node_name: self
-                    .node_name
-                    .clone()
-                    .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
                 nodeport_addresses,
                 external_ip_cidrs: self.external_ip_cidrs.clone(),
             },
@@ -386,6 +392,7 @@ impl RunArgs {
             },
             snat_ports: self.snat_port_range,
             ct_timeouts: self.ct_timeouts.timeouts(),
+            ct_gc_max_interval: Duration::from_secs(self.ct_gc_max_interval_secs),
         })
     }
 }

@@ -8,7 +8,18 @@ use service_agent::{
 };
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // One malloc arena: the agent's work is one thread at a time (the sync
+    // loop, the file parser, a scrape), and with glibc's default of an
+    // arena per thread, memory the parser frees stays in its arena: 5% more
+    // peak memory at 100k Services, for nothing.
+    // SAFETY: called before any other thread exists; mallopt only tunes
+    // the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {

@@ -5,14 +5,14 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use log::{error, info, warn};
-use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange};
+use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange, map_addr_v4};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::unbounded_channel,
@@ -23,12 +23,27 @@ use crate::{
         self, MapSizes,
         attach::{Attachments, DeviceSelection},
         cgroup::CgroupPath,
-        maps::ServiceMaps,
+        conntrack::{ConntrackMap, PressureCounters},
+        id_cursors::IdCursorMap,
+        maps::{CounterMaps, ServiceMaps},
+        model::{MapReader, MapWriter},
+        snat_ports::Reservation,
     },
     ops::{self, health::Health, metrics::Metrics, status},
-    reconcile::{cluster::Kind, pipeline::Pipeline, sync::Syncer, translate::NodeContext},
+    reconcile::{
+        self,
+        cluster::Kind,
+        collector::CollectorSettings,
+        flows::FlowRules,
+        pipeline::Pipeline,
+        sync::{SyncReport, Syncer},
+        translate::NodeContext,
+    },
     source::{self, SourceSpec},
 };
+
+/// Shortest time between two conntrack collector passes.
+const COLLECTOR_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How `run` was asked to behave.
 #[derive(Clone, Debug)]
@@ -39,7 +54,10 @@ pub struct RunOptions {
     pub pin_path: PathBuf,
     /// Pod devices to attach to.
     pub devices: DeviceSelection,
-    /// This node.
+    /// This node's name: its endpoints are node-local, and the kube source
+    /// watches its Node.
+    pub node_name: Option<String>,
+    /// This node, as translation sees it.
     pub node: NodeContext,
     /// How often the file source and the devices are checked.
     pub poll_interval: Duration,
@@ -59,6 +77,8 @@ pub struct RunOptions {
     pub snat_ports: SnatPortRange,
     /// Conntrack timeouts.
     pub ct_timeouts: ConntrackTimeouts,
+    /// Longest time between two conntrack collector passes.
+    pub ct_gc_max_interval: Duration,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -80,7 +100,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.snat_ports.max,
         options.ct_timeouts
     );
+    if options.snat_ipv4.is_some() {
+        reserve_snat_ports(options.snat_ports);
+    }
     let maps = ServiceMaps::take_from(&mut ebpf)?;
+    let counters = CounterMaps::take_from(&mut ebpf)?;
+    let mut id_cursors = IdCursorMap::take_from(&mut ebpf)?;
+    let kept_cursors = id_cursors.load();
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
         .context("reading the pinned maps")?;
     info!("maps pinned in {}", options.pin_path.display());
@@ -89,8 +115,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", link_dir.display()))?;
     datapath::cgroup::configure(&mut ebpf, &options.cgroup_path, &link_dir)?;
 
-    let metrics = Arc::new(Metrics::new(options.pin_path.clone(), options.map_sizes));
-    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new(options.map_sizes, Some(counters)));
+    // kube-proxy's bound: twice its sync period.
+    let health = Arc::new(Health::new(2 * options.resync_interval));
     ops::server::serve(
         options.metrics_addr,
         options.healthz_addr,
@@ -102,20 +129,56 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (events, mut incoming) = unbounded_channel();
     let kinds: &[Kind] = match &options.source {
         SourceSpec::File(path) => {
-            source::file::spawn_watcher(path.clone(), options.poll_interval, events);
+            source::file::spawn_watcher(
+                path.clone(),
+                options.poll_interval,
+                options.node_name.clone(),
+                events,
+            );
             &source::file::KINDS
         }
         SourceSpec::Kube => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
-            let node_name = options.node.node_name.clone().unwrap_or_default();
+            let node_name = options.node_name.clone().unwrap_or_default();
             info!("watching the Kubernetes API as node {node_name:?}");
-            source::kube::spawn_watchers(client, &node_name, events);
+            source::kube::spawn_watchers(client, &node_name, events, health.clone());
             &source::kube::KINDS
         }
     };
-    let mut pipeline = Pipeline::new(syncer, kinds, Some(metrics));
+    let (collector_news, mut news) = unbounded_channel();
+    let collector = reconcile::collector::spawn(
+        ConntrackMap::open(&options.pin_path)?,
+        CollectorSettings {
+            rules: FlowRules {
+                timeouts: options.ct_timeouts,
+                snat_addr: map_addr_v4(options.snat_ipv4.map(|a| a.octets()).unwrap_or_default()),
+            },
+            snat_ports: options.snat_ports,
+            min_interval: COLLECTOR_MIN_INTERVAL.min(options.ct_gc_max_interval),
+            max_interval: options.ct_gc_max_interval,
+        },
+        match PressureCounters::open(&options.pin_path) {
+            Ok(counters) => Box::new(move || counters.read()),
+            Err(e) => {
+                warn!("the datapath's counters cannot be read ({e:#}): the conntrack collector only runs on its own pace");
+                Box::new(|| None)
+            }
+        },
+        Some(metrics.clone()),
+        collector_news,
+    )
+    .context("starting the conntrack collector")?;
+    let mut pipeline = Pipeline::new(syncer, kinds)
+        .with_metrics(metrics)
+        .with_health(health.clone())
+        .with_collector(collector)
+        .with_id_store(
+            Box::new(move |cursors| id_cursors.store(cursors)),
+            kept_cursors,
+        );
+    let mut failed_services = 0;
     let mut attachments = Attachments::default();
     let mut last_full_sync = Instant::now();
 
@@ -133,21 +196,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
                 while let Ok(event) = incoming.try_recv() {
                     pipeline.handle(event);
                 }
-                if pipeline.flush().is_some_and(|report| report.services_changed > 0)
-                    && let Err(e) = status::write(
-                        &options.pin_path,
-                        &status::statuses(pipeline.syncer().translations()),
-                    )
-                {
-                    warn!("writing the status file: {e:#}");
-                }
+                let report = pipeline.flush();
+                write_status(&options.pin_path, &pipeline, report.as_ref(), &mut failed_services);
             }
+            Some(item) = news.recv() => pipeline.collector_news(item),
             _ = ticker.tick() => {
                 if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {
                     warn!("device scan failed: {e:#}");
                 }
                 if pipeline.repair_due() || last_full_sync.elapsed() >= options.resync_interval {
-                    pipeline.resync();
+                    let report = pipeline.resync();
+                    write_status(&options.pin_path, &pipeline, report.as_ref(), &mut failed_services);
                     last_full_sync = Instant::now();
                 }
                 health.beat(pipeline.is_synced());
@@ -162,4 +221,58 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         attachments.devices().collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// Rewrites the status file when a sync changed a Service or which
+/// Services failed (`failed_services`: their number at the last write).
+fn write_status<W: MapWriter + MapReader>(
+    pin_path: &Path,
+    pipeline: &Pipeline<W>,
+    report: Option<&SyncReport>,
+    failed_services: &mut usize,
+) {
+    let Some(report) = report else {
+        return;
+    };
+    let failures = pipeline.syncer().failures();
+    if report.services_changed == 0 && !report.failed() && failures.len() == *failed_services {
+        return;
+    }
+    *failed_services = failures.len();
+    if let Err(e) = status::write(
+        pin_path,
+        &status::statuses(
+            pipeline.syncer().services(),
+            pipeline.syncer().desired(),
+            failures,
+        ),
+    ) {
+        warn!("writing the status file: {e:#}");
+    }
+}
+
+/// Keeps this network namespace's own sockets off the SNAT ports, and says so.
+fn reserve_snat_ports(snat: SnatPortRange) {
+    let snat = snat.effective();
+    match datapath::snat_ports::reserve(snat) {
+        Ok(Reservation::Disjoint { ephemeral }) => info!(
+            "SNAT ports {}-{} lie outside the ephemeral range {}-{}: no host socket picks them",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Ok(Reservation::AlreadyReserved { ephemeral }) => info!(
+            "SNAT ports {}-{} overlap the ephemeral range {}-{} and are reserved already (net.ipv4.ip_local_reserved_ports)",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Ok(Reservation::Reserved {
+            ephemeral,
+            reserved,
+        }) => info!(
+            "SNAT ports {}-{} overlap the ephemeral range {}-{}: reserved, so no host socket picks them (net.ipv4.ip_local_reserved_ports = {reserved})",
+            snat.min, snat.max, ephemeral.0, ephemeral.1
+        ),
+        Err(e) => warn!(
+            "could not keep host sockets off the SNAT ports {}-{} ({e:#}): a host socket may share a tuple with an SNATed flow",
+            snat.min, snat.max
+        ),
+    }
 }

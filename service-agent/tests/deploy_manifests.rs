@@ -521,15 +521,17 @@ fn daemon_set_mounts_bpffs_and_probes_its_healthz_port() {
         .rsplit_once(':')
         .and_then(|(_, port)| port.parse().ok())
         .expect("--healthz-addr HOST:PORT");
-    for (which, probe) in [
-        ("liveness", &agent.liveness_probe),
-        ("readiness", &agent.readiness_probe),
+    // Liveness on /livez: a node being deleted fails /healthz (so load
+    // balancers drain it) and must not get the agent restarted.
+    for (which, probe, path) in [
+        ("liveness", &agent.liveness_probe, "/livez"),
+        ("readiness", &agent.readiness_probe, "/healthz"),
     ] {
         let get = probe
             .as_ref()
             .and_then(|probe| probe.http_get.as_ref())
             .unwrap_or_else(|| panic!("no {which} httpGet probe"));
-        assert_eq!(get.path.as_deref(), Some("/healthz"), "{which}");
+        assert_eq!(get.path.as_deref(), Some(path), "{which}");
         assert_eq!(
             get.port,
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(healthz_port),

@@ -5,13 +5,14 @@
 //! step, checks the requests (paths, selectors, resourceVersions), and
 //! checks the resulting map contents.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
 use service_agent::{
     datapath::model::{MapState, ip_from_map},
+    ops::health::{Health, Probe},
     reconcile::{pipeline::Pipeline, sync::Syncer, translate::NodeContext},
     source::kube::{KINDS, SERVICE_LABEL_SELECTOR, spawn_watchers},
 };
@@ -200,35 +201,56 @@ fn summary(maps: &MapState) -> Vec<String> {
     out
 }
 
+/// How long a watch may keep failing before the tests' agent is unhealthy.
+const HEALTH_BOUND: Duration = Duration::from_secs(2);
+
 /// Starts the real watchers on a mock client and the pipeline on in-memory
-/// maps; returns the scripted server and a view of the maps after each flush.
-fn start() -> (ApiServer, watch::Receiver<MapState>) {
+/// maps, beating `health` as the agent's loop does; returns the scripted
+/// server, a view of the maps after each flush, and the health.
+fn start() -> (ApiServer, watch::Receiver<MapState>, Arc<Health>) {
     let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(mock, "default");
     let (events, mut incoming) = tokio::sync::mpsc::unbounded_channel();
-    spawn_watchers(client, "node-a", events);
-    let syncer = Syncer::adopting(
-        MapState::default(),
-        NodeContext {
-            node_name: Some("node-a".into()),
-            ..NodeContext::default()
-        },
-    )
-    .unwrap();
+    let health = Arc::new(Health::new(HEALTH_BOUND));
+    spawn_watchers(client, "node-a", events, health.clone());
+    let syncer = Syncer::adopting(MapState::default(), NodeContext::default()).unwrap();
     let (maps_tx, maps_rx) = watch::channel(MapState::default());
+    let loop_health = health.clone();
     tokio::spawn(async move {
-        let mut pipeline = Pipeline::new(syncer, &KINDS, None);
-        while let Some(event) = incoming.recv().await {
-            pipeline.handle(event);
-            while let Ok(event) = incoming.try_recv() {
-                pipeline.handle(event);
-            }
-            if pipeline.flush().is_some() {
-                let _ = maps_tx.send(pipeline.syncer().writer().clone());
+        let mut pipeline = Pipeline::new(syncer, &KINDS).with_health(loop_health.clone());
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                event = incoming.recv() => {
+                    let Some(event) = event else { return };
+                    pipeline.handle(event);
+                    while let Ok(event) = incoming.try_recv() {
+                        pipeline.handle(event);
+                    }
+                    if pipeline.flush().is_some() {
+                        let _ = maps_tx.send(pipeline.syncer().writer().clone());
+                    }
+                }
+                _ = ticker.tick() => loop_health.beat(pipeline.is_synced()),
             }
         }
     });
-    (ApiServer::new(handle), maps_rx)
+    (ApiServer::new(handle), maps_rx, health)
+}
+
+/// Waits until `probe` answers `code`; returns the body.
+async fn expect_health(health: &Health, probe: Probe, code: StatusCode) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (got, body) = health.report(probe);
+        if got == code {
+            return body;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{probe:?} never answered {code}; last: {got} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until the maps summarise to `expected`.
@@ -278,7 +300,7 @@ async fn initial_lists(server: &mut ApiServer, services: Vec<Value>, slices: Vec
 
 #[tokio::test]
 async fn list_then_watch_add_modify_delete_program_the_maps() {
-    let (mut server, mut maps) = start();
+    let (mut server, mut maps, _) = start();
     initial_lists(
         &mut server,
         vec![service("web", "10.96.0.10", "90")],
@@ -335,7 +357,7 @@ async fn list_then_watch_add_modify_delete_program_the_maps() {
 
 #[tokio::test]
 async fn a_410_gone_leads_to_a_relist_that_drops_what_was_deleted_meanwhile() {
-    let (mut server, mut maps) = start();
+    let (mut server, mut maps, _) = start();
     initial_lists(
         &mut server,
         vec![
@@ -381,7 +403,7 @@ async fn a_410_gone_leads_to_a_relist_that_drops_what_was_deleted_meanwhile() {
 
 #[tokio::test]
 async fn error_answers_are_retried_and_nothing_is_programmed_before_every_list() {
-    let (mut server, mut maps) = start();
+    let (mut server, mut maps, _) = start();
     // The Services list is refused (403), then fails (500); the agent keeps
     // retrying with backoff and programs nothing meanwhile.
     server
@@ -418,4 +440,77 @@ async fn error_answers_are_retried_and_nothing_is_programmed_before_every_list()
         ),
     );
     expect_maps(&mut maps, &["10.96.0.10:80 -> [10.1.1.2:8080]"]).await;
+}
+
+fn node(deleting: bool, tainted: bool, rv: &str) -> Value {
+    let mut node = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "resourceVersion": rv}, "spec": {}});
+    if deleting {
+        node["metadata"]["deletionTimestamp"] = json!("2024-01-02T03:04:05Z");
+    }
+    if tainted {
+        node["spec"]["taints"] =
+            json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]);
+    }
+    node
+}
+
+#[tokio::test]
+async fn healthz_fails_while_the_api_server_fails_and_recovers_when_it_answers() {
+    let (mut server, mut maps, health) = start();
+    initial_lists(
+        &mut server,
+        vec![service("web", "10.96.0.10", "90")],
+        vec![],
+    )
+    .await;
+    expect_maps(&mut maps, &["10.96.0.10:80 -> []"]).await;
+    expect_health(&health, Probe::Healthz, StatusCode::OK).await;
+
+    // The Services watch fails and the retries fail too: after the bound,
+    // both probes answer 503 and name the watch.
+    server.next(SERVICES).await.reply(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        status(500, "InternalError"),
+    );
+    let body = expect_health(&health, Probe::Healthz, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(body.contains(r#""failingWatches":["Service"]"#), "{body}");
+    expect_health(&health, Probe::Livez, StatusCode::SERVICE_UNAVAILABLE).await;
+    let retry = server.next(SERVICES).await;
+    retry.reply(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        status(500, "InternalError"),
+    );
+    // The API server answers again: the next watch delivers, health is back.
+    let watch = server.next(SERVICES).await;
+    assert!(watch.is_watch(), "{} {}", watch.path, watch.query);
+    watch.reply_events(&[event("ADDED", service("db", "10.96.0.20", "101"))]);
+    expect_maps(&mut maps, &["10.96.0.10:80 -> []", "10.96.0.20:80 -> []"]).await;
+    expect_health(&health, Probe::Healthz, StatusCode::OK).await;
+    expect_health(&health, Probe::Livez, StatusCode::OK).await;
+}
+
+#[tokio::test]
+async fn healthz_fails_while_this_node_is_being_deleted_and_livez_does_not() {
+    let (mut server, mut maps, health) = start();
+    initial_lists(&mut server, vec![], vec![]).await;
+    expect_maps(&mut maps, &[]).await;
+    expect_health(&health, Probe::Healthz, StatusCode::OK).await;
+
+    let node_watch = server.next(NODES).await;
+    node_watch.reply_events(&[event("MODIFIED", node(false, true, "301"))]);
+    let body = expect_health(&health, Probe::Healthz, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(body.contains(r#""nodeEligible":false"#), "{body}");
+    let (code, _) = health.report(Probe::Livez);
+    assert_eq!(code, StatusCode::OK);
+
+    let node_watch = server.next(NODES).await;
+    node_watch.reply_events(&[event("MODIFIED", node(false, false, "302"))]);
+    expect_health(&health, Probe::Healthz, StatusCode::OK).await;
+
+    let node_watch = server.next(NODES).await;
+    node_watch.reply_events(&[event("MODIFIED", node(true, false, "303"))]);
+    expect_health(&health, Probe::Healthz, StatusCode::SERVICE_UNAVAILABLE).await;
+    let node_watch = server.next(NODES).await;
+    server.hold(node_watch);
 }

@@ -265,6 +265,14 @@ impl ConntrackValue {
     pub const fn needs_touch(&self, bits: u8, now: u32) -> bool {
         self.last_seen != now || self.state | bits != self.state
     }
+
+    /// Whether this entry has seen no packet for more than `seconds` at
+    /// `now` (monotonic seconds); a `last_seen` ahead of `now` (written by
+    /// another CPU in the next second) is not idle.
+    #[inline(always)]
+    pub const fn idle_longer_than(&self, seconds: u32, now: u32) -> bool {
+        seconds_between(self.last_seen, now) > seconds as i32
+    }
 }
 
 /// The `CT_STATE_*` bits one packet contributes to its flow: `reply` says
@@ -368,6 +376,40 @@ pub const fn snat_reply_key(
         master.proto,
         CT_DIR_SNAT_REPLY,
     ))
+}
+
+/// The keys of every companion of the flow whose master is `master`/`value`,
+/// given this node's SNAT address (network byte order): its reply (or
+/// hairpin reply) entry, and for an SNATed flow its [`CT_DIR_SNAT`] and
+/// [`CT_DIR_SNAT_REPLY`] entries. The collector deletes them with their
+/// master.
+#[inline(always)]
+pub const fn companion_keys(
+    master: &ConntrackKey,
+    value: &ConntrackValue,
+    snat_addr: &MapAddr,
+) -> [Option<ConntrackKey>; 3] {
+    [
+        Some(reply_key(master, value)),
+        snat_key(master, value),
+        snat_reply_key(master, value, snat_addr),
+    ]
+}
+
+/// Whether `key` is one of the companions ([`companion_keys`]) of the flow
+/// whose master is `master`/`value`. A non-master entry whose master no
+/// longer names it (the flow moved to another backend, or another flow took
+/// the tuple) is an orphan.
+#[inline(always)]
+pub fn is_companion(
+    key: &ConntrackKey,
+    master: &ConntrackKey,
+    value: &ConntrackValue,
+    snat_addr: &MapAddr,
+) -> bool {
+    companion_keys(master, value, snat_addr)
+        .iter()
+        .any(|companion| companion.as_ref() == Some(key))
 }
 
 /// The master key of the flow a non-master entry belongs to. A reply or
@@ -489,7 +531,17 @@ impl ConntrackTimeouts {
     /// [`timeout`]: ConntrackTimeouts::timeout
     #[inline(always)]
     pub const fn is_expired(&self, proto: u8, value: &ConntrackValue, now: u32) -> bool {
-        seconds_between(value.last_seen, now) > self.timeout(proto, value) as i32
+        value.idle_longer_than(self.timeout(proto, value), now)
+    }
+
+    /// The close timeout in effect: the configured one, or its default.
+    #[inline(always)]
+    pub const fn close(&self) -> u32 {
+        if self.tcp_close == 0 {
+            Self::DEFAULT.tcp_close
+        } else {
+            self.tcp_close
+        }
     }
 }
 
@@ -660,6 +712,46 @@ mod tests {
     }
 
     #[test]
+    fn companions_are_the_entries_that_lead_back_to_their_master() {
+        let snat = map_addr_v4(SNAT);
+        let key = master(PROTO_UDP);
+        let plain = master_value(0, 0);
+        let [reply, none_a, none_b] = companion_keys(&key, &plain, &snat);
+        assert_eq!(reply, Some(reply_key(&key, &plain)));
+        assert_eq!((none_a, none_b), (None, None));
+        let snated = master_value(CT_FLAG_SNAT, 20017u16.to_be());
+        let companions = companion_keys(&key, &snated, &snat);
+        for companion in companions.iter().flatten() {
+            assert!(is_companion(companion, &key, &snated, &snat));
+            // Leads back to the master (the SNAT ones through the frontend).
+            let back = match companion.direction {
+                // Holds the frontend.
+                CT_DIR_REPLY => master_key(
+                    companion,
+                    &ConntrackValue::new(key.daddr, key.dport, 7, 3, 100),
+                    None,
+                ),
+                // Holds the client.
+                _ => master_key(
+                    companion,
+                    &ConntrackValue::new(key.saddr, key.sport, 7, 3, 100),
+                    Some(&frontend()),
+                ),
+            };
+            assert_eq!(back, Some(key), "{companion:?}");
+        }
+        assert_eq!(companions.iter().flatten().count(), 3);
+        // After a re-balance the master names another backend: the old
+        // reply entry is no companion any more.
+        let moved = ConntrackValue {
+            nat_addr: map_addr_v4([10, 200, 9, 9]),
+            ..plain
+        };
+        assert!(!is_companion(&reply_key(&key, &plain), &key, &moved, &snat));
+        assert!(!is_companion(&key, &key, &plain, &snat));
+    }
+
+    #[test]
     fn packets_contribute_state_bits_by_direction() {
         assert_eq!(packet_state_bits(PROTO_TCP, TCP_FLAG_SYN, false), 0);
         assert_eq!(
@@ -773,6 +865,23 @@ mod tests {
             // Written by another CPU a second ahead: not expired.
             assert!(!t.is_expired(PROTO_UDP, &value, last_seen.wrapping_sub(1)));
         }
+    }
+
+    #[test]
+    fn idleness_is_measured_on_the_wrapping_clock_and_the_close_timeout_defaults() {
+        let value = ConntrackValue {
+            last_seen: u32::MAX - 1,
+            ..with_state(0)
+        };
+        assert!(!value.idle_longer_than(3, 1));
+        assert!(value.idle_longer_than(2, 1));
+        assert!(!value.idle_longer_than(0, u32::MAX - 2), "ahead of now");
+        assert_eq!(ConntrackTimeouts::default().close(), 10);
+        let short = ConntrackTimeouts {
+            tcp_close: 2,
+            ..ConntrackTimeouts::default()
+        };
+        assert_eq!(short.close(), 2);
     }
 
     #[test]

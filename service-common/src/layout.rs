@@ -9,8 +9,8 @@ use core::mem::size_of;
 use crate::{
     BACKENDS_MAX_ENTRIES, BackendId, BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES,
     ConntrackKey, ConntrackValue, DatapathConfig, FRAGMENTS_MAX_ENTRIES, FRONTENDS_MAX_ENTRIES,
-    FragmentKey, FragmentValue, FrontendKey, FrontendStats, FrontendValue, REVNAT_MAX_ENTRIES,
-    RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES, SockNatKey, SockNatValue,
+    FragmentKey, FragmentValue, FrontendKey, FrontendStats, FrontendValue, IdCursors,
+    REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES, SockNatKey, SockNatValue,
 };
 
 /// Name of the frontends map (`FrontendKey -> FrontendValue`).
@@ -32,6 +32,9 @@ pub const MAP_COUNTERS: &str = "SVC_COUNTERS";
 pub const MAP_CONFIG: &str = "SVC_CONFIG";
 /// Name of the socket-LB NAT LRU map (`SockNatKey -> SockNatValue`).
 pub const MAP_SOCK_NAT: &str = "SVC_SOCK_NAT";
+/// Name of the agent's id allocator array (one [`IdCursors`]); the
+/// datapath never reads it.
+pub const MAP_ID_CURSORS: &str = "SVC_ID_CURSORS";
 
 /// The kind of a BPF map, as created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,7 +128,7 @@ impl MapSpec {
 }
 
 /// Every map of the datapath.
-pub const MAPS: [MapSpec; 9] = [
+pub const MAPS: [MapSpec; 10] = [
     MapSpec::of::<FrontendKey, FrontendValue>(
         MAP_FRONTENDS,
         MapKind::Hash,
@@ -187,6 +190,13 @@ pub const MAPS: [MapSpec; 9] = [
         MapKind::LruHash,
         SOCK_NAT_MAX_ENTRIES,
         false,
+        TraceCopy::Nothing,
+    ),
+    MapSpec::of::<u32, IdCursors>(
+        MAP_ID_CURSORS,
+        MapKind::Array,
+        1,
+        true,
         TraceCopy::Nothing,
     ),
 ];

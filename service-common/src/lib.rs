@@ -173,6 +173,7 @@ mod user {
     unsafe impl aya::Pod for super::FragmentValue {}
     unsafe impl aya::Pod for super::FrontendStats {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::IdCursors {}
     unsafe impl aya::Pod for super::SockNatKey {}
     unsafe impl aya::Pod for super::SockNatValue {}
 }

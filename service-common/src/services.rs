@@ -177,6 +177,22 @@ pub struct RevNatValue {
 }
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 20);
 
+/// Where the agent's id allocators stand: the next rev-NAT and backend ids
+/// they try (round-robin). Kept in a pinned map of one entry
+/// ([`crate::MAP_ID_CURSORS`]), which only the agent reads and writes, so a
+/// restarted agent goes on after the last ids handed out instead of
+/// starting again at 1: an id is not reused while conntrack entries could
+/// still name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct IdCursors {
+    /// The next rev-NAT id to try, host byte order; 0: unset.
+    pub next_rev_nat_id: RevNatId,
+    /// The next backend id to try, host byte order; 0: unset.
+    pub next_backend_id: BackendId,
+}
+const _: () = assert!(core::mem::size_of::<IdCursors>() == 8);
+
 /// Per-frontend counters, one per CPU, indexed by rev-NAT id; user space sums them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

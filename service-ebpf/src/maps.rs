@@ -13,8 +13,8 @@ use service_common::{
     BACKENDS_MAX_ENTRIES, BackendId, BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES,
     ConntrackKey, ConntrackValue, DatapathConfig, DatapathCounter, FRAGMENTS_MAX_ENTRIES,
     FRONTENDS_MAX_ENTRIES, FragmentKey, FragmentValue, FrontendKey, FrontendStats, FrontendValue,
-    MapKind, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES, SockNatKey,
-    SockNatValue, map_matches,
+    IdCursors, MapKind, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES,
+    SockNatKey, SockNatValue, map_matches,
 };
 
 /// Asserts at compile time that the map named `$name` (the literal its
@@ -90,6 +90,12 @@ check_map!("SVC_CONFIG", u32, DatapathConfig, MapKind::Array);
 pub static SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> =
     LruHashMap::pinned(SOCK_NAT_MAX_ENTRIES, 0);
 check_map!("SVC_SOCK_NAT", SockNatKey, SockNatValue, MapKind::LruHash);
+
+/// Where the agent's id allocators stand. Only the agent reads and writes
+/// it; it is defined here so it is created and pinned with the others.
+#[map(name = "SVC_ID_CURSORS")]
+pub static ID_CURSORS: Array<IdCursors> = Array::pinned(1, 0);
+check_map!("SVC_ID_CURSORS", u32, IdCursors, MapKind::Array);
 
 /// `BPF_ANY`: insert or replace.
 pub const BPF_ANY: u64 = 0;

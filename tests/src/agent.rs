@@ -176,6 +176,43 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// The value of the Prometheus series `series` (name and labels exactly as
+/// exported, e.g. `service_agent_map_entries{map="conntrack"}` or
+/// `service_agent_conntrack_gc_deleted_entries_total{reason="expired"}`)
+/// of the agent serving `/metrics` on its default address in `node`;
+/// `None` when it is not exported.
+pub fn metric(node: &NetNs, series: &str) -> anyhow::Result<Option<f64>> {
+    let (status, body) = node
+        .run(|| {
+            crate::traffic::http_get_path(SocketAddr::from(([127, 0, 0, 1], 10249)), "/metrics")
+        })?
+        .context("scraping /metrics")?;
+    if status != 200 {
+        bail!("/metrics answered {status}");
+    }
+    Ok(body.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    }))
+}
+
+/// The conntrack entries in the map pinned under `pin_path`.
+pub fn conntrack_entries(
+    pin_path: &Path,
+) -> anyhow::Result<Vec<(service_common::ConntrackKey, service_common::ConntrackValue)>> {
+    let map: aya::maps::HashMap<
+        aya::maps::MapData,
+        service_common::ConntrackKey,
+        service_common::ConntrackValue,
+    > = aya::maps::HashMap::try_from(service_agent::datapath::maps::open_pinned(
+        pin_path,
+        service_common::MAP_CONNTRACK,
+    )?)?;
+    map.iter()
+        .map(|entry| entry.context("reading the conntrack map"))
+        .collect()
+}
+
 /// `service-agent list` (table) for the maps pinned under `pin_path`.
 pub fn list_table(pin_path: &Path) -> anyhow::Result<String> {
     list(pin_path, false)

@@ -13,7 +13,7 @@ use service_agent::{
     datapath::{
         self,
         maps::ServiceMaps,
-        model::{MapState, MapWriter as _},
+        model::{MapState, write_in_order},
     },
     reconcile::{
         cluster::ObjectName,
@@ -92,8 +92,6 @@ impl Datapath {
     ) {
         let service = frontend_service(addr, port, proto);
         let frontend = DesiredFrontend {
-            service: service.clone(),
-            port_name: String::new(),
             addr: addr.into(),
             port,
             proto,
@@ -109,10 +107,10 @@ impl Datapath {
                 .collect(),
             draining: Vec::new(),
         };
-        let (ops, problems) = self.desired.set_service(&service, &[frontend]);
-        assert!(problems.is_empty(), "{problems:?}");
-        for op in ops {
-            self.maps.apply(&op).expect("map write");
+        let update = self.desired.set_service(&service, &[frontend]);
+        assert!(update.problems.is_empty(), "{:?}", update.problems);
+        if let Err(failure) = write_in_order(&mut self.maps, &update.writes.ops) {
+            panic!("map write: {}", failure.error);
         }
     }
 
@@ -132,11 +130,11 @@ impl Datapath {
     /// does: header, slots and rev-NAT entry, and backends no other
     /// frontend uses.
     pub fn delete_frontend(&mut self, addr: Ipv4Addr, port: u16, proto: u8) {
-        let (ops, _) = self
+        let update = self
             .desired
             .set_service(&frontend_service(addr, port, proto), &[]);
-        for op in ops {
-            self.maps.apply(&op).expect("map write");
+        if let Err(failure) = write_in_order(&mut self.maps, &update.writes.ops) {
+            panic!("map write: {}", failure.error);
         }
     }
 
@@ -244,10 +242,7 @@ impl Datapath {
 
 /// The Service the fixture programs the frontend `addr:port/proto` as.
 fn frontend_service(addr: Ipv4Addr, port: u16, proto: u8) -> ObjectName {
-    ObjectName {
-        namespace: "test".into(),
-        name: format!("svc-{addr}-{port}-{proto}"),
-    }
+    ObjectName::new("test", &format!("svc-{addr}-{port}-{proto}"))
 }
 
 /// The conntrack key of the IPv4 packet `src -> dst` (ports in host byte

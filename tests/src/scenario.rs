@@ -1,6 +1,8 @@
-//! The ClusterIP scenario shared by the end-to-end tests and the demo: a
-//! node, a client pod and three backend pods running real servers, the
-//! agent programming the Service "web" from a YAML file.
+//! The scenarios shared by the end-to-end tests and the demo: a node, a
+//! client pod and three backend pods running real servers, the agent
+//! programming the Service "web" from a YAML file ([`ClusterIpScenario`]);
+//! and two nodes with an external client, an agent on each
+//! ([`TwoNodeScenario`]).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -13,7 +15,10 @@ use anyhow::Context as _;
 use crate::{
     agent::{AgentProcess, wait_for_backends},
     pins::PinDir,
-    topology::{POD_DEVICE_PREFIX, SingleNode},
+    topology::{
+        EXTERNAL_DEVICE, NODE_A_IP, NODE_B_IP, NODE_NETWORK_DEVICE, POD_DEVICE_PREFIX, SingleNode,
+        TwoNodes, TwoNodesOptions,
+    },
     traffic::BackendServer,
 };
 
@@ -175,11 +180,184 @@ impl ClusterIpScenario {
         &self.topology.pods[0].ns
     }
 
-    /// Replaces the watched YAML atomically (write, then rename).
+    /// Replaces the watched YAML atomically.
     pub fn rewrite_yaml(&self, yaml: &str) -> anyhow::Result<()> {
-        let staging = self.workdir.path().join("services.yaml.new");
-        std::fs::write(&staging, yaml)?;
-        std::fs::rename(&staging, &self.yaml)?;
-        Ok(())
+        replace_file(&self.yaml, yaml)
     }
+}
+
+/// How a [`TwoNodeScenario`] is built beyond its defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TwoNodeOptions<'a> {
+    /// The topology's options.
+    pub topology: TwoNodesOptions,
+    /// Further arguments of both agents.
+    pub agent_args: &'a [&'a str],
+    /// Further arguments of node A's agent only.
+    pub agent_a_args: &'a [&'a str],
+}
+
+/// Two nodes, an agent on each (node A also on its external device towards
+/// the client, both SNATing to their node-network address), and every pod
+/// running the test servers (HTTP on 8080, UDP on 7007) named `web-a0`,
+/// `web-b1`, ... after its node and index. Dropping it stops the agents,
+/// then the servers, then removes the namespaces, the pins and the work
+/// folder.
+pub struct TwoNodeScenario {
+    /// The agents of node A and node B.
+    pub agents: [AgentProcess; 2],
+    /// The servers of every pod.
+    pub servers: Vec<BackendServer>,
+    /// Nodes, pods and the external client.
+    pub topology: TwoNodes,
+    /// The pin folders of node A and node B.
+    pub pins: [PinDir; 2],
+    /// The YAML file both agents watch.
+    pub yaml: PathBuf,
+    /// Work folder holding the YAML and the agents' logs.
+    pub workdir: tempfile::TempDir,
+}
+
+impl TwoNodeScenario {
+    /// Builds the topology with `pods_per_node` pods per node, runs
+    /// `prepare` on it (e.g. sysctls the agents must find), starts the
+    /// servers and both agents on `yaml` (node A's with `agent_a_args` as
+    /// well), and waits until node A's `list` shows `frontend`/`protocol`
+    /// with `backends` backends.
+    pub fn start(
+        tag: &str,
+        pods_per_node: usize,
+        yaml: &str,
+        agent_a_args: &[&str],
+        prepare: impl FnOnce(&TwoNodes) -> anyhow::Result<()>,
+        wait_for: (SocketAddr, &str, usize),
+    ) -> anyhow::Result<Self> {
+        Self::start_with(
+            tag,
+            pods_per_node,
+            yaml,
+            TwoNodeOptions {
+                agent_a_args,
+                ..TwoNodeOptions::default()
+            },
+            prepare,
+            wait_for,
+        )
+    }
+
+    /// [`TwoNodeScenario::start`] with the topology and both agents'
+    /// arguments as `options` say.
+    pub fn start_with(
+        tag: &str,
+        pods_per_node: usize,
+        yaml: &str,
+        options: TwoNodeOptions<'_>,
+        prepare: impl FnOnce(&TwoNodes) -> anyhow::Result<()>,
+        (frontend, protocol, backends): (SocketAddr, &str, usize),
+    ) -> anyhow::Result<Self> {
+        let workdir = tempfile::Builder::new().prefix("service-lb-").tempdir()?;
+        let yaml_path = workdir.path().join("services.yaml");
+        std::fs::write(&yaml_path, yaml)?;
+        let topology = TwoNodes::with_options(tag, pods_per_node, options.topology)?;
+        prepare(&topology)?;
+        let mut servers = Vec::new();
+        for (node, pods) in [("a", &topology.pods_a), ("b", &topology.pods_b)] {
+            for (i, pod) in pods.iter().enumerate() {
+                servers.push(BackendServer::start(
+                    &pod.ns,
+                    &format!("web-{node}{i}"),
+                    BACKEND_HTTP_PORT,
+                    BACKEND_UDP_PORT,
+                )?);
+            }
+        }
+        let pins = [
+            PinDir::new(&format!("{tag}-a"))?,
+            PinDir::new(&format!("{tag}-b"))?,
+        ];
+        let snat_a = NODE_A_IP.to_string();
+        let mut args_a = vec![
+            "--pod-device-prefix",
+            POD_DEVICE_PREFIX,
+            "--external-device",
+            EXTERNAL_DEVICE,
+            "--external-device",
+            NODE_NETWORK_DEVICE,
+            "--node-name",
+            "node-a",
+            "--snat-ipv4",
+            &snat_a,
+        ];
+        args_a.extend_from_slice(options.agent_args);
+        args_a.extend_from_slice(options.agent_a_args);
+        let snat_b = NODE_B_IP.to_string();
+        let mut args_b = vec![
+            "--pod-device-prefix",
+            POD_DEVICE_PREFIX,
+            "--external-device",
+            NODE_NETWORK_DEVICE,
+            "--node-name",
+            "node-b",
+            "--snat-ipv4",
+            &snat_b,
+        ];
+        args_b.extend_from_slice(options.agent_args);
+        let mut agents = [
+            AgentProcess::start_with_args(
+                &topology.node_a,
+                &yaml_path,
+                pins[0].path(),
+                &args_a,
+                &workdir.path().join("agent-a.log"),
+            )?,
+            AgentProcess::start_with_args(
+                &topology.node_b,
+                &yaml_path,
+                pins[1].path(),
+                &args_b,
+                &workdir.path().join("agent-b.log"),
+            )?,
+        ];
+        wait_for_backends(
+            &mut agents[0],
+            pins[0].path(),
+            frontend,
+            protocol,
+            backends,
+            Duration::from_secs(20),
+        )?;
+        // Both agents attach within a tick of programming; give them one.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(TwoNodeScenario {
+            agents,
+            servers,
+            topology,
+            pins,
+            yaml: yaml_path,
+            workdir,
+        })
+    }
+
+    /// Replaces the watched YAML atomically.
+    pub fn rewrite_yaml(&self, yaml: &str) -> anyhow::Result<()> {
+        replace_file(&self.yaml, yaml)
+    }
+
+    /// Both agents' logs.
+    pub fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(AgentProcess::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    }
+}
+
+/// Replaces the file at `path` with `text` atomically (write beside it,
+/// then rename), so a watcher never reads it half written.
+fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let staging = path.with_extension("new");
+    std::fs::write(&staging, text)?;
+    std::fs::rename(&staging, path)?;
+    Ok(())
 }

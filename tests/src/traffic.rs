@@ -317,6 +317,14 @@ pub fn http_get(target: SocketAddr) -> anyhow::Result<String> {
     get_once(connect(target)?)
 }
 
+/// One HTTP GET on a new connection, like [`http_get`]; returns the
+/// connection's local port with the body.
+pub fn http_get_with_local_port(target: SocketAddr) -> anyhow::Result<(u16, String)> {
+    let stream = connect(target)?;
+    let port = stream.local_addr()?.port();
+    Ok((port, get_once(stream)?))
+}
+
 /// A TCP connection to `target`, within [`CLIENT_TIMEOUT`].
 fn connect(target: SocketAddr) -> anyhow::Result<TcpStream> {
     TcpStream::connect_timeout(&target, CLIENT_TIMEOUT)
@@ -324,7 +332,7 @@ fn connect(target: SocketAddr) -> anyhow::Result<TcpStream> {
 }
 
 /// Sends one GET that closes the connection and returns the body.
-fn get_once(stream: TcpStream) -> anyhow::Result<String> {
+pub fn get_once(stream: TcpStream) -> anyhow::Result<String> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     let mut writer = stream.try_clone()?;
     writer.write_all(b"GET / HTTP/1.1\r\nHost: service\r\nConnection: close\r\n\r\n")?;

@@ -12,16 +12,11 @@ use std::{
 
 use service_agent::datapath::maps::datapath_counters;
 use service_tests::{
-    agent::{AgentProcess, wait_for_backends},
-    pins::PinDir,
     require_root,
-    topology::{
-        EXTERNAL_DEVICE, NODE_A_EXTERNAL_IP, NODE_A_IP, NODE_B_IP, NODE_NETWORK_DEVICE,
-        POD_DEVICE_PREFIX, TwoNodes, TwoNodesOptions,
-    },
+    scenario::{TwoNodeOptions, TwoNodeScenario},
+    topology::{NODE_A_EXTERNAL_IP, TwoNodesOptions},
     traffic::{
-        BackendServer, UdpEchoServer, echo_large_datagrams, http_get, spread, udp_receive_errors,
-        udp_request,
+        UdpEchoServer, echo_large_datagrams, http_get, spread, udp_receive_errors, udp_request,
     },
 };
 
@@ -88,111 +83,27 @@ endpoints:
     yaml
 }
 
-/// The two nodes, their servers and agents; dropped in that order.
-struct NodePortSetup {
-    agents: Vec<AgentProcess>,
-    _servers: Vec<BackendServer>,
-    topology: TwoNodes,
-    pins: Vec<PinDir>,
-    _workdir: tempfile::TempDir,
-}
-
-impl NodePortSetup {
-    fn start(tag: &str, nodeport_mode: &str, options: TwoNodesOptions) -> Self {
-        let workdir = tempfile::Builder::new()
-            .prefix("service-lb-")
-            .tempdir()
-            .unwrap();
-        let yaml = workdir.path().join("services.yaml");
-        std::fs::write(&yaml, service_yaml()).unwrap();
-        let topology = TwoNodes::with_options(tag, PODS_PER_NODE, options).expect("topology");
-        let mut servers = Vec::new();
-        for (node, pods) in [("a", &topology.pods_a), ("b", &topology.pods_b)] {
-            for (i, pod) in pods.iter().enumerate() {
-                servers.push(
-                    BackendServer::start(&pod.ns, &format!("web-{node}{i}"), 8080, 7007)
-                        .expect("servers"),
-                );
-            }
-        }
-        let pins = vec![
-            PinDir::new(&format!("{tag}-a")).unwrap(),
-            PinDir::new(&format!("{tag}-b")).unwrap(),
-        ];
-        let snat_a = NODE_A_IP.to_string();
-        let snat_b = NODE_B_IP.to_string();
-        let agent_a = AgentProcess::start_with_args(
-            &topology.node_a,
-            &yaml,
-            pins[0].path(),
-            &[
-                "--pod-device-prefix",
-                POD_DEVICE_PREFIX,
-                "--external-device",
-                EXTERNAL_DEVICE,
-                "--external-device",
-                NODE_NETWORK_DEVICE,
-                "--node-name",
-                "node-a",
-                "--snat-ipv4",
-                &snat_a,
-                "--external-ip-cidrs",
-                &format!("{ALLOWED_EXTERNAL_IP}/32"),
-                "--nodeport-mode",
-                nodeport_mode,
-            ],
-            &workdir.path().join("agent-a.log"),
-        )
-        .expect("agent A");
-        let agent_b = AgentProcess::start_with_args(
-            &topology.node_b,
-            &yaml,
-            pins[1].path(),
-            &[
-                "--pod-device-prefix",
-                POD_DEVICE_PREFIX,
-                "--external-device",
-                NODE_NETWORK_DEVICE,
-                "--node-name",
-                "node-b",
-                "--snat-ipv4",
-                &snat_b,
-                "--nodeport-mode",
-                nodeport_mode,
-            ],
-            &workdir.path().join("agent-b.log"),
-        )
-        .expect("agent B");
-        let mut agents = vec![agent_a, agent_b];
-        let node_port = SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT_TCP));
-        let backends = PODS_PER_NODE * 2;
-        wait_for_backends(
-            &mut agents[0],
-            pins[0].path(),
-            node_port,
-            "TCP",
-            backends,
-            Duration::from_secs(20),
-        )
-        .expect("node A programmed");
-        // Both agents attach within a tick of programming; give them one.
-        std::thread::sleep(Duration::from_millis(500));
-        NodePortSetup {
-            agents,
-            _servers: servers,
+/// Both nodes' agents on [`service_yaml`] in `nodeport_mode`, node A's
+/// serving the allowed externalIP, once node A programmed the TCP NodePort.
+fn start(tag: &str, nodeport_mode: &str, topology: TwoNodesOptions) -> TwoNodeScenario {
+    let external_ips = format!("{ALLOWED_EXTERNAL_IP}/32");
+    TwoNodeScenario::start_with(
+        tag,
+        PODS_PER_NODE,
+        &service_yaml(),
+        TwoNodeOptions {
             topology,
-            pins,
-            _workdir: workdir,
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.agents
-            .iter()
-            .map(AgentProcess::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    }
+            agent_args: &["--nodeport-mode", nodeport_mode],
+            agent_a_args: &["--external-ip-cidrs", &external_ips],
+        },
+        |_| Ok(()),
+        (
+            SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT_TCP)),
+            "TCP",
+            PODS_PER_NODE * 2,
+        ),
+    )
+    .expect("two nodes programmed")
 }
 
 /// Shares of answers per node (`web-a*` vs `web-b*`).
@@ -206,7 +117,7 @@ fn node_shares(answers: &BTreeMap<String, usize>) -> (usize, usize) {
     })
 }
 
-fn check_frontend(setup: &NodePortSetup, frontend: SocketAddr, connections: usize) {
+fn check_frontend(setup: &TwoNodeScenario, frontend: SocketAddr, connections: usize) {
     // One request first, so a frontend that does not work fails fast.
     let first = setup
         .topology
@@ -243,7 +154,7 @@ fn nodeport_lb_and_external_ips_reach_both_nodes(mode: &str, options: TwoNodesOp
     } else {
         format!("np{mode}")
     };
-    let setup = NodePortSetup::start(&tag, mode, options);
+    let setup = start(&tag, mode, options);
     // NodePort, TCP: 200 new connections, both nodes' backends answer; a
     // reply from any other address than the one connected to would not
     // complete the handshake.
@@ -339,7 +250,7 @@ fn tc_nodeport_lb_and_external_ips_reach_both_nodes_with_client_offload_on() {
 /// answered whole, and no namespace counted a bad UDP checksum or a failed
 /// reassembly.
 fn large_datagrams_cross_a_nodeport_to_a_remote_backend(mode: &str) {
-    let setup = NodePortSetup::start(&format!("npbig{mode}"), mode, TwoNodesOptions::default());
+    let setup = start(&format!("npbig{mode}"), mode, TwoNodesOptions::default());
     let _echo =
         UdpEchoServer::start(&setup.topology.pods_b[0].ns, BIG_TARGET_PORT).expect("echo server");
     let frontend = SocketAddr::from((NODE_A_EXTERNAL_IP, BIG_NODE_PORT));

@@ -45,12 +45,17 @@ enum Task {
     /// crate), cargo-deny (deny.toml) and shellcheck on the shell scripts.
     Lint,
     /// Benchmark our datapath and control plane against the pass-only floor
-    /// and kube-proxy's iptables and nftables modes; writes
+    /// and kube-proxy's iptables and nftables modes, and the conntrack
+    /// collector on a 1M-entry map; writes
     /// target/bench/results.json, results.md and SVG plots (as root).
     Bench {
         /// Fewer sizes and shorter runs (under three minutes).
         #[arg(long)]
         quick: bool,
+        /// Run only this group (repeatable): `datapath`, `traffic`,
+        /// `control-plane` or `conntrack`.
+        #[arg(long, value_name = "GROUP")]
+        only: Vec<String>,
     },
 }
 
@@ -123,7 +128,7 @@ fn main() -> anyhow::Result<()> {
                 bail!("the demo failed ({status})");
             }
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             toolchain::ensure_ebpf_toolchain()?;
             toolchain::ensure_debian_packages(&[
                 ("ip", "iproute2"),
@@ -156,6 +161,9 @@ fn main() -> anyhow::Result<()> {
             );
             if quick {
                 bench.arg("--quick");
+            }
+            for group in &only {
+                bench.args(["--only", group]);
             }
             run(&mut bench).context("running the bench")?;
         }

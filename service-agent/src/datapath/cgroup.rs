@@ -278,6 +278,7 @@ enum Adoption {
 /// The raw `bpf(2)` commands aya 0.14 does not expose for cgroup links.
 mod sys {
     use super::*;
+    use crate::datapath::sys::bpf;
 
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -320,24 +321,6 @@ mod sys {
         new_prog_fd: u32,
         flags: u32,
         old_prog_fd: u32,
-    }
-
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-        // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix for
-        // `cmd`, of the size passed; the kernel zero-extends the rest.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr as *mut T,
-                std::mem::size_of::<T>() as libc::c_uint,
-            )
-        };
-        if ret < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(ret)
-        }
     }
 
     /// Opens the link pinned at `pin`; if it is a cgroup link on

@@ -1,12 +1,12 @@
 //! Typed access to the datapath's maps, either taken from a freshly loaded
 //! object (the agent) or opened from their pins (`service-agent list`).
 
-use std::path::Path;
+use std::{collections::BTreeMap, io, os::fd::AsFd as _, path::Path};
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    Ebpf, Pod,
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray},
 };
 use service_common::{
     BackendValue, DatapathConfig, DatapathCounter, FrontendKey, FrontendStats, FrontendValue,
@@ -14,7 +14,10 @@ use service_common::{
     RevNatId, RevNatValue,
 };
 
-use super::model::{MapOp, MapReader, MapState, MapWriter};
+use super::{
+    model::{BatchFailure, MapName, MapOp, MapReader, MapState, MapWriter},
+    sys,
+};
 
 /// The three maps the agent programs.
 pub struct ServiceMaps {
@@ -25,16 +28,39 @@ pub struct ServiceMaps {
     pub backends: Array<MapData, BackendValue>,
     /// Reverse-NAT map.
     pub revnat: HashMap<MapData, RevNatId, RevNatValue>,
+    /// Whether the kernel takes batch writes (`BPF_MAP_UPDATE_BATCH`,
+    /// kernel 5.6); cleared at the first refusal, after which every entry
+    /// is written with its own call.
+    batches: bool,
 }
 
 /// A failed map write.
 #[derive(Debug, thiserror::Error)]
-#[error("map write {op:?} failed: {source}")]
+#[error("{}", describe(*.map, .source))]
 pub struct MapWriteError {
-    /// The write that failed.
-    pub op: MapOp,
-    /// The kernel's answer (E2BIG/ENOMEM when a map is full).
-    pub source: MapError,
+    /// The map written.
+    pub map: MapName,
+    /// The kernel's answer (E2BIG when a hash map is full).
+    pub source: io::Error,
+}
+
+/// `writing the frontends map failed: the map is full (E2BIG)`, or the
+/// kernel's own words for other errors.
+fn describe(map: MapName, error: &io::Error) -> String {
+    match error.raw_os_error() {
+        Some(libc::E2BIG) => format!("writing the {map} map failed: the map is full (E2BIG)"),
+        Some(libc::ENOMEM) => format!("writing the {map} map failed: out of memory (ENOMEM)"),
+        _ => format!("writing the {map} map failed: {error}"),
+    }
+}
+
+/// The I/O error inside an aya map error.
+pub(crate) fn io_error(error: MapError) -> io::Error {
+    match error {
+        MapError::SyscallError(e) => e.io_error,
+        MapError::KeyNotFound => io::Error::from_raw_os_error(libc::ENOENT),
+        other => io::Error::other(other.to_string()),
+    }
 }
 
 impl ServiceMaps {
@@ -48,6 +74,7 @@ impl ServiceMaps {
             frontends: HashMap::try_from(take(MAP_FRONTENDS)?)?,
             backends: Array::try_from(take(MAP_BACKENDS)?)?,
             revnat: HashMap::try_from(take(MAP_REVNAT)?)?,
+            batches: true,
         })
     }
 
@@ -57,6 +84,7 @@ impl ServiceMaps {
             frontends: HashMap::try_from(open_pinned(pin_path, MAP_FRONTENDS)?)?,
             backends: Array::try_from(open_pinned(pin_path, MAP_BACKENDS)?)?,
             revnat: HashMap::try_from(open_pinned(pin_path, MAP_REVNAT)?)?,
+            batches: true,
         })
     }
 }
@@ -64,50 +92,207 @@ impl ServiceMaps {
 impl MapReader for ServiceMaps {
     fn read_state(&self) -> anyhow::Result<MapState> {
         let mut state = MapState::default();
-        for entry in self.frontends.iter() {
-            let (key, value) = entry.context("reading the frontends map")?;
-            state.frontends.insert(key, value);
-        }
-        for (id, entry) in (0..).zip(self.backends.iter()) {
-            let value: BackendValue = entry.context("reading the backends map")?;
-            if value.exists() {
-                state.backends.insert(id, value);
-            }
-        }
-        for entry in self.revnat.iter() {
-            let (key, value) = entry.context("reading the rev-NAT map")?;
-            state.revnat.insert(key, value);
-        }
+        read_all(&self.frontends, |k, v| {
+            state.frontends.insert(k, v);
+        })
+        .context("reading the frontends map")?;
+        read_backends(&self.backends, |k, v| {
+            state.backends.insert(k, v);
+        })
+        .context("reading the backends map")?;
+        read_all(&self.revnat, |k, v| {
+            state.revnat.insert(k, v);
+        })
+        .context("reading the rev-NAT map")?;
         Ok(state)
     }
+}
+
+/// Reads every entry of a hash map: in batches where the kernel has them,
+/// else one key at a time.
+fn read_all<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    mut entry: impl FnMut(K, V),
+) -> Result<(), MapError> {
+    match sys::lookup_all(map.map().fd().as_fd(), &mut entry) {
+        Ok(()) => Ok(()),
+        Err(e) if sys::unsupported(&e) => {
+            for item in map.iter() {
+                let (key, value) = item?;
+                entry(key, value);
+            }
+            Ok(())
+        }
+        Err(e) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: e,
+        })),
+    }
+}
+
+/// Reads every backend of the backends array (indexed by id; an all-zero
+/// entry is no backend): in batches where the kernel has them, else one
+/// index at a time.
+fn read_backends(
+    map: &Array<MapData, BackendValue>,
+    mut entry: impl FnMut(u32, BackendValue),
+) -> Result<(), MapError> {
+    let mut existing = |id: u32, value: BackendValue| {
+        if value.exists() {
+            entry(id, value);
+        }
+    };
+    match sys::lookup_all(map.map().fd().as_fd(), &mut existing) {
+        Ok(()) => Ok(()),
+        Err(e) if sys::unsupported(&e) => {
+            for (id, value) in (0..).zip(map.iter()) {
+                existing(id, value?);
+            }
+            Ok(())
+        }
+        Err(e) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: e,
+        })),
+    }
+}
+
+/// Writes backends to the backends array: an array entry is never removed,
+/// so a delete writes the all-zero entry that is no backend. In batches
+/// unless the kernel refused one; returns how many were done before a
+/// failure, and the failure.
+fn write_backends(
+    map: &mut Array<MapData, BackendValue>,
+    (mut ids, mut values): (Vec<u32>, Vec<BackendValue>),
+    deletes: &[u32],
+    batches: &mut bool,
+) -> Result<(), (usize, io::Error)> {
+    debug_assert!(ids.is_empty() || deletes.is_empty());
+    ids.extend_from_slice(deletes);
+    values.extend(deletes.iter().map(|_| BackendValue::default()));
+    if *batches {
+        match sys::update_batch(map.map().fd().as_fd(), &ids, &values) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.done == 0 && sys::unsupported(&e.error) => {
+                log::info!(
+                    "the kernel refused a batch map write ({}); writing one entry at a time",
+                    e.error
+                );
+                *batches = false;
+            }
+            Err(e) => return Err((e.done, e.error)),
+        }
+    }
+    for (i, (id, value)) in ids.iter().zip(&values).enumerate() {
+        map.set(*id, value, 0).map_err(|e| (i, io_error(e)))?;
+    }
+    Ok(())
 }
 
 impl MapWriter for ServiceMaps {
     type Error = MapWriteError;
 
-    fn apply(&mut self, op: &MapOp) -> Result<(), MapWriteError> {
-        let result = match op {
-            MapOp::UpsertBackend(id, value) => self.backends.set(*id, value, 0),
-            MapOp::UpsertRevNat(id, value) => self.revnat.insert(id, value, 0),
-            MapOp::UpsertFrontend(key, value) => self.frontends.insert(key, value, 0),
-            MapOp::DeleteFrontend(key) => ignore_missing(self.frontends.remove(key)),
-            MapOp::DeleteRevNat(id) => ignore_missing(self.revnat.remove(id)),
-            // An array entry is never removed: zeroed, it is no backend.
-            MapOp::DeleteBackend(id) => self.backends.set(*id, BackendValue::default(), 0),
+    fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), BatchFailure<MapWriteError>> {
+        let Some(first) = ops.first() else {
+            return Ok(());
         };
-        result.map_err(|source| MapWriteError { op: *op, source })
+        let map = first.map();
+        let batches = &mut self.batches;
+        let result = match map {
+            MapName::Frontends => {
+                let (upserts, deletes) = split(ops, |op| match *op {
+                    MapOp::UpsertFrontend(k, v) => Some(Ok((k, v))),
+                    MapOp::DeleteFrontend(k) => Some(Err(k)),
+                    _ => None,
+                });
+                write(&mut self.frontends, &upserts, &deletes, batches)
+            }
+            MapName::Backends => {
+                let (upserts, deletes) = split(ops, |op| match *op {
+                    MapOp::UpsertBackend(k, v) => Some(Ok((k, v))),
+                    MapOp::DeleteBackend(k) => Some(Err(k)),
+                    _ => None,
+                });
+                write_backends(&mut self.backends, upserts, &deletes, batches)
+            }
+            MapName::RevNat => {
+                let (upserts, deletes) = split(ops, |op| match *op {
+                    MapOp::UpsertRevNat(k, v) => Some(Ok((k, v))),
+                    MapOp::DeleteRevNat(k) => Some(Err(k)),
+                    _ => None,
+                });
+                write(&mut self.revnat, &upserts, &deletes, batches)
+            }
+        };
+        result.map_err(|(done, source)| BatchFailure {
+            done,
+            error: MapWriteError { map, source },
+        })
     }
 }
 
-/// A delete of an entry that is already gone has done its job.
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
+/// The upserts (`Ok`) and deletes (`Err`) of one map among `ops`.
+fn split<K, V>(
+    ops: &[MapOp],
+    typed: impl Fn(&MapOp) -> Option<Result<(K, V), K>>,
+) -> ((Vec<K>, Vec<V>), Vec<K>) {
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    let mut deletes = Vec::new();
+    for op in ops {
+        match typed(op) {
+            Some(Ok((k, v))) => {
+                keys.push(k);
+                values.push(v);
+            }
+            Some(Err(k)) => deletes.push(k),
+            None => debug_assert!(false, "a batch mixes maps: {op:?}"),
         }
-        other => other,
     }
+    ((keys, values), deletes)
+}
+
+/// Writes the upserts or the deletes (a batch holds one kind) to `map`,
+/// in batches unless the kernel refused one; returns how many were done
+/// before a failure, and the failure.
+fn write<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    (keys, values): &(Vec<K>, Vec<V>),
+    deletes: &[K],
+    batches: &mut bool,
+) -> Result<(), (usize, io::Error)> {
+    debug_assert!(keys.is_empty() || deletes.is_empty());
+    if *batches {
+        let fd = map.map().fd().as_fd();
+        let result = if deletes.is_empty() {
+            sys::update_batch(fd, keys, values)
+        } else {
+            sys::delete_batch(fd, deletes)
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.done == 0 && sys::unsupported(&e.error) => {
+                log::info!(
+                    "the kernel refused a batch map write ({}); writing one entry at a time",
+                    e.error
+                );
+                *batches = false;
+            }
+            Err(e) => return Err((e.done, e.error)),
+        }
+    }
+    for (i, (key, value)) in keys.iter().zip(values).enumerate() {
+        map.insert(key, value, 0).map_err(|e| (i, io_error(e)))?;
+    }
+    for (i, key) in deletes.iter().enumerate() {
+        match map.remove(key).map_err(io_error) {
+            Ok(()) => {}
+            // A delete of an entry that is already gone has done its job.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err((i, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Writes the node-wide datapath settings.
@@ -131,13 +316,6 @@ pub fn open_pinned(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
         )
     })?;
     Map::from_map_data(data).with_context(|| format!("unexpected map type at {}", path.display()))
-}
-
-/// Per-frontend counters summed over CPUs, indexed by rev-NAT id.
-pub fn frontend_stats(pin_path: &Path, rev_nat_id: RevNatId) -> anyhow::Result<FrontendStats> {
-    let stats: PerCpuArray<MapData, FrontendStats> =
-        PerCpuArray::try_from(open_pinned(pin_path, MAP_FRONTEND_STATS)?)?;
-    sum_stats(&stats, rev_nat_id)
 }
 
 /// Sums one frontend's per-CPU counters.
@@ -179,4 +357,71 @@ pub fn sum_counters(
             Ok((counter.name(), per_cpu.iter().sum()))
         })
         .collect()
+}
+
+/// The per-CPU counter maps read at scrape time, opened once.
+pub struct CounterMaps {
+    /// Per-frontend counters, indexed by rev-NAT id.
+    pub frontend_stats: PerCpuArray<MapData, FrontendStats>,
+    /// Datapath event counters, indexed by [`DatapathCounter`].
+    pub datapath: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for CounterMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CounterMaps").finish_non_exhaustive()
+    }
+}
+
+impl CounterMaps {
+    /// Takes the counter maps out of a loaded object.
+    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
+        Ok(CounterMaps {
+            frontend_stats: PerCpuArray::try_from(take(MAP_FRONTEND_STATS)?)?,
+            datapath: PerCpuArray::try_from(take(MAP_COUNTERS)?)?,
+        })
+    }
+}
+
+/// Every index of a per-CPU array with its values summed over CPUs by
+/// `add` (zero sums left out): in batches of thousands of entries per call
+/// where the kernel has them, else one index at a time.
+pub fn read_per_cpu_sums<V: Pod + Default + PartialEq>(
+    map: &PerCpuArray<MapData, V>,
+    add: impl Fn(&mut V, &V),
+) -> Result<BTreeMap<u32, V>, MapError> {
+    let mut sums = BTreeMap::new();
+    let mut sum_of = |index: u32, per_cpu: &[V]| {
+        let mut sum = V::default();
+        for cpu in per_cpu {
+            add(&mut sum, cpu);
+        }
+        if sum != V::default() {
+            sums.insert(index, sum);
+        }
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, error)| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: error,
+        })
+    })?;
+    match sys::lookup_all_per_cpu(map.map().fd().as_fd(), cpus, &mut sum_of) {
+        Ok(()) => Ok(sums),
+        Err(e) if sys::unsupported(&e) => {
+            for index in 0..map.len() {
+                let per_cpu = map.get(&index, 0)?;
+                sum_of(index, &per_cpu);
+            }
+            Ok(sums)
+        }
+        Err(e) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: e,
+        })),
+    }
 }

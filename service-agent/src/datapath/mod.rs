@@ -2,19 +2,26 @@
 //! program names, [`load`]ing it with its maps pinned ([`bpffs`]),
 //! [`attach`]ing its programs to devices and cgroups ([`cgroup`]), the
 //! node's [`addresses`], and the maps: their contents as plain data
-//! ([`model`]) and the kernel maps that hold them ([`maps`]), and a private
-//! [`snapshot`] of what one packet can read, to run it through the real
-//! programs without touching the live maps. Nothing here
-//! depends on the reconciler above it.
+//! ([`model`]) and the kernel maps that hold them ([`maps`]), the conntrack
+//! map as the collector walks it ([`conntrack`]), and the raw `bpf(2)`
+//! batch calls aya lacks ([`sys`]), the id allocators' position kept across
+//! restarts ([`id_cursors`]), the node's ephemeral ports kept off the
+//! SNAT range ([`snat_ports`]), and a private [`snapshot`] of what one
+//! packet can read, to run it through the real programs without touching
+//! the live maps. Nothing here depends on the reconciler above it.
 
 pub mod addresses;
 pub mod attach;
 pub mod bpffs;
 pub mod cgroup;
+pub mod conntrack;
+pub mod id_cursors;
 pub mod load;
 pub mod maps;
 pub mod model;
 pub mod snapshot;
+pub mod snat_ports;
+pub mod sys;
 
 pub use load::{load, load_with_sizes};
 use service_common::MapSpec;

@@ -22,6 +22,37 @@ pub struct MapState {
     pub revnat: BTreeMap<RevNatId, RevNatValue>,
 }
 
+/// One of the maps the agent programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapName {
+    /// Frontend headers and backend slots.
+    Frontends,
+    /// Backends by id.
+    Backends,
+    /// Reverse NAT by id.
+    RevNat,
+}
+
+impl MapName {
+    /// Every map, in the order metrics list them.
+    pub const ALL: [MapName; 3] = [MapName::Frontends, MapName::Backends, MapName::RevNat];
+
+    /// Its name in logs, metrics and `list` (`frontends`, `backends`, `revnat`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MapName::Frontends => "frontends",
+            MapName::Backends => "backends",
+            MapName::RevNat => "revnat",
+        }
+    }
+}
+
+impl std::fmt::Display for MapName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One write to the maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
@@ -39,6 +70,70 @@ pub enum MapOp {
     DeleteBackend(BackendId),
 }
 
+/// The steps of an ordered write, in order: every write of a step can go
+/// to the kernel in one batch, and a step starts once the previous one is
+/// done, so the datapath never sees a header counting a missing slot, a
+/// slot naming a missing backend, or a header naming a missing rev-NAT
+/// entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WriteStep {
+    /// Backends first: slots will name them.
+    UpsertBackends,
+    /// Then rev-NAT entries: headers will name them.
+    UpsertRevNat,
+    /// Then backend slots.
+    UpsertSlots,
+    /// Then headers, whose count makes the slots visible.
+    UpsertHeaders,
+    /// Deletions the other way round: headers of removed frontends,
+    DeleteHeaders,
+    /// then slots no header counts any more,
+    DeleteSlots,
+    /// then rev-NAT entries no header names,
+    DeleteRevNat,
+    /// then backends no slot names.
+    DeleteBackends,
+}
+
+impl WriteStep {
+    /// Every step, in the order they run.
+    pub const ORDER: [WriteStep; 8] = [
+        WriteStep::UpsertBackends,
+        WriteStep::UpsertRevNat,
+        WriteStep::UpsertSlots,
+        WriteStep::UpsertHeaders,
+        WriteStep::DeleteHeaders,
+        WriteStep::DeleteSlots,
+        WriteStep::DeleteRevNat,
+        WriteStep::DeleteBackends,
+    ];
+}
+
+impl MapOp {
+    /// The step of an ordered write this op belongs to.
+    pub fn step(&self) -> WriteStep {
+        match self {
+            MapOp::UpsertBackend(..) => WriteStep::UpsertBackends,
+            MapOp::UpsertRevNat(..) => WriteStep::UpsertRevNat,
+            MapOp::UpsertFrontend(key, _) if key.slot == 0 => WriteStep::UpsertHeaders,
+            MapOp::UpsertFrontend(..) => WriteStep::UpsertSlots,
+            MapOp::DeleteFrontend(key) if key.slot == 0 => WriteStep::DeleteHeaders,
+            MapOp::DeleteFrontend(..) => WriteStep::DeleteSlots,
+            MapOp::DeleteRevNat(..) => WriteStep::DeleteRevNat,
+            MapOp::DeleteBackend(..) => WriteStep::DeleteBackends,
+        }
+    }
+
+    /// The map it writes.
+    pub fn map(&self) -> MapName {
+        match self {
+            MapOp::UpsertBackend(..) | MapOp::DeleteBackend(..) => MapName::Backends,
+            MapOp::UpsertRevNat(..) | MapOp::DeleteRevNat(..) => MapName::RevNat,
+            MapOp::UpsertFrontend(..) | MapOp::DeleteFrontend(..) => MapName::Frontends,
+        }
+    }
+}
+
 /// Reads the maps' whole contents (for adoption and repairs).
 pub trait MapReader {
     /// The maps' contents.
@@ -51,19 +146,65 @@ impl MapReader for MapState {
     }
 }
 
+/// A batch of writes that stopped early.
+#[derive(Debug)]
+pub struct BatchFailure<E> {
+    /// Writes applied before the failing one (the rest were not).
+    pub done: usize,
+    /// Why the write at index `done` failed.
+    pub error: E,
+}
+
 /// Something that applies [`MapOp`]s: the kernel maps, or a [`MapState`] in
 /// memory (which is how the diff's ordering is tested without a kernel).
 pub trait MapWriter {
     /// The error a write can fail with.
-    type Error;
-    /// Applies one write.
-    fn apply(&mut self, op: &MapOp) -> Result<(), Self::Error>;
+    type Error: std::fmt::Display;
+
+    /// Applies `ops`, all of one [`WriteStep`], in order. On a failure,
+    /// the writes before the failing one are applied and the rest are not.
+    fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), BatchFailure<Self::Error>>;
+}
+
+/// Applies `ops` (in [`WriteStep`] order) through `writer`, one batch per
+/// run of writes of the same step; stops at the first failure, reporting
+/// how many writes were done before it.
+pub fn write_in_order<W: MapWriter>(
+    writer: &mut W,
+    ops: &[MapOp],
+) -> Result<(), BatchFailure<W::Error>> {
+    let mut start = 0;
+    while start < ops.len() {
+        let step = ops[start].step();
+        let end = ops[start..]
+            .iter()
+            .position(|op| op.step() != step)
+            .map_or(ops.len(), |n| start + n);
+        writer
+            .apply_batch(&ops[start..end])
+            .map_err(|failure| BatchFailure {
+                done: start + failure.done,
+                error: failure.error,
+            })?;
+        start = end;
+    }
+    Ok(())
 }
 
 impl MapWriter for MapState {
     type Error = std::convert::Infallible;
 
-    fn apply(&mut self, op: &MapOp) -> Result<(), Self::Error> {
+    fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), BatchFailure<Self::Error>> {
+        for op in ops {
+            self.apply(op);
+        }
+        Ok(())
+    }
+}
+
+impl MapState {
+    /// Applies one write.
+    pub fn apply(&mut self, op: &MapOp) {
         match *op {
             MapOp::UpsertBackend(id, value) => {
                 self.backends.insert(id, value);
@@ -84,11 +225,30 @@ impl MapWriter for MapState {
                 self.backends.remove(&id);
             }
         }
-        Ok(())
     }
-}
 
-impl MapState {
+    /// Whether the entry `op` writes or deletes is in the maps.
+    pub fn contains(&self, op: &MapOp) -> bool {
+        match op {
+            MapOp::UpsertBackend(id, _) | MapOp::DeleteBackend(id) => {
+                self.backends.contains_key(id)
+            }
+            MapOp::UpsertRevNat(id, _) | MapOp::DeleteRevNat(id) => self.revnat.contains_key(id),
+            MapOp::UpsertFrontend(key, _) | MapOp::DeleteFrontend(key) => {
+                self.frontends.contains_key(key)
+            }
+        }
+    }
+
+    /// Entries per map.
+    pub fn entries(&self, map: MapName) -> usize {
+        match map {
+            MapName::Frontends => self.frontends.len(),
+            MapName::Backends => self.backends.len(),
+            MapName::RevNat => self.revnat.len(),
+        }
+    }
+
     /// Checks what the datapath relies on at every moment: each header's
     /// slots exist, each slot names an existing backend, and each header's
     /// rev-NAT entry exists. Returns the first violation.

@@ -13,7 +13,7 @@ use service_common::{
     FrontendKey, FrontendStats, MAP_FRONTEND_STATS,
 };
 
-use super::status::{self, ServiceStatus};
+use super::status::{self, ServiceState, ServiceStatus};
 use crate::datapath::{
     maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
     model::{MapReader as _, MapState, frontend_label, ip_from_map, proto_name},
@@ -24,7 +24,8 @@ use crate::datapath::{
 pub struct Listing {
     /// Frontends, sorted by address, port and protocol.
     pub frontends: Vec<ListedFrontend>,
-    /// Services that program nothing (headless, ExternalName, not served),
+    /// Services that program nothing (headless, ExternalName, not served)
+    /// or whose writes failed (a full map),
     /// from the agent's status file.
     pub not_programmed: Vec<ServiceStatus>,
     /// Datapath event counters (drops and translations), by name.
@@ -138,7 +139,7 @@ pub fn read_listing(pin_path: &Path) -> anyhow::Result<Listing> {
         frontends,
         not_programmed: statuses
             .into_iter()
-            .filter(|s| s.state != "programmed")
+            .filter(|s| s.state != ServiceState::Programmed)
             .collect(),
         counters,
     })
@@ -224,9 +225,17 @@ pub fn render_table(listing: &Listing) -> String {
         ));
     }
     for s in &listing.not_programmed {
+        let note = if s.state == ServiceState::WriteFailed {
+            s.problems.last().map_or("", String::as_str)
+        } else {
+            "(programs nothing)"
+        };
         out.push_str(&format!(
-            "{:<24} {:<5} {:<20} {} (programs nothing)\n",
-            "-", "-", s.service, s.state
+            "{:<24} {:<5} {:<20} {} {note}\n",
+            "-",
+            "-",
+            s.service,
+            s.state.as_str()
         ));
     }
     let counters: Vec<String> = listing

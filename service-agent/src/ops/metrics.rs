@@ -1,30 +1,46 @@
 //! Prometheus metrics: kube-proxy's names where one exists, plus map fill
-//! levels and per-frontend counters read from the live per-CPU maps at
-//! scrape time.
+//! levels, write failures and per-frontend counters.
+//!
+//! A scrape costs the same whatever the maps hold: gauges and counters are
+//! kept by the code that does the work (the pipeline sets them after each
+//! sync; the conntrack collector sets the conntrack occupancy and its own
+//! `conntrack_gc` figures), and the
+//! only maps read at scrape time are the small per-CPU counter arrays,
+//! through file descriptors opened once, the per-frontend ones in a few
+//! batched calls. Nothing walks the conntrack map or reopens a pin.
 
-use std::path::PathBuf;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+};
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, text::encode},
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
-        gauge::{ConstGauge, Gauge},
+        family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
-use service_common::{
-    ConntrackKey, ConntrackValue, FrontendStats, MAP_CONNTRACK, MAP_FRONTEND_STATS,
-};
+use service_common::{DatapathCounter, FrontendKey, FrontendStats, RevNatId};
 
 use crate::datapath::{
     MapSizes,
-    maps::{ServiceMaps, datapath_counters, open_pinned, sum_stats},
-    model::{MapReader as _, frontend_label, ip_from_map},
+    maps::{CounterMaps, read_per_cpu_sums},
+    model::{MapName, frontend_label, ip_from_map},
 };
+
+/// Labels naming one map.
+type MapLabels = Vec<(&'static str, &'static str)>;
+
+/// The label set of `map`.
+fn map_labels(map: &'static str) -> MapLabels {
+    vec![("map", map)]
+}
 
 /// The agent's metrics.
 #[derive(Debug)]
@@ -35,26 +51,38 @@ pub struct Metrics {
     /// change (the EndpointSlice's last-change-trigger-time) to programmed.
     pub network_programming: Histogram,
     /// `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
-    pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     /// Frontends programmed.
     pub frontends: Gauge,
     /// Backends programmed.
     pub backends: Gauge,
     /// Objects, fields or entries skipped as invalid or not fitting.
     pub skipped: Counter,
-    /// Syncs that failed to write a map entry.
+    /// Syncs in which a map write failed.
     pub sync_failures: Counter,
+    /// Failed map writes, by map (each one stopped one Service's writes).
+    map_write_failures: Family<MapLabels, Counter>,
+    /// Services whose writes failed and wait for a repair.
+    pub services_failed: Gauge,
+    /// Entries the agent keeps in each map (conntrack: as last counted by
+    /// the conntrack collector).
+    map_entries: Family<MapLabels, Gauge>,
+    /// The per-frontend counters' labels, by rev-NAT id (the counters'
+    /// index), kept by the pipeline.
+    frontends_by_id: Arc<Mutex<BTreeMap<RevNatId, FrontendKey>>>,
+    /// The conntrack collector's figures.
+    pub conntrack_gc: ConntrackGcMetrics,
     registry: Registry,
 }
 
 impl Metrics {
-    /// Registers every metric; the datapath collector reads the maps
-    /// pinned under `pin_path` at each scrape.
-    pub fn new(pin_path: PathBuf, sizes: MapSizes) -> Self {
+    /// Registers every metric. `sizes` are the maps' capacities; `counters`
+    /// the per-CPU counter maps (none in tests without a kernel).
+    pub fn new(sizes: MapSizes, counters: Option<CounterMaps>) -> Self {
         let mut registry = Registry::default();
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let network_programming = Histogram::new(exponential_buckets(0.001, 2.0, 18));
-        let last_sync_timestamp = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "Time one sync of the maps took",
@@ -75,6 +103,10 @@ impl Metrics {
         let backends = Gauge::default();
         let skipped = Counter::default();
         let sync_failures = Counter::default();
+        let map_write_failures = Family::<MapLabels, Counter>::default();
+        let services_failed = Gauge::default();
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        let map_capacity = Family::<MapLabels, Gauge>::default();
         ours.register("frontends", "Frontends programmed", frontends.clone());
         ours.register("backends", "Backends programmed", backends.clone());
         ours.register(
@@ -84,10 +116,53 @@ impl Metrics {
         );
         ours.register(
             "sync_failures",
-            "Syncs that failed to write a map entry",
+            "Syncs in which a map write failed",
             sync_failures.clone(),
         );
-        ours.register_collector(Box::new(DatapathCollector { pin_path, sizes }));
+        ours.register(
+            "map_write_failures",
+            "Failed map writes by map; each stopped one Service's writes until a repair",
+            map_write_failures.clone(),
+        );
+        ours.register(
+            "services_failed",
+            "Services whose map writes failed and wait for a repair",
+            services_failed.clone(),
+        );
+        ours.register(
+            "map_entries",
+            "Entries the agent keeps in each BPF map (conntrack: as last counted by the conntrack collector)",
+            map_entries.clone(),
+        );
+        ours.register(
+            "map_capacity",
+            "Capacity (max entries) of each BPF map",
+            map_capacity.clone(),
+        );
+        for (map, capacity) in [
+            (MapName::Frontends.as_str(), sizes.frontends),
+            (MapName::Backends.as_str(), sizes.backends),
+            (MapName::RevNat.as_str(), sizes.revnat),
+            ("conntrack", sizes.conntrack),
+        ] {
+            map_capacity
+                .get_or_create(&map_labels(map))
+                .set(i64::from(capacity));
+        }
+        for map in MapName::ALL {
+            map_entries.get_or_create(&map_labels(map.as_str())).set(0);
+            map_write_failures
+                .get_or_create(&map_labels(map.as_str()))
+                .inc_by(0);
+        }
+        let frontends_by_id = Arc::new(Mutex::new(BTreeMap::new()));
+        if let Some(maps) = counters {
+            ours.register_collector(Box::new(CounterCollector {
+                maps,
+                frontends_by_id: frontends_by_id.clone(),
+            }));
+        }
+        let conntrack_gc = ConntrackGcMetrics::register(ours);
         Metrics {
             sync_duration,
             network_programming,
@@ -96,8 +171,52 @@ impl Metrics {
             backends,
             skipped,
             sync_failures,
+            map_write_failures,
+            services_failed,
+            map_entries,
+            frontends_by_id,
+            conntrack_gc,
             registry,
         }
+    }
+
+    /// Sets the entries the agent keeps in `map`.
+    pub fn set_map_entries(&self, map: MapName, entries: usize) {
+        self.map_entries
+            .get_or_create(&map_labels(map.as_str()))
+            .set(entries as i64);
+    }
+
+    /// Sets the conntrack map's occupancy (fed by the conntrack collector,
+    /// which walks the map anyway; a scrape never does).
+    pub fn set_conntrack_entries(&self, entries: u64) {
+        self.map_entries
+            .get_or_create(&map_labels("conntrack"))
+            .set(entries as i64);
+    }
+
+    /// Counts a failed write to `map`.
+    pub fn map_write_failed(&self, map: MapName) {
+        self.map_write_failures
+            .get_or_create(&map_labels(map.as_str()))
+            .inc();
+    }
+
+    /// Updates the frontends whose counters are exported: `removed` rev-NAT
+    /// ids first, then `added` ones.
+    pub fn update_frontends(
+        &self,
+        removed: impl IntoIterator<Item = RevNatId>,
+        added: impl IntoIterator<Item = (RevNatId, FrontendKey)>,
+    ) {
+        let mut frontends = self
+            .frontends_by_id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in removed {
+            frontends.remove(&id);
+        }
+        frontends.extend(added);
     }
 
     /// The metrics in the Prometheus text format.
@@ -110,66 +229,38 @@ impl Metrics {
     }
 }
 
-/// Reads fill levels and counters from the pinned maps at each scrape.
+/// Reads the per-CPU counters at each scrape.
 #[derive(Debug)]
-struct DatapathCollector {
-    pin_path: PathBuf,
-    sizes: MapSizes,
+struct CounterCollector {
+    maps: CounterMaps,
+    frontends_by_id: Arc<Mutex<BTreeMap<RevNatId, FrontendKey>>>,
 }
 
-impl Collector for DatapathCollector {
+impl Collector for CounterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(maps) = ServiceMaps::open_pinned(&self.pin_path) else {
-            return Ok(());
-        };
-        let Ok(state) = maps.read_state() else {
-            return Ok(());
-        };
-        let conntrack_entries = open_pinned(&self.pin_path, MAP_CONNTRACK)
-            .ok()
-            .and_then(|map| HashMap::<MapData, ConntrackKey, ConntrackValue>::try_from(map).ok())
-            .map(|map| map.keys().count())
-            .unwrap_or(0);
-        let fill = [
-            ("frontends", state.frontends.len(), self.sizes.frontends),
-            ("backends", state.backends.len(), self.sizes.backends),
-            ("revnat", state.revnat.len(), self.sizes.revnat),
-            ("conntrack", conntrack_entries, self.sizes.conntrack),
-        ];
-        let mut entries = encoder.encode_descriptor(
-            "map_entries",
-            "Entries in each BPF map",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (map, count, _) in fill {
-            ConstGauge::new(count as i64).encode(entries.encode_family(&[("map", map)])?)?;
-        }
-        let mut capacity = encoder.encode_descriptor(
-            "map_capacity",
-            "Capacity (max entries) of each BPF map",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (map, _, max) in fill {
-            ConstGauge::new(i64::from(max)).encode(capacity.encode_family(&[("map", map)])?)?;
-        }
-
-        let stats = open_pinned(&self.pin_path, MAP_FRONTEND_STATS)
-            .ok()
-            .and_then(|map| PerCpuArray::<MapData, FrontendStats>::try_from(map).ok());
-        let per_frontend: Vec<(String, FrontendStats)> = state
-            .frontends
+        let frontends: Vec<(RevNatId, FrontendKey)> = self
+            .frontends_by_id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .filter(|(key, _)| key.slot == 0)
-            .filter_map(|(key, header)| {
-                let stats = sum_stats(stats.as_ref()?, header.rev_nat_id).ok()?;
+            .map(|(id, key)| (*id, *key))
+            .collect();
+        let sums: BTreeMap<u32, FrontendStats> =
+            read_per_cpu_sums(&self.maps.frontend_stats, |sum: &mut FrontendStats, cpu| {
+                sum.packets += cpu.packets;
+                sum.bytes += cpu.bytes;
+                sum.new_flows += cpu.new_flows;
+            })
+            .unwrap_or_default();
+        let per_frontend: Vec<(String, FrontendStats)> = frontends
+            .iter()
+            .map(|(id, key)| {
                 let label = frontend_label(
                     ip_from_map(&key.addr, key.family),
                     u16::from_be(key.port),
                     key.proto,
                 );
-                Some((label, stats))
+                (label, sums.get(id).copied().unwrap_or_default())
             })
             .collect();
         for (name, help, value) in [
@@ -195,17 +286,89 @@ impl Collector for DatapathCollector {
                     .encode(metric.encode_family(&[("frontend", frontend.as_str())])?)?;
             }
         }
-        if let Ok(counters) = datapath_counters(&self.pin_path) {
-            let mut metric = encoder.encode_descriptor(
-                "datapath_events",
-                "Datapath events (drops by reason, replies translated)",
-                None,
-                MetricType::Counter,
-            )?;
-            for (event, value) in counters {
-                ConstCounter::new(value).encode(metric.encode_family(&[("event", event)])?)?;
-            }
+        let mut metric = encoder.encode_descriptor(
+            "datapath_events",
+            "Datapath events (drops by reason, replies translated)",
+            None,
+            MetricType::Counter,
+        )?;
+        for counter in DatapathCounter::ALL {
+            let Ok(per_cpu) = self.maps.datapath.get(&(counter as u32), 0) else {
+                continue;
+            };
+            ConstCounter::new(per_cpu.iter().sum::<u64>())
+                .encode(metric.encode_family(&[("event", counter.name())])?)?;
         }
         Ok(())
+    }
+}
+
+/// The conntrack collector's metrics (`service_agent_conntrack_gc_*`).
+#[derive(Debug)]
+pub struct ConntrackGcMetrics {
+    /// Passes over the whole map.
+    pub passes: Counter,
+    /// Time one pass took.
+    pub pass_duration: Histogram,
+    /// The time until the next pass, as last paced.
+    pub interval: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Entries read, by passes and by walks for syncs' changes.
+    pub scanned: Counter,
+    /// Entries marked dead (their frontend was deleted).
+    pub marked_dead: Counter,
+    /// Entries deleted, by reason.
+    deleted: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl ConntrackGcMetrics {
+    /// Registers the metrics in `registry`.
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = ConntrackGcMetrics {
+            passes: Counter::default(),
+            pass_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            interval: Gauge::default(),
+            scanned: Counter::default(),
+            marked_dead: Counter::default(),
+            deleted: Family::default(),
+        };
+        let gc = registry.sub_registry_with_prefix("conntrack_gc");
+        gc.register(
+            "passes",
+            "Conntrack collector passes over the whole map",
+            metrics.passes.clone(),
+        );
+        gc.register(
+            "pass_duration_seconds",
+            "Time one conntrack collector pass took",
+            metrics.pass_duration.clone(),
+        );
+        gc.register(
+            "interval_seconds",
+            "Time until the next conntrack collector pass, as last paced",
+            metrics.interval.clone(),
+        );
+        gc.register(
+            "scanned_entries",
+            "Conntrack entries read by the collector (passes and walks for sync changes)",
+            metrics.scanned.clone(),
+        );
+        gc.register(
+            "marked_dead_entries",
+            "Conntrack entries marked dead because their frontend was deleted",
+            metrics.marked_dead.clone(),
+        );
+        gc.register(
+            "deleted_entries",
+            "Conntrack entries deleted by the collector, by reason (expired, dead, orphan, reaped)",
+            metrics.deleted.clone(),
+        );
+        metrics
+    }
+
+    /// The counter of entries deleted for `reason`.
+    pub fn deleted(&self, reason: &'static str) -> Counter {
+        self.deleted
+            .get_or_create(&vec![("reason", reason)])
+            .clone()
     }
 }

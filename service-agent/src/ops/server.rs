@@ -1,12 +1,20 @@
-//! The HTTP endpoints: `/metrics` (and `/healthz`) on the metrics address,
-//! `/healthz` and `/livez` on the health address.
+//! The HTTP endpoints, as kube-proxy serves them: `/metrics`, `/healthz`
+//! and `/proxyMode` on the metrics address, `/healthz` and `/livez` on the
+//! health address.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use axum::{Router, extract::State, response::IntoResponse, routing::get};
 
-use super::{health::Health, metrics::Metrics};
+use super::{
+    health::{Health, Probe},
+    metrics::Metrics,
+};
+
+/// What `/proxyMode` answers (kube-proxy answers `iptables`, `ipvs` or
+/// `nftables`).
+pub const PROXY_MODE: &str = "ebpf";
 
 #[derive(Clone)]
 struct Endpoints {
@@ -28,7 +36,15 @@ async fn metrics_handler(State(endpoints): State<Endpoints>) -> impl IntoRespons
 }
 
 async fn healthz_handler(State(endpoints): State<Endpoints>) -> impl IntoResponse {
-    let (code, body) = endpoints.health.report();
+    health_answer(&endpoints, Probe::Healthz)
+}
+
+async fn livez_handler(State(endpoints): State<Endpoints>) -> impl IntoResponse {
+    health_answer(&endpoints, Probe::Livez)
+}
+
+fn health_answer(endpoints: &Endpoints, probe: Probe) -> impl IntoResponse + use<> {
+    let (code, body) = endpoints.health.report(probe);
     (
         code,
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -36,8 +52,12 @@ async fn healthz_handler(State(endpoints): State<Endpoints>) -> impl IntoRespons
     )
 }
 
-/// Serves `/metrics` (and `/healthz`) on `metrics_addr`, and `/healthz` and
-/// `/livez` on `healthz_addr`, until the runtime stops.
+async fn proxy_mode_handler() -> &'static str {
+    PROXY_MODE
+}
+
+/// Serves `/metrics`, `/healthz` and `/proxyMode` on `metrics_addr`, and
+/// `/healthz` and `/livez` on `healthz_addr`, until the runtime stops.
 pub async fn serve(
     metrics_addr: SocketAddr,
     healthz_addr: SocketAddr,
@@ -48,10 +68,11 @@ pub async fn serve(
     let metrics_router = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz_handler))
+        .route("/proxyMode", get(proxy_mode_handler))
         .with_state(endpoints.clone());
     let health_router = Router::new()
         .route("/healthz", get(healthz_handler))
-        .route("/livez", get(healthz_handler))
+        .route("/livez", get(livez_handler))
         .with_state(endpoints);
     let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
         .await

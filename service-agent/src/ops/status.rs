@@ -13,24 +13,57 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::model::frontend_label,
+    datapath::model::{frontend_label, ip_from_map},
     reconcile::{
         cluster::ObjectName,
-        translate::{NotProgrammed, Translation},
+        desired::DesiredState,
+        sync::{ServiceSummary, WriteFailure},
+        translate::NotProgrammed,
     },
 };
 
 /// Folder of the status files.
 pub const STATUS_DIR: &str = "/run/service-lb";
 
+/// What became of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceState {
+    /// Its frontends are in the maps.
+    #[serde(rename = "programmed")]
+    Programmed,
+    /// `clusterIP: None`: programs nothing, by design.
+    Headless,
+    /// `type: ExternalName`: programs nothing, by design.
+    ExternalName,
+    /// Every port or address was skipped as invalid or unsupported.
+    #[serde(rename = "not served")]
+    NotServed,
+    /// A map write failed (a full map): some of its entries may be
+    /// missing until a repair writes them.
+    #[serde(rename = "write failed")]
+    WriteFailed,
+}
+
+impl ServiceState {
+    /// The state as `list` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Programmed => "programmed",
+            ServiceState::Headless => "Headless",
+            ServiceState::ExternalName => "ExternalName",
+            ServiceState::NotServed => "not served",
+            ServiceState::WriteFailed => "write failed",
+        }
+    }
+}
+
 /// One Service as the agent sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     /// `namespace/name`.
     pub service: String,
-    /// `programmed`, `Headless`, `ExternalName`, or `not served` (every
-    /// port or address was skipped as invalid or unsupported).
-    pub state: String,
+    /// What became of it.
+    pub state: ServiceState,
     /// Its frontends as `address:port/PROTOCOL`.
     pub frontends: Vec<String>,
     /// What was skipped, and why.
@@ -54,38 +87,59 @@ pub fn status_path(pin_path: &Path) -> PathBuf {
     Path::new(STATUS_DIR).join(format!("{name}.json"))
 }
 
-/// The status of every translated Service.
-pub fn statuses(translations: &BTreeMap<ObjectName, Translation>) -> Vec<ServiceStatus> {
-    translations
+/// The status of every translated Service: `services` as the syncer keeps
+/// them, their frontends from `desired`, `failures` the Services whose
+/// writes failed.
+pub fn statuses(
+    services: &BTreeMap<ObjectName, ServiceSummary>,
+    desired: &DesiredState,
+    failures: &BTreeMap<ObjectName, WriteFailure>,
+) -> Vec<ServiceStatus> {
+    services
         .iter()
-        .map(|(name, t)| {
-            let state = match t.not_programmed.first() {
-                Some((_, NotProgrammed::Headless)) => "Headless",
-                Some((_, NotProgrammed::ExternalName)) => "ExternalName",
-                None if t.frontends.is_empty() => "not served",
-                None => "programmed",
+        .map(|(name, summary)| {
+            let failure = failures.get(name);
+            let state = match summary.not_programmed {
+                Some(NotProgrammed::Headless) => ServiceState::Headless,
+                Some(NotProgrammed::ExternalName) => ServiceState::ExternalName,
+                None if failure.is_some() => ServiceState::WriteFailed,
+                None if !summary.has_frontends => ServiceState::NotServed,
+                None => ServiceState::Programmed,
             };
             ServiceStatus {
                 service: name.to_string(),
-                state: state.to_owned(),
-                frontends: t
-                    .frontends
-                    .iter()
-                    .map(|f| frontend_label(f.addr, f.port, f.proto))
+                state,
+                frontends: desired
+                    .frontends_of(name)
+                    .map(|(key, _)| {
+                        frontend_label(
+                            ip_from_map(&key.addr, key.family),
+                            u16::from_be(key.port),
+                            key.proto,
+                        )
+                    })
                     .collect(),
-                problems: t.skipped.clone(),
+                problems: summary
+                    .problems
+                    .iter()
+                    .cloned()
+                    .chain(failure.map(|f| f.error.clone()))
+                    .collect(),
             }
         })
         .collect()
 }
 
-/// Writes the status file atomically (write, then rename).
+/// Writes the status file atomically (write, then rename), streaming it.
 pub fn write(pin_path: &Path, statuses: &[ServiceStatus]) -> anyhow::Result<()> {
     let path = status_path(pin_path);
     std::fs::create_dir_all(STATUS_DIR).with_context(|| format!("creating {STATUS_DIR}"))?;
     let staging = path.with_extension("json.new");
-    std::fs::write(&staging, serde_json::to_vec_pretty(statuses)?)
+    let file = std::fs::File::create(&staging)
         .with_context(|| format!("writing {}", staging.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut writer, statuses)?;
+    std::io::Write::flush(&mut writer).with_context(|| format!("writing {}", staging.display()))?;
     std::fs::rename(&staging, &path).with_context(|| format!("writing {}", path.display()))
 }
 

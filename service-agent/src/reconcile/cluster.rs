@@ -6,32 +6,54 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    sync::Arc,
 };
 
-use k8s_openapi::{
-    Metadata,
-    api::{
-        core::v1::{Node, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use super::records::{NodeRecord, ServiceRecord, SliceRecord};
 
-/// Label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A namespaced object name, `namespace/name`, cheap to clone (one shared
+/// allocation).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName(Arc<str>);
 
-/// A namespaced object name, `namespace/name`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectName {
-    /// Namespace (`default` when the object does not say).
-    pub namespace: String,
-    /// Object name.
-    pub name: String,
+impl ObjectName {
+    /// `namespace/name`; an empty namespace is `default`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let namespace = if namespace.is_empty() {
+            "default"
+        } else {
+            namespace
+        };
+        ObjectName(format!("{namespace}/{name}").into())
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        self.0
+            .split_once('/')
+            .map_or("", |(namespace, _)| namespace)
+    }
+
+    /// The name within the namespace.
+    pub fn name(&self) -> &str {
+        self.0.split_once('/').map_or(&*self.0, |(_, name)| name)
+    }
+
+    /// `namespace/name`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Display for ObjectName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
     }
 }
 
@@ -39,40 +61,36 @@ impl fmt::Display for ObjectName {
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     /// Services by name.
-    pub services: BTreeMap<ObjectName, Service>,
+    pub services: BTreeMap<ObjectName, ServiceRecord>,
     /// EndpointSlices by their own name (not their Service's).
-    endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
+    endpoint_slices: BTreeMap<ObjectName, SliceRecord>,
     /// EndpointSlice names by the Service they belong to, so a Service's
     /// slices are found without scanning them all.
-    slices_by_service: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    slices_by_service: BTreeMap<ObjectName, Vec<ObjectName>>,
     /// This node, when the source knows it.
-    pub node: Option<Node>,
+    pub node: Option<NodeRecord>,
 }
 
 /// A change reported by a source.
 #[derive(Clone, Debug)]
-pub enum Change<K> {
+pub enum Change<T> {
     /// The object was created or modified.
-    Applied(K),
+    Applied(ObjectName, T),
     /// The object was deleted.
-    Deleted(K),
+    Deleted(ObjectName),
     /// A full (re-)list: these are all the objects of the kind now.
-    Replaced(Vec<K>),
+    Replaced(Vec<(ObjectName, T)>),
 }
 
 /// A change to one kind of object the agent watches.
 #[derive(Clone, Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "events move through a channel one at a time; a Node is the largest and the rarest"
-)]
 pub enum ClusterEvent {
     /// A Service changed.
-    Service(Change<Service>),
+    Service(Change<ServiceRecord>),
     /// An EndpointSlice changed.
-    EndpointSlice(Change<EndpointSlice>),
+    EndpointSlice(Change<SliceRecord>),
     /// This node changed.
-    Node(Change<Node>),
+    Node(Change<NodeRecord>),
 }
 
 /// The kinds of object a source lists and watches.
@@ -84,6 +102,17 @@ pub enum Kind {
     EndpointSlice,
     /// This node's `v1` Node.
     Node,
+}
+
+impl Kind {
+    /// The kind's name, as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
 }
 
 impl ClusterEvent {
@@ -134,80 +163,81 @@ impl Dirty {
 
 impl ClusterState {
     /// Applies a source's event; returns the Services it may have changed.
-    /// Objects without a name are ignored.
     pub fn apply(&mut self, event: ClusterEvent) -> Dirty {
+        let mut dirty = BTreeSet::new();
         match event {
-            ClusterEvent::Service(change) => {
-                Dirty::Services(apply_change(&mut self.services, change, |service| {
-                    object_name(service.metadata())
-                }))
+            ClusterEvent::Service(Change::Applied(name, service)) => {
+                self.services.insert(name.clone(), service);
+                dirty.insert(name);
             }
-            ClusterEvent::EndpointSlice(change) => {
-                let mut dirty = BTreeSet::new();
-                match change {
-                    Change::Applied(slice) => {
-                        if let Some(name) = object_name(&slice.metadata) {
-                            dirty.extend(slice_owner(&slice));
-                            dirty.extend(self.insert_slice(name, slice));
-                        }
-                    }
-                    Change::Deleted(slice) => {
-                        if let Some(name) = object_name(&slice.metadata) {
-                            dirty.extend(slice_owner(&slice));
-                            dirty.extend(self.remove_slice(&name));
-                        }
-                    }
-                    Change::Replaced(all) => {
-                        dirty.extend(self.slices_by_service.keys().cloned());
-                        self.endpoint_slices.clear();
-                        self.slices_by_service.clear();
-                        for slice in all {
-                            if let Some(name) = object_name(&slice.metadata) {
-                                dirty.extend(slice_owner(&slice));
-                                self.insert_slice(name, slice);
-                            }
-                        }
-                    }
+            ClusterEvent::Service(Change::Deleted(name)) => {
+                self.services.remove(&name);
+                dirty.insert(name);
+            }
+            ClusterEvent::Service(Change::Replaced(all)) => {
+                dirty.extend(self.services.keys().cloned());
+                self.services = all.into_iter().collect();
+                dirty.extend(self.services.keys().cloned());
+            }
+            ClusterEvent::EndpointSlice(Change::Applied(name, slice)) => {
+                dirty.extend(slice.service.clone());
+                dirty.extend(self.insert_slice(name, slice));
+            }
+            ClusterEvent::EndpointSlice(Change::Deleted(name)) => {
+                dirty.extend(self.remove_slice(&name));
+            }
+            ClusterEvent::EndpointSlice(Change::Replaced(all)) => {
+                dirty.extend(self.slices_by_service.keys().cloned());
+                self.endpoint_slices.clear();
+                self.slices_by_service.clear();
+                for (name, slice) in all {
+                    dirty.extend(slice.service.clone());
+                    self.insert_slice(name, slice);
                 }
-                Dirty::Services(dirty)
             }
+            // Translation does not depend on the Node: no Service changes.
             ClusterEvent::Node(change) => {
                 self.node = match change {
-                    Change::Applied(node) => Some(node),
+                    Change::Applied(_, node) => Some(node),
                     Change::Deleted(_) => None,
-                    Change::Replaced(nodes) => nodes.into_iter().next(),
+                    Change::Replaced(nodes) => nodes.into_iter().next().map(|(_, node)| node),
                 };
-                Dirty::All
             }
         }
+        Dirty::Services(dirty)
     }
 
-    /// The EndpointSlices labelled as belonging to `service`.
+    /// Whether this node is being deleted (as far as the source knows).
+    pub fn node_being_deleted(&self) -> bool {
+        self.node.is_some_and(|node| node.being_deleted)
+    }
+
+    /// The EndpointSlices belonging to `service`, with their names.
     pub fn slices_of<'a>(
         &'a self,
         service: &'a ObjectName,
-    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+    ) -> impl Iterator<Item = (&'a ObjectName, &'a SliceRecord)> + 'a {
         self.slices_by_service
             .get(service)
             .into_iter()
             .flatten()
-            .filter_map(|name| self.endpoint_slices.get(name))
+            .filter_map(|name| Some((name, self.endpoint_slices.get(name)?)))
     }
 
     /// Every EndpointSlice, by its own name.
-    pub fn endpoint_slices(&self) -> &BTreeMap<ObjectName, EndpointSlice> {
+    pub fn endpoint_slices(&self) -> &BTreeMap<ObjectName, SliceRecord> {
         &self.endpoint_slices
     }
 
     /// Adds or replaces an EndpointSlice; returns the Service the replaced
     /// version belonged to.
-    pub fn insert_slice(&mut self, name: ObjectName, slice: EndpointSlice) -> Option<ObjectName> {
+    fn insert_slice(&mut self, name: ObjectName, slice: SliceRecord) -> Option<ObjectName> {
         let previous_owner = self.remove_slice(&name);
-        if let Some(owner) = slice_owner(&slice) {
+        if let Some(owner) = &slice.service {
             self.slices_by_service
-                .entry(owner)
+                .entry(owner.clone())
                 .or_default()
-                .insert(name.clone());
+                .push(name.clone());
         }
         self.endpoint_slices.insert(name, slice);
         previous_owner
@@ -215,143 +245,102 @@ impl ClusterState {
 
     /// Removes an EndpointSlice; returns the Service it belonged to.
     fn remove_slice(&mut self, name: &ObjectName) -> Option<ObjectName> {
-        let owner = slice_owner(&self.endpoint_slices.remove(name)?)?;
+        let owner = self.endpoint_slices.remove(name)?.service?;
         if let Some(names) = self.slices_by_service.get_mut(&owner) {
-            names.remove(name);
+            names.retain(|n| n != name);
             if names.is_empty() {
                 self.slices_by_service.remove(&owner);
             }
         }
         Some(owner)
     }
-
-    /// The Services and EndpointSlices, taken out.
-    pub fn into_objects(self) -> (Vec<Service>, Vec<EndpointSlice>) {
-        (
-            self.services.into_values().collect(),
-            self.endpoint_slices.into_values().collect(),
-        )
-    }
-}
-
-/// Applies `change` to `objects` (keyed by object name) and returns the
-/// owners (as `owner` names them) of every object version it touched, old
-/// and new, so a moved or deleted object marks both sides.
-fn apply_change<K: Metadata<Ty = ObjectMeta>>(
-    objects: &mut BTreeMap<ObjectName, K>,
-    change: Change<K>,
-    owner: impl Fn(&K) -> Option<ObjectName>,
-) -> BTreeSet<ObjectName> {
-    let mut owners = BTreeSet::new();
-    match change {
-        Change::Applied(object) => {
-            if let Some(name) = object_name(object.metadata()) {
-                owners.extend(objects.get(&name).and_then(&owner));
-                owners.extend(owner(&object));
-                objects.insert(name, object);
-            }
-        }
-        Change::Deleted(object) => {
-            if let Some(name) = object_name(object.metadata()) {
-                owners.extend(objects.remove(&name).as_ref().and_then(&owner));
-                owners.extend(owner(&object));
-            }
-        }
-        Change::Replaced(all) => {
-            owners.extend(objects.values().filter_map(&owner));
-            *objects = all
-                .into_iter()
-                .filter_map(|object| Some((object_name(object.metadata())?, object)))
-                .collect();
-            owners.extend(objects.values().filter_map(&owner));
-        }
-    }
-    owners
-}
-
-/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name`
-/// label, in the slice's namespace).
-pub fn slice_owner(slice: &EndpointSlice) -> Option<ObjectName> {
-    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    let slice_name = object_name(&slice.metadata)?;
-    Some(ObjectName {
-        namespace: slice_name.namespace,
-        name: service.clone(),
-    })
-}
-
-/// The object's `namespace/name`, the namespace defaulting to `default`.
-pub fn object_name(metadata: &ObjectMeta) -> Option<ObjectName> {
-    let name = metadata.name.clone().filter(|name| !name.is_empty())?;
-    let namespace = metadata
-        .namespace
-        .clone()
-        .filter(|namespace| !namespace.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
-    Some(ObjectName { namespace, name })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::records::AddressType;
 
-    fn slice(name: &str, service: &str) -> EndpointSlice {
-        EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("default".into()),
-                labels: Some([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into()),
-                ..ObjectMeta::default()
-            },
-            address_type: "IPv4".into(),
-            endpoints: Vec::new(),
-            ports: None,
+    fn slice(service: &str) -> SliceRecord {
+        SliceRecord {
+            service: Some(ObjectName::new("default", service)),
+            address_type: AddressType::Ipv4,
+            ports: Box::default(),
+            endpoints: Box::default(),
+            trigger_time: None,
+            problems: Box::default(),
         }
     }
 
+    fn named(name: &str) -> ObjectName {
+        ObjectName::new("default", name)
+    }
+
     fn owners(state: &ClusterState, service: &str) -> Vec<String> {
-        let service = ObjectName {
-            namespace: "default".into(),
-            name: service.into(),
-        };
-        state
+        let service = named(service);
+        let mut names: Vec<String> = state
             .slices_of(&service)
-            .map(|s| s.metadata.name.clone().unwrap())
-            .collect()
+            .map(|(name, _)| name.name().to_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     #[test]
     fn slice_events_keep_the_service_index_right_and_mark_both_owners() {
         let mut state = ClusterState::default();
         state.apply(ClusterEvent::EndpointSlice(Change::Replaced(vec![
-            slice("a-1", "a"),
-            slice("a-2", "a"),
-            slice("b-1", "b"),
+            (named("a-1"), slice("a")),
+            (named("a-2"), slice("a")),
+            (named("b-1"), slice("b")),
         ])));
         assert_eq!(owners(&state, "a"), ["a-1", "a-2"]);
         // A slice relabelled to another Service moves, and both are dirty.
-        let dirty = state.apply(ClusterEvent::EndpointSlice(Change::Applied(slice(
-            "a-2", "b",
-        ))));
+        let dirty = state.apply(ClusterEvent::EndpointSlice(Change::Applied(
+            named("a-2"),
+            slice("b"),
+        )));
         let Dirty::Services(dirty) = dirty else {
             panic!("a slice event marks Services");
         };
         assert_eq!(
-            dirty.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            dirty.iter().map(|n| n.name()).collect::<Vec<_>>(),
             ["a", "b"]
         );
         assert_eq!(owners(&state, "a"), ["a-1"]);
         assert_eq!(owners(&state, "b"), ["a-2", "b-1"]);
-        state.apply(ClusterEvent::EndpointSlice(Change::Deleted(slice(
-            "a-1", "a",
-        ))));
+        let dirty = state.apply(ClusterEvent::EndpointSlice(Change::Deleted(named("a-1"))));
+        assert_eq!(dirty, Dirty::Services([named("a")].into()));
         assert!(owners(&state, "a").is_empty());
         // A re-list replaces everything.
-        state.apply(ClusterEvent::EndpointSlice(Change::Replaced(vec![slice(
-            "c-1", "c",
+        state.apply(ClusterEvent::EndpointSlice(Change::Replaced(vec![(
+            named("c-1"),
+            slice("c"),
         )])));
         assert!(owners(&state, "b").is_empty());
         assert_eq!(owners(&state, "c"), ["c-1"]);
         assert_eq!(state.endpoint_slices().len(), 1);
+    }
+
+    #[test]
+    fn node_events_change_no_service_and_tell_whether_the_node_goes() {
+        let mut state = ClusterState::default();
+        let dirty = state.apply(ClusterEvent::Node(Change::Applied(
+            named("node-a"),
+            NodeRecord {
+                being_deleted: true,
+            },
+        )));
+        assert_eq!(dirty, Dirty::none());
+        assert!(state.node_being_deleted());
+        state.apply(ClusterEvent::Node(Change::Deleted(named("node-a"))));
+        assert!(!state.node_being_deleted());
+    }
+
+    #[test]
+    fn object_names_split_back_into_namespace_and_name() {
+        let name = ObjectName::new("", "web");
+        assert_eq!(name.to_string(), "default/web");
+        assert_eq!((name.namespace(), name.name()), ("default", "web"));
     }
 }

@@ -4,27 +4,36 @@
 //! while their frontend or backend lives (and across agent restarts, by
 //! adopting the ids found in the maps); backends shared by several Services
 //! are reference-counted and deleted when the last one lets go.
+//!
+//! Memory: a frontend is kept as its header and the list of its backend
+//! ids (its slots and rev-NAT entry follow from them), a backend once
+//! however many Services use it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, MapAddr,
-    RevNatId, RevNatValue, SCOPE_ALL,
+    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, IdCursors,
+    MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
 };
 
 use super::{
     cluster::ObjectName,
-    diff::diff,
+    diff::{Writes, diff},
     translate::{DesiredBackend, DesiredFrontend},
 };
-use crate::datapath::model::{MapOp, MapState, map_addr};
+use crate::datapath::model::{MapName, MapState, map_addr};
 
 /// Identity of a frontend (address, port in network order, protocol,
 /// scope): what a rev-NAT id is allocated for.
-type FrontendIdentity = (MapAddr, u16, u8, u8);
+pub type FrontendIdentity = (MapAddr, u16, u8, u8);
 /// Identity of a backend (address, port in network order, family): what a
 /// backend id is allocated for.
 type BackendIdentity = (MapAddr, u16, u8);
+
+/// The identity of the frontend a frontends-map key belongs to.
+pub fn frontend_identity(key: &FrontendKey) -> FrontendIdentity {
+    (key.addr, key.port, key.proto, key.scope)
+}
 
 /// Allocates small integer ids to keys and keeps them stable while the key
 /// lives, so an unchanged Service keeps its entries byte for byte. Ids are
@@ -32,7 +41,9 @@ type BackendIdentity = (MapAddr, u16, u8);
 #[derive(Clone, Debug)]
 struct IdAllocator<K> {
     ids: BTreeMap<K, u32>,
-    used: BTreeSet<u32>,
+    /// One bit per id in `0..limit`: set when taken.
+    used: Vec<u64>,
+    taken: u32,
     next: u32,
     limit: u32,
     /// Whether released ids go to `held` instead of being free again.
@@ -47,7 +58,8 @@ impl<K: Ord + Clone> IdAllocator<K> {
     fn new(limit: u32) -> Self {
         IdAllocator {
             ids: BTreeMap::new(),
-            used: BTreeSet::new(),
+            used: vec![0; (limit as usize).div_ceil(64)],
+            taken: 0,
             next: 1,
             limit,
             holds_released: false,
@@ -64,6 +76,18 @@ impl<K: Ord + Clone> IdAllocator<K> {
         }
     }
 
+    /// The next id to try.
+    fn cursor(&self) -> u32 {
+        self.next
+    }
+
+    /// Goes on from `next` (a cursor a previous agent kept), if in range.
+    fn resume(&mut self, next: u32) {
+        if next != 0 && next < self.limit {
+            self.next = next;
+        }
+    }
+
     /// Makes held ids free again.
     fn reuse(&mut self, ids: impl IntoIterator<Item = u32>) {
         for id in ids {
@@ -76,7 +100,7 @@ impl<K: Ord + Clone> IdAllocator<K> {
     fn hold(&mut self, ids: impl IntoIterator<Item = u32>) -> Vec<u32> {
         let mut held = Vec::new();
         for id in ids {
-            if id != 0 && id < self.limit && !self.used.contains(&id) && self.held.insert(id) {
+            if id != 0 && id < self.limit && !self.is_used(id) && self.held.insert(id) {
                 held.push(id);
             }
         }
@@ -84,18 +108,34 @@ impl<K: Ord + Clone> IdAllocator<K> {
     }
 
     /// Frees `id`, or holds it.
-    fn free(used: &mut BTreeSet<u32>, held: &mut BTreeSet<u32>, holds: bool, id: u32) {
-        used.remove(&id);
-        if holds {
-            held.insert(id);
+    fn free(&mut self, id: u32) {
+        self.set_used(id, false);
+        if self.holds_released {
+            self.held.insert(id);
+        }
+    }
+
+    fn is_used(&self, id: u32) -> bool {
+        id < self.limit && self.used[id as usize / 64] & (1 << (id % 64)) != 0
+    }
+
+    fn set_used(&mut self, id: u32, used: bool) {
+        let word = &mut self.used[id as usize / 64];
+        let bit = 1 << (id % 64);
+        if used && *word & bit == 0 {
+            *word |= bit;
+            self.taken += 1;
+        } else if !used && *word & bit != 0 {
+            *word &= !bit;
+            self.taken -= 1;
         }
     }
 
     /// Records an id already in use (adopted from the maps).
     fn adopt(&mut self, key: K, id: u32) {
-        if id != 0 && id < self.limit && !self.used.contains(&id) {
+        if id != 0 && id < self.limit && !self.is_used(id) && !self.ids.contains_key(&key) {
             self.ids.insert(key, id);
-            self.used.insert(id);
+            self.set_used(id, true);
         }
     }
 
@@ -104,10 +144,17 @@ impl<K: Ord + Clone> IdAllocator<K> {
         if let Some(id) = self.ids.get(key) {
             return Some(*id);
         }
-        if (self.used.len() + self.held.len()) as u64 >= u64::from(self.limit.saturating_sub(1)) {
+        if u64::from(self.taken) + self.held.len() as u64 >= u64::from(self.limit.saturating_sub(1))
+        {
             return None;
         }
-        while self.used.contains(&self.next) || self.held.contains(&self.next) || self.next == 0 {
+        // Hand out ids round-robin, so a freed id is not reused at once and
+        // conntrack entries naming it cannot mistake a new backend for it.
+        while self.next == 0
+            || self.next >= self.limit
+            || self.is_used(self.next)
+            || self.held.contains(&self.next)
+        {
             self.next = if self.next + 1 >= self.limit {
                 1
             } else {
@@ -116,7 +163,7 @@ impl<K: Ord + Clone> IdAllocator<K> {
         }
         let id = self.next;
         self.next = if id + 1 >= self.limit { 1 } else { id + 1 };
-        self.used.insert(id);
+        self.set_used(id, true);
         self.ids.insert(key.clone(), id);
         Some(id)
     }
@@ -124,30 +171,123 @@ impl<K: Ord + Clone> IdAllocator<K> {
     /// Frees (or holds) the key's id.
     fn release(&mut self, key: &K) {
         if let Some(id) = self.ids.remove(key) {
-            Self::free(&mut self.used, &mut self.held, self.holds_released, id);
+            self.free(id);
         }
     }
 
-    /// Frees (or holds) the ids of every key not in `live`.
-    fn retain(&mut self, live: impl Fn(&K) -> bool) {
-        let (used, held, holds) = (&mut self.used, &mut self.held, self.holds_released);
+    /// Frees (or holds) the ids of every key and id not `live`.
+    fn retain(&mut self, live: impl Fn(&K, u32) -> bool) {
+        let mut freed = Vec::new();
         self.ids.retain(|key, id| {
-            let keep = live(key);
+            let keep = live(key, *id);
             if !keep {
-                Self::free(used, held, holds, *id);
+                freed.push(*id);
             }
             keep
         });
+        for id in freed {
+            self.free(id);
+        }
     }
 }
 
-/// One Service's share of the maps.
+/// One frontend as laid out in the maps: its header and, in slot order,
+/// the ids of its backends. Its slots and rev-NAT entry follow from them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FrontendLayout {
+    /// The header's key (slot 0).
+    key: FrontendKey,
+    /// The header.
+    header: FrontendValue,
+    /// Backend ids of slots `1..=header.count`.
+    backends: Box<[BackendId]>,
+    /// Backend ids kept in the backends map for the flows they have, with
+    /// no slot (draining: terminating or not serving).
+    draining: Box<[BackendId]>,
+}
+
+impl FrontendLayout {
+    /// Every backend id it keeps in the backends map: slots, then draining.
+    fn backend_ids(&self) -> impl Iterator<Item = &BackendId> {
+        self.backends.iter().chain(self.draining.iter())
+    }
+}
+
+impl FrontendLayout {
+    /// The reverse-NAT entry of this frontend.
+    fn revnat(&self) -> RevNatValue {
+        RevNatValue {
+            addr: self.key.addr,
+            port: self.key.port,
+            family: self.key.family,
+            _pad: 0,
+        }
+    }
+
+    /// Its header and slots, in key order.
+    fn entries(&self) -> impl Iterator<Item = (FrontendKey, FrontendValue)> + '_ {
+        std::iter::once((self.key, self.header)).chain(self.backends.iter().zip(1..).map(
+            |(id, slot)| {
+                (
+                    FrontendKey { slot, ..self.key },
+                    FrontendValue {
+                        backend_id: *id,
+                        ..FrontendValue::default()
+                    },
+                )
+            },
+        ))
+    }
+}
+
+/// A backend in the desired state: its value, and how many Services use it.
+#[derive(Clone, Copy, Debug)]
+struct BackendUse {
+    value: BackendValue,
+    services: u32,
+}
+
+/// Desired entries per map, kept up to date by [`DesiredState::set_service`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryCounts {
+    /// Frontends (headers).
+    pub frontends: usize,
+    /// Entries of the frontends map: headers and slots.
+    pub frontend_entries: usize,
+    /// Backends.
+    pub backends: usize,
+}
+
+impl EntryCounts {
+    /// Desired entries of `map`.
+    pub fn of(&self, map: MapName) -> usize {
+        match map {
+            MapName::Frontends => self.frontend_entries,
+            MapName::Backends => self.backends,
+            MapName::RevNat => self.frontends,
+        }
+    }
+}
+
+/// The desired entries of one Service, per map.
 #[derive(Clone, Debug, Default)]
-struct Fragment {
-    frontends: BTreeMap<FrontendKey, FrontendValue>,
-    revnat: BTreeMap<RevNatId, RevNatValue>,
-    backends: BTreeMap<BackendId, BackendValue>,
-    identities: BTreeSet<FrontendIdentity>,
+pub struct ServiceEntries {
+    /// Headers and slots.
+    pub frontends: Vec<(FrontendKey, FrontendValue)>,
+    /// Rev-NAT entries.
+    pub revnat: Vec<(RevNatId, RevNatValue)>,
+    /// Backends.
+    pub backends: Vec<(BackendId, BackendValue)>,
+}
+
+/// What [`DesiredState::set_service`] did.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceUpdate {
+    /// The ordered writes that take the maps from the Service's previous
+    /// desired entries to the new ones.
+    pub writes: Writes,
+    /// One line per frontend or backend that could not be given entries.
+    pub problems: Vec<String>,
 }
 
 /// The desired contents of the maps, by Service.
@@ -155,13 +295,13 @@ struct Fragment {
 pub struct DesiredState {
     revnat_ids: IdAllocator<FrontendIdentity>,
     backend_ids: IdAllocator<BackendIdentity>,
-    services: BTreeMap<ObjectName, Fragment>,
-    /// How many Services use each backend.
-    backend_refs: BTreeMap<BackendId, usize>,
-    /// Each backend's value as last written.
-    backend_values: BTreeMap<BackendId, BackendValue>,
+    /// Each Service's frontends.
+    services: BTreeMap<ObjectName, Vec<FrontendLayout>>,
+    /// Every backend some Service uses, by id.
+    backends: BTreeMap<BackendId, BackendUse>,
     /// Which Service serves each frontend (the first one to claim it).
     frontend_owners: BTreeMap<FrontendIdentity, ObjectName>,
+    counts: EntryCounts,
 }
 
 impl DesiredState {
@@ -178,14 +318,14 @@ impl DesiredState {
             revnat_ids: IdAllocator::holding_released(revnat_limit),
             backend_ids: IdAllocator::new(backend_limit),
             services: BTreeMap::new(),
-            backend_refs: BTreeMap::new(),
-            backend_values: BTreeMap::new(),
+            backends: BTreeMap::new(),
             frontend_owners: BTreeMap::new(),
+            counts: EntryCounts::default(),
         };
         for (key, value) in current.frontends.iter().filter(|(k, _)| k.slot == 0) {
             state
                 .revnat_ids
-                .adopt((key.addr, key.port, key.proto, key.scope), value.rev_nat_id);
+                .adopt(frontend_identity(key), value.rev_nat_id);
         }
         for (id, value) in &current.backends {
             state
@@ -195,18 +335,20 @@ impl DesiredState {
         state
     }
 
-    /// Frees adopted ids that no Service claimed (their entries are stale).
-    pub fn release_unclaimed(&mut self) {
-        let owners = &self.frontend_owners;
-        self.revnat_ids
-            .retain(|identity| owners.contains_key(identity));
-        let values = &self.backend_values;
-        let backend_ids: BTreeSet<BackendIdentity> = values
-            .values()
-            .map(|v| (v.addr, v.port, v.family))
-            .collect();
-        self.backend_ids
-            .retain(|identity| backend_ids.contains(identity));
+    /// Where the id allocators stand (kept across restarts).
+    pub fn id_cursors(&self) -> IdCursors {
+        IdCursors {
+            next_rev_nat_id: self.revnat_ids.cursor(),
+            next_backend_id: self.backend_ids.cursor(),
+        }
+    }
+
+    /// Goes on from where a previous agent's allocators stood, so ids it
+    /// handed out (and conntrack entries may still name) are not handed
+    /// out again soon. Out-of-range cursors are ignored.
+    pub fn resume_ids(&mut self, cursors: &IdCursors) {
+        self.revnat_ids.resume(cursors.next_rev_nat_id);
+        self.backend_ids.resume(cursors.next_backend_id);
     }
 
     /// Makes released rev-NAT ids free again: no conntrack entry names
@@ -223,20 +365,109 @@ impl DesiredState {
         self.revnat_ids.hold(ids)
     }
 
+    /// Frees adopted ids that no Service claimed (their entries are stale).
+    pub fn release_unclaimed(&mut self) {
+        let owners = &self.frontend_owners;
+        self.revnat_ids
+            .retain(|identity, _| owners.contains_key(identity));
+        let backends = &self.backends;
+        self.backend_ids.retain(|identity, id| {
+            backends
+                .get(&id)
+                .is_some_and(|b| (b.value.addr, b.value.port, b.value.family) == *identity)
+        });
+    }
+
     /// Names of the Services with entries.
     pub fn services(&self) -> impl Iterator<Item = &ObjectName> {
         self.services.keys()
     }
 
+    /// Whether Service `name` has entries.
+    pub fn has_service(&self, name: &ObjectName) -> bool {
+        self.services.contains_key(name)
+    }
+
+    /// How many entries the desired state has, per map.
+    pub fn counts(&self) -> EntryCounts {
+        self.counts
+    }
+
     /// The whole desired contents.
     pub fn maps(&self) -> MapState {
         let mut maps = MapState::default();
-        for fragment in self.services.values() {
-            maps.frontends.extend(fragment.frontends.iter());
-            maps.revnat.extend(fragment.revnat.iter());
+        for name in self.services.keys() {
+            self.add_service_entries(name, &mut maps);
         }
-        maps.backends = self.backend_values.clone();
         maps
+    }
+
+    fn add_service_entries(&self, name: &ObjectName, maps: &mut MapState) {
+        for layout in self.services.get(name).into_iter().flatten() {
+            maps.frontends.extend(layout.entries());
+            maps.revnat
+                .insert(layout.header.rev_nat_id, layout.revnat());
+            for id in layout.backend_ids() {
+                if let Some(backend) = self.backends.get(id) {
+                    maps.backends.insert(*id, backend.value);
+                }
+            }
+        }
+    }
+
+    /// The desired entries of Service `name`, per map, in no particular
+    /// order (a backend two of its frontends share is listed twice).
+    pub fn service_entries(&self, name: &ObjectName) -> ServiceEntries {
+        let mut entries = ServiceEntries::default();
+        for layout in self.services.get(name).into_iter().flatten() {
+            entries.frontends.extend(layout.entries());
+            entries
+                .revnat
+                .push((layout.header.rev_nat_id, layout.revnat()));
+            entries.backends.extend(
+                layout
+                    .backend_ids()
+                    .filter_map(|id| Some((*id, self.backends.get(id)?.value))),
+            );
+        }
+        entries
+    }
+
+    /// The Service serving the frontend with this identity.
+    pub fn owner(&self, identity: &FrontendIdentity) -> Option<&ObjectName> {
+        self.frontend_owners.get(identity)
+    }
+
+    /// The desired header of the frontend with this identity.
+    pub fn header(&self, identity: &FrontendIdentity) -> Option<FrontendValue> {
+        let owner = self.frontend_owners.get(identity)?;
+        self.services
+            .get(owner)?
+            .iter()
+            .find(|layout| frontend_identity(&layout.key) == *identity)
+            .map(|layout| layout.header)
+    }
+
+    /// Whether some desired frontend has rev-NAT id `id`.
+    pub fn has_revnat(&self, id: RevNatId) -> bool {
+        self.revnat_ids.is_used(id)
+    }
+
+    /// Whether some Service uses backend `id`.
+    pub fn has_backend(&self, id: BackendId) -> bool {
+        self.backends.contains_key(&id)
+    }
+
+    /// The frontends of Service `name`, as (key of the header, header).
+    pub fn frontends_of(
+        &self,
+        name: &ObjectName,
+    ) -> impl Iterator<Item = (&FrontendKey, &FrontendValue)> {
+        self.services
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|layout| (&layout.key, &layout.header))
     }
 
     /// Replaces the frontends of Service `name` (none removes it) and returns
@@ -247,69 +478,149 @@ impl DesiredState {
         &mut self,
         name: &ObjectName,
         frontends: &[DesiredFrontend],
-    ) -> (Vec<MapOp>, Vec<String>) {
+    ) -> ServiceUpdate {
+        self.update_service(name, frontends, true)
+    }
+
+    /// [`DesiredState::set_service`] without working out the writes (a
+    /// full sync compares with the maps' real contents instead).
+    pub fn replace_service(
+        &mut self,
+        name: &ObjectName,
+        frontends: &[DesiredFrontend],
+    ) -> Vec<String> {
+        self.update_service(name, frontends, false).problems
+    }
+
+    fn update_service(
+        &mut self,
+        name: &ObjectName,
+        frontends: &[DesiredFrontend],
+        with_writes: bool,
+    ) -> ServiceUpdate {
         let old = self.services.remove(name).unwrap_or_default();
         let mut problems = Vec::new();
-        let mut new = Fragment::default();
+        let mut new = Vec::new();
+        let mut new_backends: Vec<(BackendId, BackendValue)> = Vec::new();
         for frontend in frontends {
-            self.lay_out(name, frontend, &mut new, &mut problems);
+            let (addr, _) = map_addr(frontend.addr);
+            let identity = (addr, frontend.port.to_be(), frontend.proto, SCOPE_ALL);
+            if new
+                .iter()
+                .any(|l: &FrontendLayout| frontend_identity(&l.key) == identity)
+            {
+                problems.push(format!(
+                    "{name} {}:{}: listed twice, the first one kept",
+                    frontend.addr, frontend.port
+                ));
+                continue;
+            }
+            if let Some(layout) = self.lay_out(name, frontend, &mut new_backends, &mut problems) {
+                new.push(layout);
+            }
         }
+        new_backends.sort_by_key(|(id, _)| *id);
+        new_backends.dedup_by_key(|(id, _)| *id);
+        let mut old_ids: Vec<BackendId> =
+            old.iter().flat_map(|l| l.backend_ids().copied()).collect();
+        old_ids.sort_unstable();
+        old_ids.dedup();
 
-        // Reference counts: the new fragment's backends first, then the old
-        // one's released, so a backend kept by this Service never drops to 0.
-        for id in new.backends.keys() {
-            *self.backend_refs.entry(*id).or_default() += 1;
+        let mut old_scoped = MapState::default();
+        let mut new_scoped = MapState::default();
+        if with_writes {
+            for layout in &old {
+                old_scoped.frontends.extend(layout.entries());
+                old_scoped
+                    .revnat
+                    .insert(layout.header.rev_nat_id, layout.revnat());
+            }
+            for layout in &new {
+                new_scoped.frontends.extend(layout.entries());
+                new_scoped
+                    .revnat
+                    .insert(layout.header.rev_nat_id, layout.revnat());
+            }
         }
-        let mut old_scoped = MapState {
-            frontends: old.frontends,
-            revnat: old.revnat,
-            backends: BTreeMap::new(),
-        };
-        for (id, value) in &old.backends {
-            let refs = self.backend_refs.entry(*id).or_default();
-            *refs = refs.saturating_sub(1);
-            if *refs == 0 {
-                self.backend_refs.remove(id);
-                old_scoped.backends.insert(*id, *value);
-                self.backend_values.remove(id);
+        // Reference counts: the new backends first, then the old ones
+        // released, so a backend this Service keeps never drops to 0.
+        for (id, value) in &new_backends {
+            if with_writes {
+                new_scoped.backends.insert(*id, *value);
+            }
+            match self.backends.get_mut(id) {
+                Some(used) => {
+                    // Already written with this value: no write needed.
+                    if with_writes && used.value == *value {
+                        old_scoped.backends.insert(*id, *value);
+                    }
+                    used.value = *value;
+                    used.services += 1;
+                }
+                None => {
+                    self.backends.insert(
+                        *id,
+                        BackendUse {
+                            value: *value,
+                            services: 1,
+                        },
+                    );
+                }
+            }
+        }
+        for id in old_ids {
+            let Some(used) = self.backends.get_mut(&id) else {
+                continue;
+            };
+            used.services -= 1;
+            if used.services == 0 {
+                let value = used.value;
+                self.backends.remove(&id);
+                if with_writes {
+                    old_scoped.backends.insert(id, value);
+                }
                 self.backend_ids
                     .release(&(value.addr, value.port, value.family));
             }
         }
-        // Backends whose value is already written need no write.
-        for (id, value) in &new.backends {
-            if self.backend_values.get(id) == Some(value) {
-                old_scoped.backends.insert(*id, *value);
-            }
-            self.backend_values.insert(*id, *value);
-        }
-        let new_scoped = MapState {
-            frontends: new.frontends.clone(),
-            revnat: new.revnat.clone(),
-            backends: new.backends.clone(),
+        let writes = if with_writes {
+            diff(&old_scoped, &new_scoped)
+        } else {
+            Writes::default()
         };
-        let ops = diff(&old_scoped, &new_scoped);
 
-        for identity in old.identities.difference(&new.identities) {
-            if self.frontend_owners.get(identity) == Some(name) {
-                self.frontend_owners.remove(identity);
-                self.revnat_ids.release(identity);
+        let new_identities: Vec<FrontendIdentity> =
+            new.iter().map(|l| frontend_identity(&l.key)).collect();
+        for layout in &old {
+            let identity = frontend_identity(&layout.key);
+            if !new_identities.contains(&identity)
+                && self.frontend_owners.get(&identity) == Some(name)
+            {
+                self.frontend_owners.remove(&identity);
+                self.revnat_ids.release(&identity);
             }
         }
-        if !new.frontends.is_empty() || !new.identities.is_empty() {
+        self.counts.frontends = self.counts.frontends + new.len() - old.len();
+        let entries = |layouts: &[FrontendLayout]| -> usize {
+            layouts.iter().map(|l| 1 + l.backends.len()).sum()
+        };
+        self.counts.frontend_entries = self.counts.frontend_entries + entries(&new) - entries(&old);
+        self.counts.backends = self.backends.len();
+        if !new.is_empty() {
             self.services.insert(name.clone(), new);
         }
-        (ops, problems)
+        ServiceUpdate { writes, problems }
     }
 
-    /// Adds one frontend's header, slots, rev-NAT entry and backends to `fragment`.
+    /// Lays out one frontend: claims it for `service`, allocates its
+    /// rev-NAT id and backend ids (adding the backends to `backends`).
     fn lay_out(
         &mut self,
         service: &ObjectName,
         frontend: &DesiredFrontend,
-        fragment: &mut Fragment,
+        backends: &mut Vec<(BackendId, BackendValue)>,
         problems: &mut Vec<String>,
-    ) {
+    ) -> Option<FrontendLayout> {
         let (addr, family) = map_addr(frontend.addr);
         let port = frontend.port.to_be();
         let identity = (addr, port, frontend.proto, SCOPE_ALL);
@@ -319,7 +630,7 @@ impl DesiredState {
                 problems.push(format!(
                     "{label}: already served by Service {owner}, skipped"
                 ));
-                return;
+                return None;
             }
             Some(_) => {}
             None => {
@@ -329,9 +640,8 @@ impl DesiredState {
         let Some(rev_nat_id) = self.revnat_ids.get_or_allocate(&identity) else {
             self.frontend_owners.remove(&identity);
             problems.push(format!("{label}: no free rev-NAT id (map full)"));
-            return;
+            return None;
         };
-        fragment.identities.insert(identity);
         let key = FrontendKey {
             addr,
             port,
@@ -341,75 +651,60 @@ impl DesiredState {
             scope: SCOPE_ALL,
             _pad: 0,
         };
-        // Draining backends are kept in the backends map for their flows,
-        // without a slot.
-        for backend in &frontend.draining {
-            if let Some((id, value)) = self.backend_entry(&label, backend, problems) {
-                fragment.backends.insert(id, value);
-            }
-        }
-        let mut slot: u16 = 0;
+        let mut ids = Vec::with_capacity(frontend.backends.len());
         for backend in &frontend.backends {
-            let Some((id, value)) = self.backend_entry(&label, backend, problems) else {
+            let value = backend_value(backend);
+            let Some(id) =
+                self.backend_ids
+                    .get_or_allocate(&(value.addr, value.port, value.family))
+            else {
+                problems.push(format!(
+                    "{label}: backend {}:{}: no free backend id (map full)",
+                    backend.addr, backend.port
+                ));
                 continue;
             };
-            let Some(next) = slot.checked_add(1) else {
+            if ids.len() == usize::from(u16::MAX) {
                 problems.push(format!(
                     "{label}: more than {} backends, the rest left out",
                     u16::MAX
                 ));
                 break;
-            };
-            slot = next;
-            fragment.backends.insert(id, value);
-            fragment.frontends.insert(
-                FrontendKey { slot, ..key },
-                FrontendValue {
-                    backend_id: id,
-                    ..FrontendValue::default()
-                },
-            );
+            }
+            ids.push(id);
+            backends.push((id, value));
         }
-        fragment.frontends.insert(
+        // Draining backends are kept in the backends map for their flows,
+        // without a slot.
+        let mut draining = Vec::with_capacity(frontend.draining.len());
+        for backend in &frontend.draining {
+            let value = backend_value(backend);
+            match self
+                .backend_ids
+                .get_or_allocate(&(value.addr, value.port, value.family))
+            {
+                Some(id) => {
+                    draining.push(id);
+                    backends.push((id, value));
+                }
+                None => problems.push(format!(
+                    "{label}: backend {}:{}: no free backend id (map full)",
+                    backend.addr, backend.port
+                )),
+            }
+        }
+        Some(FrontendLayout {
             key,
-            FrontendValue {
+            header: FrontendValue {
                 backend_id: 0,
                 rev_nat_id,
-                count: slot,
+                count: ids.len() as u16,
                 flags: frontend.flags,
                 affinity_timeout_secs: 0,
             },
-        );
-        fragment.revnat.insert(
-            rev_nat_id,
-            RevNatValue {
-                addr,
-                port,
-                family,
-                _pad: 0,
-            },
-        );
-    }
-
-    /// The id and value of `backend` of frontend `label`, allocating its
-    /// id if needed; `None` (with a line in `problems`) when no id is free.
-    fn backend_entry(
-        &mut self,
-        label: &str,
-        backend: &DesiredBackend,
-        problems: &mut Vec<String>,
-    ) -> Option<(BackendId, BackendValue)> {
-        let value = backend_value(backend);
-        let id = self
-            .backend_ids
-            .get_or_allocate(&(value.addr, value.port, value.family));
-        if id.is_none() {
-            problems.push(format!(
-                "{label}: backend {}:{}: no free backend id (map full)",
-                backend.addr, backend.port
-            ));
-        }
-        Some((id?, value))
+            backends: ids.into_boxed_slice(),
+            draining: draining.into_boxed_slice(),
+        })
     }
 }
 
@@ -433,20 +728,25 @@ fn backend_value(backend: &DesiredBackend) -> BackendValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{datapath::model::MapWriter as _, reconcile::translate::BackendState};
+    use crate::{datapath::model::MapOp, reconcile::translate::BackendState};
+
+    /// Sets a Service and returns its writes and problems.
+    fn set(
+        desired: &mut DesiredState,
+        service: &ObjectName,
+        frontends: &[DesiredFrontend],
+    ) -> (Vec<MapOp>, Vec<String>) {
+        let update = desired.set_service(service, frontends);
+        (update.writes.ops, update.problems)
+    }
     use service_common::{FRONTEND_FLAG_CLUSTER_IP, PROTO_TCP};
 
     fn name(n: &str) -> ObjectName {
-        ObjectName {
-            namespace: "default".into(),
-            name: n.into(),
-        }
+        ObjectName::new("default", n)
     }
 
-    fn frontend(service: &str, vip: &str, backends: &[&str]) -> DesiredFrontend {
+    fn frontend(vip: &str, backends: &[&str]) -> DesiredFrontend {
         DesiredFrontend {
-            service: name(service),
-            port_name: "http".into(),
             addr: vip.parse().unwrap(),
             port: 80,
             proto: PROTO_TCP,
@@ -467,7 +767,7 @@ mod tests {
     /// Applies `ops` to `maps` one by one, checking consistency after each.
     fn apply_checked(maps: &mut MapState, ops: &[MapOp]) {
         for op in ops {
-            maps.apply(op).unwrap();
+            maps.apply(op);
             maps.check_consistent()
                 .unwrap_or_else(|e| panic!("after {op:?}: {e}"));
         }
@@ -480,9 +780,10 @@ mod tests {
     #[test]
     fn a_service_lays_out_header_slots_backends_and_revnat() {
         let mut desired = fresh();
-        let (ops, problems) = desired.set_service(
+        let (ops, problems) = set(
+            &mut desired,
             &name("web"),
-            &[frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.2.2"])],
+            &[frontend("10.96.0.10", &["10.1.1.2", "10.1.2.2"])],
         );
         assert!(problems.is_empty());
         let mut maps = MapState::default();
@@ -501,22 +802,26 @@ mod tests {
     fn changing_one_service_writes_only_its_entries_in_a_safe_order() {
         let mut desired = fresh();
         let mut maps = MapState::default();
-        let (ops, _) = desired.set_service(
+        let (ops, _) = set(
+            &mut desired,
             &name("web"),
             &[frontend(
-                "web",
                 "10.96.0.10",
                 &["10.1.1.2", "10.1.2.2", "10.1.3.2"],
             )],
         );
         apply_checked(&mut maps, &ops);
-        let (ops, _) =
-            desired.set_service(&name("db"), &[frontend("db", "10.96.0.11", &["10.1.9.2"])]);
+        let (ops, _) = set(
+            &mut desired,
+            &name("db"),
+            &[frontend("10.96.0.11", &["10.1.9.2"])],
+        );
         apply_checked(&mut maps, &ops);
 
-        let (ops, _) = desired.set_service(
+        let (ops, _) = set(
+            &mut desired,
             &name("web"),
-            &[frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.3.2"])],
+            &[frontend("10.96.0.10", &["10.1.1.2", "10.1.3.2"])],
         );
         apply_checked(&mut maps, &ops);
         assert_eq!(maps, desired.maps());
@@ -537,116 +842,12 @@ mod tests {
         assert!(matches!(ops.last(), Some(MapOp::DeleteBackend(_))));
     }
 
-    /// `frontend` with its backends in `slots` taking new flows and
-    /// `draining` ones (address, state) kept for their flows.
-    fn with_states(
-        service: &str,
-        slots: &[&str],
-        draining: &[(&str, BackendState)],
-    ) -> DesiredFrontend {
-        let mut f = frontend(service, "10.96.0.10", slots);
-        f.draining = draining
-            .iter()
-            .map(|(addr, state)| DesiredBackend {
-                state: *state,
-                ..frontend(service, "10.96.0.10", &[addr]).backends[0]
-            })
-            .collect();
-        f
-    }
-
-    /// Backend address (last octet) -> `BACKEND_STATE_*`, and the backend
-    /// ids in the slots.
-    fn backend_states(maps: &MapState) -> (BTreeMap<u8, u8>, BTreeSet<BackendId>) {
-        let states = maps
-            .backends
-            .values()
-            .map(|b| (b.addr[3], b.state))
-            .collect();
-        let slotted = maps
-            .frontends
-            .iter()
-            .filter(|(k, _)| k.slot != 0)
-            .map(|(_, v)| v.backend_id)
-            .collect();
-        (states, slotted)
-    }
-
-    #[test]
-    fn draining_backends_stay_in_the_backends_map_without_a_slot() {
-        use service_common::{
-            BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
-        };
-        let mut desired = fresh();
-        let mut maps = MapState::default();
-        let (ops, _) = desired.set_service(
-            &name("web"),
-            &[with_states(
-                "web",
-                &["10.1.1.2", "10.1.1.3", "10.1.1.4"],
-                &[],
-            )],
-        );
-        apply_checked(&mut maps, &ops);
-        let ids: BTreeMap<u8, BackendId> = maps
-            .backends
-            .iter()
-            .map(|(id, b)| (b.addr[3], *id))
-            .collect();
-
-        // .3 terminates (serving), .4 stops serving: both leave the slots,
-        // keep their ids and change state; nothing is deleted.
-        let (ops, _) = desired.set_service(
-            &name("web"),
-            &[with_states(
-                "web",
-                &["10.1.1.2"],
-                &[
-                    ("10.1.1.3", BackendState::Terminating),
-                    ("10.1.1.4", BackendState::NotServing),
-                ],
-            )],
-        );
-        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
-        apply_checked(&mut maps, &ops);
-        assert_eq!(maps, desired.maps());
-        let (states, slotted) = backend_states(&maps);
-        assert_eq!(
-            states,
-            BTreeMap::from([
-                (2, BACKEND_STATE_ACTIVE),
-                (3, BACKEND_STATE_TERMINATING),
-                (4, BACKEND_STATE_NOT_SERVING)
-            ])
-        );
-        assert_eq!(slotted, BTreeSet::from([ids[&2]]));
-        let kept: BTreeMap<u8, BackendId> = maps
-            .backends
-            .iter()
-            .map(|(id, b)| (b.addr[3], *id))
-            .collect();
-        assert_eq!(kept, ids);
-
-        // Gone from every slice: deleted.
-        let (ops, _) = desired.set_service(
-            &name("web"),
-            &[with_states(
-                "web",
-                &["10.1.1.2"],
-                &[("10.1.1.3", BackendState::Terminating)],
-            )],
-        );
-        assert!(ops.contains(&MapOp::DeleteBackend(ids[&4])));
-        apply_checked(&mut maps, &ops);
-        assert_eq!(backend_states(&maps).0.len(), 2);
-    }
-
     #[test]
     fn setting_the_same_service_again_writes_nothing() {
         let mut desired = fresh();
-        let frontends = [frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.2.2"])];
-        desired.set_service(&name("web"), &frontends);
-        let (ops, _) = desired.set_service(&name("web"), &frontends);
+        let frontends = [frontend("10.96.0.10", &["10.1.1.2", "10.1.2.2"])];
+        set(&mut desired, &name("web"), &frontends);
+        let (ops, _) = set(&mut desired, &name("web"), &frontends);
         assert!(ops.is_empty(), "{ops:?}");
     }
 
@@ -660,15 +861,18 @@ mod tests {
             } else {
                 "10.96.0.2"
             };
-            let (ops, _) =
-                desired.set_service(&name(service), &[frontend(service, vip, &["10.1.1.2"])]);
+            let (ops, _) = set(
+                &mut desired,
+                &name(service),
+                &[frontend(vip, &["10.1.1.2"])],
+            );
             apply_checked(&mut maps, &ops);
         }
         assert_eq!(maps.backends.len(), 1);
-        let (ops, _) = desired.set_service(&name("a"), &[]);
+        let (ops, _) = set(&mut desired, &name("a"), &[]);
         assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
         apply_checked(&mut maps, &ops);
-        let (ops, _) = desired.set_service(&name("b"), &[]);
+        let (ops, _) = set(&mut desired, &name("b"), &[]);
         apply_checked(&mut maps, &ops);
         assert_eq!(maps, MapState::default());
         assert_eq!(desired.maps(), MapState::default());
@@ -678,15 +882,21 @@ mod tests {
     fn a_frontend_claimed_twice_stays_with_its_first_service() {
         let mut desired = fresh();
         let mut maps = MapState::default();
-        let (ops, _) =
-            desired.set_service(&name("a"), &[frontend("a", "10.96.0.1", &["10.1.1.2"])]);
+        let (ops, _) = set(
+            &mut desired,
+            &name("a"),
+            &[frontend("10.96.0.1", &["10.1.1.2"])],
+        );
         apply_checked(&mut maps, &ops);
-        let (ops, problems) =
-            desired.set_service(&name("b"), &[frontend("b", "10.96.0.1", &["10.1.2.2"])]);
+        let (ops, problems) = set(
+            &mut desired,
+            &name("b"),
+            &[frontend("10.96.0.1", &["10.1.2.2"])],
+        );
         assert!(ops.is_empty());
         assert_eq!(problems.len(), 1, "{problems:?}");
         // Removing the impostor leaves the owner's entries alone.
-        let (ops, _) = desired.set_service(&name("b"), &[]);
+        let (ops, _) = set(&mut desired, &name("b"), &[]);
         assert!(ops.is_empty());
         assert_eq!(maps, desired.maps());
         assert_eq!(maps.backends.len(), 1);
@@ -695,15 +905,15 @@ mod tests {
     #[test]
     fn adoption_keeps_ids_so_a_restarted_agent_rewrites_nothing() {
         let frontends = [
-            frontend("web", "10.96.0.10", &["10.1.1.2", "10.1.2.2"]),
-            frontend("web", "10.96.0.11", &["10.1.3.2"]),
+            frontend("10.96.0.10", &["10.1.1.2", "10.1.2.2"]),
+            frontend("10.96.0.11", &["10.1.3.2"]),
         ];
         let mut first = fresh();
-        first.set_service(&name("web"), &frontends);
+        set(&mut first, &name("web"), &frontends);
         let live = first.maps();
 
         let mut second = DesiredState::adopting(&live, 100, 100);
-        second.set_service(&name("web"), &frontends);
+        set(&mut second, &name("web"), &frontends);
         second.release_unclaimed();
         assert!(diff(&live, &second.maps()).is_empty());
     }
@@ -711,30 +921,75 @@ mod tests {
     #[test]
     fn adoption_drops_what_no_service_claims() {
         let mut first = fresh();
-        first.set_service(
+        set(
+            &mut first,
             &name("gone"),
-            &[frontend("gone", "10.96.0.9", &["10.1.9.2"])],
+            &[frontend("10.96.0.9", &["10.1.9.2"])],
         );
-        first.set_service(
+        set(
+            &mut first,
             &name("web"),
-            &[frontend("web", "10.96.0.10", &["10.1.1.2"])],
+            &[frontend("10.96.0.10", &["10.1.1.2"])],
         );
         let mut live = first.maps();
 
         let mut second = DesiredState::adopting(&live, 100, 100);
-        second.set_service(
+        set(
+            &mut second,
             &name("web"),
-            &[frontend("web", "10.96.0.10", &["10.1.1.2"])],
+            &[frontend("10.96.0.10", &["10.1.1.2"])],
         );
         second.release_unclaimed();
-        let ops = diff(&live, &second.maps());
+        let ops = diff(&live, &second.maps()).ops;
         apply_checked(&mut live, &ops);
         assert_eq!(live, second.maps());
         assert_eq!(live.backends.len(), 1);
         assert_eq!(live.revnat.len(), 1);
     }
 
-    /// The rev-NAT id of the frontend on `vip`.
+    #[test]
+    fn ids_run_out_cleanly_when_the_maps_are_full() {
+        let mut desired = DesiredState::adopting(&MapState::default(), 3, 100);
+        let mut problems = Vec::new();
+        for (i, vip) in ["10.96.0.1", "10.96.0.2", "10.96.0.3"].iter().enumerate() {
+            let service = format!("s{i}");
+            let (_, p) = set(
+                &mut desired,
+                &name(&service),
+                &[frontend(vip, &["10.1.1.2"])],
+            );
+            problems.extend(p);
+        }
+        let maps = desired.maps();
+        assert_eq!(maps.revnat.len(), 2);
+        assert_eq!(problems.len(), 1);
+        maps.check_consistent().unwrap();
+    }
+
+    #[test]
+    fn entry_counts_follow_the_desired_maps_with_or_without_writes() {
+        let mut desired = fresh();
+        let check = |desired: &DesiredState| {
+            let maps = desired.maps();
+            let counts = desired.counts();
+            assert_eq!(counts.of(MapName::Frontends), maps.frontends.len());
+            assert_eq!(counts.of(MapName::Backends), maps.backends.len());
+            assert_eq!(counts.of(MapName::RevNat), maps.revnat.len());
+        };
+        set(
+            &mut desired,
+            &name("a"),
+            &[frontend("10.96.0.1", &["10.1.1.2", "10.1.1.3"])],
+        );
+        desired.replace_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.2"])]);
+        check(&desired);
+        desired.replace_service(&name("a"), &[frontend("10.96.0.1", &["10.1.1.3"])]);
+        check(&desired);
+        set(&mut desired, &name("b"), &[]);
+        check(&desired);
+        assert_eq!(desired.counts().frontends, 1);
+    }
+
     fn rev_nat_id(maps: &MapState, vip: u8) -> RevNatId {
         maps.frontends
             .iter()
@@ -748,12 +1003,23 @@ mod tests {
         // Three rev-NAT ids (1, 2) and round-robin: without holding, the
         // third Service would get the first one's id back at once.
         let mut desired = DesiredState::adopting(&MapState::default(), 3, 100);
-        desired.set_service(&name("a"), &[frontend("a", "10.96.0.1", &["10.1.1.2"])]);
-        desired.set_service(&name("b"), &[frontend("b", "10.96.0.2", &["10.1.1.2"])]);
+        set(
+            &mut desired,
+            &name("a"),
+            &[frontend("10.96.0.1", &["10.1.1.2"])],
+        );
+        set(
+            &mut desired,
+            &name("b"),
+            &[frontend("10.96.0.2", &["10.1.1.2"])],
+        );
         let released = rev_nat_id(&desired.maps(), 1);
-        desired.set_service(&name("a"), &[]);
-        let (_, problems) =
-            desired.set_service(&name("c"), &[frontend("c", "10.96.0.3", &["10.1.1.2"])]);
+        set(&mut desired, &name("a"), &[]);
+        let (_, problems) = set(
+            &mut desired,
+            &name("c"),
+            &[frontend("10.96.0.3", &["10.1.1.2"])],
+        );
         assert_eq!(
             problems.len(),
             1,
@@ -761,8 +1027,11 @@ mod tests {
         );
         // Once no entry names it, it is free again.
         desired.reuse_rev_nat_ids([released]);
-        let (_, problems) =
-            desired.set_service(&name("c"), &[frontend("c", "10.96.0.3", &["10.1.1.2"])]);
+        let (_, problems) = set(
+            &mut desired,
+            &name("c"),
+            &[frontend("10.96.0.3", &["10.1.1.2"])],
+        );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(rev_nat_id(&desired.maps(), 3), released);
     }
@@ -770,31 +1039,136 @@ mod tests {
     #[test]
     fn rev_nat_ids_named_only_by_flows_are_held_until_reused() {
         let mut desired = DesiredState::adopting(&MapState::default(), 4, 100);
-        desired.set_service(&name("a"), &[frontend("a", "10.96.0.1", &["10.1.1.2"])]);
+        set(
+            &mut desired,
+            &name("a"),
+            &[frontend("10.96.0.1", &["10.1.1.2"])],
+        );
         let live = rev_nat_id(&desired.maps(), 1);
         // A restarted agent finds flows naming ids 2 (no frontend) and the
         // live one: only 2 is held.
         assert_eq!(desired.hold_rev_nat_ids([2, live, 0, 99]), [2]);
-        desired.set_service(&name("b"), &[frontend("b", "10.96.0.2", &["10.1.1.2"])]);
+        set(
+            &mut desired,
+            &name("b"),
+            &[frontend("10.96.0.2", &["10.1.1.2"])],
+        );
         assert_eq!(rev_nat_id(&desired.maps(), 2), 3);
         desired.reuse_rev_nat_ids([2]);
-        desired.set_service(&name("c"), &[frontend("c", "10.96.0.3", &["10.1.1.2"])]);
+        set(
+            &mut desired,
+            &name("c"),
+            &[frontend("10.96.0.3", &["10.1.1.2"])],
+        );
         assert_eq!(rev_nat_id(&desired.maps(), 3), 2);
     }
 
     #[test]
-    fn ids_run_out_cleanly_when_the_maps_are_full() {
-        let mut desired = DesiredState::adopting(&MapState::default(), 3, 100);
-        let mut problems = Vec::new();
-        for (i, vip) in ["10.96.0.1", "10.96.0.2", "10.96.0.3"].iter().enumerate() {
-            let service = format!("s{i}");
-            let (_, p) =
-                desired.set_service(&name(&service), &[frontend(&service, vip, &["10.1.1.2"])]);
-            problems.extend(p);
-        }
-        let maps = desired.maps();
-        assert_eq!(maps.revnat.len(), 2);
-        assert_eq!(problems.len(), 1);
-        maps.check_consistent().unwrap();
+    fn draining_backends_stay_in_the_backends_map_without_a_slot() {
+        use service_common::{
+            BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
+        };
+        let with_states = |slots: &[&str], draining: &[(&str, BackendState)]| {
+            let mut f = frontend("10.96.0.10", slots);
+            f.draining = draining
+                .iter()
+                .map(|(addr, state)| DesiredBackend {
+                    state: *state,
+                    ..frontend("10.96.0.10", &[addr]).backends[0]
+                })
+                .collect();
+            f
+        };
+        let states = |maps: &MapState| -> BTreeMap<u8, u8> {
+            maps.backends
+                .values()
+                .map(|b| (b.addr[3], b.state))
+                .collect()
+        };
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let (ops, _) = set(
+            &mut desired,
+            &name("web"),
+            &[with_states(&["10.1.1.2", "10.1.1.3", "10.1.1.4"], &[])],
+        );
+        apply_checked(&mut maps, &ops);
+        // .3 terminates (serving), .4 stops serving: both leave the slots,
+        // keep their entries and change state; nothing is deleted.
+        let (ops, _) = set(
+            &mut desired,
+            &name("web"),
+            &[with_states(
+                &["10.1.1.2"],
+                &[
+                    ("10.1.1.3", BackendState::Terminating),
+                    ("10.1.1.4", BackendState::NotServing),
+                ],
+            )],
+        );
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert_eq!(
+            states(&maps),
+            BTreeMap::from([
+                (2, BACKEND_STATE_ACTIVE),
+                (3, BACKEND_STATE_TERMINATING),
+                (4, BACKEND_STATE_NOT_SERVING)
+            ])
+        );
+        assert_eq!(
+            maps.frontends.iter().filter(|(k, _)| k.slot != 0).count(),
+            1
+        );
+        // Gone from every slice: deleted.
+        let (ops, _) = set(
+            &mut desired,
+            &name("web"),
+            &[with_states(
+                &["10.1.1.2"],
+                &[("10.1.1.3", BackendState::Terminating)],
+            )],
+        );
+        assert!(ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(states(&maps).len(), 2);
+    }
+
+    #[test]
+    fn a_restarted_agent_goes_on_after_the_last_ids_handed_out() {
+        let mut first = fresh();
+        first.set_service(&name("a"), &[frontend("10.96.0.1", &["10.1.1.2"])]);
+        first.set_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.3"])]);
+        first.set_service(&name("a"), &[]);
+        let cursors = first.id_cursors();
+        assert_eq!(
+            cursors,
+            IdCursors {
+                next_rev_nat_id: 3,
+                next_backend_id: 3
+            }
+        );
+        // Only b's entries are left; a's ids (1) may still be named by
+        // conntrack entries.
+        let mut second = DesiredState::adopting(&first.maps(), 100, 100);
+        second.resume_ids(&cursors);
+        second.set_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.3"])]);
+        second.set_service(&name("c"), &[frontend("10.96.0.3", &["10.1.1.4"])]);
+        let maps = second.maps();
+        assert_eq!(rev_nat_id(&maps, 3), 3);
+        assert!(maps.backends.contains_key(&3));
+        // Without the cursors it would have started again at 1.
+        let mut forgetful = DesiredState::adopting(&first.maps(), 100, 100);
+        forgetful.set_service(&name("b"), &[frontend("10.96.0.2", &["10.1.1.3"])]);
+        forgetful.set_service(&name("c"), &[frontend("10.96.0.3", &["10.1.1.4"])]);
+        assert_eq!(rev_nat_id(&forgetful.maps(), 3), 1);
+        // Nonsense cursors are ignored.
+        let mut third = DesiredState::adopting(&MapState::default(), 100, 100);
+        third.resume_ids(&IdCursors {
+            next_rev_nat_id: 100,
+            next_backend_id: 0,
+        });
+        assert_eq!(third.id_cursors().next_rev_nat_id, 1);
     }
 }

@@ -1,13 +1,28 @@
-//! What a sync changed that the flows already tracked must follow
-//! ([`FlowChanges`]): backends deleted or no longer serving (their UDP flows
-//! are reaped at once) and frontends deleted (their flows are marked dead).
-//! Read from the writes a sync applied, so nothing is diffed twice.
+//! The agent's rules for tracked flows (`docs/design/flow-lifecycle.md`):
+//!
+//! - [`FlowChanges`]: what a sync changed that flows already tracked must
+//!   follow, read from the writes it applied (so nothing is diffed twice):
+//!   backends deleted or no longer serving, frontends deleted;
+//! - [`reap`]: one walk of the conntrack map for such changes: the UDP
+//!   entries of those backends are deleted at once, and every entry of a
+//!   deleted frontend is marked dead (the datapath drops both directions);
+//! - [`collect`]: one collector pass: expired flows are deleted with their
+//!   companions, then orphans and dead flows past the close timeout, using
+//!   the shared expiry and companion rules of `service_common::conntrack`.
+//!
+//! Both work on a [`ConntrackTable`], so they are tested without a kernel.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use service_common::{BACKEND_STATE_NOT_SERVING, BackendId, RevNatId};
+use service_common::{
+    BACKEND_STATE_NOT_SERVING, BackendId, CT_FLAG_DEAD, ConntrackKey, ConntrackTimeouts,
+    ConntrackValue, MapAddr, PROTO_UDP, RevNatId, RevNatValue, is_companion, master_key,
+};
 
-use crate::datapath::model::MapOp;
+use crate::datapath::{
+    conntrack::{ConntrackTable, SCAN_BATCH, ScanCursor},
+    model::MapOp,
+};
 
 /// The changes of one or more syncs that existing conntrack entries must
 /// follow.
@@ -62,13 +77,716 @@ impl FlowChanges {
     }
 }
 
+/// Why an entry was deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeleteReason {
+    /// Its flow was idle past its timeout (the master and its companions).
+    Expired,
+    /// Its flow's frontend was deleted, and the close timeout has passed
+    /// since it was marked dead.
+    Dead,
+    /// Its flow is gone or moved on (its master is absent, or names other
+    /// companions: a re-balanced flow's old reply entry, the SNAT port a
+    /// reopened tuple let go of), and it was idle past its timeout or the
+    /// close timeout, whichever is shorter.
+    Orphan,
+    /// A UDP entry of a backend deleted or no longer serving, deleted at once.
+    Reaped,
+}
+
+impl DeleteReason {
+    /// Every reason.
+    pub const ALL: [DeleteReason; 4] = [
+        DeleteReason::Expired,
+        DeleteReason::Dead,
+        DeleteReason::Orphan,
+        DeleteReason::Reaped,
+    ];
+
+    /// The reason's name in the metrics and the log.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DeleteReason::Expired => "expired",
+            DeleteReason::Dead => "dead",
+            DeleteReason::Orphan => "orphan",
+            DeleteReason::Reaped => "reaped",
+        }
+    }
+
+    /// The reason an entry goes with its expired master holding `master`.
+    fn of_master(master: &ConntrackValue) -> Self {
+        if master.is_dead() {
+            DeleteReason::Dead
+        } else {
+            DeleteReason::Expired
+        }
+    }
+}
+
+/// What the collector needs to judge entries: the timeouts the datapath
+/// honours, and this node's SNAT address (part of SNATed flows' keys).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRules {
+    /// The conntrack timeouts (as written to the datapath's configuration).
+    pub timeouts: ConntrackTimeouts,
+    /// This node's SNAT address, network byte order (zero: none).
+    pub snat_addr: MapAddr,
+}
+
+impl FlowRules {
+    /// Whether the non-master entry `value` of `proto` has been idle long
+    /// enough at `now` to be judged an orphan: past its own timeout, or past
+    /// the close timeout if that is shorter. An entry its flow no longer
+    /// names can keep a long timeout of its own (a TCP SNAT reply entry
+    /// that saw the handshake is "established" for a day) and would hold
+    /// its SNAT port that long; the idle time guards an entry the datapath
+    /// has just written before its master (within the same second).
+    fn may_be_orphan(&self, proto: u8, value: &ConntrackValue, now: u32) -> bool {
+        self.timeouts.is_expired(proto, value, now)
+            || value.idle_longer_than(self.timeouts.close(), now)
+    }
+}
+
+/// What one walk of the conntrack map found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WalkReport {
+    /// Entries read.
+    pub scanned: u64,
+    /// Entries deleted, by reason (companions deleted with their master
+    /// included, whether read or not).
+    pub deleted: BTreeMap<DeleteReason, u64>,
+    /// Entries read and left in the map: its occupancy, as far as the walk
+    /// could tell (flows created during the walk are not all seen).
+    pub remaining: u64,
+    /// Entries marked dead.
+    pub marked_dead: u64,
+    /// Rev-NAT ids named by the entries left.
+    pub rev_nat_ids_named: BTreeSet<RevNatId>,
+    /// Rev-NAT ids whose entries were marked dead in this walk.
+    pub rev_nat_ids_marked_dead: BTreeSet<RevNatId>,
+}
+
+impl WalkReport {
+    /// Entries deleted, for every reason.
+    pub fn deleted_total(&self) -> u64 {
+        self.deleted.values().sum()
+    }
+}
+
+/// Keys to delete, collected over one batch so they go in one call.
+#[derive(Default)]
+struct Deletions {
+    keys: Vec<ConntrackKey>,
+    seen: HashSet<ConntrackKey>,
+}
+
+impl Deletions {
+    /// Adds `key` (once), counted under `reason`.
+    fn add(&mut self, key: ConntrackKey, reason: DeleteReason, report: &mut WalkReport) {
+        if self.seen.insert(key) {
+            self.keys.push(key);
+            *report.deleted.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Whether `key` is already to be deleted.
+    fn contains(&self, key: &ConntrackKey) -> bool {
+        self.seen.contains(key)
+    }
+
+    /// Deletes the collected keys.
+    fn flush(&mut self, table: &mut impl ConntrackTable) -> std::io::Result<()> {
+        table.delete(&self.keys)?;
+        self.keys.clear();
+        self.seen.clear();
+        Ok(())
+    }
+}
+
+/// Walks the whole table, batch by batch, handing each entry to `visit`
+/// with the deletions of its batch; a batch's deletions go in one call
+/// before the next batch is read.
+fn walk<T: ConntrackTable>(
+    table: &mut T,
+    report: &mut WalkReport,
+    mut visit: impl FnMut(&mut T, &ConntrackKey, &ConntrackValue, &mut Deletions, &mut WalkReport),
+) -> std::io::Result<()> {
+    let mut cursor = ScanCursor::default();
+    let mut batch = Vec::with_capacity(SCAN_BATCH);
+    let mut deletions = Deletions::default();
+    loop {
+        let more = table.next_batch(&mut cursor, &mut batch)?;
+        for (key, value) in &batch {
+            report.scanned += 1;
+            if !deletions.contains(key) {
+                visit(table, key, value, &mut deletions, report);
+            }
+        }
+        deletions.flush(table)?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Marks the entry of `key` dead at `now` (its close timeout runs from
+/// then), read again first so a flow that changed since it was read is
+/// only marked if `still` holds for it. Whether it was marked.
+fn mark_dead(
+    table: &mut impl ConntrackTable,
+    key: &ConntrackKey,
+    now: u32,
+    still: impl Fn(&ConntrackValue) -> bool,
+) -> bool {
+    let Some(mut value) = table.get(key) else {
+        return false;
+    };
+    if value.is_dead() || !still(&value) {
+        return false;
+    }
+    value.flags |= CT_FLAG_DEAD;
+    value.last_seen = now;
+    table.replace(key, &value)
+}
+
+/// One walk for the changes of the syncs since the last one: every entry
+/// naming a released rev-NAT id is marked dead at `now`; every other UDP
+/// entry naming a deleted or not-serving backend is deleted (its flow's
+/// next datagram picks a live backend).
+pub fn reap(
+    table: &mut impl ConntrackTable,
+    changes: &FlowChanges,
+    now: u32,
+) -> std::io::Result<WalkReport> {
+    let mut report = WalkReport::default();
+    if changes.is_empty() {
+        return Ok(report);
+    }
+    let released = &changes.rev_nat_ids_released;
+    walk(
+        table,
+        &mut report,
+        |table, key, value, deletions, report| {
+            if released.contains(&value.rev_nat_id) {
+                if mark_dead(table, key, now, |v| released.contains(&v.rev_nat_id)) {
+                    report.marked_dead += 1;
+                    report.rev_nat_ids_marked_dead.insert(value.rev_nat_id);
+                }
+            } else if key.proto == PROTO_UDP && changes.reaps_udp_of(value.backend_id) {
+                deletions.add(*key, DeleteReason::Reaped, report);
+                return;
+            }
+            report.remaining += 1;
+            report.rev_nat_ids_named.insert(value.rev_nat_id);
+        },
+    )?;
+    Ok(report)
+}
+
+/// One collector pass at `now`: deletes every expired master with its
+/// companions (a dead one past the close timeout), and every other entry
+/// whose master is absent, expired or names other companions once it is
+/// idle past its timeout or the close timeout (orphans).
+/// Entries still naming a frontend that no longer exists (their frontend
+/// went while no agent ran) are marked dead, as a reap would have.
+pub fn collect(
+    table: &mut impl ConntrackTable,
+    rules: &FlowRules,
+    now: u32,
+) -> std::io::Result<WalkReport> {
+    let frontends = table.frontends()?;
+    let mut report = WalkReport::default();
+    let mut without_frontend: Vec<(ConntrackKey, RevNatId)> = Vec::new();
+    walk(
+        table,
+        &mut report,
+        |table, key, value, deletions, report| {
+            if key.is_master() {
+                if rules.timeouts.is_expired(key.proto, value, now) {
+                    delete_flow(table, rules, &frontends, key, value, deletions, report);
+                    return;
+                }
+            } else if rules.may_be_orphan(key.proto, value, now) {
+                match judge_companion(table, rules, &frontends, key, value, now) {
+                    Companion::Kept => {}
+                    Companion::Orphan => {
+                        deletions.add(*key, DeleteReason::Orphan, report);
+                        return;
+                    }
+                    // The whole flow at once: its other entries need no
+                    // lookup of the master again when they are read.
+                    Companion::OfExpired(master, master_value) => {
+                        delete_flow(
+                            table,
+                            rules,
+                            &frontends,
+                            &master,
+                            &master_value,
+                            deletions,
+                            report,
+                        );
+                        return;
+                    }
+                }
+            }
+            report.remaining += 1;
+            report.rev_nat_ids_named.insert(value.rev_nat_id);
+            if !value.is_dead() && !frontends.contains_key(&value.rev_nat_id) {
+                without_frontend.push((*key, value.rev_nat_id));
+            }
+        },
+    )?;
+    if !without_frontend.is_empty() {
+        // Read after the walk: a frontend created during it is not taken
+        // for a deleted one.
+        let frontends = table.frontends()?;
+        for (key, id) in without_frontend {
+            if !frontends.contains_key(&id) && mark_dead(table, &key, now, |v| v.rev_nat_id == id) {
+                report.marked_dead += 1;
+                report.rev_nat_ids_marked_dead.insert(id);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Deletes the expired master `key` with those of its companions that
+/// still belong to it.
+fn delete_flow(
+    table: &impl ConntrackTable,
+    rules: &FlowRules,
+    frontends: &BTreeMap<RevNatId, RevNatValue>,
+    key: &ConntrackKey,
+    value: &ConntrackValue,
+    deletions: &mut Deletions,
+    report: &mut WalkReport,
+) {
+    let reason = DeleteReason::of_master(value);
+    deletions.add(*key, reason, report);
+    for companion in service_common::companion_keys(key, value, &rules.snat_addr)
+        .into_iter()
+        .flatten()
+    {
+        // Only if it is this flow's: another flow may have taken its key.
+        let belongs = table.get(&companion).is_some_and(|companion_value| {
+            master_key(
+                &companion,
+                &companion_value,
+                frontends.get(&companion_value.rev_nat_id),
+            ) == Some(*key)
+        });
+        if belongs {
+            deletions.add(companion, reason, report);
+        }
+    }
+}
+
+/// What an idle non-master entry is.
+enum Companion {
+    /// Its master lives and still names it.
+    Kept,
+    /// Its master is absent or names other companions.
+    Orphan,
+    /// Its master (key and value) names it and has expired.
+    OfExpired(ConntrackKey, ConntrackValue),
+}
+
+/// Judges the idle non-master entry `key` by its master.
+fn judge_companion(
+    table: &impl ConntrackTable,
+    rules: &FlowRules,
+    frontends: &BTreeMap<RevNatId, RevNatValue>,
+    key: &ConntrackKey,
+    value: &ConntrackValue,
+    now: u32,
+) -> Companion {
+    let Some(master) = master_key(key, value, frontends.get(&value.rev_nat_id)) else {
+        return Companion::Orphan;
+    };
+    match table.get(&master) {
+        Some(master_value) if is_companion(key, &master, &master_value, &rules.snat_addr) => {
+            if rules.timeouts.is_expired(master.proto, &master_value, now) {
+                Companion::OfExpired(master, master_value)
+            } else {
+                Companion::Kept
+            }
+        }
+        _ => Companion::Orphan,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::conntrack::MemoryConntrack;
     use service_common::{
-        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BackendValue, FrontendKey, FrontendValue,
-        RevNatValue,
+        BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BackendValue, CT_DIR_FORWARD,
+        CT_FLAG_SNAT, CT_STATE_FIN_FORWARD, CT_STATE_FIN_REPLY, CT_STATE_SEEN_REPLY, FAMILY_IPV4,
+        FrontendKey, FrontendValue, PROTO_TCP, map_addr_v4, reply_key, snat_key, snat_reply_key,
     };
+
+    const SNAT: [u8; 4] = [10, 0, 0, 1];
+    /// Short timeouts, as a test agent would run with.
+    const TIMEOUTS: ConntrackTimeouts = ConntrackTimeouts {
+        tcp_syn: 5,
+        tcp_established: 100,
+        tcp_fin: 20,
+        tcp_close: 3,
+        udp: 10,
+        udp_stream: 30,
+    };
+    const RULES: FlowRules = FlowRules {
+        timeouts: TIMEOUTS,
+        snat_addr: map_addr_v4(SNAT),
+    };
+
+    /// One flow as the datapath writes it.
+    #[derive(Clone, Copy)]
+    struct Flow {
+        proto: u8,
+        client_port: u16,
+        /// Frontend: rev-NAT id; address 10.96.0.<id>, port 80.
+        rev_nat_id: RevNatId,
+        /// Backend: id; address 10.200.0.<id>, port 8080.
+        backend_id: BackendId,
+        /// SNAT port, if SNATed.
+        snat_port: Option<u16>,
+        state: u8,
+        last_seen: u32,
+    }
+
+    impl Flow {
+        fn udp(client_port: u16, backend_id: BackendId) -> Self {
+            Flow {
+                proto: PROTO_UDP,
+                client_port,
+                rev_nat_id: 1,
+                backend_id,
+                snat_port: None,
+                state: CT_STATE_SEEN_REPLY,
+                last_seen: 1000,
+            }
+        }
+
+        fn tcp(client_port: u16, backend_id: BackendId) -> Self {
+            Flow {
+                proto: PROTO_TCP,
+                ..Self::udp(client_port, backend_id)
+            }
+        }
+
+        fn frontend(&self) -> RevNatValue {
+            RevNatValue {
+                addr: map_addr_v4([10, 96, 0, self.rev_nat_id as u8]),
+                port: 80u16.to_be(),
+                family: FAMILY_IPV4,
+                _pad: 0,
+            }
+        }
+
+        fn master(&self) -> (ConntrackKey, ConntrackValue) {
+            let frontend = self.frontend();
+            let key = ConntrackKey::new(
+                map_addr_v4([10, 1, 0, 2]),
+                self.client_port.to_be(),
+                frontend.addr,
+                frontend.port,
+                FAMILY_IPV4,
+                self.proto,
+                CT_DIR_FORWARD,
+            );
+            // Created long before: a replied UDP flow is a stream.
+            let mut value = ConntrackValue::new(
+                map_addr_v4([10, 200, 0, self.backend_id as u8]),
+                8080u16.to_be(),
+                self.backend_id,
+                self.rev_nat_id,
+                self.last_seen - 10,
+            );
+            value.last_seen = self.last_seen;
+            value.state = self.state;
+            if let Some(port) = self.snat_port {
+                value = value.with_flags(CT_FLAG_SNAT).with_snat_port(port.to_be());
+            }
+            (key, value)
+        }
+
+        /// Every entry of the flow, the master first.
+        fn entries(&self) -> Vec<(ConntrackKey, ConntrackValue)> {
+            let (key, value) = self.master();
+            let entry = |nat_addr, nat_port| ConntrackValue {
+                nat_addr,
+                nat_port,
+                snat_port: 0,
+                ..value
+            };
+            let mut entries = vec![
+                (key, value),
+                (reply_key(&key, &value), entry(key.daddr, key.dport)),
+            ];
+            if let Some(port) = self.snat_port {
+                entries.push((
+                    snat_key(&key, &value).unwrap(),
+                    entry(map_addr_v4(SNAT), port.to_be()),
+                ));
+                entries.push((
+                    snat_reply_key(&key, &value, &map_addr_v4(SNAT)).unwrap(),
+                    entry(key.saddr, key.sport),
+                ));
+            }
+            entries
+        }
+
+        fn keys(&self) -> Vec<ConntrackKey> {
+            self.entries().into_iter().map(|(k, _)| k).collect()
+        }
+    }
+
+    /// A table (read three entries at a time, so flows straddle batches)
+    /// holding `flows`, with their frontends.
+    fn table(flows: &[Flow]) -> MemoryConntrack {
+        let mut table = MemoryConntrack::new(1000, 3);
+        for flow in flows {
+            table.entries.extend(flow.entries());
+            table.frontends.insert(flow.rev_nat_id, flow.frontend());
+        }
+        table
+    }
+
+    fn present(table: &MemoryConntrack, flow: &Flow) -> Vec<bool> {
+        flow.keys()
+            .iter()
+            .map(|k| table.entries.contains_key(k))
+            .collect()
+    }
+
+    fn deleted(report: &WalkReport, reason: DeleteReason) -> u64 {
+        report.deleted.get(&reason).copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn an_expired_flow_goes_with_every_companion_and_a_live_one_stays() {
+        let idle = Flow {
+            snat_port: Some(20001),
+            ..Flow::udp(40000, 1)
+        };
+        let live = Flow {
+            last_seen: 1025,
+            snat_port: Some(20002),
+            ..Flow::udp(40001, 1)
+        };
+        // A TCP flow: established (100 s) while it is 31 s idle, closed
+        // (3 s) once both sides sent a FIN.
+        let established = Flow::tcp(40002, 2);
+        let closed = Flow {
+            state: CT_STATE_SEEN_REPLY | CT_STATE_FIN_FORWARD | CT_STATE_FIN_REPLY,
+            ..Flow::tcp(40003, 2)
+        };
+        let mut table = table(&[idle, live, established, closed]);
+        // At 1031 the idle UDP stream (30 s) and the closed flow are expired.
+        let report = collect(&mut table, &RULES, 1031).unwrap();
+        assert_eq!(present(&table, &idle), [false; 4]);
+        assert_eq!(present(&table, &closed), [false; 2]);
+        assert_eq!(present(&table, &live), [true; 4]);
+        assert_eq!(present(&table, &established), [true; 2]);
+        assert_eq!(deleted(&report, DeleteReason::Expired), 6);
+        assert_eq!(report.deleted_total(), 6);
+        assert_eq!(report.remaining, 6);
+        assert_eq!(report.rev_nat_ids_named, BTreeSet::from([1]));
+        // Nothing left to do.
+        assert_eq!(
+            collect(&mut table, &RULES, 1031).unwrap().deleted_total(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_reply_entry_left_idle_by_a_one_way_flow_stays_while_its_master_lives() {
+        let flow = Flow::udp(40000, 1);
+        let mut table = table(&[flow]);
+        // Only the master hears from the client.
+        let (key, mut value) = flow.master();
+        value.last_seen = 1040;
+        table.entries.insert(key, value);
+        let report = collect(&mut table, &RULES, 1045).unwrap();
+        assert_eq!(report.deleted_total(), 0);
+        assert_eq!(present(&table, &flow), [true; 2]);
+    }
+
+    #[test]
+    fn expired_entries_whose_flow_is_gone_or_moved_on_are_orphans() {
+        // A flow re-balanced from backend 1 to backend 2: its old reply
+        // entry is no companion of the master any more.
+        let before = Flow::udp(40000, 1);
+        let after = Flow {
+            last_seen: 1100,
+            ..Flow::udp(40000, 2)
+        };
+        // An SNATed flow whose master is gone (LRU eviction), and one whose
+        // frontend is gone too (no way back to a master).
+        let masterless = Flow {
+            snat_port: Some(20001),
+            ..Flow::udp(40001, 1)
+        };
+        let frontendless = Flow {
+            rev_nat_id: 7,
+            snat_port: Some(20002),
+            ..Flow::udp(40002, 1)
+        };
+        let mut table = table(&[before, masterless, frontendless]);
+        table.entries.extend(after.entries());
+        table.entries.remove(&masterless.master().0);
+        table.entries.remove(&frontendless.master().0);
+        table.frontends.remove(&7);
+        // Idle no longer than the close timeout (3 s): all kept (the
+        // frontendless ones marked dead).
+        assert_eq!(
+            collect(&mut table, &RULES, 1003).unwrap().deleted_total(),
+            0
+        );
+        let report = collect(&mut table, &RULES, 1031).unwrap();
+        assert_eq!(deleted(&report, DeleteReason::Orphan), 1 + 3 + 3);
+        assert_eq!(report.deleted_total(), 7);
+        assert_eq!(present(&table, &after), [true; 2]);
+        assert_eq!(table.entries.len(), 2);
+    }
+
+    #[test]
+    fn an_snat_port_a_reopened_tuple_let_go_of_is_freed_after_the_close_timeout() {
+        // A TCP flow whose handshake went through SNAT port 20001 (its SNAT
+        // reply entry saw a reply: "established", a day's timeout) ...
+        let first = Flow {
+            snat_port: Some(20001),
+            ..Flow::tcp(40000, 1)
+        };
+        // ... then the client reused its port: a new flow on the same tuple
+        // got port 20002 and rewrote the master and the SNAT entry.
+        let reopened = Flow {
+            snat_port: Some(20002),
+            last_seen: 1001,
+            ..first
+        };
+        let mut table = table(&[first]);
+        table.entries.extend(reopened.entries());
+        let leaked = first.keys()[3];
+        assert!(table.entries.contains_key(&leaked));
+        // Idle for the close timeout (3 s) or less: kept.
+        assert_eq!(
+            collect(&mut table, &RULES, 1003).unwrap().deleted_total(),
+            0
+        );
+        let report = collect(&mut table, &RULES, 1004).unwrap();
+        assert_eq!(deleted(&report, DeleteReason::Orphan), 1);
+        assert!(!table.entries.contains_key(&leaked));
+        assert_eq!(present(&table, &reopened), [true; 4]);
+    }
+
+    #[test]
+    fn a_companion_another_flow_took_over_is_not_deleted_with_the_master() {
+        let flow = Flow::udp(40000, 1);
+        let mut table = table(&[flow]);
+        // A live flow to another frontend (rev-NAT 2) from the same client
+        // port to the same backend wrote the same reply key.
+        let other = Flow {
+            rev_nat_id: 2,
+            last_seen: 1100,
+            ..flow
+        };
+        table.entries.extend(other.entries());
+        table.frontends.insert(2, other.frontend());
+        let report = collect(&mut table, &RULES, 1031).unwrap();
+        assert_eq!(report.deleted_total(), 1);
+        assert!(!table.entries.contains_key(&flow.master().0));
+        assert_eq!(present(&table, &other), [true; 2]);
+    }
+
+    #[test]
+    fn a_deleted_frontend_s_flows_are_marked_dead_and_go_after_the_close_timeout() {
+        let udp = Flow {
+            snat_port: Some(20001),
+            ..Flow::udp(40000, 1)
+        };
+        let tcp = Flow::tcp(40001, 2);
+        let other = Flow {
+            rev_nat_id: 2,
+            ..Flow::tcp(40002, 2)
+        };
+        let mut table = table(&[udp, tcp, other]);
+        let changes = FlowChanges {
+            rev_nat_ids_released: BTreeSet::from([1]),
+            ..FlowChanges::default()
+        };
+        let report = reap(&mut table, &changes, 1010).unwrap();
+        assert_eq!(report.marked_dead, 6);
+        assert_eq!(report.rev_nat_ids_marked_dead, BTreeSet::from([1]));
+        assert_eq!(report.deleted_total(), 0);
+        for (key, value) in &table.entries {
+            let named = value.rev_nat_id == 1;
+            assert_eq!(value.is_dead(), named, "{key:?}");
+            if named {
+                assert_eq!(
+                    value.last_seen, 1010,
+                    "the close timeout runs from the marking"
+                );
+            }
+        }
+        // Within the close timeout (3 s) they stay, to drop both directions.
+        assert_eq!(
+            collect(&mut table, &RULES, 1013).unwrap().deleted_total(),
+            0
+        );
+        let report = collect(&mut table, &RULES, 1014).unwrap();
+        assert_eq!(deleted(&report, DeleteReason::Dead), 6);
+        assert_eq!(report.rev_nat_ids_named, BTreeSet::from([2]));
+        assert_eq!(present(&table, &other), [true; 2]);
+    }
+
+    #[test]
+    fn udp_flows_of_backends_gone_or_not_serving_are_reaped_and_tcp_flows_drain() {
+        let gone = Flow {
+            snat_port: Some(20001),
+            ..Flow::udp(40000, 1)
+        };
+        let not_serving = Flow::udp(40001, 2);
+        let staying = Flow::udp(40002, 3);
+        let tcp = Flow::tcp(40003, 1);
+        let mut table = table(&[gone, not_serving, staying, tcp]);
+        let changes = FlowChanges {
+            backends_deleted: BTreeSet::from([1]),
+            backends_not_serving: BTreeSet::from([2]),
+            ..FlowChanges::default()
+        };
+        let report = reap(&mut table, &changes, 1001).unwrap();
+        assert_eq!(deleted(&report, DeleteReason::Reaped), 6);
+        assert_eq!(report.marked_dead, 0);
+        assert_eq!(present(&table, &gone), [false; 4]);
+        assert_eq!(present(&table, &not_serving), [false; 2]);
+        assert_eq!(present(&table, &staying), [true; 2]);
+        assert_eq!(present(&table, &tcp), [true; 2]);
+        assert_eq!(report.remaining, 4);
+    }
+
+    #[test]
+    fn flows_naming_a_frontend_that_no_longer_exists_are_marked_dead_by_a_pass() {
+        // The frontend went while no agent ran: no reap marked its flows.
+        let orphaned = Flow {
+            rev_nat_id: 5,
+            ..Flow::tcp(40000, 1)
+        };
+        let live = Flow::tcp(40001, 1);
+        let mut table = table(&[orphaned, live]);
+        table.frontends.remove(&5);
+        let report = collect(&mut table, &RULES, 1001).unwrap();
+        assert_eq!(report.marked_dead, 2);
+        assert_eq!(report.rev_nat_ids_marked_dead, BTreeSet::from([5]));
+        assert_eq!(report.rev_nat_ids_named, BTreeSet::from([1, 5]));
+        assert!(orphaned.keys().iter().all(|k| table.entries[k].is_dead()));
+        assert!(live.keys().iter().all(|k| !table.entries[k].is_dead()));
+        // Gone after the close timeout; the id is then named by nothing.
+        let report = collect(&mut table, &RULES, 1005).unwrap();
+        assert_eq!(deleted(&report, DeleteReason::Dead), 2);
+        assert_eq!(report.rev_nat_ids_named, BTreeSet::from([1]));
+    }
 
     fn backend(state: u8) -> BackendValue {
         BackendValue {

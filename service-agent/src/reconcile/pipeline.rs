@@ -6,21 +6,27 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use log::info;
+use service_common::IdCursors;
 
 use super::{
     cluster::{ClusterEvent, ClusterState, Dirty, Kind, ObjectName},
+    collector::{CollectorHandle, CollectorNews},
     sync::{SyncReport, SyncTimer, Syncer},
 };
 use crate::{
-    datapath::model::{MapReader, MapWriter},
-    ops::metrics::Metrics,
+    datapath::model::{MapName, MapReader, MapWriter},
+    ops::{health::Health, metrics::Metrics},
 };
 
-/// EndpointSlice annotation with the time of the change that triggered it.
-const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The first retry of a failed repair waits this long; each further
+/// failure doubles the wait, up to [`REPAIR_BACKOFF_MAX`].
+const REPAIR_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between repairs while writes keep failing.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(32);
 
 /// Events in, map writes out.
 pub struct Pipeline<W> {
@@ -32,27 +38,84 @@ pub struct Pipeline<W> {
     dirty: Dirty,
     synced: bool,
     metrics: Option<Arc<Metrics>>,
+    health: Option<Arc<Health>>,
     /// Newest trigger time already accounted for, per Service.
     trigger_seen: BTreeMap<ObjectName, jiff::Timestamp>,
+    /// No repair before this (backoff while writes keep failing).
+    repair_not_before: Instant,
+    /// The wait after the next failed repair.
+    repair_backoff: Duration,
+    /// The conntrack collector, told what each sync changed for flows.
+    collector: Option<CollectorHandle>,
+    /// Where the id allocators' position is kept across restarts, and the
+    /// position last kept there.
+    id_store: Option<(IdCursorStore, IdCursors)>,
 }
+
+/// Keeps the id allocators' position for the next agent.
+pub type IdCursorStore = Box<dyn FnMut(&IdCursors) -> anyhow::Result<()> + Send>;
 
 impl<W> Pipeline<W>
 where
     W: MapWriter + MapReader,
-    W::Error: std::fmt::Display,
 {
     /// A pipeline that waits for a full list of each of `kinds` (its
     /// source's `KINDS`) before its first full sync.
-    pub fn new(syncer: Syncer<W>, kinds: &[Kind], metrics: Option<Arc<Metrics>>) -> Self {
+    pub fn new(syncer: Syncer<W>, kinds: &[Kind]) -> Self {
         Pipeline {
             cluster: ClusterState::default(),
             syncer,
             unlisted: kinds.iter().copied().collect(),
             dirty: Dirty::none(),
             synced: false,
-            metrics,
+            metrics: None,
+            health: None,
             trigger_seen: BTreeMap::new(),
+            repair_not_before: Instant::now(),
+            repair_backoff: REPAIR_BACKOFF_MIN,
+            collector: None,
+            id_store: None,
         }
+    }
+
+    /// Keeps the id allocators' position in `store` after each sync that
+    /// moved it; `kept` is the position kept there now (the syncer goes on
+    /// from it).
+    pub fn with_id_store(mut self, store: IdCursorStore, kept: IdCursors) -> Self {
+        self.syncer.resume_ids(&kept);
+        self.id_store = Some((store, self.syncer.id_cursors()));
+        self
+    }
+
+    /// Tells `collector` what each sync changed for tracked flows.
+    pub fn with_collector(mut self, collector: CollectorHandle) -> Self {
+        self.collector = Some(collector);
+        self
+    }
+
+    /// Takes the collector's news about rev-NAT ids in.
+    pub fn collector_news(&mut self, news: CollectorNews) {
+        match news {
+            CollectorNews::RevNatIdsInUse(ids) => {
+                let held = self.syncer.hold_rev_nat_ids(ids);
+                if !held.is_empty() {
+                    info!("rev-NAT ids {held:?} are held until no conntrack entry names them");
+                }
+            }
+            CollectorNews::RevNatIdsDrained(ids) => self.syncer.reuse_rev_nat_ids(ids),
+        }
+    }
+
+    /// Keeps `metrics` up to date after each sync.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Tells `health` whether this node is being deleted.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// The syncer (and through it, the maps).
@@ -70,8 +133,12 @@ where
         if event.is_full_list() {
             self.unlisted.remove(&event.kind());
         }
+        let is_node = event.kind() == Kind::Node;
         let dirty = self.cluster.apply(event);
         self.dirty.merge(dirty);
+        if is_node && let Some(health) = &self.health {
+            health.set_node_being_deleted(self.cluster.node_being_deleted());
+        }
     }
 
     /// Writes what the events since the last flush changed. The first time
@@ -109,16 +176,35 @@ where
         }
         let timer = SyncTimer::start();
         let report = self.syncer.sync_full(&self.cluster);
+        if self.syncer.repair_due() {
+            self.repair_not_before = Instant::now() + self.repair_backoff;
+            self.repair_backoff = (self.repair_backoff * 2).min(REPAIR_BACKOFF_MAX);
+        } else {
+            self.repair_backoff = REPAIR_BACKOFF_MIN;
+        }
         self.record(&report, &timer, &Dirty::none());
         Some(report)
     }
 
-    /// Whether a failed write left the maps to be repaired.
+    /// Whether a failed write left the maps to be repaired (and the
+    /// backoff after the last failed repair has passed).
     pub fn repair_due(&self) -> bool {
-        self.synced && self.syncer.repair_due()
+        self.synced && self.syncer.repair_due() && Instant::now() >= self.repair_not_before
     }
 
     fn record(&mut self, report: &SyncReport, timer: &SyncTimer, dirty: &Dirty) {
+        if let Some(collector) = &self.collector {
+            collector.follow(&report.flows);
+        }
+        if let Some((store, kept)) = &mut self.id_store {
+            let now = self.syncer.id_cursors();
+            if now != *kept {
+                match store(&now) {
+                    Ok(()) => *kept = now,
+                    Err(e) => log::warn!("{e:#}"),
+                }
+            }
+        }
         let Some(metrics) = &self.metrics else {
             return;
         };
@@ -130,26 +216,32 @@ where
                 .as_secs_f64(),
         );
         metrics.skipped.inc_by(report.skipped as u64);
-        if report.failed {
+        if report.failed() {
             metrics.sync_failures.inc();
         }
-        let (frontends, backends) = self.syncer.desired_counts();
-        metrics.frontends.set(frontends as i64);
-        metrics.backends.set(backends as i64);
+        for failure in &report.failures {
+            metrics.map_write_failed(failure.map);
+        }
+        metrics
+            .services_failed
+            .set(self.syncer.failures().len() as i64);
+        let counts = self.syncer.desired_counts();
+        metrics.frontends.set(counts.frontends as i64);
+        metrics.backends.set(counts.backends as i64);
+        for map in MapName::ALL {
+            metrics.set_map_entries(map, counts.of(map));
+        }
+        metrics.update_frontends(
+            report.frontends_removed.iter().copied(),
+            report.frontends_added.iter().copied(),
+        );
         if let Dirty::Services(names) = dirty {
             let now = jiff::Timestamp::now();
             for name in names {
                 let newest = self
                     .cluster
                     .slices_of(name)
-                    .filter_map(|slice| {
-                        slice
-                            .metadata
-                            .annotations
-                            .as_ref()?
-                            .get(TRIGGER_TIME_ANNOTATION)
-                    })
-                    .filter_map(|t| t.parse::<jiff::Timestamp>().ok())
+                    .filter_map(|(_, slice)| slice.trigger_time)
                     .max();
                 if let Some(trigger) = newest
                     && self.trigger_seen.get(name) != Some(&trigger)
@@ -162,5 +254,78 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::{
+        datapath::model::MapState,
+        reconcile::{cluster::Change, translate::NodeContext},
+        source::file::{KINDS, parse_documents},
+    };
+
+    const WEB: &str = r#"
+kind: Service
+apiVersion: v1
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.1.2]}]
+"#;
+
+    /// The events of a file source reading `yaml`.
+    fn events(yaml: &str) -> [ClusterEvent; 2] {
+        let parsed = parse_documents(yaml, None).unwrap();
+        [
+            ClusterEvent::Service(Change::Replaced(parsed.services)),
+            ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)),
+        ]
+    }
+
+    #[test]
+    fn the_id_allocators_go_on_from_the_kept_position_and_keep_theirs() {
+        let stored: Arc<Mutex<Vec<IdCursors>>> = Arc::default();
+        let sink = stored.clone();
+        let syncer = Syncer::adopting(MapState::default(), NodeContext::default()).unwrap();
+        let kept = IdCursors {
+            next_rev_nat_id: 7,
+            next_backend_id: 9,
+        };
+        let mut pipeline = Pipeline::new(syncer, &KINDS).with_id_store(
+            Box::new(move |cursors| {
+                sink.lock().unwrap().push(*cursors);
+                Ok(())
+            }),
+            kept,
+        );
+        for event in events(WEB) {
+            pipeline.handle(event);
+        }
+        pipeline.flush().unwrap();
+        let maps = pipeline.syncer().writer();
+        assert_eq!(maps.revnat.keys().collect::<Vec<_>>(), [&7]);
+        assert_eq!(maps.backends.keys().collect::<Vec<_>>(), [&9]);
+        assert_eq!(
+            *stored.lock().unwrap(),
+            [IdCursors {
+                next_rev_nat_id: 8,
+                next_backend_id: 10
+            }]
+        );
+        // A sync that hands out no id keeps nothing new.
+        for event in events(WEB) {
+            pipeline.handle(event);
+        }
+        pipeline.resync().unwrap();
+        assert_eq!(stored.lock().unwrap().len(), 1);
     }
 }

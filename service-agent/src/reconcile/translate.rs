@@ -4,23 +4,23 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
-};
 use service_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
     FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, PROTO_TCP, PROTO_UDP,
+    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
 };
 
-use super::cluster::{ClusterState, ObjectName};
+use super::{
+    cluster::{ClusterState, ObjectName},
+    records::{
+        AddressType, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceType, SliceRecord,
+    },
+};
 
-/// What the translation needs to know about the node it runs on.
+/// What the translation needs to know about the node it runs on (which
+/// endpoints are on this node, the sources already know).
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
-    /// This node's name, to mark endpoints whose `nodeName` is ours as local.
-    pub node_name: Option<String>,
     /// The node addresses NodePorts are served on.
     pub nodeport_addresses: Vec<IpAddr>,
     /// `spec.externalIPs` are served only inside these CIDRs.
@@ -28,12 +28,8 @@ pub struct NodeContext {
 }
 
 /// One frontend (address, port, protocol) the datapath must serve.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DesiredFrontend {
-    /// The Service it belongs to.
-    pub service: ObjectName,
-    /// The Service port's name (empty when unnamed).
-    pub port_name: String,
     /// Frontend address.
     pub addr: IpAddr,
     /// Frontend port.
@@ -91,7 +87,7 @@ impl BackendState {
 }
 
 /// Why a Service programs nothing on purpose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NotProgrammed {
     /// `type: ExternalName`: DNS only.
     ExternalName,
@@ -100,7 +96,7 @@ pub enum NotProgrammed {
 }
 
 /// The outcome of translating a whole [`ClusterState`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Translation {
     /// Every frontend to program, in a stable order.
     pub frontends: Vec<DesiredFrontend>,
@@ -108,6 +104,18 @@ pub struct Translation {
     pub not_programmed: Vec<(ObjectName, NotProgrammed)>,
     /// One line per object or field skipped as invalid or unsupported.
     pub skipped: Vec<String>,
+}
+
+impl Translation {
+    /// A 64-bit fingerprint (SipHash) of the whole translation: the agent
+    /// keeps it instead of the translation to tell whether a Service
+    /// changed.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 /// Translates every Service with its EndpointSlices.
@@ -132,38 +140,31 @@ fn translate_service(
     cluster: &ClusterState,
     node: &NodeContext,
     name: &ObjectName,
-    service: &Service,
+    service: &ServiceRecord,
     out: &mut Translation,
 ) {
-    let Some(spec) = &service.spec else {
-        out.skipped.push(format!("Service {name}: no spec"));
-        return;
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    out.skipped.extend(service.problems.iter().cloned());
+    let slices: Vec<(&ObjectName, &SliceRecord)> = cluster.slices_of(name).collect();
+    for (_, slice) in &slices {
+        out.skipped.extend(slice.problems.iter().cloned());
+    }
+    if service.service_type == ServiceType::ExternalName {
         out.not_programmed
             .push((name.clone(), NotProgrammed::ExternalName));
         return;
     }
-    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
-        _ => Vec::new(),
-    };
-    if cluster_ips.contains(&"None") {
+    if service.headless {
         out.not_programmed
             .push((name.clone(), NotProgrammed::Headless));
         return;
     }
     let mut addrs = Vec::new();
-    for ip in cluster_ips.iter().filter(|ip| !ip.is_empty()) {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => addrs.push(IpAddr::V4(v4)),
-            Ok(IpAddr::V6(_)) => out.skipped.push(format!(
+    for &ip in service.cluster_ips.iter() {
+        match ip {
+            IpAddr::V4(_) => addrs.push(ip),
+            IpAddr::V6(_) => out.skipped.push(format!(
                 "Service {name}: clusterIP {ip}: IPv6 is not served yet"
             )),
-            Err(_) => out
-                .skipped
-                .push(format!("Service {name}: invalid clusterIP {ip:?}")),
         }
     }
     if addrs.is_empty() {
@@ -171,13 +172,12 @@ fn translate_service(
             .push(format!("Service {name}: no usable clusterIP"));
         return;
     }
-    let slices: Vec<&EndpointSlice> = cluster.slices_of(name).collect();
-    for service_port in spec.ports.iter().flatten() {
-        let port_label = service_port.name.as_deref().unwrap_or("");
-        let Some(proto) = protocol(service_port.protocol.as_deref()) else {
+    for service_port in service.ports.iter() {
+        let port_label = &*service_port.name;
+        let Some(proto) = service_port.protocol.number() else {
             out.skipped.push(format!(
                 "Service {name} port {port_label:?}: protocol {:?} is not served",
-                service_port.protocol.as_deref().unwrap_or("")
+                service_port.protocol.name()
             ));
             continue;
         };
@@ -192,13 +192,12 @@ fn translate_service(
             backends,
             draining,
             fallback,
-        } = backends_for_port(&slices, service_port, proto, node, name, out);
+        } = backends_for_port(&slices, service_port, proto, name, out);
         let mut frontends: Vec<(IpAddr, u16, u16)> = addrs
             .iter()
             .map(|addr| (*addr, port, FRONTEND_FLAG_CLUSTER_IP))
             .collect();
-        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        if matches!(service_type, "NodePort" | "LoadBalancer")
+        if service.service_type.has_node_ports()
             && let Some(node_port) = service_port.node_port
         {
             match valid_port(node_port) {
@@ -213,46 +212,26 @@ fn translate_service(
                 )),
             }
         }
-        if service_type == "LoadBalancer" {
-            let ingresses = service
-                .status
-                .as_ref()
-                .and_then(|status| status.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            for ingress in ingresses.into_iter().flatten() {
-                // `ipMode: Proxy`: the load balancer proxies, traffic arrives
-                // for the node, not for the LoadBalancer IP.
-                if ingress.ip_mode.as_deref() == Some("Proxy") {
-                    continue;
-                }
-                let Some(ip) = ingress.ip.as_deref() else {
-                    continue;
-                };
-                match ip.parse::<IpAddr>() {
-                    Ok(addr @ IpAddr::V4(_)) => {
-                        frontends.push((addr, port, FRONTEND_FLAG_LOAD_BALANCER))
-                    }
-                    _ => out.skipped.push(format!(
-                        "Service {name}: LoadBalancer ingress IP {ip:?} is not a usable IPv4 address"
+        if service.service_type == ServiceType::LoadBalancer {
+            for &ip in service.load_balancer_ips.iter() {
+                match ip {
+                    IpAddr::V4(_) => frontends.push((ip, port, FRONTEND_FLAG_LOAD_BALANCER)),
+                    IpAddr::V6(_) => out.skipped.push(format!(
+                        "Service {name}: LoadBalancer ingress IP {ip}: IPv6 is not served yet"
                     )),
                 }
             }
         }
-        for ip in spec.external_ips.iter().flatten() {
-            match ip.parse::<IpAddr>() {
-                Ok(addr @ IpAddr::V4(_))
-                    if node
-                        .external_ip_cidrs
-                        .iter()
-                        .any(|cidr| cidr.contains(&addr)) =>
-                {
-                    frontends.push((addr, port, FRONTEND_FLAG_EXTERNAL_IP))
+        for &ip in service.external_ips.iter() {
+            match ip {
+                IpAddr::V4(_) if node.external_ip_cidrs.iter().any(|cidr| cidr.contains(&ip)) => {
+                    frontends.push((ip, port, FRONTEND_FLAG_EXTERNAL_IP))
                 }
-                Ok(IpAddr::V4(_)) => out.skipped.push(format!(
+                IpAddr::V4(_) => out.skipped.push(format!(
                     "Service {name}: externalIP {ip} is outside --external-ip-cidrs, not served"
                 )),
-                _ => out.skipped.push(format!(
-                    "Service {name}: externalIP {ip:?} is not a usable IPv4 address"
+                IpAddr::V6(_) => out.skipped.push(format!(
+                    "Service {name}: externalIP {ip}: IPv6 is not served yet"
                 )),
             }
         }
@@ -262,8 +241,6 @@ fn translate_service(
                 flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
             }
             out.frontends.push(DesiredFrontend {
-                service: name.clone(),
-                port_name: port_label.to_owned(),
                 addr,
                 port,
                 proto,
@@ -294,52 +271,42 @@ struct PortBackends {
 /// [`BackendState::NotServing`]. An address listed twice counts once, in
 /// its most serving state.
 fn backends_for_port(
-    slices: &[&EndpointSlice],
-    service_port: &ServicePort,
+    slices: &[(&ObjectName, &SliceRecord)],
+    service_port: &ServicePortRecord,
     proto: u8,
-    node: &NodeContext,
     service: &ObjectName,
     out: &mut Translation,
 ) -> PortBackends {
-    let wanted_name = service_port.name.as_deref().unwrap_or("");
+    let wanted_name = &*service_port.name;
     let mut listed = Vec::new();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
+    for (slice_name, slice) in slices {
+        if slice.address_type != AddressType::Ipv4 {
             continue;
         }
-        let slice_port = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == wanted_name
-                && protocol(p.protocol.as_deref()) == Some(proto)
-        });
+        let slice_port = slice
+            .ports
+            .iter()
+            .find(|p| &*p.name == wanted_name && p.protocol.number() == Some(proto));
         let Some(slice_port) = slice_port else {
             continue;
         };
         let Some(port) = slice_port.port.and_then(valid_port) else {
             out.skipped.push(format!(
                 "EndpointSlice {} of {service}: port {wanted_name:?} has no valid number",
-                slice.metadata.name.as_deref().unwrap_or("?")
+                slice_name.name()
             ));
             continue;
         };
-        for endpoint in &slice.endpoints {
-            let state = EndpointState::of(endpoint).backend_state();
-            for address in &endpoint.addresses {
-                let Ok(addr @ IpAddr::V4(_)) = address.parse::<IpAddr>() else {
-                    out.skipped.push(format!(
-                        "EndpointSlice {} of {service}: invalid IPv4 address {address:?}",
-                        slice.metadata.name.as_deref().unwrap_or("?")
-                    ));
-                    continue;
-                };
-                let node_local = node.node_name.is_some()
-                    && endpoint.node_name.as_deref() == node.node_name.as_deref();
-                listed.push(DesiredBackend {
-                    addr,
-                    port,
-                    node_local,
-                    state,
-                });
+        for endpoint in slice.endpoints.iter() {
+            if !endpoint.addr.is_ipv4() {
+                continue;
             }
+            listed.push(DesiredBackend {
+                addr: endpoint.addr,
+                port,
+                node_local: endpoint.node_local,
+                state: backend_state(endpoint),
+            });
         }
     }
     // Each address and port once, in its most serving state.
@@ -360,50 +327,17 @@ fn backends_for_port(
     }
 }
 
-/// An endpoint's conditions with the API's defaults applied.
-struct EndpointState {
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
-impl EndpointState {
-    /// The backend state these conditions give: ready is active; serving
-    /// and terminating is terminating; anything else (not ready and not
-    /// serving, or serving without terminating, which the API does not
-    /// produce) is not serving.
-    fn backend_state(&self) -> BackendState {
-        if self.ready {
-            BackendState::Active
-        } else if self.serving && self.terminating {
-            BackendState::Terminating
-        } else {
-            BackendState::NotServing
-        }
-    }
-
-    /// `ready` unset means ready; `serving` unset follows `ready`;
-    /// `terminating` unset means not terminating.
-    fn of(endpoint: &Endpoint) -> Self {
-        let conditions = endpoint.conditions.as_ref();
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-        EndpointState {
-            ready,
-            serving,
-            terminating,
-        }
-    }
-}
-
-/// The protocol number of a Kubernetes protocol name (default TCP); `None`
-/// for protocols the datapath does not serve.
-fn protocol(name: Option<&str>) -> Option<u8> {
-    match name.unwrap_or("TCP") {
-        "TCP" => Some(PROTO_TCP),
-        "UDP" => Some(PROTO_UDP),
-        _ => None,
+/// The backend state an endpoint's conditions give: ready is active;
+/// serving and terminating is terminating; anything else (not ready and not
+/// serving, or serving without terminating, which the API does not
+/// produce) is not serving.
+fn backend_state(endpoint: &EndpointRecord) -> BackendState {
+    if endpoint.ready {
+        BackendState::Active
+    } else if endpoint.serving && endpoint.terminating {
+        BackendState::Terminating
+    } else {
+        BackendState::NotServing
     }
 }
 
@@ -416,16 +350,18 @@ fn valid_port(port: i32) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::source::file::parse_documents;
+    use service_common::{PROTO_TCP, PROTO_UDP};
+
+    /// The cluster state of a YAML text, as the file source reads it on
+    /// node `node-a`.
+    fn state_of(yaml: &str) -> ClusterState {
+        parse_documents(yaml, Some("node-a"))
+            .unwrap()
+            .into_cluster_state()
+    }
 
     fn translate_yaml(yaml: &str) -> Translation {
-        let parsed = parse_documents(yaml).unwrap();
-        translate(
-            &parsed.state,
-            &NodeContext {
-                node_name: Some("node-a".into()),
-                ..NodeContext::default()
-            },
-        )
+        translate(&state_of(yaml), &NodeContext::default())
     }
 
     fn backends(frontend: &DesiredFrontend) -> Vec<String> {
@@ -694,11 +630,9 @@ status:
                 "[{addresses: [10.1.1.2]}]"
             )
         );
-        let parsed = parse_documents(&yaml).unwrap();
         let t = translate(
-            &parsed.state,
+            &state_of(&yaml),
             &NodeContext {
-                node_name: None,
                 nodeport_addresses: vec!["10.99.0.1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
                 external_ip_cidrs: vec!["10.99.0.200/32".parse().unwrap()],
             },
@@ -735,9 +669,8 @@ status:
     #[test]
     fn a_cluster_ip_service_gets_no_node_ports() {
         let yaml = SERVICE.replace("targetPort: web}", "targetPort: web, nodePort: 30080}");
-        let parsed = parse_documents(&yaml).unwrap();
         let t = translate(
-            &parsed.state,
+            &state_of(&yaml),
             &NodeContext {
                 nodeport_addresses: vec!["10.99.0.1".parse().unwrap()],
                 ..NodeContext::default()
@@ -768,7 +701,7 @@ spec: {type: ExternalName, externalName: example.org}
         let kinds: Vec<_> = t
             .not_programmed
             .iter()
-            .map(|(n, k)| (n.name.as_str(), *k))
+            .map(|(n, k)| (n.name(), *k))
             .collect();
         assert_eq!(
             kinds,

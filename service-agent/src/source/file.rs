@@ -1,20 +1,25 @@
 //! The file source: a multi-document YAML file of ordinary Kubernetes
 //! Services and EndpointSlices (as `kubectl get -o yaml` prints them, `List`
-//! documents included), parsed into k8s-openapi types.
+//! documents included), read a document at a time into the partial types
+//! of [`super::objects`] and kept as records, so memory follows the
+//! records, not the file's size.
 
 use std::{
     collections::hash_map::DefaultHasher,
-    hash::{Hash, Hasher},
+    hash::Hasher as _,
+    io::{BufRead, BufReader, Read as _},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use log::{error, info, warn};
-use serde::Deserialize;
 use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle};
 
-use crate::reconcile::cluster::{Change, ClusterEvent, ClusterState, Kind, object_name};
+use super::objects::{AnyObject, TypedObject};
+use crate::reconcile::{
+    cluster::{Change, ClusterEvent, ClusterState, Kind, ObjectName},
+    records::{ServiceRecord, SliceRecord},
+};
 
 /// Why a file could not be read at all. Problems with single objects are
 /// not errors: they are reported in [`Parsed::skipped`] and the rest is used.
@@ -41,82 +46,207 @@ pub enum FileSourceError {
 /// The result of parsing one file.
 #[derive(Debug, Default)]
 pub struct Parsed {
-    /// The Services and EndpointSlices found.
-    pub state: ClusterState,
+    /// The Services found, in file order (a later one of the same name wins).
+    pub services: Vec<(ObjectName, ServiceRecord)>,
+    /// The EndpointSlices found, in file order.
+    pub slices: Vec<(ObjectName, SliceRecord)>,
     /// One line per object that was skipped, saying why.
     pub skipped: Vec<String>,
 }
 
-/// Reads and parses a file; see [`parse_documents`].
-pub fn read_file(path: &Path) -> Result<(Parsed, u64), FileSourceError> {
-    let text = std::fs::read_to_string(path).map_err(|source| FileSourceError::Read {
+impl Parsed {
+    /// A cluster state holding what was found.
+    pub fn into_cluster_state(self) -> ClusterState {
+        let mut state = ClusterState::default();
+        state.apply(ClusterEvent::Service(Change::Replaced(self.services)));
+        state.apply(ClusterEvent::EndpointSlice(Change::Replaced(self.slices)));
+        state
+    }
+}
+
+/// A hash of the file's content, read in chunks.
+pub fn content_hash(path: &Path) -> Result<u64, FileSourceError> {
+    let read_error = |source| FileSourceError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
     let mut hasher = DefaultHasher::new();
-    text.hash(&mut hasher);
-    let parsed = parse_documents(&text).map_err(|source| FileSourceError::Yaml {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let n = file.read(&mut buffer).map_err(read_error)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.write(&buffer[..n]);
+    }
+}
+
+/// Reads and parses a file a document at a time; see [`parse_documents`].
+/// Endpoints whose `nodeName` is `this_node` are node-local.
+pub fn read_file(path: &Path, this_node: Option<&str>) -> Result<Parsed, FileSourceError> {
+    let file = std::fs::File::open(path).map_err(|source| FileSourceError::Read {
         path: path.to_owned(),
         source,
     })?;
-    Ok((parsed, hasher.finish()))
+    parse_reader(BufReader::new(file), this_node).map_err(|e| match e {
+        DocumentError::Io(source) => FileSourceError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        DocumentError::Yaml(source) => FileSourceError::Yaml {
+            path: path.to_owned(),
+            source,
+        },
+    })
 }
 
 /// Parses multi-document YAML. Services and EndpointSlices (also inside
 /// `kind: List`) are kept; other kinds are skipped quietly, and objects that
 /// do not deserialize are skipped with a reason. Only a YAML syntax error
 /// fails the whole text.
-pub fn parse_documents(text: &str) -> Result<Parsed, serde_yaml::Error> {
-    let mut parsed = Parsed::default();
-    // One document at a time: its generic YAML value is dropped as soon as
-    // it has become a typed object, which keeps the peak memory of a large
-    // file low.
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document)?;
-        add_object(&mut parsed, value, &format!("document {}", index + 1));
-    }
-    Ok(parsed)
+pub fn parse_documents(text: &str, this_node: Option<&str>) -> Result<Parsed, serde_yaml::Error> {
+    parse_reader(text.as_bytes(), this_node).map_err(|e| match e {
+        DocumentError::Yaml(e) => e,
+        DocumentError::Io(e) => unreachable!("reading from memory failed: {e}"),
+    })
 }
 
-/// Adds one YAML object (or the items of a `List`) to `parsed`.
-fn add_object(parsed: &mut Parsed, value: serde_yaml::Value, origin: &str) {
-    if value.is_null() {
-        return;
+/// Why a text could not be parsed.
+enum DocumentError {
+    Io(std::io::Error),
+    Yaml(serde_yaml::Error),
+}
+
+/// Splits the text into documents at `---` and `...` lines (which end any
+/// YAML content, block scalars included) and parses each on its own.
+fn parse_reader(
+    mut reader: impl BufRead,
+    this_node: Option<&str>,
+) -> Result<Parsed, DocumentError> {
+    let mut parsed = Parsed::default();
+    let mut document = String::new();
+    let mut line = String::new();
+    let mut index = 0;
+    loop {
+        line.clear();
+        let end = reader.read_line(&mut line).map_err(DocumentError::Io)? == 0;
+        let marker = if line.starts_with("---") || line.starts_with("...") {
+            let rest = &line[3..];
+            (rest.is_empty() || rest.starts_with([' ', '\t', '\n', '\r'])).then_some(rest)
+        } else {
+            None
+        };
+        if end || marker.is_some() {
+            if has_content(&document) {
+                index += 1;
+                add_document(&mut parsed, &document, index, this_node)?;
+            }
+            document.clear();
+            if end {
+                return Ok(parsed);
+            }
+            // `--- {inline: document}` starts the next document on its line;
+            // `...` only ends one.
+            if line.starts_with("---") {
+                document.push_str(marker.unwrap_or_default());
+            }
+        } else if !line.starts_with('%') {
+            // (`%` lines are directives, which only the next `---` uses.)
+            document.push_str(&line);
+        }
     }
+}
+
+/// Whether a document holds more than blank lines and comments.
+fn has_content(document: &str) -> bool {
+    document.lines().any(|line| {
+        let line = line.trim_start();
+        !line.is_empty() && !line.starts_with('#')
+    })
+}
+
+/// Parses one document: in one pass, straight into the agent's types, in
+/// the common case (a third of the time of going through generic YAML
+/// values); a document that does not fit them is parsed again as generic
+/// YAML to tell a syntax error (the whole file fails) from an object of
+/// another kind (ignored) or an invalid object (skipped with the reason).
+fn add_document(
+    parsed: &mut Parsed,
+    text: &str,
+    index: usize,
+    this_node: Option<&str>,
+) -> Result<(), DocumentError> {
+    let origin = format!("document {index}");
+    match serde_yaml::from_str::<AnyObject>(text) {
+        Ok(object) => add_object(parsed, object, &origin, this_node),
+        Err(error) => {
+            // The slow path: generic YAML says whether the text is YAML at
+            // all, and which kind the object is.
+            let value: serde_yaml::Value =
+                serde_yaml::from_str(text).map_err(DocumentError::Yaml)?;
+            add_value(parsed, value, &origin, this_node, error);
+        }
+    }
+    Ok(())
+}
+
+/// Adds a generic YAML object that did not parse as a whole (`error`):
+/// a `List`'s items one by one, otherwise the object is reported if it is
+/// of a kind the agent takes.
+fn add_value(
+    parsed: &mut Parsed,
+    value: serde_yaml::Value,
+    origin: &str,
+    this_node: Option<&str>,
+    error: serde_yaml::Error,
+) {
     let kind = value
         .get("kind")
         .and_then(|kind| kind.as_str())
-        .unwrap_or("");
-    match kind {
-        "List" | "ServiceList" | "EndpointSliceList" => {
-            let items = value
-                .get("items")
-                .and_then(|items| items.as_sequence())
-                .cloned()
-                .unwrap_or_default();
-            for (index, item) in items.into_iter().enumerate() {
-                add_object(parsed, item, &format!("{origin}, item {}", index + 1));
+        .unwrap_or("")
+        .to_owned();
+    if !AnyObject::is_taken_kind(&kind) {
+        return;
+    }
+    if kind.ends_with("List")
+        && let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned()
+    {
+        for (index, item) in items.into_iter().enumerate() {
+            let origin = format!("{origin}, item {}", index + 1);
+            match serde_yaml::from_value::<AnyObject>(item.clone()) {
+                Ok(object) => add_object(parsed, object, &origin, this_node),
+                Err(error) => add_value(parsed, item, &origin, this_node, error),
             }
         }
-        "Service" => match serde_yaml::from_value::<Service>(value) {
-            Ok(service) => match object_name(&service.metadata) {
-                Some(name) => {
-                    parsed.state.services.insert(name, service);
-                }
-                None => skip(parsed, origin, "Service has no metadata.name"),
-            },
-            Err(error) => skip(parsed, origin, &format!("invalid Service: {error}")),
+        return;
+    }
+    skip(parsed, origin, &format!("invalid {kind}: {error}"));
+}
+
+/// Adds one object (or the items of a `List`) to `parsed`.
+fn add_object(parsed: &mut Parsed, object: AnyObject, origin: &str, this_node: Option<&str>) {
+    match object.into_typed() {
+        Ok(TypedObject::Service(service)) => match service.into_record() {
+            Some(named) => parsed.services.push(named),
+            None => skip(parsed, origin, "Service has no metadata.name"),
         },
-        "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
-            Ok(slice) => match object_name(&slice.metadata) {
-                Some(name) => {
-                    parsed.state.insert_slice(name, slice);
-                }
-                None => skip(parsed, origin, "EndpointSlice has no metadata.name"),
-            },
-            Err(error) => skip(parsed, origin, &format!("invalid EndpointSlice: {error}")),
+        Ok(TypedObject::EndpointSlice(slice)) => match slice.into_record(this_node) {
+            Some(named) => parsed.slices.push(named),
+            None => skip(parsed, origin, "EndpointSlice has no metadata.name"),
         },
-        _ => {}
+        Ok(TypedObject::List(items)) => {
+            for (index, item) in items.into_iter().enumerate() {
+                add_object(
+                    parsed,
+                    item,
+                    &format!("{origin}, item {}", index + 1),
+                    this_node,
+                );
+            }
+        }
+        Ok(TypedObject::Other) => {}
+        Err(reason) => skip(parsed, origin, &format!("invalid EndpointSlice: {reason}")),
     }
 }
 
@@ -130,21 +260,29 @@ fn skip(parsed: &mut Parsed, origin: &str, reason: &str) {
 pub const KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
 
 /// Starts watching the file at `path` (checked every `interval`); its
-/// objects go to `events` as full lists. Returns the task.
+/// objects go to `events` as full lists, endpoints on `this_node` marked
+/// node-local. Returns the task.
 pub fn spawn_watcher(
     path: PathBuf,
     interval: Duration,
+    this_node: Option<String>,
     events: UnboundedSender<ClusterEvent>,
 ) -> JoinHandle<()> {
-    tokio::spawn(watch(path, interval, events))
+    tokio::spawn(watch(path, interval, this_node, events))
 }
 
 /// The file source: re-reads the file when its size, time or inode changes
 /// and sends its objects as full lists when the content differs. A file
-/// that is missing or not valid YAML keeps the last good state.
-async fn watch(path: PathBuf, interval: Duration, events: UnboundedSender<ClusterEvent>) {
+/// that is missing or not valid YAML keeps the last good state. Reading
+/// runs on a blocking thread, so a large file never stalls the agent.
+async fn watch(
+    path: PathBuf,
+    interval: Duration,
+    this_node: Option<String>,
+    events: UnboundedSender<ClusterEvent>,
+) {
     let mut stamp = None;
-    let mut content_hash = None;
+    let mut last_hash = None;
     let mut missing_reported = false;
     let mut ticker = tokio::time::interval(interval);
     loop {
@@ -166,31 +304,41 @@ async fn watch(path: PathBuf, interval: Duration, events: UnboundedSender<Cluste
             continue;
         }
         stamp = now;
-        match read_file(&path) {
-            Ok((Parsed { state, skipped }, hash)) => {
-                if Some(hash) == content_hash {
-                    continue;
-                }
-                content_hash = Some(hash);
+        let (file, node) = (path.clone(), this_node.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let hash = content_hash(&file)?;
+            if Some(hash) == last_hash {
+                return Ok((hash, None));
+            }
+            read_file(&file, node.as_deref()).map(|parsed| (hash, Some(parsed)))
+        })
+        .await;
+        match read {
+            Ok(Ok((_, None))) => {}
+            Ok(Ok((hash, Some(parsed)))) => {
+                last_hash = Some(hash);
                 info!(
                     "read {}: {} services, {} endpoint slices, {} objects skipped",
                     path.display(),
-                    state.services.len(),
-                    state.endpoint_slices().len(),
-                    skipped.len()
+                    parsed.services.len(),
+                    parsed.slices.len(),
+                    parsed.skipped.len()
                 );
-                let (services, slices) = state.into_objects();
                 if events
-                    .send(ClusterEvent::Service(Change::Replaced(services)))
+                    .send(ClusterEvent::Service(Change::Replaced(parsed.services)))
                     .is_err()
                     || events
-                        .send(ClusterEvent::EndpointSlice(Change::Replaced(slices)))
+                        .send(ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)))
                         .is_err()
                 {
                     return;
                 }
             }
-            Err(e) => error!("{e}; keeping the last good state"),
+            Ok(Err(e)) => error!("{e}; keeping the last good state"),
+            Err(e) => error!(
+                "reading {} failed: {e}; keeping the last good state",
+                path.display()
+            ),
         }
     }
 }
@@ -232,42 +380,53 @@ metadata: {name: ignored}
 
     #[test]
     fn parses_services_and_slices_and_ignores_other_kinds() {
-        let parsed = parse_documents(TWO_OBJECTS).unwrap();
+        let parsed = parse_documents(TWO_OBJECTS, None).unwrap();
         assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
-        let service = ObjectName {
-            namespace: "shop".into(),
-            name: "web".into(),
-        };
-        assert!(parsed.state.services.contains_key(&service));
-        assert_eq!(parsed.state.slices_of(&service).count(), 1);
+        let state = parsed.into_cluster_state();
+        let service = ObjectName::new("shop", "web");
+        assert!(state.services.contains_key(&service));
+        assert_eq!(state.slices_of(&service).count(), 1);
     }
 
     #[test]
     fn list_items_are_read_and_namespace_defaults() {
-        let text = "kind: List\nitems:\n- kind: Service\n  apiVersion: v1\n  metadata: {name: a}\n  spec: {clusterIP: 10.96.0.1}\n";
-        let parsed = parse_documents(text).unwrap();
-        let names: Vec<_> = parsed
-            .state
-            .services
-            .keys()
-            .map(|n| n.to_string())
-            .collect();
+        let text = "kind: List\nitems:\n- kind: Service\n  apiVersion: v1\n  metadata: {name: a}\n  spec: {clusterIP: 10.96.0.1}\n- kind: Deployment\n  spec: {selector: {matchLabels: {a: b}}, ports: 7}\n";
+        let parsed = parse_documents(text, None).unwrap();
+        let names: Vec<_> = parsed.services.iter().map(|(n, _)| n.to_string()).collect();
         assert_eq!(names, ["default/a"]);
+        assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
     }
 
     #[test]
     fn a_bad_object_is_skipped_and_the_rest_kept() {
         let text = format!(
-            "{TWO_OBJECTS}\n---\nkind: Service\napiVersion: v1\nmetadata: {{name: bad}}\nspec: {{ports: 7}}\n---\nkind: Service\napiVersion: v1\nspec: {{}}\n"
+            "{TWO_OBJECTS}\n---\nkind: Service\napiVersion: v1\nmetadata: {{name: bad}}\nspec: {{ports: 7}}\n---\nkind: Service\napiVersion: v1\nspec: {{}}\n--- {{kind: EndpointSlice, metadata: {{name: s}}}}\n"
         );
-        let parsed = parse_documents(&text).unwrap();
-        assert_eq!(parsed.state.services.len(), 1);
-        assert_eq!(parsed.skipped.len(), 2, "{:?}", parsed.skipped);
-        assert!(parsed.skipped[0].contains("document 4"));
+        let parsed = parse_documents(&text, None).unwrap();
+        assert_eq!(parsed.services.len(), 1);
+        assert_eq!(parsed.skipped.len(), 3, "{:?}", parsed.skipped);
+        assert!(
+            parsed.skipped[0].contains("document 4"),
+            "{:?}",
+            parsed.skipped
+        );
+        assert!(
+            parsed.skipped[2].contains("addressType"),
+            "{:?}",
+            parsed.skipped
+        );
+    }
+
+    #[test]
+    fn documents_split_only_at_markers_and_other_kinds_with_clashing_fields_are_ignored() {
+        let text = "# a comment\n---\n---\nkind: ConfigMap\ndata:\n  script: |\n    a line with --- inside\n...\n--- # next\nkind: Deployment\nspec: {ports: {a: b}, type: [1]}\n";
+        let parsed = parse_documents(text, None).unwrap();
+        assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
+        assert!(parsed.services.is_empty() && parsed.slices.is_empty());
     }
 
     #[test]
     fn broken_yaml_is_an_error() {
-        assert!(parse_documents("kind: Service\n  bad: [").is_err());
+        assert!(parse_documents("kind: Service\n  bad: [", None).is_err());
     }
 }

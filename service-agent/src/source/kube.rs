@@ -4,13 +4,9 @@
 //! that cannot resume) it re-lists, which arrives here as one
 //! [`Change::Replaced`] so objects deleted meanwhile disappear too.
 
-use std::fmt::Debug;
+use std::{fmt::Debug, sync::Arc};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
 use kube::{
     Api, Client, Resource,
     runtime::{WatchStreamExt as _, watcher},
@@ -19,7 +15,11 @@ use log::{info, warn};
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle};
 
-use crate::reconcile::cluster::{Change, ClusterEvent, Kind};
+use super::objects::{NodeObject, ServiceObject, SliceObject};
+use crate::{
+    ops::health::Health,
+    reconcile::cluster::{Change, ClusterEvent, Kind, ObjectName},
+};
 
 /// Services of other proxies (`service.kubernetes.io/service-proxy-name`)
 /// are not ours, as in kube-proxy.
@@ -32,71 +32,113 @@ pub const SLICE_LABEL_SELECTOR: &str =
 /// The kinds this source lists before the first full sync may run.
 pub const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
 
-/// Starts the three watchers; their events go to `events`. Returns their tasks.
+/// Starts the three watchers on Services, EndpointSlices and the Node
+/// `node_name` (whose endpoints are node-local); their events go to
+/// `events`, and whether they deliver to `health`. Returns their tasks.
 pub fn spawn_watchers(
     client: Client,
     node_name: &str,
     events: UnboundedSender<ClusterEvent>,
+    health: Arc<Health>,
 ) -> Vec<JoinHandle<()>> {
+    let this_node: Option<String> = Some(node_name.to_owned()).filter(|n| !n.is_empty());
     vec![
         spawn_watcher(
-            Api::<Service>::all(client.clone()),
+            Api::<ServiceObject>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
-            events.clone(),
+            Watch {
+                kind: Kind::Service,
+                events: events.clone(),
+                health: health.clone(),
+            },
+            move |service| service.into_record(),
             ClusterEvent::Service,
         ),
         spawn_watcher(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<SliceObject>::all(client.clone()),
             watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
-            events.clone(),
+            Watch {
+                kind: Kind::EndpointSlice,
+                events: events.clone(),
+                health: health.clone(),
+            },
+            move |slice| slice.into_record(this_node.as_deref()),
             ClusterEvent::EndpointSlice,
         ),
         spawn_watcher(
-            Api::<Node>::all(client),
+            Api::<NodeObject>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            events,
+            Watch {
+                kind: Kind::Node,
+                events,
+                health,
+            },
+            move |node| node.into_record(),
             ClusterEvent::Node,
         ),
     ]
 }
 
-fn spawn_watcher<K>(
+/// Where one watcher reports.
+struct Watch {
+    kind: Kind,
+    events: UnboundedSender<ClusterEvent>,
+    health: Arc<Health>,
+}
+
+/// Runs one watcher: objects become records (`record`) as they arrive, a
+/// full list is sent as one event once complete.
+fn spawn_watcher<K, T>(
     api: Api<K>,
     config: watcher::Config,
-    events: UnboundedSender<ClusterEvent>,
-    wrap: fn(Change<K>) -> ClusterEvent,
+    watch: Watch,
+    record: impl Fn(K) -> Option<(ObjectName, T)> + Send + 'static,
+    wrap: fn(Change<T>) -> ClusterEvent,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
+    T: Send + 'static,
 {
-    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let kind = watch.kind.as_str();
     tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff();
         futures::pin_mut!(stream);
-        let mut listing: Vec<K> = Vec::new();
+        let mut listing: Vec<(ObjectName, T)> = Vec::new();
         while let Some(item) = stream.next().await {
+            if item.is_ok() {
+                watch.health.delivered(kind);
+            }
             let change = match item {
                 Ok(watcher::Event::Init) => {
                     listing.clear();
                     continue;
                 }
                 Ok(watcher::Event::InitApply(object)) => {
-                    listing.push(object);
+                    listing.extend(record(object));
                     continue;
                 }
                 Ok(watcher::Event::InitDone) => {
                     info!("listed {} {kind} objects", listing.len());
                     Change::Replaced(std::mem::take(&mut listing))
                 }
-                Ok(watcher::Event::Apply(object)) => Change::Applied(object),
-                Ok(watcher::Event::Delete(object)) => Change::Deleted(object),
+                Ok(watcher::Event::Apply(object)) => match record(object) {
+                    Some((name, record)) => Change::Applied(name, record),
+                    None => continue,
+                },
+                Ok(watcher::Event::Delete(object)) => {
+                    match super::objects::object_name(object.meta()) {
+                        Some(name) => Change::Deleted(name),
+                        None => continue,
+                    }
+                }
                 Err(e) => {
+                    watch.health.failed(kind);
                     warn!("watching {kind}: {e}; retrying with backoff");
                     continue;
                 }
             };
-            if events.send(wrap(change)).is_err() {
+            if watch.events.send(wrap(change)).is_err() {
                 return;
             }
         }

@@ -5,6 +5,7 @@
 
 pub mod file;
 pub mod kube;
+pub mod objects;
 
 use std::{path::PathBuf, str::FromStr};
 

@@ -17,8 +17,21 @@ use crate::{
     topology::POD_DEVICE_PREFIX,
 };
 
-/// A running `service-agent run` on a file source; SIGTERM, then SIGKILL,
-/// on drop.
+/// Where a bench agent reads its Services.
+#[derive(Clone, Debug)]
+pub enum AgentSource {
+    /// `--source file:PATH`.
+    File(PathBuf),
+    /// `--source kube` with this kubeconfig, as this node.
+    Kube {
+        /// The kubeconfig (`KUBECONFIG`).
+        kubeconfig: PathBuf,
+        /// `--node-name`.
+        node_name: String,
+    },
+}
+
+/// A running `service-agent run`; SIGTERM, then SIGKILL, on drop.
 pub struct BenchAgent {
     child: Child,
     log: PathBuf,
@@ -26,14 +39,14 @@ pub struct BenchAgent {
 }
 
 impl BenchAgent {
-    /// Starts the agent inside `node` on the YAML file `source`, with maps
-    /// of `sizes` pinned under `pin_path`, attaching to the pod devices
-    /// (`lxc*`), and socket-LB on the cgroup `socket_lb` if given (never
-    /// the default, the root cgroup, which would reach every process on
-    /// the machine). Its log goes to `log`.
+    /// Starts the agent inside `node` on `source`, with maps of `sizes`
+    /// pinned under `pin_path`, attaching to the pod devices (`lxc*`), and
+    /// socket-LB on the cgroup `socket_lb` if given (never the default, the
+    /// root cgroup, which would reach every process on the machine). Its
+    /// log goes to `log`.
     pub fn start(
         node: &NetNs,
-        source: &Path,
+        source: &AgentSource,
         pin_path: &Path,
         sizes: MapSizes,
         socket_lb: Option<&Path>,
@@ -45,9 +58,21 @@ impl BenchAgent {
         }
         let log_file = std::fs::File::create(log)?;
         let mut command = Command::new(&binary);
+        command.args(["run", "--source"]);
+        match source {
+            AgentSource::File(path) => {
+                command.arg(format!("file:{}", path.display()));
+            }
+            AgentSource::Kube {
+                kubeconfig,
+                node_name,
+            } => {
+                command
+                    .args(["kube", "--node-name", node_name])
+                    .env("KUBECONFIG", kubeconfig);
+            }
+        }
         command
-            .args(["run", "--source"])
-            .arg(format!("file:{}", source.display()))
             .arg("--pin-path")
             .arg(pin_path)
             .args(["--pod-device-prefix", POD_DEVICE_PREFIX])

@@ -49,7 +49,7 @@ use service_agent::{
         self, MapSizes, PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP, PROG_FROM_NETWORK,
         PROG_FROM_POD,
         maps::{ServiceMaps, write_config},
-        model::{MapState, MapWriter as _},
+        model::{MapState, write_in_order},
     },
     reconcile::{desired::DesiredState, translate::DesiredFrontend},
 };
@@ -200,15 +200,14 @@ impl LoadedDatapath {
                     ..set.frontend(i)
                 });
             }
-            let (ops, problems) = self
+            let update = self
                 .desired
                 .set_service(&ServiceSet::object_name(i), &frontends);
-            if !problems.is_empty() {
-                bail!("programming Service {i}: {problems:?}");
+            if !update.problems.is_empty() {
+                bail!("programming Service {i}: {:?}", update.problems);
             }
-            for op in ops {
-                self.maps.apply(&op)?;
-            }
+            write_in_order(&mut self.maps, &update.writes.ops)
+                .map_err(|failure| anyhow::anyhow!("programming Service {i}: {}", failure.error))?;
         }
         Ok(())
     }

@@ -7,6 +7,8 @@
 //! each behind a guard that removes it on drop, also on failure.
 
 pub mod agent;
+pub mod api_server;
+pub mod collector;
 pub mod control_plane;
 pub mod datapath;
 pub mod kube_proxy;
@@ -25,6 +27,7 @@ use std::{
 use anyhow::Context as _;
 
 use self::{
+    collector::CollectorBenchConfig,
     control_plane::ControlPlaneConfig,
     datapath::DatapathConfig,
     report::{Group, Machine, NotAvailable, Report},
@@ -42,9 +45,16 @@ pub struct BenchConfig {
     pub traffic: TrafficConfig,
     /// Control plane.
     pub control_plane: ControlPlaneConfig,
+    /// The conntrack collector.
+    pub collector: CollectorBenchConfig,
     /// What this mode leaves out, and why.
     pub not_measured: Vec<NotAvailable>,
 }
+
+/// Capacity of the conntrack map of the collector bench (2^20).
+const COLLECTOR_CAPACITY: u32 = 1 << 20;
+/// Entries the collector bench walks: a 1M-entry map.
+const COLLECTOR_ENTRIES: u32 = 1_000_000;
 
 /// Why `--quick` measures the control plane at 5k Services.
 const QUICK_CONTROL_PLANE: &str = "--quick measures it at 5k Services to stay under three minutes: nft -f alone takes 75 to 110 s to load 10k here";
@@ -76,6 +86,11 @@ impl BenchConfig {
                 load_runs: 2,
                 change_runs: 6,
             },
+            collector: CollectorBenchConfig {
+                capacity: COLLECTOR_CAPACITY,
+                entries: COLLECTOR_ENTRIES,
+                runs: 3,
+            },
             not_measured: Vec::new(),
         }
     }
@@ -102,6 +117,11 @@ impl BenchConfig {
                 changes: 200,
                 load_runs: 1,
                 change_runs: 4,
+            },
+            collector: CollectorBenchConfig {
+                capacity: COLLECTOR_CAPACITY,
+                entries: COLLECTOR_ENTRIES,
+                runs: 1,
             },
             not_measured: vec![NotAvailable {
                 name: "Control plane at 10k and 100k Services".to_owned(),
@@ -131,20 +151,16 @@ pub fn run(config: &BenchConfig, groups: &[Group], workdir: &Path) -> anyhow::Re
             control_plane::run(&config.control_plane, workdir).context("control-plane bench")?,
         );
     }
+    if wanted(Group::Conntrack) {
+        eprintln!("== conntrack collector");
+        figures.extend(collector::run(&config.collector).context("collector bench")?);
+    }
     Ok(Report {
         mode: config.mode.to_owned(),
         machine: machine(),
         duration_secs: started.elapsed().as_secs_f64(),
         figures,
-        not_available: [
-            NotAvailable {
-                name: "Start to fully programmed with the Kubernetes source".to_owned(),
-                reason: "needs scripted API responses served to the agent binary; measured with the file source".to_owned(),
-            },
-        ]
-        .into_iter()
-        .chain(config.not_measured.iter().cloned())
-        .collect(),
+        not_available: config.not_measured.clone(),
     })
 }
 

@@ -18,11 +18,18 @@ pub enum Group {
     Traffic,
     /// Programming time, change latency and memory of the agent.
     ControlPlane,
+    /// The agent's conntrack collector on a large map.
+    Conntrack,
 }
 
 impl Group {
     /// Every group, in report order.
-    pub const ALL: [Group; 3] = [Group::Datapath, Group::Traffic, Group::ControlPlane];
+    pub const ALL: [Group; 4] = [
+        Group::Datapath,
+        Group::Traffic,
+        Group::ControlPlane,
+        Group::Conntrack,
+    ];
 
     /// The name on the command line (`--only NAME`).
     pub fn name(self) -> &'static str {
@@ -30,6 +37,7 @@ impl Group {
             Group::Datapath => "datapath",
             Group::Traffic => "traffic",
             Group::ControlPlane => "control-plane",
+            Group::Conntrack => "conntrack",
         }
     }
 
@@ -39,6 +47,7 @@ impl Group {
             Group::Datapath => "Datapath cost per packet (BPF_PROG_TEST_RUN)",
             Group::Traffic => "Real traffic through a ClusterIP (namespaces, real TCP)",
             Group::ControlPlane => "Control plane",
+            Group::Conntrack => "Conntrack collector (one pass of the agent's collector)",
         }
     }
 }

@@ -73,10 +73,7 @@ impl ServiceSet {
 
     /// Service `i`'s `namespace/name`.
     pub fn object_name(i: u32) -> ObjectName {
-        ObjectName {
-            namespace: NAMESPACE.to_owned(),
-            name: Self::name(i),
-        }
+        ObjectName::new(NAMESPACE, &Self::name(i))
     }
 
     /// Service `i`'s ClusterIP.
@@ -102,8 +99,6 @@ impl ServiceSet {
     /// Service `i` as the agent's translation would produce it.
     pub fn frontend(&self, i: u32) -> DesiredFrontend {
         DesiredFrontend {
-            service: Self::object_name(i),
-            port_name: PORT_NAME.to_owned(),
             addr: Self::cluster_ip(i).into(),
             port: SERVICE_PORT,
             proto: PROTO_TCP,
@@ -170,9 +165,9 @@ mod tests {
     #[test]
     fn the_yaml_translates_to_the_same_frontends() {
         let set = ServiceSet::new(3, 4).with_endpoints(2, vec![Ipv4Addr::new(10, 200, 1, 2)]);
-        let parsed = parse_documents(&set.yaml()).unwrap();
+        let parsed = parse_documents(&set.yaml(), None).unwrap();
         assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
-        let translation = translate(&parsed.state, &NodeContext::default());
+        let translation = translate(&parsed.into_cluster_state(), &NodeContext::default());
         assert!(translation.skipped.is_empty(), "{:?}", translation.skipped);
         let mut expected: Vec<DesiredFrontend> = (0..3).map(|i| set.frontend(i)).collect();
         let mut got = translation.frontends;

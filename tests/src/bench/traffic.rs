@@ -43,7 +43,7 @@ use aya::{
 };
 
 use super::{
-    agent::BenchAgent,
+    agent::{AgentSource, BenchAgent},
     kube_proxy::{KubeProxyMode, LoadedRules},
     report::{Better, Figure, Group},
     services::{SERVICE_PORT, ServiceSet, TARGET_PORT},
@@ -158,7 +158,7 @@ impl TestBed {
                 let pin = PinDir::new("bench-traffic")?;
                 let mut agent = BenchAgent::start(
                     &topology.node,
-                    &yaml,
+                    &AgentSource::File(yaml.clone()),
                     pin.path(),
                     set.map_sizes(service_common::CONNTRACK_MAX_ENTRIES / 2),
                     cgroup.as_ref().map(TestCgroup::path),

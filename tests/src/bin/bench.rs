@@ -1,8 +1,9 @@
 //! The bench (`cargo xtask bench [--quick]`): measures the datapath, real
-//! traffic and the control plane next to their baselines, and writes
+//! traffic, the control plane and the conntrack collector next to their
+//! baselines, and writes
 //! `results.json`, `results.md` and SVG plots. Needs root.
 //!
-//! `bench [--quick] [--out DIR] [--only datapath|traffic|control-plane]...`
+//! `bench [--quick] [--out DIR] [--only datapath|traffic|control-plane|conntrack]...`
 
 use std::path::PathBuf;
 

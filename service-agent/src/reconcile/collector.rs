@@ -1,0 +1,502 @@
+//! The conntrack collector: a thread of its own (it never blocks a sync)
+//! that walks the conntrack map by the rules of [`super::flows`]:
+//!
+//! - at once, one walk for the changes of the syncs since its last walk
+//!   ([`CollectorHandle::follow`]): UDP flows of backends gone or not
+//!   serving deleted, flows of deleted frontends marked dead;
+//! - a pass every [`Pacer`] interval, shorter when passes free much of
+//!   the map, longer when they free little, and early when the datapath
+//!   signals pressure (SNAT ports exhausted, conntrack inserts failing).
+//!
+//! It keeps the rev-NAT ids of deleted frontends until no entry names them
+//! and then tells the sync loop they are free again ([`CollectorNews`]).
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
+
+use log::{info, warn};
+use service_common::{RevNatId, SnatPortRange};
+
+use super::flows::{DeleteReason, FlowChanges, FlowRules, WalkReport, collect, reap};
+use crate::{
+    datapath::conntrack::{ConntrackTable, Pressure, monotonic_seconds},
+    ops::metrics::Metrics,
+};
+
+/// How the collector is paced and what it judges by.
+#[derive(Clone, Copy, Debug)]
+pub struct CollectorSettings {
+    /// Timeouts and the SNAT address.
+    pub rules: FlowRules,
+    /// The SNAT port range (named when ports run out).
+    pub snat_ports: SnatPortRange,
+    /// Shortest time between passes.
+    pub min_interval: Duration,
+    /// Longest time between passes (`--ct-gc-max-interval-secs`).
+    pub max_interval: Duration,
+}
+
+/// What the collector tells the sync loop about rev-NAT ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CollectorNews {
+    /// Entries name these ids though their frontend is gone (it went while
+    /// no agent ran): they were marked dead, and the ids must not be handed
+    /// out until they are drained.
+    RevNatIdsInUse(Vec<RevNatId>),
+    /// No entry names these ids of deleted frontends any more: they may be
+    /// handed out again.
+    RevNatIdsDrained(Vec<RevNatId>),
+}
+
+/// Paces the passes by how much of the map each one freed: a pass should
+/// free about [`Pacer::TARGET_FRACTION`] of the capacity. One that freed
+/// more brings the next pass closer (expired entries pile up faster than
+/// thought), one that freed far less pushes it away (walking costs CPU for
+/// nothing), within the bounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pacer {
+    interval: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Pacer {
+    /// The share of the capacity a pass should free.
+    pub const TARGET_FRACTION: f64 = 0.05;
+    /// The first interval (bounded): soon after start, to clear what a
+    /// previous agent left.
+    const FIRST: Duration = Duration::from_secs(10);
+
+    /// A pacer between `min` and `max` (`max` at least `min`).
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let max = max.max(min);
+        Pacer {
+            interval: Self::FIRST.clamp(min, max),
+            min,
+            max,
+        }
+    }
+
+    /// The current interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The shortest interval.
+    pub fn min(&self) -> Duration {
+        self.min
+    }
+
+    /// The interval after a pass that deleted `deleted` entries of a map of
+    /// `capacity`.
+    pub fn after_pass(&mut self, deleted: u64, capacity: u32) -> Duration {
+        let fraction = deleted as f64 / f64::from(capacity.max(1));
+        let factor = if fraction > Self::TARGET_FRACTION {
+            (Self::TARGET_FRACTION / fraction).max(0.25)
+        } else if fraction < Self::TARGET_FRACTION / 4.0 {
+            1.5
+        } else {
+            1.0
+        };
+        self.interval = self.interval.mul_f64(factor).clamp(self.min, self.max);
+        self.interval
+    }
+}
+
+/// The collector's state, apart from its thread: what it walks, how it is
+/// paced, and the rev-NAT ids it waits to see drained.
+pub struct Collector<T> {
+    table: T,
+    settings: CollectorSettings,
+    pacer: Pacer,
+    /// Rev-NAT ids of deleted frontends whose entries may still exist.
+    draining: BTreeSet<RevNatId>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<T: ConntrackTable> Collector<T> {
+    /// A collector over `table`.
+    pub fn new(table: T, settings: CollectorSettings, metrics: Option<Arc<Metrics>>) -> Self {
+        Collector {
+            table,
+            pacer: Pacer::new(settings.min_interval, settings.max_interval),
+            settings,
+            draining: BTreeSet::new(),
+            metrics,
+        }
+    }
+
+    /// The table.
+    pub fn table(&self) -> &T {
+        &self.table
+    }
+
+    /// The pacer.
+    pub fn pacer(&self) -> &Pacer {
+        &self.pacer
+    }
+
+    /// One walk for `changes` at `now` (monotonic seconds).
+    pub fn follow(&mut self, changes: &FlowChanges, now: u32) {
+        if changes.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let report = match reap(&mut self.table, changes, now) {
+            Ok(report) => report,
+            Err(e) => {
+                warn!("conntrack: walking the map for the sync's changes failed: {e}");
+                return;
+            }
+        };
+        // Ids whose frontends went are drained once a pass finds no entry
+        // naming them (at once if none did).
+        self.draining
+            .extend(changes.rev_nat_ids_released.iter().copied());
+        self.record(&report, started.elapsed(), false);
+        if report.deleted_total() > 0 || report.marked_dead > 0 {
+            info!(
+                "conntrack: {} UDP entries of backends gone or not serving ({:?}) deleted, {} entries of deleted frontends (rev-NAT ids {:?}) marked dead, in {:.1} ms",
+                report.deleted_total(),
+                changes
+                    .backends_deleted
+                    .union(&changes.backends_not_serving)
+                    .collect::<Vec<_>>(),
+                report.marked_dead,
+                changes.rev_nat_ids_released,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+
+    /// One pass at `now` (monotonic seconds); returns the news for the
+    /// sync loop and the time until the next pass.
+    pub fn pass(&mut self, now: u32) -> (Vec<CollectorNews>, Duration) {
+        let started = Instant::now();
+        let report = match collect(&mut self.table, &self.settings.rules, now) {
+            Ok(report) => report,
+            Err(e) => {
+                warn!("conntrack: a collector pass failed: {e}");
+                return (Vec::new(), self.pacer.interval());
+            }
+        };
+        let took = started.elapsed();
+        let next = self
+            .pacer
+            .after_pass(report.deleted_total(), self.table.capacity());
+        self.record(&report, took, true);
+        let mut news = Vec::new();
+        if !report.rev_nat_ids_marked_dead.is_empty() {
+            warn!(
+                "conntrack: {} entries named frontends that no longer exist (rev-NAT ids {:?}): marked dead",
+                report.marked_dead, report.rev_nat_ids_marked_dead
+            );
+            self.draining
+                .extend(report.rev_nat_ids_marked_dead.iter().copied());
+            news.push(CollectorNews::RevNatIdsInUse(
+                report.rev_nat_ids_marked_dead.iter().copied().collect(),
+            ));
+        }
+        let drained: Vec<RevNatId> = self
+            .draining
+            .iter()
+            .filter(|id| !report.rev_nat_ids_named.contains(id))
+            .copied()
+            .collect();
+        if !drained.is_empty() {
+            for id in &drained {
+                self.draining.remove(id);
+            }
+            news.push(CollectorNews::RevNatIdsDrained(drained));
+        }
+        if report.deleted_total() > 0 {
+            info!(
+                "conntrack: pass read {} entries in {:.1} ms, deleted {} ({}), {} left of {}; next pass in {:.0?}",
+                report.scanned,
+                took.as_secs_f64() * 1000.0,
+                report.deleted_total(),
+                DeleteReason::ALL
+                    .iter()
+                    .filter_map(|reason| {
+                        let n = report.deleted.get(reason)?;
+                        Some(format!("{} {n}", reason.name()))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                report.remaining,
+                self.table.capacity(),
+                next
+            );
+        }
+        (news, next)
+    }
+
+    /// Feeds the metrics with a walk's figures.
+    fn record(&self, report: &WalkReport, took: Duration, pass: bool) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let gc = &metrics.conntrack_gc;
+        if pass {
+            gc.passes.inc();
+            gc.pass_duration.observe(took.as_secs_f64());
+            gc.interval.set(self.pacer.interval().as_secs_f64());
+            metrics.set_conntrack_entries(report.remaining);
+        }
+        gc.scanned.inc_by(report.scanned);
+        for (reason, count) in &report.deleted {
+            gc.deleted(reason.name()).inc_by(*count);
+        }
+        gc.marked_dead.inc_by(report.marked_dead);
+    }
+}
+
+/// Whether the datapath signalled pressure between two readings of its
+/// counters (SNAT ports ran out, conntrack inserts failed); says so in the
+/// log. A pass then runs as soon as the pacing allows.
+fn pressure_rose(before: &Pressure, now: &Pressure, snat_ports: &SnatPortRange) -> bool {
+    let exhausted = now
+        .snat_ports_exhausted
+        .saturating_sub(before.snat_ports_exhausted);
+    let failed = now
+        .conntrack_insert_failed
+        .saturating_sub(before.conntrack_insert_failed);
+    if exhausted > 0 {
+        let range = snat_ports.effective();
+        warn!(
+            "SNAT ports exhausted: {exhausted} new flows to backends on other nodes dropped (no free port in {}-{}); collecting conntrack now",
+            range.min, range.max
+        );
+    }
+    if failed > 0 {
+        warn!("conntrack full: {failed} new flows could not be tracked; collecting conntrack now");
+    }
+    exhausted > 0 || failed > 0
+}
+
+/// The datapath's pressure signals, read once a second.
+pub type PressureSource = Box<dyn FnMut() -> Option<Pressure> + Send>;
+
+/// The running collector: send it the syncs' changes.
+pub struct CollectorHandle {
+    changes: mpsc::Sender<FlowChanges>,
+}
+
+impl CollectorHandle {
+    /// Has the collector follow `changes` at once (one walk for all the
+    /// changes sent since its last walk). Never blocks.
+    pub fn follow(&self, changes: &FlowChanges) {
+        if !changes.is_empty() {
+            // A stopped collector has nothing left to follow.
+            let _ = self.changes.send(changes.clone());
+        }
+    }
+}
+
+/// Starts the collector over `table` on its own thread; its news go to
+/// `news`. `pressure` reads the datapath's counters. The thread ends when
+/// the handle is dropped.
+pub fn spawn<T: ConntrackTable + Send + 'static>(
+    table: T,
+    settings: CollectorSettings,
+    mut pressure: PressureSource,
+    metrics: Option<Arc<Metrics>>,
+    news: tokio::sync::mpsc::UnboundedSender<CollectorNews>,
+) -> std::io::Result<CollectorHandle> {
+    let (sender, changes) = mpsc::channel::<FlowChanges>();
+    let mut collector = Collector::new(table, settings, metrics);
+    std::thread::Builder::new()
+        .name("conntrack-gc".into())
+        .spawn(move || {
+            /// How often the datapath's counters are read.
+            const PRESSURE_POLL: Duration = Duration::from_secs(1);
+            let mut last_pressure = pressure();
+            let mut last_pass = Instant::now();
+            let mut next_pass = last_pass + collector.pacer().interval();
+            loop {
+                let wait = next_pass
+                    .saturating_duration_since(Instant::now())
+                    .min(PRESSURE_POLL);
+                match changes.recv_timeout(wait) {
+                    Ok(first) => {
+                        let mut all = first;
+                        while let Ok(more) = changes.try_recv() {
+                            all.merge(more);
+                        }
+                        collector.follow(&all, monotonic_seconds());
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                let now_pressure = pressure();
+                if let (Some(before), Some(now)) = (last_pressure, now_pressure)
+                    && pressure_rose(&before, &now, &settings.snat_ports)
+                {
+                    next_pass = next_pass.min(last_pass + collector.pacer().min());
+                }
+                last_pressure = now_pressure.or(last_pressure);
+                if Instant::now() >= next_pass {
+                    let (news_now, interval) = collector.pass(monotonic_seconds());
+                    for item in news_now {
+                        let _ = news.send(item);
+                    }
+                    last_pass = Instant::now();
+                    next_pass = last_pass + interval;
+                }
+            }
+        })?;
+    Ok(CollectorHandle { changes: sender })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::conntrack::MemoryConntrack;
+    use service_common::{
+        CT_DIR_FORWARD, CT_DIR_REPLY, ConntrackKey, ConntrackTimeouts, ConntrackValue, PROTO_UDP,
+        RevNatValue, map_addr_v4,
+    };
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn passes_come_sooner_when_they_free_much_and_later_when_they_free_little() {
+        let mut pacer = Pacer::new(SECOND, 300 * SECOND);
+        assert_eq!(pacer.interval(), 10 * SECOND);
+        // Half the map freed: a quarter of the interval (at most that much
+        // shorter at once).
+        assert_eq!(pacer.after_pass(500, 1000), 2500 * Duration::from_millis(1));
+        // 10% freed: twice the target, half the interval.
+        assert_eq!(pacer.after_pass(100, 1000), 1250 * Duration::from_millis(1));
+        // Never below the minimum.
+        assert_eq!(pacer.after_pass(1000, 1000), SECOND);
+        // About the target: unchanged.
+        assert_eq!(pacer.after_pass(30, 1000), SECOND);
+        // Little freed: half as long again each time, up to the maximum.
+        assert_eq!(pacer.after_pass(0, 1000), 1500 * Duration::from_millis(1));
+        for _ in 0..30 {
+            pacer.after_pass(1, 1000);
+        }
+        assert_eq!(pacer.interval(), 300 * SECOND);
+        // Bounds given the wrong way round still bound.
+        let short = Pacer::new(SECOND, Duration::ZERO);
+        assert_eq!(short.interval(), SECOND);
+    }
+
+    fn settings() -> CollectorSettings {
+        CollectorSettings {
+            rules: FlowRules {
+                timeouts: ConntrackTimeouts {
+                    tcp_close: 3,
+                    udp: 10,
+                    ..ConntrackTimeouts::DEFAULT
+                },
+                snat_addr: map_addr_v4([10, 0, 0, 1]),
+            },
+            snat_ports: SnatPortRange::DEFAULT,
+            min_interval: SECOND,
+            max_interval: 60 * SECOND,
+        }
+    }
+
+    /// A table holding one UDP flow per rev-NAT id in `ids` (all but
+    /// `deleted` with a frontend), last seen at 1000.
+    fn table(ids: &[RevNatId], deleted: &[RevNatId]) -> MemoryConntrack {
+        let mut table = MemoryConntrack::new(100, 4);
+        for &id in ids {
+            let frontend = [10, 96, 0, id as u8];
+            let master = ConntrackKey::v4(
+                [10, 1, 0, 2],
+                40000u16.to_be(),
+                frontend,
+                53u16.to_be(),
+                PROTO_UDP,
+                CT_DIR_FORWARD,
+            );
+            let value =
+                ConntrackValue::new(map_addr_v4([10, 200, 0, 2]), 5353u16.to_be(), 1, id, 1000);
+            let reply = ConntrackKey::v4(
+                [10, 200, 0, 2],
+                5353u16.to_be(),
+                [10, 1, 0, 2],
+                40000u16.to_be(),
+                PROTO_UDP,
+                CT_DIR_REPLY,
+            );
+            table.entries.insert(master, value);
+            table.entries.insert(
+                reply,
+                ConntrackValue::new(master.daddr, master.dport, 1, id, 1000),
+            );
+            if !deleted.contains(&id) {
+                table.frontends.insert(
+                    id,
+                    RevNatValue {
+                        addr: master.daddr,
+                        port: master.dport,
+                        family: master.family,
+                        _pad: 0,
+                    },
+                );
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn pressure_is_a_counter_that_moved() {
+        let before = Pressure {
+            snat_ports_exhausted: 4,
+            conntrack_insert_failed: 1,
+        };
+        let range = SnatPortRange::DEFAULT;
+        assert!(!pressure_rose(&before, &before, &range));
+        for now in [
+            Pressure {
+                snat_ports_exhausted: 5,
+                ..before
+            },
+            Pressure {
+                conntrack_insert_failed: 2,
+                ..before
+            },
+        ] {
+            assert!(pressure_rose(&before, &now, &range));
+        }
+        // A counter that went back (the map recreated) is no pressure.
+        assert!(!pressure_rose(&before, &Pressure::default(), &range));
+    }
+
+    #[test]
+    fn a_deleted_frontend_s_id_is_drained_once_its_dead_flows_are_gone() {
+        let mut collector = Collector::new(table(&[1, 2], &[1]), settings(), None);
+        collector.follow(
+            &FlowChanges {
+                rev_nat_ids_released: [1, 3].into(),
+                ..FlowChanges::default()
+            },
+            1001,
+        );
+        // Id 3 named nothing: drained by the first pass; id 1's flow is
+        // dead but within the close timeout.
+        let (news, _) = collector.pass(1002);
+        assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![3])]);
+        let (news, _) = collector.pass(1005);
+        assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![1])]);
+        assert_eq!(collector.table().entries.len(), 2);
+        assert_eq!(collector.pass(1006).0, []);
+    }
+
+    #[test]
+    fn ids_only_leftover_flows_name_are_reported_in_use_then_drained() {
+        // A restarted agent: frontend 5 went while no agent ran.
+        let mut collector = Collector::new(table(&[1, 5], &[5]), settings(), None);
+        let (news, _) = collector.pass(1001);
+        assert_eq!(news, [CollectorNews::RevNatIdsInUse(vec![5])]);
+        let (news, _) = collector.pass(1005);
+        assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![5])]);
+    }
+}

@@ -1,0 +1,631 @@
+//! Services, EndpointSlices and Nodes as the sources read them: partial
+//! types with only the fields the agent uses (everything else, managed
+//! fields included, is skipped while parsing, never allocated), and their
+//! conversion into the compact records the agent keeps. Both sources go
+//! through these types, so they read objects the same way.
+
+use std::{borrow::Cow, net::IpAddr};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::core::{ClusterResourceScope, NamespaceResourceScope};
+use serde::{Deserialize, Deserializer};
+
+use crate::reconcile::{
+    cluster::ObjectName,
+    records::{
+        AddressType, EndpointRecord, NodeRecord, PortProtocol, ServicePortRecord, ServiceRecord,
+        ServiceType, SlicePortRecord, SliceRecord,
+    },
+};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// EndpointSlice annotation with the time of the change that triggered it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// The metadata fields the agent reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct LeanMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+    deletion_timestamp: Option<Time>,
+}
+
+/// Deserializes `metadata` keeping only the fields the agent reads (and of
+/// the labels and annotations, only the ones it reads).
+fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let meta = Option::<LeanMeta>::deserialize(deserializer)?.unwrap_or_default();
+    let keep = |map: Option<std::collections::BTreeMap<String, String>>, key: &str| {
+        map.and_then(|mut map| map.remove_entry(key))
+            .map(|entry| [entry].into())
+    };
+    Ok(ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        resource_version: meta.resource_version,
+        labels: keep(meta.labels, SERVICE_NAME_LABEL),
+        annotations: keep(meta.annotations, TRIGGER_TIME_ANNOTATION),
+        deletion_timestamp: meta.deletion_timestamp,
+        ..ObjectMeta::default()
+    })
+}
+
+/// Deserializes a list that may be `null`.
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// `kube::Resource` for a partial type of a built-in kind.
+macro_rules! built_in_resource {
+    ($type:ty, $kind:literal, $group:literal, $version:literal, $plural:literal, $scope:ty) => {
+        impl kube::Resource for $type {
+            type DynamicType = ();
+            type Scope = $scope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($kind)
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($group)
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($version)
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($plural)
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+/// A `v1` Service, as far as the agent reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ServiceObject {
+    /// `metadata`: name, namespace, resourceVersion.
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    pub spec: Option<ServiceSpec>,
+    /// `status`.
+    pub status: Option<ServiceStatus>,
+}
+built_in_resource!(
+    ServiceObject,
+    "Service",
+    "",
+    "v1",
+    "services",
+    NamespaceResourceScope
+);
+
+/// `spec` of a Service.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// `type`.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    /// `clusterIP`.
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    /// `clusterIPs`.
+    #[serde(rename = "clusterIPs", deserialize_with = "nullable")]
+    pub cluster_ips: Vec<String>,
+    /// `ports`.
+    #[serde(deserialize_with = "nullable")]
+    pub ports: Vec<ServicePort>,
+    /// `externalIPs`.
+    #[serde(rename = "externalIPs", deserialize_with = "nullable")]
+    pub external_ips: Vec<String>,
+}
+
+/// A port of a Service.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// `name`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `protocol`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// `port` (required).
+    pub port: i32,
+    /// `nodePort`.
+    #[serde(default)]
+    pub node_port: Option<i32>,
+}
+
+/// `status` of a Service.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// `loadBalancer`.
+    pub load_balancer: Option<LoadBalancerStatus>,
+}
+
+/// `status.loadBalancer` of a Service.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct LoadBalancerStatus {
+    /// `ingress`.
+    #[serde(deserialize_with = "nullable")]
+    pub ingress: Vec<LoadBalancerIngress>,
+}
+
+/// One `status.loadBalancer.ingress` entry.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct LoadBalancerIngress {
+    /// `ip`.
+    pub ip: Option<String>,
+    /// `ipMode` (`VIP` or `Proxy`).
+    pub ip_mode: Option<String>,
+}
+
+/// A `discovery.k8s.io/v1` EndpointSlice, as far as the agent reads it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceObject {
+    /// `metadata`: name, namespace, resourceVersion, the Service label,
+    /// the trigger-time annotation.
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    /// `addressType` (required).
+    pub address_type: String,
+    /// `endpoints`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub endpoints: Vec<Endpoint>,
+    /// `ports`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<SlicePort>,
+}
+built_in_resource!(
+    SliceObject,
+    "EndpointSlice",
+    "discovery.k8s.io",
+    "v1",
+    "endpointslices",
+    NamespaceResourceScope
+);
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// `addresses` (required).
+    pub addresses: Vec<String>,
+    /// `conditions`.
+    #[serde(default)]
+    pub conditions: Option<EndpointConditions>,
+    /// `nodeName`.
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+/// `conditions` of an endpoint.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct EndpointConditions {
+    /// `ready`.
+    pub ready: Option<bool>,
+    /// `serving`.
+    pub serving: Option<bool>,
+    /// `terminating`.
+    pub terminating: Option<bool>,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SlicePort {
+    /// `name`.
+    pub name: Option<String>,
+    /// `protocol`.
+    pub protocol: Option<String>,
+    /// `port`.
+    pub port: Option<i32>,
+}
+
+/// A `v1` Node, as far as the agent reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NodeObject {
+    /// `metadata`: name, resourceVersion, deletionTimestamp.
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    #[serde(default)]
+    pub spec: Option<NodeSpec>,
+}
+built_in_resource!(NodeObject, "Node", "", "v1", "nodes", ClusterResourceScope);
+
+/// `spec` of a Node.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NodeSpec {
+    /// `taints`.
+    #[serde(deserialize_with = "nullable")]
+    pub taints: Vec<Taint>,
+}
+
+/// A taint of a Node.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Taint {
+    /// `key`.
+    pub key: String,
+}
+
+/// A document of a YAML file of objects: any kind, read in one pass with
+/// the fields of every kind the agent takes (other kinds' fields are
+/// skipped), then told apart by [`AnyObject::into_typed`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AnyObject {
+    /// `kind`.
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "lean_meta")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<ServiceSpec>,
+    #[serde(default)]
+    status: Option<ServiceStatus>,
+    #[serde(default)]
+    address_type: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    endpoints: Vec<Endpoint>,
+    #[serde(default, deserialize_with = "nullable")]
+    ports: Vec<SlicePort>,
+    /// `items` of a `List`.
+    #[serde(default, deserialize_with = "nullable")]
+    items: Vec<AnyObject>,
+}
+
+/// An [`AnyObject`] told apart by its kind.
+#[derive(Debug)]
+pub enum TypedObject {
+    /// A Service.
+    Service(ServiceObject),
+    /// An EndpointSlice.
+    EndpointSlice(SliceObject),
+    /// A `List` (also `ServiceList`, `EndpointSliceList`) and its items.
+    List(Vec<AnyObject>),
+    /// Another kind, ignored.
+    Other,
+}
+
+impl AnyObject {
+    /// The object by kind; an error for an EndpointSlice without
+    /// `addressType`.
+    pub fn into_typed(self) -> Result<TypedObject, String> {
+        Ok(match self.kind.as_deref().unwrap_or("") {
+            "Service" => TypedObject::Service(ServiceObject {
+                metadata: self.metadata,
+                spec: self.spec,
+                status: self.status,
+            }),
+            "EndpointSlice" => TypedObject::EndpointSlice(SliceObject {
+                metadata: self.metadata,
+                address_type: self.address_type.ok_or("missing field `addressType`")?,
+                endpoints: self.endpoints,
+                ports: self.ports,
+            }),
+            "List" | "ServiceList" | "EndpointSliceList" => TypedObject::List(self.items),
+            _ => TypedObject::Other,
+        })
+    }
+
+    /// Whether `kind` is one the agent takes (so an object of it that does
+    /// not parse is reported, and other kinds are ignored).
+    pub fn is_taken_kind(kind: &str) -> bool {
+        matches!(
+            kind,
+            "Service" | "EndpointSlice" | "List" | "ServiceList" | "EndpointSliceList"
+        )
+    }
+}
+
+/// The object's `namespace/name`, the namespace defaulting to `default`.
+pub fn object_name(metadata: &ObjectMeta) -> Option<ObjectName> {
+    let name = metadata.name.as_deref().filter(|name| !name.is_empty())?;
+    Some(ObjectName::new(
+        metadata.namespace.as_deref().unwrap_or(""),
+        name,
+    ))
+}
+
+/// Parses addresses, reporting the ones that are not IP addresses.
+fn addresses<'a>(
+    texts: impl IntoIterator<Item = &'a String>,
+    what: impl Fn(&str) -> String,
+    problems: &mut Vec<String>,
+) -> Box<[IpAddr]> {
+    texts
+        .into_iter()
+        .filter(|text| !text.is_empty())
+        .filter_map(|text| match text.parse::<IpAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problems.push(what(text));
+                None
+            }
+        })
+        .collect()
+}
+
+impl ServiceObject {
+    /// The record the agent keeps; `None` without a name.
+    pub fn into_record(self) -> Option<(ObjectName, ServiceRecord)> {
+        let name = object_name(&self.metadata)?;
+        let mut problems = Vec::new();
+        let Some(spec) = self.spec else {
+            problems.push(format!("Service {name}: no spec"));
+            return Some((
+                name,
+                ServiceRecord {
+                    problems: problems.into(),
+                    ..ServiceRecord::default()
+                },
+            ));
+        };
+        let service_type = ServiceType::parse(spec.type_.as_deref()).unwrap_or_else(|| {
+            problems.push(format!(
+                "Service {name}: type {:?} is not known, served as ClusterIP",
+                spec.type_.as_deref().unwrap_or("")
+            ));
+            ServiceType::ClusterIp
+        });
+        let cluster_ips: Vec<&String> = if spec.cluster_ips.is_empty() {
+            spec.cluster_ip.iter().collect()
+        } else {
+            spec.cluster_ips.iter().collect()
+        };
+        let headless = cluster_ips.iter().any(|ip| *ip == "None");
+        let cluster_ips = if headless {
+            Box::default()
+        } else {
+            addresses(
+                cluster_ips,
+                |ip| format!("Service {name}: invalid clusterIP {ip:?}"),
+                &mut problems,
+            )
+        };
+        let ports = spec
+            .ports
+            .into_iter()
+            .map(|port| ServicePortRecord {
+                name: port.name.unwrap_or_default().into(),
+                protocol: PortProtocol::parse(port.protocol.as_deref()),
+                port: port.port,
+                node_port: port.node_port,
+            })
+            .collect();
+        let ingress = self
+            .status
+            .and_then(|status| status.load_balancer)
+            .map(|lb| lb.ingress)
+            .unwrap_or_default();
+        // `ipMode: Proxy`: the load balancer proxies, traffic arrives for
+        // the node, not for the LoadBalancer IP.
+        let load_balancer_ips = addresses(
+            ingress
+                .iter()
+                .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|ingress| ingress.ip.as_ref()),
+            |ip| format!("Service {name}: LoadBalancer ingress IP {ip:?} is not an IP address"),
+            &mut problems,
+        );
+        let external_ips = addresses(
+            &spec.external_ips,
+            |ip| format!("Service {name}: externalIP {ip:?} is not an IP address"),
+            &mut problems,
+        );
+        Some((
+            name,
+            ServiceRecord {
+                service_type,
+                headless,
+                cluster_ips,
+                ports,
+                load_balancer_ips,
+                external_ips,
+                problems: problems.into(),
+            },
+        ))
+    }
+}
+
+impl SliceObject {
+    /// The record the agent keeps; `None` without a name. Endpoints whose
+    /// `nodeName` is `this_node` are node-local.
+    pub fn into_record(self, this_node: Option<&str>) -> Option<(ObjectName, SliceRecord)> {
+        let name = object_name(&self.metadata)?;
+        let mut problems = Vec::new();
+        let service = self
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+            .map(|service| ObjectName::new(name.namespace(), service));
+        let owner = service
+            .as_ref()
+            .map_or_else(|| "no Service".to_owned(), ToString::to_string);
+        let address_type = match self.address_type.as_str() {
+            "IPv4" => AddressType::Ipv4,
+            "IPv6" => AddressType::Ipv6,
+            _ => AddressType::Other,
+        };
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        if address_type != AddressType::Other {
+            for endpoint in &self.endpoints {
+                let conditions = endpoint.conditions.clone().unwrap_or_default();
+                let ready = conditions.ready.unwrap_or(true);
+                let serving = conditions.serving.unwrap_or(ready);
+                let terminating = conditions.terminating.unwrap_or(false);
+                let node_local = this_node.is_some() && endpoint.node_name.as_deref() == this_node;
+                for addr in addresses(
+                    &endpoint.addresses,
+                    |addr| {
+                        format!(
+                            "EndpointSlice {} of {owner}: invalid address {addr:?}",
+                            name.name()
+                        )
+                    },
+                    &mut problems,
+                ) {
+                    if (address_type == AddressType::Ipv4) != addr.is_ipv4() {
+                        problems.push(format!(
+                            "EndpointSlice {} of {owner}: address {addr} is not of its addressType {}",
+                            name.name(),
+                            self.address_type
+                        ));
+                        continue;
+                    }
+                    endpoints.push(EndpointRecord {
+                        addr,
+                        ready,
+                        serving,
+                        terminating,
+                        node_local,
+                    });
+                }
+            }
+        }
+        let trigger_time = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|time| time.parse().ok());
+        let ports = self
+            .ports
+            .into_iter()
+            .map(|port| SlicePortRecord {
+                name: port.name.unwrap_or_default().into(),
+                protocol: PortProtocol::parse(port.protocol.as_deref()),
+                port: port.port,
+            })
+            .collect();
+        Some((
+            name,
+            SliceRecord {
+                service,
+                address_type,
+                ports,
+                endpoints: endpoints.into(),
+                trigger_time,
+                problems: problems.into(),
+            },
+        ))
+    }
+}
+
+impl NodeObject {
+    /// The record the agent keeps; `None` without a name.
+    pub fn into_record(self) -> Option<(ObjectName, NodeRecord)> {
+        let name = object_name(&self.metadata)?;
+        let tainted = self
+            .spec
+            .iter()
+            .flat_map(|spec| &spec.taints)
+            .any(|taint| taint.key == TO_BE_DELETED_TAINT);
+        Some((
+            name,
+            NodeRecord {
+                being_deleted: tainted || self.metadata.deletion_timestamp.is_some(),
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_fields_used_are_kept_and_addresses_are_parsed() {
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop", "resourceVersion": "7",
+                "labels": {"app": "web"}, "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "SCTP"}],
+                "externalIPs": ["10.99.0.5", "nope"], "selector": {"app": "web"}},
+            "status": {"loadBalancer": {"ingress": [{"ip": "10.99.0.1"},
+                {"ip": "10.99.0.2", "ipMode": "Proxy"}, {"hostname": "lb.example.org"}]}}
+        }))
+        .unwrap();
+        assert_eq!(service.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(service.metadata.labels, None);
+        let (name, record) = service.into_record().unwrap();
+        assert_eq!(name.to_string(), "shop/web");
+        assert_eq!(record.service_type, ServiceType::LoadBalancer);
+        assert_eq!(&*record.cluster_ips, [IpAddr::from([10, 96, 0, 10])]);
+        assert_eq!(&*record.load_balancer_ips, [IpAddr::from([10, 99, 0, 1])]);
+        assert_eq!(&*record.external_ips, [IpAddr::from([10, 99, 0, 5])]);
+        assert_eq!(
+            record.ports[0].protocol,
+            PortProtocol::Unsupported("SCTP".into())
+        );
+        assert_eq!(record.problems.len(), 1, "{:?}", record.problems);
+        assert!(record.problems[0].contains("\"nope\""));
+    }
+
+    #[test]
+    fn slice_endpoints_get_the_api_defaults_and_know_this_node() {
+        let slice: SliceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "web", "other": "x"},
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2024-01-02T03:04:05Z"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.1.1.2"], "nodeName": "node-a"},
+                {"addresses": ["10.1.1.3", "bad"], "conditions": {"ready": false, "terminating": true}}
+            ],
+            "ports": null
+        }))
+        .unwrap();
+        let (_, record) = slice.into_record(Some("node-a")).unwrap();
+        assert_eq!(record.service.unwrap().to_string(), "shop/web");
+        assert!(record.trigger_time.is_some());
+        assert_eq!(record.endpoints.len(), 2);
+        let local = record.endpoints[0];
+        assert!(local.ready && local.serving && !local.terminating && local.node_local);
+        let other = record.endpoints[1];
+        assert!(!other.ready && !other.serving && other.terminating && !other.node_local);
+        assert_eq!(record.problems.len(), 1);
+    }
+
+    #[test]
+    fn a_node_is_being_deleted_with_a_deletion_timestamp_or_the_autoscaler_taint() {
+        let node = |value| -> NodeRecord {
+            serde_json::from_value::<NodeObject>(value)
+                .unwrap()
+                .into_record()
+                .unwrap()
+                .1
+        };
+        let plain = serde_json::json!({"metadata": {"name": "a"}, "spec": {"taints": null}});
+        assert!(!node(plain).being_deleted);
+        let deleting = serde_json::json!({"metadata": {"name": "a", "deletionTimestamp": "2024-01-02T03:04:05Z"}});
+        assert!(node(deleting).being_deleted);
+        let tainted = serde_json::json!({"metadata": {"name": "a"},
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}});
+        assert!(node(tainted).being_deleted);
+    }
+}

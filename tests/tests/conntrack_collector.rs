@@ -1,0 +1,185 @@
+//! The conntrack collector against the kernel's own map: the real eBPF
+//! object loaded with its maps pinned, conntrack filled with more flows
+//! than one batch read holds, then the agent's collector pass and reap walk
+//! run through the pinned maps (batched reads and deletes, replacements of
+//! existing entries only), and the map read back. Also the id allocators'
+//! position, kept in its pinned array across a reload of the object.
+
+use std::net::Ipv4Addr;
+
+use service_agent::{
+    datapath::{
+        self,
+        conntrack::{ConntrackMap, SCAN_BATCH, monotonic_seconds},
+        id_cursors::IdCursorMap,
+    },
+    reconcile::flows::{DeleteReason, FlowChanges, FlowRules, collect, reap},
+};
+use service_common::{
+    CT_DIR_FORWARD, ConntrackKey, ConntrackTimeouts, ConntrackValue, IdCursors, PROTO_UDP,
+    map_addr_v4, reply_key,
+};
+use service_tests::{datapath_fixture::Datapath, pins::PinDir, require_root};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
+const TIMEOUTS: ConntrackTimeouts = ConntrackTimeouts {
+    tcp_syn: 5,
+    tcp_established: 60,
+    tcp_fin: 10,
+    tcp_close: 2,
+    udp: 10,
+    udp_stream: 20,
+};
+
+/// Writes `count` UDP flows from client ports `first_port..` to the
+/// frontend `rev_nat_id` (VIP:53) and `backend_id` (BACKEND:5353), last
+/// seen at `last_seen`, as the datapath writes them (master and reply).
+fn add_flows(
+    datapath: &mut Datapath,
+    first_port: u16,
+    count: u16,
+    rev_nat_id: u32,
+    backend_id: u32,
+    last_seen: u32,
+) {
+    for port in first_port..first_port + count {
+        let master = ConntrackKey::v4(
+            [10, 1, (port >> 8) as u8, port as u8],
+            port.to_be(),
+            VIP.octets(),
+            53u16.to_be(),
+            PROTO_UDP,
+            CT_DIR_FORWARD,
+        );
+        let value = ConntrackValue::new(
+            map_addr_v4(BACKEND.octets()),
+            5353u16.to_be(),
+            backend_id,
+            rev_nat_id,
+            last_seen,
+        );
+        let reply = ConntrackValue::new(
+            master.daddr,
+            master.dport,
+            backend_id,
+            rev_nat_id,
+            last_seen,
+        );
+        datapath
+            .conntrack
+            .insert(reply_key(&master, &value), reply, 0)
+            .expect("reply entry");
+        datapath
+            .conntrack
+            .insert(master, value, 0)
+            .expect("master entry");
+    }
+}
+
+/// The entries of the conntrack map.
+fn entries(datapath: &Datapath) -> Vec<(ConntrackKey, ConntrackValue)> {
+    datapath
+        .conntrack
+        .iter()
+        .map(|entry| entry.expect("reading conntrack"))
+        .collect()
+}
+
+#[test]
+fn the_collector_walks_the_kernel_map_in_batches_and_frees_what_expired() {
+    require_root!();
+    let mut datapath = Datapath::load();
+    datapath.set_service(VIP, 53, PROTO_UDP, &[(BACKEND, 5353)]);
+    let rev_nat_id = datapath
+        .desired
+        .maps()
+        .frontends
+        .values()
+        .find(|v| v.rev_nat_id != 0)
+        .expect("the frontend")
+        .rev_nat_id;
+    let backend_id = *datapath.desired.maps().backends.keys().next().unwrap();
+    let now = monotonic_seconds();
+    // More flows than a batch read holds, half idle past the UDP timeout.
+    let flows = SCAN_BATCH as u16 * 2;
+    add_flows(
+        &mut datapath,
+        10_000,
+        flows,
+        rev_nat_id,
+        backend_id,
+        now - 100,
+    );
+    add_flows(&mut datapath, 30_000, flows, rev_nat_id, backend_id, now);
+    let mut table = ConntrackMap::open(datapath.pin.path()).expect("opening the pinned maps");
+    let rules = FlowRules {
+        timeouts: TIMEOUTS,
+        snat_addr: map_addr_v4([10, 0, 0, 1]),
+    };
+
+    let report = collect(&mut table, &rules, now).expect("a pass");
+    let live = usize::from(flows) * 2;
+    assert_eq!(
+        report.deleted[&DeleteReason::Expired],
+        live as u64,
+        "{report:?}"
+    );
+    assert_eq!(report.remaining, live as u64);
+    let left = entries(&datapath);
+    assert_eq!(left.len(), live);
+    assert!(left.iter().all(|(_, v)| v.last_seen == now));
+
+    // The frontend is deleted: its flows are marked dead at once, in the
+    // kernel map, and leave after the close timeout.
+    let changes = FlowChanges {
+        rev_nat_ids_released: [rev_nat_id].into(),
+        ..FlowChanges::default()
+    };
+    let report = reap(&mut table, &changes, now).expect("a reap walk");
+    assert_eq!(report.marked_dead, live as u64);
+    assert!(entries(&datapath).iter().all(|(_, v)| v.is_dead()));
+    let report = collect(&mut table, &rules, now + TIMEOUTS.tcp_close + 1).expect("a pass");
+    assert_eq!(report.deleted[&DeleteReason::Dead], live as u64);
+    assert!(entries(&datapath).is_empty());
+}
+
+#[test]
+fn udp_flows_of_a_backend_that_left_are_reaped_from_the_kernel_map() {
+    require_root!();
+    let mut datapath = Datapath::load();
+    datapath.set_service(VIP, 53, PROTO_UDP, &[(BACKEND, 5353)]);
+    let now = monotonic_seconds();
+    add_flows(&mut datapath, 10_000, 3000, 1, 7, now);
+    add_flows(&mut datapath, 20_000, 3000, 1, 8, now);
+    let mut table = ConntrackMap::open(datapath.pin.path()).expect("opening the pinned maps");
+    let changes = FlowChanges {
+        backends_deleted: [7].into(),
+        ..FlowChanges::default()
+    };
+    let report = reap(&mut table, &changes, now).expect("a reap walk");
+    assert_eq!(report.deleted[&DeleteReason::Reaped], 6000);
+    let left = entries(&datapath);
+    assert_eq!(left.len(), 6000);
+    assert!(left.iter().all(|(_, v)| v.backend_id == 8));
+}
+
+#[test]
+fn the_id_allocators_position_outlives_the_agent_in_its_pinned_array() {
+    require_root!();
+    let pin = PinDir::new("cursors").expect("pin folder");
+    let cursors = IdCursors {
+        next_rev_nat_id: 4242,
+        next_backend_id: 77,
+    };
+    {
+        let mut ebpf = datapath::load(pin.path()).expect("loading the object");
+        let mut map = IdCursorMap::take_from(&mut ebpf).expect("the cursor array");
+        assert_eq!(map.load(), IdCursors::default(), "a fresh array");
+        map.store(&cursors).expect("storing");
+    }
+    // A new agent loads the object again and adopts the pinned array.
+    let mut ebpf = datapath::load(pin.path()).expect("loading the object again");
+    let map = IdCursorMap::take_from(&mut ebpf).expect("the cursor array");
+    assert_eq!(map.load(), cursors);
+}
