@@ -192,13 +192,7 @@ pub const MAPS: [MapSpec; 10] = [
         false,
         TraceCopy::Nothing,
     ),
-    MapSpec::of::<u32, IdCursors>(
-        MAP_ID_CURSORS,
-        MapKind::Array,
-        1,
-        true,
-        TraceCopy::Nothing,
-    ),
+    MapSpec::of::<u32, IdCursors>(MAP_ID_CURSORS, MapKind::Array, 1, true, TraceCopy::Nothing),
 ];
 
 /// The spec of the map called `name`.
