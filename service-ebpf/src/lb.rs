@@ -23,11 +23,20 @@
 //! flow: one address comparison per packet in each direction (the backend
 //! against the source; the destination against the hairpin address).
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map calls take keys and values by reference: the BPF target then \
+              copies no key or value into another stack slot"
+)]
+
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
-    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, DatapathCounter, FRONTEND_FLAGS_EXTERNAL, FrontendKey,
-    FrontendValue, HAIRPIN_IPV4, RevNatId, map_addr_v4_octets,
+    AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
+    BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FRONTEND_FLAG_AFFINITY,
+    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK,
+    FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue, HAIRPIN_IPV4, RevNatId,
+    SOURCE_RANGE_ID_BITS, SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::{
@@ -35,7 +44,9 @@ use crate::{
         SnatPort, Tracked, Used, allocate_snat_port, conntrack_key, lookup_master, now_seconds,
         record_snat, take_over_snat_port, track, use_entry,
     },
-    maps::{BACKENDS, FRONTENDS, account_frontend, config, count},
+    maps::{
+        AFFINITY, BACKENDS, BPF_ANY, FRONTENDS, SOURCE_RANGES, account_frontend, config, count,
+    },
     nat::{Rewriter, Side},
     packet::{Fragment, Ipv4Flow, Packet},
     verdict::Outcome,
@@ -47,8 +58,22 @@ pub enum Origin {
     /// From a pod (TC ingress on its host-side device): every frontend kind.
     Pod,
     /// From the network (XDP or TC on an external device): only NodePort,
-    /// LoadBalancer and externalIP frontends; remote backends are SNATed.
+    /// LoadBalancer and externalIP frontends; remote backends are SNATed
+    /// (except for `externalTrafficPolicy: Local` frontends, which never
+    /// use them).
     Network,
+}
+
+impl Origin {
+    /// The `CT_FLAG_*` bit every conntrack entry of a flow of this origin
+    /// carries.
+    #[inline(always)]
+    pub const fn conntrack_flag(self) -> u16 {
+        match self {
+            Origin::Pod => 0,
+            Origin::Network => service_common::CT_FLAG_FROM_NETWORK,
+        }
+    }
 }
 
 /// The backend a flow is (or will be) translated to. Aligned so its
@@ -156,12 +181,19 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
     let Some(config) = config() else {
         return Outcome::Untouched;
     };
-    let tracked = lookup_master(&ct_key, flow, now, &config.timeouts);
+    let tracked = lookup_master(&ct_key, flow, now, &config.timeouts, origin);
     let (target, new_flow) = match tracked {
         Tracked::Flow(target) => (target, false),
+        // A packet carrying the tuple of a live flow of the other origin
+        // (a pod's flow, seen from the network, or the other way round)
+        // neither gets that flow's translation nor replaces it.
+        Tracked::Foreign => {
+            count(DatapathCounter::DropOriginMismatch);
+            return Outcome::Dropped;
+        }
         // A later fragment follows its flow, it never starts one.
         _ if flow.fragment == Fragment::Later => return Outcome::Untouched,
-        _ => match new_flow_target(flow, origin) {
+        _ => match new_flow_target(flow, origin, now) {
             Lookup::NotAFrontend if tracked == Tracked::Dead => {
                 count(DatapathCounter::DeadFlowDropped);
                 return Outcome::Dropped;
@@ -202,7 +234,8 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
     // Hairpin, decided afresh for every packet of the flow (new or tracked):
     // the only cost it adds to other flows is this comparison.
     let hairpin = origin == Origin::Pod && target.addr == flow.saddr;
-    if new_flow && !track(flow, &ct_key, &target, hairpin, now) {
+    let flags = if hairpin { CT_FLAG_HAIRPIN } else { 0 } | origin.conntrack_flag();
+    if new_flow && !track(flow, &ct_key, &target, flags, now) {
         count(DatapathCounter::ConntrackInsertFailed);
     }
     if ctx
@@ -265,18 +298,36 @@ pub enum Lookup {
     Backend(Target),
 }
 
-/// Looks the destination up among the frontends and picks a random backend.
+/// Looks the destination up among the frontends and picks a backend for
+/// the packet's source as client.
 #[inline(always)]
-fn new_flow_target(flow: &Ipv4Flow, origin: Origin) -> Lookup {
-    select_backend(flow.daddr, flow.dport, flow.proto, origin)
+fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32) -> Lookup {
+    select_backend(flow.daddr, flow.dport, flow.proto, origin, flow.saddr, now)
 }
 
 /// Looks `daddr:dport` (network byte order) for `proto` up among the
-/// frontends (scope [`service_common::SCOPE_ALL`]) and picks a random backend: the choice
-/// every new flow gets, from the packet hooks and from the socket hooks
-/// (`sock`) alike.
+/// frontends (scope [`service_common::SCOPE_ALL`]) and picks a backend for
+/// a new flow of `client` (network byte order) at `now`: the choice every
+/// new flow gets, from the packet hooks and from the socket hooks (`sock`)
+/// alike. In order:
+/// - a frontend with `loadBalancerSourceRanges` admits only clients inside
+///   them ([`source_allowed`]);
+/// - a frontend without backends is [`Lookup::NoBackend`];
+/// - with session affinity, the client's affinity entry names the backend
+///   while it is fresh and that backend still takes new flows
+///   ([`affinity_target`]); otherwise a random slot's backend is taken
+///   (and, with affinity, recorded for the client);
+/// - from the network, an `externalTrafficPolicy: Local` frontend drops
+///   rather than use a backend on another node.
 #[inline(always)]
-pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> Lookup {
+pub fn select_backend(
+    daddr: [u8; 4],
+    dport: u16,
+    proto: u8,
+    origin: Origin,
+    client: [u8; 4],
+    now: u32,
+) -> Lookup {
     let header_key = FrontendKey::v4(daddr, dport, proto);
     // SAFETY: the header is copied out at once.
     let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
@@ -285,9 +336,39 @@ pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> 
     if origin == Origin::Network && header.flags & FRONTEND_FLAGS_EXTERNAL == 0 {
         return Lookup::NotAFrontend;
     }
+    if header.flags & FRONTEND_FLAG_SOURCE_RANGES != 0 && !source_allowed(&header, client) {
+        return Lookup::Drop(DatapathCounter::DropSourceRange);
+    }
     if header.count == 0 {
         return Lookup::NoBackend;
     }
+    let affinity = header.flags & FRONTEND_FLAG_AFFINITY != 0;
+    let chosen = match affinity_target(&header, affinity, client, now) {
+        Some(target) => Lookup::Backend(target),
+        None => {
+            let chosen = random_target(&header_key, &header);
+            if affinity && let Lookup::Backend(target) = &chosen {
+                record_affinity(client, target, now);
+            }
+            chosen
+        }
+    };
+    match chosen {
+        Lookup::Backend(target)
+            if origin == Origin::Network
+                && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0
+                && !target.node_local =>
+        {
+            Lookup::Drop(DatapathCounter::DropExternalLocal)
+        }
+        chosen => chosen,
+    }
+}
+
+/// A random backend slot of the frontend `header_key`/`header` (whose
+/// count is not 0), resolved.
+#[inline(always)]
+fn random_target(header_key: &FrontendKey, header: &FrontendValue) -> Lookup {
     // SAFETY: the helper has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot_key = header_key.with_slot((random % u32::from(header.count)) as u16 + 1);
@@ -295,7 +376,87 @@ pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> 
     let Some(slot) = (unsafe { FRONTENDS.get(slot_key) }).copied() else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
-    backend_target(&header, &slot)
+    backend_target(header, &slot)
+}
+
+/// Whether `client` (network byte order) lies inside one of the
+/// `loadBalancerSourceRanges` of the frontend `header`: one longest-prefix
+/// lookup of the client's full address under the frontend's rev-NAT id.
+#[inline(always)]
+fn source_allowed(header: &FrontendValue, client: [u8; 4]) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_ID_BITS + 32,
+        SourceRangePrefix::v4(header.rev_nat_id, client),
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// With affinity on (`affinity`), the backend `client`'s entry for the
+/// frontend `header` names, if the entry is fresh at `now` (idle for at
+/// most the frontend's timeout) and the backend is still there with the
+/// address it had when chosen and takes new flows (active, or terminating
+/// while the frontend is in the terminating fallback); the entry is
+/// refreshed. `None` otherwise: the flow is balanced afresh, and the entry
+/// rewritten. Not inlined: its own stack frame.
+#[inline(never)]
+fn affinity_target(
+    header: &FrontendValue,
+    affinity: bool,
+    client: [u8; 4],
+    now: u32,
+) -> Option<Target> {
+    if !affinity {
+        return None;
+    }
+    let key = AffinityKey::v4(client, header.rev_nat_id);
+    let entry = AFFINITY.get_ptr_mut(&key)?;
+    // SAFETY: a live map value, read in place.
+    let value = unsafe { &*entry };
+    if !value.is_fresh(now, header.affinity_timeout_secs) {
+        return None;
+    }
+    let backend = BACKENDS.get(value.backend_id).filter(|b| b.exists())?;
+    let takes_new_flows = backend.state == BACKEND_STATE_ACTIVE
+        || (backend.state == BACKEND_STATE_TERMINATING
+            && header.flags & FRONTEND_FLAG_TERMINATING_FALLBACK != 0);
+    if !takes_new_flows
+        || !map_addrs_equal(&backend.addr, &value.addr)
+        || backend.port != value.port
+    {
+        return None;
+    }
+    let target = Target {
+        addr: map_addr_v4_octets(&backend.addr),
+        port: backend.port,
+        backend_id: value.backend_id,
+        rev_nat_id: header.rev_nat_id,
+        node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
+        snat_port: 0,
+    };
+    if value.last_used != now {
+        // SAFETY: a live map value; a concurrent writer only ever writes a
+        // recent second.
+        unsafe { (*entry).last_used = now };
+    }
+    count(DatapathCounter::AffinityHit);
+    Some(target)
+}
+
+/// Records that `client` was given `target` at `now` (the entry of
+/// `client` and the target's frontend, written over any older one). Not
+/// inlined: its own stack frame.
+#[inline(never)]
+fn record_affinity(client: [u8; 4], target: &Target, now: u32) {
+    let key = AffinityKey::v4(client, target.rev_nat_id);
+    let value = AffinityValue {
+        backend_id: target.backend_id,
+        last_used: now,
+        addr: map_addr_v4(target.addr),
+        port: target.port,
+        _pad: [0; 6],
+    };
+    // A failed write (never expected of an LRU map) only costs affinity.
+    let _ = AFFINITY.insert(&key, &value, BPF_ANY);
 }
 
 /// Resolves a backend slot to the address and port to DNAT to.

@@ -5,15 +5,18 @@
 use std::net::IpAddr;
 
 use service_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
-    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
+    AFFINITY_TIMEOUT_DEFAULT_SECS, BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING,
+    BACKEND_STATE_TERMINATING, FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP,
+    FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER,
+    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
+    affinity_timeout,
 };
 
 use super::{
     cluster::{ClusterState, ObjectName},
     records::{
-        AddressType, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceType, SliceRecord,
+        AddressType, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceType,
+        SessionAffinity, SliceRecord,
     },
 };
 
@@ -46,6 +49,13 @@ pub struct DesiredFrontend {
     /// while other endpoints are ready, or listed but not serving. Sorted,
     /// without duplicates, none of them in `backends`.
     pub draining: Vec<DesiredBackend>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds (then `flags`
+    /// has `FRONTEND_FLAG_AFFINITY`); 0 when affinity is off.
+    pub affinity_timeout_secs: u32,
+    /// `loadBalancerSourceRanges` (IPv4, LoadBalancer frontends only), as
+    /// network prefixes; empty admits every client. The desired state sets
+    /// `FRONTEND_FLAG_SOURCE_RANGES` from it.
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 /// A backend of a frontend: an endpoint address with the resolved target port.
@@ -158,6 +168,7 @@ fn translate_service(
             .push((name.clone(), NotProgrammed::Headless));
         return;
     }
+    let semantics = FrontendSemantics::of(name, service, out);
     let mut addrs = Vec::new();
     for &ip in service.cluster_ips.iter() {
         match ip {
@@ -240,15 +251,94 @@ fn translate_service(
             if fallback {
                 flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
             }
-            out.frontends.push(DesiredFrontend {
+            out.frontends.push(semantics.apply(DesiredFrontend {
                 addr,
                 port,
                 proto,
                 flags,
                 backends: backends.clone(),
                 draining: draining.clone(),
-            });
+                affinity_timeout_secs: 0,
+                source_ranges: Vec::new(),
+            }));
         }
+    }
+}
+
+/// The Service fields that shape each of its frontends beyond its
+/// backends: session affinity, `externalTrafficPolicy: Local` (the
+/// datapath side: no SNAT, see [`FRONTEND_FLAG_EXTERNAL_LOCAL`]) and
+/// `loadBalancerSourceRanges`. Checked once per Service; what is invalid
+/// is reported in [`Translation::skipped`].
+struct FrontendSemantics {
+    /// `sessionAffinity: ClientIP`: the timeout in seconds; 0: off.
+    affinity_timeout_secs: u32,
+    /// `externalTrafficPolicy: Local` on a NodePort or LoadBalancer Service.
+    external_local: bool,
+    /// The valid IPv4 `loadBalancerSourceRanges`, as network prefixes.
+    source_ranges: Vec<ipnet::Ipv4Net>,
+}
+
+impl FrontendSemantics {
+    /// Reads and checks the fields of `service` (`name`), reporting what
+    /// is invalid in `out`:
+    /// - a `timeoutSeconds` outside `1..=86400` (which the API server
+    ///   refuses, so only a file can bring one) keeps affinity on with the
+    ///   default timeout, 10800 s: the Service asked for affinity, and the
+    ///   default is what the API would have given it;
+    /// - an entry of `loadBalancerSourceRanges` that is no CIDR is left
+    ///   out, as kube-proxy leaves it out (the others still apply; with no
+    ///   valid entry at all, every client is admitted, as by kube-proxy);
+    ///   IPv6 ranges do not apply to IPv4 frontends (kube-proxy sorts the
+    ///   ranges by family the same way).
+    fn of(name: &ObjectName, service: &ServiceRecord, out: &mut Translation) -> Self {
+        let affinity_timeout_secs = match service.session_affinity {
+            SessionAffinity::None => 0,
+            SessionAffinity::ClientIp { timeout_seconds } => affinity_timeout(timeout_seconds)
+                .unwrap_or_else(|invalid| {
+                    out.skipped.push(format!(
+                        "Service {name}: sessionAffinityConfig.clientIP.timeoutSeconds {invalid} \
+                         is outside 1..=86400: session affinity uses the default, \
+                         {AFFINITY_TIMEOUT_DEFAULT_SECS} s"
+                    ));
+                    AFFINITY_TIMEOUT_DEFAULT_SECS
+                }),
+        };
+        let mut source_ranges = Vec::new();
+        for range in service.load_balancer_source_ranges.iter() {
+            match range.parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(net)) => source_ranges.push(net.trunc()),
+                Ok(ipnet::IpNet::V6(_)) => {}
+                Err(_) => out.skipped.push(format!(
+                    "Service {name}: loadBalancerSourceRanges entry {range:?} is not a CIDR, ignored"
+                )),
+            }
+        }
+        source_ranges.sort_unstable();
+        source_ranges.dedup();
+        FrontendSemantics {
+            affinity_timeout_secs,
+            external_local: service.external_policy_local && service.service_type.has_node_ports(),
+            source_ranges,
+        }
+    }
+
+    /// `frontend` with the Service's affinity, with
+    /// [`FRONTEND_FLAG_EXTERNAL_LOCAL`] if it is an external frontend of an
+    /// `externalTrafficPolicy: Local` Service, and with the source ranges
+    /// if it is a LoadBalancer frontend.
+    fn apply(&self, mut frontend: DesiredFrontend) -> DesiredFrontend {
+        if self.affinity_timeout_secs != 0 {
+            frontend.flags |= FRONTEND_FLAG_AFFINITY;
+            frontend.affinity_timeout_secs = self.affinity_timeout_secs;
+        }
+        if self.external_local && frontend.flags & FRONTEND_FLAGS_EXTERNAL != 0 {
+            frontend.flags |= FRONTEND_FLAG_EXTERNAL_LOCAL;
+        }
+        if frontend.flags & FRONTEND_FLAG_LOAD_BALANCER != 0 {
+            frontend.source_ranges = self.source_ranges.clone();
+        }
+        frontend
     }
 }
 

@@ -14,7 +14,7 @@ use crate::reconcile::{
     cluster::ObjectName,
     records::{
         AddressType, EndpointRecord, NodeRecord, PortProtocol, ServicePortRecord, ServiceRecord,
-        ServiceType, SlicePortRecord, SliceRecord,
+        ServiceType, SessionAffinity, SlicePortRecord, SliceRecord,
     },
 };
 
@@ -131,6 +131,32 @@ pub struct ServiceSpec {
     /// `externalIPs`.
     #[serde(rename = "externalIPs", deserialize_with = "nullable")]
     pub external_ips: Vec<String>,
+    /// `sessionAffinity` (`None` or `ClientIP`).
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig`.
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// `externalTrafficPolicy` (`Cluster` or `Local`).
+    pub external_traffic_policy: Option<String>,
+    /// `loadBalancerSourceRanges`.
+    #[serde(deserialize_with = "nullable")]
+    pub load_balancer_source_ranges: Vec<String>,
+}
+
+/// `spec.sessionAffinityConfig` of a Service.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SessionAffinityConfig {
+    /// `clientIP`.
+    #[serde(rename = "clientIP")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+/// `spec.sessionAffinityConfig.clientIP` of a Service.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    /// `timeoutSeconds`.
+    pub timeout_seconds: Option<i64>,
 }
 
 /// A port of a Service.
@@ -435,6 +461,28 @@ impl ServiceObject {
             |ip| format!("Service {name}: externalIP {ip:?} is not an IP address"),
             &mut problems,
         );
+        let session_affinity = match spec.session_affinity.as_deref() {
+            Some("ClientIP") => SessionAffinity::ClientIp {
+                timeout_seconds: spec
+                    .session_affinity_config
+                    .and_then(|config| config.client_ip)
+                    .and_then(|client_ip| client_ip.timeout_seconds),
+            },
+            None | Some("None") => SessionAffinity::None,
+            Some(other) => {
+                problems.push(format!(
+                    "Service {name}: sessionAffinity {other:?} is not known, served without"
+                ));
+                SessionAffinity::None
+            }
+        };
+        let load_balancer_source_ranges = spec
+            .load_balancer_source_ranges
+            .iter()
+            .map(|range| range.trim())
+            .filter(|range| !range.is_empty())
+            .map(Box::from)
+            .collect();
         Some((
             name,
             ServiceRecord {
@@ -444,6 +492,9 @@ impl ServiceObject {
                 ports,
                 load_balancer_ips,
                 external_ips,
+                session_affinity,
+                external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                load_balancer_source_ranges,
                 problems: problems.into(),
             },
         ))
