@@ -95,6 +95,18 @@ pub struct Target {
     pub snat_port: u16,
 }
 
+impl Target {
+    /// No backend yet: what a new flow's choice is written over.
+    pub const NONE: Target = Target {
+        addr: [0; 4],
+        port: 0,
+        backend_id: 0,
+        rev_nat_id: 0,
+        node_local: false,
+        snat_port: 0,
+    };
+}
+
 /// Reverse DNAT (egress hooks): a reply of a tracked flow gets its
 /// frontend back as source. `Untouched` when the packet is no such reply;
 /// dropped when the flow's frontend was deleted.
@@ -182,6 +194,7 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
         return Outcome::Untouched;
     };
     let tracked = lookup_master(&ct_key, flow, now, &config.timeouts, origin);
+    let mut chosen = Target::NONE;
     let (target, new_flow) = match tracked {
         Tracked::Flow(target) => (target, false),
         // A packet carrying the tuple of a live flow of the other origin
@@ -193,7 +206,7 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
         }
         // A later fragment follows its flow, it never starts one.
         _ if flow.fragment == Fragment::Later => return Outcome::Untouched,
-        _ => match new_flow_target(flow, origin, now) {
+        _ => match new_flow_target(flow, origin, now, &mut chosen) {
             Lookup::NotAFrontend if tracked == Tracked::Dead => {
                 count(DatapathCounter::DeadFlowDropped);
                 return Outcome::Dropped;
@@ -204,7 +217,8 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
                 count(reason);
                 return Outcome::Dropped;
             }
-            Lookup::Backend(mut target) => {
+            Lookup::Backend => {
+                let mut target = chosen;
                 if origin == Origin::Network && !target.node_local && config.snat_v4 != [0; 4] {
                     let port = match allocate_snat_port(flow, &target, config, now) {
                         SnatPort::Taken(port) => port,
@@ -286,7 +300,10 @@ pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcom
     Outcome::Hairpin
 }
 
-/// Outcome of a frontend lookup for a new flow.
+/// Outcome of a frontend lookup for a new flow (the backend chosen, if
+/// any, is written to the caller's [`Target`], so the outcome is small
+/// enough to come back in a register from a function of its own).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
     /// The destination is no frontend (for this origin): leave it alone.
     NotAFrontend,
@@ -294,22 +311,46 @@ pub enum Lookup {
     NoBackend,
     /// A frontend that cannot serve the flow: drop, counting why.
     Drop(DatapathCounter),
-    /// The backend chosen for the flow.
-    Backend(Target),
+    /// A backend was chosen for the flow.
+    Backend,
+}
+
+/// A new flow asking for a backend: what [`select_backend`] decides on.
+pub struct NewFlow {
+    /// Frontend address, network byte order.
+    pub daddr: [u8; 4],
+    /// The client's address, network byte order: the packet's source, or
+    /// for socket-LB the node's own address.
+    pub client: [u8; 4],
+    /// Frontend port, network byte order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Where the flow entered the datapath.
+    pub origin: Origin,
+    /// Monotonic seconds.
+    pub now: u32,
 }
 
 /// Looks the destination up among the frontends and picks a backend for
-/// the packet's source as client.
+/// the packet's source as client, into `target`.
 #[inline(always)]
-fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32) -> Lookup {
-    select_backend(flow.daddr, flow.dport, flow.proto, origin, flow.saddr, now)
+fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Target) -> Lookup {
+    let request = NewFlow {
+        daddr: flow.daddr,
+        client: flow.saddr,
+        dport: flow.dport,
+        proto: flow.proto,
+        origin,
+        now,
+    };
+    select_backend(&request, target)
 }
 
-/// Looks `daddr:dport` (network byte order) for `proto` up among the
-/// frontends (scope [`service_common::SCOPE_ALL`]) and picks a backend for
-/// a new flow of `client` (network byte order) at `now`: the choice every
-/// new flow gets, from the packet hooks and from the socket hooks (`sock`)
-/// alike. In order:
+/// Looks the frontend of a new flow up (scope
+/// [`service_common::SCOPE_ALL`]) and picks its backend into `target`:
+/// the choice every new flow gets, from the packet hooks and from the
+/// socket hooks (`sock`) alike. In order:
 /// - a frontend with `loadBalancerSourceRanges` admits only clients inside
 ///   them ([`source_allowed`]);
 /// - a frontend without backends is [`Lookup::NoBackend`];
@@ -319,56 +360,49 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32) -> Lookup {
 ///   (and, with affinity, recorded for the client);
 /// - from the network, an `externalTrafficPolicy: Local` frontend drops
 ///   rather than use a backend on another node.
-#[inline(always)]
-pub fn select_backend(
-    daddr: [u8; 4],
-    dport: u16,
-    proto: u8,
-    origin: Origin,
-    client: [u8; 4],
-    now: u32,
-) -> Lookup {
-    let header_key = FrontendKey::v4(daddr, dport, proto);
+///
+/// Not inlined: its own stack frame, apart from the hook's.
+#[inline(never)]
+pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
+    let header_key = FrontendKey::v4(request.daddr, request.dport, request.proto);
     // SAFETY: the header is copied out at once.
     let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
         return Lookup::NotAFrontend;
     };
-    if origin == Origin::Network && header.flags & FRONTEND_FLAGS_EXTERNAL == 0 {
+    if request.origin == Origin::Network && header.flags & FRONTEND_FLAGS_EXTERNAL == 0 {
         return Lookup::NotAFrontend;
     }
-    if header.flags & FRONTEND_FLAG_SOURCE_RANGES != 0 && !source_allowed(&header, client) {
+    if header.flags & FRONTEND_FLAG_SOURCE_RANGES != 0
+        && !source_allowed(header.rev_nat_id, request.client)
+    {
         return Lookup::Drop(DatapathCounter::DropSourceRange);
     }
     if header.count == 0 {
         return Lookup::NoBackend;
     }
     let affinity = header.flags & FRONTEND_FLAG_AFFINITY != 0;
-    let chosen = match affinity_target(&header, affinity, client, now) {
-        Some(target) => Lookup::Backend(target),
-        None => {
-            let chosen = random_target(&header_key, &header);
-            if affinity && let Lookup::Backend(target) = &chosen {
-                record_affinity(client, target, now);
-            }
-            chosen
+    if !(affinity && affinity_target(&header, request.client, request.now, target)) {
+        let chosen = random_target(&header_key, &header, target);
+        if chosen != Lookup::Backend {
+            return chosen;
         }
-    };
-    match chosen {
-        Lookup::Backend(target)
-            if origin == Origin::Network
-                && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0
-                && !target.node_local =>
-        {
-            Lookup::Drop(DatapathCounter::DropExternalLocal)
+        if affinity {
+            record_affinity(request.client, target, request.now);
         }
-        chosen => chosen,
     }
+    if request.origin == Origin::Network
+        && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0
+        && !target.node_local
+    {
+        return Lookup::Drop(DatapathCounter::DropExternalLocal);
+    }
+    Lookup::Backend
 }
 
 /// A random backend slot of the frontend `header_key`/`header` (whose
-/// count is not 0), resolved.
+/// count is not 0), resolved into `target`.
 #[inline(always)]
-fn random_target(header_key: &FrontendKey, header: &FrontendValue) -> Lookup {
+fn random_target(header_key: &FrontendKey, header: &FrontendValue, target: &mut Target) -> Lookup {
     // SAFETY: the helper has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot_key = header_key.with_slot((random % u32::from(header.count)) as u16 + 1);
@@ -376,46 +410,43 @@ fn random_target(header_key: &FrontendKey, header: &FrontendValue) -> Lookup {
     let Some(slot) = (unsafe { FRONTENDS.get(slot_key) }).copied() else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
-    backend_target(header, &slot)
+    backend_target(header, &slot, target)
 }
 
 /// Whether `client` (network byte order) lies inside one of the
-/// `loadBalancerSourceRanges` of the frontend `header`: one longest-prefix
-/// lookup of the client's full address under the frontend's rev-NAT id.
-#[inline(always)]
-fn source_allowed(header: &FrontendValue, client: [u8; 4]) -> bool {
+/// `loadBalancerSourceRanges` of the frontend with rev-NAT id
+/// `rev_nat_id`: one longest-prefix lookup of the client's full address
+/// under that id. Not inlined: the key has its own stack frame.
+#[inline(never)]
+fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
     let key = Key::new(
         SOURCE_RANGE_ID_BITS + 32,
-        SourceRangePrefix::v4(header.rev_nat_id, client),
+        SourceRangePrefix::v4(rev_nat_id, client),
     );
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// With affinity on (`affinity`), the backend `client`'s entry for the
-/// frontend `header` names, if the entry is fresh at `now` (idle for at
-/// most the frontend's timeout) and the backend is still there with the
-/// address it had when chosen and takes new flows (active, or terminating
-/// while the frontend is in the terminating fallback); the entry is
-/// refreshed. `None` otherwise: the flow is balanced afresh, and the entry
-/// rewritten. Not inlined: its own stack frame.
+/// Whether `client`'s affinity entry for the frontend `header` names a
+/// backend to follow, written to `target`: the entry is fresh at `now`
+/// (idle for at most the frontend's timeout) and its backend is still
+/// there with the address it had when chosen and takes new flows (active,
+/// or terminating while the frontend is in the terminating fallback); the
+/// entry is refreshed. `false` otherwise: the flow is balanced afresh,
+/// and the entry rewritten. Not inlined: its own stack frame.
 #[inline(never)]
-fn affinity_target(
-    header: &FrontendValue,
-    affinity: bool,
-    client: [u8; 4],
-    now: u32,
-) -> Option<Target> {
-    if !affinity {
-        return None;
-    }
+fn affinity_target(header: &FrontendValue, client: [u8; 4], now: u32, target: &mut Target) -> bool {
     let key = AffinityKey::v4(client, header.rev_nat_id);
-    let entry = AFFINITY.get_ptr_mut(&key)?;
+    let Some(entry) = AFFINITY.get_ptr_mut(&key) else {
+        return false;
+    };
     // SAFETY: a live map value, read in place.
     let value = unsafe { &*entry };
     if !value.is_fresh(now, header.affinity_timeout_secs) {
-        return None;
+        return false;
     }
-    let backend = BACKENDS.get(value.backend_id).filter(|b| b.exists())?;
+    let Some(backend) = BACKENDS.get(value.backend_id).filter(|b| b.exists()) else {
+        return false;
+    };
     let takes_new_flows = backend.state == BACKEND_STATE_ACTIVE
         || (backend.state == BACKEND_STATE_TERMINATING
             && header.flags & FRONTEND_FLAG_TERMINATING_FALLBACK != 0);
@@ -423,9 +454,9 @@ fn affinity_target(
         || !map_addrs_equal(&backend.addr, &value.addr)
         || backend.port != value.port
     {
-        return None;
+        return false;
     }
-    let target = Target {
+    *target = Target {
         addr: map_addr_v4_octets(&backend.addr),
         port: backend.port,
         backend_id: value.backend_id,
@@ -439,7 +470,7 @@ fn affinity_target(
         unsafe { (*entry).last_used = now };
     }
     count(DatapathCounter::AffinityHit);
-    Some(target)
+    true
 }
 
 /// Records that `client` was given `target` at `now` (the entry of
@@ -459,18 +490,20 @@ fn record_affinity(client: [u8; 4], target: &Target, now: u32) {
     let _ = AFFINITY.insert(&key, &value, BPF_ANY);
 }
 
-/// Resolves a backend slot to the address and port to DNAT to.
+/// Resolves a backend slot to the address and port to DNAT to, into
+/// `target`.
 #[inline(always)]
-fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
+fn backend_target(header: &FrontendValue, slot: &FrontendValue, target: &mut Target) -> Lookup {
     let Some(backend) = BACKENDS.get(slot.backend_id).filter(|b| b.exists()) else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
-    Lookup::Backend(Target {
+    *target = Target {
         addr: map_addr_v4_octets(&backend.addr),
         port: backend.port,
         backend_id: slot.backend_id,
         rev_nat_id: header.rev_nat_id,
         node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
         snat_port: 0,
-    })
+    };
+    Lookup::Backend
 }

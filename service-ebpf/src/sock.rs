@@ -64,7 +64,7 @@ use service_common::{
 
 use crate::{
     conntrack::now_seconds,
-    lb::{self, Lookup, Origin, Target},
+    lb::{self, Lookup, NewFlow, Origin, Target},
     maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, config, count},
 };
 
@@ -183,8 +183,16 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     // The node is one client, by its own address, for session affinity
     // and `loadBalancerSourceRanges` (the address its sockets' packets
     // would leave with towards other nodes).
-    let client = config().map_or([0; 4], |config| config.snat_v4);
-    let target = match lb::select_backend(daddr, dport, proto, Origin::Pod, client, now_seconds()) {
+    let request = NewFlow {
+        daddr,
+        client: config().map_or([0; 4], |config| config.snat_v4),
+        dport,
+        proto,
+        origin: Origin::Pod,
+        now: now_seconds(),
+    };
+    let mut target = Target::NONE;
+    match lb::select_backend(&request, &mut target) {
         Lookup::NotAFrontend => return SOCK_ALLOW,
         Lookup::NoBackend => {
             count(DatapathCounter::RejectedNoBackend);
@@ -198,8 +206,8 @@ fn forward(ctx: &SockAddrContext) -> i32 {
                 EHOSTUNREACH
             });
         }
-        Lookup::Backend(target) => target,
-    };
+        Lookup::Backend => {}
+    }
     if record(&forward_key, daddr, dport, &target).is_err() {
         count(DatapathCounter::ConntrackInsertFailed);
     }

@@ -705,6 +705,24 @@ fn deferred_to_tc(input: &[u8], output: &[u8]) -> bool {
     input[at..at + 2] == (!pseudo.ones_complement()).to_ne_bytes()
 }
 
+/// Whether `output` is `input` deferred by XDP, untouched, to the TC
+/// program beside it for a refusal, and rightly so: it goes to a frontend
+/// without backends that the hook serves (TC turns it into a TCP RST or
+/// an ICMP port unreachable).
+fn deferred_refusal(model: &Model, hook: Hook, input: &[u8], output: &[u8]) -> bool {
+    if output.strip_prefix(DEFERRED_MARK) != Some(input) {
+        return false;
+    }
+    let Some(ip) = parse(input) else {
+        return false;
+    };
+    ports(input, &ip).is_some_and(|(_, dport)| {
+        model
+            .frontend(ip.dst, dport, ip.proto)
+            .is_some_and(|f| f.backends.is_empty() && hook.serves(f.flags))
+    })
+}
+
 // ---------------------------------------------------------------------------
 // The invariant
 // ---------------------------------------------------------------------------
@@ -746,7 +764,9 @@ fn check(
     if output == input {
         return Ok(Outcome::Untouched);
     }
-    if hook == Hook::FromNetworkXdp && deferred_to_tc(input, output) {
+    if hook == Hook::FromNetworkXdp
+        && (deferred_to_tc(input, output) || deferred_refusal(model, hook, input, output))
+    {
         return Ok(Outcome::Untouched);
     }
     let (Some(ip_in), Some(ip_out)) = (parse(input), parse(output)) else {

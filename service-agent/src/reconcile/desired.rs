@@ -1218,4 +1218,65 @@ mod tests {
         });
         assert_eq!(third.id_cursors().next_rev_nat_id, 1);
     }
+
+    #[test]
+    fn source_ranges_are_written_before_the_header_checks_them_and_deleted_after() {
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let mut lb = frontend("10.99.0.100", &["10.1.1.2"]);
+        lb.flags = service_common::FRONTEND_FLAG_LOAD_BALANCER;
+        lb.source_ranges = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.168.0.0/16".parse().unwrap(),
+        ];
+        let (ops, problems) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        assert!(problems.is_empty());
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert_eq!(maps.source_ranges.len(), 2);
+        let (_, header) = maps.frontends.iter().find(|(k, _)| k.slot == 0).unwrap();
+        assert_ne!(header.flags & FRONTEND_FLAG_SOURCE_RANGES, 0);
+        let range = maps.source_ranges.first().unwrap();
+        assert_eq!(range.data.rev_nat_id(), header.rev_nat_id);
+        assert_eq!(
+            (range.prefix_len, &range.data.addr[..4]),
+            (32 + 8, &[10, 0, 0, 0][..])
+        );
+        assert_eq!(desired.counts().of(MapName::SourceRanges), 2);
+        // Changed: the new range lands before the old one goes.
+        lb.source_ranges = vec!["172.16.0.0/12".parse().unwrap()];
+        let (ops, _) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        // None: the header stops checking before the ranges go.
+        lb.source_ranges.clear();
+        let (ops, _) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert!(maps.source_ranges.is_empty());
+        let (_, header) = maps.frontends.iter().find(|(k, _)| k.slot == 0).unwrap();
+        assert_eq!(header.flags & FRONTEND_FLAG_SOURCE_RANGES, 0);
+        // Deleted with its Service.
+        lb.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        let (ops, _) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        apply_checked(&mut maps, &ops);
+        let (ops, _) = set(&mut desired, &name("lb"), &[]);
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, MapState::default());
+        assert_eq!(desired.counts().of(MapName::SourceRanges), 0);
+    }
+
+    #[test]
+    fn the_affinity_timeout_reaches_the_header() {
+        let mut desired = fresh();
+        let mut web = frontend("10.96.0.10", &["10.1.1.2"]);
+        web.flags |= service_common::FRONTEND_FLAG_AFFINITY;
+        web.affinity_timeout_secs = 10_800;
+        let (ops, _) = set(&mut desired, &name("web"), &[web]);
+        let mut maps = MapState::default();
+        apply_checked(&mut maps, &ops);
+        let (_, header) = maps.frontends.iter().find(|(k, _)| k.slot == 0).unwrap();
+        assert_eq!(header.affinity_timeout_secs, 10_800);
+        assert_ne!(header.flags & service_common::FRONTEND_FLAG_AFFINITY, 0);
+    }
 }

@@ -830,4 +830,209 @@ spec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}
         assert_eq!(backends(&t.frontends[0]), ["10.1.1.2:8080"]);
         assert_eq!(t.skipped.len(), 5, "{:#?}", t.skipped);
     }
+
+    /// A LoadBalancer Service `lb` with a NodePort, an externalIP (allowed)
+    /// and an ingress IP, one endpoint, and `extra` spec lines.
+    fn lb_service(extra: &str) -> Translation {
+        let yaml = format!(
+            r#"
+kind: Service
+apiVersion: v1
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [10.99.0.200]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]
+{extra}
+status:
+  loadBalancer:
+    ingress: [{{ip: 10.99.0.100}}]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata:
+  name: lb-a
+  namespace: default
+  labels: {{kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.1.1.2], nodeName: node-a}}]
+"#
+        );
+        translate(
+            &state_of(&yaml),
+            &NodeContext {
+                nodeport_addresses: vec!["10.99.0.1".parse().unwrap()],
+                external_ip_cidrs: vec!["10.99.0.0/24".parse().unwrap()],
+            },
+        )
+    }
+
+    /// The frontend of kind `kind` (`FRONTEND_FLAG_*`).
+    fn of_kind(t: &Translation, kind: u16) -> &DesiredFrontend {
+        t.frontends
+            .iter()
+            .find(|f| f.flags & kind != 0)
+            .unwrap_or_else(|| panic!("no frontend of kind {kind:#x}: {:#?}", t.frontends))
+    }
+
+    const KINDS: [u16; 4] = [
+        FRONTEND_FLAG_CLUSTER_IP,
+        FRONTEND_FLAG_NODE_PORT,
+        FRONTEND_FLAG_LOAD_BALANCER,
+        FRONTEND_FLAG_EXTERNAL_IP,
+    ];
+
+    #[test]
+    fn client_ip_affinity_applies_to_every_frontend_with_its_timeout() {
+        let t = lb_service("  sessionAffinity: ClientIP");
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        for kind in KINDS {
+            let f = of_kind(&t, kind);
+            assert_ne!(f.flags & FRONTEND_FLAG_AFFINITY, 0);
+            assert_eq!(f.affinity_timeout_secs, 10_800, "the default");
+        }
+        let t = lb_service(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}",
+        );
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.affinity_timeout_secs == 86_400)
+        );
+        let t = lb_service(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}",
+        );
+        assert!(t.frontends.iter().all(|f| f.affinity_timeout_secs == 2));
+    }
+
+    #[test]
+    fn an_invalid_affinity_timeout_is_reported_and_the_default_used() {
+        for invalid in ["-5", "0", "86401"] {
+            let t = lb_service(&format!(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {invalid}}}}}"
+            ));
+            assert_eq!(t.skipped.len(), 1, "{invalid}: {:?}", t.skipped);
+            assert!(
+                t.skipped[0].contains("default/lb")
+                    && t.skipped[0].contains(&format!("timeoutSeconds {invalid}"))
+                    && t.skipped[0].contains("1..=86400"),
+                "{:?}",
+                t.skipped
+            );
+            assert!(t.frontends.iter().all(|f| {
+                f.flags & FRONTEND_FLAG_AFFINITY != 0 && f.affinity_timeout_secs == 10_800
+            }));
+        }
+    }
+
+    #[test]
+    fn affinity_off_or_none_programs_no_affinity() {
+        for spec in [
+            "",
+            "  sessionAffinity: None",
+            "  sessionAffinity: None\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+        ] {
+            let t = lb_service(spec);
+            assert!(t.frontends.iter().all(|f| {
+                f.flags & FRONTEND_FLAG_AFFINITY == 0 && f.affinity_timeout_secs == 0
+            }));
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_marks_only_external_frontends() {
+        let t = lb_service("  externalTrafficPolicy: Local");
+        for kind in [
+            FRONTEND_FLAG_NODE_PORT,
+            FRONTEND_FLAG_LOAD_BALANCER,
+            FRONTEND_FLAG_EXTERNAL_IP,
+        ] {
+            assert_ne!(of_kind(&t, kind).flags & FRONTEND_FLAG_EXTERNAL_LOCAL, 0);
+        }
+        let cluster_ip = of_kind(&t, FRONTEND_FLAG_CLUSTER_IP);
+        assert_eq!(cluster_ip.flags & FRONTEND_FLAG_EXTERNAL_LOCAL, 0);
+        let t = lb_service("  externalTrafficPolicy: Cluster");
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.flags & FRONTEND_FLAG_EXTERNAL_LOCAL == 0)
+        );
+        // A ClusterIP Service's externalIPs: the policy does not apply (as
+        // in kube-proxy, which reads it only for NodePort and LoadBalancer).
+        let yaml = r#"
+kind: Service
+apiVersion: v1
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  externalIPs: [10.99.0.200]
+  externalTrafficPolicy: Local
+  ports: [{port: 80}]
+"#;
+        let t = translate(
+            &state_of(yaml),
+            &NodeContext {
+                external_ip_cidrs: vec!["10.99.0.0/24".parse().unwrap()],
+                ..NodeContext::default()
+            },
+        );
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.flags & FRONTEND_FLAG_EXTERNAL_LOCAL == 0)
+        );
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_frontends_only() {
+        let t =
+            lb_service("  loadBalancerSourceRanges: [10.0.0.0/8, ' 192.168.1.7/24 ', 10.0.0.0/8]");
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let lb = of_kind(&t, FRONTEND_FLAG_LOAD_BALANCER);
+        let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
+        // Host bits cleared, duplicates once, sorted.
+        assert_eq!(ranges, ["10.0.0.0/8", "192.168.1.0/24"]);
+        for kind in [
+            FRONTEND_FLAG_CLUSTER_IP,
+            FRONTEND_FLAG_NODE_PORT,
+            FRONTEND_FLAG_EXTERNAL_IP,
+        ] {
+            assert!(of_kind(&t, kind).source_ranges.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_invalid_source_range_is_reported_and_ignored_like_kube_proxy() {
+        let t = lb_service(
+            "  loadBalancerSourceRanges: [10.0.0.0/8, not-a-cidr, 10.1.2.3, 300.0.0.0/8, 'fd00::/8']",
+        );
+        let lb = of_kind(&t, FRONTEND_FLAG_LOAD_BALANCER);
+        let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
+        // The valid IPv4 range stays; IPv6 ranges do not apply to IPv4.
+        assert_eq!(ranges, ["10.0.0.0/8"]);
+        assert_eq!(t.skipped.len(), 3, "{:?}", t.skipped);
+        for (line, bad) in t
+            .skipped
+            .iter()
+            .zip(["not-a-cidr", "10.1.2.3", "300.0.0.0/8"])
+        {
+            assert!(
+                line.contains("default/lb")
+                    && line.contains(&format!("{bad:?}"))
+                    && line.contains("not a CIDR, ignored"),
+                "{line}"
+            );
+        }
+        // Nothing valid at all: every client admitted, as by kube-proxy.
+        let t = lb_service("  loadBalancerSourceRanges: [nope]");
+        assert!(
+            of_kind(&t, FRONTEND_FLAG_LOAD_BALANCER)
+                .source_ranges
+                .is_empty()
+        );
+        assert_eq!(t.skipped.len(), 1);
+    }
 }
