@@ -638,6 +638,57 @@ mod tests {
     }
 
     #[test]
+    fn affinity_traffic_policy_and_source_ranges_are_read_as_given() {
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "ports": [{"port": 80}],
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": -5}},
+                "externalTrafficPolicy": "Local",
+                "loadBalancerSourceRanges": [" 10.0.0.0/8 ", "", "nope"]}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(
+            record.session_affinity,
+            SessionAffinity::ClientIp {
+                timeout_seconds: Some(-5)
+            }
+        );
+        assert!(record.external_policy_local);
+        let ranges: Vec<&str> = record
+            .load_balancer_source_ranges
+            .iter()
+            .map(|r| &**r)
+            .collect();
+        assert_eq!(ranges, ["10.0.0.0/8", "nope"]);
+        assert!(record.problems.is_empty(), "{:?}", record.problems);
+        // Defaults: no affinity (also without a config), Cluster, no ranges.
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "sessionAffinity": "None",
+                "loadBalancerSourceRanges": null}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(record.session_affinity, SessionAffinity::None);
+        assert!(!record.external_policy_local && record.load_balancer_source_ranges.is_empty());
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP"}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(
+            record.session_affinity,
+            SessionAffinity::ClientIp {
+                timeout_seconds: None
+            }
+        );
+    }
+
+    #[test]
     fn slice_endpoints_get_the_api_defaults_and_know_this_node() {
         let slice: SliceObject = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web-1", "namespace": "shop",
