@@ -5,7 +5,8 @@
 //! watched file, and expires after the timeout idle; and
 //! `loadBalancerSourceRanges` admits an allowed external client, drops a
 //! disallowed one (and a pod outside the ranges), and follows an update
-//! of the file without a restart.
+//! of the file without a restart. On one node: socket-LB keeps a host
+//! process (the node, one client) on one backend with affinity.
 //!
 //! More clients than the topology has: extra addresses on the external
 //! client's device, each a client of its own (UDP sockets bound to them).
@@ -17,8 +18,10 @@ use std::{
 };
 
 use service_tests::{
+    cgroup::TestCgroup,
+    netns::enter_on_spawn,
     require_root,
-    scenario::TwoNodeScenario,
+    scenario::{ClusterIpScenario, TwoNodeScenario, http_frontend, web_service_yaml},
     topology::{CLIENT_IP, NODE_A_EXTERNAL_IP, TwoNodes},
     traffic::http_get,
 };
@@ -298,4 +301,64 @@ fn source_ranges_admit_allowed_clients_drop_others_and_follow_updates() {
     });
     // An address inside neither.
     assert!(from(extra_client(6)).is_err());
+}
+
+/// A process of the node (socket-LB, `connect`) reaches a ClusterIP with
+/// session affinity: the node is one client, so all its 30 connections
+/// land on one backend; without affinity they spread.
+#[test]
+fn socket_lb_keeps_the_node_on_one_backend_with_affinity() {
+    require_root!();
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let path = cgroup
+        .path()
+        .to_str()
+        .expect("UTF-8 cgroup path")
+        .to_owned();
+    let with_affinity = web_service_yaml(&[1, 2, 3]).replacen(
+        "spec:\n",
+        &format!("spec:\n{}\n", affinity(10_800)),
+        1,
+    );
+    let scenario = ClusterIpScenario::start_with_agent_args(
+        "e2e-sockaff",
+        &with_affinity,
+        3,
+        &["--cgroup-path", &path],
+    )
+    .expect("scenario");
+    let host_answers = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_host-client"));
+        command.args(["http", &http_frontend().to_string(), "30"]);
+        cgroup
+            .join_on_spawn(&mut command)
+            .expect("joining the cgroup");
+        enter_on_spawn(&scenario.topology.node.path(), &mut command).expect("node namespace");
+        let output = command.output().expect("running host-client");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        assert_eq!(
+            report["runs"][0]["failures"].as_array().map(Vec::len),
+            Some(0),
+            "{report}"
+        );
+        report["runs"][0]["answers"]
+            .as_object()
+            .map(|answers| answers.keys().cloned().collect::<BTreeSet<String>>())
+            .unwrap_or_default()
+    };
+    let answers = host_answers();
+    assert_eq!(answers.len(), 1, "{answers:?}\n{}", scenario.agent.log());
+    scenario
+        .rewrite_yaml(&web_service_yaml(&[1, 2, 3]))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while host_answers().len() < 2 {
+        assert!(Instant::now() < deadline, "affinity never switched off");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
