@@ -31,6 +31,8 @@ const NODE_PORT_UDP: u16 = 30007;
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 // Outside the client's own subnet, so the client routes it to node A.
 const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 100);
+/// The LoadBalancer IP of Service "empty", which has no endpoints.
+const EMPTY_LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 101);
 const PODS_PER_NODE: usize = 2;
 /// Extra client addresses on the external client's device: 10.99.0.10 on.
 const EXTRA_CLIENTS: u8 = 12;
@@ -75,6 +77,10 @@ endpoints:
             ));
         }
     }
+    // Service "empty": a LoadBalancer IP without endpoints.
+    yaml.push_str(&format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: empty, namespace: demo}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.11\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30090}}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: \"{EMPTY_LOAD_BALANCER_IP}\"}}]\n"
+    ));
     yaml
 }
 
@@ -361,4 +367,33 @@ fn socket_lb_keeps_the_node_on_one_backend_with_affinity() {
         assert!(Instant::now() < deadline, "affinity never switched off");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// On XDP (the default `--nodeport-mode`), a new connection to a
+/// LoadBalancer IP without endpoints is refused at once, as on TC: XDP
+/// leaves it to the TC program beside it, which answers with a RST.
+#[test]
+fn a_load_balancer_ip_without_endpoints_is_refused_on_xdp() {
+    require_root!();
+    let setup = start("e2e-lbempty", &service_yaml(""));
+    let target = SocketAddr::from((EMPTY_LOAD_BALANCER_IP, 80));
+    let (elapsed, result) = setup
+        .topology
+        .client
+        .run(move || {
+            let started = Instant::now();
+            let result = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2));
+            (started.elapsed(), result.map(|_| ()).map_err(|e| e.kind()))
+        })
+        .unwrap();
+    assert_eq!(
+        result,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "after {elapsed:?}\n{}",
+        setup.logs()
+    );
+    assert!(
+        elapsed < Duration::from_millis(500),
+        "refused after {elapsed:?}"
+    );
 }
