@@ -42,7 +42,8 @@ pub const FRONTEND_FLAG_TERMINATING_FALLBACK: u16 = 1 << 6;
 /// client's source address, so it is never SNATed; should a backend on
 /// another node be chosen all the same, the packet is dropped (counted as
 /// `DropExternalLocal`) rather than SNATed or sent on with a source the
-/// backend's node cannot answer. Traffic from pods and the node is not
+/// backend's node cannot answer. Without backends (no local endpoint) a
+/// new flow from the network is dropped too, not refused. Traffic from pods and the node is not
 /// affected (kube-proxy treats in-cluster traffic to these frontends as
 /// `Cluster`).
 pub const FRONTEND_FLAG_EXTERNAL_LOCAL: u16 = 1 << 7;

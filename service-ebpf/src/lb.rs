@@ -353,7 +353,9 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 /// socket hooks (`sock`) alike. In order:
 /// - a frontend with `loadBalancerSourceRanges` admits only clients inside
 ///   them ([`source_allowed`]);
-/// - a frontend without backends is [`Lookup::NoBackend`];
+/// - a frontend without backends is [`Lookup::NoBackend`] (refused), but
+///   from the network an `externalTrafficPolicy: Local` one drops (no
+///   local endpoint);
 /// - with session affinity, the client's affinity entry names the backend
 ///   while it is fresh and that backend still takes new flows
 ///   ([`affinity_target`]); otherwise a random slot's backend is taken
@@ -377,7 +379,14 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
     {
         return Lookup::Drop(DatapathCounter::DropSourceRange);
     }
+    let external_local =
+        request.origin == Origin::Network && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0;
     if header.count == 0 {
+        // `externalTrafficPolicy: Local` without a local endpoint: dropped,
+        // as kube-proxy drops it (the listed backends are the local ones).
+        if external_local {
+            return Lookup::Drop(DatapathCounter::DropExternalLocal);
+        }
         return Lookup::NoBackend;
     }
     let affinity = header.flags & FRONTEND_FLAG_AFFINITY != 0;
@@ -390,10 +399,7 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
             record_affinity(request.client, target, request.now);
         }
     }
-    if request.origin == Origin::Network
-        && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0
-        && !target.node_local
-    {
+    if external_local && !target.node_local {
         return Lookup::Drop(DatapathCounter::DropExternalLocal);
     }
     Lookup::Backend

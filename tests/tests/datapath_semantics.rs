@@ -520,6 +520,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_never_snats() {
         local_flags,
         &[(REMOTE_BACKEND, 8080, false)],
     );
+    // A Local frontend without (local) backends.
+    dp.set_frontend(LB_LOCAL_IP, 82, PROTO_TCP, local_flags, &[]);
     // The same remote backend behind a Cluster frontend is SNATed.
     dp.set_frontend(
         LB_IP,
@@ -552,8 +554,19 @@ fn external_traffic_policy_local_keeps_the_client_address_and_never_snats() {
             verdict, drop,
             "{program}: a remote backend of a Local frontend"
         );
+        let (verdict, _) = dp.run(program, &tcp(client, (LB_LOCAL_IP, 82), true, false, &[]));
+        assert_eq!(
+            verdict, drop,
+            "{program}: no local backend: dropped, not refused"
+        );
     }
-    assert_eq!(dp.counter("drop_external_local"), 2);
+    assert_eq!(dp.counter("drop_external_local"), 4);
+    // From a pod, the same frontend without backends is refused as usual.
+    let (verdict, _) = dp.run(
+        PROG_FROM_POD,
+        &tcp((POD, 40001), (LB_LOCAL_IP, 82), true, false, &[]),
+    );
+    assert_eq!(verdict, TC_REDIRECT);
     // The local flow has no SNAT entry, and leaves with the client's address.
     let snat = ct_key(client, (BACKENDS[0], 8080), PROTO_TCP, CT_DIR_SNAT);
     assert!(dp.entry(&snat).is_none());
