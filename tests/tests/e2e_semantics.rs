@@ -18,6 +18,7 @@ use std::{
 };
 
 use service_tests::{
+    agent::list_json,
     cgroup::TestCgroup,
     netns::enter_on_spawn,
     require_root,
@@ -182,6 +183,12 @@ fn session_affinity_holds_spreads_switches_and_expires() {
     let node_port = SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT_TCP));
     let udp_node_port = SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT_UDP));
 
+    let listing = list_json(setup.pins[0].path()).expect("list --json");
+    for frontend in listing["frontends"].as_array().expect("frontends") {
+        if frontend["service"] == "demo/web" {
+            assert_eq!(frontend["affinity_timeout_secs"], 10_800, "{frontend}");
+        }
+    }
     // One client: 30 connections, one backend (NodePort, from the network).
     let answers = http_answers(&setup, node_port, 30);
     assert_eq!(distinct(&answers).len(), 1, "{answers:?}\n{}", setup.logs());
@@ -307,6 +314,23 @@ fn source_ranges_admit_allowed_clients_drop_others_and_follow_updates() {
     });
     // An address inside neither.
     assert!(from(extra_client(6)).is_err());
+    // `list` shows them from the pinned trie, on the LoadBalancer IP only.
+    let listing = list_json(setup.pins[0].path()).expect("list --json");
+    let frontends = listing["frontends"].as_array().expect("frontends");
+    for frontend in frontends {
+        let ranges: Vec<&str> = frontend["source_ranges"]
+            .as_array()
+            .expect("source_ranges")
+            .iter()
+            .filter_map(|r| r.as_str())
+            .collect();
+        if frontend["address"] == LOAD_BALANCER_IP.to_string() {
+            assert_eq!(ranges, ["10.99.0.2/32", "10.99.0.8/29"], "{frontend}");
+            assert!(frontend["flags"].to_string().contains("SourceRanges"));
+        } else {
+            assert!(ranges.is_empty(), "{frontend}");
+        }
+    }
 }
 
 /// A process of the node (socket-LB, `connect`) reaches a ClusterIP with

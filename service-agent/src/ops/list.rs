@@ -176,12 +176,17 @@ fn listed_backends(state: &MapState, header: &FrontendKey, count: u16) -> Vec<Li
         .collect()
 }
 
-/// The source ranges of the frontend with rev-NAT id `rev_nat_id`, as CIDRs.
+/// The source ranges of the frontend with rev-NAT id `rev_nat_id`, as
+/// CIDRs, by address.
 fn source_ranges(state: &MapState, rev_nat_id: u32, family: u8) -> Vec<String> {
-    state
+    let mut ranges: Vec<_> = state
         .source_ranges
         .iter()
         .filter(|range| range.data.rev_nat_id() == rev_nat_id)
+        .collect();
+    ranges.sort_by_key(|range| (range.data.addr, range.prefix_len));
+    ranges
+        .into_iter()
         .map(|range| {
             let len = range.prefix_len.saturating_sub(SOURCE_RANGE_ID_BITS);
             format!("{}/{len}", ip_from_map(&range.data.addr, family))
