@@ -358,10 +358,10 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 ///   local endpoint);
 /// - with session affinity, the client's affinity entry names the backend
 ///   while it is fresh and that backend still takes new flows
-///   ([`affinity_target`]); otherwise a random slot's backend is taken
-///   (and, with affinity, recorded for the client);
+///   ([`affinity_target`]); otherwise a random slot's backend is taken;
 /// - from the network, an `externalTrafficPolicy: Local` frontend drops
-///   rather than use a backend on another node.
+///   rather than use a backend on another node;
+/// - with affinity, the random choice is recorded for the client.
 ///
 /// Not inlined: its own stack frame, apart from the hook's.
 #[inline(never)]
@@ -390,17 +390,20 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
         return Lookup::NoBackend;
     }
     let affinity = header.flags & FRONTEND_FLAG_AFFINITY != 0;
-    if !(affinity && affinity_target(&header, request.client, request.now, target)) {
-        let chosen = random_target(&header_key, &header, target);
-        if chosen != Lookup::Backend {
-            return chosen;
-        }
-        if affinity {
-            record_affinity(request.client, target, request.now);
-        }
+    if affinity && affinity_target(&header, request.client, request.now, external_local, target) {
+        return Lookup::Backend;
     }
+    let chosen = random_target(&header_key, &header, target);
+    if chosen != Lookup::Backend {
+        return chosen;
+    }
+    // Checked before the choice is recorded: a client is never kept on a
+    // backend it cannot use.
     if external_local && !target.node_local {
         return Lookup::Drop(DatapathCounter::DropExternalLocal);
+    }
+    if affinity {
+        record_affinity(request.client, target, request.now);
     }
     Lookup::Backend
 }
@@ -436,11 +439,19 @@ fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
 /// backend to follow, written to `target`: the entry is fresh at `now`
 /// (idle for at most the frontend's timeout) and its backend is still
 /// there with the address it had when chosen and takes new flows (active,
-/// or terminating while the frontend is in the terminating fallback); the
-/// entry is refreshed. `false` otherwise: the flow is balanced afresh,
-/// and the entry rewritten. Not inlined: its own stack frame.
+/// or terminating while the frontend is in the terminating fallback) and,
+/// for traffic from the network to an `externalTrafficPolicy: Local`
+/// frontend (`external_local`), runs on this node; the entry is
+/// refreshed. `false` otherwise: the flow is balanced afresh, and the
+/// entry rewritten. Not inlined: its own stack frame.
 #[inline(never)]
-fn affinity_target(header: &FrontendValue, client: [u8; 4], now: u32, target: &mut Target) -> bool {
+fn affinity_target(
+    header: &FrontendValue,
+    client: [u8; 4],
+    now: u32,
+    external_local: bool,
+    target: &mut Target,
+) -> bool {
     let key = AffinityKey::v4(client, header.rev_nat_id);
     let Some(entry) = AFFINITY.get_ptr_mut(&key) else {
         return false;
@@ -456,9 +467,11 @@ fn affinity_target(header: &FrontendValue, client: [u8; 4], now: u32, target: &m
     let takes_new_flows = backend.state == BACKEND_STATE_ACTIVE
         || (backend.state == BACKEND_STATE_TERMINATING
             && header.flags & FRONTEND_FLAG_TERMINATING_FALLBACK != 0);
+    let node_local = backend.flags & BACKEND_FLAG_NODE_LOCAL != 0;
     if !takes_new_flows
         || !map_addrs_equal(&backend.addr, &value.addr)
         || backend.port != value.port
+        || (external_local && !node_local)
     {
         return false;
     }
@@ -467,7 +480,7 @@ fn affinity_target(header: &FrontendValue, client: [u8; 4], now: u32, target: &m
         port: backend.port,
         backend_id: value.backend_id,
         rev_nat_id: header.rev_nat_id,
-        node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
+        node_local,
         snat_port: 0,
     };
     if value.last_used != now {

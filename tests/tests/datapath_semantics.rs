@@ -561,6 +561,34 @@ fn external_traffic_policy_local_keeps_the_client_address_and_never_snats() {
         );
     }
     assert_eq!(dp.counter("drop_external_local"), 4);
+    // With affinity, a client is never kept on a remote backend: once a
+    // flow got the local one, every later flow does (the remote choices
+    // were dropped, not recorded).
+    let mut mixed = frontend(
+        LB_LOCAL_IP,
+        83,
+        PROTO_TCP,
+        local_flags | FRONTEND_FLAG_AFFINITY,
+        &[(BACKENDS[0], 8080, true), (REMOTE_BACKEND, 8080, false)],
+    );
+    mixed.affinity_timeout_secs = TIMEOUT;
+    dp.set_desired_frontend(mixed);
+    let mut served = false;
+    for sport in 41000..41040 {
+        let (verdict, out) = dp.run(
+            PROG_FROM_NETWORK,
+            &tcp((OUTSIDER, sport), (LB_LOCAL_IP, 83), true, false, &[]),
+        );
+        if served {
+            assert_eq!((verdict, destination(&out)), (XDP_PASS, BACKENDS[0]));
+        } else if verdict == XDP_PASS {
+            assert_eq!(destination(&out), BACKENDS[0]);
+            served = true;
+        } else {
+            assert_eq!(verdict, XDP_DROP);
+        }
+    }
+    assert!(served, "40 flows never got the local backend");
     // From a pod, the same frontend without backends is refused as usual.
     let (verdict, _) = dp.run(
         PROG_FROM_POD,
