@@ -56,11 +56,15 @@ pub enum DatapathCounter {
     /// without backends to the TC ingress program beside it, which refuses
     /// it (TCP RST, ICMP port unreachable) as TC does.
     RejectDeferred = 17,
+    /// A new flow to a frontend that lists only node-local backends
+    /// (`FRONTEND_FLAG_LOCAL_ONLY`, or `FRONTEND_FLAG_EXTERNAL_LOCAL` from
+    /// the network) and has none was dropped.
+    DropNoLocalEndpoint = 18,
 }
 
 impl DatapathCounter {
     /// Every counter, in index order.
-    pub const ALL: [DatapathCounter; 18] = [
+    pub const ALL: [DatapathCounter; 19] = [
         DatapathCounter::DropNoBackend,
         DatapathCounter::DropBackendMissing,
         DatapathCounter::DropRewrite,
@@ -79,6 +83,7 @@ impl DatapathCounter {
         DatapathCounter::DropOriginMismatch,
         DatapathCounter::AffinityHit,
         DatapathCounter::RejectDeferred,
+        DatapathCounter::DropNoLocalEndpoint,
     ];
 
     /// The counter's name as shown by `service-agent list` and the metrics.
@@ -102,6 +107,7 @@ impl DatapathCounter {
             DatapathCounter::DropOriginMismatch => "drop_origin_mismatch",
             DatapathCounter::AffinityHit => "affinity_hit",
             DatapathCounter::RejectDeferred => "reject_deferred",
+            DatapathCounter::DropNoLocalEndpoint => "drop_no_local_endpoint",
         }
     }
 }

@@ -29,7 +29,10 @@ pub const FRONTEND_FLAG_NODE_PORT: u16 = 1 << 1;
 pub const FRONTEND_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 /// Frontend kind flag: a `status.loadBalancer.ingress[].ip`.
 pub const FRONTEND_FLAG_LOAD_BALANCER: u16 = 1 << 3;
-/// Only node-local backends are listed (traffic policy `Local`).
+/// Only node-local backends are listed (traffic policy `Local`, e.g.
+/// `internalTrafficPolicy: Local` on a ClusterIP frontend): without
+/// backends (no local endpoint), a new flow is dropped, counted as
+/// `DropNoLocalEndpoint`, as kube-proxy drops it, rather than refused.
 pub const FRONTEND_FLAG_LOCAL_ONLY: u16 = 1 << 4;
 /// `sessionAffinity: ClientIP`: a client's new flows go to the backend its
 /// entry in the affinity map names while it is younger than

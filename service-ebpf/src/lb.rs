@@ -34,9 +34,10 @@ use service_common::{
     AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
     BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
     CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FRONTEND_FLAG_AFFINITY,
-    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK,
-    FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue, HAIRPIN_IPV4, RevNatId,
-    SOURCE_RANGE_ID_BITS, SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
+    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_SOURCE_RANGES,
+    FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue,
+    HAIRPIN_IPV4, RevNatId, SOURCE_RANGE_ID_BITS, SourceRangePrefix, map_addr_v4,
+    map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::{
@@ -354,8 +355,9 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 /// - a frontend with `loadBalancerSourceRanges` admits only clients inside
 ///   them ([`source_allowed`]);
 /// - a frontend without backends is [`Lookup::NoBackend`] (refused), but
-///   from the network an `externalTrafficPolicy: Local` one drops (no
-///   local endpoint);
+///   one that lists only local backends ([`FRONTEND_FLAG_LOCAL_ONLY`];
+///   from the network also `externalTrafficPolicy: Local`) drops: no
+///   local endpoint;
 /// - with session affinity, the client's affinity entry names the backend
 ///   while it is fresh and that backend still takes new flows
 ///   ([`affinity_target`]); otherwise a random slot's backend is taken;
@@ -382,10 +384,10 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
     let external_local =
         request.origin == Origin::Network && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0;
     if header.count == 0 {
-        // `externalTrafficPolicy: Local` without a local endpoint: dropped,
-        // as kube-proxy drops it (the listed backends are the local ones).
-        if external_local {
-            return Lookup::Drop(DatapathCounter::DropExternalLocal);
+        // A traffic policy `Local` without a local endpoint: dropped, as
+        // kube-proxy drops it (the listed backends are the local ones).
+        if external_local || header.flags & FRONTEND_FLAG_LOCAL_ONLY != 0 {
+            return Lookup::Drop(DatapathCounter::DropNoLocalEndpoint);
         }
         return Lookup::NoBackend;
     }

@@ -17,8 +17,9 @@ use service_agent::datapath::{
 use service_common::{
     AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_SNAT, CT_FLAG_FROM_NETWORK,
     FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP,
-    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT,
-    FRONTEND_FLAG_SOURCE_RANGES, FrontendKey, MAP_AFFINITY, PROTO_TCP, PROTO_UDP, map_addr_v4,
+    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_LOCAL_ONLY,
+    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_SOURCE_RANGES, FrontendKey, MAP_AFFINITY, PROTO_TCP,
+    PROTO_UDP, map_addr_v4,
 };
 use service_tests::{
     datapath_fixture::{Datapath, ct_key, frontend},
@@ -560,7 +561,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_never_snats() {
             "{program}: no local backend: dropped, not refused"
         );
     }
-    assert_eq!(dp.counter("drop_external_local"), 4);
+    assert_eq!(dp.counter("drop_external_local"), 2);
+    assert_eq!(dp.counter("drop_no_local_endpoint"), 2);
     // With affinity, a client is never kept on a remote backend: once a
     // flow got the local one, every later flow does (the remote choices
     // were dropped, not recorded).
@@ -727,5 +729,45 @@ fn a_packet_from_the_network_never_gets_a_pod_flows_translation() {
         (verdict, out),
         (XDP_PASS, pod_data.clone()),
         "a ClusterIP: untouched"
+    );
+}
+
+/// A frontend that lists only node-local backends (traffic policy
+/// `Local`, e.g. `internalTrafficPolicy: Local` on a ClusterIP) drops new
+/// flows when it has none, as kube-proxy drops them, instead of refusing
+/// them; with a local backend it serves as usual.
+#[test]
+fn a_local_only_frontend_without_backends_drops_instead_of_refusing() {
+    require_root!();
+    let mut dp = Datapath::load();
+    let local_only = FRONTEND_FLAG_CLUSTER_IP | FRONTEND_FLAG_LOCAL_ONLY;
+    dp.set_frontend(CLUSTER_IP, 80, PROTO_TCP, local_only, &[]);
+    dp.set_frontend(CLUSTER_IP, 53, PROTO_UDP, local_only, &[]);
+    dp.set_frontend(CLUSTER_IP, 81, PROTO_TCP, FRONTEND_FLAG_CLUSTER_IP, &[]);
+    let syn = tcp((POD, 40000), (CLUSTER_IP, 80), true, false, &[]);
+    assert_eq!(dp.run(PROG_FROM_POD, &syn), (TC_DROP, syn.clone()));
+    let datagram = udp((POD, 40000), (CLUSTER_IP, 53), b"q");
+    assert_eq!(dp.run(PROG_FROM_POD, &datagram).0, TC_DROP);
+    assert_eq!(dp.counter("drop_no_local_endpoint"), 2);
+    // Without the flag, the same empty frontend refuses (a RST back).
+    let syn = tcp((POD, 40000), (CLUSTER_IP, 81), true, false, &[]);
+    assert_eq!(dp.run(PROG_FROM_POD, &syn).0, TC_REDIRECT);
+    // With a local backend: served.
+    dp.set_frontend(
+        CLUSTER_IP,
+        80,
+        PROTO_TCP,
+        local_only,
+        &[(BACKENDS[0], 8080, true)],
+    );
+    assert_eq!(
+        new_flow(
+            &dp,
+            PROG_FROM_POD,
+            TC_CONTINUE,
+            (POD, 40001),
+            (CLUSTER_IP, 80)
+        ),
+        BACKENDS[0]
     );
 }
