@@ -61,6 +61,13 @@ pub const CT_FLAG_HAIRPIN: u16 = 1 << 1;
 /// such a flow in both directions; a new packet to a frontend that exists
 /// again starts a new flow.
 pub const CT_FLAG_DEAD: u16 = 1 << 2;
+/// Conntrack flag (every entry of a flow): the flow came in from the
+/// network (`from_network`, XDP or TC); without it, from a pod
+/// (`from_pod`). A forward packet is only translated by a master of its
+/// own origin: a packet from the network that carries a pod flow's
+/// 5-tuple (or the other way round) is dropped, counted as
+/// `DropOriginMismatch`, and never takes over or rewrites the flow.
+pub const CT_FLAG_FROM_NETWORK: u16 = 1 << 3;
 
 /// Conntrack state bit: a reply (backend → client) was seen.
 pub const CT_STATE_SEEN_REPLY: u8 = 1 << 0;

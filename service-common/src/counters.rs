@@ -40,11 +40,31 @@ pub enum DatapathCounter {
     ChecksumDeferred = 11,
     /// A new flow took over the SNAT port of an expired flow.
     SnatPortReused = 12,
+    /// A new flow to a LoadBalancer frontend from a client outside its
+    /// `loadBalancerSourceRanges` was dropped.
+    DropSourceRange = 13,
+    /// A new flow from the network to an `externalTrafficPolicy: Local`
+    /// frontend got a backend on another node and was dropped instead of
+    /// SNATed.
+    DropExternalLocal = 14,
+    /// A forward packet matched the conntrack master of a flow of the
+    /// other origin (network vs pod) and was dropped.
+    DropOriginMismatch = 15,
+    /// A new flow followed its client's session affinity entry.
+    AffinityHit = 16,
+    /// XDP left a new flow to a LoadBalancer or externalIP frontend
+    /// without backends to the TC ingress program beside it, which refuses
+    /// it (TCP RST, ICMP port unreachable) as TC does.
+    RejectDeferred = 17,
+    /// A new flow to a frontend that lists only node-local backends
+    /// (`FRONTEND_FLAG_LOCAL_ONLY`, or `FRONTEND_FLAG_EXTERNAL_LOCAL` from
+    /// the network) and has none was dropped.
+    DropNoLocalEndpoint = 18,
 }
 
 impl DatapathCounter {
     /// Every counter, in index order.
-    pub const ALL: [DatapathCounter; 13] = [
+    pub const ALL: [DatapathCounter; 19] = [
         DatapathCounter::DropNoBackend,
         DatapathCounter::DropBackendMissing,
         DatapathCounter::DropRewrite,
@@ -58,6 +78,12 @@ impl DatapathCounter {
         DatapathCounter::FragmentTranslated,
         DatapathCounter::ChecksumDeferred,
         DatapathCounter::SnatPortReused,
+        DatapathCounter::DropSourceRange,
+        DatapathCounter::DropExternalLocal,
+        DatapathCounter::DropOriginMismatch,
+        DatapathCounter::AffinityHit,
+        DatapathCounter::RejectDeferred,
+        DatapathCounter::DropNoLocalEndpoint,
     ];
 
     /// The counter's name as shown by `service-agent list` and the metrics.
@@ -76,6 +102,12 @@ impl DatapathCounter {
             DatapathCounter::FragmentTranslated => "fragment_translated",
             DatapathCounter::ChecksumDeferred => "checksum_deferred",
             DatapathCounter::SnatPortReused => "snat_port_reused",
+            DatapathCounter::DropSourceRange => "drop_source_range",
+            DatapathCounter::DropExternalLocal => "drop_external_local",
+            DatapathCounter::DropOriginMismatch => "drop_origin_mismatch",
+            DatapathCounter::AffinityHit => "affinity_hit",
+            DatapathCounter::RejectDeferred => "reject_deferred",
+            DatapathCounter::DropNoLocalEndpoint => "drop_no_local_endpoint",
         }
     }
 }

@@ -7,10 +7,12 @@
 use core::mem::size_of;
 
 use crate::{
-    BACKENDS_MAX_ENTRIES, BackendId, BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES,
-    ConntrackKey, ConntrackValue, DatapathConfig, FRAGMENTS_MAX_ENTRIES, FRONTENDS_MAX_ENTRIES,
-    FragmentKey, FragmentValue, FrontendKey, FrontendStats, FrontendValue, IdCursors,
-    REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES, SockNatKey, SockNatValue,
+    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendId,
+    BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, ConntrackKey, ConntrackValue,
+    DatapathConfig, FRAGMENTS_MAX_ENTRIES, FRONTENDS_MAX_ENTRIES, FragmentKey, FragmentValue,
+    FrontendKey, FrontendStats, FrontendValue, IdCursors, REVNAT_MAX_ENTRIES, RevNatId,
+    RevNatValue, SOCK_NAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, SockNatKey, SockNatValue,
+    SourceRangeKey, SourceRangeValue,
 };
 
 /// Name of the frontends map (`FrontendKey -> FrontendValue`).
@@ -36,6 +38,13 @@ pub const MAP_SOCK_NAT: &str = "SVC_SOCK_NAT";
 /// datapath never reads it.
 pub const MAP_ID_CURSORS: &str = "SVC_ID_CURSORS";
 
+/// Name of the session affinity LRU map (`AffinityKey -> AffinityValue`);
+/// only the datapath writes it.
+pub const MAP_AFFINITY: &str = "SVC_AFFINITY";
+/// Name of the `loadBalancerSourceRanges` LPM trie (`SourceRangeKey ->
+/// SourceRangeValue`).
+pub const MAP_SOURCE_RANGES: &str = "SVC_SRC_RANGES";
+
 /// The kind of a BPF map, as created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapKind {
@@ -47,6 +56,8 @@ pub enum MapKind {
     Array,
     /// `BPF_MAP_TYPE_PERCPU_ARRAY` (the value size is one CPU's).
     PerCpuArray,
+    /// `BPF_MAP_TYPE_LPM_TRIE` (the key size counts its 4-byte prefix length).
+    LpmTrie,
 }
 
 /// What `service-agent trace` copies of a map from the live pinned maps
@@ -78,6 +89,11 @@ pub enum TraceCopy {
     /// The fragment record of the packet's datagram, if any
     /// (`SVC_FRAGMENTS`).
     PacketFragment,
+    /// The packet's client's affinity entries for the copied frontends
+    /// (`SVC_AFFINITY`).
+    ClientAffinity,
+    /// The source ranges of the copied frontends (`SVC_SRC_RANGES`).
+    FrontendSourceRanges,
     /// Nothing: the map starts empty. For counters (the snapshot's own
     /// then tell what the traced packet did) and for maps that only
     /// programs the trace never runs read (socket-LB).
@@ -128,7 +144,7 @@ impl MapSpec {
 }
 
 /// Every map of the datapath.
-pub const MAPS: [MapSpec; 10] = [
+pub const MAPS: [MapSpec; 12] = [
     MapSpec::of::<FrontendKey, FrontendValue>(
         MAP_FRONTENDS,
         MapKind::Hash,
@@ -193,6 +209,20 @@ pub const MAPS: [MapSpec; 10] = [
         TraceCopy::Nothing,
     ),
     MapSpec::of::<u32, IdCursors>(MAP_ID_CURSORS, MapKind::Array, 1, true, TraceCopy::Nothing),
+    MapSpec::of::<AffinityKey, AffinityValue>(
+        MAP_AFFINITY,
+        MapKind::LruHash,
+        AFFINITY_MAX_ENTRIES,
+        false,
+        TraceCopy::ClientAffinity,
+    ),
+    MapSpec::of::<SourceRangeKey, SourceRangeValue>(
+        MAP_SOURCE_RANGES,
+        MapKind::LpmTrie,
+        SOURCE_RANGES_MAX_ENTRIES,
+        false,
+        TraceCopy::FrontendSourceRanges,
+    ),
 ];
 
 /// The spec of the map called `name`.

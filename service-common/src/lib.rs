@@ -18,6 +18,7 @@
 //! layout change: an IPv4 address fills the first 4 bytes, the rest are zero.
 #![no_std]
 
+pub mod affinity;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
@@ -25,7 +26,9 @@ pub mod fragments;
 pub mod layout;
 pub mod services;
 pub mod sock;
+pub mod source_ranges;
 
+pub use affinity::*;
 pub use config::*;
 pub use conntrack::*;
 pub use counters::*;
@@ -33,6 +36,7 @@ pub use fragments::*;
 pub use layout::*;
 pub use services::*;
 pub use sock::*;
+pub use source_ranges::*;
 
 /// Address family tag for IPv4 entries (`family` fields).
 pub const FAMILY_IPV4: u8 = 4;
@@ -176,4 +180,7 @@ mod user {
     unsafe impl aya::Pod for super::IdCursors {}
     unsafe impl aya::Pod for super::SockNatKey {}
     unsafe impl aya::Pod for super::SockNatValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SourceRangePrefix {}
 }

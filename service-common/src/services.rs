@@ -29,12 +29,32 @@ pub const FRONTEND_FLAG_NODE_PORT: u16 = 1 << 1;
 pub const FRONTEND_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 /// Frontend kind flag: a `status.loadBalancer.ingress[].ip`.
 pub const FRONTEND_FLAG_LOAD_BALANCER: u16 = 1 << 3;
-/// Only node-local backends are listed (traffic policy `Local`).
+/// Only node-local backends are listed (traffic policy `Local`, e.g.
+/// `internalTrafficPolicy: Local` on a ClusterIP frontend): without
+/// backends (no local endpoint), a new flow is dropped, counted as
+/// `DropNoLocalEndpoint`, as kube-proxy drops it, rather than refused.
 pub const FRONTEND_FLAG_LOCAL_ONLY: u16 = 1 << 4;
-/// `sessionAffinity: ClientIP`; see `FrontendValue::affinity_timeout_secs`.
+/// `sessionAffinity: ClientIP`: a client's new flows go to the backend its
+/// entry in the affinity map names while it is younger than
+/// `FrontendValue::affinity_timeout_secs` (see [`crate::affinity`]).
 pub const FRONTEND_FLAG_AFFINITY: u16 = 1 << 5;
 /// Backends are the serving+terminating fallback (no endpoint was ready).
 pub const FRONTEND_FLAG_TERMINATING_FALLBACK: u16 = 1 << 6;
+/// An external frontend (NodePort, LoadBalancer, externalIP) of a Service
+/// with `externalTrafficPolicy: Local`: traffic from the network keeps the
+/// client's source address, so it is never SNATed; should a backend on
+/// another node be chosen all the same, the packet is dropped (counted as
+/// `DropExternalLocal`) rather than SNATed or sent on with a source the
+/// backend's node cannot answer. Without backends (no local endpoint) a
+/// new flow from the network is dropped too, not refused. Traffic from pods and the node is not
+/// affected (kube-proxy treats in-cluster traffic to these frontends as
+/// `Cluster`).
+pub const FRONTEND_FLAG_EXTERNAL_LOCAL: u16 = 1 << 7;
+/// A LoadBalancer frontend with `loadBalancerSourceRanges`: a new flow is
+/// admitted only from a client inside one of the ranges in the
+/// source-ranges trie (see [`crate::source_ranges`]), from the network,
+/// from pods and from the node alike.
+pub const FRONTEND_FLAG_SOURCE_RANGES: u16 = 1 << 8;
 /// Frontend kinds served to traffic from the network (NodePort,
 /// LoadBalancer, externalIP); the others only to pods and the node.
 pub const FRONTEND_FLAGS_EXTERNAL: u16 =

@@ -20,13 +20,14 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use service_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
-    CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,
-    DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets, map_addrs_equal, master_key,
-    mono_seconds, packet_state_bits, reopens, reply_key, snat_port_reusable,
+    CT_FLAG_FROM_NETWORK, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackTimeouts,
+    ConntrackValue, DatapathConfig, DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets,
+    map_addrs_equal, master_key, mono_seconds, packet_state_bits, reopens, reply_key,
+    snat_port_reusable,
 };
 
 use crate::{
-    lb::Target,
+    lb::{Origin, Target},
     maps::{BACKENDS, BPF_ANY, BPF_NOEXIST, CONNTRACK, REVNAT, count},
     packet::Ipv4Flow,
 };
@@ -63,17 +64,23 @@ pub enum Tracked {
     /// The flow's frontend was deleted: a new flow if a frontend exists
     /// there again, else the packet is dropped.
     Dead,
+    /// A live flow of the other origin (`CT_FLAG_FROM_NETWORK` differs):
+    /// the packet is dropped, the flow left alone.
+    Foreign,
 }
 
-/// Looks up the master entry `key` of a forward packet `flow` at `now`
-/// and judges it (see [`Tracked`]); a live flow's entry records the
-/// packet (its `last_seen`, its FIN or RST).
+/// Looks up the master entry `key` of a forward packet `flow` from
+/// `origin` at `now` and judges it (see [`Tracked`]); a live flow's entry
+/// records the packet (its `last_seen`, its FIN or RST). A live master of
+/// the other origin is [`Tracked::Foreign`]; an expired one is a new flow
+/// like any expired master.
 #[inline(always)]
 pub fn lookup_master(
     key: &ConntrackKey,
     flow: &Ipv4Flow,
     now: u32,
     timeouts: &ConntrackTimeouts,
+    origin: Origin,
 ) -> Tracked {
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
         return Tracked::New;
@@ -86,6 +93,9 @@ pub fn lookup_master(
     if timeouts.is_expired(flow.proto, master, now) {
         count(DatapathCounter::ConntrackExpired);
         return Tracked::New;
+    }
+    if master.flags & CT_FLAG_FROM_NETWORK != origin.conntrack_flag() {
+        return Tracked::Foreign;
     }
     if reopens(master, flow.proto, flow.tcp_flags) {
         return Tracked::New;
@@ -276,7 +286,7 @@ fn snat_reply_entry(flow: &Ipv4Flow, target: &Target, now: u32) -> ConntrackValu
         target.rev_nat_id,
         now,
     )
-    .with_flags(CT_FLAG_SNAT)
+    .with_flags(CT_FLAG_SNAT | CT_FLAG_FROM_NETWORK)
 }
 
 /// Takes SNAT port `port` (network byte order), whose reply entry has
@@ -348,7 +358,7 @@ pub fn record_snat(
         target.rev_nat_id,
         now,
     )
-    .with_flags(CT_FLAG_SNAT);
+    .with_flags(CT_FLAG_SNAT | CT_FLAG_FROM_NETWORK);
     CONNTRACK.insert(&key, &value, BPF_ANY).is_ok()
 }
 
@@ -356,23 +366,21 @@ pub fn record_snat(
 /// never arrive before the datapath knows how to translate it, then the
 /// master. A hairpin flow's reply entry is keyed by the reply as the pod
 /// sends it, to `HAIRPIN_IPV4`. Both are written over any entries of an
-/// earlier flow on the same tuple. Whether both were written. Not inlined
-/// (its own stack frame).
+/// earlier flow on the same tuple. `flags` are the flow's
+/// [`CT_FLAG_HAIRPIN`] and origin ([`CT_FLAG_FROM_NETWORK`]) bits, which
+/// both entries record ([`CT_FLAG_SNAT`] follows from the target). Whether
+/// both were written. Not inlined (its own stack frame).
 #[inline(never)]
 pub fn track(
     flow: &Ipv4Flow,
     forward_key: &ConntrackKey,
     target: &Target,
-    hairpin: bool,
+    flags: u16,
     now: u32,
 ) -> bool {
-    let mut flags = if target.snat_port != 0 {
-        CT_FLAG_SNAT
-    } else {
-        0
-    };
-    if hairpin {
-        flags |= CT_FLAG_HAIRPIN;
+    let mut flags = flags;
+    if target.snat_port != 0 {
+        flags |= CT_FLAG_SNAT;
     }
     let forward = ConntrackValue::new(
         map_addr_v4(target.addr),
@@ -391,7 +399,7 @@ pub fn track(
         target.rev_nat_id,
         now,
     )
-    .with_flags(flags & CT_FLAG_HAIRPIN);
+    .with_flags(flags & (CT_FLAG_HAIRPIN | CT_FLAG_FROM_NETWORK));
     CONNTRACK
         .insert(&reply_key(forward_key, &forward), &reply, BPF_ANY)
         .is_ok()

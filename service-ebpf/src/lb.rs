@@ -23,11 +23,21 @@
 //! flow: one address comparison per packet in each direction (the backend
 //! against the source; the destination against the hairpin address).
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map calls take keys and values by reference: the BPF target then \
+              copies no key or value into another stack slot"
+)]
+
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
-    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, DatapathCounter, FRONTEND_FLAGS_EXTERNAL, FrontendKey,
-    FrontendValue, HAIRPIN_IPV4, RevNatId, map_addr_v4_octets,
+    AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
+    BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FRONTEND_FLAG_AFFINITY,
+    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_SOURCE_RANGES,
+    FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue,
+    HAIRPIN_IPV4, RevNatId, SOURCE_RANGE_ID_BITS, SourceRangePrefix, map_addr_v4,
+    map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::{
@@ -35,7 +45,9 @@ use crate::{
         SnatPort, Tracked, Used, allocate_snat_port, conntrack_key, lookup_master, now_seconds,
         record_snat, take_over_snat_port, track, use_entry,
     },
-    maps::{BACKENDS, FRONTENDS, account_frontend, config, count},
+    maps::{
+        AFFINITY, BACKENDS, BPF_ANY, FRONTENDS, SOURCE_RANGES, account_frontend, config, count,
+    },
     nat::{Rewriter, Side},
     packet::{Fragment, Ipv4Flow, Packet},
     verdict::Outcome,
@@ -47,8 +59,22 @@ pub enum Origin {
     /// From a pod (TC ingress on its host-side device): every frontend kind.
     Pod,
     /// From the network (XDP or TC on an external device): only NodePort,
-    /// LoadBalancer and externalIP frontends; remote backends are SNATed.
+    /// LoadBalancer and externalIP frontends; remote backends are SNATed
+    /// (except for `externalTrafficPolicy: Local` frontends, which never
+    /// use them).
     Network,
+}
+
+impl Origin {
+    /// The `CT_FLAG_*` bit every conntrack entry of a flow of this origin
+    /// carries.
+    #[inline(always)]
+    pub const fn conntrack_flag(self) -> u16 {
+        match self {
+            Origin::Pod => 0,
+            Origin::Network => service_common::CT_FLAG_FROM_NETWORK,
+        }
+    }
 }
 
 /// The backend a flow is (or will be) translated to. Aligned so its
@@ -68,6 +94,18 @@ pub struct Target {
     pub node_local: bool,
     /// SNAT source port on this node's SNAT address, network order; 0: none.
     pub snat_port: u16,
+}
+
+impl Target {
+    /// No backend yet: what a new flow's choice is written over.
+    pub const NONE: Target = Target {
+        addr: [0; 4],
+        port: 0,
+        backend_id: 0,
+        rev_nat_id: 0,
+        node_local: false,
+        snat_port: 0,
+    };
 }
 
 /// Reverse DNAT (egress hooks): a reply of a tracked flow gets its
@@ -156,12 +194,20 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
     let Some(config) = config() else {
         return Outcome::Untouched;
     };
-    let tracked = lookup_master(&ct_key, flow, now, &config.timeouts);
+    let tracked = lookup_master(&ct_key, flow, now, &config.timeouts, origin);
+    let mut chosen = Target::NONE;
     let (target, new_flow) = match tracked {
         Tracked::Flow(target) => (target, false),
+        // A packet carrying the tuple of a live flow of the other origin
+        // (a pod's flow, seen from the network, or the other way round)
+        // neither gets that flow's translation nor replaces it.
+        Tracked::Foreign => {
+            count(DatapathCounter::DropOriginMismatch);
+            return Outcome::Dropped;
+        }
         // A later fragment follows its flow, it never starts one.
         _ if flow.fragment == Fragment::Later => return Outcome::Untouched,
-        _ => match new_flow_target(flow, origin) {
+        _ => match new_flow_target(flow, origin, now, &mut chosen) {
             Lookup::NotAFrontend if tracked == Tracked::Dead => {
                 count(DatapathCounter::DeadFlowDropped);
                 return Outcome::Dropped;
@@ -172,7 +218,8 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
                 count(reason);
                 return Outcome::Dropped;
             }
-            Lookup::Backend(mut target) => {
+            Lookup::Backend => {
+                let mut target = chosen;
                 if origin == Origin::Network && !target.node_local && config.snat_v4 != [0; 4] {
                     let port = match allocate_snat_port(flow, &target, config, now) {
                         SnatPort::Taken(port) => port,
@@ -202,7 +249,8 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
     // Hairpin, decided afresh for every packet of the flow (new or tracked):
     // the only cost it adds to other flows is this comparison.
     let hairpin = origin == Origin::Pod && target.addr == flow.saddr;
-    if new_flow && !track(flow, &ct_key, &target, hairpin, now) {
+    let flags = if hairpin { CT_FLAG_HAIRPIN } else { 0 } | origin.conntrack_flag();
+    if new_flow && !track(flow, &ct_key, &target, flags, now) {
         count(DatapathCounter::ConntrackInsertFailed);
     }
     if ctx
@@ -253,7 +301,10 @@ pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcom
     Outcome::Hairpin
 }
 
-/// Outcome of a frontend lookup for a new flow.
+/// Outcome of a frontend lookup for a new flow (the backend chosen, if
+/// any, is written to the caller's [`Target`], so the outcome is small
+/// enough to come back in a register from a function of its own).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
     /// The destination is no frontend (for this origin): leave it alone.
     NotAFrontend,
@@ -261,33 +312,108 @@ pub enum Lookup {
     NoBackend,
     /// A frontend that cannot serve the flow: drop, counting why.
     Drop(DatapathCounter),
-    /// The backend chosen for the flow.
-    Backend(Target),
+    /// A backend was chosen for the flow.
+    Backend,
 }
 
-/// Looks the destination up among the frontends and picks a random backend.
-#[inline(always)]
-fn new_flow_target(flow: &Ipv4Flow, origin: Origin) -> Lookup {
-    select_backend(flow.daddr, flow.dport, flow.proto, origin)
+/// A new flow asking for a backend: what [`select_backend`] decides on.
+pub struct NewFlow {
+    /// Frontend address, network byte order.
+    pub daddr: [u8; 4],
+    /// The client's address, network byte order: the packet's source, or
+    /// for socket-LB the node's own address.
+    pub client: [u8; 4],
+    /// Frontend port, network byte order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Where the flow entered the datapath.
+    pub origin: Origin,
+    /// Monotonic seconds.
+    pub now: u32,
 }
 
-/// Looks `daddr:dport` (network byte order) for `proto` up among the
-/// frontends (scope [`service_common::SCOPE_ALL`]) and picks a random backend: the choice
-/// every new flow gets, from the packet hooks and from the socket hooks
-/// (`sock`) alike.
+/// Looks the destination up among the frontends and picks a backend for
+/// the packet's source as client, into `target`.
 #[inline(always)]
-pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> Lookup {
-    let header_key = FrontendKey::v4(daddr, dport, proto);
+fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Target) -> Lookup {
+    let request = NewFlow {
+        daddr: flow.daddr,
+        client: flow.saddr,
+        dport: flow.dport,
+        proto: flow.proto,
+        origin,
+        now,
+    };
+    select_backend(&request, target)
+}
+
+/// Looks the frontend of a new flow up (scope
+/// [`service_common::SCOPE_ALL`]) and picks its backend into `target`:
+/// the choice every new flow gets, from the packet hooks and from the
+/// socket hooks (`sock`) alike. In order:
+/// - a frontend with `loadBalancerSourceRanges` admits only clients inside
+///   them ([`source_allowed`]);
+/// - a frontend without backends is [`Lookup::NoBackend`] (refused), but
+///   one that lists only local backends ([`FRONTEND_FLAG_LOCAL_ONLY`];
+///   from the network also `externalTrafficPolicy: Local`) drops: no
+///   local endpoint;
+/// - with session affinity, the client's affinity entry names the backend
+///   while it is fresh and that backend still takes new flows
+///   ([`affinity_target`]); otherwise a random slot's backend is taken;
+/// - from the network, an `externalTrafficPolicy: Local` frontend drops
+///   rather than use a backend on another node;
+/// - with affinity, the random choice is recorded for the client.
+///
+/// Not inlined: its own stack frame, apart from the hook's.
+#[inline(never)]
+pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
+    let header_key = FrontendKey::v4(request.daddr, request.dport, request.proto);
     // SAFETY: the header is copied out at once.
     let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
         return Lookup::NotAFrontend;
     };
-    if origin == Origin::Network && header.flags & FRONTEND_FLAGS_EXTERNAL == 0 {
+    if request.origin == Origin::Network && header.flags & FRONTEND_FLAGS_EXTERNAL == 0 {
         return Lookup::NotAFrontend;
     }
+    if header.flags & FRONTEND_FLAG_SOURCE_RANGES != 0
+        && !source_allowed(header.rev_nat_id, request.client)
+    {
+        return Lookup::Drop(DatapathCounter::DropSourceRange);
+    }
+    let external_local =
+        request.origin == Origin::Network && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0;
     if header.count == 0 {
+        // A traffic policy `Local` without a local endpoint: dropped, as
+        // kube-proxy drops it (the listed backends are the local ones).
+        if external_local || header.flags & FRONTEND_FLAG_LOCAL_ONLY != 0 {
+            return Lookup::Drop(DatapathCounter::DropNoLocalEndpoint);
+        }
         return Lookup::NoBackend;
     }
+    let affinity = header.flags & FRONTEND_FLAG_AFFINITY != 0;
+    if affinity && affinity_target(&header, request.client, request.now, external_local, target) {
+        return Lookup::Backend;
+    }
+    let chosen = random_target(&header_key, &header, target);
+    if chosen != Lookup::Backend {
+        return chosen;
+    }
+    // Checked before the choice is recorded: a client is never kept on a
+    // backend it cannot use.
+    if external_local && !target.node_local {
+        return Lookup::Drop(DatapathCounter::DropExternalLocal);
+    }
+    if affinity {
+        record_affinity(request.client, target, request.now);
+    }
+    Lookup::Backend
+}
+
+/// A random backend slot of the frontend `header_key`/`header` (whose
+/// count is not 0), resolved into `target`.
+#[inline(always)]
+fn random_target(header_key: &FrontendKey, header: &FrontendValue, target: &mut Target) -> Lookup {
     // SAFETY: the helper has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot_key = header_key.with_slot((random % u32::from(header.count)) as u16 + 1);
@@ -295,21 +421,110 @@ pub fn select_backend(daddr: [u8; 4], dport: u16, proto: u8, origin: Origin) -> 
     let Some(slot) = (unsafe { FRONTENDS.get(slot_key) }).copied() else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
-    backend_target(&header, &slot)
+    backend_target(header, &slot, target)
 }
 
-/// Resolves a backend slot to the address and port to DNAT to.
+/// Whether `client` (network byte order) lies inside one of the
+/// `loadBalancerSourceRanges` of the frontend with rev-NAT id
+/// `rev_nat_id`: one longest-prefix lookup of the client's full address
+/// under that id. Not inlined: the key has its own stack frame.
+#[inline(never)]
+fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_ID_BITS + 32,
+        SourceRangePrefix::v4(rev_nat_id, client),
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Whether `client`'s affinity entry for the frontend `header` names a
+/// backend to follow, written to `target`: the entry is fresh at `now`
+/// (idle for at most the frontend's timeout) and its backend is still
+/// there with the address it had when chosen and takes new flows (active,
+/// or terminating while the frontend is in the terminating fallback) and,
+/// for traffic from the network to an `externalTrafficPolicy: Local`
+/// frontend (`external_local`), runs on this node; the entry is
+/// refreshed. `false` otherwise: the flow is balanced afresh, and the
+/// entry rewritten. Not inlined: its own stack frame.
+#[inline(never)]
+fn affinity_target(
+    header: &FrontendValue,
+    client: [u8; 4],
+    now: u32,
+    external_local: bool,
+    target: &mut Target,
+) -> bool {
+    let key = AffinityKey::v4(client, header.rev_nat_id);
+    let Some(entry) = AFFINITY.get_ptr_mut(&key) else {
+        return false;
+    };
+    // SAFETY: a live map value, read in place.
+    let value = unsafe { &*entry };
+    if !value.is_fresh(now, header.affinity_timeout_secs) {
+        return false;
+    }
+    let Some(backend) = BACKENDS.get(value.backend_id).filter(|b| b.exists()) else {
+        return false;
+    };
+    let takes_new_flows = backend.state == BACKEND_STATE_ACTIVE
+        || (backend.state == BACKEND_STATE_TERMINATING
+            && header.flags & FRONTEND_FLAG_TERMINATING_FALLBACK != 0);
+    let node_local = backend.flags & BACKEND_FLAG_NODE_LOCAL != 0;
+    if !takes_new_flows
+        || !map_addrs_equal(&backend.addr, &value.addr)
+        || backend.port != value.port
+        || (external_local && !node_local)
+    {
+        return false;
+    }
+    *target = Target {
+        addr: map_addr_v4_octets(&backend.addr),
+        port: backend.port,
+        backend_id: value.backend_id,
+        rev_nat_id: header.rev_nat_id,
+        node_local,
+        snat_port: 0,
+    };
+    if value.last_used != now {
+        // SAFETY: a live map value; a concurrent writer only ever writes a
+        // recent second.
+        unsafe { (*entry).last_used = now };
+    }
+    count(DatapathCounter::AffinityHit);
+    true
+}
+
+/// Records that `client` was given `target` at `now` (the entry of
+/// `client` and the target's frontend, written over any older one). Not
+/// inlined: its own stack frame.
+#[inline(never)]
+fn record_affinity(client: [u8; 4], target: &Target, now: u32) {
+    let key = AffinityKey::v4(client, target.rev_nat_id);
+    let value = AffinityValue {
+        backend_id: target.backend_id,
+        last_used: now,
+        addr: map_addr_v4(target.addr),
+        port: target.port,
+        _pad: [0; 6],
+    };
+    // A failed write (never expected of an LRU map) only costs affinity.
+    let _ = AFFINITY.insert(&key, &value, BPF_ANY);
+}
+
+/// Resolves a backend slot to the address and port to DNAT to, into
+/// `target`.
 #[inline(always)]
-fn backend_target(header: &FrontendValue, slot: &FrontendValue) -> Lookup {
+fn backend_target(header: &FrontendValue, slot: &FrontendValue, target: &mut Target) -> Lookup {
     let Some(backend) = BACKENDS.get(slot.backend_id).filter(|b| b.exists()) else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
     };
-    Lookup::Backend(Target {
+    *target = Target {
         addr: map_addr_v4_octets(&backend.addr),
         port: backend.port,
         backend_id: slot.backend_id,
         rev_nat_id: header.rev_nat_id,
         node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
         snat_port: 0,
-    })
+    };
+    Lookup::Backend
 }

@@ -116,12 +116,21 @@ pub fn from_network(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     match fragment_done(&flow, from_the_network(&ctx, &flow)) {
-        // Without a backend the packet goes on untouched: for a NodePort
-        // (a node address), the node's own stack refuses it at once (TCP
-        // RST, ICMP port unreachable), as it does for any closed port.
         // (Hairpin only comes from pods, never from the network.)
-        Outcome::Untouched | Outcome::Translated | Outcome::Hairpin | Outcome::NoBackend => {
+        Outcome::Untouched | Outcome::Translated | Outcome::Hairpin => xdp_action::XDP_PASS,
+        // A new flow to a frontend without backend is refused as on TC
+        // (TCP RST, ICMP port unreachable, `reject`): XDP leaves it,
+        // untouched and marked, to the TC program beside it, which has the
+        // skb and builds the reply. Passed on unmarked, a LoadBalancer or
+        // externalIP packet would be routed by the kernel (back out,
+        // possibly). Where the driver keeps no XDP metadata it is dropped.
+        Outcome::NoBackend if offload::defer_to_tc(&ctx) => {
+            maps::count(DatapathCounter::RejectDeferred);
             xdp_action::XDP_PASS
+        }
+        Outcome::NoBackend => {
+            maps::count(DatapathCounter::DropNoBackend);
+            xdp_action::XDP_DROP
         }
         Outcome::Dropped => xdp_action::XDP_DROP,
     }
@@ -135,7 +144,8 @@ pub fn from_network_tc(ctx: TcContext) -> i32 {
 }
 
 /// TC ingress beside [`from_network`] on XDP: translates the packets XDP
-/// deferred because their checksum is left to offload (`offload`), and
+/// deferred because their checksum is left to offload (`offload`), refuses
+/// the new flows XDP deferred because their frontend has no backend, and
 /// leaves every other packet alone.
 #[classifier]
 pub fn from_network_deferred(ctx: TcContext) -> i32 {

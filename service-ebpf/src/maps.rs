@@ -7,14 +7,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use service_common::{
-    BACKENDS_MAX_ENTRIES, BackendId, BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES,
-    ConntrackKey, ConntrackValue, DatapathConfig, DatapathCounter, FRAGMENTS_MAX_ENTRIES,
-    FRONTENDS_MAX_ENTRIES, FragmentKey, FragmentValue, FrontendKey, FrontendStats, FrontendValue,
-    IdCursors, MapKind, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES,
-    SockNatKey, SockNatValue, map_matches,
+    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendId,
+    BackendValue, CONNTRACK_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, ConntrackKey, ConntrackValue,
+    DatapathConfig, DatapathCounter, FRAGMENTS_MAX_ENTRIES, FRONTENDS_MAX_ENTRIES, FragmentKey,
+    FragmentValue, FrontendKey, FrontendStats, FrontendValue, IdCursors, MapKind,
+    REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SOCK_NAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    SockNatKey, SockNatValue, SourceRangeKey, SourceRangePrefix, SourceRangeValue, map_matches,
 };
 
 /// Asserts at compile time that the map named `$name` (the literal its
@@ -96,6 +97,25 @@ check_map!("SVC_SOCK_NAT", SockNatKey, SockNatValue, MapKind::LruHash);
 #[map(name = "SVC_ID_CURSORS")]
 pub static ID_CURSORS: Array<IdCursors> = Array::pinned(1, 0);
 check_map!("SVC_ID_CURSORS", u32, IdCursors, MapKind::Array);
+
+/// Session affinity: per client and frontend, the backend it was given
+/// and when (see `service_common::affinity`). Written by the datapath only.
+#[map(name = "SVC_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+check_map!("SVC_AFFINITY", AffinityKey, AffinityValue, MapKind::LruHash);
+
+/// `loadBalancerSourceRanges`: per LoadBalancer frontend, the client
+/// prefixes it admits (see `service_common::source_ranges`).
+#[map(name = "SVC_SRC_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangePrefix, SourceRangeValue> =
+    LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);
+check_map!(
+    "SVC_SRC_RANGES",
+    SourceRangeKey,
+    SourceRangeValue,
+    MapKind::LpmTrie
+);
 
 /// `BPF_ANY`: insert or replace.
 pub const BPF_ANY: u64 = 0;

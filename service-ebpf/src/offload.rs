@@ -15,6 +15,10 @@
 //! in 65536) is deferred too, and translated exactly by TC. Where the
 //! driver keeps no metadata (`bpf_xdp_adjust_meta` fails), XDP translates
 //! the packet itself, as before.
+//!
+//! The same mark hands TC the new flows XDP cannot refuse itself: a packet
+//! to a frontend without backends, which TC turns into a TCP RST or an
+//! ICMP port unreachable (`reject`) with the skb's helpers.
 
 use aya_ebpf::{
     helpers::bpf_xdp_adjust_meta,

@@ -38,6 +38,10 @@
 //! map (a socket idle while many others were translated) leaves the backend
 //! address visible to `recvfrom`/`getpeername`, never breaks the traffic.
 //!
+//! Session affinity and `loadBalancerSourceRanges` take the node as one
+//! client, by its address (`DatapathConfig::snat_v4`): a socket outside
+//! the ranges fails with `ECONNREFUSED` at once.
+//!
 //! A frontend without backends refuses at once: `connect` and `sendmsg`
 //! fail with `ECONNREFUSED` (the program rejects, after `bpf_set_retval`,
 //! kernel 5.18+; the kernel would report `EPERM` otherwise), as a closed
@@ -59,8 +63,9 @@ use service_common::{
 };
 
 use crate::{
-    lb::{self, Lookup, Origin, Target},
-    maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, count},
+    conntrack::now_seconds,
+    lb::{self, Lookup, NewFlow, Origin, Target},
+    maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, config, count},
 };
 
 /// Verdict letting the system call go on (with the address as rewritten).
@@ -175,7 +180,19 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         set_destination(ctx, addr, port);
         return SOCK_ALLOW;
     }
-    let target = match lb::select_backend(daddr, dport, proto, Origin::Pod) {
+    // The node is one client, by its own address, for session affinity
+    // and `loadBalancerSourceRanges` (the address its sockets' packets
+    // would leave with towards other nodes).
+    let request = NewFlow {
+        daddr,
+        client: config().map_or([0; 4], |config| config.snat_v4),
+        dport,
+        proto,
+        origin: Origin::Pod,
+        now: now_seconds(),
+    };
+    let mut target = Target::NONE;
+    match lb::select_backend(&request, &mut target) {
         Lookup::NotAFrontend => return SOCK_ALLOW,
         Lookup::NoBackend => {
             count(DatapathCounter::RejectedNoBackend);
@@ -183,10 +200,14 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         }
         Lookup::Drop(reason) => {
             count(reason);
-            return reject(EHOSTUNREACH);
+            return reject(if reason == DatapathCounter::DropSourceRange {
+                ECONNREFUSED
+            } else {
+                EHOSTUNREACH
+            });
         }
-        Lookup::Backend(target) => target,
-    };
+        Lookup::Backend => {}
+    }
     if record(&forward_key, daddr, dport, &target).is_err() {
         count(DatapathCounter::ConntrackInsertFailed);
     }

@@ -90,23 +90,19 @@ impl Datapath {
         flags: u16,
         backends: &[(Ipv4Addr, u16, bool)],
     ) {
-        let service = frontend_service(addr, port, proto);
-        let frontend = DesiredFrontend {
-            addr: addr.into(),
-            port,
-            proto,
-            flags,
-            backends: backends
-                .iter()
-                .map(|(addr, port, node_local)| DesiredBackend {
-                    addr: (*addr).into(),
-                    port: *port,
-                    node_local: *node_local,
-                    state: BackendState::Active,
-                })
-                .collect(),
-            draining: Vec::new(),
+        self.set_desired_frontend(frontend(addr, port, proto, flags, backends));
+    }
+
+    /// Programs (or reprograms) `frontend` as the only frontend of its
+    /// Service, through the agent's desired-state layout and ordered
+    /// writes: for tests that set fields beyond kind and backends
+    /// (affinity, source ranges), starting from [`frontend`].
+    pub fn set_desired_frontend(&mut self, frontend: DesiredFrontend) {
+        let addr = match frontend.addr {
+            std::net::IpAddr::V4(addr) => addr,
+            std::net::IpAddr::V6(_) => panic!("IPv4 frontends only"),
         };
+        let service = frontend_service(addr, frontend.port, frontend.proto);
         let update = self.desired.set_service(&service, &[frontend]);
         assert!(update.problems.is_empty(), "{:?}", update.problems);
         if let Err(failure) = write_in_order(&mut self.maps, &update.writes.ops) {
@@ -237,6 +233,36 @@ impl Datapath {
             .find(|(n, _)| *n == name)
             .expect("counter exists")
             .1
+    }
+}
+
+/// The frontend `addr:port/proto` of kind `flags` (`FRONTEND_FLAG_*`) with
+/// active `backends` as (address, port, node-local), without affinity or
+/// source ranges.
+pub fn frontend(
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    flags: u16,
+    backends: &[(Ipv4Addr, u16, bool)],
+) -> DesiredFrontend {
+    DesiredFrontend {
+        addr: addr.into(),
+        port,
+        proto,
+        flags,
+        backends: backends
+            .iter()
+            .map(|(addr, port, node_local)| DesiredBackend {
+                addr: (*addr).into(),
+                port: *port,
+                node_local: *node_local,
+                state: BackendState::Active,
+            })
+            .collect(),
+        draining: Vec::new(),
+        affinity_timeout_secs: 0,
+        source_ranges: Vec::new(),
     }
 }
 

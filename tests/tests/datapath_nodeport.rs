@@ -156,11 +156,17 @@ fn xdp_dnats_external_frontends_and_to_network_restores_their_replies() {
                 expect: Expect::Untouched,
             },
             Case {
-                name: "a NodePort without backend passes, for the node to refuse",
+                name: "a NodePort without backend is left, marked, to TC to refuse",
                 program: PROG_FROM_NETWORK,
                 input: tcp((CLIENT, 40004), (NODE_IP, 30099), true, false, &[]),
                 verdict: XDP_PASS,
-                expect: Expect::Untouched,
+                expect: Expect::Bytes(deferred(&tcp(
+                    (CLIENT, 40004),
+                    (NODE_IP, 30099),
+                    true,
+                    false,
+                    &[],
+                ))),
             },
             Case {
                 name: "traffic to no frontend passes untouched",

@@ -36,10 +36,14 @@ use service_agent::datapath::{
     PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD,
 };
 use service_common::{
-    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_NODE_PORT, HAIRPIN_IPV4, PROTO_TCP, PROTO_UDP,
+    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP,
+    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_NODE_PORT,
+    HAIRPIN_IPV4, PROTO_TCP, PROTO_UDP,
 };
-use service_tests::{datapath_fixture::Datapath, packets, require_root};
+use service_tests::{
+    datapath_fixture::{Datapath, frontend},
+    packets, require_root,
+};
 
 /// `TC_ACT_UNSPEC` as BPF_PROG_TEST_RUN reports it: the packet continues.
 const TC_CONTINUE: u32 = u32::MAX;
@@ -168,6 +172,12 @@ struct Frontend {
     flags: u16,
     /// (address, port, on this node)
     backends: Vec<(Ipv4Addr, u16, bool)>,
+    /// Session affinity timeout in seconds (0: off). With it, a new flow
+    /// still goes to one of `backends`: the invariant stays.
+    affinity: u32,
+    /// `loadBalancerSourceRanges`: clients outside them are dropped
+    /// (drops are always allowed by the invariant).
+    source_ranges: &'static [&'static str],
 }
 
 /// A reply the datapath may reverse-translate: (backend, backend port,
@@ -225,6 +235,8 @@ fn program(dp: &mut Datapath) -> Model {
                 (pod(2), 8080, true),
                 (remote(1), 8080, false),
             ],
+            affinity: 10_800,
+            source_ranges: &[],
         },
         Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 10),
@@ -232,6 +244,8 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_UDP,
             flags: FRONTEND_FLAG_CLUSTER_IP,
             backends: vec![(pod(1), 5353, true), (pod(3), 5353, true)],
+            affinity: 0,
+            source_ranges: &[],
         },
         Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 11),
@@ -239,6 +253,8 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_TCP,
             flags: FRONTEND_FLAG_CLUSTER_IP,
             backends: vec![],
+            affinity: 0,
+            source_ranges: &[],
         },
         Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 11),
@@ -246,6 +262,8 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_UDP,
             flags: FRONTEND_FLAG_CLUSTER_IP,
             backends: vec![],
+            affinity: 0,
+            source_ranges: &[],
         },
         Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 12),
@@ -253,6 +271,8 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_TCP,
             flags: FRONTEND_FLAG_CLUSTER_IP,
             backends: vec![(POD_CLIENTS[0], 8443, true), (pod(4), 8443, true)],
+            affinity: 0,
+            source_ranges: &[],
         },
         Frontend {
             addr: NODE,
@@ -260,6 +280,8 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_TCP,
             flags: FRONTEND_FLAG_NODE_PORT,
             backends: vec![(pod(5), 8080, true), (remote(2), 8080, false)],
+            affinity: 0,
+            source_ranges: &[],
         },
         Frontend {
             addr: NODE,
@@ -267,6 +289,8 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_UDP,
             flags: FRONTEND_FLAG_NODE_PORT,
             backends: vec![(remote(3), 5353, false), (pod(6), 5353, true)],
+            affinity: 60,
+            source_ranges: &[],
         },
         Frontend {
             addr: NODE,
@@ -274,13 +298,19 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_TCP,
             flags: FRONTEND_FLAG_NODE_PORT,
             backends: vec![],
+            affinity: 0,
+            source_ranges: &[],
         },
         Frontend {
             addr: Ipv4Addr::new(10, 98, 0, 100),
             port: 80,
             proto: PROTO_TCP,
-            flags: FRONTEND_FLAG_LOAD_BALANCER,
+            // externalTrafficPolicy: Local, admitting one network client
+            // and two pods.
+            flags: FRONTEND_FLAG_LOAD_BALANCER | FRONTEND_FLAG_EXTERNAL_LOCAL,
             backends: vec![(pod(7), 80, true)],
+            affinity: 0,
+            source_ranges: &["10.99.0.2/32", "10.200.0.2/31"],
         },
         Frontend {
             addr: Ipv4Addr::new(10, 98, 0, 200),
@@ -288,10 +318,18 @@ fn program(dp: &mut Datapath) -> Model {
             proto: PROTO_TCP,
             flags: FRONTEND_FLAG_EXTERNAL_IP,
             backends: vec![(remote(4), 80, false)],
+            affinity: 0,
+            source_ranges: &[],
         },
     ];
     for f in &frontends {
-        dp.set_frontend(f.addr, f.port, f.proto, f.flags, &f.backends);
+        let mut desired = frontend(f.addr, f.port, f.proto, f.flags, &f.backends);
+        if f.affinity != 0 {
+            desired.flags |= FRONTEND_FLAG_AFFINITY;
+            desired.affinity_timeout_secs = f.affinity;
+        }
+        desired.source_ranges = f.source_ranges.iter().map(|r| r.parse().unwrap()).collect();
+        dp.set_desired_frontend(desired);
     }
     Model {
         frontends,
@@ -705,6 +743,24 @@ fn deferred_to_tc(input: &[u8], output: &[u8]) -> bool {
     input[at..at + 2] == (!pseudo.ones_complement()).to_ne_bytes()
 }
 
+/// Whether `output` is `input` deferred by XDP, untouched, to the TC
+/// program beside it for a refusal, and rightly so: it goes to a frontend
+/// without backends that the hook serves (TC turns it into a TCP RST or
+/// an ICMP port unreachable).
+fn deferred_refusal(model: &Model, hook: Hook, input: &[u8], output: &[u8]) -> bool {
+    if output.strip_prefix(DEFERRED_MARK) != Some(input) {
+        return false;
+    }
+    let Some(ip) = parse(input) else {
+        return false;
+    };
+    ports(input, &ip).is_some_and(|(_, dport)| {
+        model
+            .frontend(ip.dst, dport, ip.proto)
+            .is_some_and(|f| f.backends.is_empty() && hook.serves(f.flags))
+    })
+}
+
 // ---------------------------------------------------------------------------
 // The invariant
 // ---------------------------------------------------------------------------
@@ -746,7 +802,9 @@ fn check(
     if output == input {
         return Ok(Outcome::Untouched);
     }
-    if hook == Hook::FromNetworkXdp && deferred_to_tc(input, output) {
+    if hook == Hook::FromNetworkXdp
+        && (deferred_to_tc(input, output) || deferred_refusal(model, hook, input, output))
+    {
         return Ok(Outcome::Untouched);
     }
     let (Some(ip_in), Some(ip_out)) = (parse(input), parse(output)) else {

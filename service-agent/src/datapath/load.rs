@@ -28,6 +28,7 @@ pub fn map_type(kind: MapKind) -> MapType {
         MapKind::LruHash => MapType::LruHash,
         MapKind::Array => MapType::Array,
         MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LpmTrie => MapType::LpmTrie,
     }
 }
 

@@ -6,12 +6,16 @@ use std::{collections::BTreeMap, io, os::fd::AsFd as _, path::Path};
 use anyhow::Context as _;
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use service_common::{
     BackendValue, DatapathConfig, DatapathCounter, FrontendKey, FrontendStats, FrontendValue,
     MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_FRONTEND_STATS, MAP_FRONTENDS, MAP_REVNAT,
-    RevNatId, RevNatValue,
+    MAP_SOURCE_RANGES, RevNatId, RevNatValue, SOURCE_RANGE_ALLOW, SourceRangeKey,
+    SourceRangePrefix, SourceRangeValue,
 };
 
 use super::{
@@ -19,7 +23,7 @@ use super::{
     sys,
 };
 
-/// The three maps the agent programs.
+/// The maps the agent programs.
 pub struct ServiceMaps {
     /// Frontends map.
     pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
@@ -28,6 +32,9 @@ pub struct ServiceMaps {
     pub backends: Array<MapData, BackendValue>,
     /// Reverse-NAT map.
     pub revnat: HashMap<MapData, RevNatId, RevNatValue>,
+    /// `loadBalancerSourceRanges` trie (no batch operations: written and
+    /// read one entry at a time).
+    pub source_ranges: LpmTrie<MapData, SourceRangePrefix, SourceRangeValue>,
     /// Whether the kernel takes batch writes (`BPF_MAP_UPDATE_BATCH`,
     /// kernel 5.6); cleared at the first refusal, after which every entry
     /// is written with its own call.
@@ -74,6 +81,7 @@ impl ServiceMaps {
             frontends: HashMap::try_from(take(MAP_FRONTENDS)?)?,
             backends: Array::try_from(take(MAP_BACKENDS)?)?,
             revnat: HashMap::try_from(take(MAP_REVNAT)?)?,
+            source_ranges: LpmTrie::try_from(take(MAP_SOURCE_RANGES)?)?,
             batches: true,
         })
     }
@@ -84,6 +92,7 @@ impl ServiceMaps {
             frontends: HashMap::try_from(open_pinned(pin_path, MAP_FRONTENDS)?)?,
             backends: Array::try_from(open_pinned(pin_path, MAP_BACKENDS)?)?,
             revnat: HashMap::try_from(open_pinned(pin_path, MAP_REVNAT)?)?,
+            source_ranges: LpmTrie::try_from(open_pinned(pin_path, MAP_SOURCE_RANGES)?)?,
             batches: true,
         })
     }
@@ -104,6 +113,13 @@ impl MapReader for ServiceMaps {
             state.revnat.insert(k, v);
         })
         .context("reading the rev-NAT map")?;
+        for key in self.source_ranges.keys() {
+            let key = key.context("reading the source-ranges map")?;
+            state.source_ranges.insert(SourceRangeKey {
+                prefix_len: key.prefix_len(),
+                data: key.data(),
+            });
+        }
         Ok(state)
     }
 }
@@ -223,12 +239,45 @@ impl MapWriter for ServiceMaps {
                 });
                 write(&mut self.revnat, &upserts, &deletes, batches)
             }
+            MapName::SourceRanges => write_source_ranges(&mut self.source_ranges, ops),
         };
         result.map_err(|(done, source)| BatchFailure {
             done,
             error: MapWriteError { map, source },
         })
     }
+}
+
+/// Writes source-ranges entries one at a time (the trie has no batch
+/// operations); returns how many were done before a failure, and the
+/// failure.
+fn write_source_ranges(
+    map: &mut LpmTrie<MapData, SourceRangePrefix, SourceRangeValue>,
+    ops: &[MapOp],
+) -> Result<(), (usize, io::Error)> {
+    for (i, op) in ops.iter().enumerate() {
+        let result = match *op {
+            MapOp::UpsertSourceRange(key) => map
+                .insert(&Key::new(key.prefix_len, key.data), SOURCE_RANGE_ALLOW, 0)
+                .map_err(io_error),
+            MapOp::DeleteSourceRange(key) => {
+                match map
+                    .remove(&Key::new(key.prefix_len, key.data))
+                    .map_err(io_error)
+                {
+                    // Already gone: done.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                    other => other,
+                }
+            }
+            _ => {
+                debug_assert!(false, "a batch mixes maps: {op:?}");
+                Ok(())
+            }
+        };
+        result.map_err(|e| (i, e))?;
+    }
+    Ok(())
 }
 
 /// The upserts (`Ok`) and deletes (`Err`) of one map among `ops`.

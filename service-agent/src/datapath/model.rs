@@ -7,11 +7,12 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use service_common::{
-    BackendId, BackendValue, FAMILY_IPV4, FAMILY_IPV6, FrontendKey, FrontendValue, MapAddr,
-    RevNatId, RevNatValue,
+    BackendId, BackendValue, FAMILY_IPV4, FAMILY_IPV6, FRONTEND_FLAG_SOURCE_RANGES, FrontendKey,
+    FrontendValue, MapAddr, RevNatId, RevNatValue, SourceRangeKey,
 };
 
-/// The contents of the frontends, backends and reverse-NAT maps.
+/// The contents of the frontends, backends, reverse-NAT and source-ranges
+/// maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     /// Frontends map: headers (slot 0) and backend slots.
@@ -20,6 +21,9 @@ pub struct MapState {
     pub backends: BTreeMap<BackendId, BackendValue>,
     /// Reverse-NAT map.
     pub revnat: BTreeMap<RevNatId, RevNatValue>,
+    /// `loadBalancerSourceRanges` trie: its keys (every value is
+    /// `SOURCE_RANGE_ALLOW`).
+    pub source_ranges: std::collections::BTreeSet<SourceRangeKey>,
 }
 
 /// One of the maps the agent programs.
@@ -31,18 +35,27 @@ pub enum MapName {
     Backends,
     /// Reverse NAT by id.
     RevNat,
+    /// `loadBalancerSourceRanges` by rev-NAT id and client prefix.
+    SourceRanges,
 }
 
 impl MapName {
     /// Every map, in the order metrics list them.
-    pub const ALL: [MapName; 3] = [MapName::Frontends, MapName::Backends, MapName::RevNat];
+    pub const ALL: [MapName; 4] = [
+        MapName::Frontends,
+        MapName::Backends,
+        MapName::RevNat,
+        MapName::SourceRanges,
+    ];
 
-    /// Its name in logs, metrics and `list` (`frontends`, `backends`, `revnat`).
+    /// Its name in logs, metrics and `list` (`frontends`, `backends`,
+    /// `revnat`, `source_ranges`).
     pub fn as_str(self) -> &'static str {
         match self {
             MapName::Frontends => "frontends",
             MapName::Backends => "backends",
             MapName::RevNat => "revnat",
+            MapName::SourceRanges => "source_ranges",
         }
     }
 }
@@ -60,12 +73,16 @@ pub enum MapOp {
     UpsertBackend(BackendId, BackendValue),
     /// Insert or replace a reverse-NAT entry.
     UpsertRevNat(RevNatId, RevNatValue),
+    /// Insert a source-ranges entry (its value is always the same).
+    UpsertSourceRange(SourceRangeKey),
     /// Insert or replace a frontend header or slot.
     UpsertFrontend(FrontendKey, FrontendValue),
     /// Delete a frontend header or slot.
     DeleteFrontend(FrontendKey),
     /// Delete a reverse-NAT entry.
     DeleteRevNat(RevNatId),
+    /// Delete a source-ranges entry.
+    DeleteSourceRange(SourceRangeKey),
     /// Delete a backend.
     DeleteBackend(BackendId),
 }
@@ -73,14 +90,17 @@ pub enum MapOp {
 /// The steps of an ordered write, in order: every write of a step can go
 /// to the kernel in one batch, and a step starts once the previous one is
 /// done, so the datapath never sees a header counting a missing slot, a
-/// slot naming a missing backend, or a header naming a missing rev-NAT
-/// entry.
+/// slot naming a missing backend, a header naming a missing rev-NAT
+/// entry, or a header whose `FRONTEND_FLAG_SOURCE_RANGES` finds none of
+/// its ranges (which would drop every client).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WriteStep {
     /// Backends first: slots will name them.
     UpsertBackends,
     /// Then rev-NAT entries: headers will name them.
     UpsertRevNat,
+    /// Then source ranges: headers will have them checked.
+    UpsertSourceRanges,
     /// Then backend slots.
     UpsertSlots,
     /// Then headers, whose count makes the slots visible.
@@ -89,6 +109,8 @@ pub enum WriteStep {
     DeleteHeaders,
     /// then slots no header counts any more,
     DeleteSlots,
+    /// then source ranges no header checks any more,
+    DeleteSourceRanges,
     /// then rev-NAT entries no header names,
     DeleteRevNat,
     /// then backends no slot names.
@@ -97,13 +119,15 @@ pub enum WriteStep {
 
 impl WriteStep {
     /// Every step, in the order they run.
-    pub const ORDER: [WriteStep; 8] = [
+    pub const ORDER: [WriteStep; 10] = [
         WriteStep::UpsertBackends,
         WriteStep::UpsertRevNat,
+        WriteStep::UpsertSourceRanges,
         WriteStep::UpsertSlots,
         WriteStep::UpsertHeaders,
         WriteStep::DeleteHeaders,
         WriteStep::DeleteSlots,
+        WriteStep::DeleteSourceRanges,
         WriteStep::DeleteRevNat,
         WriteStep::DeleteBackends,
     ];
@@ -115,10 +139,12 @@ impl MapOp {
         match self {
             MapOp::UpsertBackend(..) => WriteStep::UpsertBackends,
             MapOp::UpsertRevNat(..) => WriteStep::UpsertRevNat,
+            MapOp::UpsertSourceRange(..) => WriteStep::UpsertSourceRanges,
             MapOp::UpsertFrontend(key, _) if key.slot == 0 => WriteStep::UpsertHeaders,
             MapOp::UpsertFrontend(..) => WriteStep::UpsertSlots,
             MapOp::DeleteFrontend(key) if key.slot == 0 => WriteStep::DeleteHeaders,
             MapOp::DeleteFrontend(..) => WriteStep::DeleteSlots,
+            MapOp::DeleteSourceRange(..) => WriteStep::DeleteSourceRanges,
             MapOp::DeleteRevNat(..) => WriteStep::DeleteRevNat,
             MapOp::DeleteBackend(..) => WriteStep::DeleteBackends,
         }
@@ -130,6 +156,7 @@ impl MapOp {
             MapOp::UpsertBackend(..) | MapOp::DeleteBackend(..) => MapName::Backends,
             MapOp::UpsertRevNat(..) | MapOp::DeleteRevNat(..) => MapName::RevNat,
             MapOp::UpsertFrontend(..) | MapOp::DeleteFrontend(..) => MapName::Frontends,
+            MapOp::UpsertSourceRange(..) | MapOp::DeleteSourceRange(..) => MapName::SourceRanges,
         }
     }
 }
@@ -224,6 +251,12 @@ impl MapState {
             MapOp::DeleteBackend(id) => {
                 self.backends.remove(&id);
             }
+            MapOp::UpsertSourceRange(key) => {
+                self.source_ranges.insert(key);
+            }
+            MapOp::DeleteSourceRange(key) => {
+                self.source_ranges.remove(&key);
+            }
         }
     }
 
@@ -237,6 +270,9 @@ impl MapState {
             MapOp::UpsertFrontend(key, _) | MapOp::DeleteFrontend(key) => {
                 self.frontends.contains_key(key)
             }
+            MapOp::UpsertSourceRange(key) | MapOp::DeleteSourceRange(key) => {
+                self.source_ranges.contains(key)
+            }
         }
     }
 
@@ -246,12 +282,14 @@ impl MapState {
             MapName::Frontends => self.frontends.len(),
             MapName::Backends => self.backends.len(),
             MapName::RevNat => self.revnat.len(),
+            MapName::SourceRanges => self.source_ranges.len(),
         }
     }
 
     /// Checks what the datapath relies on at every moment: each header's
-    /// slots exist, each slot names an existing backend, and each header's
-    /// rev-NAT entry exists. Returns the first violation.
+    /// slots exist, each slot names an existing backend, each header's
+    /// rev-NAT entry exists, and a header with `FRONTEND_FLAG_SOURCE_RANGES`
+    /// has source ranges. Returns the first violation.
     pub fn check_consistent(&self) -> Result<(), String> {
         for (key, value) in &self.frontends {
             if key.slot == 0 {
@@ -266,6 +304,14 @@ impl MapState {
                         "header {key:?} misses rev-NAT {}",
                         value.rev_nat_id
                     ));
+                }
+                if value.flags & FRONTEND_FLAG_SOURCE_RANGES != 0
+                    && !self
+                        .source_ranges
+                        .iter()
+                        .any(|range| range.data.rev_nat_id() == value.rev_nat_id)
+                {
+                    return Err(format!("header {key:?} misses its source ranges"));
                 }
             } else if !self.backends.contains_key(&value.backend_id) {
                 return Err(format!(

@@ -16,16 +16,21 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, MapError, MapInfo, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
-    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig,
-    FAMILY_IPV4, FRONTEND_FLAGS_EXTERNAL, FragmentKey, FragmentValue, FrontendKey, FrontendValue,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS, MAP_FRONTENDS,
-    MAP_REVNAT, MAPS, MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL,
-    SCOPE_INTERNAL, TraceCopy, map_addr_v4, master_key, reply_key, snat_key, snat_reply_key,
+    AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, CT_DIR_FORWARD,
+    CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey,
+    ConntrackValue, DatapathConfig, FAMILY_IPV4, FRONTEND_FLAGS_EXTERNAL, FragmentKey,
+    FragmentValue, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
+    MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS, MAP_FRONTENDS, MAP_REVNAT, MAP_SOURCE_RANGES, MAPS,
+    MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL, SCOPE_INTERNAL,
+    SOURCE_RANGE_ALLOW, SourceRangeKey, SourceRangePrefix, SourceRangeValue, TraceCopy,
+    map_addr_v4, master_key, reply_key, snat_key, snat_reply_key,
 };
 
 use super::{
@@ -116,6 +121,10 @@ pub struct Copied {
     pub conntrack: BTreeMap<ConntrackKey, ConntrackValue>,
     /// The packet's fragment record.
     pub fragment: Option<(FragmentKey, FragmentValue)>,
+    /// The client's affinity entries for the copied frontends.
+    pub affinity: BTreeMap<AffinityKey, AffinityValue>,
+    /// The source ranges of the copied frontends.
+    pub source_ranges: BTreeSet<SourceRangeKey>,
 }
 
 /// A second instance of the datapath, with private maps holding a copy of
@@ -137,6 +146,8 @@ struct LiveMaps {
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     fragments: HashMap<MapData, FragmentKey, FragmentValue>,
     config: Array<MapData, DatapathConfig>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    source_ranges: LpmTrie<MapData, SourceRangePrefix, SourceRangeValue>,
 }
 
 /// A lookup's value; `None` when the key is absent.
@@ -183,6 +194,16 @@ pub fn check_pinned_layout(pin_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rev-NAT ids of the copied frontend headers.
+fn header_ids(copied: &Copied) -> BTreeSet<RevNatId> {
+    copied
+        .frontends
+        .iter()
+        .filter(|(key, _)| key.slot == 0)
+        .map(|(_, header)| header.rev_nat_id)
+        .collect()
+}
+
 impl LiveMaps {
     fn open(pin_path: &Path) -> anyhow::Result<Self> {
         check_pinned_layout(pin_path)?;
@@ -194,6 +215,8 @@ impl LiveMaps {
             conntrack: HashMap::try_from(open(MAP_CONNTRACK)?)?,
             fragments: HashMap::try_from(open(MAP_FRAGMENTS)?)?,
             config: Array::try_from(open(MAP_CONFIG)?)?,
+            affinity: HashMap::try_from(open(MAP_AFFINITY)?)?,
+            source_ranges: LpmTrie::try_from(open(MAP_SOURCE_RANGES)?)?,
         })
     }
 
@@ -206,7 +229,10 @@ impl LiveMaps {
         let (named, first): (Vec<&MapSpec>, Vec<&MapSpec>) = MAPS.iter().partition(|spec| {
             matches!(
                 spec.trace_copy,
-                TraceCopy::NamedBackends | TraceCopy::NamedRevNat
+                TraceCopy::NamedBackends
+                    | TraceCopy::NamedRevNat
+                    | TraceCopy::ClientAffinity
+                    | TraceCopy::FrontendSourceRanges
             )
         });
         for spec in first.into_iter().chain(named) {
@@ -248,6 +274,26 @@ impl LiveMaps {
                     for id in ids {
                         if let Some(frontend) = found(self.revnat.get(&id, 0))? {
                             copied.revnat.insert(id, frontend);
+                        }
+                    }
+                }
+                TraceCopy::ClientAffinity => {
+                    for id in header_ids(&copied) {
+                        let key = AffinityKey::v4(tuple.saddr.octets(), id);
+                        if let Some(value) = found(self.affinity.get(&key, 0))? {
+                            copied.affinity.insert(key, value);
+                        }
+                    }
+                }
+                TraceCopy::FrontendSourceRanges => {
+                    let ids = header_ids(&copied);
+                    for key in self.source_ranges.keys() {
+                        let key = key.context("reading the source-ranges map")?;
+                        if ids.contains(&key.data().rev_nat_id()) {
+                            copied.source_ranges.insert(SourceRangeKey {
+                                prefix_len: key.prefix_len(),
+                                data: key.data(),
+                            });
                         }
                     }
                 }
@@ -482,6 +528,10 @@ impl Snapshot {
         let mut fragments: HashMap<MapData, FragmentKey, FragmentValue> =
             HashMap::try_from(take(MAP_FRAGMENTS)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
+        let mut affinity: HashMap<MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(take(MAP_AFFINITY)?)?;
+        let mut source_ranges: LpmTrie<MapData, SourceRangePrefix, SourceRangeValue> =
+            LpmTrie::try_from(take(MAP_SOURCE_RANGES)?)?;
         config.set(0, copied.config, 0)?;
         for (id, value) in &copied.backends {
             backends.set(*id, value, 0)?;
@@ -497,6 +547,12 @@ impl Snapshot {
         }
         if let Some((key, value)) = &copied.fragment {
             fragments.insert(key, value, 0)?;
+        }
+        for (key, value) in &copied.affinity {
+            affinity.insert(key, value, 0)?;
+        }
+        for key in &copied.source_ranges {
+            source_ranges.insert(&Key::new(key.prefix_len, key.data), SOURCE_RANGE_ALLOW, 0)?;
         }
         Ok(Snapshot {
             ebpf,

@@ -12,6 +12,10 @@ use service_common::{
     FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
     FrontendKey, FrontendStats, MAP_FRONTEND_STATS,
 };
+use service_common::{
+    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS,
+};
 
 use super::status::{self, ServiceState, ServiceStatus};
 use crate::datapath::{
@@ -48,6 +52,11 @@ pub struct ListedFrontend {
     pub flags: Vec<&'static str>,
     /// Reverse-NAT id (also the stats index).
     pub rev_nat_id: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0: no affinity.
+    pub affinity_timeout_secs: u32,
+    /// `loadBalancerSourceRanges` the datapath admits (CIDRs); empty:
+    /// every client.
+    pub source_ranges: Vec<String>,
     /// Backends in slot order.
     pub backends: Vec<ListedBackend>,
     /// Packets and flows translated, summed over CPUs.
@@ -119,6 +128,8 @@ pub fn read_listing(pin_path: &Path) -> anyhow::Result<Listing> {
             protocol: proto_name(key.proto),
             flags: flag_names(header.flags),
             rev_nat_id: header.rev_nat_id,
+            affinity_timeout_secs: header.affinity_timeout_secs,
+            source_ranges: source_ranges(&state, header.rev_nat_id, key.family),
             backends: listed_backends(&state, key, header.count),
             stats: stats.into(),
         });
@@ -170,6 +181,24 @@ pub fn listed_backend(id: BackendId, backend: &BackendValue) -> ListedBackend {
     }
 }
 
+/// The source ranges of the frontend with rev-NAT id `rev_nat_id`, as
+/// CIDRs, by address.
+fn source_ranges(state: &MapState, rev_nat_id: u32, family: u8) -> Vec<String> {
+    let mut ranges: Vec<_> = state
+        .source_ranges
+        .iter()
+        .filter(|range| range.data.rev_nat_id() == rev_nat_id)
+        .collect();
+    ranges.sort_by_key(|range| (range.data.addr, range.prefix_len));
+    ranges
+        .into_iter()
+        .map(|range| {
+            let len = range.prefix_len.saturating_sub(SOURCE_RANGE_ID_BITS);
+            format!("{}/{len}", ip_from_map(&range.data.addr, family))
+        })
+        .collect()
+}
+
 /// The names of a frontend header's `FRONTEND_FLAG_*` bits.
 pub fn flag_names(flags: u16) -> Vec<&'static str> {
     [
@@ -179,6 +208,9 @@ pub fn flag_names(flags: u16) -> Vec<&'static str> {
         (FRONTEND_FLAG_LOAD_BALANCER, "LoadBalancer"),
         (FRONTEND_FLAG_LOCAL_ONLY, "LocalOnly"),
         (FRONTEND_FLAG_TERMINATING_FALLBACK, "TerminatingFallback"),
+        (FRONTEND_FLAG_AFFINITY, "Affinity"),
+        (FRONTEND_FLAG_EXTERNAL_LOCAL, "ExternalLocal"),
+        (FRONTEND_FLAG_SOURCE_RANGES, "SourceRanges"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)

@@ -143,6 +143,10 @@ impl Metrics {
             (MapName::Frontends.as_str(), sizes.frontends),
             (MapName::Backends.as_str(), sizes.backends),
             (MapName::RevNat.as_str(), sizes.revnat),
+            (
+                MapName::SourceRanges.as_str(),
+                service_common::SOURCE_RANGES_MAX_ENTRIES,
+            ),
             ("conntrack", sizes.conntrack),
         ] {
             map_capacity

@@ -12,8 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FrontendKey, FrontendValue, IdCursors,
-    MapAddr, RevNatId, RevNatValue, SCOPE_ALL,
+    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FRONTEND_FLAG_SOURCE_RANGES, FrontendKey,
+    FrontendValue, IdCursors, MapAddr, RevNatId, RevNatValue, SCOPE_ALL, SourceRangeKey,
 };
 
 use super::{
@@ -204,6 +204,10 @@ struct FrontendLayout {
     /// Backend ids kept in the backends map for the flows they have, with
     /// no slot (draining: terminating or not serving).
     draining: Box<[BackendId]>,
+    /// Its entries of the source-ranges trie (`loadBalancerSourceRanges`,
+    /// under its rev-NAT id); the header has `FRONTEND_FLAG_SOURCE_RANGES`
+    /// exactly when there are some.
+    source_ranges: Box<[SourceRangeKey]>,
 }
 
 impl FrontendLayout {
@@ -256,6 +260,8 @@ pub struct EntryCounts {
     pub frontend_entries: usize,
     /// Backends.
     pub backends: usize,
+    /// Entries of the source-ranges trie.
+    pub source_ranges: usize,
 }
 
 impl EntryCounts {
@@ -265,6 +271,7 @@ impl EntryCounts {
             MapName::Frontends => self.frontend_entries,
             MapName::Backends => self.backends,
             MapName::RevNat => self.frontends,
+            MapName::SourceRanges => self.source_ranges,
         }
     }
 }
@@ -278,6 +285,8 @@ pub struct ServiceEntries {
     pub revnat: Vec<(RevNatId, RevNatValue)>,
     /// Backends.
     pub backends: Vec<(BackendId, BackendValue)>,
+    /// Source-ranges entries.
+    pub source_ranges: Vec<SourceRangeKey>,
 }
 
 /// What [`DesiredState::set_service`] did.
@@ -407,6 +416,8 @@ impl DesiredState {
             maps.frontends.extend(layout.entries());
             maps.revnat
                 .insert(layout.header.rev_nat_id, layout.revnat());
+            maps.source_ranges
+                .extend(layout.source_ranges.iter().copied());
             for id in layout.backend_ids() {
                 if let Some(backend) = self.backends.get(id) {
                     maps.backends.insert(*id, backend.value);
@@ -424,6 +435,9 @@ impl DesiredState {
             entries
                 .revnat
                 .push((layout.header.rev_nat_id, layout.revnat()));
+            entries
+                .source_ranges
+                .extend(layout.source_ranges.iter().copied());
             entries.backends.extend(
                 layout
                     .backend_ids()
@@ -431,6 +445,15 @@ impl DesiredState {
             );
         }
         entries
+    }
+
+    /// Every source-ranges entry of every Service.
+    pub fn source_ranges(&self) -> BTreeSet<SourceRangeKey> {
+        self.services
+            .values()
+            .flatten()
+            .flat_map(|layout| layout.source_ranges.iter().copied())
+            .collect()
     }
 
     /// The Service serving the frontend with this identity.
@@ -534,12 +557,18 @@ impl DesiredState {
                 old_scoped
                     .revnat
                     .insert(layout.header.rev_nat_id, layout.revnat());
+                old_scoped
+                    .source_ranges
+                    .extend(layout.source_ranges.iter().copied());
             }
             for layout in &new {
                 new_scoped.frontends.extend(layout.entries());
                 new_scoped
                     .revnat
                     .insert(layout.header.rev_nat_id, layout.revnat());
+                new_scoped
+                    .source_ranges
+                    .extend(layout.source_ranges.iter().copied());
             }
         }
         // Reference counts: the new backends first, then the old ones
@@ -605,6 +634,10 @@ impl DesiredState {
             layouts.iter().map(|l| 1 + l.backends.len()).sum()
         };
         self.counts.frontend_entries = self.counts.frontend_entries + entries(&new) - entries(&old);
+        let ranges = |layouts: &[FrontendLayout]| -> usize {
+            layouts.iter().map(|l| l.source_ranges.len()).sum()
+        };
+        self.counts.source_ranges = self.counts.source_ranges + ranges(&new) - ranges(&old);
         self.counts.backends = self.backends.len();
         if !new.is_empty() {
             self.services.insert(name.clone(), new);
@@ -693,17 +726,29 @@ impl DesiredState {
                 )),
             }
         }
+        let source_ranges: Box<[SourceRangeKey]> = frontend
+            .source_ranges
+            .iter()
+            .map(|range| {
+                SourceRangeKey::v4(rev_nat_id, range.network().octets(), range.prefix_len())
+            })
+            .collect();
+        let mut flags = frontend.flags & !FRONTEND_FLAG_SOURCE_RANGES;
+        if !source_ranges.is_empty() {
+            flags |= FRONTEND_FLAG_SOURCE_RANGES;
+        }
         Some(FrontendLayout {
             key,
             header: FrontendValue {
                 backend_id: 0,
                 rev_nat_id,
                 count: ids.len() as u16,
-                flags: frontend.flags,
-                affinity_timeout_secs: 0,
+                flags,
+                affinity_timeout_secs: frontend.affinity_timeout_secs,
             },
             backends: ids.into_boxed_slice(),
             draining: draining.into_boxed_slice(),
+            source_ranges,
         })
     }
 }
@@ -761,6 +806,8 @@ mod tests {
                 })
                 .collect(),
             draining: Vec::new(),
+            affinity_timeout_secs: 0,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -1170,5 +1217,66 @@ mod tests {
             next_backend_id: 0,
         });
         assert_eq!(third.id_cursors().next_rev_nat_id, 1);
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_header_checks_them_and_deleted_after() {
+        let mut desired = fresh();
+        let mut maps = MapState::default();
+        let mut lb = frontend("10.99.0.100", &["10.1.1.2"]);
+        lb.flags = service_common::FRONTEND_FLAG_LOAD_BALANCER;
+        lb.source_ranges = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.168.0.0/16".parse().unwrap(),
+        ];
+        let (ops, problems) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        assert!(problems.is_empty());
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert_eq!(maps.source_ranges.len(), 2);
+        let (_, header) = maps.frontends.iter().find(|(k, _)| k.slot == 0).unwrap();
+        assert_ne!(header.flags & FRONTEND_FLAG_SOURCE_RANGES, 0);
+        let range = maps.source_ranges.first().unwrap();
+        assert_eq!(range.data.rev_nat_id(), header.rev_nat_id);
+        assert_eq!(
+            (range.prefix_len, &range.data.addr[..4]),
+            (32 + 8, &[10, 0, 0, 0][..])
+        );
+        assert_eq!(desired.counts().of(MapName::SourceRanges), 2);
+        // Changed: the new range lands before the old one goes.
+        lb.source_ranges = vec!["172.16.0.0/12".parse().unwrap()];
+        let (ops, _) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        // None: the header stops checking before the ranges go.
+        lb.source_ranges.clear();
+        let (ops, _) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, desired.maps());
+        assert!(maps.source_ranges.is_empty());
+        let (_, header) = maps.frontends.iter().find(|(k, _)| k.slot == 0).unwrap();
+        assert_eq!(header.flags & FRONTEND_FLAG_SOURCE_RANGES, 0);
+        // Deleted with its Service.
+        lb.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        let (ops, _) = set(&mut desired, &name("lb"), std::slice::from_ref(&lb));
+        apply_checked(&mut maps, &ops);
+        let (ops, _) = set(&mut desired, &name("lb"), &[]);
+        apply_checked(&mut maps, &ops);
+        assert_eq!(maps, MapState::default());
+        assert_eq!(desired.counts().of(MapName::SourceRanges), 0);
+    }
+
+    #[test]
+    fn the_affinity_timeout_reaches_the_header() {
+        let mut desired = fresh();
+        let mut web = frontend("10.96.0.10", &["10.1.1.2"]);
+        web.flags |= service_common::FRONTEND_FLAG_AFFINITY;
+        web.affinity_timeout_secs = 10_800;
+        let (ops, _) = set(&mut desired, &name("web"), &[web]);
+        let mut maps = MapState::default();
+        apply_checked(&mut maps, &ops);
+        let (_, header) = maps.frontends.iter().find(|(k, _)| k.slot == 0).unwrap();
+        assert_eq!(header.affinity_timeout_secs, 10_800);
+        assert_ne!(header.flags & service_common::FRONTEND_FLAG_AFFINITY, 0);
     }
 }

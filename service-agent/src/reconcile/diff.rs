@@ -26,8 +26,8 @@ impl Writes {
 /// The writes that turn `current` into `desired`, ordered by
 /// [`WriteStep`](crate::datapath::model::WriteStep)
 /// so the datapath never sees a frontend pointing at something missing:
-/// backends, rev-NAT entries, backend slots, then headers; deletions in the
-/// reverse order. Entries that are already right are not touched.
+/// backends, rev-NAT entries, source ranges, backend slots, then headers;
+/// deletions in the reverse order. Entries that are already right are not touched.
 pub fn diff(current: &MapState, desired: &MapState) -> Writes {
     let mut ops = Vec::new();
     let mut needs_room = false;
@@ -41,6 +41,9 @@ pub fn diff(current: &MapState, desired: &MapState) -> Writes {
     for (id, value, new) in upserts_of(&current.revnat, &desired.revnat) {
         upserts(new, MapOp::UpsertRevNat(*id, *value));
     }
+    for key in desired.source_ranges.difference(&current.source_ranges) {
+        upserts(true, MapOp::UpsertSourceRange(*key));
+    }
     for (key, value, new) in upserts_of(&current.frontends, &desired.frontends) {
         upserts(new, MapOp::UpsertFrontend(*key, *value));
     }
@@ -48,6 +51,12 @@ pub fn diff(current: &MapState, desired: &MapState) -> Writes {
         deletes_of(&current.frontends, &desired.frontends).map(|k| MapOp::DeleteFrontend(*k)),
     );
     ops.extend(deletes_of(&current.revnat, &desired.revnat).map(|k| MapOp::DeleteRevNat(*k)));
+    ops.extend(
+        current
+            .source_ranges
+            .difference(&desired.source_ranges)
+            .map(|k| MapOp::DeleteSourceRange(*k)),
+    );
     ops.extend(deletes_of(&current.backends, &desired.backends).map(|k| MapOp::DeleteBackend(*k)));
     // Stable: the order within a step stays the maps' key order.
     ops.sort_by_key(MapOp::step);

@@ -108,9 +108,33 @@ pub struct ServiceRecord {
     pub load_balancer_ips: Box<[IpAddr]>,
     /// `spec.externalIPs`, parsed.
     pub external_ips: Box<[IpAddr]>,
+    /// `spec.sessionAffinity` with its timeout as given (checked by
+    /// translation).
+    pub session_affinity: SessionAffinity,
+    /// `spec.externalTrafficPolicy` is `Local` (whatever the type; the
+    /// translation applies it to NodePort and LoadBalancer Services only,
+    /// as kube-proxy does).
+    pub external_policy_local: bool,
+    /// `spec.loadBalancerSourceRanges`, trimmed, as given (parsed and
+    /// checked by translation).
+    pub load_balancer_source_ranges: Box<[Box<str>]>,
     /// What could not be read (invalid addresses, a missing spec), one
     /// line each, reported with the Service.
     pub problems: Box<[String]>,
+}
+
+/// `spec.sessionAffinity` of a Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionAffinity {
+    /// `None` (the default), or a value the agent does not know.
+    #[default]
+    None,
+    /// `ClientIP`, with `sessionAffinityConfig.clientIP.timeoutSeconds`
+    /// as given (`None`: unset).
+    ClientIp {
+        /// The timeout in seconds, unchecked.
+        timeout_seconds: Option<i64>,
+    },
 }
 
 /// `addressType` of an EndpointSlice.

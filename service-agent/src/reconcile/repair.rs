@@ -22,7 +22,9 @@ pub struct StaleEntries {
     /// Deletes nothing in the maps depends on, in [`MapOp::step`] order.
     pub first: Vec<MapOp>,
     /// Deletes of rev-NAT entries and backends that a frontend the repair
-    /// rewrites still names; they run after the Services' writes.
+    /// rewrites still names, and of every stale source range (a header
+    /// the repair rewrites may still have it checked); they run after the
+    /// Services' writes.
     pub last: Vec<MapOp>,
 }
 
@@ -54,6 +56,12 @@ pub fn service_writes(actual: &MapState, desired: &DesiredState, name: &ObjectNa
         upsert(
             MapOp::UpsertRevNat(id, value),
             actual.revnat.get(&id).map(|v| *v == value),
+        );
+    }
+    for key in wanted.source_ranges {
+        upsert(
+            MapOp::UpsertSourceRange(key),
+            actual.source_ranges.contains(&key).then_some(true),
         );
     }
     let mut stale_slots = Vec::new();
@@ -128,6 +136,13 @@ pub fn stale_entries(actual: &MapState, desired: &DesiredState) -> StaleEntries 
             stale.first.push(op);
         }
     }
+    let wanted_ranges = desired.source_ranges();
+    stale.last.extend(
+        actual
+            .source_ranges
+            .difference(&wanted_ranges)
+            .map(|key| MapOp::DeleteSourceRange(*key)),
+    );
     stale.first.sort_by_key(MapOp::step);
     stale.last.sort_by_key(MapOp::step);
     stale

@@ -737,7 +737,7 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
     /// batch is logged.
     struct BoundedMaps {
         maps: MapState,
-        capacity: [usize; 3],
+        capacity: [usize; 4],
         batches: Vec<Vec<MapOp>>,
     }
 
@@ -745,7 +745,8 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
         fn new(frontends: usize, backends: usize, revnat: usize) -> Self {
             BoundedMaps {
                 maps: MapState::default(),
-                capacity: [frontends, backends, revnat],
+                // Source ranges: unbounded here.
+                capacity: [frontends, backends, revnat, usize::MAX],
                 batches: Vec::new(),
             }
         }
@@ -766,7 +767,10 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
                 let index = MapName::ALL.iter().position(|m| *m == map).unwrap();
                 let insert = matches!(
                     op,
-                    MapOp::UpsertBackend(..) | MapOp::UpsertRevNat(..) | MapOp::UpsertFrontend(..)
+                    MapOp::UpsertBackend(..)
+                        | MapOp::UpsertRevNat(..)
+                        | MapOp::UpsertFrontend(..)
+                        | MapOp::UpsertSourceRange(..)
                 ) && !self.maps.contains(op);
                 if insert && self.maps.entries(map) >= self.capacity[index] {
                     return Err(crate::datapath::model::BatchFailure {

@@ -5,15 +5,18 @@
 use std::net::IpAddr;
 
 use service_common::{
-    BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
-    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
+    AFFINITY_TIMEOUT_DEFAULT_SECS, BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING,
+    BACKEND_STATE_TERMINATING, FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP,
+    FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER,
+    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
+    affinity_timeout,
 };
 
 use super::{
     cluster::{ClusterState, ObjectName},
     records::{
-        AddressType, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceType, SliceRecord,
+        AddressType, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceType,
+        SessionAffinity, SliceRecord,
     },
 };
 
@@ -46,6 +49,13 @@ pub struct DesiredFrontend {
     /// while other endpoints are ready, or listed but not serving. Sorted,
     /// without duplicates, none of them in `backends`.
     pub draining: Vec<DesiredBackend>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds (then `flags`
+    /// has `FRONTEND_FLAG_AFFINITY`); 0 when affinity is off.
+    pub affinity_timeout_secs: u32,
+    /// `loadBalancerSourceRanges` (IPv4, LoadBalancer frontends only), as
+    /// network prefixes; empty admits every client. The desired state sets
+    /// `FRONTEND_FLAG_SOURCE_RANGES` from it.
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 /// A backend of a frontend: an endpoint address with the resolved target port.
@@ -158,6 +168,7 @@ fn translate_service(
             .push((name.clone(), NotProgrammed::Headless));
         return;
     }
+    let semantics = FrontendSemantics::of(name, service, out);
     let mut addrs = Vec::new();
     for &ip in service.cluster_ips.iter() {
         match ip {
@@ -240,15 +251,94 @@ fn translate_service(
             if fallback {
                 flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
             }
-            out.frontends.push(DesiredFrontend {
+            out.frontends.push(semantics.apply(DesiredFrontend {
                 addr,
                 port,
                 proto,
                 flags,
                 backends: backends.clone(),
                 draining: draining.clone(),
-            });
+                affinity_timeout_secs: 0,
+                source_ranges: Vec::new(),
+            }));
         }
+    }
+}
+
+/// The Service fields that shape each of its frontends beyond its
+/// backends: session affinity, `externalTrafficPolicy: Local` (the
+/// datapath side: no SNAT, see [`FRONTEND_FLAG_EXTERNAL_LOCAL`]) and
+/// `loadBalancerSourceRanges`. Checked once per Service; what is invalid
+/// is reported in [`Translation::skipped`].
+struct FrontendSemantics {
+    /// `sessionAffinity: ClientIP`: the timeout in seconds; 0: off.
+    affinity_timeout_secs: u32,
+    /// `externalTrafficPolicy: Local` on a NodePort or LoadBalancer Service.
+    external_local: bool,
+    /// The valid IPv4 `loadBalancerSourceRanges`, as network prefixes.
+    source_ranges: Vec<ipnet::Ipv4Net>,
+}
+
+impl FrontendSemantics {
+    /// Reads and checks the fields of `service` (`name`), reporting what
+    /// is invalid in `out`:
+    /// - a `timeoutSeconds` outside `1..=86400` (which the API server
+    ///   refuses, so only a file can bring one) keeps affinity on with the
+    ///   default timeout, 10800 s: the Service asked for affinity, and the
+    ///   default is what the API would have given it;
+    /// - an entry of `loadBalancerSourceRanges` that is no CIDR is left
+    ///   out, as kube-proxy leaves it out (the others still apply; with no
+    ///   valid entry at all, every client is admitted, as by kube-proxy);
+    ///   IPv6 ranges do not apply to IPv4 frontends (kube-proxy sorts the
+    ///   ranges by family the same way).
+    fn of(name: &ObjectName, service: &ServiceRecord, out: &mut Translation) -> Self {
+        let affinity_timeout_secs = match service.session_affinity {
+            SessionAffinity::None => 0,
+            SessionAffinity::ClientIp { timeout_seconds } => affinity_timeout(timeout_seconds)
+                .unwrap_or_else(|invalid| {
+                    out.skipped.push(format!(
+                        "Service {name}: sessionAffinityConfig.clientIP.timeoutSeconds {invalid} \
+                         is outside 1..=86400: session affinity uses the default, \
+                         {AFFINITY_TIMEOUT_DEFAULT_SECS} s"
+                    ));
+                    AFFINITY_TIMEOUT_DEFAULT_SECS
+                }),
+        };
+        let mut source_ranges = Vec::new();
+        for range in service.load_balancer_source_ranges.iter() {
+            match range.parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(net)) => source_ranges.push(net.trunc()),
+                Ok(ipnet::IpNet::V6(_)) => {}
+                Err(_) => out.skipped.push(format!(
+                    "Service {name}: loadBalancerSourceRanges entry {range:?} is not a CIDR, ignored"
+                )),
+            }
+        }
+        source_ranges.sort_unstable();
+        source_ranges.dedup();
+        FrontendSemantics {
+            affinity_timeout_secs,
+            external_local: service.external_policy_local && service.service_type.has_node_ports(),
+            source_ranges,
+        }
+    }
+
+    /// `frontend` with the Service's affinity, with
+    /// [`FRONTEND_FLAG_EXTERNAL_LOCAL`] if it is an external frontend of an
+    /// `externalTrafficPolicy: Local` Service, and with the source ranges
+    /// if it is a LoadBalancer frontend.
+    fn apply(&self, mut frontend: DesiredFrontend) -> DesiredFrontend {
+        if self.affinity_timeout_secs != 0 {
+            frontend.flags |= FRONTEND_FLAG_AFFINITY;
+            frontend.affinity_timeout_secs = self.affinity_timeout_secs;
+        }
+        if self.external_local && frontend.flags & FRONTEND_FLAGS_EXTERNAL != 0 {
+            frontend.flags |= FRONTEND_FLAG_EXTERNAL_LOCAL;
+        }
+        if frontend.flags & FRONTEND_FLAG_LOAD_BALANCER != 0 {
+            frontend.source_ranges = self.source_ranges.clone();
+        }
+        frontend
     }
 }
 
@@ -739,5 +829,210 @@ spec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}
         assert_eq!(t.frontends[0].port, 81);
         assert_eq!(backends(&t.frontends[0]), ["10.1.1.2:8080"]);
         assert_eq!(t.skipped.len(), 5, "{:#?}", t.skipped);
+    }
+
+    /// A LoadBalancer Service `lb` with a NodePort, an externalIP (allowed)
+    /// and an ingress IP, one endpoint, and `extra` spec lines.
+    fn lb_service(extra: &str) -> Translation {
+        let yaml = format!(
+            r#"
+kind: Service
+apiVersion: v1
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [10.99.0.200]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]
+{extra}
+status:
+  loadBalancer:
+    ingress: [{{ip: 10.99.0.100}}]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata:
+  name: lb-a
+  namespace: default
+  labels: {{kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.1.1.2], nodeName: node-a}}]
+"#
+        );
+        translate(
+            &state_of(&yaml),
+            &NodeContext {
+                nodeport_addresses: vec!["10.99.0.1".parse().unwrap()],
+                external_ip_cidrs: vec!["10.99.0.0/24".parse().unwrap()],
+            },
+        )
+    }
+
+    /// The frontend of kind `kind` (`FRONTEND_FLAG_*`).
+    fn of_kind(t: &Translation, kind: u16) -> &DesiredFrontend {
+        t.frontends
+            .iter()
+            .find(|f| f.flags & kind != 0)
+            .unwrap_or_else(|| panic!("no frontend of kind {kind:#x}: {:#?}", t.frontends))
+    }
+
+    const KINDS: [u16; 4] = [
+        FRONTEND_FLAG_CLUSTER_IP,
+        FRONTEND_FLAG_NODE_PORT,
+        FRONTEND_FLAG_LOAD_BALANCER,
+        FRONTEND_FLAG_EXTERNAL_IP,
+    ];
+
+    #[test]
+    fn client_ip_affinity_applies_to_every_frontend_with_its_timeout() {
+        let t = lb_service("  sessionAffinity: ClientIP");
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        for kind in KINDS {
+            let f = of_kind(&t, kind);
+            assert_ne!(f.flags & FRONTEND_FLAG_AFFINITY, 0);
+            assert_eq!(f.affinity_timeout_secs, 10_800, "the default");
+        }
+        let t = lb_service(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}",
+        );
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.affinity_timeout_secs == 86_400)
+        );
+        let t = lb_service(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}",
+        );
+        assert!(t.frontends.iter().all(|f| f.affinity_timeout_secs == 2));
+    }
+
+    #[test]
+    fn an_invalid_affinity_timeout_is_reported_and_the_default_used() {
+        for invalid in ["-5", "0", "86401"] {
+            let t = lb_service(&format!(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {invalid}}}}}"
+            ));
+            assert_eq!(t.skipped.len(), 1, "{invalid}: {:?}", t.skipped);
+            assert!(
+                t.skipped[0].contains("default/lb")
+                    && t.skipped[0].contains(&format!("timeoutSeconds {invalid}"))
+                    && t.skipped[0].contains("1..=86400"),
+                "{:?}",
+                t.skipped
+            );
+            assert!(t.frontends.iter().all(|f| {
+                f.flags & FRONTEND_FLAG_AFFINITY != 0 && f.affinity_timeout_secs == 10_800
+            }));
+        }
+    }
+
+    #[test]
+    fn affinity_off_or_none_programs_no_affinity() {
+        for spec in [
+            "",
+            "  sessionAffinity: None",
+            "  sessionAffinity: None\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}",
+        ] {
+            let t = lb_service(spec);
+            assert!(t.frontends.iter().all(|f| {
+                f.flags & FRONTEND_FLAG_AFFINITY == 0 && f.affinity_timeout_secs == 0
+            }));
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_marks_only_external_frontends() {
+        let t = lb_service("  externalTrafficPolicy: Local");
+        for kind in [
+            FRONTEND_FLAG_NODE_PORT,
+            FRONTEND_FLAG_LOAD_BALANCER,
+            FRONTEND_FLAG_EXTERNAL_IP,
+        ] {
+            assert_ne!(of_kind(&t, kind).flags & FRONTEND_FLAG_EXTERNAL_LOCAL, 0);
+        }
+        let cluster_ip = of_kind(&t, FRONTEND_FLAG_CLUSTER_IP);
+        assert_eq!(cluster_ip.flags & FRONTEND_FLAG_EXTERNAL_LOCAL, 0);
+        let t = lb_service("  externalTrafficPolicy: Cluster");
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.flags & FRONTEND_FLAG_EXTERNAL_LOCAL == 0)
+        );
+        // A ClusterIP Service's externalIPs: the policy does not apply (as
+        // in kube-proxy, which reads it only for NodePort and LoadBalancer).
+        let yaml = r#"
+kind: Service
+apiVersion: v1
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  externalIPs: [10.99.0.200]
+  externalTrafficPolicy: Local
+  ports: [{port: 80}]
+"#;
+        let t = translate(
+            &state_of(yaml),
+            &NodeContext {
+                external_ip_cidrs: vec!["10.99.0.0/24".parse().unwrap()],
+                ..NodeContext::default()
+            },
+        );
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.flags & FRONTEND_FLAG_EXTERNAL_LOCAL == 0)
+        );
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_frontends_only() {
+        let t =
+            lb_service("  loadBalancerSourceRanges: [10.0.0.0/8, ' 192.168.1.7/24 ', 10.0.0.0/8]");
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let lb = of_kind(&t, FRONTEND_FLAG_LOAD_BALANCER);
+        let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
+        // Host bits cleared, duplicates once, sorted.
+        assert_eq!(ranges, ["10.0.0.0/8", "192.168.1.0/24"]);
+        for kind in [
+            FRONTEND_FLAG_CLUSTER_IP,
+            FRONTEND_FLAG_NODE_PORT,
+            FRONTEND_FLAG_EXTERNAL_IP,
+        ] {
+            assert!(of_kind(&t, kind).source_ranges.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_invalid_source_range_is_reported_and_ignored_like_kube_proxy() {
+        let t = lb_service(
+            "  loadBalancerSourceRanges: [10.0.0.0/8, not-a-cidr, 10.1.2.3, 300.0.0.0/8, 'fd00::/8']",
+        );
+        let lb = of_kind(&t, FRONTEND_FLAG_LOAD_BALANCER);
+        let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
+        // The valid IPv4 range stays; IPv6 ranges do not apply to IPv4.
+        assert_eq!(ranges, ["10.0.0.0/8"]);
+        assert_eq!(t.skipped.len(), 3, "{:?}", t.skipped);
+        for (line, bad) in t
+            .skipped
+            .iter()
+            .zip(["not-a-cidr", "10.1.2.3", "300.0.0.0/8"])
+        {
+            assert!(
+                line.contains("default/lb")
+                    && line.contains(&format!("{bad:?}"))
+                    && line.contains("not a CIDR, ignored"),
+                "{line}"
+            );
+        }
+        // Nothing valid at all: every client admitted, as by kube-proxy.
+        let t = lb_service("  loadBalancerSourceRanges: [nope]");
+        assert!(
+            of_kind(&t, FRONTEND_FLAG_LOAD_BALANCER)
+                .source_ranges
+                .is_empty()
+        );
+        assert_eq!(t.skipped.len(), 1);
     }
 }

@@ -14,7 +14,7 @@ use crate::reconcile::{
     cluster::ObjectName,
     records::{
         AddressType, EndpointRecord, NodeRecord, PortProtocol, ServicePortRecord, ServiceRecord,
-        ServiceType, SlicePortRecord, SliceRecord,
+        ServiceType, SessionAffinity, SlicePortRecord, SliceRecord,
     },
 };
 
@@ -131,6 +131,32 @@ pub struct ServiceSpec {
     /// `externalIPs`.
     #[serde(rename = "externalIPs", deserialize_with = "nullable")]
     pub external_ips: Vec<String>,
+    /// `sessionAffinity` (`None` or `ClientIP`).
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig`.
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// `externalTrafficPolicy` (`Cluster` or `Local`).
+    pub external_traffic_policy: Option<String>,
+    /// `loadBalancerSourceRanges`.
+    #[serde(deserialize_with = "nullable")]
+    pub load_balancer_source_ranges: Vec<String>,
+}
+
+/// `spec.sessionAffinityConfig` of a Service.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SessionAffinityConfig {
+    /// `clientIP`.
+    #[serde(rename = "clientIP")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+/// `spec.sessionAffinityConfig.clientIP` of a Service.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    /// `timeoutSeconds`.
+    pub timeout_seconds: Option<i64>,
 }
 
 /// A port of a Service.
@@ -435,6 +461,28 @@ impl ServiceObject {
             |ip| format!("Service {name}: externalIP {ip:?} is not an IP address"),
             &mut problems,
         );
+        let session_affinity = match spec.session_affinity.as_deref() {
+            Some("ClientIP") => SessionAffinity::ClientIp {
+                timeout_seconds: spec
+                    .session_affinity_config
+                    .and_then(|config| config.client_ip)
+                    .and_then(|client_ip| client_ip.timeout_seconds),
+            },
+            None | Some("None") => SessionAffinity::None,
+            Some(other) => {
+                problems.push(format!(
+                    "Service {name}: sessionAffinity {other:?} is not known, served without"
+                ));
+                SessionAffinity::None
+            }
+        };
+        let load_balancer_source_ranges = spec
+            .load_balancer_source_ranges
+            .iter()
+            .map(|range| range.trim())
+            .filter(|range| !range.is_empty())
+            .map(Box::from)
+            .collect();
         Some((
             name,
             ServiceRecord {
@@ -444,6 +492,9 @@ impl ServiceObject {
                 ports,
                 load_balancer_ips,
                 external_ips,
+                session_affinity,
+                external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                load_balancer_source_ranges,
                 problems: problems.into(),
             },
         ))
@@ -584,6 +635,57 @@ mod tests {
         );
         assert_eq!(record.problems.len(), 1, "{:?}", record.problems);
         assert!(record.problems[0].contains("\"nope\""));
+    }
+
+    #[test]
+    fn affinity_traffic_policy_and_source_ranges_are_read_as_given() {
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "ports": [{"port": 80}],
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": -5}},
+                "externalTrafficPolicy": "Local",
+                "loadBalancerSourceRanges": [" 10.0.0.0/8 ", "", "nope"]}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(
+            record.session_affinity,
+            SessionAffinity::ClientIp {
+                timeout_seconds: Some(-5)
+            }
+        );
+        assert!(record.external_policy_local);
+        let ranges: Vec<&str> = record
+            .load_balancer_source_ranges
+            .iter()
+            .map(|r| &**r)
+            .collect();
+        assert_eq!(ranges, ["10.0.0.0/8", "nope"]);
+        assert!(record.problems.is_empty(), "{:?}", record.problems);
+        // Defaults: no affinity (also without a config), Cluster, no ranges.
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "sessionAffinity": "None",
+                "loadBalancerSourceRanges": null}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(record.session_affinity, SessionAffinity::None);
+        assert!(!record.external_policy_local && record.load_balancer_source_ranges.is_empty());
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP"}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(
+            record.session_affinity,
+            SessionAffinity::ClientIp {
+                timeout_seconds: None
+            }
+        );
     }
 
     #[test]

@@ -114,6 +114,8 @@ impl ServiceSet {
                 })
                 .collect(),
             draining: Vec::new(),
+            affinity_timeout_secs: 0,
+            source_ranges: Vec::new(),
         }
     }
 
