@@ -261,6 +261,11 @@ impl RunArgs {
                 .node_name
                 .clone()
                 .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
+            health_check_addresses: if self.nodeport_addresses.is_empty() {
+                Vec::new()
+            } else {
+                nodeport_addresses.clone()
+            },
             node: NodeContext {
                 nodeport_addresses,
                 external_ip_cidrs: self.external_ip_cidrs.clone(),

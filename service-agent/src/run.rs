@@ -29,7 +29,7 @@ use crate::{
         model::{MapReader, MapWriter},
         snat_ports::Reservation,
     },
-    ops::{self, health::Health, metrics::Metrics, status},
+    ops::{self, health::Health, health_check_ports::HealthCheckPorts, metrics::Metrics, status},
     reconcile::{
         self,
         cluster::Kind,
@@ -59,6 +59,8 @@ pub struct RunOptions {
     pub node_name: Option<String>,
     /// This node, as translation sees it.
     pub node: NodeContext,
+    /// Addresses health-check node ports listen on (empty: every address).
+    pub health_check_addresses: Vec<std::net::IpAddr>,
     /// How often the file source and the devices are checked.
     pub poll_interval: Duration,
     /// How often the maps are fully compared with the desired state.
@@ -170,7 +172,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         collector_news,
     )
     .context("starting the conntrack collector")?;
+    // Health-check node ports listen on every address (as kube-proxy with no
+    // --nodeport-addresses), or on the NodePort addresses the CIDRs chose.
+    let health_check_ports = Arc::new(HealthCheckPorts::new(
+        options.health_check_addresses.clone(),
+        health.clone(),
+    ));
     let mut pipeline = Pipeline::new(syncer, kinds)
+        .with_health_check_ports(health_check_ports)
         .with_metrics(metrics)
         .with_health(health.clone())
         .with_collector(collector)

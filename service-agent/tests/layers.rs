@@ -22,7 +22,8 @@ enum Layer {
     Source,
     /// `reconcile`.
     Reconcile,
-    /// `ops::metrics`, `ops::health`: fed by the pipeline.
+    /// `ops::metrics`, `ops::health`, `ops::health_check_ports`: fed by the
+    /// pipeline.
     OpsFed,
     /// `datapath`.
     Datapath,
@@ -33,7 +34,7 @@ fn layer(module: &[&str]) -> Layer {
         ["source", ..] => Layer::Source,
         ["reconcile", ..] => Layer::Reconcile,
         ["datapath", ..] => Layer::Datapath,
-        ["ops", "metrics" | "health", ..] => Layer::OpsFed,
+        ["ops", "metrics" | "health" | "health_check_ports", ..] => Layer::OpsFed,
         ["ops", ..] => Layer::OpsReaders,
         _ => Layer::Wiring,
     }

@@ -19,7 +19,11 @@ use super::{
 };
 use crate::{
     datapath::model::{MapName, MapReader, MapWriter},
-    ops::{health::Health, metrics::Metrics},
+    ops::{
+        health::Health,
+        health_check_ports::{HealthCheckPorts, PortHealth},
+        metrics::Metrics,
+    },
 };
 
 /// The first retry of a failed repair waits this long; each further
@@ -50,6 +54,8 @@ pub struct Pipeline<W> {
     /// Where the id allocators' position is kept across restarts, and the
     /// position last kept there.
     id_store: Option<(IdCursorStore, IdCursors)>,
+    /// The health-check node ports, opened and closed as Services want them.
+    health_check_ports: Option<Arc<HealthCheckPorts>>,
 }
 
 /// Keeps the id allocators' position for the next agent.
@@ -75,7 +81,15 @@ where
             repair_backoff: REPAIR_BACKOFF_MIN,
             collector: None,
             id_store: None,
+            health_check_ports: None,
         }
+    }
+
+    /// Opens and closes `ports` as the Services' health-check node ports
+    /// come and go (the pipeline must then run inside the tokio runtime).
+    pub fn with_health_check_ports(mut self, ports: Arc<HealthCheckPorts>) -> Self {
+        self.health_check_ports = Some(ports);
+        self
     }
 
     /// Keeps the id allocators' position in `store` after each sync that
@@ -186,6 +200,21 @@ where
         Some(report)
     }
 
+    /// The health-check node ports the Services want, by port (a port two
+    /// Services claim, which the API server never allows, goes to the
+    /// first by name).
+    pub fn health_check_wanted(&self) -> BTreeMap<u16, PortHealth> {
+        let mut wanted = BTreeMap::new();
+        for check in self.syncer.health_checks() {
+            wanted.entry(check.port).or_insert_with(|| PortHealth {
+                namespace: check.service.namespace().to_owned(),
+                name: check.service.name().to_owned(),
+                local_endpoints: check.local_endpoints,
+            });
+        }
+        wanted
+    }
+
     /// Whether a failed write left the maps to be repaired (and the
     /// backoff after the last failed repair has passed).
     pub fn repair_due(&self) -> bool {
@@ -195,6 +224,14 @@ where
     fn record(&mut self, report: &SyncReport, timer: &SyncTimer, dirty: &Dirty) {
         if let Some(collector) = &self.collector {
             collector.follow(&report.flows);
+        }
+        if report.health_checks_changed
+            && let Some(ports) = &self.health_check_ports
+        {
+            ports.update(self.health_check_wanted());
+            if let Some(metrics) = &self.metrics {
+                metrics.health_check_ports.set(ports.ports().len() as i64);
+            }
         }
         if let Some((store, kept)) = &mut self.id_store {
             let now = self.syncer.id_cursors();
@@ -225,6 +262,9 @@ where
         metrics
             .services_failed
             .set(self.syncer.failures().len() as i64);
+        metrics
+            .unsupported_fields
+            .set(self.syncer.unsupported_fields() as i64);
         let counts = self.syncer.desired_counts();
         metrics.frontends.set(counts.frontends as i64);
         metrics.backends.set(counts.backends as i64);
@@ -283,11 +323,12 @@ endpoints: [{addresses: [10.1.1.2]}]
 "#;
 
     /// The events of a file source reading `yaml`.
-    fn events(yaml: &str) -> [ClusterEvent; 2] {
+    fn events(yaml: &str) -> [ClusterEvent; 3] {
         let parsed = parse_documents(yaml, None).unwrap();
         [
             ClusterEvent::Service(Change::Replaced(parsed.services)),
             ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)),
+            ClusterEvent::Node(Change::Replaced(parsed.nodes)),
         ]
     }
 

@@ -13,8 +13,9 @@ use serde::{Deserialize, Deserializer};
 use crate::reconcile::{
     cluster::ObjectName,
     records::{
-        AddressType, EndpointRecord, NodeRecord, PortProtocol, ServicePortRecord, ServiceRecord,
-        ServiceType, SlicePortRecord, SliceRecord,
+        AddressType, EndpointRecord, NodeHint, NodeRecord, PortProtocol, ServicePortRecord,
+        ServiceRecord, ServiceType, SlicePortRecord, SliceRecord, TrafficDistribution,
+        TrafficPolicy, ZoneHints,
     },
 };
 
@@ -24,6 +25,40 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+/// Label naming the proxy that serves a Service (and its EndpointSlices):
+/// set, the Service belongs to another proxy, as in kube-proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the EndpointSlice controller puts on the slices of headless
+/// Services: nothing to program.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label holding its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The labels [`lean_meta`] keeps (every other label is dropped while
+/// parsing).
+const KEPT_LABELS: [&str; 4] = [
+    SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    HEADLESS_LABEL,
+    ZONE_LABEL,
+];
+
+/// Why an object is not this agent's to serve, from its labels, the same
+/// rule for every source (kube-proxy's label selector: the kube source also
+/// asks the API server to leave such objects out): a
+/// `service.kubernetes.io/service-proxy-name` label (any value: another
+/// proxy serves it), or `service.kubernetes.io/headless` (a headless
+/// Service's slices program nothing). `None`: ours.
+pub fn excluded_by_labels(metadata: &ObjectMeta) -> Option<String> {
+    let labels = metadata.labels.as_ref()?;
+    if let Some(proxy) = labels.get(SERVICE_PROXY_NAME_LABEL) {
+        return Some(format!(
+            "labelled {SERVICE_PROXY_NAME_LABEL}={proxy}: served by another proxy"
+        ));
+    }
+    labels
+        .contains_key(HEADLESS_LABEL)
+        .then(|| format!("labelled {HEADLESS_LABEL}: headless, nothing to program"))
+}
 
 /// The metadata fields the agent reads.
 #[derive(Debug, Default, Deserialize)]
@@ -41,16 +76,19 @@ struct LeanMeta {
 /// the labels and annotations, only the ones it reads).
 fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     let meta = Option::<LeanMeta>::deserialize(deserializer)?.unwrap_or_default();
-    let keep = |map: Option<std::collections::BTreeMap<String, String>>, key: &str| {
-        map.and_then(|mut map| map.remove_entry(key))
-            .map(|entry| [entry].into())
+    let keep = |map: Option<std::collections::BTreeMap<String, String>>, keys: &[&str]| {
+        let kept: std::collections::BTreeMap<String, String> = map?
+            .into_iter()
+            .filter(|(key, _)| keys.contains(&key.as_str()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
     };
     Ok(ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
         resource_version: meta.resource_version,
-        labels: keep(meta.labels, SERVICE_NAME_LABEL),
-        annotations: keep(meta.annotations, TRIGGER_TIME_ANNOTATION),
+        labels: keep(meta.labels, &KEPT_LABELS),
+        annotations: keep(meta.annotations, &[TRIGGER_TIME_ANNOTATION]),
         deletion_timestamp: meta.deletion_timestamp,
         ..ObjectMeta::default()
     })
@@ -131,6 +169,14 @@ pub struct ServiceSpec {
     /// `externalIPs`.
     #[serde(rename = "externalIPs", deserialize_with = "nullable")]
     pub external_ips: Vec<String>,
+    /// `externalTrafficPolicy`.
+    pub external_traffic_policy: Option<String>,
+    /// `internalTrafficPolicy`.
+    pub internal_traffic_policy: Option<String>,
+    /// `healthCheckNodePort`.
+    pub health_check_node_port: Option<i32>,
+    /// `trafficDistribution`.
+    pub traffic_distribution: Option<String>,
 }
 
 /// A port of a Service.
@@ -215,6 +261,29 @@ pub struct Endpoint {
     /// `nodeName`.
     #[serde(default)]
     pub node_name: Option<String>,
+    /// `hints`.
+    #[serde(default)]
+    pub hints: Option<EndpointHints>,
+}
+
+/// `hints` of an endpoint: where it should be preferred.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EndpointHints {
+    /// `forZones`.
+    #[serde(deserialize_with = "nullable")]
+    pub for_zones: Vec<HintTarget>,
+    /// `forNodes`.
+    #[serde(deserialize_with = "nullable")]
+    pub for_nodes: Vec<HintTarget>,
+}
+
+/// One entry of `hints.forZones` or `hints.forNodes`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct HintTarget {
+    /// `name`: the zone or node.
+    pub name: String,
 }
 
 /// `conditions` of an endpoint.
@@ -250,6 +319,9 @@ pub struct NodeObject {
     /// `spec`.
     #[serde(default)]
     pub spec: Option<NodeSpec>,
+    /// `status`.
+    #[serde(default)]
+    pub status: Option<NodeStatus>,
 }
 built_in_resource!(NodeObject, "Node", "", "v1", "nodes", ClusterResourceScope);
 
@@ -260,6 +332,26 @@ pub struct NodeSpec {
     /// `taints`.
     #[serde(deserialize_with = "nullable")]
     pub taints: Vec<Taint>,
+}
+
+/// `status` of a Node.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NodeStatus {
+    /// `addresses`.
+    #[serde(deserialize_with = "nullable")]
+    pub addresses: Vec<NodeAddress>,
+}
+
+/// One of a Node's `status.addresses`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NodeAddress {
+    /// `type`: `InternalIP`, `ExternalIP`, `Hostname`, ...
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `address`.
+    pub address: String,
 }
 
 /// A taint of a Node.
@@ -281,10 +373,12 @@ pub struct AnyObject {
     kind: Option<String>,
     #[serde(default, deserialize_with = "lean_meta")]
     metadata: ObjectMeta,
+    /// `spec` (of a Node, only what a Service's spec shares with it:
+    /// nothing, so a Node's taints are read by the kube source only).
     #[serde(default)]
     spec: Option<ServiceSpec>,
     #[serde(default)]
-    status: Option<ServiceStatus>,
+    status: Option<AnyStatus>,
     #[serde(default)]
     address_type: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
@@ -296,6 +390,17 @@ pub struct AnyObject {
     items: Vec<AnyObject>,
 }
 
+/// `status` of a Service or a Node, read in one pass.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct AnyStatus {
+    /// A Service's `loadBalancer`.
+    load_balancer: Option<LoadBalancerStatus>,
+    /// A Node's `addresses`.
+    #[serde(deserialize_with = "nullable")]
+    addresses: Vec<NodeAddress>,
+}
+
 /// An [`AnyObject`] told apart by its kind.
 #[derive(Debug)]
 pub enum TypedObject {
@@ -303,6 +408,8 @@ pub enum TypedObject {
     Service(ServiceObject),
     /// An EndpointSlice.
     EndpointSlice(SliceObject),
+    /// A Node (its labels, addresses and deletionTimestamp).
+    Node(NodeObject),
     /// A `List` (also `ServiceList`, `EndpointSliceList`) and its items.
     List(Vec<AnyObject>),
     /// Another kind, ignored.
@@ -317,7 +424,16 @@ impl AnyObject {
             "Service" => TypedObject::Service(ServiceObject {
                 metadata: self.metadata,
                 spec: self.spec,
-                status: self.status,
+                status: self.status.map(|status| ServiceStatus {
+                    load_balancer: status.load_balancer,
+                }),
+            }),
+            "Node" => TypedObject::Node(NodeObject {
+                metadata: self.metadata,
+                spec: None,
+                status: self.status.map(|status| NodeStatus {
+                    addresses: status.addresses,
+                }),
             }),
             "EndpointSlice" => TypedObject::EndpointSlice(SliceObject {
                 metadata: self.metadata,
@@ -325,7 +441,9 @@ impl AnyObject {
                 endpoints: self.endpoints,
                 ports: self.ports,
             }),
-            "List" | "ServiceList" | "EndpointSliceList" => TypedObject::List(self.items),
+            "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+                TypedObject::List(self.items)
+            }
             _ => TypedObject::Other,
         })
     }
@@ -335,7 +453,13 @@ impl AnyObject {
     pub fn is_taken_kind(kind: &str) -> bool {
         matches!(
             kind,
-            "Service" | "EndpointSlice" | "List" | "ServiceList" | "EndpointSliceList"
+            "Service"
+                | "EndpointSlice"
+                | "Node"
+                | "List"
+                | "ServiceList"
+                | "EndpointSliceList"
+                | "NodeList"
         )
     }
 }
@@ -405,7 +529,7 @@ impl ServiceObject {
                 &mut problems,
             )
         };
-        let ports = spec
+        let ports: Box<[ServicePortRecord]> = spec
             .ports
             .into_iter()
             .map(|port| ServicePortRecord {
@@ -435,6 +559,38 @@ impl ServiceObject {
             |ip| format!("Service {name}: externalIP {ip:?} is not an IP address"),
             &mut problems,
         );
+        let mut policy = |field: &str, value: Option<&str>| {
+            TrafficPolicy::parse(value).unwrap_or_else(|| {
+                problems.push(format!(
+                    "Service {name}: {field} {:?} is not known, Cluster used",
+                    value.unwrap_or("")
+                ));
+                TrafficPolicy::Cluster
+            })
+        };
+        let external_traffic_policy = policy(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        );
+        let internal_traffic_policy = policy(
+            "internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        );
+        let traffic_distribution = TrafficDistribution::parse(spec.traffic_distribution.as_deref());
+        let mut unsupported = Vec::new();
+        for port in ports.iter() {
+            if let PortProtocol::Unsupported(protocol) = &port.protocol {
+                unsupported.push(format!(
+                    "Service {name} port {:?}: protocol {protocol} is not served",
+                    &*port.name
+                ));
+            }
+        }
+        if let TrafficDistribution::Unknown(value) = &traffic_distribution {
+            unsupported.push(format!(
+                "Service {name}: trafficDistribution {value:?} is not known: endpoint hints are followed as for any value"
+            ));
+        }
         Some((
             name,
             ServiceRecord {
@@ -444,6 +600,11 @@ impl ServiceObject {
                 ports,
                 load_balancer_ips,
                 external_ips,
+                external_traffic_policy,
+                internal_traffic_policy,
+                health_check_node_port: spec.health_check_node_port,
+                traffic_distribution,
+                unsupported: unsupported.into(),
                 problems: problems.into(),
             },
         ))
@@ -471,6 +632,7 @@ impl SliceObject {
             _ => AddressType::Other,
         };
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        let mut zone_hints: Vec<Box<str>> = Vec::new();
         if address_type != AddressType::Other {
             for endpoint in &self.endpoints {
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
@@ -478,6 +640,35 @@ impl SliceObject {
                 let serving = conditions.serving.unwrap_or(ready);
                 let terminating = conditions.terminating.unwrap_or(false);
                 let node_local = this_node.is_some() && endpoint.node_name.as_deref() == this_node;
+                let hints = endpoint.hints.as_ref();
+                let for_nodes = hints.map_or(&[][..], |hints| &hints.for_nodes);
+                let node_hint = if for_nodes.is_empty() {
+                    NodeHint::None
+                } else if for_nodes
+                    .iter()
+                    .any(|node| this_node == Some(node.name.as_str()))
+                {
+                    NodeHint::ThisNode
+                } else {
+                    NodeHint::OtherNodes
+                };
+                let zones = ZoneHints {
+                    start: u16::try_from(zone_hints.len()).unwrap_or(u16::MAX),
+                    len: 0,
+                };
+                let zones = hints.map_or(zones, |hints| {
+                    let mut zones = zones;
+                    for zone in &hints.for_zones {
+                        if usize::from(zones.start) + usize::from(zones.len)
+                            >= usize::from(u16::MAX)
+                        {
+                            break;
+                        }
+                        zone_hints.push(zone.name.as_str().into());
+                        zones.len += 1;
+                    }
+                    zones
+                });
                 for addr in addresses(
                     &endpoint.addresses,
                     |addr| {
@@ -502,6 +693,8 @@ impl SliceObject {
                         serving,
                         terminating,
                         node_local,
+                        node_hint,
+                        zone_hints: zones,
                     });
                 }
             }
@@ -528,6 +721,7 @@ impl SliceObject {
                 address_type,
                 ports,
                 endpoints: endpoints.into(),
+                zone_hints: zone_hints.into(),
                 trigger_time,
                 problems: problems.into(),
             },
@@ -544,10 +738,28 @@ impl NodeObject {
             .iter()
             .flat_map(|spec| &spec.taints)
             .any(|taint| taint.key == TO_BE_DELETED_TAINT);
+        let zone = self
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(ZONE_LABEL))
+            .filter(|zone| !zone.is_empty())
+            .map(|zone| zone.as_str().into());
+        let node_addresses = |kind: &str| -> Box<[IpAddr]> {
+            self.status
+                .iter()
+                .flat_map(|status| &status.addresses)
+                .filter(|address| address.type_ == kind)
+                .filter_map(|address| address.address.parse().ok())
+                .collect()
+        };
         Some((
             name,
             NodeRecord {
                 being_deleted: tainted || self.metadata.deletion_timestamp.is_some(),
+                zone,
+                internal_ips: node_addresses("InternalIP"),
+                external_ips: node_addresses("ExternalIP"),
             },
         ))
     }
