@@ -19,7 +19,7 @@ use crate::{
         cgroup::{CgroupPath, DEFAULT_CGROUP_PATH},
     },
     reconcile::translate::NodeContext,
-    run::RunOptions,
+    run::{AutoDevices, RunOptions},
     source::SourceSpec,
 };
 
@@ -69,7 +69,9 @@ pub struct RunArgs {
     /// An external device (repeatable): traffic from the network to
     /// NodePort, LoadBalancer and externalIP frontends, and replies of
     /// SNATed flows, are handled there. Include the device towards other
-    /// nodes.
+    /// nodes. Default (none named): detected, as Cilium does, and followed
+    /// while the agent runs: the devices holding the Node's InternalIP and
+    /// ExternalIP addresses and the device of the default route.
     #[arg(long = "external-device", value_name = "NAME")]
     pub external_devices: Vec<String>,
     /// Hook of the "from network" program on external devices: `xdp`
@@ -89,7 +91,9 @@ pub struct RunArgs {
     pub external_ip_cidrs: Vec<IpNet>,
     /// Address flows from the network to backends on other nodes are SNATed
     /// to, so their replies come back through this node. Default: the first
-    /// IPv4 address of the first external device.
+    /// IPv4 address of the first external device named; with detected
+    /// devices, the Node's InternalIP (else the default route device's
+    /// address).
     #[arg(long, value_name = "ADDR")]
     pub snat_ipv4: Option<Ipv4Addr>,
     /// Socket-LB: the cgroup v2 folder the socket programs are attached to,
@@ -230,14 +234,12 @@ pub struct ListArgs {
 impl RunArgs {
     /// The options `run` works with.
     pub fn options(&self) -> anyhow::Result<RunOptions> {
-        if self.pod_devices.is_empty()
-            && self.pod_device_prefixes.is_empty()
-            && self.external_devices.is_empty()
-        {
-            anyhow::bail!(
-                "name the devices with --pod-device, --pod-device-prefix or --external-device"
-            );
-        }
+        // Without --external-device, `run` detects the external devices,
+        // the NodePort addresses and the SNAT address itself.
+        let auto_devices = self
+            .external_devices
+            .is_empty()
+            .then(|| AutoDevices::new(self.nodeport_addresses.clone(), self.snat_ipv4));
         let local = local_ipv4_addresses()?;
         let nodeport_addresses =
             nodeport_addresses(&local, &self.external_devices, &self.nodeport_addresses);
@@ -286,6 +288,7 @@ impl RunArgs {
             snat_ports: self.snat_port_range,
             ct_timeouts: self.ct_timeouts.timeouts(),
             ct_gc_max_interval: Duration::from_secs(self.ct_gc_max_interval_secs),
+            auto_devices,
         })
     }
 }

@@ -142,6 +142,13 @@ where
         self.synced
     }
 
+    /// Sets this node's context (its NodePort addresses changed): every
+    /// Service is translated again on the next [`Pipeline::flush`].
+    pub fn set_node(&mut self, node: super::translate::NodeContext) {
+        self.syncer.set_node(node);
+        self.dirty = Dirty::All;
+    }
+
     /// Takes one event in; nothing is written until [`Pipeline::flush`].
     pub fn handle(&mut self, event: ClusterEvent) {
         if event.is_full_list() {
