@@ -105,6 +105,14 @@ pub struct RunArgs {
     /// a previous agent pinned).
     #[arg(long, value_name = "PATH|none", default_value = DEFAULT_CGROUP_PATH)]
     pub cgroup_path: CgroupPath,
+    /// Socket-LB only for sockets of the agent's own (the host's) network
+    /// namespace, as Cilium's `socketLB.hostNamespaceOnly`: pods then reach
+    /// Services through the packet hooks on their devices, so the
+    /// connections a service mesh (Istio, Linkerd) intercepts in the pod
+    /// still carry the ClusterIP. Off by default: socket-LB also serves
+    /// pods' sockets, which saves a translation per packet.
+    #[arg(long)]
+    pub socket_lb_host_namespace_only: bool,
     /// This node's name (default: `$NODE_NAME`, else the hostname): the Node
     /// object watched, and endpoints with this `nodeName` are node-local.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
@@ -274,6 +282,7 @@ impl RunArgs {
             },
             snat_ipv4,
             cgroup_path: self.cgroup_path.clone(),
+            socket_lb_host_namespace_only: self.socket_lb_host_namespace_only,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             resync_interval: Duration::from_secs(self.resync_interval_secs),
             metrics_addr: self.metrics_addr,

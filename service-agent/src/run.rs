@@ -80,6 +80,8 @@ pub struct RunOptions {
     pub snat_ipv4: Option<std::net::Ipv4Addr>,
     /// The cgroup the socket-LB programs are attached to, if any.
     pub cgroup_path: CgroupPath,
+    /// Socket-LB only for sockets of the agent's network namespace.
+    pub socket_lb_host_namespace_only: bool,
     /// Source ports of SNATed flows.
     pub snat_ports: SnatPortRange,
     /// Conntrack timeouts.
@@ -94,7 +96,15 @@ pub struct RunOptions {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
-    let mut ebpf = datapath::load_with_sizes(&options.pin_path, options.map_sizes)?;
+    let socket_lb_netns = if options.socket_lb_host_namespace_only {
+        let cookie = datapath::netns::current_netns_cookie()?;
+        info!("socket-LB limited to this network namespace (cookie {cookie})");
+        Some(cookie)
+    } else {
+        None
+    };
+    let mut ebpf =
+        datapath::load_with_options(&options.pin_path, options.map_sizes, socket_lb_netns)?;
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let counters = CounterMaps::take_from(&mut ebpf)?;
     let mut id_cursors = IdCursorMap::take_from(&mut ebpf)?;
