@@ -15,6 +15,7 @@ use std::{
 };
 
 use service_tests::{
+    agent::{list_table, metric},
     netns::NetNs,
     require_root,
     scenario::{TwoNodeOptions, TwoNodeScenario},
@@ -31,6 +32,8 @@ const HEALTH_CHECK_PORT: u16 = 32100;
 const PODS_PER_NODE: usize = 2;
 /// Requests per check.
 const REQUESTS: usize = 20;
+/// A Service with an SCTP port beside a TCP one.
+const SCTP_SERVICE: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: signal, namespace: demo}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {name: sctp, protocol: SCTP, port: 3868}\n  - {name: tcp, protocol: TCP, port: 3869}\n";
 
 /// Service `web` of `service_type` with `spec_extra` (indented spec lines)
 /// and one slice listing `endpoints` as (pod address, node, extra fields).
@@ -173,6 +176,13 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
         json,
         serde_json::json!({"service": {"namespace": "demo", "name": "web"}, "localEndpoints": 1, "serviceProxyHealthy": true})
     );
+    let listed = list_table(setup.pins[0].path()).unwrap();
+    assert!(
+        listed.contains(&format!(
+            "health-check node port {HEALTH_CHECK_PORT}: demo/web"
+        )),
+        "{listed}"
+    );
     let (code, body) = health_check_status(client, NODE_B_IP).unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains(r#""localEndpoints":0"#), "{body}");
@@ -267,7 +277,7 @@ fn prefer_same_zone_keeps_traffic_in_each_nodes_zone() {
         ),
         node_yaml("node-a", "zone-a", NODE_A_IP),
         node_yaml("node-b", "zone-b", NODE_B_IP),
-    );
+    ) + SCTP_SERVICE;
     let cluster_ip = SocketAddr::from((CLUSTER_IP, 80));
     let setup = TwoNodeScenario::start_with(
         "zone",
@@ -291,6 +301,22 @@ fn prefer_same_zone_keeps_traffic_in_each_nodes_zone() {
         cluster_ip,
         "web-b1",
         "from zone-b",
+    );
+    // The SCTP port is not served, and says so: in the log, in `list`, in
+    // a metric.
+    let listed = list_table(setup.pins[0].path()).unwrap();
+    assert!(
+        listed.contains("not supported, ignored: demo/signal: Service demo/signal port \"sctp\": protocol SCTP is not served"),
+        "{listed}"
+    );
+    assert!(
+        setup.agents[0]
+            .log()
+            .contains("not supported: Service demo/signal")
+    );
+    assert_eq!(
+        metric(&setup.topology.node_a, "service_agent_unsupported_fields").unwrap(),
+        Some(1.0)
     );
     // Node B moves to a zone without hinted endpoints: it falls back to
     // every endpoint.
