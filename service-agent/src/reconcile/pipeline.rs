@@ -340,6 +340,44 @@ endpoints: [{addresses: [10.1.1.2]}]
     }
 
     #[test]
+    fn health_check_ports_follow_the_external_traffic_policy() {
+        let syncer = Syncer::adopting(MapState::default(), NodeContext::default()).unwrap();
+        let mut pipeline = Pipeline::new(syncer, &KINDS);
+        let local = WEB.replace(
+            "spec: {clusterIP: 10.96.0.10,",
+            "spec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 10.96.0.10,",
+        );
+        for event in events(&local) {
+            pipeline.handle(event);
+        }
+        let report = pipeline.flush().unwrap();
+        assert!(report.health_checks_changed);
+        let wanted = pipeline.health_check_wanted();
+        assert_eq!(wanted.keys().collect::<Vec<_>>(), [&32000]);
+        // (The file source read without a node name: no endpoint is local.)
+        assert_eq!(wanted[&32000].local_endpoints, 0);
+        assert_eq!(wanted[&32000].name, "web");
+        // The same again: nothing changed.
+        for event in events(&local) {
+            pipeline.handle(event);
+        }
+        assert!(
+            pipeline
+                .flush()
+                .is_none_or(|report| !report.health_checks_changed)
+        );
+        // Back to Cluster: no port.
+        for event in events(&local.replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster",
+        )) {
+            pipeline.handle(event);
+        }
+        assert!(pipeline.flush().unwrap().health_checks_changed);
+        assert!(pipeline.health_check_wanted().is_empty());
+    }
+
+    #[test]
     fn the_id_allocators_go_on_from_the_kept_position_and_keep_theirs() {
         let stored: Arc<Mutex<Vec<IdCursors>>> = Arc::default();
         let sink = stored.clone();

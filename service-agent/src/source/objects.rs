@@ -824,6 +824,93 @@ mod tests {
     }
 
     #[test]
+    fn service_policies_and_endpoint_hints_are_read() {
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+                "healthCheckNodePort": 32000, "trafficDistribution": "PreferSameZone",
+                "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(record.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(record.internal_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(record.health_check_node_port, Some(32000));
+        assert_eq!(
+            record.traffic_distribution,
+            TrafficDistribution::PreferSameZone
+        );
+        assert!(record.problems.is_empty() && record.unsupported.is_empty());
+
+        let slice: SliceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop"},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.1.1.2"], "hints": {"forZones": [{"name": "a"}, {"name": "b"}], "forNodes": [{"name": "node-a"}]}},
+                {"addresses": ["10.1.1.3"], "hints": {"forZones": [{"name": "c"}], "forNodes": [{"name": "node-c"}]}},
+                {"addresses": ["10.1.1.4"]}
+            ]
+        }))
+        .unwrap();
+        let (_, record) = slice.into_record(Some("node-a")).unwrap();
+        let zones = |i: usize| -> Vec<&str> {
+            record
+                .zones_of(&record.endpoints[i])
+                .iter()
+                .map(|z| &**z)
+                .collect()
+        };
+        assert_eq!(zones(0), ["a", "b"]);
+        assert_eq!(zones(1), ["c"]);
+        assert!(zones(2).is_empty());
+        assert_eq!(record.endpoints[0].node_hint, NodeHint::ThisNode);
+        assert_eq!(record.endpoints[1].node_hint, NodeHint::OtherNodes);
+        assert_eq!(record.endpoints[2].node_hint, NodeHint::None);
+    }
+
+    #[test]
+    fn the_label_rule_leaves_out_other_proxies_and_headless_objects() {
+        let meta = |labels: serde_json::Value| -> ObjectMeta {
+            serde_json::from_value::<ServiceObject>(
+                serde_json::json!({"metadata": {"name": "x", "labels": labels}}),
+            )
+            .unwrap()
+            .metadata
+        };
+        assert!(excluded_by_labels(&meta(serde_json::json!({"app": "x"}))).is_none());
+        let other = meta(serde_json::json!({"service.kubernetes.io/service-proxy-name": "cilium"}));
+        assert!(excluded_by_labels(&other).unwrap().contains("cilium"));
+        let headless = meta(serde_json::json!({"service.kubernetes.io/headless": ""}));
+        assert!(excluded_by_labels(&headless).unwrap().contains("headless"));
+    }
+
+    #[test]
+    fn a_node_brings_its_zone_and_addresses() {
+        let node: NodeObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "labels": {"topology.kubernetes.io/zone": "z1", "x": "y"}},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "10.0.0.1"},
+                {"type": "InternalIP", "address": "fd00::1"},
+                {"type": "ExternalIP", "address": "192.0.2.1"},
+                {"type": "Hostname", "address": "a"},
+                {"type": "InternalIP", "address": "bogus"}
+            ]}
+        }))
+        .unwrap();
+        let (_, record) = node.into_record().unwrap();
+        assert_eq!(record.zone.as_deref(), Some("z1"));
+        assert_eq!(
+            &*record.internal_ips,
+            [
+                IpAddr::from([10, 0, 0, 1]),
+                "fd00::1".parse::<IpAddr>().unwrap()
+            ]
+        );
+        assert_eq!(&*record.external_ips, [IpAddr::from([192, 0, 2, 1])]);
+    }
+
+    #[test]
     fn a_node_is_being_deleted_with_a_deletion_timestamp_or_the_autoscaler_taint() {
         let node = |value| -> NodeRecord {
             serde_json::from_value::<NodeObject>(value)
