@@ -117,7 +117,7 @@ impl HealthCheckPorts {
                     open.insert(port, OpenPort { report, servers });
                 }
                 Err(e) => warn!(
-                    "health-check node port {port} of Service {service} cannot be opened: {e:#}; retried on the next change"
+                    "health-check node port {port} of Service {service} cannot be opened: {e:#}; retried with the next change or repair"
                 ),
             }
         }

@@ -197,6 +197,11 @@ where
         }
         let timer = SyncTimer::start();
         let report = self.syncer.sync_full(&self.cluster);
+        // A health-check port that could not be opened (its port in use)
+        // is tried again with each repair.
+        if !report.health_checks_changed {
+            self.update_health_check_ports();
+        }
         if self.syncer.repair_due() {
             self.repair_not_before = Instant::now() + self.repair_backoff;
             self.repair_backoff = (self.repair_backoff * 2).min(REPAIR_BACKOFF_MAX);
@@ -205,6 +210,17 @@ where
         }
         self.record(&report, &timer, &Dirty::none());
         Some(report)
+    }
+
+    /// Opens and closes the health-check node ports as the Services want
+    /// them (a port that could not be opened is tried again).
+    fn update_health_check_ports(&self) {
+        if let Some(ports) = &self.health_check_ports {
+            ports.update(self.health_check_wanted());
+            if let Some(metrics) = &self.metrics {
+                metrics.health_check_ports.set(ports.ports().len() as i64);
+            }
+        }
     }
 
     /// The health-check node ports the Services want, by port (a port two
@@ -232,13 +248,8 @@ where
         if let Some(collector) = &self.collector {
             collector.follow(&report.flows);
         }
-        if report.health_checks_changed
-            && let Some(ports) = &self.health_check_ports
-        {
-            ports.update(self.health_check_wanted());
-            if let Some(metrics) = &self.metrics {
-                metrics.health_check_ports.set(ports.ports().len() as i64);
-            }
+        if report.health_checks_changed {
+            self.update_health_check_ports();
         }
         if let Some((store, kept)) = &mut self.id_store {
             let now = self.syncer.id_cursors();
