@@ -325,6 +325,26 @@ mod tests {
     }
 
     #[test]
+    fn without_external_devices_they_are_detected_and_named_ones_are_kept() {
+        let options = |extra: &[&str]| {
+            let mut args = vec!["service-agent", "run", "--source", "kube"];
+            args.extend_from_slice(extra);
+            let Command::Run(args) = Cli::parse_from(args).command else {
+                panic!("run expected");
+            };
+            args.options().unwrap()
+        };
+        // No device flag at all is fine now: the DaemonSet's case.
+        let detected = options(&[]);
+        assert!(detected.auto_devices.is_some());
+        assert!(!detected.socket_lb_host_namespace_only);
+        let named = options(&["--external-device", "lo", "--socket-lb-host-namespace-only"]);
+        assert!(named.auto_devices.is_none());
+        assert_eq!(named.devices.external, ["lo"]);
+        assert!(named.socket_lb_host_namespace_only);
+    }
+
+    #[test]
     fn defaults_are_the_design_values() {
         let cli = Cli::parse_from([
             "service-agent",

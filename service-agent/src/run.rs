@@ -156,7 +156,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         let node = first_node(&mut incoming, &mut early_events, NODE_WAIT).await;
         if node.is_none() {
             warn!(
-                "no Node object for this node within {NODE_WAIT:?}: external devices from the default route only, until it comes"
+                "no Node object for this node (the source has none, or none came within {NODE_WAIT:?}): external devices from the default route only, until one comes"
             );
         }
         auto.detect(node.as_ref(), &mut options);
