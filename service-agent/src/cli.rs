@@ -23,7 +23,7 @@ use crate::{
     },
     ops::trace::{Entry, TraceRequest, packet::parse_tcp_flags, pinned_nodeport_mode},
     reconcile::translate::NodeContext,
-    run::RunOptions,
+    run::{AutoDevices, RunOptions},
     source::SourceSpec,
 };
 
@@ -79,7 +79,9 @@ pub struct RunArgs {
     /// An external device (repeatable): traffic from the network to
     /// NodePort, LoadBalancer and externalIP frontends, and replies of
     /// SNATed flows, are handled there. Include the device towards other
-    /// nodes.
+    /// nodes. Default (none named): detected, as Cilium does, and followed
+    /// while the agent runs: the devices holding the Node's InternalIP and
+    /// ExternalIP addresses and the device of the default route.
     #[arg(long = "external-device", value_name = "NAME")]
     pub external_devices: Vec<String>,
     /// Hook of the "from network" program on external devices: `xdp`
@@ -99,7 +101,9 @@ pub struct RunArgs {
     pub external_ip_cidrs: Vec<IpNet>,
     /// Address flows from the network to backends on other nodes are SNATed
     /// to, so their replies come back through this node. Default: the first
-    /// IPv4 address of the first external device.
+    /// IPv4 address of the first external device named; with detected
+    /// devices, the Node's InternalIP (else the default route device's
+    /// address).
     #[arg(long, value_name = "ADDR")]
     pub snat_ipv4: Option<Ipv4Addr>,
     /// Socket-LB: the cgroup v2 folder the socket programs are attached to,
@@ -111,6 +115,14 @@ pub struct RunArgs {
     /// a previous agent pinned).
     #[arg(long, value_name = "PATH|none", default_value = DEFAULT_CGROUP_PATH)]
     pub cgroup_path: CgroupPath,
+    /// Socket-LB only for sockets of the agent's own (the host's) network
+    /// namespace, as Cilium's `socketLB.hostNamespaceOnly`: pods then reach
+    /// Services through the packet hooks on their devices, so the
+    /// connections a service mesh (Istio, Linkerd) intercepts in the pod
+    /// still carry the ClusterIP. Off by default: socket-LB also serves
+    /// pods' sockets, which saves a translation per packet.
+    #[arg(long)]
+    pub socket_lb_host_namespace_only: bool,
     /// This node's name (default: `$NODE_NAME`, else the hostname): the Node
     /// object watched, and endpoints with this `nodeName` are node-local.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
@@ -342,14 +354,12 @@ impl TraceArgs {
 impl RunArgs {
     /// The options `run` works with.
     pub fn options(&self) -> anyhow::Result<RunOptions> {
-        if self.pod_devices.is_empty()
-            && self.pod_device_prefixes.is_empty()
-            && self.external_devices.is_empty()
-        {
-            anyhow::bail!(
-                "name the devices with --pod-device, --pod-device-prefix or --external-device"
-            );
-        }
+        // Without --external-device, `run` detects the external devices,
+        // the NodePort addresses and the SNAT address itself.
+        let auto_devices = self
+            .external_devices
+            .is_empty()
+            .then(|| AutoDevices::new(self.nodeport_addresses.clone(), self.snat_ipv4));
         let local = local_ipv4_addresses()?;
         let nodeport_addresses =
             nodeport_addresses(&local, &self.external_devices, &self.nodeport_addresses);
@@ -373,12 +383,18 @@ impl RunArgs {
                 .node_name
                 .clone()
                 .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
+            health_check_addresses: if self.nodeport_addresses.is_empty() {
+                Vec::new()
+            } else {
+                nodeport_addresses.clone()
+            },
             node: NodeContext {
                 nodeport_addresses,
                 external_ip_cidrs: self.external_ip_cidrs.clone(),
             },
             snat_ipv4,
             cgroup_path: self.cgroup_path.clone(),
+            socket_lb_host_namespace_only: self.socket_lb_host_namespace_only,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             resync_interval: Duration::from_secs(self.resync_interval_secs),
             metrics_addr: self.metrics_addr,
@@ -393,6 +409,7 @@ impl RunArgs {
             snat_ports: self.snat_port_range,
             ct_timeouts: self.ct_timeouts.timeouts(),
             ct_gc_max_interval: Duration::from_secs(self.ct_gc_max_interval_secs),
+            auto_devices,
         })
     }
 }
@@ -417,6 +434,26 @@ mod tests {
         for bad in ["", "20000", "0-10", "10-9", "1-70000", "a-b"] {
             assert!(parse_port_range(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn without_external_devices_they_are_detected_and_named_ones_are_kept() {
+        let options = |extra: &[&str]| {
+            let mut args = vec!["service-agent", "run", "--source", "kube"];
+            args.extend_from_slice(extra);
+            let Command::Run(args) = Cli::parse_from(args).command else {
+                panic!("run expected");
+            };
+            args.options().unwrap()
+        };
+        // No device flag at all is fine now: the DaemonSet's case.
+        let detected = options(&[]);
+        assert!(detected.auto_devices.is_some());
+        assert!(!detected.socket_lb_host_namespace_only);
+        let named = options(&["--external-device", "lo", "--socket-lb-host-namespace-only"]);
+        assert!(named.auto_devices.is_none());
+        assert_eq!(named.devices.external, ["lo"]);
+        assert!(named.socket_lb_host_namespace_only);
     }
 
     #[test]

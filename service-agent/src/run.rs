@@ -21,6 +21,10 @@ use tokio::{
 use crate::{
     datapath::{
         self, MapSizes,
+        addresses::{
+            DetectedDevices, default_route_devices, detect_devices, local_ipv4_addresses,
+            nodeport_addresses,
+        },
         attach::{Attachments, DeviceSelection},
         cgroup::CgroupPath,
         conntrack::{ConntrackMap, PressureCounters},
@@ -29,13 +33,14 @@ use crate::{
         model::{MapReader, MapWriter},
         snat_ports::Reservation,
     },
-    ops::{self, health::Health, metrics::Metrics, status},
+    ops::{self, health::Health, health_check_ports::HealthCheckPorts, metrics::Metrics, status},
     reconcile::{
         self,
-        cluster::Kind,
+        cluster::{Change, ClusterEvent, Kind},
         collector::CollectorSettings,
         flows::FlowRules,
         pipeline::Pipeline,
+        records::NodeRecord,
         sync::{SyncReport, Syncer},
         translate::NodeContext,
     },
@@ -59,6 +64,8 @@ pub struct RunOptions {
     pub node_name: Option<String>,
     /// This node, as translation sees it.
     pub node: NodeContext,
+    /// Addresses health-check node ports listen on (empty: every address).
+    pub health_check_addresses: Vec<std::net::IpAddr>,
     /// How often the file source and the devices are checked.
     pub poll_interval: Duration,
     /// How often the maps are fully compared with the desired state.
@@ -73,42 +80,35 @@ pub struct RunOptions {
     pub snat_ipv4: Option<std::net::Ipv4Addr>,
     /// The cgroup the socket-LB programs are attached to, if any.
     pub cgroup_path: CgroupPath,
+    /// Socket-LB only for sockets of the agent's network namespace.
+    pub socket_lb_host_namespace_only: bool,
     /// Source ports of SNATed flows.
     pub snat_ports: SnatPortRange,
     /// Conntrack timeouts.
     pub ct_timeouts: ConntrackTimeouts,
     /// Longest time between two conntrack collector passes.
     pub ct_gc_max_interval: Duration,
+    /// No `--external-device`: the external devices, NodePort addresses
+    /// and (without `--snat-ipv4`) the SNAT address are detected, and
+    /// follow the node's addresses.
+    pub auto_devices: Option<AutoDevices>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let mut ebpf = datapath::load_with_sizes(&options.pin_path, options.map_sizes)?;
-    datapath::maps::write_config(
-        &mut ebpf,
-        &DatapathConfig {
-            snat_v4: options.snat_ipv4.map(|a| a.octets()).unwrap_or_default(),
-            snat_ports: options.snat_ports,
-            timeouts: options.ct_timeouts,
-        },
-    )?;
-    info!(
-        "NodePorts on {:?}, SNAT address {:?} ports {}-{}, conntrack timeouts {:?}",
-        options.node.nodeport_addresses,
-        options.snat_ipv4,
-        options.snat_ports.min,
-        options.snat_ports.max,
-        options.ct_timeouts
-    );
-    if options.snat_ipv4.is_some() {
-        reserve_snat_ports(options.snat_ports);
-    }
+pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
+    let socket_lb_netns = if options.socket_lb_host_namespace_only {
+        let cookie = datapath::netns::current_netns_cookie()?;
+        info!("socket-LB limited to this network namespace (cookie {cookie})");
+        Some(cookie)
+    } else {
+        None
+    };
+    let mut ebpf =
+        datapath::load_with_options(&options.pin_path, options.map_sizes, socket_lb_netns)?;
     let maps = ServiceMaps::take_from(&mut ebpf)?;
     let counters = CounterMaps::take_from(&mut ebpf)?;
     let mut id_cursors = IdCursorMap::take_from(&mut ebpf)?;
     let kept_cursors = id_cursors.load();
-    let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
-        .context("reading the pinned maps")?;
     info!("maps pinned in {}", options.pin_path.display());
     let link_dir = options.pin_path.join("links");
     std::fs::create_dir_all(&link_dir)
@@ -147,6 +147,37 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             &source::kube::KINDS
         }
     };
+    // Without --external-device, the external devices and the SNAT address
+    // follow the Node's addresses: wait (a while) for the source's first
+    // word on the Node, keeping the other events for the pipeline.
+    let mut early_events = Vec::new();
+    let mut auto = options.auto_devices.take();
+    if let Some(auto) = &mut auto {
+        let node = first_node(&mut incoming, &mut early_events, NODE_WAIT).await;
+        if node.is_none() {
+            warn!(
+                "no Node object for this node (the source has none, or none came within {NODE_WAIT:?}): external devices from the default route only, until one comes"
+            );
+        }
+        auto.detect(node.as_ref(), &mut options);
+    }
+    datapath::maps::write_config(&mut ebpf, &datapath_config(&options))?;
+    info!(
+        "external devices {:?}{}, NodePorts on {:?}, SNAT address {:?} ports {}-{}, conntrack timeouts {:?}",
+        options.devices.external,
+        if auto.is_some() { " (detected)" } else { "" },
+        options.node.nodeport_addresses,
+        options.snat_ipv4,
+        options.snat_ports.min,
+        options.snat_ports.max,
+        options.ct_timeouts
+    );
+    if options.snat_ipv4.is_some() {
+        reserve_snat_ports(options.snat_ports);
+    }
+    let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
+        .context("reading the pinned maps")?;
+
     let (collector_news, mut news) = unbounded_channel();
     let collector = reconcile::collector::spawn(
         ConntrackMap::open(&options.pin_path)?,
@@ -170,7 +201,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         collector_news,
     )
     .context("starting the conntrack collector")?;
+    // Health-check node ports listen on every address (as kube-proxy with no
+    // --nodeport-addresses), or on the NodePort addresses the CIDRs chose.
+    let health_check_ports = Arc::new(HealthCheckPorts::new(
+        options.health_check_addresses.clone(),
+        health.clone(),
+    ));
     let mut pipeline = Pipeline::new(syncer, kinds)
+        .with_health_check_ports(health_check_ports)
         .with_metrics(metrics)
         .with_health(health.clone())
         .with_collector(collector)
@@ -181,6 +219,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut failed_services = 0;
     let mut attachments = Attachments::default();
     let mut last_full_sync = Instant::now();
+    let mut last_detection = Instant::now();
+    if !early_events.is_empty() {
+        for event in early_events {
+            pipeline.handle(event);
+        }
+        let report = pipeline.flush();
+        write_status(
+            &options.pin_path,
+            &pipeline,
+            report.as_ref(),
+            &mut failed_services,
+        );
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -201,6 +252,27 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             }
             Some(item) = news.recv() => pipeline.collector_news(item),
             _ = ticker.tick() => {
+                if let Some(auto) = &mut auto
+                    && last_detection.elapsed() >= DETECTION_INTERVAL
+                {
+                    last_detection = Instant::now();
+                    let before = (options.node.clone(), options.snat_ipv4);
+                    auto.detect(pipeline.cluster.node.as_ref(), &mut options);
+                    if options.snat_ipv4 != before.1 {
+                        warn!(
+                            "SNAT address now {:?} (was {:?}): new flows use it; the conntrack collector recognises SNAT entries by the address it started with until the agent restarts",
+                            options.snat_ipv4, before.1
+                        );
+                        if let Err(e) = datapath::maps::write_config(&mut ebpf, &datapath_config(&options)) {
+                            warn!("writing the new SNAT address: {e:#}");
+                        }
+                    }
+                    if options.node.nodeport_addresses != before.0.nodeport_addresses {
+                        pipeline.set_node(options.node.clone());
+                        let report = pipeline.flush();
+                        write_status(&options.pin_path, &pipeline, report.as_ref(), &mut failed_services);
+                    }
+                }
                 if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {
                     warn!("device scan failed: {e:#}");
                 }
@@ -221,6 +293,108 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         attachments.devices().collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// How long the agent waits at start for the source's Node before choosing
+/// its external devices and SNAT address without it.
+const NODE_WAIT: Duration = Duration::from_secs(10);
+/// How often external devices and addresses are detected again.
+const DETECTION_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The datapath's configuration from the options.
+fn datapath_config(options: &RunOptions) -> DatapathConfig {
+    DatapathConfig {
+        snat_v4: options.snat_ipv4.map(|a| a.octets()).unwrap_or_default(),
+        snat_ports: options.snat_ports,
+        timeouts: options.ct_timeouts,
+    }
+}
+
+/// Waits up to `wait` for the source's first Node event and returns this
+/// node's record from it; every event received meanwhile goes to `early`.
+async fn first_node(
+    incoming: &mut tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>,
+    early: &mut Vec<ClusterEvent>,
+    wait: Duration,
+) -> Option<NodeRecord> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let event = tokio::time::timeout_at(deadline, incoming.recv())
+            .await
+            .ok()??;
+        let node = match &event {
+            ClusterEvent::Node(Change::Applied(_, node)) => Some(Some(node.clone())),
+            ClusterEvent::Node(Change::Replaced(nodes)) => {
+                Some(nodes.first().map(|(_, node)| node.clone()))
+            }
+            ClusterEvent::Node(Change::Deleted(_)) => Some(None),
+            _ => None,
+        };
+        early.push(event);
+        if let Some(node) = node {
+            return node;
+        }
+    }
+}
+
+/// External devices, NodePort addresses and the SNAT address found again
+/// and again (no `--external-device`): see
+/// [`datapath::addresses::detect_devices`].
+#[derive(Clone, Debug, Default)]
+pub struct AutoDevices {
+    /// `--nodeport-addresses`: with CIDRs, NodePorts are served on the
+    /// local addresses inside them; without, on the external devices'.
+    pub nodeport_cidrs: Vec<ipnet::IpNet>,
+    /// `--snat-ipv4`, if given: never replaced by a detected address.
+    pub snat_flag: Option<std::net::Ipv4Addr>,
+    /// What the last detection found.
+    last: DetectedDevices,
+}
+
+impl AutoDevices {
+    /// Auto-detection keeping `--nodeport-addresses` CIDRs and
+    /// `--snat-ipv4`, if given.
+    pub fn new(nodeport_cidrs: Vec<ipnet::IpNet>, snat_flag: Option<std::net::Ipv4Addr>) -> Self {
+        AutoDevices {
+            nodeport_cidrs,
+            snat_flag,
+            last: DetectedDevices::default(),
+        }
+    }
+
+    /// Detects the devices and addresses again from the node's own
+    /// addresses, its default routes and `node` (the Node's addresses),
+    /// and puts what changed into `options`, logging it.
+    fn detect(&mut self, node: Option<&NodeRecord>, options: &mut RunOptions) {
+        let local = match local_ipv4_addresses() {
+            Ok(local) => local,
+            Err(e) => {
+                warn!("detecting the external devices: {e:#}");
+                return;
+            }
+        };
+        let node_ips: Vec<std::net::IpAddr> = node
+            .map(|node| {
+                node.internal_ips
+                    .iter()
+                    .chain(node.external_ips.iter())
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let found = detect_devices(&local, &node_ips, &default_route_devices());
+        if found != self.last {
+            info!(
+                "detected external devices {:?} (devices of the Node's addresses {node_ips:?} and of the default route), SNAT address {:?}",
+                found.external, found.snat_ipv4
+            );
+            self.last = found.clone();
+        }
+        options.devices.external = found.external.clone();
+        options.node.nodeport_addresses =
+            nodeport_addresses(&local, &found.external, &self.nodeport_cidrs);
+        options.snat_ipv4 = self.snat_flag.or(found.snat_ipv4);
+    }
 }
 
 /// Rewrites the status file when a sync changed a Service or which

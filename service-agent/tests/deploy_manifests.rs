@@ -442,7 +442,7 @@ fn daemon_set_uses_host_network_and_capabilities_not_privilege() {
     assert_eq!(added.len(), added_set.len(), "duplicates in {added:?}");
     assert_eq!(
         added_set,
-        strings(&["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE", "SYS_ADMIN"])
+        strings(&["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"])
     );
     assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
 
@@ -538,4 +538,44 @@ fn daemon_set_mounts_bpffs_and_probes_its_healthz_port() {
             "{which} probe port"
         );
     }
+}
+
+/// The DaemonSet serves NodePorts with no per-cluster flag: no external
+/// device, SNAT address or NodePort CIDR is named, and the agent's own
+/// parser, given the DaemonSet's arguments, turns device detection on.
+#[test]
+fn daemon_set_enables_node_ports_without_per_cluster_flags() {
+    use clap::Parser as _;
+    let manifests = manifests();
+    let agent = agent_container(pod_spec(daemon_set(&manifests)));
+    let args = agent.args.as_deref().unwrap_or_default();
+    for per_cluster in [
+        "--external-device",
+        "--snat-ipv4",
+        "--nodeport-addresses",
+        "--node-name",
+    ] {
+        assert!(
+            !args
+                .iter()
+                .any(|arg| arg == per_cluster || arg.starts_with(&format!("{per_cluster}="))),
+            "{per_cluster} in {args:?}"
+        );
+    }
+    let cli = service_agent::cli::Cli::try_parse_from(
+        std::iter::once("service-agent").chain(args.iter().map(String::as_str)),
+    )
+    .expect("the DaemonSet's arguments parse");
+    let service_agent::cli::Command::Run(run) = cli.command else {
+        panic!("the DaemonSet runs `service-agent run`");
+    };
+    let options = run.options().expect("options");
+    assert!(
+        options.auto_devices.is_some(),
+        "external devices are detected"
+    );
+    assert!(options.devices.external.is_empty());
+    // Device detection finds NodePort addresses and the SNAT address from
+    // the Node; nothing in the manifest pins them.
+    assert!(options.snat_ipv4.is_none());
 }

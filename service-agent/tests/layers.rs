@@ -22,7 +22,8 @@ enum Layer {
     Source,
     /// `reconcile`.
     Reconcile,
-    /// `ops::metrics`, `ops::health`: fed by the pipeline.
+    /// `ops::metrics`, `ops::health`, `ops::health_check_ports`: fed by the
+    /// pipeline.
     OpsFed,
     /// `datapath`.
     Datapath,
@@ -33,7 +34,7 @@ fn layer(module: &[&str]) -> Layer {
         ["source", ..] => Layer::Source,
         ["reconcile", ..] => Layer::Reconcile,
         ["datapath", ..] => Layer::Datapath,
-        ["ops", "metrics" | "health", ..] => Layer::OpsFed,
+        ["ops", "metrics" | "health" | "health_check_ports", ..] => Layer::OpsFed,
         ["ops", ..] => Layer::OpsReaders,
         _ => Layer::Wiring,
     }
@@ -108,6 +109,10 @@ fn expand(text: &str, prefix: Vec<String>, out: &mut BTreeSet<Vec<String>>) {
         .chars()
         .take_while(|c| c.is_alphanumeric() || *c == '_')
         .collect();
+    // The empty element after a group's trailing comma names nothing.
+    if ident.is_empty() && text.trim().is_empty() {
+        return;
+    }
     if ident.is_empty() || ident == "self" {
         if !prefix.is_empty() {
             out.insert(prefix);
@@ -163,7 +168,7 @@ fn imports_only_point_down_the_pipeline() {
 #[test]
 fn the_path_reader_sees_grouped_and_inline_paths() {
     let paths = crate_paths(
-        "use crate::{datapath::{maps::X, model::Y}, ops::metrics::M};\nlet x = crate::reconcile::sync::f();\nsubcrate::nope::x",
+        "use crate::{datapath::{maps::X, model::Y}, ops::metrics::M};\nlet x = crate::reconcile::sync::f();\nsubcrate::nope::x\nuse crate::{\n    ops::{\n        health::H,\n        metrics::M,\n    },\n};",
     );
     let paths: Vec<String> = paths.iter().map(|p| p.join("::")).collect();
     assert_eq!(
@@ -171,6 +176,7 @@ fn the_path_reader_sees_grouped_and_inline_paths() {
         [
             "datapath::maps",
             "datapath::model",
+            "ops::health",
             "ops::metrics",
             "reconcile::sync"
         ]

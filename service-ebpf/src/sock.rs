@@ -47,13 +47,21 @@
 //! kernel 5.18+; the kernel would report `EPERM` otherwise), as a closed
 //! port would, counted as `rejected_no_backend`.
 //!
+//! With `--socket-lb-host-namespace-only` (Cilium's
+//! `socketLB.hostNamespaceOnly`), the agent sets
+//! [`SOCK_LB_HOST_NETNS_COOKIE`] to its own network namespace's cookie when
+//! it loads the programs, and they leave sockets of every other namespace
+//! (pods) alone: those reach Services through the packet hooks, so a
+//! service mesh's sidecar or node proxy still sees the ClusterIP the
+//! application asked for.
+//!
 //! These programs cannot be run through `BPF_PROG_TEST_RUN` (the kernel
 //! has no test run for `cgroup_sock_addr`): they are tested end to end.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -81,6 +89,23 @@ const EHOSTUNREACH: i32 = 113;
 const IPPROTO_TCP: u32 = 6;
 /// `IPPROTO_UDP` as the socket reports it.
 const IPPROTO_UDP: u32 = 17;
+
+/// The network namespace cookie socket-LB is limited to; 0 (the default):
+/// every namespace. Set by the agent at load time (a global of the object,
+/// so it is a constant for the verifier and costs no map lookup).
+#[unsafe(no_mangle)]
+static SOCK_LB_HOST_NETNS_COOKIE: u64 = 0;
+
+/// Whether socket-LB applies to this socket's network namespace.
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a plain read of a global the loader may have rewritten (the
+    // volatile read keeps the compiler from folding the initial 0).
+    let host = unsafe { core::ptr::read_volatile(&SOCK_LB_HOST_NETNS_COOKIE) };
+    // SAFETY: the helper takes the program's context (cgroup sock_addr
+    // programs have it from kernel 5.7).
+    host == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == host
+}
 
 /// `connect(2)` of a TCP or UDP socket: a frontend becomes a backend.
 #[cgroup_sock_addr(connect4)]
@@ -168,6 +193,9 @@ fn reject(errno: i32) -> i32 {
 /// `connect4` and `sendmsg4`: translates a frontend to a backend.
 #[inline(always)]
 fn forward(ctx: &SockAddrContext) -> i32 {
+    if !in_scope(ctx) {
+        return SOCK_ALLOW;
+    }
     let Some((daddr, dport, proto)) = destination(ctx) else {
         return SOCK_ALLOW;
     };
@@ -270,6 +298,9 @@ fn record(
 /// shows as the frontend it asked for.
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext) {
+    if !in_scope(ctx) {
+        return;
+    }
     let Some((addr, port, proto)) = destination(ctx) else {
         return;
     };

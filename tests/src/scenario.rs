@@ -195,6 +195,11 @@ pub struct TwoNodeOptions<'a> {
     pub agent_args: &'a [&'a str],
     /// Further arguments of node A's agent only.
     pub agent_a_args: &'a [&'a str],
+    /// Start both agents without `--external-device` and `--snat-ipv4`:
+    /// they detect their external devices and SNAT address themselves
+    /// (give them a default route, or a Node with its addresses, in the
+    /// YAML).
+    pub detect_devices: bool,
 }
 
 /// Two nodes, an agent on each (node A also on its external device towards
@@ -279,28 +284,36 @@ impl TwoNodeScenario {
         let mut args_a = vec![
             "--pod-device-prefix",
             POD_DEVICE_PREFIX,
-            "--external-device",
-            EXTERNAL_DEVICE,
-            "--external-device",
-            NODE_NETWORK_DEVICE,
             "--node-name",
             "node-a",
-            "--snat-ipv4",
-            &snat_a,
         ];
+        if !options.detect_devices {
+            args_a.extend_from_slice(&[
+                "--external-device",
+                EXTERNAL_DEVICE,
+                "--external-device",
+                NODE_NETWORK_DEVICE,
+                "--snat-ipv4",
+                &snat_a,
+            ]);
+        }
         args_a.extend_from_slice(options.agent_args);
         args_a.extend_from_slice(options.agent_a_args);
         let snat_b = NODE_B_IP.to_string();
         let mut args_b = vec![
             "--pod-device-prefix",
             POD_DEVICE_PREFIX,
-            "--external-device",
-            NODE_NETWORK_DEVICE,
             "--node-name",
             "node-b",
-            "--snat-ipv4",
-            &snat_b,
         ];
+        if !options.detect_devices {
+            args_b.extend_from_slice(&[
+                "--external-device",
+                NODE_NETWORK_DEVICE,
+                "--snat-ipv4",
+                &snat_b,
+            ]);
+        }
         args_b.extend_from_slice(options.agent_args);
         let mut agents = [
             AgentProcess::start_with_args(

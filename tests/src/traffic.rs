@@ -214,6 +214,10 @@ impl Drop for BackendServer {
 /// Answers HTTP/1.1 requests on one connection until the client closes it.
 fn serve_http(stream: TcpStream, name: &str) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    // `GET /peer` answers the name and the client address the server sees.
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |peer| peer.ip().to_string());
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -221,6 +225,7 @@ fn serve_http(stream: TcpStream, name: &str) {
     loop {
         let mut close = false;
         let mut saw_request = false;
+        let mut wants_peer = false;
         loop {
             let mut line = String::new();
             match reader.read_line(&mut line) {
@@ -230,6 +235,9 @@ fn serve_http(stream: TcpStream, name: &str) {
             if line == "\r\n" || line == "\n" {
                 break;
             }
+            if !saw_request {
+                wants_peer = line.starts_with("GET /peer ");
+            }
             saw_request = true;
             if line.to_ascii_lowercase().starts_with("connection: close") {
                 close = true;
@@ -238,7 +246,11 @@ fn serve_http(stream: TcpStream, name: &str) {
         if !saw_request {
             continue;
         }
-        let body = format!("{name}\n");
+        let body = if wants_peer {
+            format!("{name} {peer}\n")
+        } else {
+            format!("{name}\n")
+        };
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
@@ -411,6 +423,19 @@ pub fn http_get_path(target: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// `GET /peer` on a new connection to `target`: the answering backend's
+/// name and the client address it saw (the source address the datapath
+/// left on the connection).
+pub fn http_get_peer_seen(target: SocketAddr) -> anyhow::Result<(String, String)> {
+    let (status, body) = http_get_path(target, "/peer")?;
+    anyhow::ensure!(status == 200, "status {status}: {body:?}");
+    let (name, peer) = body
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("no peer in {body:?}"))?;
+    Ok((name.to_owned(), peer.to_owned()))
 }
 
 /// One HTTP GET on a new connection, like [`http_get`], failing unless the

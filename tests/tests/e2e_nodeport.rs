@@ -95,6 +95,7 @@ fn start(tag: &str, nodeport_mode: &str, topology: TwoNodesOptions) -> TwoNodeSc
             topology,
             agent_args: &["--nodeport-mode", nodeport_mode],
             agent_a_args: &["--external-ip-cidrs", &external_ips],
+            ..TwoNodeOptions::default()
         },
         |_| Ok(()),
         (

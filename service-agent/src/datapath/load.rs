@@ -72,10 +72,26 @@ fn drop_incompatible_pins(pin_path: &Path, sizes: MapSizes) {
 
 /// [`load`] with map capacities other than the defaults.
 pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
+    load_with_options(pin_path, sizes, None)
+}
+
+/// The global of the socket-LB programs holding the one network namespace
+/// they serve (0: all).
+pub const SOCK_LB_HOST_NETNS_COOKIE: &str = "SOCK_LB_HOST_NETNS_COOKIE";
+
+/// [`load_with_sizes`], with socket-LB limited to the network namespace of
+/// cookie `socket_lb_netns` (`--socket-lb-host-namespace-only`), if given.
+pub fn load_with_options(
+    pin_path: &Path,
+    sizes: MapSizes,
+    socket_lb_netns: Option<u64>,
+) -> anyhow::Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_path)?;
     drop_incompatible_pins(pin_path, sizes);
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_path);
+    let netns_cookie = socket_lb_netns.unwrap_or(0);
+    loader.override_global(SOCK_LB_HOST_NETNS_COOKIE, &netns_cookie, true);
     for spec in MAPS.iter().filter(|spec| !spec.fixed_capacity) {
         loader.map_max_entries(spec.name, sizes.capacity(spec));
     }

@@ -19,11 +19,12 @@ pub mod id_cursors;
 pub mod load;
 pub mod maps;
 pub mod model;
+pub mod netns;
 pub mod snapshot;
 pub mod snat_ports;
 pub mod sys;
 
-pub use load::{load, load_with_sizes};
+pub use load::{load, load_with_options, load_with_sizes};
 use service_common::MapSpec;
 pub use service_common::{
     PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP, PROG_FROM_NETWORK, PROG_FROM_NETWORK_DEFERRED,

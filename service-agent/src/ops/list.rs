@@ -32,6 +32,12 @@ pub struct Listing {
     /// or whose writes failed (a full map),
     /// from the agent's status file.
     pub not_programmed: Vec<ServiceStatus>,
+    /// Fields set to something the agent does not serve (an SCTP port, an
+    /// IPv6 address): the Service (`namespace/name`) and the field, one
+    /// line each, from the agent's status file.
+    pub unsupported: Vec<(String, String)>,
+    /// Health-check node ports served: the Service and the port.
+    pub health_check_ports: Vec<(String, u16)>,
     /// Datapath event counters (drops and translations), by name.
     pub counters: Vec<(String, u64)>,
 }
@@ -146,8 +152,22 @@ pub fn read_listing(pin_path: &Path) -> anyhow::Result<Listing> {
         .into_iter()
         .map(|(name, value)| (name.to_owned(), value))
         .collect();
+    let unsupported = statuses
+        .iter()
+        .flat_map(|s| {
+            s.unsupported
+                .iter()
+                .map(|line| (s.service.clone(), line.clone()))
+        })
+        .collect();
+    let health_check_ports = statuses
+        .iter()
+        .filter_map(|s| Some((s.service.clone(), s.health_check_node_port?)))
+        .collect();
     Ok(Listing {
         frontends,
+        unsupported,
+        health_check_ports,
         not_programmed: statuses
             .into_iter()
             .filter(|s| s.state != ServiceState::Programmed)
@@ -269,6 +289,14 @@ pub fn render_table(listing: &Listing) -> String {
             s.service,
             s.state.as_str()
         ));
+    }
+    for (service, port) in &listing.health_check_ports {
+        out.push_str(&format!(
+            "health-check node port {port}: {service} (externalTrafficPolicy: Local)\n"
+        ));
+    }
+    for (service, line) in &listing.unsupported {
+        out.push_str(&format!("not supported, ignored: {service}: {line}\n"));
     }
     let counters: Vec<String> = listing
         .counters

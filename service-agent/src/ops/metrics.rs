@@ -64,6 +64,11 @@ pub struct Metrics {
     map_write_failures: Family<MapLabels, Counter>,
     /// Services whose writes failed and wait for a repair.
     pub services_failed: Gauge,
+    /// Fields of the current Services set to something the agent does not
+    /// serve (an SCTP port, an IPv6 address), as `list` shows them.
+    pub unsupported_fields: Gauge,
+    /// Health-check node ports served (`externalTrafficPolicy: Local`).
+    pub health_check_ports: Gauge,
     /// Entries the agent keeps in each map (conntrack: as last counted by
     /// the conntrack collector).
     map_entries: Family<MapLabels, Gauge>,
@@ -105,6 +110,8 @@ impl Metrics {
         let sync_failures = Counter::default();
         let map_write_failures = Family::<MapLabels, Counter>::default();
         let services_failed = Gauge::default();
+        let unsupported_fields = Gauge::default();
+        let health_check_ports = Gauge::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let map_capacity = Family::<MapLabels, Gauge>::default();
         ours.register("frontends", "Frontends programmed", frontends.clone());
@@ -128,6 +135,16 @@ impl Metrics {
             "services_failed",
             "Services whose map writes failed and wait for a repair",
             services_failed.clone(),
+        );
+        ours.register(
+            "unsupported_fields",
+            "Fields of the current Services set to something the agent does not serve (SCTP ports, IPv6 addresses); service-agent list names them",
+            unsupported_fields.clone(),
+        );
+        ours.register(
+            "health_check_ports",
+            "Health-check node ports served for externalTrafficPolicy: Local Services",
+            health_check_ports.clone(),
         );
         ours.register(
             "map_entries",
@@ -177,6 +194,8 @@ impl Metrics {
             sync_failures,
             map_write_failures,
             services_failed,
+            unsupported_fields,
+            health_check_ports,
             map_entries,
             frontends_by_id,
             conntrack_gc,

@@ -1,10 +1,13 @@
 //! Beside the pipeline, for operators: [`metrics`] and [`health`] (updated
-//! by the pipeline, served by [`server`]), the per-Service [`status`] file,
+//! by the pipeline, served by [`server`]), the health-check node ports of
+//! `externalTrafficPolicy: Local` Services ([`health_check_ports`], opened
+//! and closed by the pipeline), the per-Service [`status`] file,
 //! `service-agent list` ([`list`]), which reads the live maps, and
 //! `service-agent trace` ([`trace`]), which runs a packet through the real
 //! programs on a snapshot of them.
 
 pub mod health;
+pub mod health_check_ports;
 pub mod list;
 pub mod metrics;
 pub mod server;

@@ -68,6 +68,13 @@ pub struct ServiceStatus {
     pub frontends: Vec<String>,
     /// What was skipped, and why.
     pub problems: Vec<String>,
+    /// Fields set to something the agent does not serve (an SCTP port, an
+    /// IPv6 address), one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsupported: Vec<String>,
+    /// Its health-check node port (`externalTrafficPolicy: Local`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
 }
 
 /// The status file of the agent pinning under `pin_path`.
@@ -125,6 +132,8 @@ pub fn statuses(
                     .cloned()
                     .chain(failure.map(|f| f.error.clone()))
                     .collect(),
+                unsupported: summary.unsupported.to_vec(),
+                health_check_node_port: summary.health_check.as_ref().map(|check| check.port),
             }
         })
         .collect()

@@ -195,13 +195,18 @@ impl ClusterState {
                     self.insert_slice(name, slice);
                 }
             }
-            // Translation does not depend on the Node: no Service changes.
+            // Translation reads only the Node's zone (topology hints): a
+            // new zone changes every Service, anything else none.
             ClusterEvent::Node(change) => {
+                let zone_before = self.node_zone().map(str::to_owned);
                 self.node = match change {
                     Change::Applied(_, node) => Some(node),
                     Change::Deleted(_) => None,
                     Change::Replaced(nodes) => nodes.into_iter().next().map(|(_, node)| node),
                 };
+                if self.node_zone() != zone_before.as_deref() {
+                    return Dirty::All;
+                }
             }
         }
         Dirty::Services(dirty)
@@ -209,7 +214,12 @@ impl ClusterState {
 
     /// Whether this node is being deleted (as far as the source knows).
     pub fn node_being_deleted(&self) -> bool {
-        self.node.is_some_and(|node| node.being_deleted)
+        self.node.as_ref().is_some_and(|node| node.being_deleted)
+    }
+
+    /// This node's zone (its `topology.kubernetes.io/zone` label), if known.
+    pub fn node_zone(&self) -> Option<&str> {
+        self.node.as_ref().and_then(|node| node.zone.as_deref())
     }
 
     /// The EndpointSlices belonging to `service`, with their names.
@@ -267,6 +277,7 @@ mod tests {
             address_type: AddressType::Ipv4,
             ports: Box::default(),
             endpoints: Box::default(),
+            zone_hints: Box::default(),
             trigger_time: None,
             problems: Box::default(),
         }
@@ -323,18 +334,37 @@ mod tests {
     }
 
     #[test]
-    fn node_events_change_no_service_and_tell_whether_the_node_goes() {
+    fn node_events_change_services_only_with_the_zone_and_tell_whether_the_node_goes() {
         let mut state = ClusterState::default();
         let dirty = state.apply(ClusterEvent::Node(Change::Applied(
             named("node-a"),
             NodeRecord {
                 being_deleted: true,
+                ..NodeRecord::default()
             },
         )));
         assert_eq!(dirty, Dirty::none());
         assert!(state.node_being_deleted());
         state.apply(ClusterEvent::Node(Change::Deleted(named("node-a"))));
         assert!(!state.node_being_deleted());
+        // A zone (new, changed or gone) changes every Service.
+        let zoned = |zone: &str| NodeRecord {
+            zone: Some(zone.into()),
+            ..NodeRecord::default()
+        };
+        let dirty = state.apply(ClusterEvent::Node(Change::Applied(
+            named("node-a"),
+            zoned("zone-a"),
+        )));
+        assert_eq!(dirty, Dirty::All);
+        assert_eq!(state.node_zone(), Some("zone-a"));
+        let dirty = state.apply(ClusterEvent::Node(Change::Applied(
+            named("node-a"),
+            zoned("zone-a"),
+        )));
+        assert_eq!(dirty, Dirty::none());
+        let dirty = state.apply(ClusterEvent::Node(Change::Replaced(Vec::new())));
+        assert_eq!(dirty, Dirty::All);
     }
 
     #[test]

@@ -19,7 +19,11 @@ use super::{
 };
 use crate::{
     datapath::model::{MapName, MapReader, MapWriter},
-    ops::{health::Health, metrics::Metrics},
+    ops::{
+        health::Health,
+        health_check_ports::{HealthCheckPorts, PortHealth},
+        metrics::Metrics,
+    },
 };
 
 /// The first retry of a failed repair waits this long; each further
@@ -50,6 +54,8 @@ pub struct Pipeline<W> {
     /// Where the id allocators' position is kept across restarts, and the
     /// position last kept there.
     id_store: Option<(IdCursorStore, IdCursors)>,
+    /// The health-check node ports, opened and closed as Services want them.
+    health_check_ports: Option<Arc<HealthCheckPorts>>,
 }
 
 /// Keeps the id allocators' position for the next agent.
@@ -75,7 +81,15 @@ where
             repair_backoff: REPAIR_BACKOFF_MIN,
             collector: None,
             id_store: None,
+            health_check_ports: None,
         }
+    }
+
+    /// Opens and closes `ports` as the Services' health-check node ports
+    /// come and go (the pipeline must then run inside the tokio runtime).
+    pub fn with_health_check_ports(mut self, ports: Arc<HealthCheckPorts>) -> Self {
+        self.health_check_ports = Some(ports);
+        self
     }
 
     /// Keeps the id allocators' position in `store` after each sync that
@@ -128,6 +142,13 @@ where
         self.synced
     }
 
+    /// Sets this node's context (its NodePort addresses changed): every
+    /// Service is translated again on the next [`Pipeline::flush`].
+    pub fn set_node(&mut self, node: super::translate::NodeContext) {
+        self.syncer.set_node(node);
+        self.dirty = Dirty::All;
+    }
+
     /// Takes one event in; nothing is written until [`Pipeline::flush`].
     pub fn handle(&mut self, event: ClusterEvent) {
         if event.is_full_list() {
@@ -176,6 +197,11 @@ where
         }
         let timer = SyncTimer::start();
         let report = self.syncer.sync_full(&self.cluster);
+        // A health-check port that could not be opened (its port in use)
+        // is tried again with each repair.
+        if !report.health_checks_changed {
+            self.update_health_check_ports();
+        }
         if self.syncer.repair_due() {
             self.repair_not_before = Instant::now() + self.repair_backoff;
             self.repair_backoff = (self.repair_backoff * 2).min(REPAIR_BACKOFF_MAX);
@@ -184,6 +210,32 @@ where
         }
         self.record(&report, &timer, &Dirty::none());
         Some(report)
+    }
+
+    /// Opens and closes the health-check node ports as the Services want
+    /// them (a port that could not be opened is tried again).
+    fn update_health_check_ports(&self) {
+        if let Some(ports) = &self.health_check_ports {
+            ports.update(self.health_check_wanted());
+            if let Some(metrics) = &self.metrics {
+                metrics.health_check_ports.set(ports.ports().len() as i64);
+            }
+        }
+    }
+
+    /// The health-check node ports the Services want, by port (a port two
+    /// Services claim, which the API server never allows, goes to the
+    /// first by name).
+    pub fn health_check_wanted(&self) -> BTreeMap<u16, PortHealth> {
+        let mut wanted = BTreeMap::new();
+        for check in self.syncer.health_checks() {
+            wanted.entry(check.port).or_insert_with(|| PortHealth {
+                namespace: check.service.namespace().to_owned(),
+                name: check.service.name().to_owned(),
+                local_endpoints: check.local_endpoints,
+            });
+        }
+        wanted
     }
 
     /// Whether a failed write left the maps to be repaired (and the
@@ -195,6 +247,9 @@ where
     fn record(&mut self, report: &SyncReport, timer: &SyncTimer, dirty: &Dirty) {
         if let Some(collector) = &self.collector {
             collector.follow(&report.flows);
+        }
+        if report.health_checks_changed {
+            self.update_health_check_ports();
         }
         if let Some((store, kept)) = &mut self.id_store {
             let now = self.syncer.id_cursors();
@@ -225,6 +280,9 @@ where
         metrics
             .services_failed
             .set(self.syncer.failures().len() as i64);
+        metrics
+            .unsupported_fields
+            .set(self.syncer.unsupported_fields() as i64);
         let counts = self.syncer.desired_counts();
         metrics.frontends.set(counts.frontends as i64);
         metrics.backends.set(counts.backends as i64);
@@ -283,12 +341,51 @@ endpoints: [{addresses: [10.1.1.2]}]
 "#;
 
     /// The events of a file source reading `yaml`.
-    fn events(yaml: &str) -> [ClusterEvent; 2] {
+    fn events(yaml: &str) -> [ClusterEvent; 3] {
         let parsed = parse_documents(yaml, None).unwrap();
         [
             ClusterEvent::Service(Change::Replaced(parsed.services)),
             ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)),
+            ClusterEvent::Node(Change::Replaced(parsed.nodes)),
         ]
+    }
+
+    #[test]
+    fn health_check_ports_follow_the_external_traffic_policy() {
+        let syncer = Syncer::adopting(MapState::default(), NodeContext::default()).unwrap();
+        let mut pipeline = Pipeline::new(syncer, &KINDS);
+        let local = WEB.replace(
+            "spec: {clusterIP: 10.96.0.10,",
+            "spec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 10.96.0.10,",
+        );
+        for event in events(&local) {
+            pipeline.handle(event);
+        }
+        let report = pipeline.flush().unwrap();
+        assert!(report.health_checks_changed);
+        let wanted = pipeline.health_check_wanted();
+        assert_eq!(wanted.keys().collect::<Vec<_>>(), [&32000]);
+        // (The file source read without a node name: no endpoint is local.)
+        assert_eq!(wanted[&32000].local_endpoints, 0);
+        assert_eq!(wanted[&32000].name, "web");
+        // The same again: nothing changed.
+        for event in events(&local) {
+            pipeline.handle(event);
+        }
+        assert!(
+            pipeline
+                .flush()
+                .is_none_or(|report| !report.health_checks_changed)
+        );
+        // Back to Cluster: no port.
+        for event in events(&local.replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster",
+        )) {
+            pipeline.handle(event);
+        }
+        assert!(pipeline.flush().unwrap().health_checks_changed);
+        assert!(pipeline.health_check_wanted().is_empty());
     }
 
     #[test]

@@ -93,6 +93,62 @@ pub struct ServicePortRecord {
     pub node_port: Option<i32>,
 }
 
+/// `spec.externalTrafficPolicy` or `spec.internalTrafficPolicy`: which
+/// endpoints a frontend's traffic may reach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TrafficPolicy {
+    /// `Cluster` (the default): every endpoint of the Service.
+    #[default]
+    Cluster,
+    /// `Local`: only this node's endpoints; none means the traffic is
+    /// dropped (or refused), never sent to another node.
+    Local,
+}
+
+impl TrafficPolicy {
+    /// The policy named `name` (`None`: `Cluster`, the API's default);
+    /// `None` for an unknown name.
+    pub fn parse(name: Option<&str>) -> Option<Self> {
+        match name.unwrap_or("Cluster") {
+            "Cluster" => Some(TrafficPolicy::Cluster),
+            "Local" => Some(TrafficPolicy::Local),
+            _ => None,
+        }
+    }
+}
+
+/// `spec.trafficDistribution`. It only tells the EndpointSlice controller
+/// which hints to write; like kube-proxy, translation follows the hints of
+/// the endpoints, whatever this says. Kept to be shown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TrafficDistribution {
+    /// Unset.
+    #[default]
+    Unset,
+    /// `PreferClose` (the older name of `PreferSameZone`).
+    PreferClose,
+    /// `PreferSameZone`.
+    PreferSameZone,
+    /// `PreferSameNode`.
+    PreferSameNode,
+    /// Any other value, by name (the API server rejects them; a file may
+    /// hold one): reported, and the hints are still followed.
+    Unknown(Box<str>),
+}
+
+impl TrafficDistribution {
+    /// The value named `name`.
+    pub fn parse(name: Option<&str>) -> Self {
+        match name {
+            None | Some("") => TrafficDistribution::Unset,
+            Some("PreferClose") => TrafficDistribution::PreferClose,
+            Some("PreferSameZone") => TrafficDistribution::PreferSameZone,
+            Some("PreferSameNode") => TrafficDistribution::PreferSameNode,
+            Some(other) => TrafficDistribution::Unknown(other.into()),
+        }
+    }
+}
+
 /// What the agent keeps of a Service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceRecord {
@@ -111,13 +167,23 @@ pub struct ServiceRecord {
     /// `spec.sessionAffinity` with its timeout as given (checked by
     /// translation).
     pub session_affinity: SessionAffinity,
-    /// `spec.externalTrafficPolicy` is `Local` (whatever the type; the
-    /// translation applies it to NodePort and LoadBalancer Services only,
-    /// as kube-proxy does).
-    pub external_policy_local: bool,
     /// `spec.loadBalancerSourceRanges`, trimmed, as given (parsed and
     /// checked by translation).
     pub load_balancer_source_ranges: Box<[Box<str>]>,
+    /// `spec.externalTrafficPolicy`: which endpoints NodePort,
+    /// LoadBalancer and externalIP frontends reach.
+    pub external_traffic_policy: TrafficPolicy,
+    /// `spec.internalTrafficPolicy`: which endpoints ClusterIP frontends
+    /// (packets from pods and sockets of the node) reach.
+    pub internal_traffic_policy: TrafficPolicy,
+    /// `spec.healthCheckNodePort`, as given (checked by translation; only
+    /// used with `externalTrafficPolicy: Local`).
+    pub health_check_node_port: Option<i32>,
+    /// `spec.trafficDistribution`.
+    pub traffic_distribution: TrafficDistribution,
+    /// Fields set to something the agent does not serve (e.g. an SCTP
+    /// port), one line each: logged, counted and shown by `list`.
+    pub unsupported: Box<[String]>,
     /// What could not be read (invalid addresses, a missing spec), one
     /// line each, reported with the Service.
     pub problems: Box<[String]>,
@@ -159,6 +225,36 @@ pub struct SlicePortRecord {
     pub port: Option<i32>,
 }
 
+/// What an endpoint's `hints.forNodes` says about this node (the node's
+/// name is known when the slice is read, so the names are not kept).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodeHint {
+    /// No `forNodes` hint.
+    #[default]
+    None,
+    /// Hinted for other nodes only.
+    OtherNodes,
+    /// Hinted for this node (among others, maybe).
+    ThisNode,
+}
+
+/// Where an endpoint's `hints.forZones` are: a range of
+/// [`SliceRecord::zone_hints`] (empty: no zone hint).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZoneHints {
+    /// Index of the first zone in [`SliceRecord::zone_hints`].
+    pub start: u16,
+    /// Number of zones.
+    pub len: u16,
+}
+
+impl ZoneHints {
+    /// Whether the endpoint has no zone hint.
+    pub fn is_empty(self) -> bool {
+        self.len == 0
+    }
+}
+
 /// One address of an endpoint with the endpoint's conditions, API defaults
 /// applied (`ready` unset means ready; `serving` unset follows `ready`;
 /// `terminating` unset means not terminating).
@@ -174,6 +270,11 @@ pub struct EndpointRecord {
     pub terminating: bool,
     /// `nodeName` is this node.
     pub node_local: bool,
+    /// `hints.forNodes`, as it concerns this node.
+    pub node_hint: NodeHint,
+    /// `hints.forZones`: where its zones are in the slice's
+    /// [`SliceRecord::zone_hints`].
+    pub zone_hints: ZoneHints,
 }
 
 /// What the agent keeps of an EndpointSlice.
@@ -188,6 +289,9 @@ pub struct SliceRecord {
     pub ports: Box<[SlicePortRecord]>,
     /// Every address of every endpoint.
     pub endpoints: Box<[EndpointRecord]>,
+    /// The zone names of every endpoint's `hints.forZones`, one after the
+    /// other ([`EndpointRecord::zone_hints`] says which are whose).
+    pub zone_hints: Box<[Box<str>]>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation.
     pub trigger_time: Option<jiff::Timestamp>,
     /// What could not be read (invalid addresses), one line each,
@@ -195,11 +299,31 @@ pub struct SliceRecord {
     pub problems: Box<[String]>,
 }
 
+impl SliceRecord {
+    /// The zones of `endpoint`'s `hints.forZones`.
+    pub fn zones_of(&self, endpoint: &EndpointRecord) -> &[Box<str>] {
+        let start = usize::from(endpoint.zone_hints.start);
+        self.zone_hints
+            .get(start..start + usize::from(endpoint.zone_hints.len))
+            .unwrap_or_default()
+    }
+}
+
 /// What the agent keeps of its own Node.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeRecord {
     /// The node has a `deletionTimestamp` or the
     /// `ToBeDeletedByClusterAutoscaler` taint: `/healthz` fails so load
     /// balancers stop sending traffic here.
     pub being_deleted: bool,
+    /// The `topology.kubernetes.io/zone` label: endpoints hinted for this
+    /// zone are preferred.
+    pub zone: Option<Box<str>>,
+    /// `status.addresses` of type `InternalIP`, parsed: the devices holding
+    /// them are external devices, and the first IPv4 one is the SNAT
+    /// address, unless flags say otherwise.
+    pub internal_ips: Box<[IpAddr]>,
+    /// `status.addresses` of type `ExternalIP`, parsed: the devices holding
+    /// them are external devices too.
+    pub external_ips: Box<[IpAddr]>,
 }

@@ -27,7 +27,7 @@ use super::{
     diff::Writes,
     flows::FlowChanges,
     repair::{named_by, service_writes, stale_entries},
-    translate::{NodeContext, NotProgrammed, Translation, translate_one},
+    translate::{HealthCheck, NodeContext, NotProgrammed, Translation, translate_one},
 };
 use crate::datapath::{
     MapSizes,
@@ -67,6 +67,9 @@ pub struct SyncReport {
     pub writes: usize,
     /// Objects, fields or entries skipped as invalid or not fitting.
     pub skipped: usize,
+    /// A Service's health-check node port (or its local endpoint count)
+    /// changed, appeared or went.
+    pub health_checks_changed: bool,
     /// Writes that failed, one per Service they stopped.
     pub failures: Vec<WriteFailure>,
     /// Rev-NAT ids of frontends no longer served (some may be served
@@ -105,6 +108,10 @@ pub struct ServiceSummary {
     pub has_frontends: bool,
     /// What was skipped, and why.
     pub problems: Box<[String]>,
+    /// Fields set to something the agent does not serve.
+    pub unsupported: Box<[String]>,
+    /// Its health-check node port, when it has one.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Keeps the maps in line with the cluster state, writing only what changed.
@@ -118,6 +125,8 @@ pub struct Syncer<W> {
     failed: BTreeMap<ObjectName, WriteFailure>,
     /// A write failed: the desired state and the maps may differ.
     repair_due: bool,
+    /// The number of unsupported fields over every Service.
+    unsupported_fields: usize,
 }
 
 impl<W> Syncer<W>
@@ -146,6 +155,7 @@ where
             services: BTreeMap::new(),
             failed: BTreeMap::new(),
             repair_due: true,
+            unsupported_fields: 0,
         })
     }
 
@@ -172,6 +182,19 @@ where
     /// Whether a failed write left the maps to be repaired.
     pub fn repair_due(&self) -> bool {
         self.repair_due
+    }
+
+    /// The number of fields, over every Service, set to something the agent
+    /// does not serve.
+    pub fn unsupported_fields(&self) -> usize {
+        self.unsupported_fields
+    }
+
+    /// Every health-check node port to serve.
+    pub fn health_checks(&self) -> impl Iterator<Item = &HealthCheck> {
+        self.services
+            .values()
+            .filter_map(|summary| summary.health_check.as_ref())
     }
 
     /// Where the id allocators stand.
@@ -255,6 +278,15 @@ where
                 warn!("skipped: {line}");
             }
             report.skipped += translation.skipped.len();
+            // Logged once per Service (and again only when it changes).
+            for line in &translation.unsupported {
+                warn!("not supported: {line}");
+            }
+            if before.and_then(|b| b.health_check.as_ref()) != translation.health_checks.first() {
+                report.health_checks_changed = true;
+            }
+            self.unsupported_fields -= before.map_or(0, |b| b.unsupported.len());
+            self.unsupported_fields += translation.unsupported.len();
             report.frontends_removed.extend(
                 self.desired
                     .frontends_of(&name)
@@ -299,6 +331,8 @@ where
                             .into_iter()
                             .chain(update.problems)
                             .collect(),
+                        unsupported: translation.unsupported.into(),
+                        health_check: translation.health_checks.into_iter().next(),
                     },
                 );
             }

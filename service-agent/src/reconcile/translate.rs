@@ -8,15 +8,15 @@ use service_common::{
     AFFINITY_TIMEOUT_DEFAULT_SECS, BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING,
     BACKEND_STATE_TERMINATING, FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP,
     FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
-    affinity_timeout,
+    FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
+    FRONTEND_FLAGS_EXTERNAL, affinity_timeout,
 };
 
 use super::{
     cluster::{ClusterState, ObjectName},
     records::{
-        AddressType, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceType,
-        SessionAffinity, SliceRecord,
+        AddressType, EndpointRecord, NodeHint, ServicePortRecord, ServiceRecord, ServiceType,
+        SessionAffinity, SliceRecord, TrafficPolicy,
     },
 };
 
@@ -46,8 +46,9 @@ pub struct DesiredFrontend {
     pub backends: Vec<DesiredBackend>,
     /// Backends kept in the backends map for the flows they already have,
     /// but taking no new ones (not in the slots): serving and terminating
-    /// while other endpoints are ready, or listed but not serving. Sorted,
-    /// without duplicates, none of them in `backends`.
+    /// while other endpoints are ready, listed but not serving, or left out
+    /// by a traffic policy or topology hints. Sorted, without duplicates,
+    /// none of them in `backends`.
     pub draining: Vec<DesiredBackend>,
     /// `sessionAffinity: ClientIP`: its timeout in seconds (then `flags`
     /// has `FRONTEND_FLAG_AFFINITY`); 0 when affinity is off.
@@ -105,6 +106,19 @@ pub enum NotProgrammed {
     Headless,
 }
 
+/// A health-check node port to serve: what a load balancer probes to tell
+/// whether this node has endpoints of an `externalTrafficPolicy: Local`
+/// Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    /// The Service.
+    pub service: ObjectName,
+    /// `spec.healthCheckNodePort`.
+    pub port: u16,
+    /// This node's ready endpoints of the Service (each address once).
+    pub local_endpoints: usize,
+}
+
 /// The outcome of translating a whole [`ClusterState`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Translation {
@@ -112,8 +126,14 @@ pub struct Translation {
     pub frontends: Vec<DesiredFrontend>,
     /// Services that program nothing by design.
     pub not_programmed: Vec<(ObjectName, NotProgrammed)>,
-    /// One line per object or field skipped as invalid or unsupported.
+    /// Health-check node ports to serve, one per Service that has one.
+    pub health_checks: Vec<HealthCheck>,
+    /// One line per object or field skipped as invalid.
     pub skipped: Vec<String>,
+    /// One line per field set to something the agent does not serve (an
+    /// SCTP port, an IPv6 address): logged, counted in
+    /// `service_agent_unsupported_fields`, shown by `list`.
+    pub unsupported: Vec<String>,
 }
 
 impl Translation {
@@ -154,6 +174,7 @@ fn translate_service(
     out: &mut Translation,
 ) {
     out.skipped.extend(service.problems.iter().cloned());
+    out.unsupported.extend(service.unsupported.iter().cloned());
     let slices: Vec<(&ObjectName, &SliceRecord)> = cluster.slices_of(name).collect();
     for (_, slice) in &slices {
         out.skipped.extend(slice.problems.iter().cloned());
@@ -173,7 +194,7 @@ fn translate_service(
     for &ip in service.cluster_ips.iter() {
         match ip {
             IpAddr::V4(_) => addrs.push(ip),
-            IpAddr::V6(_) => out.skipped.push(format!(
+            IpAddr::V6(_) => out.unsupported.push(format!(
                 "Service {name}: clusterIP {ip}: IPv6 is not served yet"
             )),
         }
@@ -185,11 +206,8 @@ fn translate_service(
     }
     for service_port in service.ports.iter() {
         let port_label = &*service_port.name;
+        // (An unsupported protocol is in `service.unsupported` already.)
         let Some(proto) = service_port.protocol.number() else {
-            out.skipped.push(format!(
-                "Service {name} port {port_label:?}: protocol {:?} is not served",
-                service_port.protocol.name()
-            ));
             continue;
         };
         let Some(port) = valid_port(service_port.port) else {
@@ -199,11 +217,8 @@ fn translate_service(
             ));
             continue;
         };
-        let PortBackends {
-            backends,
-            draining,
-            fallback,
-        } = backends_for_port(&slices, service_port, proto, name, out);
+        let listed =
+            endpoints_for_port(&slices, service_port, proto, name, cluster.node_zone(), out);
         let mut frontends: Vec<(IpAddr, u16, u16)> = addrs
             .iter()
             .map(|addr| (*addr, port, FRONTEND_FLAG_CLUSTER_IP))
@@ -227,7 +242,7 @@ fn translate_service(
             for &ip in service.load_balancer_ips.iter() {
                 match ip {
                     IpAddr::V4(_) => frontends.push((ip, port, FRONTEND_FLAG_LOAD_BALANCER)),
-                    IpAddr::V6(_) => out.skipped.push(format!(
+                    IpAddr::V6(_) => out.unsupported.push(format!(
                         "Service {name}: LoadBalancer ingress IP {ip}: IPv6 is not served yet"
                     )),
                 }
@@ -241,27 +256,77 @@ fn translate_service(
                 IpAddr::V4(_) => out.skipped.push(format!(
                     "Service {name}: externalIP {ip} is outside --external-ip-cidrs, not served"
                 )),
-                IpAddr::V6(_) => out.skipped.push(format!(
+                IpAddr::V6(_) => out.unsupported.push(format!(
                     "Service {name}: externalIP {ip}: IPv6 is not served yet"
                 )),
             }
         }
+        // ClusterIP frontends follow internalTrafficPolicy; NodePort,
+        // LoadBalancer and externalIP ones externalTrafficPolicy.
+        let internal = select_backends(&listed, service.internal_traffic_policy);
+        let external = if frontends
+            .iter()
+            .any(|(_, _, kind)| *kind != FRONTEND_FLAG_CLUSTER_IP)
+        {
+            select_backends(&listed, service.external_traffic_policy)
+        } else {
+            PortBackends::default()
+        };
         for (addr, port, kind) in frontends {
+            let (chosen, policy) = if kind == FRONTEND_FLAG_CLUSTER_IP {
+                (&internal, service.internal_traffic_policy)
+            } else {
+                (&external, service.external_traffic_policy)
+            };
             let mut flags = kind;
-            if fallback {
+            if chosen.fallback {
                 flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
+            }
+            if policy == TrafficPolicy::Local {
+                flags |= FRONTEND_FLAG_LOCAL_ONLY;
             }
             out.frontends.push(semantics.apply(DesiredFrontend {
                 addr,
                 port,
                 proto,
                 flags,
-                backends: backends.clone(),
-                draining: draining.clone(),
+                backends: chosen.backends.clone(),
+                draining: chosen.draining.clone(),
                 affinity_timeout_secs: 0,
                 source_ranges: Vec::new(),
             }));
         }
+    }
+    health_check(name, service, &slices, out);
+}
+
+/// The health-check node port of a Service with `externalTrafficPolicy:
+/// Local` and `spec.healthCheckNodePort` (which the API server sets only for
+/// LoadBalancer Services, and which load balancers probe to find the nodes
+/// with local endpoints), added to `out`.
+fn health_check(
+    name: &ObjectName,
+    service: &ServiceRecord,
+    slices: &[(&ObjectName, &SliceRecord)],
+    out: &mut Translation,
+) {
+    let Some(port) = service.health_check_node_port else {
+        return;
+    };
+    if service.external_traffic_policy != TrafficPolicy::Local
+        || !service.service_type.has_node_ports()
+    {
+        return;
+    }
+    match valid_port(port) {
+        Some(port) => out.health_checks.push(HealthCheck {
+            service: name.clone(),
+            port,
+            local_endpoints: local_ready_endpoints(slices),
+        }),
+        None => out.skipped.push(format!(
+            "Service {name}: invalid healthCheckNodePort {port}"
+        )),
     }
 }
 
@@ -318,7 +383,8 @@ impl FrontendSemantics {
         source_ranges.dedup();
         FrontendSemantics {
             affinity_timeout_secs,
-            external_local: service.external_policy_local && service.service_type.has_node_ports(),
+            external_local: service.external_traffic_policy == TrafficPolicy::Local
+                && service.service_type.has_node_ports(),
             source_ranges,
         }
     }
@@ -343,6 +409,7 @@ impl FrontendSemantics {
 }
 
 /// The backends of one Service port, by what they take.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct PortBackends {
     /// Taking new flows.
     backends: Vec<DesiredBackend>,
@@ -352,21 +419,133 @@ struct PortBackends {
     fallback: bool,
 }
 
-/// The backends of one Service port: every endpoint of every slice that
+/// An endpoint listed for a Service port, with what endpoint selection
+/// reads of its topology hints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ListedEndpoint {
+    /// The backend it becomes.
+    backend: DesiredBackend,
+    /// It has a `forNodes` hint.
+    has_node_hints: bool,
+    /// Its `forNodes` hint names this node.
+    for_this_node: bool,
+    /// It has a `forZones` hint.
+    has_zone_hints: bool,
+    /// Its `forZones` hint names this node's zone.
+    for_this_zone: bool,
+}
+
+/// Which endpoints topology hints restrict a Cluster policy to
+/// (kube-proxy's `topologyModeFromHints`, pkg/proxy/topology.go).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    /// Every ready endpoint.
+    All,
+    /// The ready endpoints hinted for this node.
+    SameNode,
+    /// The ready endpoints hinted for this node's zone.
+    SameZone,
+}
+
+/// The topology mode the ready endpoints' hints give: hints are used only
+/// when every ready endpoint has one of the kind and at least one names
+/// this node (for `forNodes`) or its zone (`forZones`); node hints before
+/// zone hints. Otherwise, and without ready endpoints, every endpoint.
+fn topology_mode(listed: &[ListedEndpoint]) -> TopologyMode {
+    let ready = || {
+        listed
+            .iter()
+            .filter(|e| e.backend.state == BackendState::Active)
+    };
+    if ready().next().is_none() {
+        return TopologyMode::All;
+    }
+    if ready().all(|e| e.has_node_hints) && ready().any(|e| e.for_this_node) {
+        return TopologyMode::SameNode;
+    }
+    if ready().all(|e| e.has_zone_hints) && ready().any(|e| e.for_this_zone) {
+        return TopologyMode::SameZone;
+    }
+    TopologyMode::All
+}
+
+/// The endpoints a frontend under `policy` gives new flows to, as
+/// kube-proxy's `CategorizeEndpoints` chooses them: `Local`, this node's
+/// ready endpoints, else this node's serving and terminating ones, else
+/// none (no topology: the policy already keeps traffic on the node);
+/// `Cluster`, the ready endpoints topology hints leave (see
+/// [`topology_mode`]), else every serving and terminating one. Every other
+/// listed endpoint drains: it keeps the flows it has.
+fn select_backends(listed: &[ListedEndpoint], policy: TrafficPolicy) -> PortBackends {
+    let (chosen, fallback): (Vec<DesiredBackend>, bool) = match policy {
+        TrafficPolicy::Local => {
+            let local_in = |state: BackendState| -> Vec<DesiredBackend> {
+                listed
+                    .iter()
+                    .filter(|e| e.backend.node_local && e.backend.state == state)
+                    .map(|e| e.backend)
+                    .collect()
+            };
+            let ready = local_in(BackendState::Active);
+            if ready.is_empty() {
+                let terminating = local_in(BackendState::Terminating);
+                let fallback = !terminating.is_empty();
+                (terminating, fallback)
+            } else {
+                (ready, false)
+            }
+        }
+        TrafficPolicy::Cluster => {
+            let mode = topology_mode(listed);
+            let ready: Vec<DesiredBackend> = listed
+                .iter()
+                .filter(|e| e.backend.state == BackendState::Active)
+                .filter(|e| match mode {
+                    TopologyMode::All => true,
+                    TopologyMode::SameNode => e.for_this_node,
+                    TopologyMode::SameZone => e.for_this_zone,
+                })
+                .map(|e| e.backend)
+                .collect();
+            if ready.is_empty() {
+                let terminating: Vec<DesiredBackend> = listed
+                    .iter()
+                    .filter(|e| e.backend.state == BackendState::Terminating)
+                    .map(|e| e.backend)
+                    .collect();
+                let fallback = !terminating.is_empty();
+                (terminating, fallback)
+            } else {
+                (ready, false)
+            }
+        }
+    };
+    let draining = listed
+        .iter()
+        .map(|e| e.backend)
+        .filter(|b| !chosen.contains(b))
+        .collect();
+    PortBackends {
+        backends: chosen,
+        draining,
+        fallback,
+    }
+}
+
+/// Every endpoint of one Service port: every endpoint of every slice that
 /// has a port of the same name and protocol, at that slice's port number
-/// (this is how a named `targetPort` resolves per pod). Ready endpoints
-/// take new flows; when none is ready, the serving and terminating ones do
-/// (KEP-1669). Every other endpoint still listed is kept, draining: serving
-/// and terminating ones as [`BackendState::Terminating`], the rest as
-/// [`BackendState::NotServing`]. An address listed twice counts once, in
-/// its most serving state.
-fn backends_for_port(
+/// (this is how a named `targetPort` resolves per pod), with its state
+/// ([`backend_state`]) and what its hints say about this node and `zone`.
+/// An address listed twice counts once, in its most serving state. Sorted
+/// by address and port.
+fn endpoints_for_port(
     slices: &[(&ObjectName, &SliceRecord)],
     service_port: &ServicePortRecord,
     proto: u8,
     service: &ObjectName,
+    zone: Option<&str>,
     out: &mut Translation,
-) -> PortBackends {
+) -> Vec<ListedEndpoint> {
     let wanted_name = &*service_port.name;
     let mut listed = Vec::new();
     for (slice_name, slice) in slices {
@@ -391,30 +570,42 @@ fn backends_for_port(
             if !endpoint.addr.is_ipv4() {
                 continue;
             }
-            listed.push(DesiredBackend {
-                addr: endpoint.addr,
-                port,
-                node_local: endpoint.node_local,
-                state: backend_state(endpoint),
+            let zones = slice.zones_of(endpoint);
+            listed.push(ListedEndpoint {
+                backend: DesiredBackend {
+                    addr: endpoint.addr,
+                    port,
+                    node_local: endpoint.node_local,
+                    state: backend_state(endpoint),
+                },
+                has_node_hints: endpoint.node_hint != NodeHint::None,
+                for_this_node: endpoint.node_hint == NodeHint::ThisNode,
+                has_zone_hints: !zones.is_empty(),
+                for_this_zone: zone.is_some_and(|zone| zones.iter().any(|z| &**z == zone)),
             });
         }
     }
     // Each address and port once, in its most serving state.
-    listed.sort_by_key(|b| (b.addr, b.port, b.state));
-    listed.dedup_by(|later, first| later.addr == first.addr && later.port == first.port);
-    let fallback = !listed.iter().any(|b| b.state == BackendState::Active)
-        && listed.iter().any(|b| b.state == BackendState::Terminating);
-    let new_flows = if fallback {
-        BackendState::Terminating
-    } else {
-        BackendState::Active
-    };
-    let (backends, draining) = listed.into_iter().partition(|b| b.state == new_flows);
-    PortBackends {
-        backends,
-        draining,
-        fallback,
-    }
+    listed.sort_by_key(|e| (e.backend.addr, e.backend.port, e.backend.state));
+    listed.dedup_by(|later, first| {
+        later.backend.addr == first.backend.addr && later.backend.port == first.backend.port
+    });
+    listed
+}
+
+/// The number of this node's ready endpoints of a Service (each address
+/// once, whatever its ports): what its health-check node port reports.
+fn local_ready_endpoints(slices: &[(&ObjectName, &SliceRecord)]) -> usize {
+    let mut addrs: Vec<IpAddr> = slices
+        .iter()
+        .filter(|(_, slice)| slice.address_type == AddressType::Ipv4)
+        .flat_map(|(_, slice)| slice.endpoints.iter())
+        .filter(|e| e.node_local && e.ready)
+        .map(|e| e.addr)
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs.len()
 }
 
 /// The backend state an endpoint's conditions give: ready is active;
@@ -828,7 +1019,375 @@ spec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}
         assert_eq!(t.frontends.len(), 1);
         assert_eq!(t.frontends[0].port, 81);
         assert_eq!(backends(&t.frontends[0]), ["10.1.1.2:8080"]);
-        assert_eq!(t.skipped.len(), 5, "{:#?}", t.skipped);
+        assert_eq!(t.skipped.len(), 4, "{:#?}", t.skipped);
+        // The SCTP port is not invalid but not served: reported apart.
+        assert_eq!(t.unsupported.len(), 1, "{:#?}", t.unsupported);
+        assert!(t.unsupported[0].contains("SCTP"), "{:?}", t.unsupported);
+    }
+
+    /// A Service `web` of `type` with `spec_extra` added to its spec, one
+    /// port `http` (80, nodePort 30080, UDP also served on 53), and one
+    /// slice of `endpoints`.
+    fn policy_yaml(service_type: &str, spec_extra: &str, endpoints: &str) -> String {
+        format!(
+            "kind: Service\napiVersion: v1\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: {service_type}\n  clusterIP: 10.96.0.10\n  externalIPs: [10.99.0.200]\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\n{spec_extra}status: {{loadBalancer: {{ingress: [{{ip: 10.99.0.100}}]}}}}\n{}",
+            slice("web-a", "[{name: http, port: 8080}]", endpoints)
+        )
+    }
+
+    /// Translates `yaml` on node `node-a` with NodePorts on 10.0.0.1 and
+    /// externalIPs allowed; returns `(flags, backends)` per frontend kind:
+    /// ClusterIP, NodePort, LoadBalancer, externalIP.
+    fn by_kind(yaml: &str) -> Vec<(u16, Vec<String>)> {
+        let t = translate(
+            &state_of(yaml),
+            &NodeContext {
+                nodeport_addresses: vec!["10.0.0.1".parse().unwrap()],
+                external_ip_cidrs: vec!["10.99.0.0/24".parse().unwrap()],
+            },
+        );
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        [
+            FRONTEND_FLAG_CLUSTER_IP,
+            FRONTEND_FLAG_NODE_PORT,
+            FRONTEND_FLAG_LOAD_BALANCER,
+            FRONTEND_FLAG_EXTERNAL_IP,
+        ]
+        .iter()
+        .map(|kind| {
+            let f = t
+                .frontends
+                .iter()
+                .find(|f| f.flags & kind != 0)
+                .unwrap_or_else(|| panic!("no frontend of kind {kind:#x}: {:?}", t.frontends));
+            (f.flags, backends(f))
+        })
+        .collect()
+    }
+
+    const LOCAL_AND_REMOTE: &str = "[{addresses: [10.1.1.2], nodeName: node-a}, {addresses: [10.1.2.2], nodeName: node-b}, {addresses: [10.1.1.3], nodeName: node-a, conditions: {ready: false}}]";
+
+    #[test]
+    fn external_traffic_policy_local_gives_external_frontends_only_local_ready_endpoints() {
+        let got = by_kind(&policy_yaml(
+            "LoadBalancer",
+            "  externalTrafficPolicy: Local\n",
+            LOCAL_AND_REMOTE,
+        ));
+        // ClusterIP keeps every ready endpoint; NodePort, LoadBalancer and
+        // externalIP only the local ready one.
+        assert_eq!(got[0].1, ["10.1.1.2:8080", "10.1.2.2:8080"]);
+        assert_eq!(got[0].0 & FRONTEND_FLAG_LOCAL_ONLY, 0);
+        for (flags, external) in &got[1..] {
+            assert_eq!(external, &["10.1.1.2:8080"]);
+            assert_ne!(flags & FRONTEND_FLAG_LOCAL_ONLY, 0);
+        }
+        // Cluster (and unset): every ready endpoint everywhere.
+        let got = by_kind(&policy_yaml(
+            "LoadBalancer",
+            "  externalTrafficPolicy: Cluster\n",
+            LOCAL_AND_REMOTE,
+        ));
+        assert!(
+            got.iter()
+                .all(|(_, b)| b == &["10.1.1.2:8080", "10.1.2.2:8080"])
+        );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_falls_back_to_local_terminating_then_to_nothing() {
+        let terminating = "[{addresses: [10.1.1.2], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.2.2], nodeName: node-b}]";
+        let got = by_kind(&policy_yaml(
+            "LoadBalancer",
+            "  externalTrafficPolicy: Local\n",
+            terminating,
+        ));
+        assert_eq!(got[1].1, ["10.1.1.2:8080"]);
+        assert_ne!(got[1].0 & FRONTEND_FLAG_TERMINATING_FALLBACK, 0);
+        // The ClusterIP has a ready endpoint: no fallback there.
+        assert_eq!(got[0].1, ["10.1.2.2:8080"]);
+        assert_eq!(got[0].0 & FRONTEND_FLAG_TERMINATING_FALLBACK, 0);
+        // No local endpoint at all: programmed without backends (the
+        // datapath drops or refuses), never sent to node-b.
+        let remote_only = "[{addresses: [10.1.2.2], nodeName: node-b}]";
+        let t = translate(
+            &state_of(&policy_yaml(
+                "NodePort",
+                "  externalTrafficPolicy: Local\n",
+                remote_only,
+            )),
+            &NodeContext {
+                nodeport_addresses: vec!["10.0.0.1".parse().unwrap()],
+                ..NodeContext::default()
+            },
+        );
+        let node_port = t
+            .frontends
+            .iter()
+            .find(|f| f.flags & FRONTEND_FLAG_NODE_PORT != 0)
+            .unwrap();
+        assert!(node_port.backends.is_empty());
+        // The remote endpoint stays in the backends map for flows it has.
+        assert_eq!(node_port.draining.len(), 1);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_gives_cluster_ips_only_local_endpoints() {
+        let got = by_kind(&policy_yaml(
+            "LoadBalancer",
+            "  internalTrafficPolicy: Local\n",
+            LOCAL_AND_REMOTE,
+        ));
+        assert_eq!(got[0].1, ["10.1.1.2:8080"]);
+        for (_, external) in &got[1..] {
+            assert_eq!(external, &["10.1.1.2:8080", "10.1.2.2:8080"]);
+        }
+        let got = by_kind(&policy_yaml(
+            "LoadBalancer",
+            "  internalTrafficPolicy: Local\n",
+            "[{addresses: [10.1.2.2], nodeName: node-b}]",
+        ));
+        assert!(got[0].1.is_empty(), "{got:?}");
+        assert_eq!(got[1].1, ["10.1.2.2:8080"]);
+    }
+
+    #[test]
+    fn unknown_traffic_policies_are_reported_and_cluster_is_used() {
+        let t = translate_yaml(&policy_yaml(
+            "NodePort",
+            "  externalTrafficPolicy: Nearby\n  internalTrafficPolicy: local\n",
+            LOCAL_AND_REMOTE,
+        ));
+        // (And the externalIP outside the default, empty, CIDRs.)
+        assert_eq!(t.skipped.len(), 3, "{:?}", t.skipped);
+        assert!(t.skipped[0].contains("Nearby"), "{:?}", t.skipped);
+        assert!(t.frontends.iter().all(|f| f.backends.len() == 2));
+    }
+
+    /// Endpoint `addr` on `node` with `hints`.
+    fn hinted(addr: &str, node: &str, hints: &str) -> String {
+        format!("{{addresses: [{addr}], nodeName: {node}, hints: {hints}}}")
+    }
+
+    /// The ClusterIP's backends of `endpoints` seen from node-a in `zone`.
+    fn cluster_ip_backends(
+        zone: Option<&str>,
+        distribution: &str,
+        endpoints: &[String],
+    ) -> Vec<String> {
+        let node = zone.map_or(String::new(), |zone| {
+            format!("---\nkind: Node\napiVersion: v1\nmetadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n")
+        });
+        let yaml = format!(
+            "{}{node}",
+            policy_yaml(
+                "ClusterIP",
+                distribution,
+                &format!("[{}]", endpoints.join(", "))
+            )
+        );
+        let t = translate_yaml(&yaml);
+        backends(
+            t.frontends
+                .iter()
+                .find(|f| f.flags == FRONTEND_FLAG_CLUSTER_IP)
+                .unwrap_or_else(|| panic!("{t:?}")),
+        )
+    }
+
+    #[test]
+    fn zone_hints_keep_traffic_in_the_zone_when_every_ready_endpoint_has_one() {
+        let endpoints = [
+            hinted("10.1.1.2", "node-a", "{forZones: [{name: zone-a}]}"),
+            hinted("10.1.2.2", "node-b", "{forZones: [{name: zone-b}]}"),
+            hinted(
+                "10.1.3.2",
+                "node-c",
+                "{forZones: [{name: zone-a}, {name: zone-c}]}",
+            ),
+        ];
+        let both = ["10.1.1.2:8080", "10.1.3.2:8080"];
+        assert_eq!(
+            cluster_ip_backends(
+                Some("zone-a"),
+                "  trafficDistribution: PreferSameZone\n",
+                &endpoints
+            ),
+            both
+        );
+        // PreferClose is the same; the hints decide, as in kube-proxy, so
+        // unset too.
+        assert_eq!(
+            cluster_ip_backends(
+                Some("zone-a"),
+                "  trafficDistribution: PreferClose\n",
+                &endpoints
+            ),
+            both
+        );
+        assert_eq!(cluster_ip_backends(Some("zone-a"), "", &endpoints), both);
+        assert_eq!(
+            cluster_ip_backends(Some("zone-b"), "", &endpoints),
+            ["10.1.2.2:8080"]
+        );
+    }
+
+    #[test]
+    fn zone_hints_fall_back_to_every_endpoint() {
+        let all = ["10.1.1.2:8080", "10.1.2.2:8080"];
+        let a = hinted("10.1.1.2", "node-a", "{forZones: [{name: zone-a}]}");
+        let b = hinted("10.1.2.2", "node-b", "{forZones: [{name: zone-b}]}");
+        // No hint for this node's zone.
+        assert_eq!(
+            cluster_ip_backends(Some("zone-c"), "", &[a.clone(), b.clone()]),
+            all
+        );
+        // This node has no zone label.
+        assert_eq!(cluster_ip_backends(None, "", &[a.clone(), b.clone()]), all);
+        // One ready endpoint without a hint.
+        let plain = "{addresses: [10.1.2.2], nodeName: node-b}".to_owned();
+        assert_eq!(
+            cluster_ip_backends(Some("zone-a"), "", &[a.clone(), plain]),
+            all
+        );
+        // A not-ready endpoint without hints does not matter.
+        let not_ready = "{addresses: [10.1.3.2], conditions: {ready: false}}".to_owned();
+        assert_eq!(
+            cluster_ip_backends(Some("zone-a"), "", &[a.clone(), b.clone(), not_ready]),
+            ["10.1.1.2:8080"]
+        );
+        // The zone's only endpoint is not ready: the hints still say zone-b
+        // only for the ready ones, none of them for zone-a: all of them.
+        let a_not_ready = "{addresses: [10.1.1.2], nodeName: node-a, conditions: {ready: false}, hints: {forZones: [{name: zone-a}]}}".to_owned();
+        assert_eq!(
+            cluster_ip_backends(Some("zone-a"), "", &[a_not_ready, b]),
+            ["10.1.2.2:8080"]
+        );
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints_and_fall_back_like_them() {
+        let a = hinted(
+            "10.1.1.2",
+            "node-a",
+            "{forNodes: [{name: node-a}], forZones: [{name: zone-b}]}",
+        );
+        let b = hinted(
+            "10.1.2.2",
+            "node-b",
+            "{forNodes: [{name: node-b}], forZones: [{name: zone-b}]}",
+        );
+        assert_eq!(
+            cluster_ip_backends(
+                Some("zone-b"),
+                "  trafficDistribution: PreferSameNode\n",
+                &[a, b.clone()]
+            ),
+            ["10.1.1.2:8080"]
+        );
+        // No endpoint for this node: the zone hints apply.
+        let c = hinted(
+            "10.1.3.2",
+            "node-c",
+            "{forNodes: [{name: node-c}], forZones: [{name: zone-a}]}",
+        );
+        assert_eq!(
+            cluster_ip_backends(Some("zone-b"), "", &[b.clone(), c.clone()]),
+            ["10.1.2.2:8080"]
+        );
+        // Neither: all.
+        assert_eq!(
+            cluster_ip_backends(Some("zone-x"), "", &[b, c]),
+            ["10.1.2.2:8080", "10.1.3.2:8080"]
+        );
+    }
+
+    #[test]
+    fn traffic_policy_local_comes_before_topology() {
+        // The local endpoint is hinted for another zone: Local still takes
+        // it (topology does not apply to Local), Cluster follows the hints.
+        let endpoints = format!(
+            "[{}, {}]",
+            hinted("10.1.1.2", "node-a", "{forZones: [{name: zone-b}]}"),
+            hinted("10.1.2.2", "node-b", "{forZones: [{name: zone-a}]}")
+        );
+        let yaml = format!(
+            "{}---\nkind: Node\napiVersion: v1\nmetadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: zone-a}}}}\n",
+            policy_yaml("NodePort", "  externalTrafficPolicy: Local\n", &endpoints)
+        );
+        let got = by_kind_of(&yaml);
+        assert_eq!(got.0, ["10.1.2.2:8080"]);
+        assert_eq!(got.1, ["10.1.1.2:8080"]);
+    }
+
+    /// The ClusterIP's and the NodePort's backends.
+    fn by_kind_of(yaml: &str) -> (Vec<String>, Vec<String>) {
+        let t = translate(
+            &state_of(yaml),
+            &NodeContext {
+                nodeport_addresses: vec!["10.0.0.1".parse().unwrap()],
+                ..NodeContext::default()
+            },
+        );
+        let of = |kind| backends(t.frontends.iter().find(|f| f.flags & kind != 0).unwrap());
+        (of(FRONTEND_FLAG_CLUSTER_IP), of(FRONTEND_FLAG_NODE_PORT))
+    }
+
+    #[test]
+    fn an_unknown_traffic_distribution_is_reported_as_unsupported_and_hints_still_apply() {
+        let t = translate_yaml(&policy_yaml(
+            "ClusterIP",
+            "  trafficDistribution: PreferFarAway\n",
+            LOCAL_AND_REMOTE,
+        ));
+        assert_eq!(t.unsupported.len(), 1, "{:?}", t.unsupported);
+        assert!(t.unsupported[0].contains("PreferFarAway"));
+    }
+
+    #[test]
+    fn health_check_node_ports_count_local_ready_endpoints_with_external_policy_local_only() {
+        let with = |extra: &str, endpoints: &str| {
+            translate(
+                &state_of(&policy_yaml("LoadBalancer", extra, endpoints)),
+                &NodeContext {
+                    external_ip_cidrs: vec!["10.99.0.0/24".parse().unwrap()],
+                    ..NodeContext::default()
+                },
+            )
+        };
+        let t = with(
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            LOCAL_AND_REMOTE,
+        );
+        assert_eq!(
+            t.health_checks,
+            [HealthCheck {
+                service: ObjectName::new("default", "web"),
+                port: 32000,
+                local_endpoints: 1,
+            }]
+        );
+        let t = with(
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            "[{addresses: [10.1.2.2], nodeName: node-b}]",
+        );
+        assert_eq!(t.health_checks[0].local_endpoints, 0);
+        // Back to Cluster: no port.
+        let t = with(
+            "  externalTrafficPolicy: Cluster\n  healthCheckNodePort: 32000\n",
+            LOCAL_AND_REMOTE,
+        );
+        assert!(t.health_checks.is_empty());
+        // Invalid numbers are reported.
+        for bad in ["0", "-1", "70000"] {
+            let t = with(
+                &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {bad}\n"),
+                LOCAL_AND_REMOTE,
+            );
+            assert!(t.health_checks.is_empty());
+            assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+            assert!(t.skipped[0].contains("healthCheckNodePort"));
+        }
     }
 
     /// A LoadBalancer Service `lb` with a NodePort, an externalIP (allowed)

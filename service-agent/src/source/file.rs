@@ -15,10 +15,10 @@ use std::{
 use log::{error, info, warn};
 use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle};
 
-use super::objects::{AnyObject, TypedObject};
+use super::objects::{AnyObject, TypedObject, excluded_by_labels};
 use crate::reconcile::{
     cluster::{Change, ClusterEvent, ClusterState, Kind, ObjectName},
-    records::{ServiceRecord, SliceRecord},
+    records::{NodeRecord, ServiceRecord, SliceRecord},
 };
 
 /// Why a file could not be read at all. Problems with single objects are
@@ -50,6 +50,13 @@ pub struct Parsed {
     pub services: Vec<(ObjectName, ServiceRecord)>,
     /// The EndpointSlices found, in file order.
     pub slices: Vec<(ObjectName, SliceRecord)>,
+    /// This node's Node, if the file has it (the Nodes of other nodes are
+    /// ignored): its zone label and addresses are used as the kube
+    /// source's.
+    pub nodes: Vec<(ObjectName, NodeRecord)>,
+    /// Objects left out by their labels (another proxy's, headless), one
+    /// line each, as the kube source's label selector leaves them out.
+    pub excluded: Vec<String>,
     /// One line per object that was skipped, saying why.
     pub skipped: Vec<String>,
 }
@@ -60,6 +67,7 @@ impl Parsed {
         let mut state = ClusterState::default();
         state.apply(ClusterEvent::Service(Change::Replaced(self.services)));
         state.apply(ClusterEvent::EndpointSlice(Change::Replaced(self.slices)));
+        state.apply(ClusterEvent::Node(Change::Replaced(self.nodes)));
         state
     }
 }
@@ -226,7 +234,32 @@ fn add_value(
 
 /// Adds one object (or the items of a `List`) to `parsed`.
 fn add_object(parsed: &mut Parsed, object: AnyObject, origin: &str, this_node: Option<&str>) {
-    match object.into_typed() {
+    let typed = object.into_typed();
+    let metadata = match &typed {
+        Ok(TypedObject::Service(service)) => Some(&service.metadata),
+        Ok(TypedObject::EndpointSlice(slice)) => Some(&slice.metadata),
+        _ => None,
+    };
+    if let Some(metadata) = metadata
+        && let Some(reason) = excluded_by_labels(metadata)
+    {
+        let line = format!(
+            "{origin} ({}): {reason}",
+            metadata.name.as_deref().unwrap_or("no name")
+        );
+        log::debug!("leaving out {line}");
+        parsed.excluded.push(line);
+        return;
+    }
+    match typed {
+        Ok(TypedObject::Node(node)) => {
+            if this_node.is_some() && node.metadata.name.as_deref() == this_node {
+                match node.into_record() {
+                    Some(named) => parsed.nodes.push(named),
+                    None => skip(parsed, origin, "Node has no metadata.name"),
+                }
+            }
+        }
         Ok(TypedObject::Service(service)) => match service.into_record() {
             Some(named) => parsed.services.push(named),
             None => skip(parsed, origin, "Service has no metadata.name"),
@@ -256,8 +289,9 @@ fn skip(parsed: &mut Parsed, origin: &str, reason: &str) {
     parsed.skipped.push(line);
 }
 
-/// The kinds this source lists before the first full sync may run.
-pub const KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
+/// The kinds this source lists before the first full sync may run (each
+/// read of the file lists all three; the file need not hold a Node).
+pub const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
 
 /// Starts watching the file at `path` (checked every `interval`); its
 /// objects go to `events` as full lists, endpoints on `this_node` marked
@@ -318,15 +352,21 @@ async fn watch(
             Ok(Ok((hash, Some(parsed)))) => {
                 last_hash = Some(hash);
                 info!(
-                    "read {}: {} services, {} endpoint slices, {} objects skipped",
+                    "read {}: {} services, {} endpoint slices, {} node, {} objects skipped, {} left out by their labels",
                     path.display(),
                     parsed.services.len(),
                     parsed.slices.len(),
-                    parsed.skipped.len()
+                    parsed.nodes.len(),
+                    parsed.skipped.len(),
+                    parsed.excluded.len()
                 );
+                // The Node first: translation of the Services reads its zone.
                 if events
-                    .send(ClusterEvent::Service(Change::Replaced(parsed.services)))
+                    .send(ClusterEvent::Node(Change::Replaced(parsed.nodes)))
                     .is_err()
+                    || events
+                        .send(ClusterEvent::Service(Change::Replaced(parsed.services)))
+                        .is_err()
                     || events
                         .send(ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)))
                         .is_err()
@@ -423,6 +463,40 @@ metadata: {name: ignored}
         let parsed = parse_documents(text, None).unwrap();
         assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
         assert!(parsed.services.is_empty() && parsed.slices.is_empty());
+    }
+
+    #[test]
+    fn the_label_rules_of_the_kube_source_leave_objects_out() {
+        let text = format!(
+            "{TWO_OBJECTS}---\nkind: Service\napiVersion: v1\nmetadata: {{name: other, labels: {{service.kubernetes.io/service-proxy-name: other-proxy}}}}\nspec: {{clusterIP: 10.96.0.11}}\n---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {{name: other-1, labels: {{kubernetes.io/service-name: other, service.kubernetes.io/service-proxy-name: other-proxy}}}}\naddressType: IPv4\n---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {{name: h-1, labels: {{kubernetes.io/service-name: h, service.kubernetes.io/headless: ''}}}}\naddressType: IPv4\n"
+        );
+        let parsed = parse_documents(&text, None).unwrap();
+        assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
+        let services: Vec<_> = parsed.services.iter().map(|(n, _)| n.name()).collect();
+        assert_eq!(services, ["web"]);
+        let slices: Vec<_> = parsed.slices.iter().map(|(n, _)| n.name()).collect();
+        assert_eq!(slices, ["web-abc"]);
+        assert_eq!(parsed.excluded.len(), 3, "{:?}", parsed.excluded);
+        assert!(parsed.excluded[0].contains("service-proxy-name=other-proxy"));
+        assert!(parsed.excluded[2].contains("headless"));
+    }
+
+    #[test]
+    fn only_this_nodes_node_is_read_with_its_zone_and_addresses() {
+        let text = "kind: Node\napiVersion: v1\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a, other: x}}\nstatus: {addresses: [{type: InternalIP, address: 10.0.0.1}, {type: Hostname, address: node-a}, {type: ExternalIP, address: 192.0.2.1}]}\n---\nkind: Node\napiVersion: v1\nmetadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}\n";
+        let parsed = parse_documents(text, Some("node-a")).unwrap();
+        assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
+        assert_eq!(parsed.nodes.len(), 1);
+        let node = &parsed.nodes[0].1;
+        assert_eq!(node.zone.as_deref(), Some("zone-a"));
+        assert_eq!(&*node.internal_ips, [std::net::IpAddr::from([10, 0, 0, 1])]);
+        assert_eq!(
+            &*node.external_ips,
+            [std::net::IpAddr::from([192, 0, 2, 1])]
+        );
+        let state = parsed.into_cluster_state();
+        assert_eq!(state.node_zone(), Some("zone-a"));
+        assert!(parse_documents(text, None).unwrap().nodes.is_empty());
     }
 
     #[test]

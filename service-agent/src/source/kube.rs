@@ -15,15 +15,18 @@ use log::{info, warn};
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle};
 
-use super::objects::{NodeObject, ServiceObject, SliceObject};
+use super::objects::{NodeObject, ServiceObject, SliceObject, excluded_by_labels};
 use crate::{
     ops::health::Health,
     reconcile::cluster::{Change, ClusterEvent, Kind, ObjectName},
 };
 
 /// Services of other proxies (`service.kubernetes.io/service-proxy-name`)
-/// are not ours, as in kube-proxy.
-pub const SERVICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name";
+/// are not ours, and headless ones program nothing, as in kube-proxy (which
+/// puts both on both watches). The API server applies it; the records are
+/// checked again with [`excluded_by_labels`], the file source's rule.
+pub const SERVICE_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 /// EndpointSlices of headless Services and of other proxies' Services are
 /// not needed, as in kube-proxy.
 pub const SLICE_LABEL_SELECTOR: &str =
@@ -51,7 +54,12 @@ pub fn spawn_watchers(
                 events: events.clone(),
                 health: health.clone(),
             },
-            move |service| service.into_record(),
+            move |service| {
+                excluded_by_labels(&service.metadata)
+                    .is_none()
+                    .then(|| service.into_record())
+                    .flatten()
+            },
             ClusterEvent::Service,
         ),
         spawn_watcher(
@@ -62,7 +70,12 @@ pub fn spawn_watchers(
                 events: events.clone(),
                 health: health.clone(),
             },
-            move |slice| slice.into_record(this_node.as_deref()),
+            move |slice| {
+                excluded_by_labels(&slice.metadata)
+                    .is_none()
+                    .then(|| slice.into_record(this_node.as_deref()))
+                    .flatten()
+            },
             ClusterEvent::EndpointSlice,
         ),
         spawn_watcher(

@@ -13,8 +13,9 @@ use serde::{Deserialize, Deserializer};
 use crate::reconcile::{
     cluster::ObjectName,
     records::{
-        AddressType, EndpointRecord, NodeRecord, PortProtocol, ServicePortRecord, ServiceRecord,
-        ServiceType, SessionAffinity, SlicePortRecord, SliceRecord,
+        AddressType, EndpointRecord, NodeHint, NodeRecord, PortProtocol, ServicePortRecord,
+        ServiceRecord, ServiceType, SessionAffinity, SlicePortRecord, SliceRecord,
+        TrafficDistribution, TrafficPolicy, ZoneHints,
     },
 };
 
@@ -24,6 +25,40 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+/// Label naming the proxy that serves a Service (and its EndpointSlices):
+/// set, the Service belongs to another proxy, as in kube-proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the EndpointSlice controller puts on the slices of headless
+/// Services: nothing to program.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label holding its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The labels [`lean_meta`] keeps (every other label is dropped while
+/// parsing).
+const KEPT_LABELS: [&str; 4] = [
+    SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    HEADLESS_LABEL,
+    ZONE_LABEL,
+];
+
+/// Why an object is not this agent's to serve, from its labels, the same
+/// rule for every source (kube-proxy's label selector: the kube source also
+/// asks the API server to leave such objects out): a
+/// `service.kubernetes.io/service-proxy-name` label (any value: another
+/// proxy serves it), or `service.kubernetes.io/headless` (a headless
+/// Service's slices program nothing). `None`: ours.
+pub fn excluded_by_labels(metadata: &ObjectMeta) -> Option<String> {
+    let labels = metadata.labels.as_ref()?;
+    if let Some(proxy) = labels.get(SERVICE_PROXY_NAME_LABEL) {
+        return Some(format!(
+            "labelled {SERVICE_PROXY_NAME_LABEL}={proxy}: served by another proxy"
+        ));
+    }
+    labels
+        .contains_key(HEADLESS_LABEL)
+        .then(|| format!("labelled {HEADLESS_LABEL}: headless, nothing to program"))
+}
 
 /// The metadata fields the agent reads.
 #[derive(Debug, Default, Deserialize)]
@@ -41,16 +76,19 @@ struct LeanMeta {
 /// the labels and annotations, only the ones it reads).
 fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     let meta = Option::<LeanMeta>::deserialize(deserializer)?.unwrap_or_default();
-    let keep = |map: Option<std::collections::BTreeMap<String, String>>, key: &str| {
-        map.and_then(|mut map| map.remove_entry(key))
-            .map(|entry| [entry].into())
+    let keep = |map: Option<std::collections::BTreeMap<String, String>>, keys: &[&str]| {
+        let kept: std::collections::BTreeMap<String, String> = map?
+            .into_iter()
+            .filter(|(key, _)| keys.contains(&key.as_str()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
     };
     Ok(ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
         resource_version: meta.resource_version,
-        labels: keep(meta.labels, SERVICE_NAME_LABEL),
-        annotations: keep(meta.annotations, TRIGGER_TIME_ANNOTATION),
+        labels: keep(meta.labels, &KEPT_LABELS),
+        annotations: keep(meta.annotations, &[TRIGGER_TIME_ANNOTATION]),
         deletion_timestamp: meta.deletion_timestamp,
         ..ObjectMeta::default()
     })
@@ -135,11 +173,17 @@ pub struct ServiceSpec {
     pub session_affinity: Option<String>,
     /// `sessionAffinityConfig`.
     pub session_affinity_config: Option<SessionAffinityConfig>,
-    /// `externalTrafficPolicy` (`Cluster` or `Local`).
-    pub external_traffic_policy: Option<String>,
     /// `loadBalancerSourceRanges`.
     #[serde(deserialize_with = "nullable")]
     pub load_balancer_source_ranges: Vec<String>,
+    /// `externalTrafficPolicy`.
+    pub external_traffic_policy: Option<String>,
+    /// `internalTrafficPolicy`.
+    pub internal_traffic_policy: Option<String>,
+    /// `healthCheckNodePort`.
+    pub health_check_node_port: Option<i32>,
+    /// `trafficDistribution`.
+    pub traffic_distribution: Option<String>,
 }
 
 /// `spec.sessionAffinityConfig` of a Service.
@@ -241,6 +285,29 @@ pub struct Endpoint {
     /// `nodeName`.
     #[serde(default)]
     pub node_name: Option<String>,
+    /// `hints`.
+    #[serde(default)]
+    pub hints: Option<EndpointHints>,
+}
+
+/// `hints` of an endpoint: where it should be preferred.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EndpointHints {
+    /// `forZones`.
+    #[serde(deserialize_with = "nullable")]
+    pub for_zones: Vec<HintTarget>,
+    /// `forNodes`.
+    #[serde(deserialize_with = "nullable")]
+    pub for_nodes: Vec<HintTarget>,
+}
+
+/// One entry of `hints.forZones` or `hints.forNodes`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct HintTarget {
+    /// `name`: the zone or node.
+    pub name: String,
 }
 
 /// `conditions` of an endpoint.
@@ -276,6 +343,9 @@ pub struct NodeObject {
     /// `spec`.
     #[serde(default)]
     pub spec: Option<NodeSpec>,
+    /// `status`.
+    #[serde(default)]
+    pub status: Option<NodeStatus>,
 }
 built_in_resource!(NodeObject, "Node", "", "v1", "nodes", ClusterResourceScope);
 
@@ -286,6 +356,26 @@ pub struct NodeSpec {
     /// `taints`.
     #[serde(deserialize_with = "nullable")]
     pub taints: Vec<Taint>,
+}
+
+/// `status` of a Node.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NodeStatus {
+    /// `addresses`.
+    #[serde(deserialize_with = "nullable")]
+    pub addresses: Vec<NodeAddress>,
+}
+
+/// One of a Node's `status.addresses`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NodeAddress {
+    /// `type`: `InternalIP`, `ExternalIP`, `Hostname`, ...
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `address`.
+    pub address: String,
 }
 
 /// A taint of a Node.
@@ -307,10 +397,12 @@ pub struct AnyObject {
     kind: Option<String>,
     #[serde(default, deserialize_with = "lean_meta")]
     metadata: ObjectMeta,
+    /// `spec` (of a Node, only what a Service's spec shares with it:
+    /// nothing, so a Node's taints are read by the kube source only).
     #[serde(default)]
     spec: Option<ServiceSpec>,
     #[serde(default)]
-    status: Option<ServiceStatus>,
+    status: Option<AnyStatus>,
     #[serde(default)]
     address_type: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
@@ -322,6 +414,17 @@ pub struct AnyObject {
     items: Vec<AnyObject>,
 }
 
+/// `status` of a Service or a Node, read in one pass.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct AnyStatus {
+    /// A Service's `loadBalancer`.
+    load_balancer: Option<LoadBalancerStatus>,
+    /// A Node's `addresses`.
+    #[serde(deserialize_with = "nullable")]
+    addresses: Vec<NodeAddress>,
+}
+
 /// An [`AnyObject`] told apart by its kind.
 #[derive(Debug)]
 pub enum TypedObject {
@@ -329,6 +432,8 @@ pub enum TypedObject {
     Service(ServiceObject),
     /// An EndpointSlice.
     EndpointSlice(SliceObject),
+    /// A Node (its labels, addresses and deletionTimestamp).
+    Node(NodeObject),
     /// A `List` (also `ServiceList`, `EndpointSliceList`) and its items.
     List(Vec<AnyObject>),
     /// Another kind, ignored.
@@ -343,7 +448,16 @@ impl AnyObject {
             "Service" => TypedObject::Service(ServiceObject {
                 metadata: self.metadata,
                 spec: self.spec,
-                status: self.status,
+                status: self.status.map(|status| ServiceStatus {
+                    load_balancer: status.load_balancer,
+                }),
+            }),
+            "Node" => TypedObject::Node(NodeObject {
+                metadata: self.metadata,
+                spec: None,
+                status: self.status.map(|status| NodeStatus {
+                    addresses: status.addresses,
+                }),
             }),
             "EndpointSlice" => TypedObject::EndpointSlice(SliceObject {
                 metadata: self.metadata,
@@ -351,7 +465,9 @@ impl AnyObject {
                 endpoints: self.endpoints,
                 ports: self.ports,
             }),
-            "List" | "ServiceList" | "EndpointSliceList" => TypedObject::List(self.items),
+            "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+                TypedObject::List(self.items)
+            }
             _ => TypedObject::Other,
         })
     }
@@ -361,7 +477,13 @@ impl AnyObject {
     pub fn is_taken_kind(kind: &str) -> bool {
         matches!(
             kind,
-            "Service" | "EndpointSlice" | "List" | "ServiceList" | "EndpointSliceList"
+            "Service"
+                | "EndpointSlice"
+                | "Node"
+                | "List"
+                | "ServiceList"
+                | "EndpointSliceList"
+                | "NodeList"
         )
     }
 }
@@ -431,7 +553,7 @@ impl ServiceObject {
                 &mut problems,
             )
         };
-        let ports = spec
+        let ports: Box<[ServicePortRecord]> = spec
             .ports
             .into_iter()
             .map(|port| ServicePortRecord {
@@ -483,6 +605,38 @@ impl ServiceObject {
             .filter(|range| !range.is_empty())
             .map(Box::from)
             .collect();
+        let mut policy = |field: &str, value: Option<&str>| {
+            TrafficPolicy::parse(value).unwrap_or_else(|| {
+                problems.push(format!(
+                    "Service {name}: {field} {:?} is not known, Cluster used",
+                    value.unwrap_or("")
+                ));
+                TrafficPolicy::Cluster
+            })
+        };
+        let external_traffic_policy = policy(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        );
+        let internal_traffic_policy = policy(
+            "internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        );
+        let traffic_distribution = TrafficDistribution::parse(spec.traffic_distribution.as_deref());
+        let mut unsupported = Vec::new();
+        for port in ports.iter() {
+            if let PortProtocol::Unsupported(protocol) = &port.protocol {
+                unsupported.push(format!(
+                    "Service {name} port {:?}: protocol {protocol} is not served",
+                    &*port.name
+                ));
+            }
+        }
+        if let TrafficDistribution::Unknown(value) = &traffic_distribution {
+            unsupported.push(format!(
+                "Service {name}: trafficDistribution {value:?} is not known: endpoint hints are followed as for any value"
+            ));
+        }
         Some((
             name,
             ServiceRecord {
@@ -493,8 +647,12 @@ impl ServiceObject {
                 load_balancer_ips,
                 external_ips,
                 session_affinity,
-                external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
                 load_balancer_source_ranges,
+                external_traffic_policy,
+                internal_traffic_policy,
+                health_check_node_port: spec.health_check_node_port,
+                traffic_distribution,
+                unsupported: unsupported.into(),
                 problems: problems.into(),
             },
         ))
@@ -522,6 +680,7 @@ impl SliceObject {
             _ => AddressType::Other,
         };
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        let mut zone_hints: Vec<Box<str>> = Vec::new();
         if address_type != AddressType::Other {
             for endpoint in &self.endpoints {
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
@@ -529,6 +688,35 @@ impl SliceObject {
                 let serving = conditions.serving.unwrap_or(ready);
                 let terminating = conditions.terminating.unwrap_or(false);
                 let node_local = this_node.is_some() && endpoint.node_name.as_deref() == this_node;
+                let hints = endpoint.hints.as_ref();
+                let for_nodes = hints.map_or(&[][..], |hints| &hints.for_nodes);
+                let node_hint = if for_nodes.is_empty() {
+                    NodeHint::None
+                } else if for_nodes
+                    .iter()
+                    .any(|node| this_node == Some(node.name.as_str()))
+                {
+                    NodeHint::ThisNode
+                } else {
+                    NodeHint::OtherNodes
+                };
+                let zones = ZoneHints {
+                    start: u16::try_from(zone_hints.len()).unwrap_or(u16::MAX),
+                    len: 0,
+                };
+                let zones = hints.map_or(zones, |hints| {
+                    let mut zones = zones;
+                    for zone in &hints.for_zones {
+                        if usize::from(zones.start) + usize::from(zones.len)
+                            >= usize::from(u16::MAX)
+                        {
+                            break;
+                        }
+                        zone_hints.push(zone.name.as_str().into());
+                        zones.len += 1;
+                    }
+                    zones
+                });
                 for addr in addresses(
                     &endpoint.addresses,
                     |addr| {
@@ -553,6 +741,8 @@ impl SliceObject {
                         serving,
                         terminating,
                         node_local,
+                        node_hint,
+                        zone_hints: zones,
                     });
                 }
             }
@@ -579,6 +769,7 @@ impl SliceObject {
                 address_type,
                 ports,
                 endpoints: endpoints.into(),
+                zone_hints: zone_hints.into(),
                 trigger_time,
                 problems: problems.into(),
             },
@@ -595,10 +786,28 @@ impl NodeObject {
             .iter()
             .flat_map(|spec| &spec.taints)
             .any(|taint| taint.key == TO_BE_DELETED_TAINT);
+        let zone = self
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(ZONE_LABEL))
+            .filter(|zone| !zone.is_empty())
+            .map(|zone| zone.as_str().into());
+        let node_addresses = |kind: &str| -> Box<[IpAddr]> {
+            self.status
+                .iter()
+                .flat_map(|status| &status.addresses)
+                .filter(|address| address.type_ == kind)
+                .filter_map(|address| address.address.parse().ok())
+                .collect()
+        };
         Some((
             name,
             NodeRecord {
                 being_deleted: tainted || self.metadata.deletion_timestamp.is_some(),
+                zone,
+                internal_ips: node_addresses("InternalIP"),
+                external_ips: node_addresses("ExternalIP"),
             },
         ))
     }
@@ -656,7 +865,7 @@ mod tests {
                 timeout_seconds: Some(-5)
             }
         );
-        assert!(record.external_policy_local);
+        assert_eq!(record.external_traffic_policy, TrafficPolicy::Local);
         let ranges: Vec<&str> = record
             .load_balancer_source_ranges
             .iter()
@@ -673,7 +882,10 @@ mod tests {
         .unwrap();
         let (_, record) = service.into_record().unwrap();
         assert_eq!(record.session_affinity, SessionAffinity::None);
-        assert!(!record.external_policy_local && record.load_balancer_source_ranges.is_empty());
+        assert!(
+            record.external_traffic_policy == TrafficPolicy::Cluster
+                && record.load_balancer_source_ranges.is_empty()
+        );
         let service: ServiceObject = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web"},
             "spec": {"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP"}
@@ -711,6 +923,93 @@ mod tests {
         let other = record.endpoints[1];
         assert!(!other.ready && !other.serving && other.terminating && !other.node_local);
         assert_eq!(record.problems.len(), 1);
+    }
+
+    #[test]
+    fn service_policies_and_endpoint_hints_are_read() {
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+                "healthCheckNodePort": 32000, "trafficDistribution": "PreferSameZone",
+                "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let (_, record) = service.into_record().unwrap();
+        assert_eq!(record.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(record.internal_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(record.health_check_node_port, Some(32000));
+        assert_eq!(
+            record.traffic_distribution,
+            TrafficDistribution::PreferSameZone
+        );
+        assert!(record.problems.is_empty() && record.unsupported.is_empty());
+
+        let slice: SliceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop"},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.1.1.2"], "hints": {"forZones": [{"name": "a"}, {"name": "b"}], "forNodes": [{"name": "node-a"}]}},
+                {"addresses": ["10.1.1.3"], "hints": {"forZones": [{"name": "c"}], "forNodes": [{"name": "node-c"}]}},
+                {"addresses": ["10.1.1.4"]}
+            ]
+        }))
+        .unwrap();
+        let (_, record) = slice.into_record(Some("node-a")).unwrap();
+        let zones = |i: usize| -> Vec<&str> {
+            record
+                .zones_of(&record.endpoints[i])
+                .iter()
+                .map(|z| &**z)
+                .collect()
+        };
+        assert_eq!(zones(0), ["a", "b"]);
+        assert_eq!(zones(1), ["c"]);
+        assert!(zones(2).is_empty());
+        assert_eq!(record.endpoints[0].node_hint, NodeHint::ThisNode);
+        assert_eq!(record.endpoints[1].node_hint, NodeHint::OtherNodes);
+        assert_eq!(record.endpoints[2].node_hint, NodeHint::None);
+    }
+
+    #[test]
+    fn the_label_rule_leaves_out_other_proxies_and_headless_objects() {
+        let meta = |labels: serde_json::Value| -> ObjectMeta {
+            serde_json::from_value::<ServiceObject>(
+                serde_json::json!({"metadata": {"name": "x", "labels": labels}}),
+            )
+            .unwrap()
+            .metadata
+        };
+        assert!(excluded_by_labels(&meta(serde_json::json!({"app": "x"}))).is_none());
+        let other = meta(serde_json::json!({"service.kubernetes.io/service-proxy-name": "cilium"}));
+        assert!(excluded_by_labels(&other).unwrap().contains("cilium"));
+        let headless = meta(serde_json::json!({"service.kubernetes.io/headless": ""}));
+        assert!(excluded_by_labels(&headless).unwrap().contains("headless"));
+    }
+
+    #[test]
+    fn a_node_brings_its_zone_and_addresses() {
+        let node: NodeObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "labels": {"topology.kubernetes.io/zone": "z1", "x": "y"}},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "10.0.0.1"},
+                {"type": "InternalIP", "address": "fd00::1"},
+                {"type": "ExternalIP", "address": "192.0.2.1"},
+                {"type": "Hostname", "address": "a"},
+                {"type": "InternalIP", "address": "bogus"}
+            ]}
+        }))
+        .unwrap();
+        let (_, record) = node.into_record().unwrap();
+        assert_eq!(record.zone.as_deref(), Some("z1"));
+        assert_eq!(
+            &*record.internal_ips,
+            [
+                IpAddr::from([10, 0, 0, 1]),
+                "fd00::1".parse::<IpAddr>().unwrap()
+            ]
+        );
+        assert_eq!(&*record.external_ips, [IpAddr::from([192, 0, 2, 1])]);
     }
 
     #[test]

@@ -345,6 +345,7 @@ fn change_latencies(set: &ServiceSet, changes: usize) -> anyhow::Result<Vec<f64>
     let mut pipeline = Pipeline::new(syncer, &KINDS);
     pipeline.handle(ClusterEvent::Service(Change::Replaced(parsed.services)));
     pipeline.handle(ClusterEvent::EndpointSlice(Change::Replaced(parsed.slices)));
+    pipeline.handle(ClusterEvent::Node(Change::Replaced(parsed.nodes)));
     let report = pipeline
         .flush()
         .context("the first full sync did not run")?;

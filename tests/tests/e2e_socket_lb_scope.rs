@@ -1,0 +1,154 @@
+//! End to end: `--socket-lb-host-namespace-only` (Cilium's
+//! `socketLB.hostNamespaceOnly`). Socket-LB then translates the sockets of
+//! the agent's own network namespace only: a process in the node namespace
+//! still reaches the ClusterIP through it, while a process of the same
+//! cgroup in another network namespace (a pod's) is left alone, for the
+//! packet hooks (where a service mesh's proxy sees the ClusterIP). Without
+//! the flag, socket-LB translates that process's sockets as well.
+//!
+//! The other namespace here has only loopback, so the packet hooks never
+//! see its traffic: whether socket-LB touched a `connect` shows in the
+//! frontend's flow counter, and in the error (socket-LB refuses a Service
+//! without endpoints with ECONNREFUSED; untouched, the ClusterIP has no
+//! route).
+
+use std::{net::SocketAddr, path::Path, process::Command};
+
+use serde_json::Value;
+use service_tests::{
+    agent::list_json,
+    cgroup::TestCgroup,
+    netns::{NetNs, enter_on_spawn, unique_prefix},
+    require_root,
+    scenario::{ClusterIpScenario, backend_name, http_frontend, web_service_yaml},
+    topology::POD_DEVICE_PREFIX,
+};
+
+/// Connections per run.
+const CONNECTIONS: usize = 10;
+
+/// Runs `host-client http FRONTEND COUNT` in `ns` inside `cgroup`; returns
+/// its one run's report.
+fn connect_from(ns: &NetNs, cgroup: &TestCgroup, count: usize) -> Value {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_host-client"));
+    command.args(["http", &http_frontend().to_string(), &count.to_string()]);
+    cgroup
+        .join_on_spawn(&mut command)
+        .expect("joining the cgroup");
+    enter_on_spawn(&ns.path(), &mut command).expect("entering the namespace");
+    let output = command.output().expect("running host-client");
+    assert!(
+        output.status.success(),
+        "host-client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("host-client JSON");
+    report["runs"][0].clone()
+}
+
+/// The flows `list` counts for the HTTP frontend.
+fn new_flows(pin: &Path, frontend: SocketAddr) -> u64 {
+    list_json(pin).expect("list")["frontends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| f["address"] == frontend.ip().to_string() && f["port"] == frontend.port())
+        .and_then(|f| f["stats"]["new_flows"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Answers of a run, summed.
+fn answered(run: &Value) -> u64 {
+    run["answers"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(_, n)| n.as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn host_namespace_only_leaves_other_namespaces_to_the_packet_hooks() {
+    require_root!();
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let cgroup_path = cgroup.path().to_str().expect("UTF-8 path").to_owned();
+    let mut scenario = ClusterIpScenario::start_with_agent_args(
+        "lbscope",
+        &web_service_yaml(&[1, 2, 3]),
+        3,
+        &[
+            "--cgroup-path",
+            &cgroup_path,
+            "--socket-lb-host-namespace-only",
+        ],
+    )
+    .expect("scenario");
+    assert!(
+        scenario
+            .agent
+            .log()
+            .contains("socket-LB limited to this network namespace"),
+        "{}",
+        scenario.agent.log()
+    );
+    let pin = scenario.pin.path().to_owned();
+    // The node namespace (the agent's): served by socket-LB.
+    let run = connect_from(&scenario.topology.node, &cgroup, CONNECTIONS);
+    assert_eq!(answered(&run), CONNECTIONS as u64, "{run}");
+    for pod in 1..=3 {
+        assert!(
+            run["answers"][backend_name(pod)].as_u64().unwrap_or(0) > 0 || CONNECTIONS < 3,
+            "{run}"
+        );
+    }
+    // Another namespace, same cgroup: untouched.
+    let other = NetNs::create(&format!("{}-other", unique_prefix("lbscope"))).expect("netns");
+    let before = new_flows(&pin, http_frontend());
+    let run = connect_from(&other, &cgroup, CONNECTIONS);
+    assert_eq!(answered(&run), 0, "{run}");
+    assert!(
+        run["error_kinds"].get("ConnectionRefused").is_none(),
+        "socket-LB touched a socket of another namespace: {run}"
+    );
+    assert_eq!(
+        new_flows(&pin, http_frontend()),
+        before,
+        "socket-LB counted flows of another namespace"
+    );
+
+    // Without the flag, the same process is translated by socket-LB (its
+    // connects count as flows, and fail only for want of a route to the
+    // backend).
+    scenario
+        .agent
+        .kill_and_restart_with_args(&[
+            "--pod-device-prefix",
+            POD_DEVICE_PREFIX,
+            "--cgroup-path",
+            &cgroup_path,
+        ])
+        .expect("restart");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while scenario
+        .agent
+        .log()
+        .matches("socket-LB attached to cgroup")
+        .count()
+        < 2
+    {
+        scenario.agent.check_running().expect("agent running");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            scenario.agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = new_flows(&pin, http_frontend());
+    let run = connect_from(&other, &cgroup, CONNECTIONS);
+    assert_eq!(answered(&run), 0, "{run}");
+    assert!(
+        new_flows(&pin, http_frontend()) >= before + CONNECTIONS as u64,
+        "socket-LB did not translate the other namespace's sockets: {run}"
+    );
+}
