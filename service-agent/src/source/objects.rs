@@ -428,8 +428,8 @@ struct AnyStatus {
 /// An [`AnyObject`] told apart by its kind.
 #[derive(Debug)]
 pub enum TypedObject {
-    /// A Service.
-    Service(ServiceObject),
+    /// A Service (boxed: the largest kind by far).
+    Service(Box<ServiceObject>),
     /// An EndpointSlice.
     EndpointSlice(SliceObject),
     /// A Node (its labels, addresses and deletionTimestamp).
@@ -445,13 +445,13 @@ impl AnyObject {
     /// `addressType`.
     pub fn into_typed(self) -> Result<TypedObject, String> {
         Ok(match self.kind.as_deref().unwrap_or("") {
-            "Service" => TypedObject::Service(ServiceObject {
+            "Service" => TypedObject::Service(Box::new(ServiceObject {
                 metadata: self.metadata,
                 spec: self.spec,
                 status: self.status.map(|status| ServiceStatus {
                     load_balancer: status.load_balancer,
                 }),
-            }),
+            })),
             "Node" => TypedObject::Node(NodeObject {
                 metadata: self.metadata,
                 spec: None,
