@@ -514,3 +514,38 @@ async fn healthz_fails_while_this_node_is_being_deleted_and_livez_does_not() {
     let node_watch = server.next(NODES).await;
     server.hold(node_watch);
 }
+
+/// The Node watch is used: this node's zone label (here arriving with a
+/// watch event) makes the zone-hinted endpoints the only backends; a
+/// Service of another proxy that the API server returned anyway (the label
+/// selector is the server's business) is left out by the agent's own rule.
+#[tokio::test]
+async fn the_nodes_zone_selects_hinted_endpoints_and_other_proxies_services_are_left_out() {
+    let (mut server, mut maps, _) = start();
+    let mut other = service("other", "10.96.0.11", "91");
+    other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "elsewhere"});
+    let mut hinted = slice("web", "web-1", &["10.1.1.2", "10.1.2.2"], "199");
+    hinted["endpoints"][0]["hints"] = json!({"forZones": [{"name": "zone-a"}]});
+    hinted["endpoints"][1]["hints"] = json!({"forZones": [{"name": "zone-b"}]});
+    initial_lists(
+        &mut server,
+        vec![service("web", "10.96.0.10", "90"), other],
+        vec![hinted],
+    )
+    .await;
+    // No zone known yet: every endpoint.
+    expect_maps(
+        &mut maps,
+        &["10.96.0.10:80 -> [10.1.1.2:8080 10.1.2.2:8080]"],
+    )
+    .await;
+    let node_watch = server.next(NODES).await;
+    assert!(node_watch.is_watch());
+    node_watch.reply_events(&[event(
+        "MODIFIED",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "resourceVersion": "301",
+            "labels": {"topology.kubernetes.io/zone": "zone-b"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}),
+    )]);
+    expect_maps(&mut maps, &["10.96.0.10:80 -> [10.1.2.2:8080]"]).await;
+}
