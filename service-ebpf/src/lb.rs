@@ -530,23 +530,28 @@ fn refresh_affinity(client: [u8; 4], rev_nat_id: RevNatId, slot: u16, now: u32) 
 /// own stack frame.
 #[inline(never)]
 fn slot_of(header_key: &FrontendKey, count: u16, hint: u16, backend_id: BackendId) -> u16 {
-    let holds = |slot: u16| {
-        // SAFETY: read at once.
-        unsafe { FRONTENDS.get(header_key.with_slot(slot)) }
-            .is_some_and(|value| value.backend_id == backend_id)
-    };
-    if hint != 0 && hint <= count && holds(hint) {
+    if hint != 0 && hint <= count && slot_holds(header_key, hint, backend_id) {
         return hint;
     }
     for slot in 1..=AFFINITY_SCAN_SLOTS {
         if slot > count {
             break;
         }
-        if slot != hint && holds(slot) {
+        if slot != hint && slot_holds(header_key, slot, backend_id) {
             return slot;
         }
     }
     0
+}
+
+/// Whether slot `slot` of the frontend `header_key` holds `backend_id`.
+/// Inlined: the slot search stays one stack frame (kernels before 6.x
+/// round each frame of a call chain up to 32 bytes).
+#[inline(always)]
+fn slot_holds(header_key: &FrontendKey, slot: u16, backend_id: BackendId) -> bool {
+    // SAFETY: read at once.
+    unsafe { FRONTENDS.get(header_key.with_slot(slot)) }
+        .is_some_and(|value| value.backend_id == backend_id)
 }
 
 /// Records that `client` was given `target`, found in slot `slot`, at
