@@ -1,13 +1,15 @@
 //! Command-line interface of `service-agent`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
 
 use ipnet::IpNet;
-use service_common::{ConntrackTimeouts, SnatPortRange};
+use service_common::{
+    ConntrackTimeouts, PROTO_TCP, PROTO_UDP, SnatPortRange, TCP_FLAG_ACK, TCP_FLAG_SYN,
+};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -17,7 +19,9 @@ use crate::{
         addresses::{local_ipv4_addresses, nodeport_addresses},
         attach::{DeviceSelection, NodePortMode},
         cgroup::{CgroupPath, DEFAULT_CGROUP_PATH},
+        snapshot::PacketTuple,
     },
+    ops::trace::{Entry, TraceRequest, packet::parse_tcp_flags, pinned_nodeport_mode},
     reconcile::translate::NodeContext,
     run::RunOptions,
     source::SourceSpec,
@@ -45,6 +49,12 @@ pub enum Command {
     /// Print every frontend with its backends and counters, read from the
     /// live pinned maps.
     List(ListArgs),
+    /// Show what the datapath would do with one packet: run it through the
+    /// real programs (BPF_PROG_TEST_RUN) on a private snapshot of the live
+    /// pinned maps, which are never written, and print the verdict, the
+    /// frontend and backend, the rewritten packet, the conntrack entries,
+    /// and the reverse translation of the backend's reply.
+    Trace(TraceArgs),
 }
 
 /// Flags of `service-agent run`.
@@ -227,6 +237,108 @@ pub struct ListArgs {
     pub json: bool,
 }
 
+/// Flags of `service-agent trace`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+  service-agent trace --from 10.200.0.2:40000 --to 10.96.0.10:80\n  \
+  service-agent trace --from 10.200.0.2:40000 --to 10.96.0.10:80 --established\n  \
+  service-agent trace --from-network --device eth0 --from 192.0.2.7:50000 --to 10.0.0.1:30080 --proto tcp")]
+pub struct TraceArgs {
+    /// The packet's source, IPv4 `ADDR:PORT`: a pod on this node, or with
+    /// `--from-network` a client outside it.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
+    pub from: SocketAddrV4,
+    /// The packet's destination, IPv4 `ADDR:PORT`: a ClusterIP, a node
+    /// address with a NodePort, a LoadBalancer IP or an externalIP.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
+    pub to: SocketAddrV4,
+    /// The packet's protocol.
+    #[arg(long, value_enum, default_value_t = TraceProtocol::Tcp)]
+    pub proto: TraceProtocol,
+    /// The packet comes from the network (an external device): it enters
+    /// `from_network` (XDP or TC, as the agent attached it) instead of
+    /// `from_pod`.
+    #[arg(long)]
+    pub from_network: bool,
+    /// The external device the packet arrives on: its pinned links tell
+    /// whether the agent attached `from_network` as XDP or TC there.
+    #[arg(long, value_name = "NAME", requires = "from_network")]
+    pub device: Option<String>,
+    /// Run `from_network` on this hook instead of the one the pinned links
+    /// show.
+    #[arg(long, value_enum, requires = "from_network")]
+    pub nodeport_mode: Option<NodePortMode>,
+    /// Probe an existing flow: send an ACK instead of the SYN that opens a
+    /// new one (TCP).
+    #[arg(long, conflicts_with = "flags")]
+    pub established: bool,
+    /// The TCP flags to send, comma-separated: `syn`, `ack`, `fin`, `rst`,
+    /// `psh` (default `syn`; `ack` with `--established`).
+    #[arg(long, value_name = "FLAGS", value_parser = parse_tcp_flags)]
+    pub flags: Option<u8>,
+    /// Folder on bpffs where the agent pinned the maps.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A protocol `trace` sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TraceProtocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// Parses an IPv4 `ADDR:PORT`.
+fn parse_endpoint(text: &str) -> Result<SocketAddrV4, String> {
+    text.trim()
+        .parse::<SocketAddrV4>()
+        .map_err(|_| format!("{text:?} is not an IPv4 ADDR:PORT (e.g. 10.96.0.10:80)"))
+}
+
+impl TraceArgs {
+    /// The trace these flags ask for.
+    pub fn request(&self) -> anyhow::Result<TraceRequest> {
+        let proto = match self.proto {
+            TraceProtocol::Tcp => PROTO_TCP,
+            TraceProtocol::Udp => PROTO_UDP,
+        };
+        if proto == PROTO_UDP && self.flags.is_some() {
+            anyhow::bail!("--flags applies to TCP only");
+        }
+        let tcp_flags = match (self.flags, self.established) {
+            (Some(flags), _) => flags,
+            (None, true) => TCP_FLAG_ACK,
+            (None, false) => TCP_FLAG_SYN,
+        };
+        let entry =
+            if self.from_network {
+                Entry::Network(self.nodeport_mode.unwrap_or_else(|| {
+                    pinned_nodeport_mode(&self.pin_path, self.device.as_deref())
+                }))
+            } else {
+                Entry::Pod
+            };
+        Ok(TraceRequest {
+            tuple: PacketTuple {
+                saddr: *self.from.ip(),
+                sport: self.from.port(),
+                daddr: *self.to.ip(),
+                dport: self.to.port(),
+                proto,
+                ip_id: 0,
+            },
+            tcp_flags,
+            entry,
+            pin_path: self.pin_path.clone(),
+        })
+    }
+}
+
 impl RunArgs {
     /// The options `run` works with.
     pub fn options(&self) -> anyhow::Result<RunOptions> {
@@ -339,5 +451,128 @@ mod tests {
         };
         assert_eq!(args.ct_timeouts.timeouts().udp, 3);
         assert_eq!(args.snat_port_range.port_count(), 10);
+    }
+
+    fn trace_request(args: &[&str]) -> anyhow::Result<TraceRequest> {
+        let cli = Cli::try_parse_from(["service-agent", "trace"].iter().chain(args))?;
+        let Command::Trace(args) = cli.command else {
+            panic!("trace expected");
+        };
+        args.request()
+    }
+
+    #[test]
+    fn trace_sends_a_syn_from_a_pod_by_default_and_an_ack_to_probe_a_flow() {
+        let request =
+            trace_request(&["--from", "10.200.0.2:40000", "--to", "10.96.0.10:80"]).unwrap();
+        assert_eq!(request.entry, Entry::Pod);
+        assert_eq!(request.tcp_flags, TCP_FLAG_SYN);
+        assert_eq!(
+            request.tuple,
+            PacketTuple {
+                saddr: Ipv4Addr::new(10, 200, 0, 2),
+                sport: 40000,
+                daddr: Ipv4Addr::new(10, 96, 0, 10),
+                dport: 80,
+                proto: PROTO_TCP,
+                ip_id: 0,
+            }
+        );
+        assert_eq!(request.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
+        let established = trace_request(&[
+            "--from",
+            "10.200.0.2:40000",
+            "--to",
+            "10.96.0.10:80",
+            "--established",
+        ])
+        .unwrap();
+        assert_eq!(established.tcp_flags, TCP_FLAG_ACK);
+        let flags = trace_request(&[
+            "--from",
+            "10.200.0.2:40000",
+            "--to",
+            "10.96.0.10:80",
+            "--flags",
+            "fin,ack",
+        ])
+        .unwrap();
+        assert_eq!(flags.tcp_flags, TCP_FLAG_ACK | service_common::TCP_FLAG_FIN);
+    }
+
+    #[test]
+    fn trace_from_the_network_takes_the_mode_asked_or_pinned() {
+        let request = trace_request(&[
+            "--from-network",
+            "--from",
+            "10.99.0.2:50000",
+            "--to",
+            "10.99.0.1:30080",
+            "--proto",
+            "udp",
+            "--nodeport-mode",
+            "tc",
+        ])
+        .unwrap();
+        assert_eq!(request.entry, Entry::Network(NodePortMode::Tc));
+        assert_eq!(request.tuple.proto, PROTO_UDP);
+        // Nothing pinned there: no XDP link, so TC.
+        let request = trace_request(&[
+            "--from-network",
+            "--device",
+            "ext0",
+            "--from",
+            "10.99.0.2:50000",
+            "--to",
+            "10.99.0.1:30080",
+            "--pin-path",
+            "/nonexistent/pins",
+        ])
+        .unwrap();
+        assert_eq!(request.entry, Entry::Network(NodePortMode::Tc));
+    }
+
+    #[test]
+    fn trace_rejects_what_it_cannot_send_with_a_clear_reason() {
+        let error = |args: &[&str]| trace_request(args).unwrap_err().to_string();
+        let bad = error(&["--from", "10.200.0.x:40000", "--to", "10.96.0.10:80"]);
+        assert!(
+            bad.contains("\"10.200.0.x:40000\" is not an IPv4 ADDR:PORT"),
+            "{bad}"
+        );
+        let no_port = error(&["--from", "10.200.0.2", "--to", "10.96.0.10:80"]);
+        assert!(no_port.contains("is not an IPv4 ADDR:PORT"), "{no_port}");
+        let missing = error(&["--from", "10.200.0.2:1"]);
+        assert!(missing.contains("--to"), "{missing}");
+        let device = error(&[
+            "--from",
+            "10.200.0.2:1",
+            "--to",
+            "10.96.0.10:80",
+            "--device",
+            "eth0",
+        ]);
+        assert!(device.contains("--from-network"), "{device}");
+        let udp_flags = error(&[
+            "--from",
+            "10.200.0.2:1",
+            "--to",
+            "10.96.0.10:80",
+            "--proto",
+            "udp",
+            "--flags",
+            "syn",
+        ]);
+        assert!(udp_flags.contains("TCP only"), "{udp_flags}");
+        let both = error(&[
+            "--from",
+            "10.200.0.2:1",
+            "--to",
+            "10.96.0.10:80",
+            "--flags",
+            "syn",
+            "--established",
+        ]);
+        assert!(both.contains("cannot be used with"), "{both}");
     }
 }

@@ -3,7 +3,7 @@
 use clap::Parser as _;
 use service_agent::{
     cli::{Cli, Command},
-    ops::list,
+    ops::{list, trace},
     run,
 };
 
@@ -35,6 +35,15 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
                 print!("{}", list::render_table(&listing));
+            }
+            Ok(())
+        }
+        Command::Trace(args) => {
+            let traced = trace::trace(&args.request()?)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&traced)?);
+            } else {
+                print!("{}", trace::render::render_text(&traced));
             }
             Ok(())
         }

@@ -60,6 +60,47 @@ pub enum MapKind {
     LpmTrie,
 }
 
+/// What `service-agent trace` copies of a map from the live pinned maps
+/// into its private snapshot before running a packet there: what one
+/// packet (and its reply) can read, and nothing else. Every map of
+/// [`MAPS`] names its rule, so no map can be added without deciding it;
+/// each rule but [`TraceCopy::Nothing`] belongs to one map (its key and
+/// value types), and the agent matches on every variant, so a new rule
+/// cannot be left unimplemented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceCopy {
+    /// The configuration entry (`SVC_CONFIG`), whole.
+    Configuration,
+    /// The header and backend slots of the packet's destination frontend,
+    /// in every scope (`SVC_FRONTENDS`).
+    DestinationFrontend,
+    /// The backends the copied frontend slots and conntrack entries name
+    /// (`SVC_BACKENDS`).
+    NamedBackends,
+    /// The rev-NAT entries of the copied frontends and conntrack entries
+    /// (`SVC_REVNAT`).
+    NamedRevNat,
+    /// The entries of the packet's 5-tuple in every direction and the
+    /// other entries of their flows (masters and companions), and, for a
+    /// new flow from the network to a remote backend, the SNAT ports those
+    /// backends hold (with their flows), which the port choice reads
+    /// (`SVC_CONNTRACK`).
+    PacketFlows,
+    /// The fragment record of the packet's datagram, if any
+    /// (`SVC_FRAGMENTS`).
+    PacketFragment,
+    /// The session affinity entry of the packet's source for the
+    /// destination frontend, if any (`SVC_AFFINITY`).
+    PacketAffinity,
+    /// The `loadBalancerSourceRanges` entries of the destination frontend
+    /// (`SVC_SRC_RANGES`).
+    DestinationSourceRanges,
+    /// Nothing: the map starts empty. For counters (the snapshot's own
+    /// then tell what the traced packet did) and for maps that only
+    /// programs the trace never runs read (socket-LB).
+    Nothing,
+}
+
 /// One map of the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSpec {
@@ -78,11 +119,19 @@ pub struct MapSpec {
     /// afresh. Otherwise the capacity is a setting (`--map-size-*`), and a
     /// pinned map keeps the capacity it was created with.
     pub fixed_capacity: bool,
+    /// What `service-agent trace` copies of it into its snapshot.
+    pub trace_copy: TraceCopy,
 }
 
 impl MapSpec {
     /// A map of `kind` with key `K` and value `V`.
-    const fn of<K, V>(name: &'static str, kind: MapKind, max_entries: u32, fixed: bool) -> Self {
+    const fn of<K, V>(
+        name: &'static str,
+        kind: MapKind,
+        max_entries: u32,
+        fixed: bool,
+        trace_copy: TraceCopy,
+    ) -> Self {
         MapSpec {
             name,
             kind,
@@ -90,6 +139,7 @@ impl MapSpec {
             value_size: size_of::<V>() as u32,
             max_entries,
             fixed_capacity: fixed,
+            trace_copy,
         }
     }
 }
@@ -101,57 +151,78 @@ pub const MAPS: [MapSpec; 12] = [
         MapKind::Hash,
         FRONTENDS_MAX_ENTRIES,
         false,
+        TraceCopy::DestinationFrontend,
     ),
     MapSpec::of::<BackendId, BackendValue>(
         MAP_BACKENDS,
         MapKind::Array,
         BACKENDS_MAX_ENTRIES,
         false,
+        TraceCopy::NamedBackends,
     ),
-    MapSpec::of::<RevNatId, RevNatValue>(MAP_REVNAT, MapKind::Hash, REVNAT_MAX_ENTRIES, false),
+    MapSpec::of::<RevNatId, RevNatValue>(
+        MAP_REVNAT,
+        MapKind::Hash,
+        REVNAT_MAX_ENTRIES,
+        false,
+        TraceCopy::NamedRevNat,
+    ),
     MapSpec::of::<ConntrackKey, ConntrackValue>(
         MAP_CONNTRACK,
         MapKind::LruHash,
         CONNTRACK_MAX_ENTRIES,
         false,
+        TraceCopy::PacketFlows,
     ),
     MapSpec::of::<FragmentKey, FragmentValue>(
         MAP_FRAGMENTS,
         MapKind::LruHash,
         FRAGMENTS_MAX_ENTRIES,
         false,
+        TraceCopy::PacketFragment,
     ),
     MapSpec::of::<u32, FrontendStats>(
         MAP_FRONTEND_STATS,
         MapKind::PerCpuArray,
         REVNAT_MAX_ENTRIES,
         false,
+        TraceCopy::Nothing,
     ),
     MapSpec::of::<u32, u64>(
         MAP_COUNTERS,
         MapKind::PerCpuArray,
         COUNTERS_MAX_ENTRIES,
         true,
+        TraceCopy::Nothing,
     ),
-    MapSpec::of::<u32, DatapathConfig>(MAP_CONFIG, MapKind::Array, 1, true),
+    MapSpec::of::<u32, DatapathConfig>(
+        MAP_CONFIG,
+        MapKind::Array,
+        1,
+        true,
+        TraceCopy::Configuration,
+    ),
     MapSpec::of::<SockNatKey, SockNatValue>(
         MAP_SOCK_NAT,
         MapKind::LruHash,
         SOCK_NAT_MAX_ENTRIES,
         false,
+        TraceCopy::Nothing,
     ),
-    MapSpec::of::<u32, IdCursors>(MAP_ID_CURSORS, MapKind::Array, 1, true),
+    MapSpec::of::<u32, IdCursors>(MAP_ID_CURSORS, MapKind::Array, 1, true, TraceCopy::Nothing),
     MapSpec::of::<AffinityKey, AffinityValue>(
         MAP_AFFINITY,
         MapKind::LruHash,
         AFFINITY_MAX_ENTRIES,
         false,
+        TraceCopy::PacketAffinity,
     ),
     MapSpec::of::<SourceRangeKey, SourceRangeValue>(
         MAP_SOURCE_RANGES,
         MapKind::LpmTrie,
         SOURCE_RANGES_MAX_ENTRIES,
         false,
+        TraceCopy::DestinationSourceRanges,
     ),
 ];
 
@@ -316,6 +387,21 @@ mod tests {
             );
         }
         assert_eq!(map_spec("SVC_NOPE"), None);
+    }
+
+    #[test]
+    fn every_trace_copy_rule_but_nothing_belongs_to_one_map() {
+        for (index, spec) in MAPS.iter().enumerate() {
+            if spec.trace_copy != TraceCopy::Nothing {
+                assert!(
+                    MAPS[..index]
+                        .iter()
+                        .all(|other| other.trace_copy != spec.trace_copy),
+                    "{} shares its trace copy rule",
+                    spec.name
+                );
+            }
+        }
     }
 
     #[test]

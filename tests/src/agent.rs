@@ -286,3 +286,34 @@ pub fn wait_for_backends(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `service-agent trace --json` on the maps pinned under `pin_path` with
+/// `args` (the packet and its options), parsed.
+pub fn trace_json(pin_path: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(&trace(pin_path, args, true)?).context("parsing trace --json")
+}
+
+/// `service-agent trace` (text) on the maps pinned under `pin_path`.
+pub fn trace_text(pin_path: &Path, args: &[&str]) -> anyhow::Result<String> {
+    trace(pin_path, args, false)
+}
+
+fn trace(pin_path: &Path, args: &[&str], json: bool) -> anyhow::Result<String> {
+    let mut command = Command::new(agent_binary());
+    command
+        .arg("trace")
+        .arg("--pin-path")
+        .arg(pin_path)
+        .args(args);
+    if json {
+        command.arg("--json");
+    }
+    let output = command.output().context("running service-agent trace")?;
+    if !output.status.success() {
+        bail!(
+            "trace {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

@@ -8,7 +8,6 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{Program, TestRun, TestRunOptions},
 };
 use service_agent::{
     datapath::{
@@ -28,10 +27,6 @@ use service_common::{
 };
 
 use crate::pins::PinDir;
-
-/// Room left in the output buffer beyond the input's length, for programs
-/// that grow the packet (an ICMP error quoting a datagram's headers).
-const OUTPUT_HEADROOM: usize = 256;
 
 /// The loaded object, its maps, and the agent-side state it was given.
 pub struct Datapath {
@@ -124,23 +119,7 @@ impl Datapath {
     /// [`Datapath::run`], with BPF_PROG_TEST_RUN's refusal of a packet
     /// (e.g. `EINVAL` for one too short for its hook) as an error.
     pub fn try_run(&self, program: &str, packet: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + OUTPUT_HEADROOM];
-        let options = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        };
-        let result = match self.ebpf.program(program).expect("program") {
-            Program::SchedClassifier(tc) => tc.test_run(options),
-            Program::Xdp(xdp) => xdp.test_run(options),
-            other => panic!("{program} is a {:?}, not TC or XDP", other.prog_type()),
-        }
-        .map_err(|e| match e {
-            aya::programs::ProgramError::SyscallError(e) => e.io_error,
-            other => std::io::Error::other(other),
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        datapath::snapshot::test_run(&self.ebpf, program, packet)
     }
 
     /// Deletes the frontend `addr:port/proto` (its Service), as the agent

@@ -272,6 +272,11 @@ impl HttpConnection {
         })
     }
 
+    /// The client's end of the connection (address and source port).
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.writer.local_addr()?)
+    }
+
     /// Sends one GET and returns the body (the backend's name).
     pub fn get(&mut self) -> anyhow::Result<String> {
         self.writer

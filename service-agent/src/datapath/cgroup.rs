@@ -379,7 +379,7 @@ mod tests {
         args.extend_from_slice(extra);
         match Cli::try_parse_from(args).expect("valid flags").command {
             Command::Run(run) => run.cgroup_path,
-            Command::List(_) => unreachable!(),
+            Command::List(_) | Command::Trace(_) => unreachable!(),
         }
     }
 

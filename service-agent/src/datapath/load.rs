@@ -22,7 +22,7 @@ pub fn load(pin_path: &Path) -> anyhow::Result<Ebpf> {
 }
 
 /// The aya map type of a map kind of the shared table.
-fn map_type(kind: MapKind) -> MapType {
+pub fn map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
         MapKind::LruHash => MapType::LruHash,

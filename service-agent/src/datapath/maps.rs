@@ -386,8 +386,17 @@ pub fn sum_stats(
 
 /// The datapath event counters summed over CPUs, by name.
 pub fn datapath_counters(pin_path: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
-    let counters: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(open_pinned(pin_path, MAP_COUNTERS)?)?;
+    sum_counters(&PerCpuArray::try_from(open_pinned(
+        pin_path,
+        MAP_COUNTERS,
+    )?)?)
+}
+
+/// The datapath event counters of the counters map `counters`, summed over
+/// CPUs, by name.
+pub fn sum_counters(
+    counters: &PerCpuArray<MapData, u64>,
+) -> anyhow::Result<Vec<(&'static str, u64)>> {
     DatapathCounter::ALL
         .iter()
         .map(|counter| {

@@ -5,9 +5,10 @@
 //! ([`model`]) and the kernel maps that hold them ([`maps`]), the conntrack
 //! map as the collector walks it ([`conntrack`]), and the raw `bpf(2)`
 //! batch calls aya lacks ([`sys`]), the id allocators' position kept across
-//! restarts ([`id_cursors`]), and the node's ephemeral ports kept off the
-//! SNAT range ([`snat_ports`]). Nothing here depends on the
-//! reconciler above it.
+//! restarts ([`id_cursors`]), the node's ephemeral ports kept off the
+//! SNAT range ([`snat_ports`]), and a private [`snapshot`] of what one
+//! packet can read, to run it through the real programs without touching
+//! the live maps. Nothing here depends on the reconciler above it.
 
 pub mod addresses;
 pub mod attach;
@@ -18,6 +19,7 @@ pub mod id_cursors;
 pub mod load;
 pub mod maps;
 pub mod model;
+pub mod snapshot;
 pub mod snat_ports;
 pub mod sys;
 

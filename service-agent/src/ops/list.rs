@@ -7,8 +7,8 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray};
 use serde::Serialize;
 use service_common::{
-    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING,
-    FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
+    BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING, BackendId,
+    BackendValue, FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
     FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
     FrontendKey, FrontendStats, MAP_FRONTEND_STATS,
 };
@@ -161,17 +161,7 @@ fn listed_backends(state: &MapState, header: &FrontendKey, count: u16) -> Vec<Li
         .filter_map(|slot| state.frontends.get(&FrontendKey { slot, ..*header }))
         .filter_map(|slot| {
             let backend = state.backends.get(&slot.backend_id)?;
-            Some(ListedBackend {
-                id: slot.backend_id,
-                address: ip_from_map(&backend.addr, backend.family).to_string(),
-                port: u16::from_be(backend.port),
-                state: match backend.state {
-                    BACKEND_STATE_TERMINATING => "terminating",
-                    BACKEND_STATE_NOT_SERVING => "not-serving",
-                    _ => "active",
-                },
-                node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
-            })
+            Some(listed_backend(slot.backend_id, backend))
         })
         .collect()
 }
@@ -194,7 +184,23 @@ fn source_ranges(state: &MapState, rev_nat_id: u32, family: u8) -> Vec<String> {
         .collect()
 }
 
-fn flag_names(flags: u16) -> Vec<&'static str> {
+/// The backend `id` as listed.
+pub fn listed_backend(id: BackendId, backend: &BackendValue) -> ListedBackend {
+    ListedBackend {
+        id,
+        address: ip_from_map(&backend.addr, backend.family).to_string(),
+        port: u16::from_be(backend.port),
+        state: match backend.state {
+            BACKEND_STATE_TERMINATING => "terminating",
+            BACKEND_STATE_NOT_SERVING => "not-serving",
+            _ => "active",
+        },
+        node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
+    }
+}
+
+/// The names of a frontend header's `FRONTEND_FLAG_*` bits.
+pub fn flag_names(flags: u16) -> Vec<&'static str> {
     [
         (FRONTEND_FLAG_CLUSTER_IP, "ClusterIP"),
         (FRONTEND_FLAG_NODE_PORT, "NodePort"),
