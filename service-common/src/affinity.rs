@@ -4,8 +4,9 @@
 //! a new flow to a frontend whose header has
 //! [`crate::FRONTEND_FLAG_AFFINITY`] goes to the backend its client's entry
 //! names while the entry is younger than the frontend's
-//! `affinity_timeout_secs` and the backend still takes new flows; else it
-//! is balanced afresh and the entry rewritten. Every new flow refreshes the
+//! `affinity_timeout_secs` and the backend is still one of the frontend's
+//! (in one of its slots) and takes new flows; else it is balanced afresh
+//! and the entry rewritten. Every new flow refreshes the
 //! entry (kube-proxy's `recent --set`: the timeout runs from the client's
 //! last new connection). Expiry needs no agent: the timestamp check makes
 //! an old entry worthless, and the LRU map evicts the least recently used
@@ -24,6 +25,12 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const AFFINITY_TIMEOUT_DEFAULT_SECS: u32 = 10_800;
 /// The largest valid `timeoutSeconds`: one day (the API's bound).
 pub const AFFINITY_TIMEOUT_MAX_SECS: u32 = 86_400;
+/// How many slots of a frontend the datapath searches for an affinity
+/// entry's backend when the entry's own slot no longer holds it (the
+/// frontend's backends changed): a backend that left the frontend is
+/// never followed for frontends of up to this many backends; beyond it, a
+/// backend found in none of these slots is chosen again.
+pub const AFFINITY_SCAN_SLOTS: u16 = 32;
 
 /// Key of the affinity map: one client of one frontend. Affinity is per
 /// frontend (its rev-NAT id), as in Cilium: a client reaching a Service
@@ -73,8 +80,12 @@ pub struct AffinityValue {
     pub addr: MapAddr,
     /// The backend's port when chosen, network byte order.
     pub port: u16,
+    /// The frontend slot the backend was found in (host byte order): where
+    /// the datapath looks first to check the backend is still one of the
+    /// frontend's (then the first [`AFFINITY_SCAN_SLOTS`] slots).
+    pub slot: u16,
     /// Explicit padding, always zero.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 32);
 

@@ -89,11 +89,12 @@ pub enum TraceCopy {
     /// The fragment record of the packet's datagram, if any
     /// (`SVC_FRAGMENTS`).
     PacketFragment,
-    /// The packet's client's affinity entries for the copied frontends
-    /// (`SVC_AFFINITY`).
-    ClientAffinity,
-    /// The source ranges of the copied frontends (`SVC_SRC_RANGES`).
-    FrontendSourceRanges,
+    /// The session affinity entry of the packet's source for the
+    /// destination frontend, if any (`SVC_AFFINITY`).
+    PacketAffinity,
+    /// The `loadBalancerSourceRanges` entries of the destination frontend
+    /// (`SVC_SRC_RANGES`).
+    DestinationSourceRanges,
     /// Nothing: the map starts empty. For counters (the snapshot's own
     /// then tell what the traced packet did) and for maps that only
     /// programs the trace never runs read (socket-LB).
@@ -214,14 +215,14 @@ pub const MAPS: [MapSpec; 12] = [
         MapKind::LruHash,
         AFFINITY_MAX_ENTRIES,
         false,
-        TraceCopy::ClientAffinity,
+        TraceCopy::PacketAffinity,
     ),
     MapSpec::of::<SourceRangeKey, SourceRangeValue>(
         MAP_SOURCE_RANGES,
         MapKind::LpmTrie,
         SOURCE_RANGES_MAX_ENTRIES,
         false,
-        TraceCopy::FrontendSourceRanges,
+        TraceCopy::DestinationSourceRanges,
     ),
 ];
 

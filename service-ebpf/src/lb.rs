@@ -31,7 +31,7 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use service_common::{
-    AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
+    AFFINITY_SCAN_SLOTS, AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
     BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
     CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FRONTEND_FLAG_AFFINITY,
     FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_SOURCE_RANGES,
@@ -359,8 +359,9 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 ///   from the network also `externalTrafficPolicy: Local`) drops: no
 ///   local endpoint;
 /// - with session affinity, the client's affinity entry names the backend
-///   while it is fresh and that backend still takes new flows
-///   ([`affinity_target`]); otherwise a random slot's backend is taken;
+///   while it is fresh and that backend is still one of the frontend's
+///   and takes new flows ([`affinity_candidate`], [`slot_of`]); otherwise
+///   a random slot's backend is taken;
 /// - from the network, an `externalTrafficPolicy: Local` frontend drops
 ///   rather than use a backend on another node;
 /// - with affinity, the random choice is recorded for the client.
@@ -392,10 +393,22 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
         return Lookup::NoBackend;
     }
     let affinity = header.flags & FRONTEND_FLAG_AFFINITY != 0;
-    if affinity && affinity_target(&header, request.client, request.now, external_local, target) {
-        return Lookup::Backend;
+    if affinity {
+        // The client's backend, if it may be followed and is still one of
+        // this frontend's (in one of its slots).
+        let hint = affinity_candidate(request, &header, external_local, target);
+        if hint >= 0 {
+            let slot = slot_of(&header_key, header.count, hint as u16, target.backend_id);
+            if slot != 0 {
+                refresh_affinity(request.client, header.rev_nat_id, slot, request.now);
+                return Lookup::Backend;
+            }
+        }
     }
-    let chosen = random_target(&header_key, &header, target);
+    // SAFETY: the helper has no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = (random % u32::from(header.count)) as u16 + 1;
+    let chosen = slot_target(&header_key, &header, slot, target);
     if chosen != Lookup::Backend {
         return chosen;
     }
@@ -405,18 +418,21 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
         return Lookup::Drop(DatapathCounter::DropExternalLocal);
     }
     if affinity {
-        record_affinity(request.client, target, request.now);
+        record_affinity(request.client, target, slot, request.now);
     }
     Lookup::Backend
 }
 
-/// A random backend slot of the frontend `header_key`/`header` (whose
-/// count is not 0), resolved into `target`.
+/// Backend slot `slot` of the frontend `header_key`/`header`, resolved
+/// into `target`.
 #[inline(always)]
-fn random_target(header_key: &FrontendKey, header: &FrontendValue, target: &mut Target) -> Lookup {
-    // SAFETY: the helper has no preconditions.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let slot_key = header_key.with_slot((random % u32::from(header.count)) as u16 + 1);
+fn slot_target(
+    header_key: &FrontendKey,
+    header: &FrontendValue,
+    slot: u16,
+    target: &mut Target,
+) -> Lookup {
+    let slot_key = header_key.with_slot(slot);
     // SAFETY: copied out at once.
     let Some(slot) = (unsafe { FRONTENDS.get(slot_key) }).copied() else {
         return Lookup::Drop(DatapathCounter::DropBackendMissing);
@@ -437,34 +453,34 @@ fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// Whether `client`'s affinity entry for the frontend `header` names a
-/// backend to follow, written to `target`: the entry is fresh at `now`
-/// (idle for at most the frontend's timeout) and its backend is still
-/// there with the address it had when chosen and takes new flows (active,
-/// or terminating while the frontend is in the terminating fallback) and,
-/// for traffic from the network to an `externalTrafficPolicy: Local`
-/// frontend (`external_local`), runs on this node; the entry is
-/// refreshed. `false` otherwise: the flow is balanced afresh, and the
-/// entry rewritten. Not inlined: its own stack frame.
+/// The backend the client's affinity entry for the frontend of `request`
+/// (header `header`) names, if it may be followed, written to `target`:
+/// the entry is fresh (idle for at most the frontend's timeout), its
+/// backend is still there with the address it had when chosen, takes new
+/// flows (active, or terminating while the frontend is in the terminating
+/// fallback) and, for traffic from the network to an
+/// `externalTrafficPolicy: Local` frontend (`external_local`), runs on
+/// this node. Returns the entry's slot (where to look first for the
+/// backend among the frontend's slots), or -1: no backend to follow (the
+/// flow is balanced afresh, and the entry rewritten). Not inlined: its
+/// own stack frame.
 #[inline(never)]
-fn affinity_target(
+fn affinity_candidate(
+    request: &NewFlow,
     header: &FrontendValue,
-    client: [u8; 4],
-    now: u32,
     external_local: bool,
     target: &mut Target,
-) -> bool {
-    let key = AffinityKey::v4(client, header.rev_nat_id);
-    let Some(entry) = AFFINITY.get_ptr_mut(&key) else {
-        return false;
-    };
+) -> i32 {
+    let key = AffinityKey::v4(request.client, header.rev_nat_id);
     // SAFETY: a live map value, read in place.
-    let value = unsafe { &*entry };
-    if !value.is_fresh(now, header.affinity_timeout_secs) {
-        return false;
+    let Some(value) = (unsafe { AFFINITY.get(&key) }) else {
+        return -1;
+    };
+    if !value.is_fresh(request.now, header.affinity_timeout_secs) {
+        return -1;
     }
     let Some(backend) = BACKENDS.get(value.backend_id).filter(|b| b.exists()) else {
-        return false;
+        return -1;
     };
     let takes_new_flows = backend.state == BACKEND_STATE_ACTIVE
         || (backend.state == BACKEND_STATE_TERMINATING
@@ -475,7 +491,7 @@ fn affinity_target(
         || backend.port != value.port
         || (external_local && !node_local)
     {
-        return false;
+        return -1;
     }
     *target = Target {
         addr: map_addr_v4_octets(&backend.addr),
@@ -485,27 +501,72 @@ fn affinity_target(
         node_local,
         snat_port: 0,
     };
-    if value.last_used != now {
-        // SAFETY: a live map value; a concurrent writer only ever writes a
-        // recent second.
-        unsafe { (*entry).last_used = now };
-    }
-    count(DatapathCounter::AffinityHit);
-    true
+    i32::from(value.slot)
 }
 
-/// Records that `client` was given `target` at `now` (the entry of
-/// `client` and the target's frontend, written over any older one). Not
+/// Refreshes `client`'s affinity entry for the frontend with rev-NAT id
+/// `rev_nat_id`, followed at `now` to the backend in slot `slot`. Not
 /// inlined: its own stack frame.
 #[inline(never)]
-fn record_affinity(client: [u8; 4], target: &Target, now: u32) {
+fn refresh_affinity(client: [u8; 4], rev_nat_id: RevNatId, slot: u16, now: u32) {
+    let key = AffinityKey::v4(client, rev_nat_id);
+    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: a live map value; a concurrent writer only ever writes a
+        // recent second and a slot of the same backend.
+        unsafe {
+            if (*entry).last_used != now || (*entry).slot != slot {
+                (*entry).last_used = now;
+                (*entry).slot = slot;
+            }
+        }
+    }
+    count(DatapathCounter::AffinityHit);
+}
+
+/// The slot of the frontend `header_key` (with `count` slots) that holds
+/// backend `backend_id`: slot `hint` if it does, else the first of the
+/// first [`AFFINITY_SCAN_SLOTS`] that does; 0 when none does (the backend
+/// left the frontend, or sits beyond the slots searched). Not inlined: its
+/// own stack frame.
+#[inline(never)]
+fn slot_of(header_key: &FrontendKey, count: u16, hint: u16, backend_id: BackendId) -> u16 {
+    if hint != 0 && hint <= count && slot_holds(header_key, hint, backend_id) {
+        return hint;
+    }
+    for slot in 1..=AFFINITY_SCAN_SLOTS {
+        if slot > count {
+            break;
+        }
+        if slot != hint && slot_holds(header_key, slot, backend_id) {
+            return slot;
+        }
+    }
+    0
+}
+
+/// Whether slot `slot` of the frontend `header_key` holds `backend_id`.
+/// Inlined: the slot search stays one stack frame (kernels before 6.x
+/// round each frame of a call chain up to 32 bytes).
+#[inline(always)]
+fn slot_holds(header_key: &FrontendKey, slot: u16, backend_id: BackendId) -> bool {
+    // SAFETY: read at once.
+    unsafe { FRONTENDS.get(header_key.with_slot(slot)) }
+        .is_some_and(|value| value.backend_id == backend_id)
+}
+
+/// Records that `client` was given `target`, found in slot `slot`, at
+/// `now` (the entry of `client` and the target's frontend, written over
+/// any older one). Not inlined: its own stack frame.
+#[inline(never)]
+fn record_affinity(client: [u8; 4], target: &Target, slot: u16, now: u32) {
     let key = AffinityKey::v4(client, target.rev_nat_id);
     let value = AffinityValue {
         backend_id: target.backend_id,
         last_used: now,
         addr: map_addr_v4(target.addr),
         port: target.port,
-        _pad: [0; 6],
+        slot,
+        _pad: [0; 4],
     };
     // A failed write (never expected of an LRU map) only costs affinity.
     let _ = AFFINITY.insert(&key, &value, BPF_ANY);

@@ -313,6 +313,96 @@ fn an_affinity_whose_backend_left_is_chosen_again() {
 }
 
 #[test]
+fn an_affinity_follows_its_backend_to_another_slot_but_not_out_of_the_frontend() {
+    require_root!();
+    let mut dp = three_backends(CLUSTER_IP, 80, PROTO_TCP, FRONTEND_FLAG_CLUSTER_IP, true);
+    // Another Service uses the same three backends: none of them leaves
+    // the backends map below.
+    set_three(
+        &mut dp,
+        CLUSTER_IP,
+        81,
+        PROTO_TCP,
+        FRONTEND_FLAG_CLUSTER_IP,
+        false,
+    );
+    let rev_nat_id = dp.rev_nat_id(CLUSTER_IP, 80, PROTO_TCP);
+    let key = AffinityKey::v4(POD.octets(), rev_nat_id);
+    // Find a client port whose flow lands on the last backend (slot 3).
+    let last = BACKENDS[2];
+    let sport = (40000..40200)
+        .find(|sport| {
+            affinity_map(&mut dp).remove(&key).ok();
+            new_flow(
+                &dp,
+                PROG_FROM_POD,
+                TC_CONTINUE,
+                (POD, *sport),
+                (CLUSTER_IP, 80),
+            ) == last
+        })
+        .expect("a flow to the last backend");
+    assert_eq!(affinity_map(&mut dp).get(&key, 0).unwrap().slot, 3);
+    // The first backend leaves this frontend: the client's backend moves
+    // to slot 2 and is still followed (the entry learns its new slot).
+    let rest = |leaving: Ipv4Addr| -> Vec<(Ipv4Addr, u16, bool)> {
+        BACKENDS
+            .iter()
+            .filter(|b| **b != leaving)
+            .map(|b| (*b, 8080, true))
+            .collect()
+    };
+    let mut desired = frontend(
+        CLUSTER_IP,
+        80,
+        PROTO_TCP,
+        FRONTEND_FLAG_CLUSTER_IP,
+        &rest(BACKENDS[0]),
+    );
+    desired.flags |= FRONTEND_FLAG_AFFINITY;
+    desired.affinity_timeout_secs = TIMEOUT;
+    dp.set_desired_frontend(desired.clone());
+    for sport in sport + 1..sport + 11 {
+        assert_eq!(
+            new_flow(
+                &dp,
+                PROG_FROM_POD,
+                TC_CONTINUE,
+                (POD, sport),
+                (CLUSTER_IP, 80)
+            ),
+            last
+        );
+    }
+    assert_eq!(affinity_map(&mut dp).get(&key, 0).unwrap().slot, 2);
+    // Now the client's own backend leaves this frontend, though it stays
+    // in the backends map for the other Service: not followed any more.
+    desired
+        .backends
+        .retain(|b| b.addr != std::net::IpAddr::from(last));
+    dp.set_desired_frontend(desired);
+    assert!(
+        dp.maps
+            .backends
+            .iter()
+            .filter_map(Result::ok)
+            .any(|b| b.exists() && b.addr == map_addr_v4(last.octets()))
+    );
+    for sport in sport + 20..sport + 30 {
+        assert_ne!(
+            new_flow(
+                &dp,
+                PROG_FROM_POD,
+                TC_CONTINUE,
+                (POD, sport),
+                (CLUSTER_IP, 80)
+            ),
+            last
+        );
+    }
+}
+
+#[test]
 fn switching_affinity_off_and_on_applies_to_new_flows() {
     require_root!();
     let mut dp = three_backends(CLUSTER_IP, 80, PROTO_TCP, FRONTEND_FLAG_CLUSTER_IP, true);

@@ -23,14 +23,16 @@ use aya::{
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use service_common::{
-    AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, CT_DIR_FORWARD,
-    CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey,
-    ConntrackValue, DatapathConfig, FAMILY_IPV4, FRONTEND_FLAGS_EXTERNAL, FragmentKey,
-    FragmentValue, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS, MAP_FRONTENDS, MAP_REVNAT, MAP_SOURCE_RANGES, MAPS,
-    MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL, SCOPE_INTERNAL,
-    SOURCE_RANGE_ALLOW, SourceRangeKey, SourceRangePrefix, SourceRangeValue, TraceCopy,
-    map_addr_v4, master_key, reply_key, snat_key, snat_reply_key,
+    AffinityKey, AffinityValue, MAP_AFFINITY, MAP_SOURCE_RANGES, SOURCE_RANGE_ALLOW,
+    SourceRangeKey, SourceRangePrefix, SourceRangeValue,
+};
+use service_common::{
+    BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
+    CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig,
+    FAMILY_IPV4, FRONTEND_FLAGS_EXTERNAL, FragmentKey, FragmentValue, FrontendKey, FrontendValue,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS, MAP_FRONTENDS,
+    MAP_REVNAT, MAPS, MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL,
+    SCOPE_INTERNAL, TraceCopy, map_addr_v4, master_key, reply_key, snat_key, snat_reply_key,
 };
 
 use super::{
@@ -121,10 +123,11 @@ pub struct Copied {
     pub conntrack: BTreeMap<ConntrackKey, ConntrackValue>,
     /// The packet's fragment record.
     pub fragment: Option<(FragmentKey, FragmentValue)>,
-    /// The client's affinity entries for the copied frontends.
-    pub affinity: BTreeMap<AffinityKey, AffinityValue>,
-    /// The source ranges of the copied frontends.
-    pub source_ranges: BTreeSet<SourceRangeKey>,
+    /// The session affinity entry of the packet's source for the
+    /// destination frontend.
+    pub affinity: Option<(AffinityKey, AffinityValue)>,
+    /// The destination frontend's `loadBalancerSourceRanges` entries.
+    pub source_ranges: Vec<SourceRangeKey>,
 }
 
 /// A second instance of the datapath, with private maps holding a copy of
@@ -194,16 +197,6 @@ pub fn check_pinned_layout(pin_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The rev-NAT ids of the copied frontend headers.
-fn header_ids(copied: &Copied) -> BTreeSet<RevNatId> {
-    copied
-        .frontends
-        .iter()
-        .filter(|(key, _)| key.slot == 0)
-        .map(|(_, header)| header.rev_nat_id)
-        .collect()
-}
-
 impl LiveMaps {
     fn open(pin_path: &Path) -> anyhow::Result<Self> {
         check_pinned_layout(pin_path)?;
@@ -225,17 +218,16 @@ impl LiveMaps {
     /// flow to a remote backend picks an SNAT port).
     fn copy(&self, tuple: &PacketTuple, from_network: bool) -> anyhow::Result<Copied> {
         let mut copied = Copied::default();
-        // Rules that name ids read what the others copied: run them last.
-        let (named, first): (Vec<&MapSpec>, Vec<&MapSpec>) = MAPS.iter().partition(|spec| {
-            matches!(
-                spec.trace_copy,
-                TraceCopy::NamedBackends
-                    | TraceCopy::NamedRevNat
-                    | TraceCopy::ClientAffinity
-                    | TraceCopy::FrontendSourceRanges
-            )
-        });
-        for spec in first.into_iter().chain(named) {
+        // Rules that read the destination frontend run after it, and the
+        // rules that name ids after every other.
+        let phase = |spec: &&MapSpec| match spec.trace_copy {
+            TraceCopy::PacketAffinity | TraceCopy::DestinationSourceRanges => 1,
+            TraceCopy::NamedBackends | TraceCopy::NamedRevNat => 2,
+            _ => 0,
+        };
+        let mut ordered: Vec<&MapSpec> = MAPS.iter().collect();
+        ordered.sort_by_key(phase);
+        for spec in ordered {
             match spec.trace_copy {
                 TraceCopy::Configuration => {
                     copied.config = self
@@ -249,6 +241,31 @@ impl LiveMaps {
                     let key = tuple.fragment_key();
                     copied.fragment = found(self.fragments.get(&key, 0))?.map(|v| (key, v));
                 }
+                TraceCopy::PacketAffinity => {
+                    for (_, header) in copied.frontends.iter().filter(|(key, _)| key.slot == 0) {
+                        let key = AffinityKey::v4(tuple.saddr.octets(), header.rev_nat_id);
+                        if let Some(value) = found(self.affinity.get(&key, 0))? {
+                            copied.affinity = Some((key, value));
+                        }
+                    }
+                }
+                TraceCopy::DestinationSourceRanges => {
+                    let ids: BTreeSet<RevNatId> = copied
+                        .frontends
+                        .iter()
+                        .filter(|(key, _)| key.slot == 0)
+                        .map(|(_, header)| header.rev_nat_id)
+                        .collect();
+                    for key in self.source_ranges.keys() {
+                        let key = key.context("reading the source-ranges map")?;
+                        if ids.contains(&key.data().rev_nat_id()) {
+                            copied.source_ranges.push(SourceRangeKey {
+                                prefix_len: key.prefix_len(),
+                                data: key.data(),
+                            });
+                        }
+                    }
+                }
                 TraceCopy::NamedBackends => {
                     let ids: BTreeSet<BackendId> = copied
                         .frontends
@@ -256,6 +273,7 @@ impl LiveMaps {
                         .filter(|(key, _)| key.slot != 0)
                         .map(|(_, slot)| slot.backend_id)
                         .chain(copied.conntrack.values().map(|v| v.backend_id))
+                        .chain(copied.affinity.iter().map(|(_, v)| v.backend_id))
                         .collect();
                     for id in ids {
                         if let Some(backend) = self.backend(id)? {
@@ -274,26 +292,6 @@ impl LiveMaps {
                     for id in ids {
                         if let Some(frontend) = found(self.revnat.get(&id, 0))? {
                             copied.revnat.insert(id, frontend);
-                        }
-                    }
-                }
-                TraceCopy::ClientAffinity => {
-                    for id in header_ids(&copied) {
-                        let key = AffinityKey::v4(tuple.saddr.octets(), id);
-                        if let Some(value) = found(self.affinity.get(&key, 0))? {
-                            copied.affinity.insert(key, value);
-                        }
-                    }
-                }
-                TraceCopy::FrontendSourceRanges => {
-                    let ids = header_ids(&copied);
-                    for key in self.source_ranges.keys() {
-                        let key = key.context("reading the source-ranges map")?;
-                        if ids.contains(&key.data().rev_nat_id()) {
-                            copied.source_ranges.insert(SourceRangeKey {
-                                prefix_len: key.prefix_len(),
-                                data: key.data(),
-                            });
                         }
                     }
                 }
@@ -551,7 +549,7 @@ impl Snapshot {
         if let Some((key, value)) = &copied.fragment {
             fragments.insert(key, value, 0)?;
         }
-        for (key, value) in &copied.affinity {
+        if let Some((key, value)) = &copied.affinity {
             affinity.insert(key, value, 0)?;
         }
         for key in &copied.source_ranges {
