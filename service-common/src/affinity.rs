@@ -14,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{BackendId, FAMILY_IPV4, MapAddr, RevNatId, map_addr_v4};
+use crate::{BackendId, FAMILY_IPV4, MapAddr, RevNatId};
 
 /// Default capacity of the affinity LRU map (one entry per client and
 /// frontend with affinity).
@@ -55,12 +55,22 @@ impl AffinityKey {
     /// frontend with rev-NAT id `rev_nat_id`.
     #[inline(always)]
     pub const fn v4(client: [u8; 4], rev_nat_id: RevNatId) -> Self {
-        AffinityKey {
-            client: map_addr_v4(client),
+        // As six words, not field by field: the BPF target then stores
+        // whole words instead of calling `memset` for the bytes around
+        // the family (a call that would deepen the datapath's call chain).
+        let words: [u32; 6] = [
+            u32::from_ne_bytes(client),
+            0,
+            0,
+            0,
             rev_nat_id,
-            family: FAMILY_IPV4,
-            _pad: [0; 3],
-        }
+            u32::from_ne_bytes([FAMILY_IPV4, 0, 0, 0]),
+        ];
+        // SAFETY: `[u32; 6]` and `AffinityKey` have the same size, every
+        // byte pattern is a valid `AffinityKey`, and the words give each
+        // field its value (the client in bytes 0..4, the id at 16, the
+        // family at 20, zero elsewhere).
+        unsafe { core::mem::transmute::<[u32; 6], AffinityKey>(words) }
     }
 }
 
@@ -134,6 +144,14 @@ mod tests {
             ..AffinityValue::default()
         };
         assert!(wrapped.is_fresh(1, 2) && !wrapped.is_fresh(2, 2));
+    }
+
+    #[test]
+    fn keys_are_built_field_by_field_alike() {
+        let key = AffinityKey::v4([10, 0, 0, 1], 0x0102_0304);
+        assert_eq!(key.client, crate::map_addr_v4([10, 0, 0, 1]));
+        assert_eq!(key.rev_nat_id, 0x0102_0304);
+        assert_eq!((key.family, key._pad), (FAMILY_IPV4, [0; 3]));
     }
 
     #[test]
