@@ -25,12 +25,6 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const AFFINITY_TIMEOUT_DEFAULT_SECS: u32 = 10_800;
 /// The largest valid `timeoutSeconds`: one day (the API's bound).
 pub const AFFINITY_TIMEOUT_MAX_SECS: u32 = 86_400;
-/// How many slots of a frontend the datapath searches for an affinity
-/// entry's backend when the entry's own slot no longer holds it (the
-/// frontend's backends changed): a backend that left the frontend is
-/// never followed for frontends of up to this many backends; beyond it, a
-/// backend found in none of these slots is chosen again.
-pub const AFFINITY_SCAN_SLOTS: u16 = 32;
 
 /// Key of the affinity map: one client of one frontend. Affinity is per
 /// frontend (its rev-NAT id), as in Cilium: a client reaching a Service
@@ -90,9 +84,10 @@ pub struct AffinityValue {
     pub addr: MapAddr,
     /// The backend's port when chosen, network byte order.
     pub port: u16,
-    /// The frontend slot the backend was found in (host byte order): where
-    /// the datapath looks first to check the backend is still one of the
-    /// frontend's (then the first [`AFFINITY_SCAN_SLOTS`] slots).
+    /// The frontend slot the backend was chosen in (host byte order): the
+    /// entry is followed only while that slot still holds the backend, so
+    /// a backend that left the frontend (even one still in the backends
+    /// map for another Service) is never followed.
     pub slot: u16,
     /// Explicit padding, always zero.
     pub _pad: [u8; 4],
