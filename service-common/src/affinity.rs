@@ -14,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{BackendId, FAMILY_IPV4, MapAddr, RevNatId, map_addr_v4};
+use crate::{BackendId, FAMILY_IPV4, MapAddr, RevNatId};
 
 /// Default capacity of the affinity LRU map (one entry per client and
 /// frontend with affinity).
@@ -25,12 +25,6 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 pub const AFFINITY_TIMEOUT_DEFAULT_SECS: u32 = 10_800;
 /// The largest valid `timeoutSeconds`: one day (the API's bound).
 pub const AFFINITY_TIMEOUT_MAX_SECS: u32 = 86_400;
-/// How many slots of a frontend the datapath searches for an affinity
-/// entry's backend when the entry's own slot no longer holds it (the
-/// frontend's backends changed): a backend that left the frontend is
-/// never followed for frontends of up to this many backends; beyond it, a
-/// backend found in none of these slots is chosen again.
-pub const AFFINITY_SCAN_SLOTS: u16 = 32;
 
 /// Key of the affinity map: one client of one frontend. Affinity is per
 /// frontend (its rev-NAT id), as in Cilium: a client reaching a Service
@@ -55,12 +49,22 @@ impl AffinityKey {
     /// frontend with rev-NAT id `rev_nat_id`.
     #[inline(always)]
     pub const fn v4(client: [u8; 4], rev_nat_id: RevNatId) -> Self {
-        AffinityKey {
-            client: map_addr_v4(client),
+        // As six words, not field by field: the BPF target then stores
+        // whole words instead of calling `memset` for the bytes around
+        // the family (a call that would deepen the datapath's call chain).
+        let words: [u32; 6] = [
+            u32::from_ne_bytes(client),
+            0,
+            0,
+            0,
             rev_nat_id,
-            family: FAMILY_IPV4,
-            _pad: [0; 3],
-        }
+            u32::from_ne_bytes([FAMILY_IPV4, 0, 0, 0]),
+        ];
+        // SAFETY: `[u32; 6]` and `AffinityKey` have the same size, every
+        // byte pattern is a valid `AffinityKey`, and the words give each
+        // field its value (the client in bytes 0..4, the id at 16, the
+        // family at 20, zero elsewhere).
+        unsafe { core::mem::transmute::<[u32; 6], AffinityKey>(words) }
     }
 }
 
@@ -80,9 +84,10 @@ pub struct AffinityValue {
     pub addr: MapAddr,
     /// The backend's port when chosen, network byte order.
     pub port: u16,
-    /// The frontend slot the backend was found in (host byte order): where
-    /// the datapath looks first to check the backend is still one of the
-    /// frontend's (then the first [`AFFINITY_SCAN_SLOTS`] slots).
+    /// The frontend slot the backend was chosen in (host byte order): the
+    /// entry is followed only while that slot still holds the backend, so
+    /// a backend that left the frontend (even one still in the backends
+    /// map for another Service) is never followed.
     pub slot: u16,
     /// Explicit padding, always zero.
     pub _pad: [u8; 4],
@@ -134,6 +139,14 @@ mod tests {
             ..AffinityValue::default()
         };
         assert!(wrapped.is_fresh(1, 2) && !wrapped.is_fresh(2, 2));
+    }
+
+    #[test]
+    fn keys_are_built_field_by_field_alike() {
+        let key = AffinityKey::v4([10, 0, 0, 1], 0x0102_0304);
+        assert_eq!(key.client, crate::map_addr_v4([10, 0, 0, 1]));
+        assert_eq!(key.rev_nat_id, 0x0102_0304);
+        assert_eq!((key.family, key._pad), (FAMILY_IPV4, [0; 3]));
     }
 
     #[test]

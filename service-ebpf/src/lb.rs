@@ -31,7 +31,7 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use service_common::{
-    AFFINITY_SCAN_SLOTS, AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
+    AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
     BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
     CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FRONTEND_FLAG_AFFINITY,
     FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_SOURCE_RANGES,
@@ -359,8 +359,8 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 ///   from the network also `externalTrafficPolicy: Local`) drops: no
 ///   local endpoint;
 /// - with session affinity, the client's affinity entry names the backend
-///   while it is fresh and that backend is still one of the frontend's
-///   and takes new flows ([`affinity_candidate`], [`slot_of`]); otherwise
+///   while it is fresh, that backend still holds the slot it was chosen in
+///   and takes new flows ([`affinity_candidate`]); otherwise
 ///   a random slot's backend is taken;
 /// - from the network, an `externalTrafficPolicy: Local` frontend drops
 ///   rather than use a backend on another node;
@@ -394,15 +394,15 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
     }
     let affinity = header.flags & FRONTEND_FLAG_AFFINITY != 0;
     if affinity {
-        // The client's backend, if it may be followed and is still one of
-        // this frontend's (in one of its slots).
-        let hint = affinity_candidate(request, &header, external_local, target);
-        if hint >= 0 {
-            let slot = slot_of(&header_key, header.count, hint as u16, target.backend_id);
-            if slot != 0 {
-                refresh_affinity(request.client, header.rev_nat_id, slot, request.now);
-                return Lookup::Backend;
-            }
+        // The client's backend, if it may be followed and still holds the
+        // slot it was chosen in (so it is still one of this frontend's).
+        let slot = affinity_candidate(request, &header, external_local, target);
+        if slot > 0
+            && slot <= i32::from(header.count)
+            && slot_holds(&header_key, slot as u16, target.backend_id)
+        {
+            refresh_affinity(request.client, header.rev_nat_id, request.now);
+            return Lookup::Backend;
         }
     }
     // SAFETY: the helper has no preconditions.
@@ -460,10 +460,9 @@ fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
 /// flows (active, or terminating while the frontend is in the terminating
 /// fallback) and, for traffic from the network to an
 /// `externalTrafficPolicy: Local` frontend (`external_local`), runs on
-/// this node. Returns the entry's slot (where to look first for the
-/// backend among the frontend's slots), or -1: no backend to follow (the
-/// flow is balanced afresh, and the entry rewritten). Not inlined: its
-/// own stack frame.
+/// this node. Returns the entry's slot (which must still hold the
+/// backend), or -1: no backend to follow (the flow is balanced afresh,
+/// and the entry rewritten). Not inlined: its own stack frame.
 #[inline(never)]
 fn affinity_candidate(
     request: &NewFlow,
@@ -505,48 +504,23 @@ fn affinity_candidate(
 }
 
 /// Refreshes `client`'s affinity entry for the frontend with rev-NAT id
-/// `rev_nat_id`, followed at `now` to the backend in slot `slot`. Not
-/// inlined: its own stack frame.
+/// `rev_nat_id`, followed at `now`. Not inlined: its own stack frame.
 #[inline(never)]
-fn refresh_affinity(client: [u8; 4], rev_nat_id: RevNatId, slot: u16, now: u32) {
+fn refresh_affinity(client: [u8; 4], rev_nat_id: RevNatId, now: u32) {
     let key = AffinityKey::v4(client, rev_nat_id);
     if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
         // SAFETY: a live map value; a concurrent writer only ever writes a
-        // recent second and a slot of the same backend.
+        // recent second.
         unsafe {
-            if (*entry).last_used != now || (*entry).slot != slot {
+            if (*entry).last_used != now {
                 (*entry).last_used = now;
-                (*entry).slot = slot;
             }
         }
     }
     count(DatapathCounter::AffinityHit);
 }
 
-/// The slot of the frontend `header_key` (with `count` slots) that holds
-/// backend `backend_id`: slot `hint` if it does, else the first of the
-/// first [`AFFINITY_SCAN_SLOTS`] that does; 0 when none does (the backend
-/// left the frontend, or sits beyond the slots searched). Not inlined: its
-/// own stack frame.
-#[inline(never)]
-fn slot_of(header_key: &FrontendKey, count: u16, hint: u16, backend_id: BackendId) -> u16 {
-    if hint != 0 && hint <= count && slot_holds(header_key, hint, backend_id) {
-        return hint;
-    }
-    for slot in 1..=AFFINITY_SCAN_SLOTS {
-        if slot > count {
-            break;
-        }
-        if slot != hint && slot_holds(header_key, slot, backend_id) {
-            return slot;
-        }
-    }
-    0
-}
-
 /// Whether slot `slot` of the frontend `header_key` holds `backend_id`.
-/// Inlined: the slot search stays one stack frame (kernels before 6.x
-/// round each frame of a call chain up to 32 bytes).
 #[inline(always)]
 fn slot_holds(header_key: &FrontendKey, slot: u16, backend_id: BackendId) -> bool {
     // SAFETY: read at once.

@@ -204,6 +204,8 @@ fn affinity_entries_expire_after_the_timeout_and_name_the_backend_until_then() {
         let mut entry = map.get(&key, 0).expect("affinity entry");
         entry.backend_id = other_id;
         entry.addr = map_addr_v4(other.octets());
+        // Slots hold the backends in address order.
+        entry.slot = BACKENDS.iter().position(|b| *b == other).unwrap() as u16 + 1;
         entry.last_used = entry.last_used.wrapping_sub(seconds);
         map.insert(key, entry, 0).expect("rewriting the entry");
     };
@@ -313,7 +315,7 @@ fn an_affinity_whose_backend_left_is_chosen_again() {
 }
 
 #[test]
-fn an_affinity_follows_its_backend_to_another_slot_but_not_out_of_the_frontend() {
+fn an_affinity_whose_backend_left_the_frontend_but_serves_another_is_chosen_again() {
     require_root!();
     let mut dp = three_backends(CLUSTER_IP, 80, PROTO_TCP, FRONTEND_FLAG_CLUSTER_IP, true);
     // Another Service uses the same three backends: none of them leaves
@@ -326,43 +328,48 @@ fn an_affinity_follows_its_backend_to_another_slot_but_not_out_of_the_frontend()
         FRONTEND_FLAG_CLUSTER_IP,
         false,
     );
+    let first = new_flow(
+        &dp,
+        PROG_FROM_POD,
+        TC_CONTINUE,
+        (POD, 40000),
+        (CLUSTER_IP, 80),
+    );
     let rev_nat_id = dp.rev_nat_id(CLUSTER_IP, 80, PROTO_TCP);
     let key = AffinityKey::v4(POD.octets(), rev_nat_id);
-    // Find a client port whose flow lands on the last backend (slot 3).
-    let last = BACKENDS[2];
-    let sport = (40000..40200)
-        .find(|sport| {
-            affinity_map(&mut dp).remove(&key).ok();
-            new_flow(
-                &dp,
-                PROG_FROM_POD,
-                TC_CONTINUE,
-                (POD, *sport),
-                (CLUSTER_IP, 80),
-            ) == last
-        })
-        .expect("a flow to the last backend");
-    assert_eq!(affinity_map(&mut dp).get(&key, 0).unwrap().slot, 3);
-    // The first backend leaves this frontend: the client's backend moves
-    // to slot 2 and is still followed (the entry learns its new slot).
-    let rest = |leaving: Ipv4Addr| -> Vec<(Ipv4Addr, u16, bool)> {
-        BACKENDS
-            .iter()
-            .filter(|b| **b != leaving)
-            .map(|b| (*b, 8080, true))
-            .collect()
-    };
-    let mut desired = frontend(
-        CLUSTER_IP,
-        80,
-        PROTO_TCP,
-        FRONTEND_FLAG_CLUSTER_IP,
-        &rest(BACKENDS[0]),
+    let slot = affinity_map(&mut dp).get(&key, 0).unwrap().slot;
+    assert_eq!(
+        BACKENDS[usize::from(slot) - 1],
+        first,
+        "the entry keeps its slot"
     );
+    // The client's backend leaves this frontend but stays in the backends
+    // map for the other Service: never followed again.
+    let rest: Vec<(Ipv4Addr, u16, bool)> = BACKENDS
+        .iter()
+        .filter(|b| **b != first)
+        .map(|b| (*b, 8080, true))
+        .collect();
+    let mut desired = frontend(CLUSTER_IP, 80, PROTO_TCP, FRONTEND_FLAG_CLUSTER_IP, &rest);
     desired.flags |= FRONTEND_FLAG_AFFINITY;
     desired.affinity_timeout_secs = TIMEOUT;
-    dp.set_desired_frontend(desired.clone());
-    for sport in sport + 1..sport + 11 {
+    dp.set_desired_frontend(desired);
+    assert!(
+        dp.maps
+            .backends
+            .iter()
+            .filter_map(Result::ok)
+            .any(|b| b.exists() && b.addr == map_addr_v4(first.octets()))
+    );
+    let again = new_flow(
+        &dp,
+        PROG_FROM_POD,
+        TC_CONTINUE,
+        (POD, 40001),
+        (CLUSTER_IP, 80),
+    );
+    assert_ne!(again, first);
+    for sport in 40002..40012 {
         assert_eq!(
             new_flow(
                 &dp,
@@ -371,33 +378,7 @@ fn an_affinity_follows_its_backend_to_another_slot_but_not_out_of_the_frontend()
                 (POD, sport),
                 (CLUSTER_IP, 80)
             ),
-            last
-        );
-    }
-    assert_eq!(affinity_map(&mut dp).get(&key, 0).unwrap().slot, 2);
-    // Now the client's own backend leaves this frontend, though it stays
-    // in the backends map for the other Service: not followed any more.
-    desired
-        .backends
-        .retain(|b| b.addr != std::net::IpAddr::from(last));
-    dp.set_desired_frontend(desired);
-    assert!(
-        dp.maps
-            .backends
-            .iter()
-            .filter_map(Result::ok)
-            .any(|b| b.exists() && b.addr == map_addr_v4(last.octets()))
-    );
-    for sport in sport + 20..sport + 30 {
-        assert_ne!(
-            new_flow(
-                &dp,
-                PROG_FROM_POD,
-                TC_CONTINUE,
-                (POD, sport),
-                (CLUSTER_IP, 80)
-            ),
-            last
+            again
         );
     }
 }
