@@ -7,19 +7,29 @@
 
 use std::net::Ipv4Addr;
 
+use aya::maps::{HashMap, MapData};
 use service_agent::{
     datapath::{
-        self,
+        self, PROG_FROM_POD,
         conntrack::{ConntrackMap, SCAN_BATCH, monotonic_seconds},
         id_cursors::IdCursorMap,
     },
-    reconcile::flows::{DeleteReason, FlowChanges, FlowRules, collect, reap},
+    reconcile::{
+        collector::{Collector, CollectorSettings},
+        flows::{DeleteReason, FlowChanges, FlowRules, collect, reap},
+    },
 };
 use service_common::{
-    CT_DIR_FORWARD, ConntrackKey, ConntrackTimeouts, ConntrackValue, IdCursors, PROTO_UDP,
-    map_addr_v4, reply_key,
+    AffinityKey, AffinityValue, CT_DIR_FORWARD, ConntrackKey, ConntrackTimeouts, ConntrackValue,
+    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP, IdCursors, MAP_AFFINITY, PROTO_TCP,
+    PROTO_UDP, SnatPortRange, map_addr_v4, reply_key,
 };
-use service_tests::{datapath_fixture::Datapath, pins::PinDir, require_root};
+use service_tests::{
+    datapath_fixture::{Datapath, frontend},
+    packets::tcp,
+    pins::PinDir,
+    require_root,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
@@ -182,4 +192,65 @@ fn the_id_allocators_position_outlives_the_agent_in_its_pinned_array() {
     let mut ebpf = datapath::load(pin.path()).expect("loading the object again");
     let map = IdCursorMap::take_from(&mut ebpf).expect("the cursor array");
     assert_eq!(map.load(), cursors);
+}
+
+#[test]
+fn a_deleted_frontend_s_session_affinity_is_deleted_from_the_kernel_map() {
+    require_root!();
+    let mut datapath = Datapath::load();
+    let other_vip = Ipv4Addr::new(10, 96, 0, 11);
+    for vip in [VIP, other_vip] {
+        let mut desired = frontend(
+            vip,
+            80,
+            PROTO_TCP,
+            FRONTEND_FLAG_CLUSTER_IP,
+            &[(BACKEND, 8080, true)],
+        );
+        desired.flags |= FRONTEND_FLAG_AFFINITY;
+        desired.affinity_timeout_secs = 100;
+        datapath.set_desired_frontend(desired);
+    }
+    // Two clients of each frontend get an affinity entry from the datapath.
+    for vip in [VIP, other_vip] {
+        for client in [Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(10, 1, 0, 3)] {
+            let (_, out) = datapath.run(
+                PROG_FROM_POD,
+                &tcp((client, 40_000), (vip, 80), true, false, &[]),
+            );
+            assert_eq!(out[30..34], BACKEND.octets(), "SYN to {vip} translated");
+        }
+    }
+    let affinity_of = |datapath: &mut Datapath| -> Vec<AffinityKey> {
+        let map: HashMap<&mut MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(datapath.ebpf.map_mut(MAP_AFFINITY).expect("affinity map"))
+                .expect("map type");
+        map.keys().map(|key| key.expect("a key")).collect()
+    };
+    assert_eq!(affinity_of(&mut datapath).len(), 4);
+    let deleted = datapath.rev_nat_id(VIP, 80, PROTO_TCP);
+    let kept = datapath.rev_nat_id(other_vip, 80, PROTO_TCP);
+    datapath.delete_frontend(VIP, 80, PROTO_TCP);
+
+    let table = ConntrackMap::open(datapath.pin.path()).expect("opening the pinned maps");
+    let settings = CollectorSettings {
+        rules: FlowRules {
+            timeouts: TIMEOUTS,
+            snat_addr: map_addr_v4([0; 4]),
+        },
+        snat_ports: SnatPortRange::DEFAULT,
+        min_interval: std::time::Duration::from_secs(1),
+        max_interval: std::time::Duration::from_secs(60),
+    };
+    let mut collector = Collector::new(table, settings, None);
+    collector.follow(
+        &FlowChanges {
+            rev_nat_ids_released: [deleted].into(),
+            ..FlowChanges::default()
+        },
+        monotonic_seconds(),
+    );
+    let left = affinity_of(&mut datapath);
+    assert_eq!(left.len(), 2, "the kept frontend's two clients: {left:?}");
+    assert!(left.iter().all(|key| key.rev_nat_id == kept));
 }

@@ -6,7 +6,7 @@
 //! the one the datapath stamps entries with.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     io,
     os::fd::AsFd as _,
     path::Path,
@@ -15,8 +15,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap, IterableMap as _, MapData, PerCpuArray};
 use service_common::{
-    ConntrackKey, ConntrackValue, DatapathCounter, MAP_CONNTRACK, MAP_COUNTERS, MAP_REVNAT,
-    RevNatId, RevNatValue, mono_seconds,
+    AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, DatapathCounter, MAP_AFFINITY,
+    MAP_CONNTRACK, MAP_COUNTERS, MAP_REVNAT, RevNatId, RevNatValue, mono_seconds,
 };
 
 use super::{
@@ -67,12 +67,19 @@ pub trait ConntrackTable {
 
     /// The rev-NAT map: the frontend of each rev-NAT id in use.
     fn frontends(&self) -> io::Result<BTreeMap<RevNatId, RevNatValue>>;
+
+    /// Deletes the session-affinity entries (`SVC_AFFINITY`) whose
+    /// frontend's rev-NAT id is in `rev_nat_ids`; how many it deleted.
+    /// The datapath alone writes them and the LRU map would keep them
+    /// until evicted: an id handed out again must not meet them.
+    fn forget_affinity(&mut self, rev_nat_ids: &BTreeSet<RevNatId>) -> io::Result<u64>;
 }
 
 /// The kernel's conntrack and rev-NAT maps, opened from their pins.
 pub struct ConntrackMap {
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     revnat: HashMap<MapData, RevNatId, RevNatValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     capacity: u32,
     keys: Vec<ConntrackKey>,
     values: Vec<ConntrackValue>,
@@ -95,6 +102,8 @@ impl ConntrackMap {
             conntrack,
             revnat: HashMap::try_from(open_pinned(pin_path, MAP_REVNAT)?)
                 .context("the rev-NAT map")?,
+            affinity: HashMap::try_from(open_pinned(pin_path, MAP_AFFINITY)?)
+                .context("the session-affinity map")?,
             capacity,
             keys: vec![ConntrackKey::default(); SCAN_BATCH],
             values: vec![ConntrackValue::default(); SCAN_BATCH],
@@ -200,6 +209,31 @@ impl ConntrackTable for ConntrackMap {
             .map(|entry| entry.map_err(io_error))
             .collect()
     }
+
+    fn forget_affinity(&mut self, rev_nat_ids: &BTreeSet<RevNatId>) -> io::Result<u64> {
+        if rev_nat_ids.is_empty() {
+            return Ok(0);
+        }
+        // Listed first, then deleted: deleting while walking with "next
+        // key" would restart the walk.
+        let mut doomed = Vec::new();
+        for key in self.affinity.keys() {
+            let key = key.map_err(io_error)?;
+            if rev_nat_ids.contains(&key.rev_nat_id) {
+                doomed.push(key);
+            }
+        }
+        let mut deleted = 0;
+        for key in &doomed {
+            match self.affinity.remove(key).map_err(io_error) {
+                Ok(()) => deleted += 1,
+                // Evicted meanwhile: gone all the same.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(deleted)
+    }
 }
 
 impl ScanCursor {
@@ -241,6 +275,8 @@ pub struct MemoryConntrack {
     pub entries: BTreeMap<ConntrackKey, ConntrackValue>,
     /// The rev-NAT map.
     pub frontends: BTreeMap<RevNatId, RevNatValue>,
+    /// The session-affinity map.
+    pub affinity: BTreeMap<AffinityKey, AffinityValue>,
     /// The capacity reported.
     pub capacity: u32,
     /// Entries per batch (small in tests, to cross batch boundaries).
@@ -302,6 +338,13 @@ impl ConntrackTable for MemoryConntrack {
 
     fn frontends(&self) -> io::Result<BTreeMap<RevNatId, RevNatValue>> {
         Ok(self.frontends.clone())
+    }
+
+    fn forget_affinity(&mut self, rev_nat_ids: &BTreeSet<RevNatId>) -> io::Result<u64> {
+        let before = self.affinity.len();
+        self.affinity
+            .retain(|key, _| !rev_nat_ids.contains(&key.rev_nat_id));
+        Ok((before - self.affinity.len()) as u64)
     }
 }
 

@@ -382,7 +382,7 @@ impl ConntrackGcMetrics {
         );
         gc.register(
             "deleted_entries",
-            "Conntrack entries deleted by the collector, by reason (expired, dead, orphan, reaped)",
+            "Entries deleted by the conntrack collector, by reason (conntrack: expired, dead, orphan, reaped; affinity: session-affinity entries of deleted frontends)",
             metrics.deleted.clone(),
         );
         metrics

@@ -156,6 +156,10 @@ impl<T: ConntrackTable> Collector<T> {
         // naming them (at once if none did).
         self.draining
             .extend(changes.rev_nat_ids_released.iter().copied());
+        // Their clients' affinity goes with them at once (the pass does
+        // it again before handing the ids back, for entries a packet in
+        // flight wrote meanwhile).
+        self.forget_affinity(&changes.rev_nat_ids_released);
         self.record(&report, started.elapsed(), false);
         if report.deleted_total() > 0 || report.marked_dead > 0 {
             info!(
@@ -200,17 +204,21 @@ impl<T: ConntrackTable> Collector<T> {
                 report.rev_nat_ids_marked_dead.iter().copied().collect(),
             ));
         }
-        let drained: Vec<RevNatId> = self
+        let drained: BTreeSet<RevNatId> = self
             .draining
             .iter()
             .filter(|id| !report.rev_nat_ids_named.contains(id))
             .copied()
             .collect();
-        if !drained.is_empty() {
+        // An id is handed back only once no affinity entry names it either:
+        // a new frontend given it must not inherit a deleted one's clients.
+        if !drained.is_empty() && self.forget_affinity(&drained) {
             for id in &drained {
                 self.draining.remove(id);
             }
-            news.push(CollectorNews::RevNatIdsDrained(drained));
+            news.push(CollectorNews::RevNatIdsDrained(
+                drained.into_iter().collect(),
+            ));
         }
         if report.deleted_total() > 0 {
             info!(
@@ -232,6 +240,34 @@ impl<T: ConntrackTable> Collector<T> {
             );
         }
         (news, next)
+    }
+
+    /// Deletes the affinity entries of the frontends `rev_nat_ids`
+    /// named; whether that worked (a failure is logged, and the ids stay
+    /// draining so the next pass tries again).
+    fn forget_affinity(&mut self, rev_nat_ids: &BTreeSet<RevNatId>) -> bool {
+        if rev_nat_ids.is_empty() {
+            return true;
+        }
+        match self.table.forget_affinity(rev_nat_ids) {
+            Ok(deleted) => {
+                if deleted > 0 {
+                    info!(
+                        "conntrack: {deleted} session-affinity entries of deleted frontends (rev-NAT ids {rev_nat_ids:?}) deleted"
+                    );
+                    if let Some(metrics) = &self.metrics {
+                        metrics.conntrack_gc.deleted("affinity").inc_by(deleted);
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                warn!(
+                    "conntrack: deleting the session-affinity entries of rev-NAT ids {rev_nat_ids:?} failed: {e}"
+                );
+                false
+            }
+        }
     }
 
     /// Feeds the metrics with a walk's figures.
@@ -356,8 +392,8 @@ mod tests {
     use super::*;
     use crate::datapath::conntrack::MemoryConntrack;
     use service_common::{
-        CT_DIR_FORWARD, CT_DIR_REPLY, ConntrackKey, ConntrackTimeouts, ConntrackValue, PROTO_UDP,
-        RevNatValue, map_addr_v4,
+        AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_REPLY, ConntrackKey, ConntrackTimeouts,
+        ConntrackValue, PROTO_UDP, RevNatValue, map_addr_v4,
     };
 
     const SECOND: Duration = Duration::from_secs(1);
@@ -488,6 +524,57 @@ mod tests {
         assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![1])]);
         assert_eq!(collector.table().entries.len(), 2);
         assert_eq!(collector.pass(1006).0, []);
+    }
+
+    /// An affinity entry of client 10.1.0.`client` for frontend `id`.
+    fn affinity(client: u8, id: RevNatId) -> (AffinityKey, AffinityValue) {
+        (
+            AffinityKey::v4([10, 1, 0, client], id),
+            AffinityValue {
+                backend_id: 1,
+                ..AffinityValue::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_deleted_frontend_s_affinity_goes_before_its_id_is_handed_back() {
+        let mut table = table(&[1, 2], &[1]);
+        table
+            .affinity
+            .extend([affinity(2, 1), affinity(3, 1), affinity(2, 2)]);
+        let mut collector = Collector::new(table, settings(), None);
+        collector.follow(
+            &FlowChanges {
+                rev_nat_ids_released: [1].into(),
+                ..FlowChanges::default()
+            },
+            1001,
+        );
+        // At once: frontend 1's clients are forgotten, frontend 2's kept.
+        assert_eq!(
+            collector
+                .table()
+                .affinity
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [affinity(2, 2).0]
+        );
+        // A packet in flight wrote one more for frontend 1: the pass that
+        // hands id 1 back deletes it first.
+        collector.table.affinity.extend([affinity(4, 1)]);
+        let (news, _) = collector.pass(1005);
+        assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![1])]);
+        assert_eq!(
+            collector
+                .table()
+                .affinity
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [affinity(2, 2).0]
+        );
     }
 
     #[test]
