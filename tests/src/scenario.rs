@@ -56,6 +56,60 @@ pub fn backend_name(pod: usize) -> String {
     format!("web-{pod}")
 }
 
+/// NodePort of the two-node Service "web" ([`two_node_web_yaml`]), TCP.
+pub const WEB_NODE_PORT_TCP: u16 = 30080;
+/// NodePort of the two-node Service "web", UDP echo.
+pub const WEB_NODE_PORT_UDP: u16 = 30007;
+/// LoadBalancer IP of the two-node Service "web": outside the external
+/// client's own subnet, so the client routes it to node A.
+pub const WEB_LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 100);
+/// Pods of the two-node Service "web" on each node.
+pub const WEB_PODS_PER_NODE: usize = 2;
+
+/// The two-node Service "web" (LoadBalancer: [`CLUSTER_IP`], NodePorts
+/// [`WEB_NODE_PORT_TCP`] and [`WEB_NODE_PORT_UDP`], ingress IP
+/// [`WEB_LOAD_BALANCER_IP`]) with `spec_extra` (indented spec lines, or
+/// empty), and its EndpointSlice: [`WEB_PODS_PER_NODE`] ready pods on
+/// each node (`10.201.i.2` on node A, `10.202.i.2` on node B).
+pub fn two_node_web_yaml(spec_extra: &str) -> String {
+    let mut yaml = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: {CLUSTER_IP}
+{spec_extra}
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: {WEB_NODE_PORT_TCP}}}
+  - {{name: echo, protocol: UDP, port: 7, targetPort: 7007, nodePort: {WEB_NODE_PORT_UDP}}}
+status:
+  loadBalancer:
+    ingress: [{{ip: "{WEB_LOAD_BALANCER_IP}"}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: echo, protocol: UDP, port: 7007}}
+endpoints:
+"#
+    );
+    for (node, net) in [("node-a", 201), ("node-b", 202)] {
+        for i in 0..WEB_PODS_PER_NODE {
+            yaml.push_str(&format!(
+                "- {{addresses: [\"10.{net}.{i}.2\"], nodeName: {node}, conditions: {{ready: true}}}}\n"
+            ));
+        }
+    }
+    yaml
+}
+
 /// Service "web" with one EndpointSlice listing the given backend pods
 /// (1..=3) as ready, the same objects as the demo file.
 pub fn web_service_yaml(backend_pods: &[usize]) -> String {

@@ -466,3 +466,41 @@ pub fn udp_request_connected(target: SocketAddr) -> anyhow::Result<String> {
     socket.send(b"which backend?\n")?;
     read_udp_answer(&socket, target)
 }
+
+/// Runs the `host-client` binary at `exe` (an integration test's
+/// `env!("CARGO_BIN_EXE_host-client")`, which only integration tests
+/// see) with `args` in the namespace `ns`, inside `cgroup` if given; its
+/// JSON report. Panics when it fails.
+pub fn run_host_client<A: AsRef<std::ffi::OsStr>>(
+    exe: &str,
+    ns: &NetNs,
+    cgroup: Option<&crate::cgroup::TestCgroup>,
+    args: &[A],
+) -> serde_json::Value {
+    let mut command = std::process::Command::new(exe);
+    command.args(args);
+    if let Some(cgroup) = cgroup {
+        cgroup
+            .join_on_spawn(&mut command)
+            .expect("joining the cgroup");
+    }
+    crate::netns::enter_on_spawn(&ns.path(), &mut command).expect("entering the namespace");
+    let output = command.output().expect("running host-client");
+    assert!(
+        output.status.success(),
+        "host-client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("host-client JSON")
+}
+
+/// The answers of one run of a `host-client` report: backend name to
+/// count.
+pub fn host_client_answers(run: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
+    run["answers"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, n)| (name.clone(), n.as_u64().unwrap_or(0)))
+        .collect()
+}

@@ -19,7 +19,6 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -28,13 +27,14 @@ use service_agent::datapath::{cgroup::link_pins, maps::datapath_counters};
 use service_tests::{
     agent::{AgentProcess, list_json},
     cgroup::{SOCKET_LB_HOOKS, TestCgroup},
-    netns::{NetNs, enter_on_spawn},
+    netns::NetNs,
     require_root,
     scenario::{
         BACKEND_HTTP_PORT, BACKENDS, ClusterIpScenario, backend_name, http_frontend, udp_frontend,
         web_service_yaml,
     },
     topology::POD_DEVICE_PREFIX,
+    traffic::{host_client_answers, run_host_client},
 };
 
 /// TCP connections (one GET each) from the host process.
@@ -47,36 +47,12 @@ const REFUSAL_BOUND_MS: f64 = 100.0;
 /// Runs `host-client` with `args` in the node namespace, inside `cgroup`
 /// (or outside any test cgroup); returns its JSON report.
 fn host_client(node: &NetNs, cgroup: Option<&TestCgroup>, args: &[String]) -> Value {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_host-client"));
-    command.args(args);
-    if let Some(cgroup) = cgroup {
-        cgroup
-            .join_on_spawn(&mut command)
-            .expect("joining the cgroup");
-    }
-    enter_on_spawn(&node.path(), &mut command).expect("entering the node namespace");
-    let output = command.output().expect("running host-client");
-    assert!(
-        output.status.success(),
-        "host-client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("host-client JSON")
+    run_host_client(env!("CARGO_BIN_EXE_host-client"), node, cgroup, args)
 }
 
 /// `KIND TARGET COUNT` for host-client.
 fn run(kind: &str, target: SocketAddr, count: usize) -> Vec<String> {
     vec![kind.to_owned(), target.to_string(), count.to_string()]
-}
-
-/// The answers of one run: backend name to count.
-fn answers(run: &Value) -> BTreeMap<String, u64> {
-    run["answers"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(name, n)| (name.clone(), n.as_u64().unwrap_or(0)))
-        .collect()
 }
 
 /// The failures of one run.
@@ -94,7 +70,7 @@ fn failures(run: &Value) -> Vec<String> {
 fn assert_spread_over_every_backend(run: &Value, count: usize) {
     let failures = failures(run);
     assert!(failures.is_empty(), "{} failed: {failures:?}", run["kind"]);
-    let answers = answers(run);
+    let answers = host_client_answers(run);
     assert_eq!(
         answers.values().sum::<u64>(),
         count as u64,
@@ -225,14 +201,14 @@ fn host_process_in_the_cgroup_reaches_the_cluster_ip() {
     let runs = report["runs"].as_array().expect("runs");
     for run in &runs[..2] {
         assert!(
-            answers(run).is_empty(),
+            host_client_answers(run).is_empty(),
             "{} outside the cgroup was answered: {run}",
             run["kind"]
         );
         assert_eq!(failures(run).len(), 5, "{run}");
     }
     assert_eq!(
-        answers(&runs[2]).get(&backend_name(1)),
+        host_client_answers(&runs[2]).get(&backend_name(1)),
         Some(&5),
         "{}",
         runs[2]

@@ -13,20 +13,20 @@ use std::{
 use service_agent::datapath::maps::datapath_counters;
 use service_tests::{
     require_root,
-    scenario::{TwoNodeOptions, TwoNodeScenario},
+    scenario::{
+        TwoNodeOptions, TwoNodeScenario, WEB_LOAD_BALANCER_IP as LOAD_BALANCER_IP,
+        WEB_NODE_PORT_TCP as NODE_PORT_TCP, WEB_NODE_PORT_UDP as NODE_PORT_UDP,
+        WEB_PODS_PER_NODE as PODS_PER_NODE, two_node_web_yaml,
+    },
     topology::{NODE_A_EXTERNAL_IP, TwoNodesOptions},
     traffic::{
         UdpEchoServer, echo_large_datagrams, http_get, spread, udp_receive_errors, udp_request,
     },
 };
 
-const NODE_PORT_TCP: u16 = 30080;
-const NODE_PORT_UDP: u16 = 30007;
 // Outside the client's own subnet, so the client routes them to node A.
-const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 100);
 const ALLOWED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 200);
 const DENIED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 201);
-const PODS_PER_NODE: usize = 2;
 /// NodePort of a Service without endpoints.
 const EMPTY_NODE_PORT: u16 = 30090;
 /// NodePort of the UDP echo Service "big", whose only backend is on node B.
@@ -34,43 +34,12 @@ const BIG_NODE_PORT: u16 = 30009;
 /// The echo port of that backend.
 const BIG_TARGET_PORT: u16 = 9009;
 
-/// Service "web" (LoadBalancer) with its pods on both nodes.
+/// Service "web" (LoadBalancer) with its pods on both nodes and two
+/// externalIPs, "big" and "empty".
 fn service_yaml() -> String {
-    let mut yaml = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: demo}}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.10
-  externalIPs: ["{ALLOWED_EXTERNAL_IP}", "{DENIED_EXTERNAL_IP}"]
-  ports:
-  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: {NODE_PORT_TCP}}}
-  - {{name: echo, protocol: UDP, port: 7, targetPort: 7007, nodePort: {NODE_PORT_UDP}}}
-status:
-  loadBalancer:
-    ingress: [{{ip: "{LOAD_BALANCER_IP}"}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: demo
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-- {{name: http, protocol: TCP, port: 8080}}
-- {{name: echo, protocol: UDP, port: 7007}}
-endpoints:
-"#
-    );
-    for (node, net) in [("node-a", 201), ("node-b", 202)] {
-        for i in 0..PODS_PER_NODE {
-            yaml.push_str(&format!(
-                "- {{addresses: [\"10.{net}.{i}.2\"], nodeName: {node}, conditions: {{ready: true}}}}\n"
-            ));
-        }
-    }
+    let mut yaml = two_node_web_yaml(&format!(
+        "  externalIPs: [\"{ALLOWED_EXTERNAL_IP}\", \"{DENIED_EXTERNAL_IP}\"]"
+    ));
     // Service "big": UDP echo of large datagrams, its only endpoint on
     // node B (remote for the client, who reaches node A).
     yaml.push_str(&format!(

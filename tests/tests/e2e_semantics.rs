@@ -20,64 +20,28 @@ use std::{
 use service_tests::{
     agent::list_json,
     cgroup::TestCgroup,
-    netns::enter_on_spawn,
     require_root,
-    scenario::{ClusterIpScenario, TwoNodeScenario, http_frontend, web_service_yaml},
+    scenario::{
+        CLUSTER_IP, ClusterIpScenario, TwoNodeScenario, WEB_LOAD_BALANCER_IP as LOAD_BALANCER_IP,
+        WEB_NODE_PORT_TCP as NODE_PORT_TCP, WEB_NODE_PORT_UDP as NODE_PORT_UDP,
+        WEB_PODS_PER_NODE as PODS_PER_NODE, http_frontend, two_node_web_yaml, web_service_yaml,
+    },
     topology::{CLIENT_IP, NODE_A_EXTERNAL_IP, TwoNodes},
-    traffic::http_get,
+    traffic::{http_get, run_host_client},
 };
 
-const NODE_PORT_TCP: u16 = 30080;
-const NODE_PORT_UDP: u16 = 30007;
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-// Outside the client's own subnet, so the client routes it to node A.
-const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 100);
 /// The LoadBalancer IP of Service "empty", which has no endpoints.
 const EMPTY_LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 101);
-const PODS_PER_NODE: usize = 2;
 /// Extra client addresses on the external client's device: 10.99.0.10 on.
 const EXTRA_CLIENTS: u8 = 12;
 /// How long a UDP client waits for an answer.
 const UDP_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Service "web" (LoadBalancer: NodePorts, an ingress IP, a ClusterIP),
-/// its pods on both nodes, with `spec_extra` (indented spec lines).
+/// its pods on both nodes, with `spec_extra` (indented spec lines); and
+/// "empty".
 fn service_yaml(spec_extra: &str) -> String {
-    let mut yaml = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: demo}}
-spec:
-  type: LoadBalancer
-  clusterIP: {CLUSTER_IP}
-{spec_extra}
-  ports:
-  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: {NODE_PORT_TCP}}}
-  - {{name: echo, protocol: UDP, port: 7, targetPort: 7007, nodePort: {NODE_PORT_UDP}}}
-status:
-  loadBalancer:
-    ingress: [{{ip: "{LOAD_BALANCER_IP}"}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: demo
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-- {{name: http, protocol: TCP, port: 8080}}
-- {{name: echo, protocol: UDP, port: 7007}}
-endpoints:
-"#
-    );
-    for (node, net) in [("node-a", 201), ("node-b", 202)] {
-        for i in 0..PODS_PER_NODE {
-            yaml.push_str(&format!(
-                "- {{addresses: [\"10.{net}.{i}.2\"], nodeName: {node}, conditions: {{ready: true}}}}\n"
-            ));
-        }
-    }
+    let mut yaml = two_node_web_yaml(spec_extra);
     // Service "empty": a LoadBalancer IP without endpoints.
     yaml.push_str(&format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: empty, namespace: demo}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.11\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30090}}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: \"{EMPTY_LOAD_BALANCER_IP}\"}}]\n"
@@ -358,19 +322,12 @@ fn socket_lb_keeps_the_node_on_one_backend_with_affinity() {
     )
     .expect("scenario");
     let host_answers = || {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_host-client"));
-        command.args(["http", &http_frontend().to_string(), "30"]);
-        cgroup
-            .join_on_spawn(&mut command)
-            .expect("joining the cgroup");
-        enter_on_spawn(&scenario.topology.node.path(), &mut command).expect("node namespace");
-        let output = command.output().expect("running host-client");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        let report = run_host_client(
+            env!("CARGO_BIN_EXE_host-client"),
+            &scenario.topology.node,
+            Some(&cgroup),
+            &["http", &http_frontend().to_string(), "30"],
         );
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
         assert_eq!(
             report["runs"][0]["failures"].as_array().map(Vec::len),
             Some(0),

@@ -12,16 +12,17 @@
 //! without endpoints with ECONNREFUSED; untouched, the ClusterIP has no
 //! route).
 
-use std::{net::SocketAddr, path::Path, process::Command};
+use std::{net::SocketAddr, path::Path};
 
 use serde_json::Value;
 use service_tests::{
     agent::list_json,
     cgroup::TestCgroup,
-    netns::{NetNs, enter_on_spawn, unique_prefix},
+    netns::{NetNs, unique_prefix},
     require_root,
     scenario::{ClusterIpScenario, backend_name, http_frontend, web_service_yaml},
     topology::POD_DEVICE_PREFIX,
+    traffic::{host_client_answers, run_host_client},
 };
 
 /// Connections per run.
@@ -32,19 +33,12 @@ const NODE_CONNECTIONS: usize = 60;
 /// Runs `host-client http FRONTEND COUNT` in `ns` inside `cgroup`; returns
 /// its one run's report.
 fn connect_from(ns: &NetNs, cgroup: &TestCgroup, count: usize) -> Value {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_host-client"));
-    command.args(["http", &http_frontend().to_string(), &count.to_string()]);
-    cgroup
-        .join_on_spawn(&mut command)
-        .expect("joining the cgroup");
-    enter_on_spawn(&ns.path(), &mut command).expect("entering the namespace");
-    let output = command.output().expect("running host-client");
-    assert!(
-        output.status.success(),
-        "host-client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("host-client JSON");
+    let args = [
+        "http".to_owned(),
+        http_frontend().to_string(),
+        count.to_string(),
+    ];
+    let report = run_host_client(env!("CARGO_BIN_EXE_host-client"), ns, Some(cgroup), &args);
     report["runs"][0].clone()
 }
 
@@ -61,12 +55,7 @@ fn new_flows(pin: &Path, frontend: SocketAddr) -> u64 {
 
 /// Answers of a run, summed.
 fn answered(run: &Value) -> u64 {
-    run["answers"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(_, n)| n.as_u64().unwrap_or(0))
-        .sum()
+    host_client_answers(run).values().sum()
 }
 
 #[test]
