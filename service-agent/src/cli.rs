@@ -475,6 +475,32 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_snat_and_nodeport_cidrs_are_taken_from_the_flags() {
+        let Command::Run(args) = Cli::parse_from([
+            "service-agent",
+            "run",
+            "--source",
+            "kube",
+            "--external-device",
+            "lo",
+            "--snat-ipv6",
+            "fd00:10:99::1",
+            "--nodeport-addresses",
+            "10.0.0.0/8,::1/128",
+        ])
+        .command
+        else {
+            panic!("run expected");
+        };
+        // A CIDR of each family.
+        assert!(args.nodeport_addresses[0].addr().is_ipv4());
+        assert!(args.nodeport_addresses[1].addr().is_ipv6());
+        let options = args.options().unwrap();
+        assert_eq!(options.snat_ipv6, Some("fd00:10:99::1".parse().unwrap()));
+        assert!(Cli::try_parse_from(["service-agent", "run", "--snat-ipv6", "10.0.0.1"]).is_err());
+    }
+
+    #[test]
     fn defaults_are_the_design_values() {
         let cli = Cli::parse_from([
             "service-agent",

@@ -185,6 +185,13 @@ fn a_dual_stack_service_is_programmed_for_both_families_listed_and_reported() {
         listed_backends(&listing, "[fd00:96::10]:80".parse().unwrap(), "TCP").unwrap(),
         ["[fd00:1:1::2]:8080", "[fd00:1:2::2]:8080"]
     );
+    // Every frontend of both families is listed with its Service.
+    let frontends = listing["frontends"].as_array().expect("frontends");
+    assert_eq!(frontends.len(), 16);
+    assert!(
+        frontends.iter().all(|f| f["service"] == "default/web"),
+        "{listing:#}"
+    );
 
     // The pinned maps: each family's frontends with that family's
     // backends, family tags and rev-NAT entries included.
