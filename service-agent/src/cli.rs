@@ -400,10 +400,19 @@ impl RunArgs {
                 .node_name
                 .clone()
                 .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
+            // (Not on IPv6 link-local addresses, which a socket binds only
+            // with a scope.)
             health_check_addresses: if self.nodeport_addresses.is_empty() {
                 Vec::new()
             } else {
-                nodeport_addresses.clone()
+                nodeport_addresses
+                    .iter()
+                    .filter(|addr| match addr {
+                        IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                        IpAddr::V4(_) => true,
+                    })
+                    .copied()
+                    .collect()
             },
             node: NodeContext {
                 nodeport_addresses,
