@@ -24,9 +24,11 @@ use super::{
 /// endpoints are on this node, the sources already know).
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
-    /// The node addresses NodePorts are served on.
+    /// The node addresses NodePorts are served on, of both families (a
+    /// Service gets NodePorts on those of the families of its clusterIPs).
     pub nodeport_addresses: Vec<IpAddr>,
-    /// `spec.externalIPs` are served only inside these CIDRs.
+    /// `spec.externalIPs` are served only inside these CIDRs (IPv4 and
+    /// IPv6 ones).
     pub external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
@@ -131,8 +133,9 @@ pub struct Translation {
     /// One line per object or field skipped as invalid.
     pub skipped: Vec<String>,
     /// One line per field set to something the agent does not serve (an
-    /// SCTP port, an IPv6 address): logged, counted in
-    /// `service_agent_unsupported_fields`, shown by `list`.
+    /// SCTP port, ignored; an IPv6 frontend address, programmed in the
+    /// maps but not served by the IPv4-only datapath yet): logged, counted
+    /// in `service_agent_unsupported_fields`, shown by `list`.
     pub unsupported: Vec<String>,
 }
 
