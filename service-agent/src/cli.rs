@@ -1,7 +1,7 @@
 //! Command-line interface of `service-agent`.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     datapath::{
         DEFAULT_PIN_PATH, MapSizes,
-        addresses::{local_ipv4_addresses, nodeport_addresses},
+        addresses::{local_addresses, nodeport_addresses},
         attach::{DeviceSelection, NodePortMode},
         cgroup::{CgroupPath, DEFAULT_CGROUP_PATH},
         snapshot::PacketTuple,
@@ -89,9 +89,10 @@ pub struct RunArgs {
     /// ingress fallback).
     #[arg(long, value_enum, default_value_t = NodePortMode::Xdp)]
     pub nodeport_mode: NodePortMode,
-    /// Serve NodePorts on the node's addresses inside these CIDRs
-    /// (comma-separated or repeated). Default: the IPv4 addresses of the
-    /// external devices (never 127.0.0.1 unless a CIDR includes it).
+    /// Serve NodePorts on the node's addresses inside these CIDRs, IPv4
+    /// and IPv6 (comma-separated or repeated). Default: the addresses of
+    /// the external devices (never loopback or IPv6 link-local unless a
+    /// CIDR includes them).
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]
     pub nodeport_addresses: Vec<IpNet>,
     /// Serve `spec.externalIPs` only inside these CIDRs (comma-separated or
@@ -106,6 +107,12 @@ pub struct RunArgs {
     /// address).
     #[arg(long, value_name = "ADDR")]
     pub snat_ipv4: Option<Ipv4Addr>,
+    /// IPv6 address flows from the network to backends on other nodes are
+    /// SNATed to. Default: found like the IPv4 one among the node's IPv6
+    /// addresses (the Node's IPv6 InternalIP, else the first global
+    /// address of the default route's device), never link-local.
+    #[arg(long, value_name = "ADDR")]
+    pub snat_ipv6: Option<Ipv6Addr>,
     /// Socket-LB: the cgroup v2 folder the socket programs are attached to,
     /// so processes in the node's own network (hostNetwork pods, node
     /// daemons) reach Services: their `connect` and `sendmsg` to a frontend
@@ -356,19 +363,29 @@ impl RunArgs {
     pub fn options(&self) -> anyhow::Result<RunOptions> {
         // Without --external-device, `run` detects the external devices,
         // the NodePort addresses and the SNAT address itself.
-        let auto_devices = self
-            .external_devices
-            .is_empty()
-            .then(|| AutoDevices::new(self.nodeport_addresses.clone(), self.snat_ipv4));
-        let local = local_ipv4_addresses()?;
+        let auto_devices = self.external_devices.is_empty().then(|| {
+            AutoDevices::new(
+                self.nodeport_addresses.clone(),
+                self.snat_ipv4,
+                self.snat_ipv6,
+            )
+        });
+        let local = local_addresses()?;
         let nodeport_addresses =
             nodeport_addresses(&local, &self.external_devices, &self.nodeport_addresses);
         let snat_ipv4 = self.snat_ipv4.or_else(|| {
             let first = self.external_devices.first()?;
-            local
-                .iter()
-                .find(|(dev, _)| dev == first)
-                .map(|(_, addr)| *addr)
+            local.iter().find_map(|(dev, addr)| match addr {
+                IpAddr::V4(v4) if dev == first => Some(*v4),
+                _ => None,
+            })
+        });
+        let snat_ipv6 = self.snat_ipv6.or_else(|| {
+            let first = self.external_devices.first()?;
+            local.iter().find_map(|(dev, addr)| match addr {
+                IpAddr::V6(v6) if dev == first && !v6.is_unicast_link_local() => Some(*v6),
+                _ => None,
+            })
         });
         Ok(RunOptions {
             source: self.source.clone(),
@@ -383,16 +400,26 @@ impl RunArgs {
                 .node_name
                 .clone()
                 .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok()),
+            // (Not on IPv6 link-local addresses, which a socket binds only
+            // with a scope.)
             health_check_addresses: if self.nodeport_addresses.is_empty() {
                 Vec::new()
             } else {
-                nodeport_addresses.clone()
+                nodeport_addresses
+                    .iter()
+                    .filter(|addr| match addr {
+                        IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                        IpAddr::V4(_) => true,
+                    })
+                    .copied()
+                    .collect()
             },
             node: NodeContext {
                 nodeport_addresses,
                 external_ip_cidrs: self.external_ip_cidrs.clone(),
             },
             snat_ipv4,
+            snat_ipv6,
             cgroup_path: self.cgroup_path.clone(),
             socket_lb_host_namespace_only: self.socket_lb_host_namespace_only,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
@@ -454,6 +481,32 @@ mod tests {
         assert!(named.auto_devices.is_none());
         assert_eq!(named.devices.external, ["lo"]);
         assert!(named.socket_lb_host_namespace_only);
+    }
+
+    #[test]
+    fn ipv6_snat_and_nodeport_cidrs_are_taken_from_the_flags() {
+        let Command::Run(args) = Cli::parse_from([
+            "service-agent",
+            "run",
+            "--source",
+            "kube",
+            "--external-device",
+            "lo",
+            "--snat-ipv6",
+            "fd00:10:99::1",
+            "--nodeport-addresses",
+            "10.0.0.0/8,::1/128",
+        ])
+        .command
+        else {
+            panic!("run expected");
+        };
+        // A CIDR of each family.
+        assert!(args.nodeport_addresses[0].addr().is_ipv4());
+        assert!(args.nodeport_addresses[1].addr().is_ipv6());
+        let options = args.options().unwrap();
+        assert_eq!(options.snat_ipv6, Some("fd00:10:99::1".parse().unwrap()));
+        assert!(Cli::try_parse_from(["service-agent", "run", "--snat-ipv6", "10.0.0.1"]).is_err());
     }
 
     #[test]

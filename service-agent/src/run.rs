@@ -22,7 +22,7 @@ use crate::{
     datapath::{
         self, MapSizes,
         addresses::{
-            DetectedDevices, default_route_devices, detect_devices, local_ipv4_addresses,
+            DetectedDevices, default_route_devices, detect_devices, local_addresses,
             nodeport_addresses,
         },
         attach::{Attachments, DeviceSelection},
@@ -78,6 +78,9 @@ pub struct RunOptions {
     pub map_sizes: MapSizes,
     /// This node's SNAT address for external flows to remote backends.
     pub snat_ipv4: Option<std::net::Ipv4Addr>,
+    /// This node's IPv6 SNAT address (written to the datapath's
+    /// configuration; the datapath does not translate IPv6 yet).
+    pub snat_ipv6: Option<std::net::Ipv6Addr>,
     /// The cgroup the socket-LB programs are attached to, if any.
     pub cgroup_path: CgroupPath,
     /// Socket-LB only for sockets of the agent's network namespace.
@@ -163,11 +166,12 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     }
     datapath::maps::write_config(&mut ebpf, &datapath_config(&options))?;
     info!(
-        "external devices {:?}{}, NodePorts on {:?}, SNAT address {:?} ports {}-{}, conntrack timeouts {:?}",
+        "external devices {:?}{}, NodePorts on {:?}, SNAT address {:?} (IPv6 {:?}) ports {}-{}, conntrack timeouts {:?}",
         options.devices.external,
         if auto.is_some() { " (detected)" } else { "" },
         options.node.nodeport_addresses,
         options.snat_ipv4,
+        options.snat_ipv6,
         options.snat_ports.min,
         options.snat_ports.max,
         options.ct_timeouts
@@ -256,16 +260,21 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
                     && last_detection.elapsed() >= DETECTION_INTERVAL
                 {
                     last_detection = Instant::now();
-                    let before = (options.node.clone(), options.snat_ipv4);
+                    let before = (options.node.clone(), options.snat_ipv4, options.snat_ipv6);
                     auto.detect(pipeline.cluster.node.as_ref(), &mut options);
+                    if options.snat_ipv6 != before.2 {
+                        info!("IPv6 SNAT address now {:?} (was {:?})", options.snat_ipv6, before.2);
+                    }
                     if options.snat_ipv4 != before.1 {
                         warn!(
                             "SNAT address now {:?} (was {:?}): new flows use it; the conntrack collector recognises SNAT entries by the address it started with until the agent restarts",
                             options.snat_ipv4, before.1
                         );
-                        if let Err(e) = datapath::maps::write_config(&mut ebpf, &datapath_config(&options)) {
-                            warn!("writing the new SNAT address: {e:#}");
-                        }
+                    }
+                    if (options.snat_ipv4, options.snat_ipv6) != (before.1, before.2)
+                        && let Err(e) = datapath::maps::write_config(&mut ebpf, &datapath_config(&options))
+                    {
+                        warn!("writing the new SNAT address: {e:#}");
                     }
                     if options.node.nodeport_addresses != before.0.nodeport_addresses {
                         pipeline.set_node(options.node.clone());
@@ -307,6 +316,7 @@ fn datapath_config(options: &RunOptions) -> DatapathConfig {
         snat_v4: options.snat_ipv4.map(|a| a.octets()).unwrap_or_default(),
         snat_ports: options.snat_ports,
         timeouts: options.ct_timeouts,
+        snat_v6: options.snat_ipv6.map(|a| a.octets()).unwrap_or_default(),
     }
 }
 
@@ -347,17 +357,24 @@ pub struct AutoDevices {
     pub nodeport_cidrs: Vec<ipnet::IpNet>,
     /// `--snat-ipv4`, if given: never replaced by a detected address.
     pub snat_flag: Option<std::net::Ipv4Addr>,
+    /// `--snat-ipv6`, if given: never replaced by a detected address.
+    pub snat_flag_v6: Option<std::net::Ipv6Addr>,
     /// What the last detection found.
     last: DetectedDevices,
 }
 
 impl AutoDevices {
-    /// Auto-detection keeping `--nodeport-addresses` CIDRs and
-    /// `--snat-ipv4`, if given.
-    pub fn new(nodeport_cidrs: Vec<ipnet::IpNet>, snat_flag: Option<std::net::Ipv4Addr>) -> Self {
+    /// Auto-detection keeping `--nodeport-addresses` CIDRs,
+    /// `--snat-ipv4` and `--snat-ipv6`, if given.
+    pub fn new(
+        nodeport_cidrs: Vec<ipnet::IpNet>,
+        snat_flag: Option<std::net::Ipv4Addr>,
+        snat_flag_v6: Option<std::net::Ipv6Addr>,
+    ) -> Self {
         AutoDevices {
             nodeport_cidrs,
             snat_flag,
+            snat_flag_v6,
             last: DetectedDevices::default(),
         }
     }
@@ -366,7 +383,7 @@ impl AutoDevices {
     /// addresses, its default routes and `node` (the Node's addresses),
     /// and puts what changed into `options`, logging it.
     fn detect(&mut self, node: Option<&NodeRecord>, options: &mut RunOptions) {
-        let local = match local_ipv4_addresses() {
+        let local = match local_addresses() {
             Ok(local) => local,
             Err(e) => {
                 warn!("detecting the external devices: {e:#}");
@@ -385,8 +402,8 @@ impl AutoDevices {
         let found = detect_devices(&local, &node_ips, &default_route_devices());
         if found != self.last {
             info!(
-                "detected external devices {:?} (devices of the Node's addresses {node_ips:?} and of the default route), SNAT address {:?}",
-                found.external, found.snat_ipv4
+                "detected external devices {:?} (devices of the Node's addresses {node_ips:?} and of the default route), SNAT address {:?} (IPv6 {:?})",
+                found.external, found.snat_ipv4, found.snat_ipv6
             );
             self.last = found.clone();
         }
@@ -394,6 +411,7 @@ impl AutoDevices {
         options.node.nodeport_addresses =
             nodeport_addresses(&local, &found.external, &self.nodeport_cidrs);
         options.snat_ipv4 = self.snat_flag.or(found.snat_ipv4);
+        options.snat_ipv6 = self.snat_flag_v6.or(found.snat_ipv6);
     }
 }
 

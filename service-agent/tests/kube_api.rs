@@ -172,7 +172,8 @@ fn status(code: u16, reason: &str) -> Value {
         "message": reason, "reason": reason, "code": code})
 }
 
-/// Frontends in the maps as `ip:port -> [backend ip:port, ...]`, sorted.
+/// Frontends in the maps as `ip:port -> [backend ip:port, ...]` (IPv6
+/// addresses bracketed), sorted.
 fn summary(maps: &MapState) -> Vec<String> {
     let mut out = Vec::new();
     for (key, header) in maps.frontends.iter().filter(|(k, _)| k.slot == 0) {
@@ -183,17 +184,13 @@ fn summary(maps: &MapState) -> Vec<String> {
             })
             .filter_map(|slot| maps.backends.get(&slot.backend_id))
             .map(|b| {
-                format!(
-                    "{}:{}",
-                    ip_from_map(&b.addr, b.family),
-                    u16::from_be(b.port)
-                )
+                std::net::SocketAddr::new(ip_from_map(&b.addr, b.family), u16::from_be(b.port))
+                    .to_string()
             })
             .collect();
         out.push(format!(
-            "{}:{} -> [{}]",
-            ip_from_map(&key.addr, key.family),
-            u16::from_be(key.port),
+            "{} -> [{}]",
+            std::net::SocketAddr::new(ip_from_map(&key.addr, key.family), u16::from_be(key.port)),
             backends.join(" ")
         ));
     }
@@ -548,4 +545,31 @@ async fn the_nodes_zone_selects_hinted_endpoints_and_other_proxies_services_are_
             "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}),
     )]);
     expect_maps(&mut maps, &["10.96.0.10:80 -> [10.1.2.2:8080]"]).await;
+}
+
+#[tokio::test]
+async fn a_dual_stack_service_from_the_api_gets_each_familys_endpoints() {
+    let (mut server, mut maps, _) = start();
+    // As the API server returns a PreferDualStack Service on a dual-stack
+    // cluster, with one EndpointSlice per family.
+    let mut dual = service("web", "10.96.0.10", "90");
+    dual["spec"]["clusterIPs"] = json!(["10.96.0.10", "fd00:96::10"]);
+    dual["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    dual["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+    let mut v6 = slice("web", "web-v6", &["fd00:1:1::2", "fd00:1:2::2"], "199");
+    v6["addressType"] = json!("IPv6");
+    initial_lists(
+        &mut server,
+        vec![dual],
+        vec![slice("web", "web-v4", &["10.1.1.2"], "198"), v6],
+    )
+    .await;
+    expect_maps(
+        &mut maps,
+        &[
+            "10.96.0.10:80 -> [10.1.1.2:8080]",
+            "[fd00:96::10]:80 -> [[fd00:1:1::2]:8080 [fd00:1:2::2]:8080]",
+        ],
+    )
+    .await;
 }

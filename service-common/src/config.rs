@@ -1,5 +1,5 @@
 //! Node-wide settings the agent writes for the datapath (one entry of the
-//! configuration array): the SNAT address and port range, and the
+//! configuration array): the SNAT addresses and port range, and the
 //! conntrack timeouts.
 
 use bytemuck::{Pod, Zeroable};
@@ -75,8 +75,12 @@ pub struct DatapathConfig {
     pub snat_ports: SnatPortRange,
     /// Conntrack timeouts (`--ct-timeout-*`).
     pub timeouts: ConntrackTimeouts,
+    /// IPv6 address replies of SNATed IPv6 flows come back to, network
+    /// byte order; all zero: no IPv6 SNAT. (Appended last: the fields
+    /// above keep their offsets.)
+    pub snat_v6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 48);
 
 #[cfg(test)]
 mod tests {

@@ -79,6 +79,21 @@ impl SourceRangeKey {
             data: SourceRangePrefix::v4(rev_nat_id, addr),
         }
     }
+
+    /// The entry admitting prefix `addr/len` of either family (`addr` a
+    /// [`MapAddr`], network byte order; `len` at most 32 for IPv4, 128 for
+    /// IPv6) to the frontend with rev-NAT id `rev_nat_id`. The frontend's
+    /// family is that of its prefixes, so none is stored.
+    #[inline(always)]
+    pub const fn new(rev_nat_id: RevNatId, addr: MapAddr, len: u8) -> Self {
+        SourceRangeKey {
+            prefix_len: SOURCE_RANGE_ID_BITS + len as u32,
+            data: SourceRangePrefix {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr,
+            },
+        }
+    }
 }
 
 /// Value of the source-ranges trie: always [`SOURCE_RANGE_ALLOW`] (only

@@ -237,7 +237,7 @@ fn list(pin_path: &Path, json: bool) -> anyhow::Result<String> {
 }
 
 /// The backends `list --json` shows for `frontend` and `protocol`, as
-/// `addr:port` strings; `None` if the frontend is not programmed.
+/// `addr:port` strings (`[addr]:port` for IPv6); `None` if the frontend is not programmed.
 pub fn listed_backends(
     listing: &serde_json::Value,
     frontend: SocketAddr,
@@ -252,7 +252,13 @@ pub fn listed_backends(
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|b| format!("{}:{}", b["address"].as_str().unwrap_or("?"), b["port"]))
+                    .map(|b| {
+                        let address = b["address"].as_str().unwrap_or("?");
+                        match (address.parse::<std::net::IpAddr>(), b["port"].as_u64()) {
+                            (Ok(ip), Some(port)) => SocketAddr::new(ip, port as u16).to_string(),
+                            _ => format!("{address}:{}", b["port"]),
+                        }
+                    })
                     .collect()
             })
     })

@@ -1,12 +1,15 @@
 //! Packets for the datapath tests, built with etherparse, and the table
 //! those tests are written as: input packet, program, expected verdict and
 //! expected output bytes, with every translated output's checksums verified
-//! on their own as well.
+//! on their own as well. IPv4 and IPv6 (with extension headers, and ICMPv6
+//! Packet Too Big for path MTU discovery through a Service).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    IpFragOffset, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
+    Icmpv6Type, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6Header,
+    Ipv6RawExtHeader, NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders, TcpHeader,
+    TransportHeader,
 };
 use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
@@ -37,9 +40,15 @@ pub fn tcp_segment(
     flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv4(src.0.octets(), dst.0.octets(), 64)
         .tcp(src.1, dst.1, 1000, 64240);
+    write_tcp(builder, flags, payload)
+}
+
+/// Writes a TCP segment with `flags` (seq 1000, ack 2000 when ACK is set)
+/// through `builder`, whatever the IP version below it.
+fn write_tcp(mut builder: PacketBuilderStep<TcpHeader>, flags: u8, payload: &[u8]) -> Vec<u8> {
     if flags & TCP_FLAG_SYN != 0 {
         builder = builder.syn();
     }
@@ -54,6 +63,129 @@ pub fn tcp_segment(
     }
     let mut out = Vec::new();
     builder.write(&mut out, payload).expect("build tcp");
+    out
+}
+
+/// Hop limit of the IPv6 test packets.
+pub const HOP_LIMIT: u8 = 64;
+
+/// A TCP segment over IPv6 `src` -> `dst` (SYN and/or ACK flags), seq
+/// 1000, ack 2000.
+pub fn tcp6(
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    syn: bool,
+    ack: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let flags = if syn { TCP_FLAG_SYN } else { 0 } | if ack { TCP_FLAG_ACK } else { 0 };
+    tcp6_segment(src, dst, flags, payload)
+}
+
+/// A TCP segment over IPv6 `src` -> `dst` with `flags` (`TCP_FLAG_*`),
+/// seq 1000, ack 2000 when ACK is set.
+pub fn tcp6_segment(
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.0.octets(), dst.0.octets(), HOP_LIMIT)
+        .tcp(src.1, dst.1, 1000, 64240);
+    write_tcp(builder, flags, payload)
+}
+
+/// A UDP datagram over IPv6 `src` -> `dst` (its checksum is mandatory:
+/// IPv6 has no header checksum).
+pub fn udp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.0.octets(), dst.0.octets(), HOP_LIMIT)
+        .udp(src.1, dst.1)
+        .write(&mut out, payload)
+        .expect("build udp6");
+    out
+}
+
+/// Length of each extension header [`with_extension_headers`] adds.
+pub const EXTENSION_HEADER_LEN: usize = 8;
+
+/// The IPv6 header of `src` -> `dst` followed by a hop-by-hop options
+/// header and a destination options header (8 bytes each, PadN options):
+/// what a datapath must walk to find the transport header.
+pub fn with_extension_headers(src: Ipv6Addr, dst: Ipv6Addr) -> IpHeaders {
+    // Two bytes of next header and length, then PadN (type 1) filling
+    // the remaining 6 bytes: 4 bytes of padding data.
+    let pad_n = [1, 4, 0, 0, 0, 0];
+    let option = |next| Ipv6RawExtHeader::new_raw(next, &pad_n).expect("an 8-byte header");
+    IpHeaders::Ipv6(
+        Ipv6Header {
+            hop_limit: HOP_LIMIT,
+            source: src.octets(),
+            destination: dst.octets(),
+            ..Ipv6Header::default()
+        },
+        Ipv6Extensions {
+            // (The builder sets each next-header field.)
+            hop_by_hop_options: Some(option(IpNumber::IPV6_DESTINATION_OPTIONS)),
+            destination_options: Some(option(IpNumber::UDP)),
+            ..Ipv6Extensions::default()
+        },
+    )
+}
+
+/// A UDP datagram over IPv6 `src` -> `dst` behind the extension headers
+/// of [`with_extension_headers`].
+pub fn udp6_with_extension_headers(
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ip(with_extension_headers(src.0, dst.0))
+        .udp(src.1, dst.1)
+        .write(&mut out, payload)
+        .expect("build udp6 with extension headers");
+    out
+}
+
+/// A TCP segment over IPv6 `src` -> `dst` with `flags` behind the
+/// extension headers of [`with_extension_headers`].
+pub fn tcp6_with_extension_headers(
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ip(with_extension_headers(src.0, dst.0))
+        .tcp(src.1, dst.1, 1000, 64240);
+    write_tcp(builder, flags, payload)
+}
+
+/// IPv6's minimum MTU: an ICMPv6 error never makes a packet longer.
+pub const IPV6_MIN_MTU: usize = 1280;
+
+/// An ICMPv6 Packet Too Big from `router` to `to` saying the next hop's
+/// MTU is `mtu`, quoting `offending` (an Ethernet frame as the builders
+/// here make them: its IPv6 packet is quoted, cut so the error fits in
+/// [`IPV6_MIN_MTU`]).
+pub fn icmpv6_packet_too_big(
+    router: Ipv6Addr,
+    to: Ipv6Addr,
+    mtu: u32,
+    offending: &[u8],
+) -> Vec<u8> {
+    // IPv6 header (40) and ICMPv6 header (8) come before the quote.
+    let quoted = &offending[14..offending.len().min(14 + IPV6_MIN_MTU - 48)];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(router.octets(), to.octets(), HOP_LIMIT)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+        .write(&mut out, quoted)
+        .expect("build packet too big");
     out
 }
 
@@ -137,10 +269,16 @@ pub fn with_partial_checksum(mut packet: Vec<u8>) -> Vec<u8> {
     packet
 }
 
-/// Asserts the IPv4 header checksum and the TCP/UDP checksum of `packet`.
+/// Asserts the IPv4 header checksum and the TCP/UDP checksum of `packet`;
+/// for IPv6 (no header checksum), the TCP, UDP (never zero: mandatory
+/// over IPv6) and ICMPv6 checksums.
 pub fn assert_checksums_valid(packet: &[u8], case: &str) {
     let headers = PacketHeaders::from_ethernet_slice(packet)
         .unwrap_or_else(|e| panic!("{case}: output does not parse: {e}"));
+    if let Some(NetHeaders::Ipv6(ip, _)) = &headers.net {
+        assert_ipv6_checksums_valid(ip, &headers.transport, headers.payload.slice(), case);
+        return;
+    }
     let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
         return;
     };
@@ -160,6 +298,37 @@ pub fn assert_checksums_valid(packet: &[u8], case: &str) {
             udp.checksum,
             udp.calc_checksum_ipv4(ip, payload).unwrap(),
             "{case}: UDP checksum"
+        ),
+        _ => {}
+    }
+}
+
+fn assert_ipv6_checksums_valid(
+    ip: &Ipv6Header,
+    transport: &Option<TransportHeader>,
+    payload: &[u8],
+    case: &str,
+) {
+    match transport {
+        Some(TransportHeader::Tcp(tcp)) => assert_eq!(
+            tcp.checksum,
+            tcp.calc_checksum_ipv6(ip, payload).unwrap(),
+            "{case}: TCP checksum"
+        ),
+        Some(TransportHeader::Udp(udp)) => {
+            assert_ne!(udp.checksum, 0, "{case}: UDP over IPv6 without checksum");
+            assert_eq!(
+                udp.checksum,
+                udp.calc_checksum_ipv6(ip, payload).unwrap(),
+                "{case}: UDP checksum"
+            );
+        }
+        Some(TransportHeader::Icmpv6(icmp)) => assert_eq!(
+            icmp.checksum,
+            icmp.icmp_type
+                .calc_checksum(ip.source, ip.destination, payload)
+                .unwrap(),
+            "{case}: ICMPv6 checksum"
         ),
         _ => {}
     }
@@ -201,5 +370,70 @@ pub fn run_cases(datapath: &Datapath, cases: Vec<Case>) {
         if matches!(case.expect, Expect::Bytes(_)) {
             assert_checksums_valid(&out, case.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x99, 0, 0, 0, 0, 2);
+    const SERVICE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+
+    #[test]
+    fn ipv6_packets_parse_back_with_valid_checksums() {
+        for (name, packet) in [
+            (
+                "tcp6",
+                tcp6((CLIENT, 40000), (SERVICE, 80), true, false, b""),
+            ),
+            ("udp6", udp6((CLIENT, 40000), (SERVICE, 53), b"query")),
+            (
+                "udp6 with extension headers",
+                udp6_with_extension_headers((CLIENT, 40000), (SERVICE, 53), b"query"),
+            ),
+            (
+                "tcp6 with extension headers",
+                tcp6_with_extension_headers((CLIENT, 40000), (SERVICE, 80), TCP_FLAG_ACK, b"data"),
+            ),
+        ] {
+            let headers = PacketHeaders::from_ethernet_slice(&packet).expect(name);
+            let Some(NetHeaders::Ipv6(ip, _)) = &headers.net else {
+                panic!("{name}: not IPv6");
+            };
+            assert_eq!(
+                (ip.source, ip.destination),
+                (CLIENT.octets(), SERVICE.octets())
+            );
+            assert!(headers.transport.is_some(), "{name}");
+            assert_checksums_valid(&packet, name);
+        }
+    }
+
+    #[test]
+    fn extension_headers_sit_between_the_ipv6_and_the_transport_header() {
+        let packet = udp6_with_extension_headers((CLIENT, 40000), (SERVICE, 53), b"q");
+        // Next header: hop-by-hop (0), then destination options (60), then UDP.
+        assert_eq!(packet[14 + 6], 0);
+        assert_eq!(packet[14 + 40], 60);
+        assert_eq!(packet[14 + 40 + EXTENSION_HEADER_LEN], 17);
+        let udp = 14 + 40 + 2 * EXTENSION_HEADER_LEN;
+        assert_eq!(&packet[udp..udp + 4], [0x9c, 0x40, 0, 53]);
+        assert_eq!(packet.len(), udp + 8 + 1);
+    }
+
+    #[test]
+    fn a_packet_too_big_quotes_the_offending_packet_within_the_minimum_mtu() {
+        let big = tcp6((SERVICE, 80), (CLIENT, 40000), false, true, &[7; 1400]);
+        let error = icmpv6_packet_too_big(SERVICE, CLIENT, 1280, &big);
+        assert_eq!(error.len() - 14, IPV6_MIN_MTU);
+        assert_checksums_valid(&error, "packet too big");
+        let headers = PacketHeaders::from_ethernet_slice(&error).unwrap();
+        let Some(TransportHeader::Icmpv6(icmp)) = &headers.transport else {
+            panic!("no ICMPv6");
+        };
+        assert_eq!(icmp.icmp_type, Icmpv6Type::PacketTooBig { mtu: 1280 });
+        // The quote starts with the offending IPv6 header.
+        assert_eq!(&error[14 + 48..14 + 48 + 40], &big[14..14 + 40]);
     }
 }

@@ -1,9 +1,11 @@
 //! Topologies of network namespaces: one node with pods, or two nodes with
 //! pods and an external client. Each pod is joined to its node by a veth
 //! pair (`lxcN` on the node, `eth0` in the pod), with routing as a CNI would
-//! set it up.
+//! set it up. Dual-stack topologies give every veth end an IPv6 address
+//! too ([`ipv6_of`] its IPv4 one, without duplicate address detection so
+//! it is usable at once) and route both families.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 
@@ -15,6 +17,8 @@ pub struct Pod {
     pub ns: NetNs,
     /// The pod's address (on its `eth0`).
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (`ipv6_of(ip)`), in dual-stack topologies.
+    pub ip6: Option<Ipv6Addr>,
     /// The host-side device name in the node namespace (`lxcN`).
     pub host_device: String,
 }
@@ -35,19 +39,83 @@ impl SingleNode {
     /// Creates a node with `pods` pods: pod `i` gets `10.200.i.2/24`, with
     /// the node side `10.200.i.1` as its default gateway.
     pub fn new(tag: &str, pods: usize) -> anyhow::Result<Self> {
+        Self::build(tag, pods, false)
+    }
+
+    /// [`SingleNode::new`], dual-stack: pod `i` also gets
+    /// `fd00:10:200:i::2/64`, with the node side `fd00:10:200:i::1` as its
+    /// IPv6 default gateway.
+    pub fn dual_stack(tag: &str, pods: usize) -> anyhow::Result<Self> {
+        Self::build(tag, pods, true)
+    }
+
+    fn build(tag: &str, pods: usize, dual_stack: bool) -> anyhow::Result<Self> {
         let prefix = unique_prefix(tag);
-        let node = new_node(&format!("{prefix}-node"))?;
+        let node = new_node(&format!("{prefix}-node"), dual_stack)?;
         let pods = (0..pods)
-            .map(|i| add_pod(&node, &format!("{prefix}-pod{i}"), [10, 200], i, false))
+            .map(|i| {
+                add_pod(
+                    &node,
+                    &format!("{prefix}-pod{i}"),
+                    [10, 200],
+                    i,
+                    false,
+                    dual_stack,
+                )
+            })
             .collect::<anyhow::Result<_>>()?;
         Ok(SingleNode { pods, node })
     }
 }
 
-/// A node namespace that forwards IPv4.
-fn new_node(name: &str) -> anyhow::Result<NetNs> {
+/// The IPv6 address a dual-stack topology gives the veth end with IPv4
+/// address `a.b.c.d`: `fd00:a:b:c::d`, the decimal numbers written as the
+/// hexadecimal groups (10.201.0.2 is fd00:10:201:0::2), so a `/24` is a
+/// `/64` and each address reads like its IPv4 one.
+pub fn ipv6_of(v4: Ipv4Addr) -> Ipv6Addr {
+    let group = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex");
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(0xfd00, group(a), group(b), group(c), 0, 0, 0, group(d))
+}
+
+/// Turns duplicate address detection off in `ns`, for the devices
+/// created in it or moved into it from now on: their link-local addresses
+/// are usable at once too (a tentative one would hold up neighbour
+/// discovery, and so the first packets, for a second or more).
+fn without_dad(ns: &NetNs) -> anyhow::Result<()> {
+    ns.exec(
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Adds `ipv6_of(v4)/64` to `device` in `ns`, usable at once (no
+/// duplicate address detection).
+fn add_ipv6(ns: &NetNs, device: &str, v4: Ipv4Addr) -> anyhow::Result<()> {
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/64", ipv6_of(v4)),
+        "dev",
+        device,
+        "nodad",
+    ])
+}
+
+/// A node namespace that forwards IPv4 (and IPv6 when `dual_stack`).
+fn new_node(name: &str, dual_stack: bool) -> anyhow::Result<NetNs> {
     let node = NetNs::create(name)?;
     node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    if dual_stack {
+        without_dad(&node)?;
+        node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    }
     Ok(node)
 }
 
@@ -56,14 +124,20 @@ fn new_node(name: &str) -> anyhow::Result<NetNs> {
 /// `lxcINDEX` as its default gateway. With `full_checksums`, the pod's
 /// transmit checksum offload is off, so its packets carry complete
 /// checksums as packets from a physical network do (XDP sees them so).
+/// With `dual_stack`, both ends get their [`ipv6_of`] address too and the
+/// pod an IPv6 default route through the node side.
 fn add_pod(
     node: &NetNs,
     name: &str,
     net: [u8; 2],
     index: usize,
     full_checksums: bool,
+    dual_stack: bool,
 ) -> anyhow::Result<Pod> {
     let ns = NetNs::create(name)?;
+    if dual_stack {
+        without_dad(&ns)?;
+    }
     let host_device = format!("{POD_DEVICE_PREFIX}{index}");
     let ip = Ipv4Addr::new(net[0], net[1], index as u8, 2);
     let gateway = Ipv4Addr::new(net[0], net[1], index as u8, 1);
@@ -85,12 +159,25 @@ fn add_pod(
     ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+    if dual_stack {
+        add_ipv6(node, &host_device, gateway)?;
+        add_ipv6(&ns, "eth0", ip)?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &ipv6_of(gateway).to_string(),
+        ])?;
+    }
     if full_checksums {
         ns.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
     }
     Ok(Pod {
         ns,
         ip,
+        ip6: dual_stack.then(|| ipv6_of(ip)),
         host_device,
     })
 }
@@ -116,6 +203,12 @@ pub struct TwoNodesOptions {
     /// A's `ext0` (and XDP there) with their checksum left to offload
     /// (`CHECKSUM_PARTIAL`, the field holding only the pseudo-header sum).
     pub client_tx_offload: bool,
+    /// Dual-stack: every veth end also gets its [`ipv6_of`] address
+    /// (node A's `ext0` `fd00:10:99:0::1`, the client `fd00:10:99:0::2`,
+    /// the node network `fd00:10:0:0::1` and `::2`, pods
+    /// `fd00:10:201:i::2` and `fd00:10:202:i::2`), the nodes forward IPv6,
+    /// and IPv6 routes mirror the IPv4 ones.
+    pub dual_stack: bool,
 }
 
 /// Two nodes joined by the node network (`node0`, `10.0.0.0/24`), pods on
@@ -152,9 +245,13 @@ impl TwoNodes {
         options: TwoNodesOptions,
     ) -> anyhow::Result<Self> {
         let prefix = unique_prefix(tag);
-        let node_a = new_node(&format!("{prefix}-a"))?;
-        let node_b = new_node(&format!("{prefix}-b"))?;
+        let dual_stack = options.dual_stack;
+        let node_a = new_node(&format!("{prefix}-a"), dual_stack)?;
+        let node_b = new_node(&format!("{prefix}-b"), dual_stack)?;
         let client = NetNs::create(&format!("{prefix}-client"))?;
+        if dual_stack {
+            without_dad(&client)?;
+        }
         // The client on node A's external device.
         node_a.ip(&[
             "link",
@@ -185,6 +282,18 @@ impl TwoNodes {
             "via",
             &NODE_A_EXTERNAL_IP.to_string(),
         ])?;
+        if dual_stack {
+            add_ipv6(&node_a, EXTERNAL_DEVICE, NODE_A_EXTERNAL_IP)?;
+            add_ipv6(&client, "eth0", CLIENT_IP)?;
+            client.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &ipv6_of(NODE_A_EXTERNAL_IP).to_string(),
+            ])?;
+        }
         if !options.client_tx_offload {
             client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
         }
@@ -209,6 +318,9 @@ impl TwoNodes {
                 "dev",
                 NODE_NETWORK_DEVICE,
             ])?;
+            if dual_stack {
+                add_ipv6(node, NODE_NETWORK_DEVICE, addr)?;
+            }
             node.ip(&["link", "set", NODE_NETWORK_DEVICE, "up"])?;
             node.exec("ethtool", &["-K", NODE_NETWORK_DEVICE, "tx", "off"])?;
         }
@@ -226,11 +338,37 @@ impl TwoNodes {
             "via",
             &NODE_A_IP.to_string(),
         ])?;
+        if dual_stack {
+            for (node, pods, via) in [
+                (&node_a, "fd00:10:202::/48", NODE_B_IP),
+                (&node_b, "fd00:10:201::/48", NODE_A_IP),
+            ] {
+                node.ip(&["-6", "route", "add", pods, "via", &ipv6_of(via).to_string()])?;
+            }
+        }
         let pods_a = (0..pods_per_node)
-            .map(|i| add_pod(&node_a, &format!("{prefix}-a{i}"), [10, 201], i, true))
+            .map(|i| {
+                add_pod(
+                    &node_a,
+                    &format!("{prefix}-a{i}"),
+                    [10, 201],
+                    i,
+                    true,
+                    dual_stack,
+                )
+            })
             .collect::<anyhow::Result<_>>()?;
         let pods_b = (0..pods_per_node)
-            .map(|i| add_pod(&node_b, &format!("{prefix}-b{i}"), [10, 202], i, true))
+            .map(|i| {
+                add_pod(
+                    &node_b,
+                    &format!("{prefix}-b{i}"),
+                    [10, 202],
+                    i,
+                    true,
+                    dual_stack,
+                )
+            })
             .collect::<anyhow::Result<_>>()?;
         Ok(TwoNodes {
             pods_a,

@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -31,14 +31,27 @@ pub struct BackendServer {
 
 impl BackendServer {
     /// Starts both servers in `ns`, HTTP on TCP `tcp_port` and UDP on
-    /// `udp_port`, all addresses.
+    /// `udp_port`, all IPv4 addresses.
     pub fn start(ns: &NetNs, name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        Self::start_on(ns, name, IpAddr::from([0, 0, 0, 0]), tcp_port, udp_port)
+    }
+
+    /// Starts both servers in `ns` on address `ip` (e.g. a pod's IPv6
+    /// address, beside a server on every IPv4 address), HTTP on TCP
+    /// `tcp_port` and UDP on `udp_port`.
+    pub fn start_on(
+        ns: &NetNs,
+        name: &str,
+        ip: IpAddr,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let tcp_addr = SocketAddr::from(([0, 0, 0, 0], tcp_port));
+        let tcp_addr = SocketAddr::new(ip, tcp_port);
         let listener = ns
             .run(move || TcpListener::bind(tcp_addr))?
             .with_context(|| format!("binding HTTP server on {tcp_addr}"))?;
-        let udp_addr = SocketAddr::from(([0, 0, 0, 0], udp_port));
+        let udp_addr = SocketAddr::new(ip, udp_port);
         let udp = ns
             .run(move || UdpSocket::bind(udp_addr))?
             .with_context(|| format!("binding UDP server on {udp_addr}"))?;
@@ -61,7 +74,11 @@ impl BackendServer {
         Ok(BackendServer {
             stop,
             threads: vec![http, udp_thread],
-            tcp_addr: SocketAddr::from(([127, 0, 0, 1], tcp_port)),
+            tcp_addr: if ip.is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], tcp_port))
+            } else {
+                tcp_addr
+            },
             ns_file: format!("/run/netns/{}", ns.name()).into(),
         })
     }
@@ -354,7 +371,12 @@ pub fn get_once(stream: TcpStream) -> anyhow::Result<String> {
 /// One UDP request from a new socket (so a new flow) from inside the
 /// calling thread's namespace; returns the answer.
 pub fn udp_request(target: SocketAddr) -> anyhow::Result<String> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let any: IpAddr = if target.is_ipv4() {
+        [0, 0, 0, 0].into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(any, 0))?;
     socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     socket.send_to(b"which backend?\n", target)?;
     read_udp_answer(&socket, target)

@@ -199,6 +199,7 @@ fn tc_nodeport_lb_and_external_ips_reach_both_nodes() {
 /// the TC program beside it.
 const CLIENT_OFFLOAD_ON: TwoNodesOptions = TwoNodesOptions {
     client_tx_offload: true,
+    dual_stack: false,
 };
 
 #[test]

@@ -306,7 +306,7 @@ fn prefer_same_zone_keeps_traffic_in_each_nodes_zone() {
     // a metric.
     let listed = list_table(setup.pins[0].path()).unwrap();
     assert!(
-        listed.contains("not supported, ignored: demo/signal: Service demo/signal port \"sctp\": protocol SCTP is not served"),
+        listed.contains("not supported: demo/signal: Service demo/signal port \"sctp\": protocol SCTP is not served"),
         "{listed}"
     );
     assert!(

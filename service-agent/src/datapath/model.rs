@@ -351,8 +351,9 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
-/// A frontend as `address:port/PROTOCOL`, the label used in the status
-/// file and the metrics.
-pub fn frontend_label(addr: impl std::fmt::Display, port: u16, proto: u8) -> String {
-    format!("{addr}:{port}/{}", proto_name(proto))
+/// A frontend as `address:port/PROTOCOL` (`[address]:port/PROTOCOL` for
+/// IPv6), the label used in the status file and the metrics.
+pub fn frontend_label(addr: impl Into<IpAddr>, port: u16, proto: u8) -> String {
+    let addr = std::net::SocketAddr::new(addr.into(), port);
+    format!("{addr}/{}", proto_name(proto))
 }

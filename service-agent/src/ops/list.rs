@@ -238,6 +238,15 @@ pub fn flag_names(flags: u16) -> Vec<&'static str> {
     .collect()
 }
 
+/// `address:port`, or `[address]:port` for an IPv6 address.
+fn with_port(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
 /// Renders a listing as the human-readable table.
 pub fn render_table(listing: &Listing) -> String {
     let mut out = String::new();
@@ -252,7 +261,7 @@ pub fn render_table(listing: &Listing) -> String {
             f.backends
                 .iter()
                 .map(|b| {
-                    let mut s = format!("{}:{}", b.address, b.port);
+                    let mut s = with_port(&b.address, b.port);
                     if b.state != "active" {
                         s.push_str(&format!(" ({})", b.state));
                     }
@@ -263,7 +272,7 @@ pub fn render_table(listing: &Listing) -> String {
         };
         out.push_str(&format!(
             "{:<24} {:<5} {:<20} {:<12} {:>9} {:>9}  {}\n",
-            format!("{}:{}", f.address, f.port),
+            with_port(&f.address, f.port),
             f.protocol,
             if f.service.is_empty() {
                 "?"
@@ -296,7 +305,7 @@ pub fn render_table(listing: &Listing) -> String {
         ));
     }
     for (service, line) in &listing.unsupported {
-        out.push_str(&format!("not supported, ignored: {service}: {line}\n"));
+        out.push_str(&format!("not supported: {service}: {line}\n"));
     }
     let counters: Vec<String> = listing
         .counters
@@ -305,4 +314,15 @@ pub fn render_table(listing: &Listing) -> String {
         .collect();
     out.push_str(&format!("datapath counters: {}\n", counters.join(" ")));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_are_bracketed_before_their_port() {
+        assert_eq!(with_port("10.96.0.10", 80), "10.96.0.10:80");
+        assert_eq!(with_port("fd00::1", 80), "[fd00::1]:80");
+    }
 }

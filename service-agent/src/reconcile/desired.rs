@@ -9,7 +9,10 @@
 //! ids (its slots and rev-NAT entry follow from them), a backend once
 //! however many Services use it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FRONTEND_FLAG_SOURCE_RANGES, FrontendKey,
@@ -23,16 +26,17 @@ use super::{
 };
 use crate::datapath::model::{MapName, MapState, map_addr};
 
-/// Identity of a frontend (address, port in network order, protocol,
-/// scope): what a rev-NAT id is allocated for.
-pub type FrontendIdentity = (MapAddr, u16, u8, u8);
+/// Identity of a frontend (address, port in network order, family,
+/// protocol, scope): what a rev-NAT id is allocated for. The family tells
+/// an IPv4 address from the IPv6 address with the same first 4 bytes.
+pub type FrontendIdentity = (MapAddr, u16, u8, u8, u8);
 /// Identity of a backend (address, port in network order, family): what a
 /// backend id is allocated for.
 type BackendIdentity = (MapAddr, u16, u8);
 
 /// The identity of the frontend a frontends-map key belongs to.
 pub fn frontend_identity(key: &FrontendKey) -> FrontendIdentity {
-    (key.addr, key.port, key.proto, key.scope)
+    (key.addr, key.port, key.family, key.proto, key.scope)
 }
 
 /// Allocates small integer ids to keys and keeps them stable while the key
@@ -526,15 +530,21 @@ impl DesiredState {
         let mut new = Vec::new();
         let mut new_backends: Vec<(BackendId, BackendValue)> = Vec::new();
         for frontend in frontends {
-            let (addr, _) = map_addr(frontend.addr);
-            let identity = (addr, frontend.port.to_be(), frontend.proto, SCOPE_ALL);
+            let (addr, family) = map_addr(frontend.addr);
+            let identity = (
+                addr,
+                frontend.port.to_be(),
+                family,
+                frontend.proto,
+                SCOPE_ALL,
+            );
             if new
                 .iter()
                 .any(|l: &FrontendLayout| frontend_identity(&l.key) == identity)
             {
                 problems.push(format!(
-                    "{name} {}:{}: listed twice, the first one kept",
-                    frontend.addr, frontend.port
+                    "{name} {}: listed twice, the first one kept",
+                    SocketAddr::new(frontend.addr, frontend.port)
                 ));
                 continue;
             }
@@ -656,8 +666,11 @@ impl DesiredState {
     ) -> Option<FrontendLayout> {
         let (addr, family) = map_addr(frontend.addr);
         let port = frontend.port.to_be();
-        let identity = (addr, port, frontend.proto, SCOPE_ALL);
-        let label = format!("{service} {}:{}", frontend.addr, frontend.port);
+        let identity = (addr, port, family, frontend.proto, SCOPE_ALL);
+        let label = format!(
+            "{service} {}",
+            SocketAddr::new(frontend.addr, frontend.port)
+        );
         match self.frontend_owners.get(&identity) {
             Some(owner) if owner != service => {
                 problems.push(format!(
@@ -692,8 +705,8 @@ impl DesiredState {
                     .get_or_allocate(&(value.addr, value.port, value.family))
             else {
                 problems.push(format!(
-                    "{label}: backend {}:{}: no free backend id (map full)",
-                    backend.addr, backend.port
+                    "{label}: backend {}: no free backend id (map full)",
+                    SocketAddr::new(backend.addr, backend.port)
                 ));
                 continue;
             };
@@ -721,8 +734,8 @@ impl DesiredState {
                     backends.push((id, value));
                 }
                 None => problems.push(format!(
-                    "{label}: backend {}:{}: no free backend id (map full)",
-                    backend.addr, backend.port
+                    "{label}: backend {}: no free backend id (map full)",
+                    SocketAddr::new(backend.addr, backend.port)
                 )),
             }
         }
@@ -730,7 +743,7 @@ impl DesiredState {
             .source_ranges
             .iter()
             .map(|range| {
-                SourceRangeKey::v4(rev_nat_id, range.network().octets(), range.prefix_len())
+                SourceRangeKey::new(rev_nat_id, map_addr(range.network()).0, range.prefix_len())
             })
             .collect();
         let mut flags = frontend.flags & !FRONTEND_FLAG_SOURCE_RANGES;
@@ -843,6 +856,84 @@ mod tests {
         assert_eq!(key.port, 80u16.to_be());
         assert_eq!(header.count, 2);
         assert_eq!(maps.revnat[&header.rev_nat_id].port, 80u16.to_be());
+    }
+
+    #[test]
+    fn ipv6_frontends_and_backends_carry_the_ipv6_family_tag() {
+        let mut desired = fresh();
+        let mut dual = vec![
+            frontend("10.96.0.10", &["10.1.1.2"]),
+            frontend("fd00:96::10", &["fd00:1:1::2", "fd00:1:2::2"]),
+        ];
+        dual[1].flags = service_common::FRONTEND_FLAG_LOAD_BALANCER;
+        dual[1].source_ranges = vec!["2001:db8::/32".parse().unwrap()];
+        let (ops, problems) = set(&mut desired, &name("web"), &dual);
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut maps = MapState::default();
+        apply_checked(&mut maps, &ops);
+        let v6: std::net::Ipv6Addr = "fd00:96::10".parse().unwrap();
+        let (key, header) = maps
+            .frontends
+            .iter()
+            .find(|(k, _)| k.slot == 0 && k.family == service_common::FAMILY_IPV6)
+            .unwrap();
+        assert_eq!(key.addr, v6.octets());
+        assert_eq!(header.count, 2);
+        assert_ne!(header.flags & FRONTEND_FLAG_SOURCE_RANGES, 0);
+        let revnat = maps.revnat[&header.rev_nat_id];
+        assert_eq!(
+            (revnat.addr, revnat.family),
+            (v6.octets(), service_common::FAMILY_IPV6)
+        );
+        let v6_backends: Vec<std::net::IpAddr> = maps
+            .backends
+            .values()
+            .filter(|b| b.family == service_common::FAMILY_IPV6)
+            .map(|b| crate::datapath::model::ip_from_map(&b.addr, b.family))
+            .collect();
+        assert_eq!(
+            v6_backends,
+            [
+                "fd00:1:1::2".parse::<std::net::IpAddr>().unwrap(),
+                "fd00:1:2::2".parse().unwrap()
+            ]
+        );
+        // The source range: 32 bits of rev-NAT id, then the /32 prefix.
+        let range = maps.source_ranges.iter().next().unwrap();
+        assert_eq!(range.prefix_len, 32 + 32);
+        assert_eq!(range.data.rev_nat_id(), header.rev_nat_id);
+        assert_eq!(range.data.addr[..4], [0x20, 0x01, 0x0d, 0xb8]);
+    }
+
+    #[test]
+    fn an_ipv6_frontend_is_not_the_ipv4_one_with_the_same_first_bytes() {
+        // 10.0.0.1 is stored as 0a 00 00 01 and twelve zeros, and so is
+        // a00:1:: (only the family tells them apart).
+        let mut desired = fresh();
+        let (_, problems) = set(
+            &mut desired,
+            &name("v4"),
+            &[frontend("10.0.0.1", &["10.1.1.2"])],
+        );
+        assert!(problems.is_empty());
+        let (_, problems) = set(
+            &mut desired,
+            &name("v6"),
+            &[frontend("a00:1::", &["fd00:1:1::2"])],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let maps = desired.maps();
+        let headers: Vec<u8> = maps
+            .frontends
+            .keys()
+            .filter(|k| k.slot == 0)
+            .map(|k| k.family)
+            .collect();
+        assert_eq!(headers.len(), 2);
+        assert!(headers.contains(&service_common::FAMILY_IPV4));
+        assert!(headers.contains(&service_common::FAMILY_IPV6));
+        let ids: BTreeSet<RevNatId> = maps.revnat.keys().copied().collect();
+        assert_eq!(ids.len(), 2);
     }
 
     #[test]

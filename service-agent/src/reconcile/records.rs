@@ -93,6 +93,32 @@ pub struct ServicePortRecord {
     pub node_port: Option<i32>,
 }
 
+/// `spec.ipFamilyPolicy` of a Service: how many address families its
+/// clusterIPs have (the API server allocates them; the agent checks the
+/// addresses it is given against it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpFamilyPolicy {
+    /// `SingleStack`: one clusterIP, of the first of `ipFamilies`.
+    SingleStack,
+    /// `PreferDualStack`: one clusterIP per family where the cluster has
+    /// both, else one.
+    PreferDualStack,
+    /// `RequireDualStack`: one clusterIP of each family.
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    /// The policy named `name`; `None` for an unknown name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "SingleStack" => Some(IpFamilyPolicy::SingleStack),
+            "PreferDualStack" => Some(IpFamilyPolicy::PreferDualStack),
+            "RequireDualStack" => Some(IpFamilyPolicy::RequireDualStack),
+            _ => None,
+        }
+    }
+}
+
 /// `spec.externalTrafficPolicy` or `spec.internalTrafficPolicy`: which
 /// endpoints a frontend's traffic may reach.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -156,7 +182,11 @@ pub struct ServiceRecord {
     pub service_type: ServiceType,
     /// `clusterIP: None`.
     pub headless: bool,
-    /// `spec.clusterIPs` (or `spec.clusterIP`), parsed.
+    /// `spec.clusterIPs` (or `spec.clusterIP`), parsed and checked against
+    /// `spec.ipFamilies` and `spec.ipFamilyPolicy`: at most one address per
+    /// family, the primary family's first. Every frontend of a family
+    /// exists only when this holds an address of that family (as in
+    /// kube-proxy).
     pub cluster_ips: Box<[IpAddr]>,
     /// `spec.ports`.
     pub ports: Box<[ServicePortRecord]>,
@@ -212,6 +242,16 @@ pub enum AddressType {
     Ipv6,
     /// `FQDN` or anything else: not served.
     Other,
+}
+
+impl AddressType {
+    /// The address type of slices holding addresses of `addr`'s family.
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => AddressType::Ipv4,
+            IpAddr::V6(_) => AddressType::Ipv6,
+        }
+    }
 }
 
 /// One port of an EndpointSlice.

@@ -15,6 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     time::Instant,
 };
 
@@ -588,13 +589,12 @@ fn log_change(level: log::Level, name: &ObjectName, existed: bool, after: &Trans
     for f in &after.frontends {
         log::log!(
             level,
-            "service {name} {verb}: {}:{}/{} -> [{}]",
-            f.addr,
-            f.port,
+            "service {name} {verb}: {}/{} -> [{}]",
+            SocketAddr::new(f.addr, f.port),
             proto_name(f.proto),
             f.backends
                 .iter()
-                .map(|b| format!("{}:{}", b.addr, b.port))
+                .map(|b| SocketAddr::new(b.addr, b.port).to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         );

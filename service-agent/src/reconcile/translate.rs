@@ -24,9 +24,11 @@ use super::{
 /// endpoints are on this node, the sources already know).
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
-    /// The node addresses NodePorts are served on.
+    /// The node addresses NodePorts are served on, of both families (a
+    /// Service gets NodePorts on those of the families of its clusterIPs).
     pub nodeport_addresses: Vec<IpAddr>,
-    /// `spec.externalIPs` are served only inside these CIDRs.
+    /// `spec.externalIPs` are served only inside these CIDRs (IPv4 and
+    /// IPv6 ones).
     pub external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
@@ -53,10 +55,10 @@ pub struct DesiredFrontend {
     /// `sessionAffinity: ClientIP`: its timeout in seconds (then `flags`
     /// has `FRONTEND_FLAG_AFFINITY`); 0 when affinity is off.
     pub affinity_timeout_secs: u32,
-    /// `loadBalancerSourceRanges` (IPv4, LoadBalancer frontends only), as
-    /// network prefixes; empty admits every client. The desired state sets
-    /// `FRONTEND_FLAG_SOURCE_RANGES` from it.
-    pub source_ranges: Vec<ipnet::Ipv4Net>,
+    /// `loadBalancerSourceRanges` of the frontend's family (LoadBalancer
+    /// frontends only), as network prefixes; empty admits every client.
+    /// The desired state sets `FRONTEND_FLAG_SOURCE_RANGES` from it.
+    pub source_ranges: Vec<ipnet::IpNet>,
 }
 
 /// A backend of a frontend: an endpoint address with the resolved target port.
@@ -131,8 +133,9 @@ pub struct Translation {
     /// One line per object or field skipped as invalid.
     pub skipped: Vec<String>,
     /// One line per field set to something the agent does not serve (an
-    /// SCTP port, an IPv6 address): logged, counted in
-    /// `service_agent_unsupported_fields`, shown by `list`.
+    /// SCTP port, ignored; an IPv6 frontend address, programmed in the
+    /// maps but not served by the IPv4-only datapath yet): logged, counted
+    /// in `service_agent_unsupported_fields`, shown by `list`.
     pub unsupported: Vec<String>,
 }
 
@@ -190,20 +193,13 @@ fn translate_service(
         return;
     }
     let semantics = FrontendSemantics::of(name, service, out);
-    let mut addrs = Vec::new();
-    for &ip in service.cluster_ips.iter() {
-        match ip {
-            IpAddr::V4(_) => addrs.push(ip),
-            IpAddr::V6(_) => out.unsupported.push(format!(
-                "Service {name}: clusterIP {ip}: IPv6 is not served yet"
-            )),
-        }
-    }
-    if addrs.is_empty() {
+    if service.cluster_ips.is_empty() {
         out.skipped
             .push(format!("Service {name}: no usable clusterIP"));
         return;
     }
+    skip_other_family(name, service, out);
+    let first_frontend = out.frontends.len();
     for service_port in service.ports.iter() {
         let port_label = &*service_port.name;
         // (An unsupported protocol is in `service.unsupported` already.)
@@ -217,87 +213,154 @@ fn translate_service(
             ));
             continue;
         };
-        let listed =
-            endpoints_for_port(&slices, service_port, proto, name, cluster.node_zone(), out);
-        let mut frontends: Vec<(IpAddr, u16, u16)> = addrs
-            .iter()
-            .map(|addr| (*addr, port, FRONTEND_FLAG_CLUSTER_IP))
-            .collect();
-        if service.service_type.has_node_ports()
-            && let Some(node_port) = service_port.node_port
-        {
-            match valid_port(node_port) {
-                Some(node_port) => frontends.extend(
+        let node_port = match service_port.node_port {
+            Some(node_port) if service.service_type.has_node_ports() => {
+                let valid = valid_port(node_port);
+                if valid.is_none() {
+                    out.skipped.push(format!(
+                        "Service {name} port {port_label:?}: invalid nodePort {node_port}"
+                    ));
+                }
+                valid
+            }
+            _ => None,
+        };
+        // One set of frontends per family of the Service's clusterIPs,
+        // each with the endpoints of the EndpointSlices of that family
+        // (kube-proxy runs one proxier per family the same way).
+        for &cluster_ip in service.cluster_ips.iter() {
+            let same_family = |ip: &&IpAddr| ip.is_ipv4() == cluster_ip.is_ipv4();
+            let listed = endpoints_for_port(
+                &slices,
+                service_port,
+                proto,
+                AddressType::of(cluster_ip),
+                name,
+                cluster.node_zone(),
+                out,
+            );
+            let mut frontends: Vec<(IpAddr, u16, u16)> =
+                vec![(cluster_ip, port, FRONTEND_FLAG_CLUSTER_IP)];
+            if let Some(node_port) = node_port {
+                frontends.extend(
                     node.nodeport_addresses
                         .iter()
-                        .filter(|addr| addr.is_ipv4())
+                        .filter(same_family)
                         .map(|addr| (*addr, node_port, FRONTEND_FLAG_NODE_PORT)),
-                ),
-                None => out.skipped.push(format!(
-                    "Service {name} port {port_label:?}: invalid nodePort {node_port}"
-                )),
+                );
             }
-        }
-        if service.service_type == ServiceType::LoadBalancer {
-            for &ip in service.load_balancer_ips.iter() {
-                match ip {
-                    IpAddr::V4(_) => frontends.push((ip, port, FRONTEND_FLAG_LOAD_BALANCER)),
-                    IpAddr::V6(_) => out.unsupported.push(format!(
-                        "Service {name}: LoadBalancer ingress IP {ip}: IPv6 is not served yet"
-                    )),
+            if service.service_type == ServiceType::LoadBalancer {
+                frontends.extend(
+                    service
+                        .load_balancer_ips
+                        .iter()
+                        .filter(same_family)
+                        .map(|ip| (*ip, port, FRONTEND_FLAG_LOAD_BALANCER)),
+                );
+            }
+            for ip in service.external_ips.iter().filter(same_family) {
+                if node.external_ip_cidrs.iter().any(|cidr| cidr.contains(ip)) {
+                    frontends.push((*ip, port, FRONTEND_FLAG_EXTERNAL_IP));
+                } else {
+                    out.skipped.push(format!(
+                        "Service {name}: externalIP {ip} is outside --external-ip-cidrs, not served"
+                    ));
                 }
             }
-        }
-        for &ip in service.external_ips.iter() {
-            match ip {
-                IpAddr::V4(_) if node.external_ip_cidrs.iter().any(|cidr| cidr.contains(&ip)) => {
-                    frontends.push((ip, port, FRONTEND_FLAG_EXTERNAL_IP))
-                }
-                IpAddr::V4(_) => out.skipped.push(format!(
-                    "Service {name}: externalIP {ip} is outside --external-ip-cidrs, not served"
-                )),
-                IpAddr::V6(_) => out.unsupported.push(format!(
-                    "Service {name}: externalIP {ip}: IPv6 is not served yet"
-                )),
-            }
-        }
-        // ClusterIP frontends follow internalTrafficPolicy; NodePort,
-        // LoadBalancer and externalIP ones externalTrafficPolicy.
-        let internal = select_backends(&listed, service.internal_traffic_policy);
-        let external = if frontends
-            .iter()
-            .any(|(_, _, kind)| *kind != FRONTEND_FLAG_CLUSTER_IP)
-        {
-            select_backends(&listed, service.external_traffic_policy)
-        } else {
-            PortBackends::default()
-        };
-        for (addr, port, kind) in frontends {
-            let (chosen, policy) = if kind == FRONTEND_FLAG_CLUSTER_IP {
-                (&internal, service.internal_traffic_policy)
+            // ClusterIP frontends follow internalTrafficPolicy; NodePort,
+            // LoadBalancer and externalIP ones externalTrafficPolicy.
+            let internal = select_backends(&listed, service.internal_traffic_policy);
+            let external = if frontends
+                .iter()
+                .any(|(_, _, kind)| *kind != FRONTEND_FLAG_CLUSTER_IP)
+            {
+                select_backends(&listed, service.external_traffic_policy)
             } else {
-                (&external, service.external_traffic_policy)
+                PortBackends::default()
             };
-            let mut flags = kind;
-            if chosen.fallback {
-                flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
+            for (addr, port, kind) in frontends {
+                let (chosen, policy) = if kind == FRONTEND_FLAG_CLUSTER_IP {
+                    (&internal, service.internal_traffic_policy)
+                } else {
+                    (&external, service.external_traffic_policy)
+                };
+                let mut flags = kind;
+                if chosen.fallback {
+                    flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
+                }
+                if policy == TrafficPolicy::Local {
+                    flags |= FRONTEND_FLAG_LOCAL_ONLY;
+                }
+                out.frontends.push(semantics.apply(DesiredFrontend {
+                    addr,
+                    port,
+                    proto,
+                    flags,
+                    backends: chosen.backends.clone(),
+                    draining: chosen.draining.clone(),
+                    affinity_timeout_secs: 0,
+                    source_ranges: Vec::new(),
+                }));
             }
-            if policy == TrafficPolicy::Local {
-                flags |= FRONTEND_FLAG_LOCAL_ONLY;
-            }
-            out.frontends.push(semantics.apply(DesiredFrontend {
-                addr,
-                port,
-                proto,
-                flags,
-                backends: chosen.backends.clone(),
-                draining: chosen.draining.clone(),
-                affinity_timeout_secs: 0,
-                source_ranges: Vec::new(),
-            }));
         }
     }
+    report_ipv6_not_served(name, first_frontend, out);
     health_check(name, service, &slices, out);
+}
+
+/// Reports the LoadBalancer ingress IPs and externalIPs of a family the
+/// Service has no clusterIP of: not served, as kube-proxy does not serve
+/// them (its proxier of a family only sees Services with a clusterIP of
+/// that family).
+fn skip_other_family(name: &ObjectName, service: &ServiceRecord, out: &mut Translation) {
+    let has_family = |ip: &IpAddr| {
+        service
+            .cluster_ips
+            .iter()
+            .any(|cluster_ip| cluster_ip.is_ipv4() == ip.is_ipv4())
+    };
+    let load_balancer_ips = if service.service_type == ServiceType::LoadBalancer {
+        &service.load_balancer_ips[..]
+    } else {
+        &[]
+    };
+    for (field, ips) in [
+        ("LoadBalancer ingress IP", load_balancer_ips),
+        ("externalIP", &service.external_ips[..]),
+    ] {
+        for ip in ips.iter().filter(|ip| !has_family(ip)) {
+            out.skipped.push(format!(
+                "Service {name}: {field} {ip}: the Service has no {} clusterIP (spec.ipFamilies), not served",
+                if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+            ));
+        }
+    }
+}
+
+/// Reports each IPv6 frontend address of the Service whose frontends
+/// start at `out.frontends[first]` (once per address and kind): they are
+/// in the maps, with their IPv6 backends, but the datapath does not
+/// translate IPv6 packets yet.
+fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation) {
+    let mut reported: Vec<(u16, IpAddr)> = Vec::new();
+    for frontend in &out.frontends[first..] {
+        let kind = frontend.flags & (FRONTEND_FLAG_CLUSTER_IP | FRONTEND_FLAGS_EXTERNAL);
+        if frontend.addr.is_ipv4() || reported.contains(&(kind, frontend.addr)) {
+            continue;
+        }
+        reported.push((kind, frontend.addr));
+    }
+    for (kind, addr) in reported {
+        let field = match kind {
+            FRONTEND_FLAG_CLUSTER_IP => "clusterIP",
+            FRONTEND_FLAG_NODE_PORT => "NodePort address",
+            FRONTEND_FLAG_LOAD_BALANCER => "LoadBalancer ingress IP",
+            _ => "externalIP",
+        };
+        out.unsupported.push(format!(
+            "Service {name}: IPv6 {field} {addr}: programmed in the maps but not served: the datapath translates IPv4 packets only so far"
+        ));
+    }
 }
 
 /// The health-check node port of a Service with `externalTrafficPolicy:
@@ -318,11 +381,16 @@ fn health_check(
     {
         return;
     }
+    // Of the primary family: a dual-stack endpoint has an address in each.
+    let family = service
+        .cluster_ips
+        .first()
+        .map_or(AddressType::Ipv4, |ip| AddressType::of(*ip));
     match valid_port(port) {
         Some(port) => out.health_checks.push(HealthCheck {
             service: name.clone(),
             port,
-            local_endpoints: local_ready_endpoints(slices),
+            local_endpoints: local_ready_endpoints(slices, family),
         }),
         None => out.skipped.push(format!(
             "Service {name}: invalid healthCheckNodePort {port}"
@@ -340,8 +408,9 @@ struct FrontendSemantics {
     affinity_timeout_secs: u32,
     /// `externalTrafficPolicy: Local` on a NodePort or LoadBalancer Service.
     external_local: bool,
-    /// The valid IPv4 `loadBalancerSourceRanges`, as network prefixes.
-    source_ranges: Vec<ipnet::Ipv4Net>,
+    /// The valid `loadBalancerSourceRanges` of both families, as network
+    /// prefixes.
+    source_ranges: Vec<ipnet::IpNet>,
 }
 
 impl FrontendSemantics {
@@ -354,8 +423,8 @@ impl FrontendSemantics {
     /// - an entry of `loadBalancerSourceRanges` that is no CIDR is left
     ///   out, as kube-proxy leaves it out (the others still apply; with no
     ///   valid entry at all, every client is admitted, as by kube-proxy);
-    ///   IPv6 ranges do not apply to IPv4 frontends (kube-proxy sorts the
-    ///   ranges by family the same way).
+    ///   IPv6 ranges apply to IPv6 frontends only and IPv4 ranges to IPv4
+    ///   ones (kube-proxy sorts the ranges by family the same way).
     fn of(name: &ObjectName, service: &ServiceRecord, out: &mut Translation) -> Self {
         let affinity_timeout_secs = match service.session_affinity {
             SessionAffinity::None => 0,
@@ -372,8 +441,7 @@ impl FrontendSemantics {
         let mut source_ranges = Vec::new();
         for range in service.load_balancer_source_ranges.iter() {
             match range.parse::<ipnet::IpNet>() {
-                Ok(ipnet::IpNet::V4(net)) => source_ranges.push(net.trunc()),
-                Ok(ipnet::IpNet::V6(_)) => {}
+                Ok(net) => source_ranges.push(net.trunc()),
                 Err(_) => out.skipped.push(format!(
                     "Service {name}: loadBalancerSourceRanges entry {range:?} is not a CIDR, ignored"
                 )),
@@ -402,7 +470,12 @@ impl FrontendSemantics {
             frontend.flags |= FRONTEND_FLAG_EXTERNAL_LOCAL;
         }
         if frontend.flags & FRONTEND_FLAG_LOAD_BALANCER != 0 {
-            frontend.source_ranges = self.source_ranges.clone();
+            frontend.source_ranges = self
+                .source_ranges
+                .iter()
+                .filter(|range| range.addr().is_ipv4() == frontend.addr.is_ipv4())
+                .copied()
+                .collect();
         }
         frontend
     }
@@ -532,7 +605,9 @@ fn select_backends(listed: &[ListedEndpoint], policy: TrafficPolicy) -> PortBack
     }
 }
 
-/// Every endpoint of one Service port: every endpoint of every slice that
+/// Every endpoint of one Service port in the slices of `family` (IPv4
+/// slices serve the IPv4 frontends, IPv6 slices the IPv6 ones): every
+/// endpoint of every such slice that
 /// has a port of the same name and protocol, at that slice's port number
 /// (this is how a named `targetPort` resolves per pod), with its state
 /// ([`backend_state`]) and what its hints say about this node and `zone`.
@@ -542,6 +617,7 @@ fn endpoints_for_port(
     slices: &[(&ObjectName, &SliceRecord)],
     service_port: &ServicePortRecord,
     proto: u8,
+    family: AddressType,
     service: &ObjectName,
     zone: Option<&str>,
     out: &mut Translation,
@@ -549,7 +625,7 @@ fn endpoints_for_port(
     let wanted_name = &*service_port.name;
     let mut listed = Vec::new();
     for (slice_name, slice) in slices {
-        if slice.address_type != AddressType::Ipv4 {
+        if slice.address_type != family {
             continue;
         }
         let slice_port = slice
@@ -567,7 +643,8 @@ fn endpoints_for_port(
             continue;
         };
         for endpoint in slice.endpoints.iter() {
-            if !endpoint.addr.is_ipv4() {
+            // (The sources keep only addresses of the slice's type.)
+            if AddressType::of(endpoint.addr) != family {
                 continue;
             }
             let zones = slice.zones_of(endpoint);
@@ -593,12 +670,13 @@ fn endpoints_for_port(
     listed
 }
 
-/// The number of this node's ready endpoints of a Service (each address
-/// once, whatever its ports): what its health-check node port reports.
-fn local_ready_endpoints(slices: &[(&ObjectName, &SliceRecord)]) -> usize {
+/// The number of this node's ready endpoints of a Service in the slices
+/// of `family` (each address once, whatever its ports): what its
+/// health-check node port reports.
+fn local_ready_endpoints(slices: &[(&ObjectName, &SliceRecord)], family: AddressType) -> usize {
     let mut addrs: Vec<IpAddr> = slices
         .iter()
-        .filter(|(_, slice)| slice.address_type == AddressType::Ipv4)
+        .filter(|(_, slice)| slice.address_type == family)
         .flat_map(|(_, slice)| slice.endpoints.iter())
         .filter(|e| e.node_local && e.ready)
         .map(|e| e.addr)
@@ -649,7 +727,7 @@ mod tests {
         frontend
             .backends
             .iter()
-            .map(|b| format!("{}:{}", b.addr, b.port))
+            .map(|b| std::net::SocketAddr::new(b.addr, b.port).to_string())
             .collect()
     }
 
@@ -1593,5 +1671,390 @@ spec:
                 .is_empty()
         );
         assert_eq!(t.skipped.len(), 1);
+    }
+
+    /// A Service `web` with `families` spec lines (clusterIP(s), ipFamilies,
+    /// ipFamilyPolicy), type LoadBalancer, one port (80 to 8080, nodePort
+    /// 30080), externalIPs and ingress IPs of both families, and an IPv4
+    /// and an IPv6 slice, each with a local and a remote endpoint.
+    fn dual_stack_yaml(families: &str) -> String {
+        format!(
+            r#"
+kind: Service
+apiVersion: v1
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+{families}
+  externalIPs: [10.99.0.200, "2001:db8:99::200"]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [10.0.0.0/8, "2001:db8::/32"]
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: 10.99.0.100}}, {{ip: "2001:db8:99::100"}}]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata:
+  name: web-v4
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.1.1.2], nodeName: node-a}}, {{addresses: [10.1.2.2], nodeName: node-b}}]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata:
+  name: web-v6
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{{name: http, port: 8080}}]
+endpoints:
+  - addresses: ["fd00:1:1::2"]
+    nodeName: node-a
+  - addresses: [fd00:1:2::2]
+    nodeName: node-b
+"#
+        )
+    }
+
+    /// A node with NodePort addresses and allowed externalIPs of both
+    /// families.
+    fn dual_stack_node() -> NodeContext {
+        NodeContext {
+            nodeport_addresses: vec![
+                "10.99.0.1".parse().unwrap(),
+                "2001:db8:99::1".parse().unwrap(),
+            ],
+            external_ip_cidrs: vec![
+                "10.99.0.0/24".parse().unwrap(),
+                "2001:db8:99::/64".parse().unwrap(),
+            ],
+        }
+    }
+
+    /// Every frontend as `address:port kind backends (draining)`, sorted.
+    fn frontends(t: &Translation) -> Vec<String> {
+        let mut out: Vec<String> = t
+            .frontends
+            .iter()
+            .map(|f| {
+                let kind = match f.flags & (FRONTEND_FLAG_CLUSTER_IP | FRONTEND_FLAGS_EXTERNAL) {
+                    FRONTEND_FLAG_CLUSTER_IP => "ClusterIP",
+                    FRONTEND_FLAG_NODE_PORT => "NodePort",
+                    FRONTEND_FLAG_LOAD_BALANCER => "LoadBalancer",
+                    _ => "ExternalIP",
+                };
+                let draining: Vec<String> = f
+                    .draining
+                    .iter()
+                    .map(|b| std::net::SocketAddr::new(b.addr, b.port).to_string())
+                    .collect();
+                format!(
+                    "{} {kind} {} ({})",
+                    std::net::SocketAddr::new(f.addr, f.port),
+                    backends(f).join(","),
+                    draining.join(",")
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    const DUAL_STACK: &str = "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack";
+
+    #[test]
+    fn a_dual_stack_service_gets_the_frontends_of_each_family_with_that_familys_endpoints() {
+        let t = translate(&state_of(&dual_stack_yaml(DUAL_STACK)), &dual_stack_node());
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        // externalTrafficPolicy: Local: the external frontends take the
+        // local endpoint of their family, the remote one drains.
+        assert_eq!(
+            frontends(&t),
+            [
+                "10.96.0.10:80 ClusterIP 10.1.1.2:8080,10.1.2.2:8080 ()",
+                "10.99.0.100:80 LoadBalancer 10.1.1.2:8080 (10.1.2.2:8080)",
+                "10.99.0.1:30080 NodePort 10.1.1.2:8080 (10.1.2.2:8080)",
+                "10.99.0.200:80 ExternalIP 10.1.1.2:8080 (10.1.2.2:8080)",
+                "[2001:db8:99::100]:80 LoadBalancer [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::1]:30080 NodePort [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::200]:80 ExternalIP [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[fd00:96::10]:80 ClusterIP [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
+            ]
+        );
+        // Each LoadBalancer frontend gets the source ranges of its family.
+        for f in t
+            .frontends
+            .iter()
+            .filter(|f| f.flags & FRONTEND_FLAG_LOAD_BALANCER != 0)
+        {
+            let ranges: Vec<String> = f.source_ranges.iter().map(ToString::to_string).collect();
+            let want = if f.addr.is_ipv4() {
+                "10.0.0.0/8"
+            } else {
+                "2001:db8::/32"
+            };
+            assert_eq!(ranges, [want]);
+        }
+        // The health check counts the local endpoints of the primary
+        // family: a dual-stack pod is one endpoint, not two.
+        assert_eq!(t.health_checks[0].local_endpoints, 1);
+        // Every IPv6 frontend address is reported once (whatever its
+        // ports) as programmed but not served; the IPv4 ones are not.
+        assert_eq!(t.unsupported.len(), 4, "{:#?}", t.unsupported);
+        for (line, what) in t.unsupported.iter().zip([
+            "IPv6 clusterIP fd00:96::10",
+            "IPv6 NodePort address 2001:db8:99::1",
+            "IPv6 LoadBalancer ingress IP 2001:db8:99::100",
+            "IPv6 externalIP 2001:db8:99::200",
+        ]) {
+            assert!(
+                line.starts_with("Service default/web: ")
+                    && line.contains(what)
+                    && line.contains("programmed in the maps but not served"),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_ipv6_family_may_come_first() {
+        let families = "  clusterIP: fd00:96::10\n  clusterIPs: [\"fd00:96::10\", 10.96.0.10]\n  ipFamilies: [IPv6, IPv4]\n  ipFamilyPolicy: RequireDualStack";
+        let t = translate(&state_of(&dual_stack_yaml(families)), &dual_stack_node());
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert_eq!(t.frontends.len(), 8);
+        // The primary family's frontends come first.
+        assert_eq!(t.frontends[0].addr.to_string(), "fd00:96::10");
+        // The health check counts the IPv6 slice's local endpoints.
+        assert_eq!(t.health_checks[0].local_endpoints, 1);
+    }
+
+    #[test]
+    fn a_single_stack_ipv4_service_gets_no_ipv6_frontend_and_no_ipv6_endpoint() {
+        for families in [
+            "  clusterIP: 10.96.0.10",
+            "  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10]\n  ipFamilies: [IPv4]\n  ipFamilyPolicy: SingleStack",
+            // PreferDualStack on a single-stack cluster: one family.
+            "  clusterIPs: [10.96.0.10]\n  ipFamilies: [IPv4]\n  ipFamilyPolicy: PreferDualStack",
+        ] {
+            let t = translate(&state_of(&dual_stack_yaml(families)), &dual_stack_node());
+            assert!(t.frontends.iter().all(|f| f.addr.is_ipv4()), "{families}");
+            assert!(
+                t.frontends
+                    .iter()
+                    .flat_map(|f| f.backends.iter().chain(&f.draining))
+                    .all(|b| b.addr.is_ipv4())
+            );
+            assert_eq!(t.frontends.len(), 4);
+            assert!(t.unsupported.is_empty(), "{:?}", t.unsupported);
+            // The IPv6 externalIP and ingress IP have no clusterIP of their
+            // family: reported, not served (as by kube-proxy).
+            assert_eq!(t.skipped.len(), 2, "{families}: {:#?}", t.skipped);
+            assert!(
+                t.skipped[0].contains("LoadBalancer ingress IP 2001:db8:99::100")
+                    && t.skipped[1].contains("externalIP 2001:db8:99::200")
+                    && t.skipped
+                        .iter()
+                        .all(|line| line.contains("has no IPv6 clusterIP")),
+                "{:#?}",
+                t.skipped
+            );
+        }
+    }
+
+    #[test]
+    fn a_single_stack_ipv6_service_gets_only_ipv6_frontends_and_endpoints() {
+        let families = "  clusterIP: fd00:96::10\n  clusterIPs: [\"fd00:96::10\"]\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack";
+        let t = translate(&state_of(&dual_stack_yaml(families)), &dual_stack_node());
+        assert_eq!(
+            frontends(&t),
+            [
+                "[2001:db8:99::100]:80 LoadBalancer [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::1]:30080 NodePort [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::200]:80 ExternalIP [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[fd00:96::10]:80 ClusterIP [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
+            ]
+        );
+        assert_eq!(t.unsupported.len(), 4, "{:#?}", t.unsupported);
+        assert_eq!(t.skipped.len(), 2, "{:#?}", t.skipped);
+        assert!(
+            t.skipped
+                .iter()
+                .all(|line| line.contains("has no IPv4 clusterIP"))
+        );
+        // IPv4 source ranges do not apply to the IPv6 LoadBalancer IP.
+        let lb = of_kind(&t, FRONTEND_FLAG_LOAD_BALANCER);
+        assert_eq!(lb.source_ranges.len(), 1);
+        assert!(lb.source_ranges[0].addr().is_ipv6());
+    }
+
+    #[test]
+    fn ipv6_node_ports_need_ipv6_node_addresses() {
+        let families = "  clusterIPs: [\"fd00:96::10\"]\n  ipFamilies: [IPv6]";
+        let t = translate(
+            &state_of(&dual_stack_yaml(families)),
+            &NodeContext {
+                nodeport_addresses: vec!["10.99.0.1".parse().unwrap()],
+                ..NodeContext::default()
+            },
+        );
+        assert!(
+            t.frontends
+                .iter()
+                .all(|f| f.flags & FRONTEND_FLAG_NODE_PORT == 0)
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_service_with_one_familys_slices_only_has_empty_frontends_of_the_other() {
+        let yaml = dual_stack_yaml(DUAL_STACK);
+        let v4_only = &yaml[..yaml.find("---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata:\n  name: web-v6").unwrap()];
+        let t = translate(&state_of(v4_only), &dual_stack_node());
+        for f in &t.frontends {
+            if f.addr.is_ipv4() {
+                assert!(!f.backends.is_empty());
+            } else {
+                // IPv4 endpoints are never IPv6 backends.
+                assert!(f.backends.is_empty() && f.draining.is_empty(), "{f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_slice_address_of_the_other_family_is_reported_and_left_out() {
+        let yaml = dual_stack_yaml(DUAL_STACK).replace("fd00:1:2::2", "10.1.3.3");
+        let t = translate(&state_of(&yaml), &dual_stack_node());
+        assert_eq!(t.skipped.len(), 1, "{:#?}", t.skipped);
+        assert!(
+            t.skipped[0].contains("web-v6")
+                && t.skipped[0].contains("10.1.3.3 is not of its addressType IPv6"),
+            "{:?}",
+            t.skipped
+        );
+        let cluster_ip = |v4: bool| {
+            t.frontends
+                .iter()
+                .find(|f| f.flags & FRONTEND_FLAG_CLUSTER_IP != 0 && f.addr.is_ipv4() == v4)
+                .unwrap()
+        };
+        assert_eq!(backends(cluster_ip(false)), ["[fd00:1:1::2]:8080"]);
+        assert_eq!(
+            backends(cluster_ip(true)),
+            ["10.1.1.2:8080", "10.1.2.2:8080"]
+        );
+    }
+
+    /// What `families` programs: the clusterIPs served (in order), and the
+    /// lines skipped about them.
+    fn cluster_ips_of(families: &str) -> (Vec<String>, Vec<String>) {
+        let t = translate(&state_of(&dual_stack_yaml(families)), &dual_stack_node());
+        let mut ips: Vec<String> = Vec::new();
+        for f in &t.frontends {
+            if f.flags & FRONTEND_FLAG_CLUSTER_IP != 0 && !ips.contains(&f.addr.to_string()) {
+                ips.push(f.addr.to_string());
+            }
+        }
+        let skipped = t
+            .skipped
+            .into_iter()
+            .filter(|line| !line.contains("clusterIP (spec.ipFamilies), not served"))
+            .collect();
+        (ips, skipped)
+    }
+
+    #[test]
+    fn ip_family_policies_are_checked_as_kubernetes_defines_them() {
+        // RequireDualStack, or unset with two families (the API server
+        // defaults it to RequireDualStack): both.
+        for families in [
+            "  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilyPolicy: RequireDualStack",
+            "  clusterIPs: [10.96.0.10, \"fd00:96::10\"]",
+            "  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv4, IPv6]",
+        ] {
+            let (ips, skipped) = cluster_ips_of(families);
+            assert_eq!(ips, ["10.96.0.10", "fd00:96::10"], "{families}");
+            assert!(skipped.is_empty(), "{families}: {skipped:?}");
+        }
+        // SingleStack with two families: the first only.
+        let (ips, skipped) = cluster_ips_of(
+            "  clusterIPs: [\"fd00:96::10\", 10.96.0.10]\n  ipFamilyPolicy: SingleStack",
+        );
+        assert_eq!(ips, ["fd00:96::10"]);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].contains("SingleStack") && skipped[0].contains("10.96.0.10 ignored"));
+        // RequireDualStack with one family: served on it, reported.
+        let (ips, skipped) =
+            cluster_ips_of("  clusterIP: 10.96.0.10\n  ipFamilyPolicy: RequireDualStack");
+        assert_eq!(ips, ["10.96.0.10"]);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].contains("RequireDualStack"));
+        // PreferDualStack with one family is what a single-stack cluster
+        // gives: nothing to report.
+        let (ips, skipped) =
+            cluster_ips_of("  clusterIP: 10.96.0.10\n  ipFamilyPolicy: PreferDualStack");
+        assert_eq!((ips.len(), skipped.len()), (1, 0), "{skipped:?}");
+        // An unknown policy: reported, the addresses decide.
+        let (ips, skipped) = cluster_ips_of(
+            "  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilyPolicy: DualStackPlease",
+        );
+        assert_eq!(ips.len(), 2);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].contains("\"DualStackPlease\" is not known"));
+    }
+
+    #[test]
+    fn ip_families_must_name_the_family_of_each_cluster_ip() {
+        let (ips, skipped) = cluster_ips_of(
+            "  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ipFamilies: [IPv6, IPv4]",
+        );
+        // The addresses decide; each mismatch is reported.
+        assert_eq!(ips, ["10.96.0.10", "fd00:96::10"]);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("ipFamilies[0] IPv6 does not match clusterIPs[0] 10.96.0.10"));
+        // A family without its clusterIP, and a family that is none.
+        let (ips, skipped) = cluster_ips_of(
+            "  clusterIPs: [10.96.0.10]\n  ipFamilies: [IPv4, IPv6, IPv5]\n  ipFamilyPolicy: PreferDualStack",
+        );
+        assert_eq!(ips, ["10.96.0.10"]);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("ipFamilies[1] IPv6 has no clusterIP of its own"));
+        assert!(skipped[1].contains("\"IPv5\" is no IP family"));
+    }
+
+    #[test]
+    fn invalid_or_inconsistent_cluster_ips_are_reported() {
+        // clusterIP must be clusterIPs[0]: nothing is programmed otherwise
+        // (which one was meant is unknown).
+        let (ips, skipped) =
+            cluster_ips_of("  clusterIP: 10.96.0.11\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]");
+        assert!(ips.is_empty());
+        assert!(skipped[0].contains("is not clusterIPs[0]"), "{skipped:?}");
+        // The same address written another way is the same address.
+        let (ips, skipped) = cluster_ips_of(
+            "  clusterIP: \"fd00:96:0::10\"\n  clusterIPs: [\"fd00:96::10\", 10.96.0.10]",
+        );
+        assert_eq!((ips.len(), skipped.len()), (2, 0), "{skipped:?}");
+        // An invalid IPv6 address, and a second address of one family.
+        let (ips, skipped) = cluster_ips_of(
+            "  clusterIPs: [10.96.0.10, \"fd00:96::zz\", 10.96.0.11, \"fd00:96::10\"]\n  ipFamilyPolicy: PreferDualStack",
+        );
+        assert_eq!(ips, ["10.96.0.10", "fd00:96::10"]);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("invalid clusterIP \"fd00:96::zz\""));
+        assert!(skipped[1].contains("10.96.0.11 is a second IPv4 address"));
+        // Headless, of any family: nothing.
+        let t = translate(
+            &state_of(&dual_stack_yaml(
+                "  clusterIP: None\n  clusterIPs: [None]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack",
+            )),
+            &dual_stack_node(),
+        );
+        assert!(t.frontends.is_empty() && t.unsupported.is_empty());
+        assert_eq!(t.not_programmed[0].1, NotProgrammed::Headless);
     }
 }

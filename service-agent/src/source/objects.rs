@@ -13,9 +13,9 @@ use serde::{Deserialize, Deserializer};
 use crate::reconcile::{
     cluster::ObjectName,
     records::{
-        AddressType, EndpointRecord, NodeHint, NodeRecord, PortProtocol, ServicePortRecord,
-        ServiceRecord, ServiceType, SessionAffinity, SlicePortRecord, SliceRecord,
-        TrafficDistribution, TrafficPolicy, ZoneHints,
+        AddressType, EndpointRecord, IpFamilyPolicy, NodeHint, NodeRecord, PortProtocol,
+        ServicePortRecord, ServiceRecord, ServiceType, SessionAffinity, SlicePortRecord,
+        SliceRecord, TrafficDistribution, TrafficPolicy, ZoneHints,
     },
 };
 
@@ -163,6 +163,11 @@ pub struct ServiceSpec {
     /// `clusterIPs`.
     #[serde(rename = "clusterIPs", deserialize_with = "nullable")]
     pub cluster_ips: Vec<String>,
+    /// `ipFamilies` (`IPv4`, `IPv6`), in the order of `clusterIPs`.
+    #[serde(deserialize_with = "nullable")]
+    pub ip_families: Vec<String>,
+    /// `ipFamilyPolicy`.
+    pub ip_family_policy: Option<String>,
     /// `ports`.
     #[serde(deserialize_with = "nullable")]
     pub ports: Vec<ServicePort>,
@@ -516,6 +521,106 @@ fn addresses<'a>(
         .collect()
 }
 
+/// `IPv4` or `IPv6`, as `spec.ipFamilies` names the family of `addr`.
+fn family_name(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// A Service's clusterIPs as Kubernetes defines them, and whether it is
+/// headless (`None`: nothing to program). `clusterIPs` wins over
+/// `clusterIP`, which must be its first entry; at most one address per
+/// family (the primary family's first); `ipFamilies[i]` names the family
+/// of `clusterIPs[i]`; `ipFamilyPolicy` (unset: `RequireDualStack` with
+/// two families given, else `SingleStack`, as the API server defaults
+/// it) says how many families there are. The API server refuses a
+/// Service that breaks these rules, so only a file brings one: what
+/// breaks them is reported in `problems` and left out (a second address
+/// of a family, the second family of a `SingleStack` Service), and the
+/// addresses, not `ipFamilies`, decide the families served.
+fn cluster_ips(
+    name: &ObjectName,
+    spec: &ServiceSpec,
+    problems: &mut Vec<String>,
+) -> (bool, Box<[IpAddr]>) {
+    let legacy = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty());
+    let texts: Vec<&str> = if spec.cluster_ips.is_empty() {
+        legacy.into_iter().collect()
+    } else {
+        spec.cluster_ips.iter().map(String::as_str).collect()
+    };
+    if let (Some(legacy), Some(first)) = (legacy, spec.cluster_ips.first())
+        && legacy != first
+        && (legacy.parse::<IpAddr>().ok()).is_none_or(|legacy| first.parse() != Ok(legacy))
+    {
+        problems.push(format!(
+            "Service {name}: clusterIP {legacy:?} is not clusterIPs[0] {first:?} (Kubernetes requires them equal): nothing programmed"
+        ));
+        return (false, Box::default());
+    }
+    if texts.contains(&"None") {
+        return (true, Box::default());
+    }
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(2);
+    for text in texts {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if ips.iter().any(|kept| kept.is_ipv4() == ip.is_ipv4()) => {
+                problems.push(format!(
+                    "Service {name}: clusterIPs: {ip} is a second {} address (one per family), ignored",
+                    family_name(ip)
+                ));
+            }
+            Ok(ip) => ips.push(ip),
+            Err(_) => problems.push(format!("Service {name}: invalid clusterIP {text:?}")),
+        }
+    }
+    for (i, family) in spec.ip_families.iter().enumerate() {
+        if family != "IPv4" && family != "IPv6" {
+            problems.push(format!(
+                "Service {name}: ipFamilies[{i}] {family:?} is no IP family, ignored"
+            ));
+            continue;
+        }
+        match ips.get(i) {
+            Some(&ip) if family_name(ip) == family => {}
+            Some(&ip) => problems.push(format!(
+                "Service {name}: ipFamilies[{i}] {family} does not match clusterIPs[{i}] {ip}: the address decides"
+            )),
+            None => problems.push(format!(
+                "Service {name}: ipFamilies[{i}] {family} has no clusterIP of its own: nothing served for it"
+            )),
+        }
+    }
+    let policy = match spec.ip_family_policy.as_deref() {
+        None => None,
+        Some(text) => IpFamilyPolicy::parse(text).or_else(|| {
+            problems.push(format!(
+                "Service {name}: ipFamilyPolicy {text:?} is not known, the clusterIPs decide"
+            ));
+            None
+        }),
+    };
+    let policy = policy.unwrap_or(
+        if spec.ip_families.len() == 2 || spec.cluster_ips.len() == 2 {
+            IpFamilyPolicy::RequireDualStack
+        } else {
+            IpFamilyPolicy::SingleStack
+        },
+    );
+    match (policy, &ips[..]) {
+        (IpFamilyPolicy::SingleStack, [first, second]) => {
+            problems.push(format!(
+                "Service {name}: ipFamilyPolicy SingleStack with clusterIPs of both families: {second} ignored, served on {first} only"
+            ));
+            ips.truncate(1);
+        }
+        (IpFamilyPolicy::RequireDualStack, [only]) => problems.push(format!(
+            "Service {name}: ipFamilyPolicy RequireDualStack but no clusterIP of the other family: served on {only} only"
+        )),
+        _ => {}
+    }
+    (false, ips.into())
+}
+
 impl ServiceObject {
     /// The record the agent keeps; `None` without a name.
     pub fn into_record(self) -> Option<(ObjectName, ServiceRecord)> {
@@ -538,21 +643,7 @@ impl ServiceObject {
             ));
             ServiceType::ClusterIp
         });
-        let cluster_ips: Vec<&String> = if spec.cluster_ips.is_empty() {
-            spec.cluster_ip.iter().collect()
-        } else {
-            spec.cluster_ips.iter().collect()
-        };
-        let headless = cluster_ips.iter().any(|ip| *ip == "None");
-        let cluster_ips = if headless {
-            Box::default()
-        } else {
-            addresses(
-                cluster_ips,
-                |ip| format!("Service {name}: invalid clusterIP {ip:?}"),
-                &mut problems,
-            )
-        };
+        let (headless, cluster_ips) = cluster_ips(&name, &spec, &mut problems);
         let ports: Box<[ServicePortRecord]> = spec
             .ports
             .into_iter()
