@@ -5,11 +5,12 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::Context as _;
 use ipnet::IpNet;
 
+use crate::error::Context as _;
+
 /// Every IPv4 address of this network namespace, with its device.
-pub fn local_ipv4_addresses() -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
+pub fn local_ipv4_addresses() -> crate::Result<Vec<(String, Ipv4Addr)>> {
     let mut out = Vec::new();
     for interface in nix::ifaddrs::getifaddrs().context("listing the node's addresses")? {
         if let Some(addr) = interface.address.as_ref().and_then(|a| a.as_sockaddr_in()) {

@@ -9,9 +9,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Context as _, IoContext as _};
 use crate::{
     datapath::model::{frontend_label, ip_from_map},
     reconcile::{
@@ -140,16 +140,16 @@ pub fn statuses(
 }
 
 /// Writes the status file atomically (write, then rename), streaming it.
-pub fn write(pin_path: &Path, statuses: &[ServiceStatus]) -> anyhow::Result<()> {
+pub fn write(pin_path: &Path, statuses: &[ServiceStatus]) -> crate::Result<()> {
     let path = status_path(pin_path);
-    std::fs::create_dir_all(STATUS_DIR).with_context(|| format!("creating {STATUS_DIR}"))?;
+    std::fs::create_dir_all(STATUS_DIR).on_path("creating", STATUS_DIR)?;
     let staging = path.with_extension("json.new");
-    let file = std::fs::File::create(&staging)
-        .with_context(|| format!("writing {}", staging.display()))?;
+    let file = std::fs::File::create(&staging).on_path("writing", &staging)?;
     let mut writer = std::io::BufWriter::new(file);
-    serde_json::to_writer(&mut writer, statuses)?;
-    std::io::Write::flush(&mut writer).with_context(|| format!("writing {}", staging.display()))?;
-    std::fs::rename(&staging, &path).with_context(|| format!("writing {}", path.display()))
+    serde_json::to_writer(&mut writer, statuses)
+        .with_context(|| format!("writing {}", staging.display()))?;
+    std::io::Write::flush(&mut writer).on_path("writing", &staging)?;
+    std::fs::rename(&staging, &path).on_path("writing", path)
 }
 
 /// Reads the status file; `None` when there is none (no agent wrote it).
