@@ -417,7 +417,7 @@ fn write_status<W: MapWriter + MapReader>(
     *failed_services = failures.len();
     if let Err(e) = status::write(
         pin_path,
-        &status::statuses(
+        status::statuses(
             pipeline.syncer().services(),
             pipeline.syncer().desired(),
             failures,

@@ -523,7 +523,9 @@ impl DesiredState {
     ) -> ServiceUpdate {
         let old = self.services.remove(name).unwrap_or_default();
         let mut problems = Vec::new();
-        let mut new = Vec::new();
+        // Kept as the Service's layouts: sized to fit (a pushed `Vec`
+        // starts with room for four, and most Services have one frontend).
+        let mut new = Vec::with_capacity(frontends.len());
         let mut new_backends: Vec<(BackendId, BackendValue)> = Vec::new();
         for frontend in frontends {
             let (addr, _) = map_addr(frontend.addr);
