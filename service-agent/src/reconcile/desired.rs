@@ -17,6 +17,7 @@ use service_common::{
 };
 
 use super::{
+    backend_table::{BackendTable, BackendUse},
     cluster::ObjectName,
     diff::{Writes, diff},
     translate::{DesiredBackend, DesiredFrontend},
@@ -244,13 +245,6 @@ impl FrontendLayout {
     }
 }
 
-/// A backend in the desired state: its value, and how many Services use it.
-#[derive(Clone, Copy, Debug)]
-struct BackendUse {
-    value: BackendValue,
-    services: u32,
-}
-
 /// Desired entries per map, kept up to date by [`DesiredState::set_service`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryCounts {
@@ -307,7 +301,7 @@ pub struct DesiredState {
     /// Each Service's frontends.
     services: BTreeMap<ObjectName, Vec<FrontendLayout>>,
     /// Every backend some Service uses, by id.
-    backends: BTreeMap<BackendId, BackendUse>,
+    backends: BackendTable,
     /// Which Service serves each frontend (the first one to claim it).
     frontend_owners: BTreeMap<FrontendIdentity, ObjectName>,
     counts: EntryCounts,
@@ -327,7 +321,7 @@ impl DesiredState {
             revnat_ids: IdAllocator::holding_released(revnat_limit),
             backend_ids: IdAllocator::new(backend_limit),
             services: BTreeMap::new(),
-            backends: BTreeMap::new(),
+            backends: BackendTable::default(),
             frontend_owners: BTreeMap::new(),
             counts: EntryCounts::default(),
         };
