@@ -13,11 +13,15 @@
 //!
 //! Beside them, [`ops`] holds what operators see: metrics and health (which
 //! the pipeline updates), the status file and `list`. [`cli`] and [`run`]
-//! wire everything together.
+//! wire everything together. Every fallible operation returns the library's
+//! own [`Error`] (see [`error`]).
 
 pub mod cli;
 pub mod datapath;
+pub mod error;
 pub mod ops;
 pub mod reconcile;
 pub mod run;
 pub mod source;
+
+pub use error::{Error, Result};

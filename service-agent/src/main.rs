@@ -24,10 +24,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let options = args.options()?;
-            tokio::runtime::Builder::new_current_thread()
+            // The library's error converts into anyhow's, which prints
+            // its whole chain.
+            Ok(tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(run::run(options))
+                .block_on(run::run(options))?)
         }
         Command::List(args) => {
             let listing = list::read_listing(&args.pin_path)?;

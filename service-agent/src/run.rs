@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use log::{error, info, warn};
 use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange, map_addr_v4};
 use tokio::{
@@ -18,6 +17,7 @@ use tokio::{
     sync::mpsc::unbounded_channel,
 };
 
+use crate::error::{Context as _, Error, IoContext as _};
 use crate::{
     datapath::{
         self, MapSizes,
@@ -98,7 +98,7 @@ pub struct RunOptions {
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
+pub async fn run(mut options: RunOptions) -> crate::Result<()> {
     let socket_lb_netns = if options.socket_lb_host_namespace_only {
         let cookie = datapath::netns::current_netns_cookie()?;
         info!("socket-LB limited to this network namespace (cookie {cookie})");
@@ -114,8 +114,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     let kept_cursors = id_cursors.load();
     info!("maps pinned in {}", options.pin_path.display());
     let link_dir = options.pin_path.join("links");
-    std::fs::create_dir_all(&link_dir)
-        .with_context(|| format!("creating {}", link_dir.display()))?;
+    std::fs::create_dir_all(&link_dir).on_path("creating", &link_dir)?;
     datapath::cgroup::configure(&mut ebpf, &options.cgroup_path, &link_dir)?;
 
     let metrics = Arc::new(Metrics::new(options.map_sizes, Some(counters)));
@@ -143,7 +142,10 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         SourceSpec::Kube => {
             let client = kube::Client::try_default()
                 .await
-                .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+                .map_err(|source| Error::Kube {
+                    action: "connecting (kubeconfig or in-cluster)".to_owned(),
+                    source: Box::new(source),
+                })?;
             let node_name = options.node_name.clone().unwrap_or_default();
             info!("watching the Kubernetes API as node {node_name:?}");
             source::kube::spawn_watchers(client, &node_name, events, health.clone());
@@ -197,7 +199,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         match PressureCounters::open(&options.pin_path) {
             Ok(counters) => Box::new(move || counters.read()),
             Err(e) => {
-                warn!("the datapath's counters cannot be read ({e:#}): the conntrack collector only runs on its own pace");
+                warn!("the datapath's counters cannot be read ({}): the conntrack collector only runs on its own pace", e.report());
                 Box::new(|| None)
             }
         },
@@ -274,7 +276,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
                     if (options.snat_ipv4, options.snat_ipv6) != (before.1, before.2)
                         && let Err(e) = datapath::maps::write_config(&mut ebpf, &datapath_config(&options))
                     {
-                        warn!("writing the new SNAT address: {e:#}");
+                        warn!("writing the new SNAT address: {}", e.report());
                     }
                     if options.node.nodeport_addresses != before.0.nodeport_addresses {
                         pipeline.set_node(options.node.clone());
@@ -283,7 +285,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
                     }
                 }
                 if let Err(e) = attachments.scan(&mut ebpf, &options.devices, &link_dir) {
-                    warn!("device scan failed: {e:#}");
+                    warn!("device scan failed: {}", e.report());
                 }
                 if pipeline.repair_due() || last_full_sync.elapsed() >= options.resync_interval {
                     let report = pipeline.resync();
@@ -386,7 +388,7 @@ impl AutoDevices {
         let local = match local_addresses() {
             Ok(local) => local,
             Err(e) => {
-                warn!("detecting the external devices: {e:#}");
+                warn!("detecting the external devices: {}", e.report());
                 return;
             }
         };
@@ -433,13 +435,13 @@ fn write_status<W: MapWriter + MapReader>(
     *failed_services = failures.len();
     if let Err(e) = status::write(
         pin_path,
-        &status::statuses(
+        status::statuses(
             pipeline.syncer().services(),
             pipeline.syncer().desired(),
             failures,
         ),
     ) {
-        warn!("writing the status file: {e:#}");
+        warn!("writing the status file: {}", e.report());
     }
 }
 
@@ -463,8 +465,10 @@ fn reserve_snat_ports(snat: SnatPortRange) {
             snat.min, snat.max, ephemeral.0, ephemeral.1
         ),
         Err(e) => warn!(
-            "could not keep host sockets off the SNAT ports {}-{} ({e:#}): a host socket may share a tuple with an SNATed flow",
-            snat.min, snat.max
+            "could not keep host sockets off the SNAT ports {}-{} ({}): a host socket may share a tuple with an SNATed flow",
+            snat.min,
+            snat.max,
+            e.report()
         ),
     }
 }

@@ -4,7 +4,10 @@
 //! `ops::status`, `ops::list` and `ops::server` read its results. `cli`,
 //! `run` and `main` wire everything. This test reads every source file and
 //! fails on an import that points up (test modules excluded: they may use
-//! the file source to parse fixtures).
+//! the file source to parse fixtures). Under all of them, `error` (the
+//! library's `Error` and `Result`, re-exported at the crate root) may be
+//! used by every module and uses none; and only the CLI entry (`main`,
+//! `cli`) uses `anyhow`.
 
 use std::{
     collections::BTreeSet,
@@ -27,6 +30,8 @@ enum Layer {
     OpsFed,
     /// `datapath`.
     Datapath,
+    /// `error` (and its `Error` and `Result` at the crate root).
+    Errors,
 }
 
 fn layer(module: &[&str]) -> Layer {
@@ -36,6 +41,7 @@ fn layer(module: &[&str]) -> Layer {
         ["datapath", ..] => Layer::Datapath,
         ["ops", "metrics" | "health" | "health_check_ports", ..] => Layer::OpsFed,
         ["ops", ..] => Layer::OpsReaders,
+        ["error", ..] | ["Error"] | ["Result"] => Layer::Errors,
         _ => Layer::Wiring,
     }
 }
@@ -43,6 +49,9 @@ fn layer(module: &[&str]) -> Layer {
 /// Whether a module in `from` may use one in `to`.
 fn allowed(from: Layer, to: Layer) -> bool {
     use Layer::*;
+    if to == Errors {
+        return true;
+    }
     match from {
         Wiring => true,
         OpsReaders => matches!(to, OpsReaders | Reconcile | OpsFed | Datapath),
@@ -50,6 +59,7 @@ fn allowed(from: Layer, to: Layer) -> bool {
         Reconcile => matches!(to, Reconcile | OpsFed | Datapath),
         OpsFed => matches!(to, OpsFed | Datapath),
         Datapath => to == Datapath,
+        Errors => false,
     }
 }
 
@@ -182,6 +192,33 @@ fn the_path_reader_sees_grouped_and_inline_paths() {
         ]
     );
     assert!(!allowed(Layer::Datapath, Layer::Reconcile));
+    assert!(allowed(Layer::Datapath, Layer::Errors));
+    assert!(!allowed(Layer::Errors, Layer::Datapath));
     assert!(!allowed(Layer::Reconcile, Layer::Source));
     assert!(allowed(Layer::Source, Layer::Reconcile));
+}
+
+/// The CLI entry's own files: the only ones that may use `anyhow` (it
+/// prints the library's error chains); everything below returns the
+/// library's `Error`.
+const CLI_ENTRY: [&str; 2] = ["main.rs", "cli.rs"];
+
+#[test]
+fn only_the_cli_entry_uses_anyhow() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut users = Vec::new();
+    for file in &files {
+        let relative = file.strip_prefix(&src).unwrap();
+        if CLI_ENTRY.iter().any(|entry| relative == Path::new(entry)) {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).unwrap();
+        // Test modules included: they return the library's `Result` too.
+        if text.contains("anyhow::") || text.contains("anyhow!") || text.contains("use anyhow") {
+            users.push(relative.display().to_string());
+        }
+    }
+    assert!(users.is_empty(), "library modules using anyhow: {users:?}");
 }

@@ -5,11 +5,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::Context as _;
 use ipnet::IpNet;
 
+use crate::error::Context as _;
+
 /// Every IPv4 and IPv6 address of this network namespace, with its device.
-pub fn local_addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
+pub fn local_addresses() -> crate::Result<Vec<(String, IpAddr)>> {
     let mut out = Vec::new();
     for interface in nix::ifaddrs::getifaddrs().context("listing the node's addresses")? {
         let Some(addr) = interface.address.as_ref() else {

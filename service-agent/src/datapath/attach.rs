@@ -6,7 +6,6 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use anyhow::Context as _;
 use aya::{
     Ebpf,
     programs::{
@@ -23,6 +22,7 @@ use super::{
     PROG_FROM_NETWORK, PROG_FROM_NETWORK_DEFERRED, PROG_FROM_NETWORK_TC, PROG_FROM_POD,
     PROG_TO_NETWORK, PROG_TO_POD,
 };
+use crate::error::{Context as _, Error, IoContext as _};
 
 /// Which devices the datapath attaches to.
 #[derive(Clone, Debug, Default)]
@@ -77,7 +77,7 @@ impl Attachments {
         ebpf: &mut Ebpf,
         selection: &DeviceSelection,
         link_dir: &Path,
-    ) -> anyhow::Result<()> {
+    ) -> crate::Result<()> {
         let interfaces: BTreeMap<String, u32> = nix::net::if_::if_nameindex()
             .context("listing network devices")?
             .iter()
@@ -118,7 +118,7 @@ impl Attachments {
                     info!("attached {programs} to {name}");
                     self.attached.insert(name, index);
                 }
-                Err(error) => warn!("cannot attach to {name}: {error:#}"),
+                Err(error) => warn!("cannot attach to {name}: {}", error.report()),
             }
         }
         Ok(())
@@ -129,7 +129,7 @@ impl Attachments {
 /// Pinned links (see [`attach_tc`]) keep the programs attached when the
 /// agent exits or is killed, and a new agent swaps its programs into them
 /// atomically: traffic never sees a device without the datapath.
-fn attach_device(ebpf: &mut Ebpf, device: &str, link_dir: &Path) -> anyhow::Result<()> {
+fn attach_device(ebpf: &mut Ebpf, device: &str, link_dir: &Path) -> crate::Result<()> {
     attach_tc(ebpf, PROG_FROM_POD, device, TcAttachType::Ingress, link_dir)?;
     attach_tc(ebpf, PROG_TO_POD, device, TcAttachType::Egress, link_dir)
 }
@@ -145,7 +145,7 @@ fn attach_external(
     device: &str,
     mode: NodePortMode,
     link_dir: &Path,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     attach_tc(
         ebpf,
         PROG_TO_NETWORK,
@@ -163,7 +163,9 @@ fn attach_external(
     }
     let program: &mut Xdp = ebpf
         .program_mut(PROG_FROM_NETWORK)
-        .with_context(|| format!("program {PROG_FROM_NETWORK} missing"))?
+        .ok_or_else(|| Error::MissingProgram {
+            program: PROG_FROM_NETWORK.to_owned(),
+        })?
         .try_into()?;
     let pin = link_dir.join(format!("{device}-xdp"));
     if adopt_pinned(&pin, |link| {
@@ -175,7 +177,11 @@ fn attach_external(
     }
     let link_id = program
         .attach(device, XdpMode::Default)
-        .with_context(|| format!("attaching XDP to {device}"))?;
+        .map_err(|source| Error::Attach {
+            program: PROG_FROM_NETWORK.to_owned(),
+            target: format!("{device} (XDP)"),
+            source: source.into(),
+        })?;
     // A bpf_link (kernel 5.9+) can be pinned; a netlink attachment stays
     // on the device by itself.
     if let Ok(link) = FdLink::try_from(program.take_link(link_id)?) {
@@ -195,11 +201,13 @@ fn attach_tc(
     device: &str,
     direction: TcAttachType,
     link_dir: &Path,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
-        .with_context(|| format!("program {name} missing"))?
+        .ok_or_else(|| Error::MissingProgram {
+            program: name.to_owned(),
+        })?
         .try_into()?;
     let suffix = if direction == TcAttachType::Ingress {
         "ingress"
@@ -214,8 +222,11 @@ fn attach_tc(
             &link_dir.join(format!("{device}-{suffix}")),
         );
     }
-    attach_netlink(program, device, direction)
-        .with_context(|| format!("attaching {name} to {device} {suffix} (clsact, netlink)"))
+    attach_netlink(program, device, direction).map_err(|source| Error::Attach {
+        program: name.to_owned(),
+        target: format!("{device} {suffix} (clsact, netlink)"),
+        source: source.into(),
+    })
 }
 
 /// Priority of our cls_bpf filters (kernels without tcx): fixed, with
@@ -233,7 +244,7 @@ fn attach_netlink(
     program: &mut SchedClassifier,
     device: &str,
     direction: TcAttachType,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     // Adding clsact twice fails with EEXIST, which is fine.
     let _ = tc::qdisc_add_clsact(device);
     let previous =
@@ -265,7 +276,7 @@ fn attach_pinned(
     device: &str,
     attach_type: TcAttachType,
     pin: &Path,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     if adopt_pinned(pin, |link| {
         let link = SchedClassifierLink::try_from(link).context("pinned link is not a tcx link")?;
         program.attach_to_link(link)?;
@@ -290,10 +301,7 @@ fn attach_pinned(
 /// stays attached, only its program changes). `Ok(true)` when done;
 /// `Ok(false)` when there is no pin, or when the pinned link is stale (its
 /// device is gone): that pin is removed, for a fresh attach.
-fn adopt_pinned(
-    pin: &Path,
-    swap: impl FnOnce(FdLink) -> anyhow::Result<()>,
-) -> anyhow::Result<bool> {
+fn adopt_pinned(pin: &Path, swap: impl FnOnce(FdLink) -> crate::Result<()>) -> crate::Result<bool> {
     let Ok(pinned) = PinnedLink::from_pin(pin) else {
         return Ok(false);
     };
@@ -301,11 +309,11 @@ fn adopt_pinned(
         Ok(()) => Ok(true),
         Err(e) => {
             warn!(
-                "pinned link {} is stale ({e:#}); attaching afresh",
-                pin.display()
+                "pinned link {} is stale ({}); attaching afresh",
+                pin.display(),
+                e.report()
             );
-            std::fs::remove_file(pin)
-                .with_context(|| format!("removing stale pin {}", pin.display()))?;
+            std::fs::remove_file(pin).on_path("removing stale pin", pin)?;
             Ok(false)
         }
     }

@@ -2,11 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use nix::{
     mount::{MsFlags, mount},
     sys::statfs::{BPF_FS_MAGIC, statfs},
 };
+
+use crate::error::{Context as _, IoContext as _};
 
 /// Whether `path` is on a BPF filesystem.
 pub fn is_bpffs(path: &Path) -> bool {
@@ -17,7 +18,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 /// ancestor is not on one, mounts bpffs first: on `/sys/fs/bpf` when the
 /// path is below it (as on a fresh boot of these machines), else on
 /// `pin_path` itself.
-pub fn ensure_pin_dir(pin_path: &Path) -> anyhow::Result<()> {
+pub fn ensure_pin_dir(pin_path: &Path) -> crate::Result<()> {
     let existing = nearest_existing(pin_path);
     if !is_bpffs(&existing) {
         let sys_fs_bpf = Path::new("/sys/fs/bpf");
@@ -26,8 +27,7 @@ pub fn ensure_pin_dir(pin_path: &Path) -> anyhow::Result<()> {
         } else {
             pin_path
         };
-        std::fs::create_dir_all(mount_point)
-            .with_context(|| format!("creating {}", mount_point.display()))?;
+        std::fs::create_dir_all(mount_point).on_path("creating", mount_point)?;
         mount(
             Some("bpf"),
             mount_point,
@@ -38,8 +38,7 @@ pub fn ensure_pin_dir(pin_path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("mounting bpffs on {}", mount_point.display()))?;
         log::info!("mounted bpffs on {}", mount_point.display());
     }
-    std::fs::create_dir_all(pin_path)
-        .with_context(|| format!("creating pin folder {}", pin_path.display()))
+    std::fs::create_dir_all(pin_path).on_path("creating pin folder", pin_path)
 }
 
 fn nearest_existing(path: &Path) -> PathBuf {

@@ -38,7 +38,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
@@ -46,6 +45,7 @@ use aya::{
 use log::{info, warn};
 
 use super::{PROG_SOCK_CONNECT4, PROG_SOCK_GETPEER4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4};
+use crate::error::{Context as _, Error, IoContext as _};
 
 /// Default `--cgroup-path`: the root of the cgroup v2 hierarchy, so every
 /// process on the host.
@@ -122,7 +122,7 @@ pub fn link_pins(link_dir: &Path) -> Vec<PathBuf> {
 /// Attaches the socket programs to `cgroup` (or, with `None`, removes the
 /// links a previous agent pinned). The programs must be loaded
 /// ([`super::load`] does it).
-pub fn configure(ebpf: &mut Ebpf, cgroup: &CgroupPath, link_dir: &Path) -> anyhow::Result<()> {
+pub fn configure(ebpf: &mut Ebpf, cgroup: &CgroupPath, link_dir: &Path) -> crate::Result<()> {
     match &cgroup.0 {
         Some(path) => {
             attach(ebpf, path, link_dir)?;
@@ -148,7 +148,7 @@ pub fn configure(ebpf: &mut Ebpf, cgroup: &CgroupPath, link_dir: &Path) -> anyho
 
 /// Attaches every socket program to the cgroup v2 at `cgroup`, adopting
 /// the links pinned under `link_dir` (see the module docs).
-pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, link_dir: &Path) -> anyhow::Result<()> {
+pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, link_dir: &Path) -> crate::Result<()> {
     let cgroup = &unified(cgroup);
     let dir = File::open(cgroup).with_context(|| {
         format!(
@@ -183,13 +183,13 @@ pub fn is_cgroup2(path: &Path) -> bool {
 
 /// Removes the pinned socket links under `link_dir`, which detaches them
 /// (no one else holds them). Returns how many there were.
-pub fn detach(link_dir: &Path) -> anyhow::Result<usize> {
+pub fn detach(link_dir: &Path) -> crate::Result<usize> {
     let mut removed = 0;
     for pin in link_pins(link_dir) {
         match std::fs::remove_file(&pin) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+            Err(e) => return Err(e).on_path("removing", pin),
         }
     }
     Ok(removed)
@@ -197,15 +197,15 @@ pub fn detach(link_dir: &Path) -> anyhow::Result<usize> {
 
 /// The id of the cgroup v2 open as `dir`: its inode number on cgroup2,
 /// which is what the kernel reports as a cgroup link's `cgroup_id`.
-fn cgroup_id(dir: &File, path: &Path) -> anyhow::Result<u64> {
+fn cgroup_id(dir: &File, path: &Path) -> crate::Result<u64> {
     let fs = nix::sys::statfs::fstatfs(dir.as_fd())
         .with_context(|| format!("statfs {}", path.display()))?;
     if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
-        bail!(
+        return Err(Error::Config(format!(
             "{} is not a cgroup v2 folder (socket-LB needs the unified hierarchy; \
              `--cgroup-path none` disables it)",
             path.display()
-        );
+        )));
     }
     Ok(dir
         .metadata()
@@ -220,10 +220,12 @@ fn attach_one(
     cgroup: &Path,
     cgroup_id: u64,
     link_dir: &Path,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(spec.name)
-        .with_context(|| format!("program {} missing", spec.name))?
+        .ok_or_else(|| Error::MissingProgram {
+            program: spec.name.to_owned(),
+        })?
         .try_into()?;
     let pin = link_dir.join(spec.pin);
     let mut stale = false;
@@ -241,8 +243,9 @@ fn attach_one(
             }
             Err(e) => {
                 warn!(
-                    "pinned link {} is stale ({e:#}); attaching afresh",
-                    pin.display()
+                    "pinned link {} is stale ({}); attaching afresh",
+                    pin.display(),
+                    e.report()
                 );
                 stale = true;
             }
@@ -258,8 +261,7 @@ fn attach_one(
         .try_into()
         .context("the kernel has no bpf_link for cgroups (5.7+ needed)")?;
     if stale {
-        std::fs::remove_file(&pin)
-            .with_context(|| format!("removing stale pin {}", pin.display()))?;
+        std::fs::remove_file(&pin).on_path("removing stale pin", &pin)?;
     }
     link.pin(&pin)
         .with_context(|| format!("pinning link at {}", pin.display()))?;
@@ -330,8 +332,9 @@ mod sys {
         prog_fd: i32,
         cgroup_id: u64,
         attach_type: u32,
-    ) -> anyhow::Result<Adoption> {
-        let path = CString::new(pin.as_os_str().as_bytes())?;
+    ) -> crate::Result<Adoption> {
+        let path = CString::new(pin.as_os_str().as_bytes())
+            .with_context(|| format!("pin path {}", pin.display()))?;
         let mut get = ObjGetAttr {
             pathname: path.as_ptr() as u64,
             bpf_fd: 0,
@@ -348,10 +351,13 @@ mod sys {
         };
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut query).context("BPF_OBJ_GET_INFO_BY_FD")?;
         if info.link_type != BPF_LINK_TYPE_CGROUP {
-            bail!("not a cgroup link (link type {})", info.link_type);
+            return Err(Error::Unexpected(format!(
+                "not a cgroup link (link type {})",
+                info.link_type
+            )));
         }
         if info.cgroup_id == 0 {
-            bail!("its cgroup is gone");
+            return Err(Error::Unexpected("its cgroup is gone".to_owned()));
         }
         if info.cgroup_id != cgroup_id || info.attach_type != attach_type {
             return Ok(Adoption::Elsewhere);

@@ -12,7 +12,6 @@ use std::{
     path::Path,
 };
 
-use anyhow::Context as _;
 use aya::maps::{HashMap, IterableMap as _, MapData, PerCpuArray};
 use service_common::{
     AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, DatapathCounter, MAP_AFFINITY,
@@ -23,6 +22,7 @@ use super::{
     maps::{io_error, open_pinned},
     sys,
 };
+use crate::error::Context as _;
 
 /// Entries read per batch: bounds the buffers and the time between reading
 /// an entry and acting on it.
@@ -89,7 +89,7 @@ pub struct ConntrackMap {
 
 impl ConntrackMap {
     /// Opens the maps pinned under `pin_path`.
-    pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
+    pub fn open(pin_path: &Path) -> crate::Result<Self> {
         let conntrack: HashMap<MapData, ConntrackKey, ConntrackValue> =
             HashMap::try_from(open_pinned(pin_path, MAP_CONNTRACK)?)
                 .context("the conntrack map")?;
@@ -363,7 +363,7 @@ pub struct PressureCounters(PerCpuArray<MapData, u64>);
 
 impl PressureCounters {
     /// Opens the counters map pinned under `pin_path`.
-    pub fn open(pin_path: &Path) -> anyhow::Result<Self> {
+    pub fn open(pin_path: &Path) -> crate::Result<Self> {
         Ok(PressureCounters(
             PerCpuArray::try_from(open_pinned(pin_path, MAP_COUNTERS)?)
                 .context("the counters map")?,

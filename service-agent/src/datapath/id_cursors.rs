@@ -1,22 +1,25 @@
 //! The pinned array that keeps the id allocators' position across agent
 //! restarts (`SVC_ID_CURSORS`, one [`IdCursors`]).
 
-use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{Array, MapData},
 };
 use service_common::{IdCursors, MAP_ID_CURSORS};
 
+use crate::error::{Context as _, Error};
+
 /// The id cursor array, taken from the loaded object.
 pub struct IdCursorMap(Array<MapData, IdCursors>);
 
 impl IdCursorMap {
     /// Takes the array out of a loaded object.
-    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    pub fn take_from(ebpf: &mut Ebpf) -> crate::Result<Self> {
         let map = ebpf
             .take_map(MAP_ID_CURSORS)
-            .with_context(|| format!("map {MAP_ID_CURSORS} missing from the eBPF object"))?;
+            .ok_or_else(|| Error::MissingMap {
+                map: MAP_ID_CURSORS.to_owned(),
+            })?;
         Ok(IdCursorMap(Array::try_from(map)?))
     }
 
@@ -26,7 +29,7 @@ impl IdCursorMap {
     }
 
     /// Keeps `cursors` for the next agent.
-    pub fn store(&mut self, cursors: &IdCursors) -> anyhow::Result<()> {
+    pub fn store(&mut self, cursors: &IdCursors) -> crate::Result<()> {
         self.0
             .set(0, cursors, 0)
             .context("writing the id allocators' position")

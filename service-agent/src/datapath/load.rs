@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapType,
@@ -12,12 +11,13 @@ use aya::{
 use service_common::{MAPS, MapKind, PROGRAMS, ProgramKind};
 
 use super::{EBPF_OBJECT, MapSizes, bpffs};
+use crate::error::{Context as _, Error};
 
 /// Loads the eBPF object with every map pinned under `pin_path` (bpffs is
 /// mounted there if needed). Maps already pinned there are reused, so a new
 /// agent adopts the live maps instead of starting empty. Both programs are
 /// loaded into the kernel, not attached.
-pub fn load(pin_path: &Path) -> anyhow::Result<Ebpf> {
+pub fn load(pin_path: &Path) -> crate::Result<Ebpf> {
     load_with_sizes(pin_path, MapSizes::default())
 }
 
@@ -71,7 +71,7 @@ fn drop_incompatible_pins(pin_path: &Path, sizes: MapSizes) {
 }
 
 /// [`load`] with map capacities other than the defaults.
-pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> anyhow::Result<Ebpf> {
+pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> crate::Result<Ebpf> {
     load_with_options(pin_path, sizes, None)
 }
 
@@ -85,7 +85,7 @@ pub fn load_with_options(
     pin_path: &Path,
     sizes: MapSizes,
     socket_lb_netns: Option<u64>,
-) -> anyhow::Result<Ebpf> {
+) -> crate::Result<Ebpf> {
     bpffs::ensure_pin_dir(pin_path)?;
     drop_incompatible_pins(pin_path, sizes);
     let mut loader = EbpfLoader::new();
@@ -95,17 +95,17 @@ pub fn load_with_options(
     for spec in MAPS.iter().filter(|spec| !spec.fixed_capacity) {
         loader.map_max_entries(spec.name, sizes.capacity(spec));
     }
-    let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
-        format!(
-            "loading the eBPF object with maps pinned in {}",
-            pin_path.display()
-        )
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
+        pin_path: pin_path.to_owned(),
+        source: Box::new(source),
     })?;
     for spec in &PROGRAMS {
         let name = spec.name;
         let program = ebpf
             .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?;
+            .ok_or_else(|| Error::MissingProgram {
+                program: name.to_owned(),
+            })?;
         let loaded = match spec.kind {
             ProgramKind::Classifier => {
                 let program: &mut SchedClassifier = program
@@ -135,7 +135,10 @@ pub fn load_with_options(
                 Ok(())
             }
         };
-        loaded.with_context(|| format!("the kernel refused program {name}"))?;
+        loaded.map_err(|source| Error::ProgramLoad {
+            program: name.to_owned(),
+            source: Box::new(source),
+        })?;
     }
     Ok(ebpf)
 }

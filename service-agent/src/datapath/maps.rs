@@ -3,7 +3,6 @@
 
 use std::{collections::BTreeMap, io, os::fd::AsFd as _, path::Path};
 
-use anyhow::Context as _;
 use aya::{
     Ebpf, Pod,
     maps::{
@@ -22,6 +21,7 @@ use super::{
     model::{BatchFailure, MapName, MapOp, MapReader, MapState, MapWriter},
     sys,
 };
+use crate::error::{Context as _, Error};
 
 /// The maps the agent programs.
 pub struct ServiceMaps {
@@ -72,10 +72,11 @@ pub(crate) fn io_error(error: MapError) -> io::Error {
 
 impl ServiceMaps {
     /// Takes the maps out of a loaded object.
-    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    pub fn take_from(ebpf: &mut Ebpf) -> crate::Result<Self> {
         let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name).ok_or_else(|| Error::MissingMap {
+                map: name.to_owned(),
+            })
         };
         Ok(ServiceMaps {
             frontends: HashMap::try_from(take(MAP_FRONTENDS)?)?,
@@ -87,7 +88,7 @@ impl ServiceMaps {
     }
 
     /// Opens the maps pinned under `pin_path`.
-    pub fn open_pinned(pin_path: &Path) -> anyhow::Result<Self> {
+    pub fn open_pinned(pin_path: &Path) -> crate::Result<Self> {
         Ok(ServiceMaps {
             frontends: HashMap::try_from(open_pinned(pin_path, MAP_FRONTENDS)?)?,
             backends: Array::try_from(open_pinned(pin_path, MAP_BACKENDS)?)?,
@@ -99,22 +100,38 @@ impl ServiceMaps {
 }
 
 impl MapReader for ServiceMaps {
-    fn read_state(&self) -> anyhow::Result<MapState> {
+    fn read_state(&self) -> crate::Result<MapState> {
         let mut state = MapState::default();
         read_all(&self.frontends, |k, v| {
             state.frontends.insert(k, v);
         })
-        .context("reading the frontends map")?;
+        .map_err(|source| Error::Map {
+            action: "reading",
+            map: MAP_FRONTENDS.to_owned(),
+            source: Box::new(source),
+        })?;
         read_backends(&self.backends, |k, v| {
             state.backends.insert(k, v);
         })
-        .context("reading the backends map")?;
+        .map_err(|source| Error::Map {
+            action: "reading",
+            map: MAP_BACKENDS.to_owned(),
+            source: Box::new(source),
+        })?;
         read_all(&self.revnat, |k, v| {
             state.revnat.insert(k, v);
         })
-        .context("reading the rev-NAT map")?;
+        .map_err(|source| Error::Map {
+            action: "reading",
+            map: MAP_REVNAT.to_owned(),
+            source: Box::new(source),
+        })?;
         for key in self.source_ranges.keys() {
-            let key = key.context("reading the source-ranges map")?;
+            let key = key.map_err(|source| Error::Map {
+                action: "reading",
+                map: MAP_SOURCE_RANGES.to_owned(),
+                source: Box::new(source),
+            })?;
             state.source_ranges.insert(SourceRangeKey {
                 prefix_len: key.prefix_len(),
                 data: key.data(),
@@ -345,18 +362,20 @@ fn write<K: Pod, V: Pod>(
 }
 
 /// Writes the node-wide datapath settings.
-pub fn write_config(ebpf: &mut Ebpf, config: &DatapathConfig) -> anyhow::Result<()> {
-    let mut array: Array<&mut MapData, DatapathConfig> = Array::try_from(
-        ebpf.map_mut(MAP_CONFIG)
-            .with_context(|| format!("map {MAP_CONFIG} missing from the eBPF object"))?,
-    )?;
-    array
-        .set(0, config, 0)
-        .context("writing the datapath configuration")
+pub fn write_config(ebpf: &mut Ebpf, config: &DatapathConfig) -> crate::Result<()> {
+    let mut array: Array<&mut MapData, DatapathConfig> =
+        Array::try_from(ebpf.map_mut(MAP_CONFIG).ok_or_else(|| Error::MissingMap {
+            map: MAP_CONFIG.to_owned(),
+        })?)?;
+    array.set(0, config, 0).map_err(|source| Error::Map {
+        action: "writing the datapath configuration into",
+        map: MAP_CONFIG.to_owned(),
+        source: Box::new(source),
+    })
 }
 
 /// Opens one pinned map.
-pub fn open_pinned(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
+pub fn open_pinned(pin_path: &Path, name: &str) -> crate::Result<Map> {
     let path = pin_path.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
@@ -371,7 +390,7 @@ pub fn open_pinned(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
 pub fn sum_stats(
     stats: &PerCpuArray<MapData, FrontendStats>,
     rev_nat_id: RevNatId,
-) -> anyhow::Result<FrontendStats> {
+) -> crate::Result<FrontendStats> {
     let per_cpu = stats
         .get(&rev_nat_id, 0)
         .with_context(|| format!("reading stats of frontend {rev_nat_id}"))?;
@@ -385,7 +404,7 @@ pub fn sum_stats(
 }
 
 /// The datapath event counters summed over CPUs, by name.
-pub fn datapath_counters(pin_path: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
+pub fn datapath_counters(pin_path: &Path) -> crate::Result<Vec<(&'static str, u64)>> {
     sum_counters(&PerCpuArray::try_from(open_pinned(
         pin_path,
         MAP_COUNTERS,
@@ -396,7 +415,7 @@ pub fn datapath_counters(pin_path: &Path) -> anyhow::Result<Vec<(&'static str, u
 /// CPUs, by name.
 pub fn sum_counters(
     counters: &PerCpuArray<MapData, u64>,
-) -> anyhow::Result<Vec<(&'static str, u64)>> {
+) -> crate::Result<Vec<(&'static str, u64)>> {
     DatapathCounter::ALL
         .iter()
         .map(|counter| {
@@ -424,10 +443,11 @@ impl std::fmt::Debug for CounterMaps {
 
 impl CounterMaps {
     /// Takes the counter maps out of a loaded object.
-    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    pub fn take_from(ebpf: &mut Ebpf) -> crate::Result<Self> {
         let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name).ok_or_else(|| Error::MissingMap {
+                map: name.to_owned(),
+            })
         };
         Ok(CounterMaps {
             frontend_stats: PerCpuArray::try_from(take(MAP_FRONTEND_STATS)?)?,

@@ -164,11 +164,11 @@ impl MapOp {
 /// Reads the maps' whole contents (for adoption and repairs).
 pub trait MapReader {
     /// The maps' contents.
-    fn read_state(&self) -> anyhow::Result<MapState>;
+    fn read_state(&self) -> crate::Result<MapState>;
 }
 
 impl MapReader for MapState {
-    fn read_state(&self) -> anyhow::Result<MapState> {
+    fn read_state(&self) -> crate::Result<MapState> {
         Ok(self.clone())
     }
 }

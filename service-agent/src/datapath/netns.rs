@@ -4,13 +4,13 @@
 
 use std::os::fd::AsRawFd as _;
 
-use anyhow::Context as _;
+use crate::error::Context as _;
 
 /// `SO_NETNS_COOKIE` (Linux 5.14), which the libc crate does not name.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// The cookie of the calling thread's network namespace.
-pub fn current_netns_cookie() -> anyhow::Result<u64> {
+pub fn current_netns_cookie() -> crate::Result<u64> {
     let socket = std::net::UdpSocket::bind(("127.0.0.1", 0))
         .or_else(|_| std::net::UdpSocket::bind(("::1", 0)))
         .context("opening a socket to read the network namespace cookie")?;

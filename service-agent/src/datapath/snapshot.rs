@@ -13,7 +13,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     maps::{
@@ -40,6 +39,7 @@ use super::{
     load::{load_with_sizes, map_type},
     maps::{open_pinned, sum_counters},
 };
+use crate::error::{Context as _, Error};
 
 /// Every conntrack direction, in the order entries are shown.
 pub const CT_DIRECTIONS: [u8; 5] = [
@@ -154,7 +154,7 @@ struct LiveMaps {
 }
 
 /// A lookup's value; `None` when the key is absent.
-fn found<V>(result: Result<V, MapError>) -> anyhow::Result<Option<V>> {
+fn found<V>(result: Result<V, MapError>) -> crate::Result<Option<V>> {
     match result {
         Ok(value) => Ok(Some(value)),
         Err(MapError::KeyNotFound) => Ok(None),
@@ -164,13 +164,13 @@ fn found<V>(result: Result<V, MapError>) -> anyhow::Result<Option<V>> {
 
 /// Checks that every map of the shared table is pinned under `pin_path`
 /// with this binary's layout, so its entries are read as what they are.
-pub fn check_pinned_layout(pin_path: &Path) -> anyhow::Result<()> {
+pub fn check_pinned_layout(pin_path: &Path) -> crate::Result<()> {
     if !pin_path.join(MAP_FRONTENDS).exists() {
-        bail!(
+        return Err(Error::Config(format!(
             "no datapath pinned in {} (is the agent running with --pin-path {}?)",
             pin_path.display(),
             pin_path.display()
-        );
+        )));
     }
     for spec in &MAPS {
         let pin = pin_path.join(spec.name);
@@ -185,20 +185,20 @@ pub fn check_pinned_layout(pin_path: &Path) -> anyhow::Result<()> {
             || info.key_size() != spec.key_size
             || info.value_size() != spec.value_size
         {
-            bail!(
+            return Err(Error::Unexpected(format!(
                 "pinned map {} has another layout than this binary's (key {} B, value {} B): \
                  trace with the agent's own binary",
                 pin.display(),
                 info.key_size(),
                 info.value_size()
-            );
+            )));
         }
     }
     Ok(())
 }
 
 impl LiveMaps {
-    fn open(pin_path: &Path) -> anyhow::Result<Self> {
+    fn open(pin_path: &Path) -> crate::Result<Self> {
         check_pinned_layout(pin_path)?;
         let open = |name| open_pinned(pin_path, name);
         Ok(LiveMaps {
@@ -216,7 +216,7 @@ impl LiveMaps {
     /// Copies, map by map in table order, what the packet `tuple` can read;
     /// `from_network` says whether it enters from the network (where a new
     /// flow to a remote backend picks an SNAT port).
-    fn copy(&self, tuple: &PacketTuple, from_network: bool) -> anyhow::Result<Copied> {
+    fn copy(&self, tuple: &PacketTuple, from_network: bool) -> crate::Result<Copied> {
         let mut copied = Copied::default();
         // Rules that read the destination frontend run after it, and the
         // rules that name ids after every other.
@@ -303,16 +303,20 @@ impl LiveMaps {
 
     /// The backend `id`, if there is one (the backends map is an array:
     /// an all-zero entry, or an id beyond it, is none).
-    fn backend(&self, id: BackendId) -> anyhow::Result<Option<BackendValue>> {
+    fn backend(&self, id: BackendId) -> crate::Result<Option<BackendValue>> {
         match self.backends.get(&id, 0) {
             Ok(backend) => Ok(backend.exists().then_some(backend)),
             Err(MapError::OutOfBounds { .. }) => Ok(None),
-            Err(e) => Err(e).context("reading the backends map"),
+            Err(source) => Err(Error::Map {
+                action: "reading",
+                map: MAP_BACKENDS.to_owned(),
+                source: Box::new(source),
+            }),
         }
     }
 
     /// The destination frontend's header and slots, in every scope.
-    fn copy_frontend(&self, tuple: &PacketTuple, copied: &mut Copied) -> anyhow::Result<()> {
+    fn copy_frontend(&self, tuple: &PacketTuple, copied: &mut Copied) -> crate::Result<()> {
         for scope in [SCOPE_ALL, SCOPE_INTERNAL] {
             let header_key = tuple.frontend_key(scope);
             let Some(header) = found(self.frontends.get(&header_key, 0))? else {
@@ -337,7 +341,7 @@ impl LiveMaps {
         tuple: &PacketTuple,
         from_network: bool,
         copied: &mut Copied,
-    ) -> anyhow::Result<()> {
+    ) -> crate::Result<()> {
         let mut entries = Vec::new();
         for direction in CT_DIRECTIONS {
             let key = tuple.ct_key(direction);
@@ -361,7 +365,7 @@ impl LiveMaps {
         &self,
         tuple: &PacketTuple,
         copied: &Copied,
-    ) -> anyhow::Result<Vec<(ConntrackKey, ConntrackValue)>> {
+    ) -> crate::Result<Vec<(ConntrackKey, ConntrackValue)>> {
         let header = copied.frontends.get(&tuple.frontend_key(SCOPE_ALL));
         if header.is_none_or(|h| h.flags & FRONTEND_FLAGS_EXTERNAL == 0) {
             return Ok(Vec::new());
@@ -408,7 +412,7 @@ impl LiveMaps {
         key: &ConntrackKey,
         value: &ConntrackValue,
         copied: &mut Copied,
-    ) -> anyhow::Result<()> {
+    ) -> crate::Result<()> {
         copied.conntrack.insert(*key, *value);
         let master = if key.is_master() {
             Some(*key)
@@ -452,7 +456,7 @@ struct PrivatePinDir(PathBuf);
 impl PrivatePinDir {
     /// A fresh folder beside `live` (on the same bpffs), named after it
     /// and this process.
-    fn beside(live: &Path) -> anyhow::Result<Self> {
+    fn beside(live: &Path) -> crate::Result<Self> {
         let name = live
             .file_name()
             .map(|n| n.to_string_lossy().replace('.', "-"))
@@ -477,7 +481,7 @@ impl Snapshot {
     /// Copies from the maps pinned under `pin_path` what the packet
     /// `tuple` can read (`from_network`: it enters from the network) into a
     /// private instance of the datapath.
-    pub fn take(pin_path: &Path, tuple: &PacketTuple, from_network: bool) -> anyhow::Result<Self> {
+    pub fn take(pin_path: &Path, tuple: &PacketTuple, from_network: bool) -> crate::Result<Self> {
         let live = LiveMaps::open(pin_path)?;
         let copied = live.copy(tuple, from_network)?;
         let sizes = MapSizes {
@@ -507,16 +511,19 @@ impl Snapshot {
             .filter(|name| !name.starts_with('.'))
             .find(|name| MAPS.iter().all(|spec| spec.name != *name))
         {
-            bail!("map {name} of the eBPF object is not in the shared table: it has no copy rule");
+            return Err(Error::Unexpected(format!(
+                "map {name} of the eBPF object is not in the shared table: it has no copy rule"
+            )));
         }
         Self::fill(ebpf, copied)
     }
 
     /// Writes `copied` into the maps of the freshly loaded `ebpf`.
-    fn fill(mut ebpf: Ebpf, copied: Copied) -> anyhow::Result<Self> {
+    fn fill(mut ebpf: Ebpf, copied: Copied) -> crate::Result<Self> {
         let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name).ok_or_else(|| Error::MissingMap {
+                map: name.to_owned(),
+            })
         };
         let mut config: Array<MapData, DatapathConfig> = Array::try_from(take(MAP_CONFIG)?)?;
         let mut frontends: HashMap<MapData, FrontendKey, FrontendValue> =
@@ -570,7 +577,7 @@ impl Snapshot {
     }
 
     /// The snapshot's conntrack entries now.
-    pub fn conntrack(&self) -> anyhow::Result<BTreeMap<ConntrackKey, ConntrackValue>> {
+    pub fn conntrack(&self) -> crate::Result<BTreeMap<ConntrackKey, ConntrackValue>> {
         self.conntrack
             .iter()
             .map(|entry| entry.context("reading the snapshot's conntrack"))
@@ -579,7 +586,7 @@ impl Snapshot {
 
     /// The snapshot's datapath event counters, by name: what the packets
     /// run in it did (they start at zero).
-    pub fn counters(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    pub fn counters(&self) -> crate::Result<Vec<(&'static str, u64)>> {
         sum_counters(&self.counters)
     }
 }

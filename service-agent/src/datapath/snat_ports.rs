@@ -8,8 +8,9 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
 use service_common::SnatPortRange;
+
+use crate::error::{Context as _, Error, IoContext as _};
 
 /// The kernel's ephemeral port range of this network namespace.
 const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -44,27 +45,27 @@ pub enum Reservation {
 /// Reads `ip_local_port_range` and, where it overlaps `snat`, adds `snat`
 /// to `ip_local_reserved_ports` (keeping the ports reserved already), in
 /// the calling process's network namespace.
-pub fn reserve(snat: SnatPortRange) -> anyhow::Result<Reservation> {
+pub fn reserve(snat: SnatPortRange) -> crate::Result<Reservation> {
     reserve_in(Path::new("/"), snat)
 }
 
 /// [`reserve`] with the sysctl files under `root` (tests).
-pub fn reserve_in(root: &Path, snat: SnatPortRange) -> anyhow::Result<Reservation> {
+pub fn reserve_in(root: &Path, snat: SnatPortRange) -> crate::Result<Reservation> {
     let snat = snat.effective();
     let snat = (snat.min, snat.max);
     let range_file = root.join(LOCAL_PORT_RANGE.trim_start_matches('/'));
     let reserved_file = root.join(LOCAL_RESERVED_PORTS.trim_start_matches('/'));
-    let text = std::fs::read_to_string(&range_file)
-        .with_context(|| format!("reading {}", range_file.display()))?;
-    let ephemeral = parse_local_port_range(&text)
-        .with_context(|| format!("{}: unexpected {text:?}", range_file.display()))?;
+    let text = std::fs::read_to_string(&range_file).on_path("reading", &range_file)?;
+    let ephemeral = parse_local_port_range(&text).ok_or_else(|| {
+        Error::Unexpected(format!("{}: unexpected {text:?}", range_file.display()))
+    })?;
     if !overlap(ephemeral, snat) {
         return Ok(Reservation::Disjoint { ephemeral });
     }
-    let text = std::fs::read_to_string(&reserved_file)
-        .with_context(|| format!("reading {}", reserved_file.display()))?;
-    let current = parse_reserved_ports(&text)
-        .with_context(|| format!("{}: unexpected {text:?}", reserved_file.display()))?;
+    let text = std::fs::read_to_string(&reserved_file).on_path("reading", &reserved_file)?;
+    let current = parse_reserved_ports(&text).ok_or_else(|| {
+        Error::Unexpected(format!("{}: unexpected {text:?}", reserved_file.display()))
+    })?;
     let wanted = with_range(&current, snat);
     if wanted == merged(&current) {
         return Ok(Reservation::AlreadyReserved { ephemeral });

@@ -16,9 +16,11 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse};
+
 use log::{info, warn};
 
 use super::health::{Health, Probe};
+use crate::error::Context as _;
 
 /// The header carrying the local endpoint count, as kube-proxy sends it
 /// (`X-Load-Balancing-Endpoint-Weight`; header names are case-insensitive).
@@ -117,7 +119,8 @@ impl HealthCheckPorts {
                     open.insert(port, OpenPort { report, servers });
                 }
                 Err(e) => warn!(
-                    "health-check node port {port} of Service {service} cannot be opened: {e:#}; retried with the next change or repair"
+                    "health-check node port {port} of Service {service} cannot be opened: {}; retried with the next change or repair",
+                    e.report()
                 ),
             }
         }
@@ -128,7 +131,7 @@ impl HealthCheckPorts {
         &self,
         port: u16,
         report: Arc<Mutex<PortHealth>>,
-    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    ) -> crate::Result<Vec<tokio::task::JoinHandle<()>>> {
         let mut listeners = Vec::new();
         for addr in &self.addresses {
             let addr = SocketAddr::new(*addr, port);
@@ -139,7 +142,7 @@ impl HealthCheckPorts {
             socket.set_reuseaddr(true)?;
             socket
                 .bind(addr)
-                .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+                .with_context(|| format!("binding {addr}"))?;
             listeners.push(socket.listen(128)?);
         }
         let router = Router::new()

@@ -106,7 +106,7 @@ impl From<FrontendStats> for ListedStats {
 }
 
 /// Reads the pinned maps under `pin_path` into a [`Listing`].
-pub fn read_listing(pin_path: &Path) -> anyhow::Result<Listing> {
+pub fn read_listing(pin_path: &Path) -> crate::Result<Listing> {
     let maps = ServiceMaps::open_pinned(pin_path)?;
     let state = maps.read_state()?;
     let stats: PerCpuArray<MapData, FrontendStats> =

@@ -4,13 +4,13 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use anyhow::Context as _;
 use axum::{Router, extract::State, response::IntoResponse, routing::get};
 
 use super::{
     health::{Health, Probe},
     metrics::Metrics,
 };
+use crate::error::Context as _;
 
 /// What `/proxyMode` answers (kube-proxy answers `iptables`, `ipvs` or
 /// `nftables`).
@@ -63,7 +63,7 @@ pub async fn serve(
     healthz_addr: SocketAddr,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let endpoints = Endpoints { metrics, health };
     let metrics_router = Router::new()
         .route("/metrics", get(metrics_handler))

@@ -244,9 +244,11 @@ impl ClusterState {
     fn insert_slice(&mut self, name: ObjectName, slice: SliceRecord) -> Option<ObjectName> {
         let previous_owner = self.remove_slice(&name);
         if let Some(owner) = &slice.service {
+            // Most Services have one slice: room for one (a pushed
+            // `Vec` starts with room for four).
             self.slices_by_service
                 .entry(owner.clone())
-                .or_default()
+                .or_insert_with(|| Vec::with_capacity(1))
                 .push(name.clone());
         }
         self.endpoint_slices.insert(name, slice);

@@ -20,6 +20,7 @@ use service_common::{
 };
 
 use super::{
+    backend_table::{BackendTable, BackendUse},
     cluster::ObjectName,
     diff::{Writes, diff},
     translate::{DesiredBackend, DesiredFrontend},
@@ -248,13 +249,6 @@ impl FrontendLayout {
     }
 }
 
-/// A backend in the desired state: its value, and how many Services use it.
-#[derive(Clone, Copy, Debug)]
-struct BackendUse {
-    value: BackendValue,
-    services: u32,
-}
-
 /// Desired entries per map, kept up to date by [`DesiredState::set_service`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryCounts {
@@ -311,7 +305,7 @@ pub struct DesiredState {
     /// Each Service's frontends.
     services: BTreeMap<ObjectName, Vec<FrontendLayout>>,
     /// Every backend some Service uses, by id.
-    backends: BTreeMap<BackendId, BackendUse>,
+    backends: BackendTable,
     /// Which Service serves each frontend (the first one to claim it).
     frontend_owners: BTreeMap<FrontendIdentity, ObjectName>,
     counts: EntryCounts,
@@ -331,7 +325,7 @@ impl DesiredState {
             revnat_ids: IdAllocator::holding_released(revnat_limit),
             backend_ids: IdAllocator::new(backend_limit),
             services: BTreeMap::new(),
-            backends: BTreeMap::new(),
+            backends: BackendTable::default(),
             frontend_owners: BTreeMap::new(),
             counts: EntryCounts::default(),
         };
@@ -527,7 +521,9 @@ impl DesiredState {
     ) -> ServiceUpdate {
         let old = self.services.remove(name).unwrap_or_default();
         let mut problems = Vec::new();
-        let mut new = Vec::new();
+        // Kept as the Service's layouts: sized to fit (a pushed `Vec`
+        // starts with room for four, and most Services have one frontend).
+        let mut new = Vec::with_capacity(frontends.len());
         let mut new_backends: Vec<(BackendId, BackendValue)> = Vec::new();
         for frontend in frontends {
             let (addr, family) = map_addr(frontend.addr);

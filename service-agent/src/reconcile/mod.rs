@@ -8,6 +8,7 @@
 //! them, what a collector pass deletes), which the conntrack [`collector`]
 //! applies on its own thread.
 
+mod backend_table;
 pub mod cluster;
 pub mod collector;
 pub mod desired;

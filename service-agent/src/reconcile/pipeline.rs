@@ -59,7 +59,7 @@ pub struct Pipeline<W> {
 }
 
 /// Keeps the id allocators' position for the next agent.
-pub type IdCursorStore = Box<dyn FnMut(&IdCursors) -> anyhow::Result<()> + Send>;
+pub type IdCursorStore = Box<dyn FnMut(&IdCursors) -> crate::Result<()> + Send>;
 
 impl<W> Pipeline<W>
 where
@@ -256,7 +256,7 @@ where
             if now != *kept {
                 match store(&now) {
                     Ok(()) => *kept = now,
-                    Err(e) => log::warn!("{e:#}"),
+                    Err(e) => log::warn!("{}", e.report()),
                 }
             }
         }

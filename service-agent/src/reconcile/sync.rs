@@ -35,8 +35,11 @@ use crate::datapath::{
     model::{MapName, MapOp, MapReader, MapWriter, WriteStep, proto_name},
 };
 
-/// Services repaired together: their writes share the kernel batches.
-const REPAIR_CHUNK: usize = 4096;
+/// Services repaired together: their writes share the kernel batches
+/// (about 5000 entries per map at 10 backends a Service), and only this
+/// many Services' writes are held at once (4096 held 13 MiB at the first
+/// sync of 100k Services).
+const REPAIR_CHUNK: usize = 512;
 
 /// A write that failed, and whose writes it stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,7 +140,7 @@ where
     /// A syncer over `writer` with the default map sizes, adopting the ids
     /// of what the maps hold now; the first [`Syncer::sync_full`] then
     /// removes whatever is stale.
-    pub fn adopting(writer: W, node: NodeContext) -> anyhow::Result<Self> {
+    pub fn adopting(writer: W, node: NodeContext) -> crate::Result<Self> {
         Self::adopting_with_sizes(writer, node, MapSizes::default())
     }
 
@@ -147,7 +150,7 @@ where
         writer: W,
         node: NodeContext,
         sizes: MapSizes,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let current = writer.read_state()?;
         Ok(Syncer {
             desired: DesiredState::adopting(&current, sizes.revnat, sizes.backends),
@@ -358,7 +361,7 @@ where
         let actual = match self.writer.read_state() {
             Ok(actual) => actual,
             Err(e) => {
-                error!("reading the maps for a repair: {e:#}");
+                error!("reading the maps for a repair: {}", e.report());
                 self.repair_due = true;
                 return report;
             }
@@ -822,7 +825,7 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
     }
 
     impl MapReader for BoundedMaps {
-        fn read_state(&self) -> anyhow::Result<MapState> {
+        fn read_state(&self) -> crate::Result<MapState> {
             Ok(self.maps.clone())
         }
     }

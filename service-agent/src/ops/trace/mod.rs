@@ -16,7 +16,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
 use serde::Serialize;
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_DIR_SNAT,
@@ -36,6 +35,7 @@ use crate::datapath::{
     model::frontend_label,
     snapshot::{PacketTuple, Snapshot},
 };
+use crate::error::{Context as _, Error};
 use packet::{PacketView, describe, tcp_flag_names};
 
 /// Where the traced packet enters the datapath.
@@ -175,7 +175,7 @@ pub struct TracedEntry {
 }
 
 /// Runs the trace.
-pub fn trace(request: &TraceRequest) -> anyhow::Result<Trace> {
+pub fn trace(request: &TraceRequest) -> crate::Result<Trace> {
     let from_network = matches!(request.entry, Entry::Network(_));
     let snapshot = Snapshot::take(&request.pin_path, &request.tuple, from_network)?;
     let input = packet::build(&request.tuple, tcp_flags_for(request));
@@ -326,7 +326,7 @@ impl std::ops::Deref for RunStage {
 }
 
 /// Runs `program` on `input` in the snapshot.
-fn run_stage(snapshot: &Snapshot, program: &str, input: &[u8]) -> anyhow::Result<RunStage> {
+fn run_stage(snapshot: &Snapshot, program: &str, input: &[u8]) -> crate::Result<RunStage> {
     let (verdict, output) = snapshot
         .run(program, input)
         .with_context(|| format!("running {program} (BPF_PROG_TEST_RUN)"))?;
@@ -586,9 +586,10 @@ fn trace_reply(
     forward_output: &[u8],
     snated: bool,
     before: &BTreeMap<ConntrackKey, ConntrackValue>,
-) -> anyhow::Result<Reply> {
-    let delivered =
-        packet::tuple_of(forward_output).context("the translated packet is no TCP/UDP packet")?;
+) -> crate::Result<Reply> {
+    let delivered = packet::tuple_of(forward_output).ok_or_else(|| {
+        Error::Unexpected("the translated packet is no TCP/UDP packet".to_owned())
+    })?;
     let reply_tuple = PacketTuple {
         saddr: delivered.daddr,
         sport: delivered.dport,
