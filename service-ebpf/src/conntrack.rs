@@ -17,16 +17,16 @@
               copies no 40-byte key or value into another stack slot"
 )]
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
     CT_FLAG_FROM_NETWORK, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackTimeouts,
     ConntrackValue, DatapathConfig, DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets,
-    map_addrs_equal, master_key, mono_seconds, packet_state_bits, reopens, reply_key,
-    snat_port_reusable,
+    map_addrs_equal, master_key, packet_state_bits, reopens, reply_key, snat_port_reusable,
 };
 
 use crate::{
+    clock::now_seconds,
     lb::{Origin, Target},
     maps::{BACKENDS, BPF_ANY, BPF_NOEXIST, CONNTRACK, REVNAT, count},
     packet::Ipv4Flow,
@@ -41,13 +41,6 @@ pub fn conntrack_key(flow: &Ipv4Flow, direction: u8) -> ConntrackKey {
     ConntrackKey::v4(
         flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, direction,
     )
-}
-
-/// Monotonic seconds, as conntrack entries store them.
-#[inline(always)]
-pub fn now_seconds() -> u32 {
-    // SAFETY: the helper has no preconditions.
-    mono_seconds(unsafe { bpf_ktime_get_ns() })
 }
 
 /// What a forward packet's master entry says.

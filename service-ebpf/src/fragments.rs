@@ -18,7 +18,7 @@
 use service_common::{FragmentKey, FragmentValue};
 
 use crate::{
-    conntrack::now_seconds,
+    clock::now_seconds,
     maps::{BPF_ANY, FRAGMENTS},
     packet::{Fragment, Ipv4Flow},
 };

@@ -41,9 +41,10 @@ use service_common::{
 };
 
 use crate::{
+    clock::now_seconds,
     conntrack::{
-        SnatPort, Tracked, Used, allocate_snat_port, conntrack_key, lookup_master, now_seconds,
-        record_snat, take_over_snat_port, track, use_entry,
+        SnatPort, Tracked, Used, allocate_snat_port, conntrack_key, lookup_master, record_snat,
+        take_over_snat_port, track, use_entry,
     },
     maps::{
         AFFINITY, BACKENDS, BPF_ANY, FRONTENDS, SOURCE_RANGES, account_frontend, config, count,

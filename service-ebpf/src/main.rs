@@ -38,6 +38,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod conntrack;
 mod fragments;
 mod icmp;

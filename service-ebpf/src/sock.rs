@@ -71,7 +71,7 @@ use service_common::{
 };
 
 use crate::{
-    conntrack::now_seconds,
+    clock::now_seconds,
     lb::{self, Lookup, NewFlow, Origin, Target},
     maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, config, count},
 };

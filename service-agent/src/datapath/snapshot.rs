@@ -506,8 +506,8 @@ impl Snapshot {
         if let Some(name) = ebpf
             .maps()
             .map(|(name, _)| name)
-            // Sections of load-time globals (`.rodata`) are set by the
-            // loader, not copied.
+            // Sections of globals are not copied: `.rodata` is set by the
+            // loader, `.bss` holds the datapath's own clock reading.
             .filter(|name| !name.starts_with('.'))
             .find(|name| MAPS.iter().all(|spec| spec.name != *name))
         {
