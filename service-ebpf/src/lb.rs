@@ -33,11 +33,11 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use service_common::{
     AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
     BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
-    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FRONTEND_FLAG_AFFINITY,
-    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_SOURCE_RANGES,
-    FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue,
-    HAIRPIN_IPV4, RevNatId, SOURCE_RANGE_ID_BITS, SourceRangePrefix, map_addr_v4,
-    map_addr_v4_octets, map_addrs_equal,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FAMILY_IPV6,
+    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY,
+    FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
+    FrontendKey, FrontendValue, HAIRPIN_IPV4, MapAddr, RevNatId, SOURCE_RANGE_ID_BITS,
+    SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::{
@@ -318,15 +318,12 @@ pub enum Lookup {
 
 /// A new flow asking for a backend: what [`select_backend`] decides on.
 pub struct NewFlow {
-    /// Frontend address, network byte order.
-    pub daddr: [u8; 4],
-    /// The client's address, network byte order: the packet's source, or
-    /// for socket-LB the node's own address.
-    pub client: [u8; 4],
-    /// Frontend port, network byte order.
-    pub dport: u16,
-    /// IP protocol.
-    pub proto: u8,
+    /// The header key of the frontend asked for (scope
+    /// [`service_common::SCOPE_ALL`]), which carries its family.
+    pub frontend: FrontendKey,
+    /// The client's address in the frontend's family, network byte order:
+    /// the packet's source, or for socket-LB the node's own address.
+    pub client: MapAddr,
     /// Where the flow entered the datapath.
     pub origin: Origin,
     /// Monotonic seconds.
@@ -338,10 +335,8 @@ pub struct NewFlow {
 #[inline(always)]
 fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Target) -> Lookup {
     let request = NewFlow {
-        daddr: flow.daddr,
-        client: flow.saddr,
-        dport: flow.dport,
-        proto: flow.proto,
+        frontend: FrontendKey::v4(flow.daddr, flow.dport, flow.proto),
+        client: map_addr_v4(flow.saddr),
         origin,
         now,
     };
@@ -369,7 +364,7 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 /// Not inlined: its own stack frame, apart from the hook's.
 #[inline(never)]
 pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
-    let header_key = FrontendKey::v4(request.daddr, request.dport, request.proto);
+    let header_key = request.frontend;
     // SAFETY: the header is copied out at once.
     let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
         return Lookup::NotAFrontend;
@@ -378,7 +373,7 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
         return Lookup::NotAFrontend;
     }
     if header.flags & FRONTEND_FLAG_SOURCE_RANGES != 0
-        && !source_allowed(header.rev_nat_id, request.client)
+        && !source_allowed(header.rev_nat_id, request)
     {
         return Lookup::Drop(DatapathCounter::DropSourceRange);
     }
@@ -401,7 +396,7 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
             && slot <= i32::from(header.count)
             && slot_holds(&header_key, slot as u16, target.backend_id)
         {
-            refresh_affinity(request.client, header.rev_nat_id, request.now);
+            refresh_affinity(request, header.rev_nat_id);
             return Lookup::Backend;
         }
     }
@@ -418,7 +413,7 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
         return Lookup::Drop(DatapathCounter::DropExternalLocal);
     }
     if affinity {
-        record_affinity(request.client, target, slot, request.now);
+        record_affinity(request, target, slot);
     }
     Lookup::Backend
 }
@@ -440,15 +435,21 @@ fn slot_target(
     backend_target(header, &slot, target)
 }
 
-/// Whether `client` (network byte order) lies inside one of the
+/// Whether the client of `request` lies inside one of the
 /// `loadBalancerSourceRanges` of the frontend with rev-NAT id
 /// `rev_nat_id`: one longest-prefix lookup of the client's full address
-/// under that id. Not inlined: the key has its own stack frame.
+/// (32 or 128 bits) under that id. Not inlined: the key has its own stack
+/// frame.
 #[inline(never)]
-fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
+fn source_allowed(rev_nat_id: RevNatId, request: &NewFlow) -> bool {
+    let address_bits = if request.frontend.family == FAMILY_IPV6 {
+        128
+    } else {
+        32
+    };
     let key = Key::new(
-        SOURCE_RANGE_ID_BITS + 32,
-        SourceRangePrefix::v4(rev_nat_id, client),
+        SOURCE_RANGE_ID_BITS + address_bits,
+        SourceRangePrefix::new(rev_nat_id, request.client),
     );
     SOURCE_RANGES.get(&key).is_some()
 }
@@ -470,7 +471,7 @@ fn affinity_candidate(
     external_local: bool,
     target: &mut Target,
 ) -> i32 {
-    let key = AffinityKey::v4(request.client, header.rev_nat_id);
+    let key = AffinityKey::new(request.client, request.frontend.family, header.rev_nat_id);
     // SAFETY: a live map value, read in place.
     let Some(value) = (unsafe { AFFINITY.get(&key) }) else {
         return -1;
@@ -503,11 +504,13 @@ fn affinity_candidate(
     i32::from(value.slot)
 }
 
-/// Refreshes `client`'s affinity entry for the frontend with rev-NAT id
-/// `rev_nat_id`, followed at `now`. Not inlined: its own stack frame.
+/// Refreshes the affinity entry of the client of `request` for the
+/// frontend with rev-NAT id `rev_nat_id`, followed at `request.now`. Not
+/// inlined: its own stack frame.
 #[inline(never)]
-fn refresh_affinity(client: [u8; 4], rev_nat_id: RevNatId, now: u32) {
-    let key = AffinityKey::v4(client, rev_nat_id);
+fn refresh_affinity(request: &NewFlow, rev_nat_id: RevNatId) {
+    let now = request.now;
+    let key = AffinityKey::new(request.client, request.frontend.family, rev_nat_id);
     if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
         // SAFETY: a live map value; a concurrent writer only ever writes a
         // recent second.
@@ -528,22 +531,41 @@ fn slot_holds(header_key: &FrontendKey, slot: u16, backend_id: BackendId) -> boo
         .is_some_and(|value| value.backend_id == backend_id)
 }
 
-/// Records that `client` was given `target`, found in slot `slot`, at
-/// `now` (the entry of `client` and the target's frontend, written over
-/// any older one). Not inlined: its own stack frame.
+/// Records that the client of `request` was given `target`, found in slot
+/// `slot`, at `request.now` (the entry of the client and the target's
+/// frontend, written over any older one). Not inlined: its own stack
+/// frame.
 #[inline(never)]
-fn record_affinity(client: [u8; 4], target: &Target, slot: u16, now: u32) {
-    let key = AffinityKey::v4(client, target.rev_nat_id);
+fn record_affinity(request: &NewFlow, target: &Target, slot: u16) {
+    let family = request.frontend.family;
+    let Some(addr) = target_map_addr(family, target) else {
+        return;
+    };
+    let key = AffinityKey::new(request.client, family, target.rev_nat_id);
     let value = AffinityValue {
         backend_id: target.backend_id,
-        last_used: now,
-        addr: map_addr_v4(target.addr),
+        last_used: request.now,
+        addr,
         port: target.port,
         slot,
         _pad: [0; 4],
     };
     // A failed write (never expected of an LRU map) only costs affinity.
     let _ = AFFINITY.insert(&key, &value, BPF_ANY);
+}
+
+/// The full address of `target`, a backend of a frontend of `family`:
+/// [`Target`] holds an IPv4 address only, so an IPv6 backend's address is
+/// read from its backends entry (`None` if that is no IPv6 backend).
+#[inline(always)]
+pub fn target_map_addr(family: u8, target: &Target) -> Option<MapAddr> {
+    if family != FAMILY_IPV6 {
+        return Some(map_addr_v4(target.addr));
+    }
+    BACKENDS
+        .get(target.backend_id)
+        .filter(|backend| backend.family == FAMILY_IPV6)
+        .map(|backend| backend.addr)
 }
 
 /// Resolves a backend slot to the address and port to DNAT to, into
