@@ -36,7 +36,7 @@ use service_common::{
     CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FAMILY_IPV6,
     FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY,
     FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
-    FrontendKey, FrontendValue, HAIRPIN_IPV4, MapAddr, RevNatId, SOURCE_RANGE_ID_BITS,
+    FrontendKey, FrontendValue, HAIRPIN_IPV4, MapAddr, RevNatId, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
     SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
@@ -316,14 +316,93 @@ pub enum Lookup {
     Backend,
 }
 
+/// The addresses of one family as the backend choice takes them: `[u8;
+/// 4]` for IPv4 (the packet hooks' and `sock_*4`'s), `[u8; 16]` for IPv6
+/// (`sock_*6`'s), both network byte order. [`select_backend`] is generic
+/// over it, so IPv4 flows keep their 4-byte addresses on the stack (the
+/// verifier of kernel 6.1 allows no more than 512 bytes for a hook and its
+/// calls together).
+pub trait FlowAddr: Copy {
+    /// The header key of frontend `self:port` of `proto` (network byte
+    /// order), in scope [`service_common::SCOPE_ALL`].
+    fn frontend_key(self, port: u16, proto: u8) -> FrontendKey;
+    /// The affinity key of client `self` of the frontend `rev_nat_id`.
+    fn affinity_key(self, rev_nat_id: RevNatId) -> AffinityKey;
+    /// The source-ranges lookup key of client `self` (its full address)
+    /// for the frontend `rev_nat_id`.
+    fn source_range_key(self, rev_nat_id: RevNatId) -> Key<SourceRangePrefix>;
+    /// The full address of `target`, a backend of a frontend of this
+    /// family: [`Target`] holds an IPv4 address only, so an IPv6 backend's
+    /// address is read from its backends entry (`None` if that is no IPv6
+    /// backend).
+    fn target_addr(target: &Target) -> Option<MapAddr>;
+}
+
+impl FlowAddr for [u8; 4] {
+    #[inline(always)]
+    fn frontend_key(self, port: u16, proto: u8) -> FrontendKey {
+        FrontendKey::v4(self, port, proto)
+    }
+
+    #[inline(always)]
+    fn affinity_key(self, rev_nat_id: RevNatId) -> AffinityKey {
+        AffinityKey::v4(self, rev_nat_id)
+    }
+
+    #[inline(always)]
+    fn source_range_key(self, rev_nat_id: RevNatId) -> Key<SourceRangePrefix> {
+        Key::new(
+            SOURCE_RANGE_ID_BITS + 32,
+            SourceRangePrefix::v4(rev_nat_id, self),
+        )
+    }
+
+    #[inline(always)]
+    fn target_addr(target: &Target) -> Option<MapAddr> {
+        Some(map_addr_v4(target.addr))
+    }
+}
+
+impl FlowAddr for MapAddr {
+    #[inline(always)]
+    fn frontend_key(self, port: u16, proto: u8) -> FrontendKey {
+        FrontendKey::header(self, FAMILY_IPV6, port, proto, SCOPE_ALL)
+    }
+
+    #[inline(always)]
+    fn affinity_key(self, rev_nat_id: RevNatId) -> AffinityKey {
+        AffinityKey::new(self, FAMILY_IPV6, rev_nat_id)
+    }
+
+    #[inline(always)]
+    fn source_range_key(self, rev_nat_id: RevNatId) -> Key<SourceRangePrefix> {
+        Key::new(
+            SOURCE_RANGE_ID_BITS + 128,
+            SourceRangePrefix::new(rev_nat_id, self),
+        )
+    }
+
+    #[inline(always)]
+    fn target_addr(target: &Target) -> Option<MapAddr> {
+        BACKENDS
+            .get(target.backend_id)
+            .filter(|backend| backend.family == FAMILY_IPV6)
+            .map(|backend| backend.addr)
+    }
+}
+
 /// A new flow asking for a backend: what [`select_backend`] decides on.
-pub struct NewFlow {
-    /// The header key of the frontend asked for (scope
-    /// [`service_common::SCOPE_ALL`]), which carries its family.
-    pub frontend: FrontendKey,
-    /// The client's address in the frontend's family, network byte order:
-    /// the packet's source, or for socket-LB the node's own address.
-    pub client: MapAddr,
+/// `A`: the family's addresses ([`FlowAddr`]).
+pub struct NewFlow<A: FlowAddr> {
+    /// Frontend address, network byte order.
+    pub daddr: A,
+    /// The client's address, network byte order: the packet's source, or
+    /// for socket-LB the node's own address.
+    pub client: A,
+    /// Frontend port, network byte order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
     /// Where the flow entered the datapath.
     pub origin: Origin,
     /// Monotonic seconds.
@@ -335,8 +414,10 @@ pub struct NewFlow {
 #[inline(always)]
 fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Target) -> Lookup {
     let request = NewFlow {
-        frontend: FrontendKey::v4(flow.daddr, flow.dport, flow.proto),
-        client: map_addr_v4(flow.saddr),
+        daddr: flow.daddr,
+        client: flow.saddr,
+        dport: flow.dport,
+        proto: flow.proto,
         origin,
         now,
     };
@@ -363,8 +444,8 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 ///
 /// Not inlined: its own stack frame, apart from the hook's.
 #[inline(never)]
-pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
-    let header_key = request.frontend;
+pub fn select_backend<A: FlowAddr>(request: &NewFlow<A>, target: &mut Target) -> Lookup {
+    let header_key = request.daddr.frontend_key(request.dport, request.proto);
     // SAFETY: the header is copied out at once.
     let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
         return Lookup::NotAFrontend;
@@ -373,7 +454,7 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
         return Lookup::NotAFrontend;
     }
     if header.flags & FRONTEND_FLAG_SOURCE_RANGES != 0
-        && !source_allowed(header.rev_nat_id, request)
+        && !source_allowed(header.rev_nat_id, request.client)
     {
         return Lookup::Drop(DatapathCounter::DropSourceRange);
     }
@@ -396,7 +477,7 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
             && slot <= i32::from(header.count)
             && slot_holds(&header_key, slot as u16, target.backend_id)
         {
-            refresh_affinity(request, header.rev_nat_id);
+            refresh_affinity(request.client, header.rev_nat_id, request.now);
             return Lookup::Backend;
         }
     }
@@ -413,7 +494,7 @@ pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
         return Lookup::Drop(DatapathCounter::DropExternalLocal);
     }
     if affinity {
-        record_affinity(request, target, slot);
+        record_affinity(request.client, target, slot, request.now);
     }
     Lookup::Backend
 }
@@ -435,22 +516,13 @@ fn slot_target(
     backend_target(header, &slot, target)
 }
 
-/// Whether the client of `request` lies inside one of the
+/// Whether `client` (network byte order) lies inside one of the
 /// `loadBalancerSourceRanges` of the frontend with rev-NAT id
 /// `rev_nat_id`: one longest-prefix lookup of the client's full address
-/// (32 or 128 bits) under that id. Not inlined: the key has its own stack
-/// frame.
+/// under that id. Not inlined: the key has its own stack frame.
 #[inline(never)]
-fn source_allowed(rev_nat_id: RevNatId, request: &NewFlow) -> bool {
-    let address_bits = if request.frontend.family == FAMILY_IPV6 {
-        128
-    } else {
-        32
-    };
-    let key = Key::new(
-        SOURCE_RANGE_ID_BITS + address_bits,
-        SourceRangePrefix::new(rev_nat_id, request.client),
-    );
+fn source_allowed<A: FlowAddr>(rev_nat_id: RevNatId, client: A) -> bool {
+    let key = client.source_range_key(rev_nat_id);
     SOURCE_RANGES.get(&key).is_some()
 }
 
@@ -465,13 +537,13 @@ fn source_allowed(rev_nat_id: RevNatId, request: &NewFlow) -> bool {
 /// backend), or -1: no backend to follow (the flow is balanced afresh,
 /// and the entry rewritten). Not inlined: its own stack frame.
 #[inline(never)]
-fn affinity_candidate(
-    request: &NewFlow,
+fn affinity_candidate<A: FlowAddr>(
+    request: &NewFlow<A>,
     header: &FrontendValue,
     external_local: bool,
     target: &mut Target,
 ) -> i32 {
-    let key = AffinityKey::new(request.client, request.frontend.family, header.rev_nat_id);
+    let key = request.client.affinity_key(header.rev_nat_id);
     // SAFETY: a live map value, read in place.
     let Some(value) = (unsafe { AFFINITY.get(&key) }) else {
         return -1;
@@ -504,13 +576,11 @@ fn affinity_candidate(
     i32::from(value.slot)
 }
 
-/// Refreshes the affinity entry of the client of `request` for the
-/// frontend with rev-NAT id `rev_nat_id`, followed at `request.now`. Not
-/// inlined: its own stack frame.
+/// Refreshes `client`'s affinity entry for the frontend with rev-NAT id
+/// `rev_nat_id`, followed at `now`. Not inlined: its own stack frame.
 #[inline(never)]
-fn refresh_affinity(request: &NewFlow, rev_nat_id: RevNatId) {
-    let now = request.now;
-    let key = AffinityKey::new(request.client, request.frontend.family, rev_nat_id);
+fn refresh_affinity<A: FlowAddr>(client: A, rev_nat_id: RevNatId, now: u32) {
+    let key = client.affinity_key(rev_nat_id);
     if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
         // SAFETY: a live map value; a concurrent writer only ever writes a
         // recent second.
@@ -531,20 +601,18 @@ fn slot_holds(header_key: &FrontendKey, slot: u16, backend_id: BackendId) -> boo
         .is_some_and(|value| value.backend_id == backend_id)
 }
 
-/// Records that the client of `request` was given `target`, found in slot
-/// `slot`, at `request.now` (the entry of the client and the target's
-/// frontend, written over any older one). Not inlined: its own stack
-/// frame.
+/// Records that `client` was given `target`, found in slot `slot`, at
+/// `now` (the entry of `client` and the target's frontend, written over
+/// any older one). Not inlined: its own stack frame.
 #[inline(never)]
-fn record_affinity(request: &NewFlow, target: &Target, slot: u16) {
-    let family = request.frontend.family;
-    let Some(addr) = target_map_addr(family, target) else {
+fn record_affinity<A: FlowAddr>(client: A, target: &Target, slot: u16, now: u32) {
+    let Some(addr) = A::target_addr(target) else {
         return;
     };
-    let key = AffinityKey::new(request.client, family, target.rev_nat_id);
+    let key = client.affinity_key(target.rev_nat_id);
     let value = AffinityValue {
         backend_id: target.backend_id,
-        last_used: request.now,
+        last_used: now,
         addr,
         port: target.port,
         slot,
@@ -552,20 +620,6 @@ fn record_affinity(request: &NewFlow, target: &Target, slot: u16) {
     };
     // A failed write (never expected of an LRU map) only costs affinity.
     let _ = AFFINITY.insert(&key, &value, BPF_ANY);
-}
-
-/// The full address of `target`, a backend of a frontend of `family`:
-/// [`Target`] holds an IPv4 address only, so an IPv6 backend's address is
-/// read from its backends entry (`None` if that is no IPv6 backend).
-#[inline(always)]
-pub fn target_map_addr(family: u8, target: &Target) -> Option<MapAddr> {
-    if family != FAMILY_IPV6 {
-        return Some(map_addr_v4(target.addr));
-    }
-    BACKENDS
-        .get(target.backend_id)
-        .filter(|backend| backend.family == FAMILY_IPV6)
-        .map(|backend| backend.addr)
 }
 
 /// Resolves a backend slot to the address and port to DNAT to, into

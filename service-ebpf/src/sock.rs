@@ -73,14 +73,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use service_common::{
-    DatapathConfig, DatapathCounter, FAMILY_IPV4, FAMILY_IPV6, FrontendKey, MapAddr, PROTO_TCP,
-    PROTO_UDP, SCOPE_ALL, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey, SockNatValue,
-    map_addr_v4, map_addr_v4_octets, map_addrs_equal,
+    DatapathConfig, DatapathCounter, FAMILY_IPV4, FAMILY_IPV6, MapAddr, PROTO_TCP, PROTO_UDP,
+    SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey, SockNatValue, map_addr_v4, map_addr_v4_octets,
+    map_addrs_equal,
 };
 
 use crate::{
     conntrack::now_seconds,
-    lb::{self, Lookup, NewFlow, Origin, Target},
+    lb::{self, FlowAddr, Lookup, NewFlow, Origin, Target},
     maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, config, count},
 };
 
@@ -177,6 +177,11 @@ pub fn sock_getpeer6(ctx: SockAddrContext) -> i32 {
 trait SockFamily {
     /// The family tag of the map keys (`FAMILY_IPV4` or `FAMILY_IPV6`).
     const FAMILY: u8;
+    /// The family's addresses as the backend choice takes them.
+    type Addr: FlowAddr;
+
+    /// `addr` as the backend choice takes it.
+    fn flow_addr(addr: &MapAddr) -> Self::Addr;
 
     /// The socket address's IP address (`user_ip4` or `user_ip6`),
     /// network byte order.
@@ -194,7 +199,7 @@ trait SockFamily {
 
     /// The node as a client of this family's frontends (for session
     /// affinity and source ranges): its SNAT address of the family.
-    fn node_address(config: &DatapathConfig) -> MapAddr;
+    fn node_address(config: &DatapathConfig) -> Self::Addr;
 }
 
 /// The IPv4 programs (`*4`).
@@ -202,6 +207,12 @@ struct Ipv4;
 
 impl SockFamily for Ipv4 {
     const FAMILY: u8 = FAMILY_IPV4;
+    type Addr = [u8; 4];
+
+    #[inline(always)]
+    fn flow_addr(addr: &MapAddr) -> [u8; 4] {
+        map_addr_v4_octets(addr)
+    }
 
     #[inline(always)]
     unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr {
@@ -219,8 +230,8 @@ impl SockFamily for Ipv4 {
     }
 
     #[inline(always)]
-    fn node_address(config: &DatapathConfig) -> MapAddr {
-        map_addr_v4(config.snat_v4)
+    fn node_address(config: &DatapathConfig) -> [u8; 4] {
+        config.snat_v4
     }
 }
 
@@ -229,6 +240,12 @@ struct Ipv6;
 
 impl SockFamily for Ipv6 {
     const FAMILY: u8 = FAMILY_IPV6;
+    type Addr = MapAddr;
+
+    #[inline(always)]
+    fn flow_addr(addr: &MapAddr) -> MapAddr {
+        *addr
+    }
 
     #[inline(always)]
     unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr {
@@ -365,14 +382,10 @@ fn forward<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     // and `loadBalancerSourceRanges` (the address its sockets' packets
     // would leave with towards other nodes).
     let request = NewFlow {
-        frontend: FrontendKey::header(
-            frontend.addr,
-            F::FAMILY,
-            frontend.port,
-            frontend.proto,
-            SCOPE_ALL,
-        ),
-        client: config().map_or([0; 16], F::node_address),
+        daddr: F::flow_addr(&frontend.addr),
+        client: config().map_or(F::flow_addr(&[0; 16]), F::node_address),
+        dport: frontend.port,
+        proto: frontend.proto,
         origin: Origin::Pod,
         now: now_seconds(),
     };
@@ -393,7 +406,7 @@ fn forward<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
         }
         Lookup::Backend => {}
     }
-    let Some(backend) = lb::target_map_addr(F::FAMILY, &target) else {
+    let Some(backend) = F::Addr::target_addr(&target) else {
         count(DatapathCounter::DropBackendMissing);
         return reject(EHOSTUNREACH);
     };

@@ -427,6 +427,28 @@ mod tests {
     }
 
     #[test]
+    fn every_socket_program_of_the_layout_is_attached_on_its_own_hook() {
+        use std::collections::BTreeSet;
+
+        use service_common::{PROGRAMS, ProgramKind};
+
+        let listed: BTreeSet<&str> = PROGRAMS
+            .iter()
+            .filter(|spec| spec.kind == ProgramKind::CgroupSockAddr)
+            .map(|spec| spec.name)
+            .collect();
+        let attached: BTreeSet<&str> = SOCKET_PROGRAMS.iter().map(|p| p.name).collect();
+        assert_eq!(attached, listed);
+        let hooks: BTreeSet<u32> = SOCKET_PROGRAMS.iter().map(|p| p.attach_type).collect();
+        assert_eq!(hooks.len(), SOCKET_PROGRAMS.len());
+        // Each program's family is the one of its hook and its pin.
+        for program in &SOCKET_PROGRAMS {
+            let family = &program.name[program.name.len() - 1..];
+            assert!(program.pin.ends_with(family), "{}", program.pin);
+        }
+    }
+
+    #[test]
     fn every_socket_program_has_its_own_pin_without_dots() {
         let pins = link_pins(Path::new("/pins/links"));
         assert_eq!(pins.len(), 8);
