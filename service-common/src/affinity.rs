@@ -14,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{BackendId, FAMILY_IPV4, MapAddr, RevNatId};
+use crate::{BackendId, FAMILY_IPV4, MapAddr, RevNatId, map_addr_v4};
 
 /// Default capacity of the affinity LRU map (one entry per client and
 /// frontend with affinity).
@@ -49,20 +49,31 @@ impl AffinityKey {
     /// frontend with rev-NAT id `rev_nat_id`.
     #[inline(always)]
     pub const fn v4(client: [u8; 4], rev_nat_id: RevNatId) -> Self {
+        Self::new(map_addr_v4(client), FAMILY_IPV4, rev_nat_id)
+    }
+
+    /// The key of client `client` (network byte order) of `family`
+    /// ([`FAMILY_IPV4`] or [`crate::FAMILY_IPV6`]) of the frontend with
+    /// rev-NAT id `rev_nat_id`.
+    #[inline(always)]
+    pub const fn new(client: MapAddr, family: u8, rev_nat_id: RevNatId) -> Self {
+        // SAFETY: `[u8; 16]` and `[u32; 4]` have the same size, and every
+        // byte pattern is a valid `[u32; 4]`.
+        let client = unsafe { core::mem::transmute::<MapAddr, [u32; 4]>(client) };
         // As six words, not field by field: the BPF target then stores
         // whole words instead of calling `memset` for the bytes around
         // the family (a call that would deepen the datapath's call chain).
         let words: [u32; 6] = [
-            u32::from_ne_bytes(client),
-            0,
-            0,
-            0,
+            client[0],
+            client[1],
+            client[2],
+            client[3],
             rev_nat_id,
-            u32::from_ne_bytes([FAMILY_IPV4, 0, 0, 0]),
+            u32::from_ne_bytes([family, 0, 0, 0]),
         ];
         // SAFETY: `[u32; 6]` and `AffinityKey` have the same size, every
         // byte pattern is a valid `AffinityKey`, and the words give each
-        // field its value (the client in bytes 0..4, the id at 16, the
+        // field its value (the client in bytes 0..16, the id at 16, the
         // family at 20, zero elsewhere).
         unsafe { core::mem::transmute::<[u32; 6], AffinityKey>(words) }
     }

@@ -293,6 +293,15 @@ pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
 /// Name of the socket-LB `getpeername4` program (the frontend as peer).
 pub const PROG_SOCK_GETPEER4: &str = "sock_getpeer4";
+/// Name of the socket-LB `connect6` program (IPv6 frontends).
+pub const PROG_SOCK_CONNECT6: &str = "sock_connect6";
+/// Name of the socket-LB `sendmsg6` program (unconnected UDP over IPv6).
+pub const PROG_SOCK_SENDMSG6: &str = "sock_sendmsg6";
+/// Name of the socket-LB `recvmsg6` program (IPv6 UDP answers from the
+/// frontend).
+pub const PROG_SOCK_RECVMSG6: &str = "sock_recvmsg6";
+/// Name of the socket-LB `getpeername6` program (the IPv6 frontend as peer).
+pub const PROG_SOCK_GETPEER6: &str = "sock_getpeer6";
 
 /// The program type of a datapath program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,7 +325,7 @@ pub struct ProgramSpec {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramSpec; 12] = [
+pub const PROGRAMS: [ProgramSpec; 16] = [
     ProgramSpec {
         name: PROG_FROM_POD,
         kind: ProgramKind::Classifier,
@@ -363,6 +372,22 @@ pub const PROGRAMS: [ProgramSpec; 12] = [
     },
     ProgramSpec {
         name: PROG_SOCK_GETPEER4,
+        kind: ProgramKind::CgroupSockAddr,
+    },
+    ProgramSpec {
+        name: PROG_SOCK_CONNECT6,
+        kind: ProgramKind::CgroupSockAddr,
+    },
+    ProgramSpec {
+        name: PROG_SOCK_SENDMSG6,
+        kind: ProgramKind::CgroupSockAddr,
+    },
+    ProgramSpec {
+        name: PROG_SOCK_RECVMSG6,
+        kind: ProgramKind::CgroupSockAddr,
+    },
+    ProgramSpec {
+        name: PROG_SOCK_GETPEER6,
         kind: ProgramKind::CgroupSockAddr,
     },
 ];

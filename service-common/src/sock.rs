@@ -16,7 +16,7 @@ pub const SOCK_NAT_MAX_ENTRIES: u32 = 65_536;
 pub const SOCK_DIR_FORWARD: u8 = 0;
 /// Socket-LB direction: a backend a socket was sent to (key) to the
 /// frontend the application asked for (value), restored as the peer
-/// address by `recvmsg4` and `getpeername4`.
+/// address by `recvmsg4`/`recvmsg6` and `getpeername4`/`getpeername6`.
 pub const SOCK_DIR_REVERSE: u8 = 1;
 
 /// Key of the socket-LB NAT map: one socket (by cookie) and one address.
@@ -46,11 +46,33 @@ impl SockNatKey {
     /// order) of `proto`, in `direction`.
     #[inline(always)]
     pub const fn v4(cookie: u64, addr: [u8; 4], port: u16, proto: u8, direction: u8) -> Self {
+        Self::new(
+            cookie,
+            map_addr_v4(addr),
+            FAMILY_IPV4,
+            port,
+            proto,
+            direction,
+        )
+    }
+
+    /// The key of socket `cookie` and `addr:port` (network byte order) of
+    /// `family` ([`FAMILY_IPV4`] or [`crate::FAMILY_IPV6`]) and `proto`, in
+    /// `direction`.
+    #[inline(always)]
+    pub const fn new(
+        cookie: u64,
+        addr: MapAddr,
+        family: u8,
+        port: u16,
+        proto: u8,
+        direction: u8,
+    ) -> Self {
         SockNatKey {
             cookie,
-            addr: map_addr_v4(addr),
+            addr,
             port,
-            family: FAMILY_IPV4,
+            family,
             proto,
             direction,
             _pad: [0; 3],

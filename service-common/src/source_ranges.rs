@@ -40,9 +40,16 @@ impl SourceRangePrefix {
     /// frontend with rev-NAT id `rev_nat_id`.
     #[inline(always)]
     pub const fn v4(rev_nat_id: RevNatId, addr: [u8; 4]) -> Self {
+        Self::new(rev_nat_id, map_addr_v4(addr))
+    }
+
+    /// The data of address `addr` of either family (network byte order)
+    /// for the frontend with rev-NAT id `rev_nat_id`.
+    #[inline(always)]
+    pub const fn new(rev_nat_id: RevNatId, addr: MapAddr) -> Self {
         SourceRangePrefix {
             rev_nat_id_be: rev_nat_id.to_be(),
-            addr: map_addr_v4(addr),
+            addr,
         }
     }
 
@@ -88,10 +95,7 @@ impl SourceRangeKey {
     pub const fn new(rev_nat_id: RevNatId, addr: MapAddr, len: u8) -> Self {
         SourceRangeKey {
             prefix_len: SOURCE_RANGE_ID_BITS + len as u32,
-            data: SourceRangePrefix {
-                rev_nat_id_be: rev_nat_id.to_be(),
-                addr,
-            },
+            data: SourceRangePrefix::new(rev_nat_id, addr),
         }
     }
 }

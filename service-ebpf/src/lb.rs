@@ -33,11 +33,11 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use service_common::{
     AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
     BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
-    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FRONTEND_FLAG_AFFINITY,
-    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_SOURCE_RANGES,
-    FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL, FrontendKey, FrontendValue,
-    HAIRPIN_IPV4, RevNatId, SOURCE_RANGE_ID_BITS, SourceRangePrefix, map_addr_v4,
-    map_addr_v4_octets, map_addrs_equal,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FAMILY_IPV6,
+    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY,
+    FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
+    FrontendKey, FrontendValue, HAIRPIN_IPV4, MapAddr, RevNatId, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
+    SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::{
@@ -317,13 +317,89 @@ pub enum Lookup {
     Backend,
 }
 
+/// The addresses of one family as the backend choice takes them: `[u8;
+/// 4]` for IPv4 (the packet hooks' and `sock_*4`'s), `[u8; 16]` for IPv6
+/// (`sock_*6`'s), both network byte order. [`select_backend`] is generic
+/// over it, so IPv4 flows keep their 4-byte addresses on the stack (the
+/// verifier of kernel 6.1 allows no more than 512 bytes for a hook and its
+/// calls together).
+pub trait FlowAddr: Copy {
+    /// The header key of frontend `self:port` of `proto` (network byte
+    /// order), in scope [`service_common::SCOPE_ALL`].
+    fn frontend_key(self, port: u16, proto: u8) -> FrontendKey;
+    /// The affinity key of client `self` of the frontend `rev_nat_id`.
+    fn affinity_key(self, rev_nat_id: RevNatId) -> AffinityKey;
+    /// The source-ranges lookup key of client `self` (its full address)
+    /// for the frontend `rev_nat_id`.
+    fn source_range_key(self, rev_nat_id: RevNatId) -> Key<SourceRangePrefix>;
+    /// The full address of `target`, a backend of a frontend of this
+    /// family: [`Target`] holds an IPv4 address only, so an IPv6 backend's
+    /// address is read from its backends entry (`None` if that is no IPv6
+    /// backend).
+    fn target_addr(target: &Target) -> Option<MapAddr>;
+}
+
+impl FlowAddr for [u8; 4] {
+    #[inline(always)]
+    fn frontend_key(self, port: u16, proto: u8) -> FrontendKey {
+        FrontendKey::v4(self, port, proto)
+    }
+
+    #[inline(always)]
+    fn affinity_key(self, rev_nat_id: RevNatId) -> AffinityKey {
+        AffinityKey::v4(self, rev_nat_id)
+    }
+
+    #[inline(always)]
+    fn source_range_key(self, rev_nat_id: RevNatId) -> Key<SourceRangePrefix> {
+        Key::new(
+            SOURCE_RANGE_ID_BITS + 32,
+            SourceRangePrefix::v4(rev_nat_id, self),
+        )
+    }
+
+    #[inline(always)]
+    fn target_addr(target: &Target) -> Option<MapAddr> {
+        Some(map_addr_v4(target.addr))
+    }
+}
+
+impl FlowAddr for MapAddr {
+    #[inline(always)]
+    fn frontend_key(self, port: u16, proto: u8) -> FrontendKey {
+        FrontendKey::header(self, FAMILY_IPV6, port, proto, SCOPE_ALL)
+    }
+
+    #[inline(always)]
+    fn affinity_key(self, rev_nat_id: RevNatId) -> AffinityKey {
+        AffinityKey::new(self, FAMILY_IPV6, rev_nat_id)
+    }
+
+    #[inline(always)]
+    fn source_range_key(self, rev_nat_id: RevNatId) -> Key<SourceRangePrefix> {
+        Key::new(
+            SOURCE_RANGE_ID_BITS + 128,
+            SourceRangePrefix::new(rev_nat_id, self),
+        )
+    }
+
+    #[inline(always)]
+    fn target_addr(target: &Target) -> Option<MapAddr> {
+        BACKENDS
+            .get(target.backend_id)
+            .filter(|backend| backend.family == FAMILY_IPV6)
+            .map(|backend| backend.addr)
+    }
+}
+
 /// A new flow asking for a backend: what [`select_backend`] decides on.
-pub struct NewFlow {
+/// `A`: the family's addresses ([`FlowAddr`]).
+pub struct NewFlow<A: FlowAddr> {
     /// Frontend address, network byte order.
-    pub daddr: [u8; 4],
+    pub daddr: A,
     /// The client's address, network byte order: the packet's source, or
     /// for socket-LB the node's own address.
-    pub client: [u8; 4],
+    pub client: A,
     /// Frontend port, network byte order.
     pub dport: u16,
     /// IP protocol.
@@ -369,8 +445,8 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 ///
 /// Not inlined: its own stack frame, apart from the hook's.
 #[inline(never)]
-pub fn select_backend(request: &NewFlow, target: &mut Target) -> Lookup {
-    let header_key = FrontendKey::v4(request.daddr, request.dport, request.proto);
+pub fn select_backend<A: FlowAddr>(request: &NewFlow<A>, target: &mut Target) -> Lookup {
+    let header_key = request.daddr.frontend_key(request.dport, request.proto);
     // SAFETY: the header is copied out at once.
     let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
         return Lookup::NotAFrontend;
@@ -446,11 +522,8 @@ fn slot_target(
 /// `rev_nat_id`: one longest-prefix lookup of the client's full address
 /// under that id. Not inlined: the key has its own stack frame.
 #[inline(never)]
-fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
-    let key = Key::new(
-        SOURCE_RANGE_ID_BITS + 32,
-        SourceRangePrefix::v4(rev_nat_id, client),
-    );
+fn source_allowed<A: FlowAddr>(rev_nat_id: RevNatId, client: A) -> bool {
+    let key = client.source_range_key(rev_nat_id);
     SOURCE_RANGES.get(&key).is_some()
 }
 
@@ -465,13 +538,13 @@ fn source_allowed(rev_nat_id: RevNatId, client: [u8; 4]) -> bool {
 /// backend), or -1: no backend to follow (the flow is balanced afresh,
 /// and the entry rewritten). Not inlined: its own stack frame.
 #[inline(never)]
-fn affinity_candidate(
-    request: &NewFlow,
+fn affinity_candidate<A: FlowAddr>(
+    request: &NewFlow<A>,
     header: &FrontendValue,
     external_local: bool,
     target: &mut Target,
 ) -> i32 {
-    let key = AffinityKey::v4(request.client, header.rev_nat_id);
+    let key = request.client.affinity_key(header.rev_nat_id);
     // SAFETY: a live map value, read in place.
     let Some(value) = (unsafe { AFFINITY.get(&key) }) else {
         return -1;
@@ -507,8 +580,8 @@ fn affinity_candidate(
 /// Refreshes `client`'s affinity entry for the frontend with rev-NAT id
 /// `rev_nat_id`, followed at `now`. Not inlined: its own stack frame.
 #[inline(never)]
-fn refresh_affinity(client: [u8; 4], rev_nat_id: RevNatId, now: u32) {
-    let key = AffinityKey::v4(client, rev_nat_id);
+fn refresh_affinity<A: FlowAddr>(client: A, rev_nat_id: RevNatId, now: u32) {
+    let key = client.affinity_key(rev_nat_id);
     if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
         // SAFETY: a live map value; a concurrent writer only ever writes a
         // recent second.
@@ -533,12 +606,15 @@ fn slot_holds(header_key: &FrontendKey, slot: u16, backend_id: BackendId) -> boo
 /// `now` (the entry of `client` and the target's frontend, written over
 /// any older one). Not inlined: its own stack frame.
 #[inline(never)]
-fn record_affinity(client: [u8; 4], target: &Target, slot: u16, now: u32) {
-    let key = AffinityKey::v4(client, target.rev_nat_id);
+fn record_affinity<A: FlowAddr>(client: A, target: &Target, slot: u16, now: u32) {
+    let Some(addr) = A::target_addr(target) else {
+        return;
+    };
+    let key = client.affinity_key(target.rev_nat_id);
     let value = AffinityValue {
         backend_id: target.backend_id,
         last_used: now,
-        addr: map_addr_v4(target.addr),
+        addr,
         port: target.port,
         slot,
         _pad: [0; 4],

@@ -19,10 +19,11 @@
 //! - `to_network`: TC egress on the external devices. SNATs flows to
 //!   backends on other nodes and restores the frontend as the source of
 //!   replies to external clients.
-//! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeer4`:
-//!   cgroup socket hooks (socket-LB, `sock`) for processes on the node
-//!   itself: a socket connecting or sending to a frontend goes straight to
-//!   a backend, and sees the frontend as its peer.
+//! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeer4`
+//!   and their IPv6 twins (`sock_connect6`, ...): cgroup socket hooks
+//!   (socket-LB, `sock`) for processes on the node itself: a socket
+//!   connecting or sending to a frontend goes straight to a backend, and
+//!   sees the frontend as its peer.
 //!
 //! Rewrites that change a source run on egress only: on ingress, a source
 //! that is one of the node's own addresses would be dropped as a martian.

@@ -6,8 +6,14 @@
 //! socket of every process in that cgroup and below, in whatever network
 //! namespace.
 //!
-//! - `sock_connect4` (`connect(2)` of TCP and UDP sockets) and
-//!   `sock_sendmsg4` (`sendto(2)`/`sendmsg(2)` with an address, on
+//! Each hook comes in two programs, one per address family (`connect4`
+//! and `connect6`, and so on), over one body generic in the family
+//! ([`SockFamily`]): IPv6 frontends are looked up with IPv6 keys and go to
+//! IPv6 backends, as the agent programs them. (An IPv4-mapped IPv6
+//! destination, `::ffff:a.b.c.d`, is no IPv6 frontend and is left alone.)
+//!
+//! - `sock_connect4`/`6` (`connect(2)` of TCP and UDP sockets) and
+//!   `sock_sendmsg4`/`6` (`sendto(2)`/`sendmsg(2)` with an address, on
 //!   unconnected UDP sockets): when the destination is a frontend (the
 //!   frontends map, scope `SCOPE_ALL`, any frontend kind, like traffic from
 //!   pods), pick a backend with [`lb::select_backend`], the very choice the
@@ -15,8 +21,8 @@
 //!   then connects (or sends) straight to the backend: there is no packet to
 //!   translate and no conntrack entry, the socket itself stays on its
 //!   backend.
-//! - `sock_recvmsg4` (`recvfrom(2)`/`recvmsg(2)` on UDP) and
-//!   `sock_getpeer4` (`getpeername(2)`): give the application back the
+//! - `sock_recvmsg4`/`6` (`recvfrom(2)`/`recvmsg(2)` on UDP) and
+//!   `sock_getpeer4`/`6` (`getpeername(2)`): give the application back the
 //!   frontend it asked for instead of the backend it was sent to, so UDP
 //!   answers come from `ClusterIP:port` and a connected socket's peer is
 //!   the ClusterIP.
@@ -39,7 +45,8 @@
 //! address visible to `recvfrom`/`getpeername`, never breaks the traffic.
 //!
 //! Session affinity and `loadBalancerSourceRanges` take the node as one
-//! client, by its address (`DatapathConfig::snat_v4`): a socket outside
+//! client, by its address of the frontend's family
+//! (`DatapathConfig::snat_v4`, `snat_v6`): a socket outside
 //! the ranges fails with `ECONNREFUSED` at once.
 //!
 //! A frontend without backends refuses at once: `connect` and `sendmsg`
@@ -66,13 +73,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use service_common::{
-    DatapathCounter, PROTO_TCP, PROTO_UDP, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey,
-    SockNatValue, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
+    DatapathConfig, DatapathCounter, FAMILY_IPV4, FAMILY_IPV6, MapAddr, PROTO_TCP, PROTO_UDP,
+    SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey, SockNatValue, map_addr_v4, map_addr_v4_octets,
+    map_addrs_equal,
 };
 
 use crate::{
     clock::now_seconds,
-    lb::{self, Lookup, NewFlow, Origin, Target},
+    lb::{self, FlowAddr, Lookup, NewFlow, Origin, Target},
     maps::{BACKENDS, BPF_ANY, FRONTEND_STATS, SOCK_NAT, config, count},
 };
 
@@ -110,14 +118,14 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
 /// `connect(2)` of a TCP or UDP socket: a frontend becomes a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    forward::<Ipv4>(&ctx)
 }
 
 /// `sendto(2)`/`sendmsg(2)` with an address on an unconnected UDP socket:
 /// a frontend becomes a backend, the same one for every datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    forward::<Ipv4>(&ctx)
 }
 
 /// `recvfrom(2)`/`recvmsg(2)` on a UDP socket: an answer from a backend
@@ -125,7 +133,7 @@ pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
 /// accepts no other verdict here).
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+    reverse::<Ipv4>(&ctx);
     SOCK_ALLOW
 }
 
@@ -133,22 +141,172 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 /// has the frontend as its peer. Must allow.
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeer4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+    reverse::<Ipv4>(&ctx);
     SOCK_ALLOW
 }
 
-/// The destination (or peer) of the socket address as it stands: address
-/// and port in network byte order, and the protocol (`PROTO_TCP` or
-/// `PROTO_UDP`; `None` for anything else, left alone).
+/// [`sock_connect4`] for IPv6 sockets and frontends.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    forward::<Ipv6>(&ctx)
+}
+
+/// [`sock_sendmsg4`] for IPv6 sockets and frontends.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward::<Ipv6>(&ctx)
+}
+
+/// [`sock_recvmsg4`] for IPv6 sockets and frontends. Must allow.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse::<Ipv6>(&ctx);
+    SOCK_ALLOW
+}
+
+/// [`sock_getpeer4`] for IPv6 sockets and frontends. Must allow.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeer6(ctx: SockAddrContext) -> i32 {
+    reverse::<Ipv6>(&ctx);
+    SOCK_ALLOW
+}
+
+/// What differs between the IPv4 and the IPv6 programs: where the socket
+/// address sits in the context, and the node's own address. Everything
+/// else works on [`MapAddr`]s tagged with [`SockFamily::FAMILY`].
+trait SockFamily {
+    /// The family tag of the map keys (`FAMILY_IPV4` or `FAMILY_IPV6`).
+    const FAMILY: u8;
+    /// The family's addresses as the backend choice takes them.
+    type Addr: FlowAddr;
+
+    /// `addr` as the backend choice takes it.
+    fn flow_addr(addr: &MapAddr) -> Self::Addr;
+
+    /// The socket address's IP address (`user_ip4` or `user_ip6`),
+    /// network byte order.
+    ///
+    /// # Safety
+    /// `sa` is the program's context.
+    unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr;
+
+    /// Writes `addr` (network byte order) as the socket address's IP
+    /// address.
+    ///
+    /// # Safety
+    /// `sa` is the program's context, in a hook that may write the address.
+    unsafe fn write_addr(sa: *mut bpf_sock_addr, addr: &MapAddr);
+
+    /// The node as a client of this family's frontends (for session
+    /// affinity and source ranges): its SNAT address of the family.
+    fn node_address(config: &DatapathConfig) -> Self::Addr;
+}
+
+/// The IPv4 programs (`*4`).
+struct Ipv4;
+
+impl SockFamily for Ipv4 {
+    const FAMILY: u8 = FAMILY_IPV4;
+    type Addr = [u8; 4];
+
+    #[inline(always)]
+    fn flow_addr(addr: &MapAddr) -> [u8; 4] {
+        map_addr_v4_octets(addr)
+    }
+
+    #[inline(always)]
+    unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr {
+        // SAFETY: read once, with the 4-byte size the verifier requires,
+        // volatile so it is not merged into a wider access.
+        let ip = unsafe { core::ptr::addr_of!((*sa).user_ip4).read_volatile() };
+        map_addr_v4(ip.to_ne_bytes())
+    }
+
+    #[inline(always)]
+    unsafe fn write_addr(sa: *mut bpf_sock_addr, addr: &MapAddr) {
+        let ip = u32::from_ne_bytes(map_addr_v4_octets(addr));
+        // SAFETY: a 4-byte store, allowed in every IPv4 hook here.
+        unsafe { core::ptr::addr_of_mut!((*sa).user_ip4).write_volatile(ip) };
+    }
+
+    #[inline(always)]
+    fn node_address(config: &DatapathConfig) -> [u8; 4] {
+        config.snat_v4
+    }
+}
+
+/// The IPv6 programs (`*6`).
+struct Ipv6;
+
+impl SockFamily for Ipv6 {
+    const FAMILY: u8 = FAMILY_IPV6;
+    type Addr = MapAddr;
+
+    #[inline(always)]
+    fn flow_addr(addr: &MapAddr) -> MapAddr {
+        *addr
+    }
+
+    #[inline(always)]
+    unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr {
+        // SAFETY: `sa` is the context (the caller's promise).
+        let ip = unsafe { core::ptr::addr_of!((*sa).user_ip6) }.cast::<u32>();
+        // SAFETY: four 4-byte reads of `user_ip6` (the verifier takes no
+        // wider ones on every kernel), volatile so none are merged.
+        let words = unsafe {
+            [
+                ip.read_volatile(),
+                ip.add(1).read_volatile(),
+                ip.add(2).read_volatile(),
+                ip.add(3).read_volatile(),
+            ]
+        };
+        // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and every
+        // byte pattern is a valid `[u8; 16]`.
+        unsafe { core::mem::transmute::<[u32; 4], MapAddr>(words) }
+    }
+
+    #[inline(always)]
+    unsafe fn write_addr(sa: *mut bpf_sock_addr, addr: &MapAddr) {
+        // SAFETY: as in `read_addr`.
+        let words = unsafe { core::mem::transmute::<MapAddr, [u32; 4]>(*addr) };
+        // SAFETY: `sa` is the context (the caller's promise).
+        let ip = unsafe { core::ptr::addr_of_mut!((*sa).user_ip6) }.cast::<u32>();
+        // SAFETY: four 4-byte stores to `user_ip6`, writable in every IPv6
+        // hook here.
+        unsafe {
+            ip.write_volatile(words[0]);
+            ip.add(1).write_volatile(words[1]);
+            ip.add(2).write_volatile(words[2]);
+            ip.add(3).write_volatile(words[3]);
+        }
+    }
+
+    #[inline(always)]
+    fn node_address(config: &DatapathConfig) -> MapAddr {
+        config.snat_v6
+    }
+}
+
+/// A socket address: IP address and port in network byte order, and the
+/// protocol (`PROTO_TCP` or `PROTO_UDP`).
+struct SockDestination {
+    addr: MapAddr,
+    port: u16,
+    proto: u8,
+}
+
+/// The destination (or peer) of the socket address as it stands; `None`
+/// for a protocol other than TCP and UDP, left alone.
 #[inline(always)]
-fn destination(ctx: &SockAddrContext) -> Option<([u8; 4], u16, u8)> {
+fn destination<F: SockFamily>(ctx: &SockAddrContext) -> Option<SockDestination> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the context is the kernel's `bpf_sock_addr`; each field is
     // read once, with the size the verifier requires (4 bytes), volatile so
     // no two reads are merged into one wider access.
-    let (ip, port, protocol) = unsafe {
+    let (addr, port, protocol) = unsafe {
         (
-            core::ptr::addr_of!((*sa).user_ip4).read_volatile(),
+            F::read_addr(sa),
             core::ptr::addr_of!((*sa).user_port).read_volatile(),
             core::ptr::addr_of!((*sa).protocol).read_volatile(),
         )
@@ -158,18 +316,24 @@ fn destination(ctx: &SockAddrContext) -> Option<([u8; 4], u16, u8)> {
         IPPROTO_UDP => PROTO_UDP,
         _ => return None,
     };
-    // `user_port` holds the port as in `sin_port` (network order) in its
-    // low 16 bits: read as a native u16 like the packet hooks read ports.
-    Some((ip.to_ne_bytes(), port as u16, proto))
+    // `user_port` holds the port as in `sin_port`/`sin6_port` (network
+    // order) in its low 16 bits: read as a native u16 like the packet
+    // hooks read ports.
+    Some(SockDestination {
+        addr,
+        port: port as u16,
+        proto,
+    })
 }
 
 /// Rewrites the socket address to `addr:port` (network byte order).
 #[inline(always)]
-fn set_destination(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
+fn set_destination<F: SockFamily>(ctx: &SockAddrContext, addr: &MapAddr, port: u16) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: both fields are writable in every hook here, with 4-byte stores.
+    // SAFETY: the address and the port are writable in every hook here,
+    // with 4-byte stores.
     unsafe {
-        core::ptr::addr_of_mut!((*sa).user_ip4).write_volatile(u32::from_ne_bytes(addr));
+        F::write_addr(sa, addr);
         core::ptr::addr_of_mut!((*sa).user_port).write_volatile(u32::from(port));
     }
 }
@@ -184,38 +348,44 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// Fails the system call with `errno`.
 #[inline(always)]
 fn reject(errno: i32) -> i32 {
-    // SAFETY: the helper has no preconditions; allowed in connect4 and
-    // sendmsg4 (kernel 5.18+).
+    // SAFETY: the helper has no preconditions; allowed in the connect and
+    // sendmsg hooks (kernel 5.18+).
     unsafe { bpf_set_retval(-errno) };
     SOCK_REJECT
 }
 
-/// `connect4` and `sendmsg4`: translates a frontend to a backend.
+/// `connect4`/`6` and `sendmsg4`/`6`: translates a frontend to a backend.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext) -> i32 {
+fn forward<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
     if !in_scope(ctx) {
         return SOCK_ALLOW;
     }
-    let Some((daddr, dport, proto)) = destination(ctx) else {
+    let Some(frontend) = destination::<F>(ctx) else {
         return SOCK_ALLOW;
     };
-    let cookie = cookie(ctx);
-    let forward_key = SockNatKey::v4(cookie, daddr, dport, proto, SOCK_DIR_FORWARD);
+    let forward_key = SockNatKey::new(
+        cookie(ctx),
+        frontend.addr,
+        F::FAMILY,
+        frontend.port,
+        frontend.proto,
+        SOCK_DIR_FORWARD,
+    );
     // A UDP socket already sending to this frontend keeps its backend.
-    if proto == PROTO_UDP
+    if frontend.proto == PROTO_UDP
         && let Some((addr, port)) = sticky_backend(&forward_key)
     {
-        set_destination(ctx, addr, port);
+        set_destination::<F>(ctx, &addr, port);
         return SOCK_ALLOW;
     }
     // The node is one client, by its own address, for session affinity
     // and `loadBalancerSourceRanges` (the address its sockets' packets
     // would leave with towards other nodes).
     let request = NewFlow {
-        daddr,
-        client: config().map_or([0; 4], |config| config.snat_v4),
-        dport,
-        proto,
+        daddr: F::flow_addr(&frontend.addr),
+        client: config().map_or(F::flow_addr(&[0; 16]), F::node_address),
+        dport: frontend.port,
+        proto: frontend.proto,
         origin: Origin::Pod,
         now: now_seconds(),
     };
@@ -236,10 +406,14 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         }
         Lookup::Backend => {}
     }
-    if record(&forward_key, daddr, dport, &target).is_err() {
+    let Some(backend) = F::Addr::target_addr(&target) else {
+        count(DatapathCounter::DropBackendMissing);
+        return reject(EHOSTUNREACH);
+    };
+    if record(&forward_key, &frontend, &backend, &target).is_err() {
         count(DatapathCounter::ConntrackInsertFailed);
     }
-    set_destination(ctx, target.addr, target.port);
+    set_destination::<F>(ctx, &backend, target.port);
     account_flow(target.rev_nat_id);
     SOCK_ALLOW
 }
@@ -248,36 +422,38 @@ fn forward(ctx: &SockAddrContext) -> i32 {
 /// in the backends map with the same address and port (active or
 /// terminating: an established flow keeps a terminating backend).
 #[inline(always)]
-fn sticky_backend(forward_key: &SockNatKey) -> Option<([u8; 4], u16)> {
+fn sticky_backend(forward_key: &SockNatKey) -> Option<(MapAddr, u16)> {
     // SAFETY: copied out at once.
     let entry = unsafe { SOCK_NAT.get(forward_key) }.copied()?;
     let backend = BACKENDS.get(entry.backend_id).filter(|b| b.exists())?;
     if !map_addrs_equal(&backend.addr, &entry.addr) || backend.port != entry.port {
         return None;
     }
-    Some((map_addr_v4_octets(&entry.addr), entry.port))
+    Some((entry.addr, entry.port))
 }
 
-/// Records a translated socket: the reverse entry (backend to frontend),
-/// then for UDP the forward entry (frontend to backend) under `forward_key`.
+/// Records a translated socket: the reverse entry (backend `backend` to
+/// `frontend`), then for UDP the forward entry (frontend to backend) under
+/// `forward_key`.
 #[inline(always)]
 fn record(
     forward_key: &SockNatKey,
-    frontend: [u8; 4],
-    frontend_port: u16,
+    frontend: &SockDestination,
+    backend: &MapAddr,
     target: &Target,
 ) -> Result<(), i32> {
     let proto = forward_key.proto;
-    let reverse_key = SockNatKey::v4(
+    let reverse_key = SockNatKey::new(
         forward_key.cookie,
-        target.addr,
+        *backend,
+        forward_key.family,
         target.port,
         proto,
         SOCK_DIR_REVERSE,
     );
     let reverse = SockNatValue {
-        addr: map_addr_v4(frontend),
-        port: frontend_port,
+        addr: frontend.addr,
+        port: frontend.port,
         backend_id: target.backend_id,
         rev_nat_id: target.rev_nat_id,
         ..SockNatValue::default()
@@ -287,29 +463,36 @@ fn record(
         return Ok(());
     }
     let forward = SockNatValue {
-        addr: map_addr_v4(target.addr),
+        addr: *backend,
         port: target.port,
         ..reverse
     };
     SOCK_NAT.insert(forward_key, forward, BPF_ANY)
 }
 
-/// `recvmsg4` and `getpeername4`: a backend this socket was translated to
-/// shows as the frontend it asked for.
+/// `recvmsg4`/`6` and `getpeername4`/`6`: a backend this socket was
+/// translated to shows as the frontend it asked for.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext) {
+fn reverse<F: SockFamily>(ctx: &SockAddrContext) {
     if !in_scope(ctx) {
         return;
     }
-    let Some((addr, port, proto)) = destination(ctx) else {
+    let Some(peer) = destination::<F>(ctx) else {
         return;
     };
-    let key = SockNatKey::v4(cookie(ctx), addr, port, proto, SOCK_DIR_REVERSE);
+    let key = SockNatKey::new(
+        cookie(ctx),
+        peer.addr,
+        F::FAMILY,
+        peer.port,
+        peer.proto,
+        SOCK_DIR_REVERSE,
+    );
     // SAFETY: copied out at once.
     let Some(frontend) = (unsafe { SOCK_NAT.get(key) }).copied() else {
         return;
     };
-    set_destination(ctx, map_addr_v4_octets(&frontend.addr), frontend.port);
+    set_destination::<F>(ctx, &frontend.addr, frontend.port);
 }
 
 /// Counts a new flow (a translated socket) for its frontend. The socket

@@ -125,12 +125,24 @@ pub const ATTACH_SENDMSG4: u32 = 14;
 pub const ATTACH_RECVMSG4: u32 = 19;
 /// `BPF_CGROUP_INET4_GETPEERNAME`: the `getpeername4` hook.
 pub const ATTACH_GETPEERNAME4: u32 = 29;
-/// The four socket-LB hooks.
-pub const SOCKET_LB_HOOKS: [u32; 4] = [
+/// `BPF_CGROUP_INET6_CONNECT`: the `connect6` hook.
+pub const ATTACH_CONNECT6: u32 = 11;
+/// `BPF_CGROUP_UDP6_SENDMSG`: the `sendmsg6` hook.
+pub const ATTACH_SENDMSG6: u32 = 15;
+/// `BPF_CGROUP_UDP6_RECVMSG`: the `recvmsg6` hook.
+pub const ATTACH_RECVMSG6: u32 = 20;
+/// `BPF_CGROUP_INET6_GETPEERNAME`: the `getpeername6` hook.
+pub const ATTACH_GETPEERNAME6: u32 = 30;
+/// The eight socket-LB hooks, four per address family.
+pub const SOCKET_LB_HOOKS: [u32; 8] = [
     ATTACH_CONNECT4,
     ATTACH_SENDMSG4,
     ATTACH_RECVMSG4,
     ATTACH_GETPEERNAME4,
+    ATTACH_CONNECT6,
+    ATTACH_SENDMSG6,
+    ATTACH_RECVMSG6,
+    ATTACH_GETPEERNAME6,
 ];
 
 impl TestCgroup {

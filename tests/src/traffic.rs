@@ -371,15 +371,21 @@ pub fn get_once(stream: TcpStream) -> anyhow::Result<String> {
 /// One UDP request from a new socket (so a new flow) from inside the
 /// calling thread's namespace; returns the answer.
 pub fn udp_request(target: SocketAddr) -> anyhow::Result<String> {
+    let socket = UdpSocket::bind(unspecified_of(target))?;
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    socket.send_to(b"which backend?\n", target)?;
+    read_udp_answer(&socket, target)
+}
+
+/// The unspecified address (any port) of `target`'s family: what a client
+/// socket towards `target` binds to.
+fn unspecified_of(target: SocketAddr) -> SocketAddr {
     let any: IpAddr = if target.is_ipv4() {
         [0, 0, 0, 0].into()
     } else {
         std::net::Ipv6Addr::UNSPECIFIED.into()
     };
-    let socket = UdpSocket::bind(SocketAddr::new(any, 0))?;
-    socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    socket.send_to(b"which backend?\n", target)?;
-    read_udp_answer(&socket, target)
+    SocketAddr::new(any, 0)
 }
 
 /// Waits for the answer to a UDP request; fails unless it comes from
@@ -476,7 +482,7 @@ pub fn http_get_peer_checked(target: SocketAddr) -> anyhow::Result<String> {
 /// the socket's peer (`getpeername`) and the answer's source (`recvfrom`)
 /// are both `target`. Returns the answer.
 pub fn udp_request_connected(target: SocketAddr) -> anyhow::Result<String> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let socket = UdpSocket::bind(unspecified_of(target))?;
     socket
         .connect(target)
         .with_context(|| format!("connecting to {target}"))?;

@@ -31,7 +31,7 @@ fn socket_lb_programs_load_for_every_namespace_and_for_one() {
                 .filter(|spec| spec.kind == ProgramKind::CgroupSockAddr)
                 .map(|spec| spec.name)
                 .collect();
-            assert_eq!(socket_programs.len(), 4, "{socket_programs:?}");
+            assert_eq!(socket_programs.len(), 8, "{socket_programs:?}");
             for name in socket_programs {
                 let program: &mut CgroupSockAddr = ebpf
                     .program_mut(name)

@@ -3,9 +3,9 @@
 //! maps, each family's with the endpoints of its own EndpointSlice and its
 //! own family tag, writes the IPv6 SNAT address into the datapath's
 //! configuration, and `list` and `/metrics` show both families, the IPv6
-//! frontends reported as programmed but not served (the datapath
-//! translates IPv4 packets only so far). No traffic: the datapath half of
-//! issue 10 will send it.
+//! frontends reported as served to host processes by socket-LB but not
+//! to packets (the packet datapath translates IPv4 only so far). No
+//! traffic here: `e2e_host_ipv6.rs` sends it through socket-LB.
 
 use std::{
     collections::BTreeSet,
@@ -270,7 +270,7 @@ fn a_dual_stack_service_is_programmed_for_both_families_listed_and_reported() {
         "externalIP 2001:db8:99::200",
     ] {
         let line = format!(
-            "not supported: default/web: Service default/web: IPv6 {address}: programmed in the maps but not served: the datapath translates IPv4 packets only so far"
+            "not supported: default/web: Service default/web: IPv6 {address}: served to host processes by socket-LB, not to packets: the packet datapath translates IPv4 only so far"
         );
         assert!(table.contains(&line), "{line:?} not in:\n{table}");
     }

@@ -111,9 +111,11 @@ fn start(tag: &str, backends: &[usize], cgroup: &TestCgroup) -> ClusterIpScenari
     scenario
 }
 
-/// Waits until the agent's log holds `needle` `times` times.
+/// Waits until the agent's log holds `needle` `times` times. The bound
+/// covers a restarted agent loading and verifying the whole object and
+/// attaching eight socket programs on a machine whose cores are busy.
 fn wait_for_log(agent: &mut AgentProcess, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while agent.log().matches(needle).count() < times {
         agent.check_running().expect("agent running");
         assert!(

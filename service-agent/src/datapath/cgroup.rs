@@ -1,5 +1,6 @@
 //! Socket-LB: attaching the cgroup socket programs (`sock_connect4`,
-//! `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeer4`) to a cgroup v2, so
+//! `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeer4` and their IPv6
+//! twins `sock_connect6`, ...) to a cgroup v2, so
 //! processes on the node itself (hostNetwork pods, the kubelet, node
 //! daemons) reach Services: their sockets are sent straight to a backend
 //! (see `service-ebpf/src/sock.rs`).
@@ -17,8 +18,8 @@
 //!
 //! Each program is attached through a bpf_link (kernel 5.7+) pinned under
 //! the pin folder as `links/cgroup-connect4`, `links/cgroup-sendmsg4`,
-//! `links/cgroup-recvmsg4` and `links/cgroup-getpeername4` (bpffs refuses
-//! dots in names), so the hooks stay when the agent exits. A restarted
+//! `links/cgroup-recvmsg4` and `links/cgroup-getpeername4`, and the same
+//! with `6` for IPv6 (bpffs refuses dots in names), so the hooks stay when the agent exits. A restarted
 //! agent adopts each pinned link: it swaps its new program into the link
 //! (`BPF_LINK_UPDATE`) atomically, no socket ever sees the cgroup without
 //! the hook. aya 0.14 has no `attach_to_link` for `CgroupSockAddr`, and
@@ -44,7 +45,10 @@ use aya::{
 };
 use log::{info, warn};
 
-use super::{PROG_SOCK_CONNECT4, PROG_SOCK_GETPEER4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4};
+use super::{
+    PROG_SOCK_CONNECT4, PROG_SOCK_CONNECT6, PROG_SOCK_GETPEER4, PROG_SOCK_GETPEER6,
+    PROG_SOCK_RECVMSG4, PROG_SOCK_RECVMSG6, PROG_SOCK_SENDMSG4, PROG_SOCK_SENDMSG6,
+};
 use crate::error::{Context as _, Error, IoContext as _};
 
 /// Default `--cgroup-path`: the root of the cgroup v2 hierarchy, so every
@@ -86,9 +90,10 @@ struct SocketProgram {
     pin: &'static str,
 }
 
-/// The socket programs, in attach order: the reverse hooks first, so a
-/// socket is never translated without its peer being restored.
-const SOCKET_PROGRAMS: [SocketProgram; 4] = [
+/// The socket programs, in attach order: the reverse hooks of both
+/// families first, so a socket is never translated without its peer being
+/// restored.
+const SOCKET_PROGRAMS: [SocketProgram; 8] = [
     SocketProgram {
         name: PROG_SOCK_RECVMSG4,
         attach_type: 19, // BPF_CGROUP_UDP4_RECVMSG
@@ -100,6 +105,16 @@ const SOCKET_PROGRAMS: [SocketProgram; 4] = [
         pin: "cgroup-getpeername4",
     },
     SocketProgram {
+        name: PROG_SOCK_RECVMSG6,
+        attach_type: 20, // BPF_CGROUP_UDP6_RECVMSG
+        pin: "cgroup-recvmsg6",
+    },
+    SocketProgram {
+        name: PROG_SOCK_GETPEER6,
+        attach_type: 30, // BPF_CGROUP_INET6_GETPEERNAME
+        pin: "cgroup-getpeername6",
+    },
+    SocketProgram {
         name: PROG_SOCK_CONNECT4,
         attach_type: 10, // BPF_CGROUP_INET4_CONNECT
         pin: "cgroup-connect4",
@@ -108,6 +123,16 @@ const SOCKET_PROGRAMS: [SocketProgram; 4] = [
         name: PROG_SOCK_SENDMSG4,
         attach_type: 14, // BPF_CGROUP_UDP4_SENDMSG
         pin: "cgroup-sendmsg4",
+    },
+    SocketProgram {
+        name: PROG_SOCK_CONNECT6,
+        attach_type: 11, // BPF_CGROUP_INET6_CONNECT
+        pin: "cgroup-connect6",
+    },
+    SocketProgram {
+        name: PROG_SOCK_SENDMSG6,
+        attach_type: 15, // BPF_CGROUP_UDP6_SENDMSG
+        pin: "cgroup-sendmsg6",
     },
 ];
 
@@ -408,14 +433,36 @@ mod tests {
     }
 
     #[test]
+    fn every_socket_program_of_the_layout_is_attached_on_its_own_hook() {
+        use std::collections::BTreeSet;
+
+        use service_common::{PROGRAMS, ProgramKind};
+
+        let listed: BTreeSet<&str> = PROGRAMS
+            .iter()
+            .filter(|spec| spec.kind == ProgramKind::CgroupSockAddr)
+            .map(|spec| spec.name)
+            .collect();
+        let attached: BTreeSet<&str> = SOCKET_PROGRAMS.iter().map(|p| p.name).collect();
+        assert_eq!(attached, listed);
+        let hooks: BTreeSet<u32> = SOCKET_PROGRAMS.iter().map(|p| p.attach_type).collect();
+        assert_eq!(hooks.len(), SOCKET_PROGRAMS.len());
+        // Each program's family is the one of its hook and its pin.
+        for program in &SOCKET_PROGRAMS {
+            let family = &program.name[program.name.len() - 1..];
+            assert!(program.pin.ends_with(family), "{}", program.pin);
+        }
+    }
+
+    #[test]
     fn every_socket_program_has_its_own_pin_without_dots() {
         let pins = link_pins(Path::new("/pins/links"));
-        assert_eq!(pins.len(), 4);
+        assert_eq!(pins.len(), 8);
         let names: std::collections::BTreeSet<_> = pins
             .iter()
             .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
             .collect();
-        assert_eq!(names.len(), 4);
+        assert_eq!(names.len(), 8);
         assert!(
             names
                 .iter()

@@ -133,8 +133,9 @@ pub struct Translation {
     /// One line per object or field skipped as invalid.
     pub skipped: Vec<String>,
     /// One line per field set to something the agent does not serve (an
-    /// SCTP port, ignored; an IPv6 frontend address, programmed in the
-    /// maps but not served by the IPv4-only datapath yet): logged, counted
+    /// SCTP port, ignored; an IPv6 frontend address, served to host
+    /// processes by socket-LB but not to packets by the IPv4-only packet
+    /// datapath yet): logged, counted
     /// in `service_agent_unsupported_fields`, shown by `list`.
     pub unsupported: Vec<String>,
 }
@@ -339,8 +340,9 @@ fn skip_other_family(name: &ObjectName, service: &ServiceRecord, out: &mut Trans
 
 /// Reports each IPv6 frontend address of the Service whose frontends
 /// start at `out.frontends[first]` (once per address and kind): they are
-/// in the maps, with their IPv6 backends, but the datapath does not
-/// translate IPv6 packets yet.
+/// in the maps, with their IPv6 backends, and socket-LB serves them to
+/// the node's processes, but the packet datapath does not translate IPv6
+/// packets yet.
 fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation) {
     let mut reported: Vec<(u16, IpAddr)> = Vec::new();
     for frontend in &out.frontends[first..] {
@@ -358,7 +360,7 @@ fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation
             _ => "externalIP",
         };
         out.unsupported.push(format!(
-            "Service {name}: IPv6 {field} {addr}: programmed in the maps but not served: the datapath translates IPv4 packets only so far"
+            "Service {name}: IPv6 {field} {addr}: served to host processes by socket-LB, not to packets: the packet datapath translates IPv4 only so far"
         ));
     }
 }
@@ -1816,7 +1818,7 @@ endpoints:
             assert!(
                 line.starts_with("Service default/web: ")
                     && line.contains(what)
-                    && line.contains("programmed in the maps but not served"),
+                    && line.contains("served to host processes by socket-LB, not to packets"),
                 "{line}"
             );
         }

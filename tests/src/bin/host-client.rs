@@ -12,7 +12,9 @@
 //! peer is TARGET), `http-plain` (a GET without that check), `udp` (a
 //! datagram from a new unconnected socket; fails unless the answer comes
 //! from TARGET), `udp-connected` (from a new socket connected to TARGET;
-//! fails unless its peer and the answer's source are TARGET).
+//! fails unless its peer and the answer's source are TARGET). TARGET is
+//! `ADDRESS:PORT` of either family (`[fd00:96::10]:80` for IPv6), and
+//! every socket is of TARGET's family.
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 

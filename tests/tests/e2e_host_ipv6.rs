@@ -1,0 +1,390 @@
+//! End to end: host-originated traffic through socket-LB over IPv6 (issue
+//! 10). A process in the node's network namespace and in the agent's
+//! cgroup reaches the IPv6 ClusterIP of a dual-stack Service (and its IPv6
+//! externalIP): `connect6` and `sendmsg6` send it straight to an IPv6
+//! backend, and `getpeername6` and `recvmsg6` give it the frontend back as
+//! its peer and as the source of UDP answers. The same process reaches the
+//! Service's IPv4 ClusterIP through the IPv4 programs, and an IPv6
+//! frontend without endpoints refuses it at once.
+//!
+//! The topology is the dual-stack single node (`SingleNode::dual_stack`):
+//! every backend pod serves on its IPv4 addresses as `web-N` and on its
+//! IPv6 address as `web6-N`, so each answer tells the family it came over.
+//! As in `e2e_host.rs`, socket-LB is attached to a cgroup made for the test
+//! only.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use service_agent::datapath::maps::datapath_counters;
+use service_tests::{
+    agent::{AgentProcess, list_json, wait_for_backends},
+    cgroup::{SOCKET_LB_HOOKS, TestCgroup},
+    netns::NetNs,
+    pins::PinDir,
+    require_root,
+    scenario::{
+        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, HTTP_PORT, UDP_PORT, backend_name,
+        http_frontend,
+    },
+    topology::{POD_DEVICE_PREFIX, SingleNode},
+    traffic::{BackendServer, host_client_answers, run_host_client},
+};
+
+/// The Service's IPv6 ClusterIP.
+const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// The Service's IPv6 externalIP (inside `--external-ip-cidrs`).
+const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 0x200);
+/// The IPv6 ClusterIP of the Service without endpoints.
+const EMPTY_CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
+
+/// TCP connections (one GET each) from the host process.
+const HTTP_CONNECTIONS: usize = 60;
+/// UDP requests from new unconnected sockets, and from new connected ones.
+const UDP_REQUESTS: usize = 30;
+/// The longest a refused connect may take.
+const REFUSAL_BOUND_MS: f64 = 100.0;
+
+/// The dual-stack Service "web" (both families' endpoints on pods
+/// 1..=3, an IPv6 externalIP) and the IPv6-only Service "empty" without
+/// endpoints.
+fn services_yaml() -> String {
+    let mut yaml = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "{CLUSTER_IP6}"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  externalIPs: ["{EXTERNAL_IP6}"]
+  ports:
+  - {{name: http, protocol: TCP, port: {HTTP_PORT}, targetPort: {BACKEND_HTTP_PORT}}}
+  - {{name: echo, protocol: UDP, port: {UDP_PORT}, targetPort: {BACKEND_UDP_PORT}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: demo}}
+spec:
+  clusterIP: "{EMPTY_CLUSTER_IP6}"
+  clusterIPs: ["{EMPTY_CLUSTER_IP6}"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {{name: http, protocol: TCP, port: {HTTP_PORT}, targetPort: {BACKEND_HTTP_PORT}}}
+  - {{name: echo, protocol: UDP, port: {UDP_PORT}, targetPort: {BACKEND_UDP_PORT}}}
+"#
+    );
+    for (family, name) in [("IPv4", "web-v4"), ("IPv6", "web-v6")] {
+        yaml.push_str(&format!(
+            r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: {family}
+ports:
+- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}
+- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}
+endpoints:
+"#
+        ));
+        for pod in 1..=BACKENDS {
+            let address = if family == "IPv4" {
+                format!("10.200.{pod}.2")
+            } else {
+                format!("fd00:10:200:{pod}::2")
+            };
+            yaml.push_str(&format!(
+                "- {{addresses: [\"{address}\"], conditions: {{ready: true}}}}\n"
+            ));
+        }
+    }
+    yaml
+}
+
+/// The name a backend pod's IPv6 servers answer with.
+fn backend6_name(pod: usize) -> String {
+    format!("web6-{pod}")
+}
+
+/// The running scenario; dropped in field order: the agent first, the
+/// namespaces last.
+struct Scenario {
+    agent: AgentProcess,
+    _servers: Vec<BackendServer>,
+    topology: SingleNode,
+    pin: PinDir,
+    _workdir: tempfile::TempDir,
+}
+
+/// Builds the dual-stack node, starts both families' servers on pods
+/// 1..=3 and the agent with socket-LB on `cgroup`, and waits until every
+/// frontend the tests use is programmed and socket-LB attached.
+fn start(tag: &str, cgroup: &TestCgroup) -> Scenario {
+    let workdir = tempfile::Builder::new()
+        .prefix("service-lb-")
+        .tempdir()
+        .expect("work folder");
+    let yaml = workdir.path().join("services.yaml");
+    std::fs::write(&yaml, services_yaml()).expect("writing the YAML");
+    let pin = PinDir::new(tag).expect("pin folder");
+    let topology = SingleNode::dual_stack(tag, BACKENDS + 1).expect("dual-stack node");
+    let mut servers = Vec::new();
+    for pod in 1..=BACKENDS {
+        let ns = &topology.pods[pod].ns;
+        servers.push(
+            BackendServer::start(ns, &backend_name(pod), BACKEND_HTTP_PORT, BACKEND_UDP_PORT)
+                .expect("IPv4 servers"),
+        );
+        let ip6 = topology.pods[pod].ip6.expect("a dual-stack pod");
+        servers.push(
+            BackendServer::start_on(
+                ns,
+                &backend6_name(pod),
+                IpAddr::V6(ip6),
+                BACKEND_HTTP_PORT,
+                BACKEND_UDP_PORT,
+            )
+            .expect("IPv6 servers"),
+        );
+    }
+    let path = cgroup.path().to_str().expect("UTF-8 cgroup path");
+    let mut agent = AgentProcess::start_with_args(
+        &topology.node,
+        &yaml,
+        pin.path(),
+        &[
+            "--pod-device-prefix",
+            POD_DEVICE_PREFIX,
+            "--cgroup-path",
+            path,
+            "--external-ip-cidrs",
+            "2001:db8:99::/64",
+        ],
+        &workdir.path().join("agent.log"),
+    )
+    .expect("agent");
+    for (frontend, backends) in [
+        (http_frontend(), BACKENDS),
+        (SocketAddr::from((CLUSTER_IP6, HTTP_PORT)), BACKENDS),
+        (SocketAddr::from((EXTERNAL_IP6, HTTP_PORT)), BACKENDS),
+        (SocketAddr::from((EMPTY_CLUSTER_IP6, HTTP_PORT)), 0),
+    ] {
+        wait_for_backends(
+            &mut agent,
+            pin.path(),
+            frontend,
+            "TCP",
+            backends,
+            Duration::from_secs(20),
+        )
+        .expect("frontend programmed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("socket-LB attached to cgroup") {
+        agent.check_running().expect("agent running");
+        assert!(
+            Instant::now() < deadline,
+            "socket-LB never attached; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Scenario {
+        agent,
+        _servers: servers,
+        topology,
+        pin,
+        _workdir: workdir,
+    }
+}
+
+/// Runs `host-client` with `args` in the node namespace, inside `cgroup`
+/// (or outside any test cgroup); returns its runs.
+fn host_client(node: &NetNs, cgroup: Option<&TestCgroup>, args: &[String]) -> Vec<Value> {
+    let report = run_host_client(env!("CARGO_BIN_EXE_host-client"), node, cgroup, args);
+    if let Some(cgroup) = cgroup {
+        let name = cgroup.path().file_name().unwrap().to_str().unwrap();
+        assert!(
+            report["cgroup"].as_str().unwrap_or_default().contains(name),
+            "host-client not in the test cgroup: {}",
+            report["cgroup"]
+        );
+    }
+    report["runs"].as_array().expect("runs").clone()
+}
+
+/// `KIND TARGET COUNT` for host-client.
+fn run(kind: &str, target: SocketAddr, count: usize) -> Vec<String> {
+    vec![kind.to_owned(), target.to_string(), count.to_string()]
+}
+
+/// The failures of one run.
+fn failures(run: &Value) -> Vec<String> {
+    run["failures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| f.as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Asserts a run had no failure, `count` answers, and that every backend
+/// named by `name` (pods 1..=3), and no one else, answered.
+fn assert_spread_over(run: &Value, count: usize, name: fn(usize) -> String) {
+    let failures = failures(run);
+    assert!(
+        failures.is_empty(),
+        "{} to {} failed: {failures:?}",
+        run["kind"],
+        run["target"]
+    );
+    let answers = host_client_answers(run);
+    assert_eq!(
+        answers.values().sum::<u64>(),
+        count as u64,
+        "{} to {}: {answers:?}",
+        run["kind"],
+        run["target"]
+    );
+    let expected: Vec<String> = (1..=BACKENDS).map(name).collect();
+    assert_eq!(
+        answers.keys().cloned().collect::<Vec<_>>(),
+        expected,
+        "{} to {} answered by {answers:?}",
+        run["kind"],
+        run["target"]
+    );
+}
+
+/// The new flows `list` shows for a frontend.
+fn new_flows(pin: &Path, frontend: SocketAddr, protocol: &str) -> u64 {
+    let listing = list_json(pin).expect("list");
+    listing["frontends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| {
+            f["address"] == frontend.ip().to_string()
+                && f["port"] == frontend.port()
+                && f["protocol"] == protocol
+        })
+        .and_then(|f| f["stats"]["new_flows"].as_u64())
+        .unwrap_or(0)
+}
+
+/// A host process in the cgroup reaches the IPv6 ClusterIP: 60 TCP
+/// connections (each checking that `getpeername` gives the ClusterIP) and
+/// UDP from unconnected and connected sockets (answers from
+/// `[ClusterIP]:port`), all answered by the IPv6 servers of every
+/// backend; the IPv6 externalIP too, and the Service's IPv4 ClusterIP by
+/// the IPv4 servers. Outside the cgroup the IPv6 ClusterIP is unreachable
+/// (the node has no route to it), so the translation is socket-LB's.
+#[test]
+fn host_process_reaches_an_ipv6_cluster_ip_through_socket_lb() {
+    require_root!();
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let mut scenario = start("host6", &cgroup);
+    for hook in SOCKET_LB_HOOKS {
+        let ids = cgroup.attached_programs(hook).expect("BPF_PROG_QUERY");
+        assert_eq!(ids.len(), 1, "hook {hook}: programs {ids:?}");
+    }
+    let http6 = SocketAddr::from((CLUSTER_IP6, HTTP_PORT));
+    let udp6 = SocketAddr::from((CLUSTER_IP6, UDP_PORT));
+    let external6 = SocketAddr::from((EXTERNAL_IP6, HTTP_PORT));
+    let node = &scenario.topology.node;
+
+    let mut args = run("http", http6, HTTP_CONNECTIONS);
+    args.extend(run("udp", udp6, UDP_REQUESTS));
+    args.extend(run("udp-connected", udp6, UDP_REQUESTS));
+    args.extend(run("http", external6, UDP_REQUESTS));
+    args.extend(run("http", http_frontend(), UDP_REQUESTS));
+    let runs = host_client(node, Some(&cgroup), &args);
+    assert_spread_over(&runs[0], HTTP_CONNECTIONS, backend6_name);
+    assert_spread_over(&runs[1], UDP_REQUESTS, backend6_name);
+    assert_spread_over(&runs[2], UDP_REQUESTS, backend6_name);
+    assert_spread_over(&runs[3], UDP_REQUESTS, backend6_name);
+    assert_spread_over(&runs[4], UDP_REQUESTS, backend_name);
+    let pin = scenario.pin.path();
+    assert!(
+        new_flows(pin, http6, "TCP") >= HTTP_CONNECTIONS as u64,
+        "IPv6 TCP flows not counted: {}",
+        list_json(pin).expect("list")
+    );
+    assert!(new_flows(pin, udp6, "UDP") >= 2 * UDP_REQUESTS as u64);
+
+    // Outside the cgroup nothing is rewritten: no route to the ClusterIP,
+    // while a backend's IPv6 address is reachable directly.
+    let ip6 = scenario.topology.pods[1].ip6.expect("dual-stack pod");
+    let backend = SocketAddr::from((ip6, BACKEND_HTTP_PORT));
+    let mut args = run("http", http6, 5);
+    args.extend(run("udp", udp6, 5));
+    args.extend(run("http-plain", backend, 5));
+    let runs = host_client(node, None, &args);
+    for run in &runs[..2] {
+        assert!(
+            host_client_answers(run).is_empty(),
+            "{} outside the cgroup was answered: {run}",
+            run["kind"]
+        );
+        assert_eq!(failures(run).len(), 5, "{run}");
+    }
+    assert_eq!(
+        host_client_answers(&runs[2]).get(&backend6_name(1)),
+        Some(&5),
+        "{}",
+        runs[2]
+    );
+    scenario.agent.check_running().expect("agent running");
+}
+
+/// An IPv6 Service without endpoints: the host process's `connect` and
+/// `sendto` are refused at once (ECONNREFUSED, under 100 ms), and counted
+/// as refusals.
+#[test]
+fn host_connect_to_an_ipv6_service_without_endpoints_is_refused() {
+    require_root!();
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let scenario = start("host6rej", &cgroup);
+    let mut args = run("http", SocketAddr::from((EMPTY_CLUSTER_IP6, HTTP_PORT)), 5);
+    args.extend(run(
+        "udp",
+        SocketAddr::from((EMPTY_CLUSTER_IP6, UDP_PORT)),
+        5,
+    ));
+    args.extend(run(
+        "udp-connected",
+        SocketAddr::from((EMPTY_CLUSTER_IP6, UDP_PORT)),
+        5,
+    ));
+    let runs = host_client(&scenario.topology.node, Some(&cgroup), &args);
+    for run in &runs {
+        assert_eq!(
+            run["error_kinds"],
+            serde_json::json!({"ConnectionRefused": 5}),
+            "{run}"
+        );
+        let slowest = run["slowest_failure_ms"].as_f64().unwrap_or(f64::MAX);
+        assert!(
+            slowest < REFUSAL_BOUND_MS,
+            "refused after {slowest} ms: {run}"
+        );
+    }
+    let counters: BTreeMap<_, _> = datapath_counters(scenario.pin.path())
+        .expect("counters")
+        .into_iter()
+        .collect();
+    assert!(
+        counters.get("rejected_no_backend").copied().unwrap_or(0) >= 15,
+        "{counters:?}"
+    );
+}
