@@ -60,8 +60,11 @@ const MODULES: [&str; 2] = ["net/sched/sch_ingress.ko", "net/sched/cls_bpf.ko"];
 /// run: every one whose name starts with this.
 const TEST_PREFIX: &str = "datapath";
 
-/// Longest a guest may run before it counts as hung.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Longest a guest may run before it counts as hung. The 6.1 guest (TCG,
+/// no KVM) now takes about three times as long per test file as 6.12
+/// (its verifier on the larger object, with eight socket programs, is the
+/// suspect, not yet measured): about 20 minutes for the whole set.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(35 * 60);
 
 /// Prefix of the guest init's own lines (`kernel-matrix-init`).
 const MARKER: &str = "kernel-matrix:";
