@@ -223,6 +223,24 @@ pub fn list_json(pin_path: &Path) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&list(pin_path, true)?).context("parsing list --json")
 }
 
+/// The new flows `list` counts for the frontend `frontend` of `protocol`
+/// ("TCP", "UDP") of the agent pinned at `pin_path`; 0 when it is not
+/// listed.
+pub fn frontend_new_flows(pin_path: &Path, frontend: std::net::SocketAddr, protocol: &str) -> u64 {
+    let listing = list_json(pin_path).expect("list");
+    listing["frontends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| {
+            f["address"] == frontend.ip().to_string()
+                && f["port"] == frontend.port()
+                && f["protocol"] == protocol
+        })
+        .and_then(|f| f["stats"]["new_flows"].as_u64())
+        .unwrap_or(0)
+}
+
 fn list(pin_path: &Path, json: bool) -> anyhow::Result<String> {
     let mut command = Command::new(agent_binary());
     command.arg("list").arg("--pin-path").arg(pin_path);

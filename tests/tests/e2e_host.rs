@@ -18,14 +18,13 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::Path,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use service_agent::datapath::{cgroup::link_pins, maps::datapath_counters};
 use service_tests::{
-    agent::{AgentProcess, list_json},
+    agent::{AgentProcess, frontend_new_flows, list_json},
     cgroup::{SOCKET_LB_HOOKS, TestCgroup},
     netns::NetNs,
     require_root,
@@ -135,22 +134,6 @@ fn programs(cgroup: &TestCgroup) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The new flows `list` shows for a frontend.
-fn new_flows(pin: &Path, frontend: SocketAddr, protocol: &str) -> u64 {
-    let listing = list_json(pin).expect("list");
-    listing["frontends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|f| {
-            f["address"] == frontend.ip().to_string()
-                && f["port"] == frontend.port()
-                && f["protocol"] == protocol
-        })
-        .and_then(|f| f["stats"]["new_flows"].as_u64())
-        .unwrap_or(0)
-}
-
 /// A process in the node namespace and in the socket-LB cgroup reaches the
 /// ClusterIP: 60 TCP connections (each checking `getpeername` gives the
 /// ClusterIP) spread over every backend, and UDP from unconnected and
@@ -187,11 +170,13 @@ fn host_process_in_the_cgroup_reaches_the_cluster_ip() {
     assert_spread_over_every_backend(&runs[1], UDP_REQUESTS);
     assert_spread_over_every_backend(&runs[2], UDP_REQUESTS);
     assert!(
-        new_flows(scenario.pin.path(), http_frontend(), "TCP") >= HTTP_CONNECTIONS as u64,
+        frontend_new_flows(scenario.pin.path(), http_frontend(), "TCP") >= HTTP_CONNECTIONS as u64,
         "TCP flows not counted: {}",
         list_json(scenario.pin.path()).expect("list")
     );
-    assert!(new_flows(scenario.pin.path(), udp_frontend(), "UDP") >= 2 * UDP_REQUESTS as u64);
+    assert!(
+        frontend_new_flows(scenario.pin.path(), udp_frontend(), "UDP") >= 2 * UDP_REQUESTS as u64
+    );
 
     // Outside the cgroup: nothing is rewritten. The node has no route to
     // the ClusterIP, so every attempt fails, while a backend is reachable.

@@ -16,14 +16,13 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    path::Path,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use service_agent::datapath::maps::datapath_counters;
 use service_tests::{
-    agent::{AgentProcess, list_json, wait_for_backends},
+    agent::{AgentProcess, frontend_new_flows, list_json, wait_for_backends},
     cgroup::{SOCKET_LB_HOOKS, TestCgroup},
     netns::NetNs,
     pins::PinDir,
@@ -266,22 +265,6 @@ fn assert_spread_over(run: &Value, count: usize, name: fn(usize) -> String) {
     );
 }
 
-/// The new flows `list` shows for a frontend.
-fn new_flows(pin: &Path, frontend: SocketAddr, protocol: &str) -> u64 {
-    let listing = list_json(pin).expect("list");
-    listing["frontends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|f| {
-            f["address"] == frontend.ip().to_string()
-                && f["port"] == frontend.port()
-                && f["protocol"] == protocol
-        })
-        .and_then(|f| f["stats"]["new_flows"].as_u64())
-        .unwrap_or(0)
-}
-
 /// A host process in the cgroup reaches the IPv6 ClusterIP: 60 TCP
 /// connections (each checking that `getpeername` gives the ClusterIP) and
 /// UDP from unconnected and connected sockets (answers from
@@ -316,11 +299,11 @@ fn host_process_reaches_an_ipv6_cluster_ip_through_socket_lb() {
     assert_spread_over(&runs[4], UDP_REQUESTS, backend_name);
     let pin = scenario.pin.path();
     assert!(
-        new_flows(pin, http6, "TCP") >= HTTP_CONNECTIONS as u64,
+        frontend_new_flows(pin, http6, "TCP") >= HTTP_CONNECTIONS as u64,
         "IPv6 TCP flows not counted: {}",
         list_json(pin).expect("list")
     );
-    assert!(new_flows(pin, udp6, "UDP") >= 2 * UDP_REQUESTS as u64);
+    assert!(frontend_new_flows(pin, udp6, "UDP") >= 2 * UDP_REQUESTS as u64);
 
     // Outside the cgroup nothing is rewritten: no route to the ClusterIP,
     // while a backend's IPv6 address is reachable directly.

@@ -12,11 +12,9 @@
 //! without endpoints with ECONNREFUSED; untouched, the ClusterIP has no
 //! route).
 
-use std::{net::SocketAddr, path::Path};
-
 use serde_json::Value;
 use service_tests::{
-    agent::list_json,
+    agent::frontend_new_flows,
     cgroup::TestCgroup,
     netns::{NetNs, unique_prefix},
     require_root,
@@ -40,17 +38,6 @@ fn connect_from(ns: &NetNs, cgroup: &TestCgroup, count: usize) -> Value {
     ];
     let report = run_host_client(env!("CARGO_BIN_EXE_host-client"), ns, Some(cgroup), &args);
     report["runs"][0].clone()
-}
-
-/// The flows `list` counts for the HTTP frontend.
-fn new_flows(pin: &Path, frontend: SocketAddr) -> u64 {
-    list_json(pin).expect("list")["frontends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|f| f["address"] == frontend.ip().to_string() && f["port"] == frontend.port())
-        .and_then(|f| f["stats"]["new_flows"].as_u64())
-        .unwrap_or(0)
 }
 
 /// Answers of a run, summed.
@@ -96,7 +83,7 @@ fn host_namespace_only_leaves_other_namespaces_to_the_packet_hooks() {
     }
     // Another namespace, same cgroup: untouched.
     let other = NetNs::create(&format!("{}-other", unique_prefix("lbscope"))).expect("netns");
-    let before = new_flows(&pin, http_frontend());
+    let before = frontend_new_flows(&pin, http_frontend(), "TCP");
     let run = connect_from(&other, &cgroup, CONNECTIONS);
     assert_eq!(answered(&run), 0, "{run}");
     assert!(
@@ -104,7 +91,7 @@ fn host_namespace_only_leaves_other_namespaces_to_the_packet_hooks() {
         "socket-LB touched a socket of another namespace: {run}"
     );
     assert_eq!(
-        new_flows(&pin, http_frontend()),
+        frontend_new_flows(&pin, http_frontend(), "TCP"),
         before,
         "socket-LB counted flows of another namespace"
     );
@@ -137,11 +124,11 @@ fn host_namespace_only_leaves_other_namespaces_to_the_packet_hooks() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let before = new_flows(&pin, http_frontend());
+    let before = frontend_new_flows(&pin, http_frontend(), "TCP");
     let run = connect_from(&other, &cgroup, CONNECTIONS);
     assert_eq!(answered(&run), 0, "{run}");
     assert!(
-        new_flows(&pin, http_frontend()) >= before + CONNECTIONS as u64,
+        frontend_new_flows(&pin, http_frontend(), "TCP") >= before + CONNECTIONS as u64,
         "socket-LB did not translate the other namespace's sockets: {run}"
     );
 }

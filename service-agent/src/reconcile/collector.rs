@@ -537,6 +537,11 @@ mod tests {
         )
     }
 
+    /// The affinity entries the collector's table holds.
+    fn affinity_keys(collector: &Collector<MemoryConntrack>) -> Vec<AffinityKey> {
+        collector.table().affinity.keys().copied().collect()
+    }
+
     #[test]
     fn a_deleted_frontend_s_affinity_goes_before_its_id_is_handed_back() {
         let mut table = table(&[1, 2], &[1]);
@@ -552,29 +557,13 @@ mod tests {
             1001,
         );
         // At once: frontend 1's clients are forgotten, frontend 2's kept.
-        assert_eq!(
-            collector
-                .table()
-                .affinity
-                .keys()
-                .copied()
-                .collect::<Vec<_>>(),
-            [affinity(2, 2).0]
-        );
+        assert_eq!(affinity_keys(&collector), [affinity(2, 2).0]);
         // A packet in flight wrote one more for frontend 1: the pass that
         // hands id 1 back deletes it first.
         collector.table.affinity.extend([affinity(4, 1)]);
         let (news, _) = collector.pass(1005);
         assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![1])]);
-        assert_eq!(
-            collector
-                .table()
-                .affinity
-                .keys()
-                .copied()
-                .collect::<Vec<_>>(),
-            [affinity(2, 2).0]
-        );
+        assert_eq!(affinity_keys(&collector), [affinity(2, 2).0]);
     }
 
     #[test]
