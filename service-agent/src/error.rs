@@ -153,6 +153,17 @@ from_boxed!(
 );
 
 impl Error {
+    /// A map operation `action` ("reading", ...) on the map `map` failed
+    /// with `source`: for `map_err`.
+    pub fn map(action: &'static str, map: &str) -> impl FnOnce(aya::maps::MapError) -> Error {
+        let map = map.to_owned();
+        move |source| Error::Map {
+            action,
+            map,
+            source: Box::new(source),
+        }
+    }
+
     /// The error with its causes, joined by `: `, for one log line (as
     /// `anyhow` prints with `{:#}`).
     pub fn report(&self) -> Report<'_> {

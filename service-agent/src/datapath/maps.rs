@@ -105,33 +105,17 @@ impl MapReader for ServiceMaps {
         read_all(&self.frontends, |k, v| {
             state.frontends.insert(k, v);
         })
-        .map_err(|source| Error::Map {
-            action: "reading",
-            map: MAP_FRONTENDS.to_owned(),
-            source: Box::new(source),
-        })?;
+        .map_err(Error::map("reading", MAP_FRONTENDS))?;
         read_backends(&self.backends, |k, v| {
             state.backends.insert(k, v);
         })
-        .map_err(|source| Error::Map {
-            action: "reading",
-            map: MAP_BACKENDS.to_owned(),
-            source: Box::new(source),
-        })?;
+        .map_err(Error::map("reading", MAP_BACKENDS))?;
         read_all(&self.revnat, |k, v| {
             state.revnat.insert(k, v);
         })
-        .map_err(|source| Error::Map {
-            action: "reading",
-            map: MAP_REVNAT.to_owned(),
-            source: Box::new(source),
-        })?;
+        .map_err(Error::map("reading", MAP_REVNAT))?;
         for key in self.source_ranges.keys() {
-            let key = key.map_err(|source| Error::Map {
-                action: "reading",
-                map: MAP_SOURCE_RANGES.to_owned(),
-                source: Box::new(source),
-            })?;
+            let key = key.map_err(Error::map("reading", MAP_SOURCE_RANGES))?;
             state.source_ranges.insert(SourceRangeKey {
                 prefix_len: key.prefix_len(),
                 data: key.data(),
@@ -367,11 +351,10 @@ pub fn write_config(ebpf: &mut Ebpf, config: &DatapathConfig) -> crate::Result<(
         Array::try_from(ebpf.map_mut(MAP_CONFIG).ok_or_else(|| Error::MissingMap {
             map: MAP_CONFIG.to_owned(),
         })?)?;
-    array.set(0, config, 0).map_err(|source| Error::Map {
-        action: "writing the datapath configuration into",
-        map: MAP_CONFIG.to_owned(),
-        source: Box::new(source),
-    })
+    array.set(0, config, 0).map_err(Error::map(
+        "writing the datapath configuration into",
+        MAP_CONFIG,
+    ))
 }
 
 /// Opens one pinned map.

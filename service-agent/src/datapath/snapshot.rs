@@ -307,11 +307,7 @@ impl LiveMaps {
         match self.backends.get(&id, 0) {
             Ok(backend) => Ok(backend.exists().then_some(backend)),
             Err(MapError::OutOfBounds { .. }) => Ok(None),
-            Err(source) => Err(Error::Map {
-                action: "reading",
-                map: MAP_BACKENDS.to_owned(),
-                source: Box::new(source),
-            }),
+            Err(source) => Err(Error::map("reading", MAP_BACKENDS)(source)),
         }
     }
 
