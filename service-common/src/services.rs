@@ -17,8 +17,13 @@ pub const REVNAT_MAX_ENTRIES: u32 = 65_536;
 /// Scope of a frontend entry: matches every client. The only scope used
 /// until traffic policies split a Service's backends by origin.
 pub const SCOPE_ALL: u8 = 0;
-/// Scope of a frontend entry that only in-cluster traffic looks up first
-/// (used when `internalTrafficPolicy` and `externalTrafficPolicy` differ).
+/// Scope of a frontend entry that only in-cluster traffic (pods, and the
+/// node's processes through socket-LB) looks up: the cluster-wide backends
+/// of an external frontend of an `externalTrafficPolicy: Local` Service,
+/// whose [`SCOPE_ALL`] entry lists local backends only. kube-proxy sends
+/// such in-cluster traffic to the Service's cluster-wide endpoints too.
+/// It has its own rev-NAT id; its header is looked up only after the
+/// [`SCOPE_ALL`] one, which has [`FRONTEND_FLAG_EXTERNAL_LOCAL`].
 pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Frontend kind flag: a ClusterIP (`spec.clusterIPs`).
@@ -46,9 +51,10 @@ pub const FRONTEND_FLAG_TERMINATING_FALLBACK: u16 = 1 << 6;
 /// another node be chosen all the same, the packet is dropped (counted as
 /// `DropExternalLocal`) rather than SNATed or sent on with a source the
 /// backend's node cannot answer. Without backends (no local endpoint) a
-/// new flow from the network is dropped too, not refused. Traffic from pods and the node is not
-/// affected (kube-proxy treats in-cluster traffic to these frontends as
-/// `Cluster`).
+/// new flow from the network is dropped too, not refused. Traffic from
+/// pods and the node uses the frontend's [`SCOPE_INTERNAL`] entry, with
+/// the Service's cluster-wide backends, when there is one (kube-proxy
+/// treats in-cluster traffic to these frontends as `Cluster`).
 pub const FRONTEND_FLAG_EXTERNAL_LOCAL: u16 = 1 << 7;
 /// A LoadBalancer frontend with `loadBalancerSourceRanges`: a new flow is
 /// admitted only from a client inside one of the ranges in the
@@ -103,6 +109,12 @@ impl FrontendKey {
     #[inline(always)]
     pub const fn v4(addr: [u8; 4], port: u16, proto: u8) -> Self {
         Self::header(map_addr_v4(addr), FAMILY_IPV4, port, proto, SCOPE_ALL)
+    }
+
+    /// The same frontend's header key in scope `scope`.
+    #[inline(always)]
+    pub const fn with_scope(self, scope: u8) -> Self {
+        FrontendKey { scope, ..self }
     }
 
     /// The same frontend's key of backend slot `slot` (0: the header).
@@ -225,6 +237,16 @@ pub struct FrontendStats {
     pub new_flows: u64,
 }
 const _: () = assert!(core::mem::size_of::<FrontendStats>() == 24);
+
+impl FrontendStats {
+    /// Adds `other`'s counts (another CPU's, or another entry's of the
+    /// same frontend) to these.
+    pub fn add(&mut self, other: &FrontendStats) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -36,8 +36,8 @@ use service_common::{
     CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FAMILY_IPV6,
     FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY,
     FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
-    FrontendKey, FrontendValue, HAIRPIN_IPV4, MapAddr, RevNatId, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
-    SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
+    FrontendKey, FrontendValue, HAIRPIN_IPV4, MapAddr, RevNatId, SCOPE_ALL, SCOPE_INTERNAL,
+    SOURCE_RANGE_ID_BITS, SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::{
@@ -431,6 +431,9 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 /// socket hooks (`sock`) alike. In order:
 /// - a frontend with `loadBalancerSourceRanges` admits only clients inside
 ///   them ([`source_allowed`]);
+/// - from pods and the node, an external frontend of an
+///   `externalTrafficPolicy: Local` Service uses its in-cluster entry
+///   ([`SCOPE_INTERNAL`]: the cluster-wide backends) where it has one;
 /// - a frontend without backends is [`Lookup::NoBackend`] (refused), but
 ///   one that lists only local backends ([`FRONTEND_FLAG_LOCAL_ONLY`];
 ///   from the network also `externalTrafficPolicy: Local`) drops: no
@@ -446,9 +449,9 @@ fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Targe
 /// Not inlined: its own stack frame, apart from the hook's.
 #[inline(never)]
 pub fn select_backend<A: FlowAddr>(request: &NewFlow<A>, target: &mut Target) -> Lookup {
-    let header_key = request.daddr.frontend_key(request.dport, request.proto);
+    let mut header_key = request.daddr.frontend_key(request.dport, request.proto);
     // SAFETY: the header is copied out at once.
-    let Some(header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
+    let Some(mut header) = (unsafe { FRONTENDS.get(header_key) }).copied() else {
         return Lookup::NotAFrontend;
     };
     if request.origin == Origin::Network && header.flags & FRONTEND_FLAGS_EXTERNAL == 0 {
@@ -458,6 +461,17 @@ pub fn select_backend<A: FlowAddr>(request: &NewFlow<A>, target: &mut Target) ->
         && !source_allowed(header.rev_nat_id, request.client)
     {
         return Lookup::Drop(DatapathCounter::DropSourceRange);
+    }
+    // In-cluster traffic to an external frontend of an
+    // `externalTrafficPolicy: Local` Service goes to the Service's
+    // cluster-wide backends, listed in the frontend's in-cluster scope.
+    if request.origin == Origin::Pod && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0 {
+        let internal_key = header_key.with_scope(SCOPE_INTERNAL);
+        // SAFETY: the header is copied out at once.
+        if let Some(internal) = (unsafe { FRONTENDS.get(internal_key) }).copied() {
+            header_key = internal_key;
+            header = internal;
+        }
     }
     let external_local =
         request.origin == Origin::Network && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0;

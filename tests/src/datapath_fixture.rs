@@ -103,7 +103,14 @@ impl Datapath {
             std::net::IpAddr::V6(_) => panic!("IPv4 frontends only"),
         };
         let service = frontend_service(addr, frontend.port, frontend.proto);
-        let update = self.desired.set_service(&service, &[frontend]);
+        self.set_desired_service(&service, &[frontend]);
+    }
+
+    /// Programs (or reprograms) `frontends` as the frontends of Service
+    /// `service`, through the agent's desired-state layout and ordered
+    /// writes.
+    pub fn set_desired_service(&mut self, service: &ObjectName, frontends: &[DesiredFrontend]) {
+        let update = self.desired.set_service(service, frontends);
         assert!(update.problems.is_empty(), "{:?}", update.problems);
         if let Err(failure) = write_in_order(&mut self.maps, &update.writes.ops) {
             panic!("map write: {}", failure.error);
@@ -263,6 +270,7 @@ pub fn frontend(
         draining: Vec::new(),
         affinity_timeout_secs: 0,
         source_ranges: Vec::new(),
+        scope: service_common::SCOPE_ALL,
     }
 }
 

@@ -3,7 +3,8 @@
 //! a backend that left, switching it off), `loadBalancerSourceRanges`
 //! (allowed and dropped on XDP, on TC and from a pod, then changed),
 //! `externalTrafficPolicy: Local` (the client's address kept, never
-//! SNATed, a remote backend dropped), the refusal of new flows to
+//! SNATed, a remote backend dropped; pods served by every backend through
+//! the in-cluster entry), the refusal of new flows to
 //! LoadBalancer and externalIP frontends without backends on XDP (left to
 //! the TC program beside it), and conntrack's origin check (a packet from
 //! the network carrying a pod flow's tuple does not get its translation).
@@ -11,15 +12,18 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{HashMap, MapData};
-use service_agent::datapath::{
-    PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK,
+use service_agent::{
+    datapath::{
+        PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD,
+    },
+    reconcile::{cluster::ObjectName, translate::DesiredFrontend},
 };
 use service_common::{
     AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_SNAT, CT_FLAG_FROM_NETWORK,
     FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP,
     FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_LOCAL_ONLY,
     FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_SOURCE_RANGES, FrontendKey, MAP_AFFINITY, PROTO_TCP,
-    PROTO_UDP, map_addr_v4,
+    PROTO_UDP, SCOPE_INTERNAL, map_addr_v4,
 };
 use service_tests::{
     datapath_fixture::{Datapath, ct_key, frontend},
@@ -569,6 +573,77 @@ fn source_ranges_admit_only_their_clients_on_xdp_tc_and_from_pods() {
     set_ranged(&mut dp, &["10.99.0.0/24"]);
     dp.delete_frontend(LB_IP, 80, PROTO_TCP);
     assert_eq!(dp.maps.source_ranges.keys().count(), 0);
+}
+
+#[test]
+fn pods_reach_an_external_traffic_policy_local_frontend_through_every_backend() {
+    require_root!();
+    let mut dp = Datapath::load();
+    dp.set_snat_address(SNAT_IP);
+    // An `externalTrafficPolicy: Local` NodePort as the agent lays it out
+    // on a node without a local endpoint: no backend for the network, and
+    // the Service's remote endpoint in its in-cluster entry.
+    let external = frontend(
+        NODE_IP,
+        30080,
+        PROTO_TCP,
+        FRONTEND_FLAG_NODE_PORT | FRONTEND_FLAG_EXTERNAL_LOCAL | FRONTEND_FLAG_LOCAL_ONLY,
+        &[],
+    );
+    let in_cluster = DesiredFrontend {
+        scope: SCOPE_INTERNAL,
+        ..frontend(
+            NODE_IP,
+            30080,
+            PROTO_TCP,
+            FRONTEND_FLAG_NODE_PORT,
+            &[(REMOTE_BACKEND, 8080, false)],
+        )
+    };
+    dp.set_desired_service(
+        &ObjectName::new("test", "etp-local"),
+        &[external.clone(), in_cluster],
+    );
+    // From the network: no local endpoint, dropped (on XDP and TC).
+    let (verdict, _) = dp.run(
+        PROG_FROM_NETWORK,
+        &tcp((CLIENT, 40000), (NODE_IP, 30080), true, false, &[]),
+    );
+    assert_eq!(verdict, XDP_DROP);
+    let (verdict, _) = dp.run(
+        PROG_FROM_NETWORK_TC,
+        &tcp((CLIENT, 40000), (NODE_IP, 30080), true, false, &[]),
+    );
+    assert_eq!(verdict, TC_DROP);
+    assert_eq!(dp.counter("drop_no_local_endpoint"), 2);
+    // From a pod: the remote endpoint, with the pod's own address (pods
+    // reach other nodes' pods unSNATed), and the reply gets the NodePort
+    // back as source.
+    let (verdict, out) = dp.run(
+        PROG_FROM_POD,
+        &tcp((POD, 40000), (NODE_IP, 30080), true, false, &[]),
+    );
+    assert_eq!(verdict, TC_CONTINUE);
+    assert_eq!(
+        out,
+        tcp((POD, 40000), (REMOTE_BACKEND, 8080), true, false, &[])
+    );
+    assert_checksums_valid(&out, "pod to an externalTrafficPolicy: Local NodePort");
+    let (_, reply) = dp.run(
+        PROG_TO_POD,
+        &tcp((REMOTE_BACKEND, 8080), (POD, 40000), true, true, &[]),
+    );
+    assert_eq!(reply, tcp((NODE_IP, 30080), (POD, 40000), true, true, &[]));
+    assert_eq!(dp.counter("drop_no_local_endpoint"), 2);
+    // Without its in-cluster entry (the layout of an older agent), a pod
+    // gets the external entry: no local endpoint, dropped.
+    dp.set_desired_service(&ObjectName::new("test", "etp-local"), &[external]);
+    let (verdict, _) = dp.run(
+        PROG_FROM_POD,
+        &tcp((POD, 40001), (NODE_IP, 30080), true, false, &[]),
+    );
+    assert_eq!(verdict, TC_DROP);
+    assert_eq!(dp.counter("drop_no_local_endpoint"), 3);
 }
 
 #[test]

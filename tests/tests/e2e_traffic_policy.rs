@@ -1,7 +1,8 @@
 //! End to end across two nodes (issue 9, agent side): which endpoints a
 //! frontend reaches. `externalTrafficPolicy: Local`: the local backend sees
 //! the external client's own address, the node without a local endpoint
-//! does not serve the NodePort, and the health-check node port answers 200
+//! does not serve the NodePort to it but does to its own pods (every
+//! endpoint, as kube-proxy), and the health-check node port answers 200
 //! on the node with an endpoint, 503 on the other, and closes when the
 //! policy returns to Cluster. `internalTrafficPolicy: Local` from a pod on
 //! each node. `PreferSameZone` with zone hints on two nodes in two zones.
@@ -163,6 +164,16 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     // reached from the client (routed through node A).
     let node_port_b = SocketAddr::from((NODE_B_IP, NODE_PORT));
     assert_not_served(client, node_port_b, "NodePort on node B");
+    // A pod on node B is in-cluster traffic: the same NodePort serves it
+    // with the Service's cluster-wide endpoints, as kube-proxy does.
+    let pod_b = &setup.topology.pods_b[0].ns;
+    assert_only(
+        &setup,
+        pod_b,
+        node_port_b,
+        "web-a0",
+        "a pod on node B to node B's NodePort",
+    );
     // The health-check port: 200 with one local endpoint on node A, 503
     // with none on node B; any path, kube-proxy's body and header.
     wait_until("health-check ports open", &setup, || {
@@ -180,7 +191,7 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     assert!(
         listed.contains(&format!(
             "health-check node port {HEALTH_CHECK_PORT}: demo/web"
-        )),
+        )) && listed.contains("NodePort,InCluster"),
         "{listed}"
     );
     let (code, body) = health_check_status(client, NODE_B_IP).unwrap();

@@ -377,13 +377,9 @@ pub fn sum_stats(
     let per_cpu = stats
         .get(&rev_nat_id, 0)
         .with_context(|| format!("reading stats of frontend {rev_nat_id}"))?;
-    Ok(per_cpu
-        .iter()
-        .fold(FrontendStats::default(), |sum, cpu| FrontendStats {
-            packets: sum.packets + cpu.packets,
-            bytes: sum.bytes + cpu.bytes,
-            new_flows: sum.new_flows + cpu.new_flows,
-        }))
+    let mut sum = FrontendStats::default();
+    per_cpu.iter().for_each(|cpu| sum.add(cpu));
+    Ok(sum)
 }
 
 /// The datapath event counters summed over CPUs, by name.

@@ -8,13 +8,10 @@ use aya::maps::{MapData, PerCpuArray};
 use serde::Serialize;
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_NOT_SERVING, BACKEND_STATE_TERMINATING, BackendId,
-    BackendValue, FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_LOAD_BALANCER,
-    FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
-    FrontendKey, FrontendStats, MAP_FRONTEND_STATS,
-};
-use service_common::{
-    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS,
+    BackendValue, FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_EXTERNAL_IP,
+    FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER, FRONTEND_FLAG_LOCAL_ONLY,
+    FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK,
+    FrontendKey, FrontendStats, MAP_FRONTEND_STATS, SCOPE_INTERNAL, SOURCE_RANGE_ID_BITS,
 };
 
 use super::status::{self, ServiceState, ServiceStatus};
@@ -54,7 +51,9 @@ pub struct ListedFrontend {
     pub port: u16,
     /// `TCP` or `UDP`.
     pub protocol: String,
-    /// Kinds and options, e.g. `ClusterIP`.
+    /// Kinds and options, e.g. `ClusterIP`; `InCluster` for the in-cluster
+    /// entry of an `externalTrafficPolicy: Local` frontend (the Service's
+    /// cluster-wide backends, for pods and the node).
     pub flags: Vec<&'static str>,
     /// Reverse-NAT id (also the stats index).
     pub rev_nat_id: u32,
@@ -132,7 +131,13 @@ pub fn read_listing(pin_path: &Path) -> crate::Result<Listing> {
             address: ip_from_map(&key.addr, key.family).to_string(),
             port: u16::from_be(key.port),
             protocol: proto_name(key.proto),
-            flags: flag_names(header.flags),
+            flags: {
+                let mut flags = flag_names(header.flags);
+                if key.scope == SCOPE_INTERNAL {
+                    flags.push("InCluster");
+                }
+                flags
+            },
             rev_nat_id: header.rev_nat_id,
             affinity_timeout_secs: header.affinity_timeout_secs,
             source_ranges: source_ranges(&state, header.rev_nat_id, key.family),

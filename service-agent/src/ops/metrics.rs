@@ -269,23 +269,22 @@ impl Collector for CounterCollector {
             .map(|(id, key)| (*id, *key))
             .collect();
         let sums: BTreeMap<u32, FrontendStats> =
-            read_per_cpu_sums(&self.maps.frontend_stats, |sum: &mut FrontendStats, cpu| {
-                sum.packets += cpu.packets;
-                sum.bytes += cpu.bytes;
-                sum.new_flows += cpu.new_flows;
-            })
-            .unwrap_or_default();
-        let per_frontend: Vec<(String, FrontendStats)> = frontends
-            .iter()
-            .map(|(id, key)| {
-                let label = frontend_label(
-                    ip_from_map(&key.addr, key.family),
-                    u16::from_be(key.port),
-                    key.proto,
-                );
-                (label, sums.get(id).copied().unwrap_or_default())
-            })
-            .collect();
+            read_per_cpu_sums(&self.maps.frontend_stats, FrontendStats::add).unwrap_or_default();
+        // One series per frontend address: the in-cluster entry of an
+        // `externalTrafficPolicy: Local` frontend (its own rev-NAT id)
+        // counts with it.
+        let mut per_frontend: BTreeMap<String, FrontendStats> = BTreeMap::new();
+        for (id, key) in &frontends {
+            let label = frontend_label(
+                ip_from_map(&key.addr, key.family),
+                u16::from_be(key.port),
+                key.proto,
+            );
+            let sum = per_frontend.entry(label).or_default();
+            if let Some(stats) = sums.get(id) {
+                sum.add(stats);
+            }
+        }
         for (name, help, value) in [
             (
                 "frontend_packets",

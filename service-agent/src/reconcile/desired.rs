@@ -16,7 +16,7 @@ use std::{
 
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, FRONTEND_FLAG_SOURCE_RANGES, FrontendKey,
-    FrontendValue, IdCursors, MapAddr, RevNatId, RevNatValue, SCOPE_ALL, SourceRangeKey,
+    FrontendValue, IdCursors, MapAddr, RevNatId, RevNatValue, SourceRangeKey,
 };
 
 use super::{
@@ -38,6 +38,18 @@ type BackendIdentity = (MapAddr, u16, u8);
 /// The identity of the frontend a frontends-map key belongs to.
 pub fn frontend_identity(key: &FrontendKey) -> FrontendIdentity {
     (key.addr, key.port, key.family, key.proto, key.scope)
+}
+
+/// The identity of the desired frontend `frontend`.
+fn desired_identity(frontend: &DesiredFrontend) -> FrontendIdentity {
+    let (addr, family) = map_addr(frontend.addr);
+    (
+        addr,
+        frontend.port.to_be(),
+        family,
+        frontend.proto,
+        frontend.scope,
+    )
 }
 
 /// Allocates small integer ids to keys and keeps them stable while the key
@@ -526,14 +538,7 @@ impl DesiredState {
         let mut new = Vec::with_capacity(frontends.len());
         let mut new_backends: Vec<(BackendId, BackendValue)> = Vec::new();
         for frontend in frontends {
-            let (addr, family) = map_addr(frontend.addr);
-            let identity = (
-                addr,
-                frontend.port.to_be(),
-                family,
-                frontend.proto,
-                SCOPE_ALL,
-            );
+            let identity = desired_identity(frontend);
             if new
                 .iter()
                 .any(|l: &FrontendLayout| frontend_identity(&l.key) == identity)
@@ -660,9 +665,8 @@ impl DesiredState {
         backends: &mut Vec<(BackendId, BackendValue)>,
         problems: &mut Vec<String>,
     ) -> Option<FrontendLayout> {
-        let (addr, family) = map_addr(frontend.addr);
-        let port = frontend.port.to_be();
-        let identity = (addr, port, family, frontend.proto, SCOPE_ALL);
+        let identity = desired_identity(frontend);
+        let (addr, port, family, _, _) = identity;
         let label = format!(
             "{service} {}",
             SocketAddr::new(frontend.addr, frontend.port)
@@ -690,7 +694,7 @@ impl DesiredState {
             slot: 0,
             family,
             proto: frontend.proto,
-            scope: SCOPE_ALL,
+            scope: frontend.scope,
             _pad: 0,
         };
         let mut ids = Vec::with_capacity(frontend.backends.len());
@@ -817,6 +821,7 @@ mod tests {
             draining: Vec::new(),
             affinity_timeout_secs: 0,
             source_ranges: Vec::new(),
+            scope: service_common::SCOPE_ALL,
         }
     }
 

@@ -9,7 +9,7 @@ use service_common::{
     BACKEND_STATE_TERMINATING, FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP,
     FRONTEND_FLAG_EXTERNAL_IP, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOAD_BALANCER,
     FRONTEND_FLAG_LOCAL_ONLY, FRONTEND_FLAG_NODE_PORT, FRONTEND_FLAG_TERMINATING_FALLBACK,
-    FRONTEND_FLAGS_EXTERNAL, affinity_timeout,
+    FRONTEND_FLAGS_EXTERNAL, SCOPE_ALL, SCOPE_INTERNAL, affinity_timeout,
 };
 
 use super::{
@@ -59,6 +59,10 @@ pub struct DesiredFrontend {
     /// frontends only), as network prefixes; empty admits every client.
     /// The desired state sets `FRONTEND_FLAG_SOURCE_RANGES` from it.
     pub source_ranges: Vec<ipnet::IpNet>,
+    /// `SCOPE_ALL`, or `SCOPE_INTERNAL` for the in-cluster entry of an
+    /// external frontend of an `externalTrafficPolicy: Local` Service (the
+    /// Service's cluster-wide backends, for pods and the node).
+    pub scope: u8,
 }
 
 /// A backend of a frontend: an endpoint address with the resolved target port.
@@ -279,16 +283,20 @@ fn translate_service(
             } else {
                 PortBackends::default()
             };
+            // Pods and the node reaching an external frontend of an
+            // `externalTrafficPolicy: Local` Service get its cluster-wide
+            // endpoints, as kube-proxy sends them to its cluster chain:
+            // listed in the frontend's in-cluster scope.
+            let in_cluster = semantics
+                .external_local
+                .then(|| select_backends(&listed, TrafficPolicy::Cluster));
             for (addr, port, kind) in frontends {
                 let (chosen, policy) = if kind == FRONTEND_FLAG_CLUSTER_IP {
                     (&internal, service.internal_traffic_policy)
                 } else {
                     (&external, service.external_traffic_policy)
                 };
-                let mut flags = kind;
-                if chosen.fallback {
-                    flags |= FRONTEND_FLAG_TERMINATING_FALLBACK;
-                }
+                let mut flags = kind | chosen.fallback_flag();
                 if policy == TrafficPolicy::Local {
                     flags |= FRONTEND_FLAG_LOCAL_ONLY;
                 }
@@ -301,7 +309,24 @@ fn translate_service(
                     draining: chosen.draining.clone(),
                     affinity_timeout_secs: 0,
                     source_ranges: Vec::new(),
+                    scope: SCOPE_ALL,
                 }));
+                if let Some(cluster) = in_cluster
+                    .as_ref()
+                    .filter(|_| kind != FRONTEND_FLAG_CLUSTER_IP)
+                {
+                    out.frontends.push(semantics.in_cluster(DesiredFrontend {
+                        addr,
+                        port,
+                        proto,
+                        flags: kind | cluster.fallback_flag(),
+                        backends: cluster.backends.clone(),
+                        draining: cluster.draining.clone(),
+                        affinity_timeout_secs: 0,
+                        source_ranges: Vec::new(),
+                        scope: SCOPE_INTERNAL,
+                    }));
+                }
             }
         }
     }
@@ -481,6 +506,17 @@ impl FrontendSemantics {
         }
         frontend
     }
+
+    /// `frontend`, the in-cluster entry ([`SCOPE_INTERNAL`]) of an
+    /// external frontend of an `externalTrafficPolicy: Local` Service, with
+    /// the Service's affinity; its source ranges are those of the
+    /// [`SCOPE_ALL`] entry, which the datapath checks first.
+    fn in_cluster(&self, frontend: DesiredFrontend) -> DesiredFrontend {
+        let mut frontend = self.apply(frontend);
+        frontend.flags &= !FRONTEND_FLAG_EXTERNAL_LOCAL;
+        frontend.source_ranges.clear();
+        frontend
+    }
 }
 
 /// The backends of one Service port, by what they take.
@@ -492,6 +528,18 @@ struct PortBackends {
     draining: Vec<DesiredBackend>,
     /// `backends` are the serving and terminating fallback.
     fallback: bool,
+}
+
+impl PortBackends {
+    /// [`FRONTEND_FLAG_TERMINATING_FALLBACK`] if the backends are the
+    /// fallback, else nothing.
+    fn fallback_flag(&self) -> u16 {
+        if self.fallback {
+            FRONTEND_FLAG_TERMINATING_FALLBACK
+        } else {
+            0
+        }
+    }
 }
 
 /// An endpoint listed for a Service port, with what endpoint selection
@@ -1589,15 +1637,38 @@ endpoints: [{{addresses: [10.1.1.2], nodeName: node-a}}]
             FRONTEND_FLAG_LOAD_BALANCER,
             FRONTEND_FLAG_EXTERNAL_IP,
         ] {
-            assert_ne!(of_kind(&t, kind).flags & FRONTEND_FLAG_EXTERNAL_LOCAL, 0);
+            let external = of_kind(&t, kind);
+            assert_ne!(external.flags & FRONTEND_FLAG_EXTERNAL_LOCAL, 0);
+            assert_eq!(external.scope, SCOPE_ALL);
+            // Its in-cluster entry (for pods and the node): the same
+            // address, kind and affinity, the cluster-wide backends, no
+            // Local flags, and no source ranges of its own.
+            let in_cluster: Vec<&DesiredFrontend> = t
+                .frontends
+                .iter()
+                .filter(|f| f.scope == SCOPE_INTERNAL && f.flags & kind != 0)
+                .collect();
+            assert_eq!(in_cluster.len(), 1, "{kind:#x}: {:#?}", t.frontends);
+            let in_cluster = in_cluster[0];
+            assert_eq!(
+                (in_cluster.addr, in_cluster.port, in_cluster.proto),
+                (external.addr, external.port, external.proto)
+            );
+            assert_eq!(
+                in_cluster.flags & (FRONTEND_FLAG_EXTERNAL_LOCAL | FRONTEND_FLAG_LOCAL_ONLY),
+                0
+            );
+            assert_eq!(in_cluster.backends, external.backends);
+            assert!(in_cluster.source_ranges.is_empty());
         }
         let cluster_ip = of_kind(&t, FRONTEND_FLAG_CLUSTER_IP);
         assert_eq!(cluster_ip.flags & FRONTEND_FLAG_EXTERNAL_LOCAL, 0);
+        assert_eq!(t.frontends.len(), 7);
         let t = lb_service("  externalTrafficPolicy: Cluster");
         assert!(
             t.frontends
                 .iter()
-                .all(|f| f.flags & FRONTEND_FLAG_EXTERNAL_LOCAL == 0)
+                .all(|f| f.flags & FRONTEND_FLAG_EXTERNAL_LOCAL == 0 && f.scope == SCOPE_ALL)
         );
         // A ClusterIP Service's externalIPs: the policy does not apply (as
         // in kube-proxy, which reads it only for NodePort and LoadBalancer).
@@ -1751,6 +1822,11 @@ endpoints:
                     FRONTEND_FLAG_LOAD_BALANCER => "LoadBalancer",
                     _ => "ExternalIP",
                 };
+                let kind = if f.scope == SCOPE_INTERNAL {
+                    format!("{kind} in-cluster")
+                } else {
+                    kind.to_owned()
+                };
                 let draining: Vec<String> = f
                     .draining
                     .iter()
@@ -1775,25 +1851,34 @@ endpoints:
         let t = translate(&state_of(&dual_stack_yaml(DUAL_STACK)), &dual_stack_node());
         assert!(t.skipped.is_empty(), "{:?}", t.skipped);
         // externalTrafficPolicy: Local: the external frontends take the
-        // local endpoint of their family, the remote one drains.
+        // local endpoint of their family, the remote one drains; their
+        // in-cluster entries take both.
         assert_eq!(
             frontends(&t),
             [
                 "10.96.0.10:80 ClusterIP 10.1.1.2:8080,10.1.2.2:8080 ()",
                 "10.99.0.100:80 LoadBalancer 10.1.1.2:8080 (10.1.2.2:8080)",
+                "10.99.0.100:80 LoadBalancer in-cluster 10.1.1.2:8080,10.1.2.2:8080 ()",
                 "10.99.0.1:30080 NodePort 10.1.1.2:8080 (10.1.2.2:8080)",
+                "10.99.0.1:30080 NodePort in-cluster 10.1.1.2:8080,10.1.2.2:8080 ()",
                 "10.99.0.200:80 ExternalIP 10.1.1.2:8080 (10.1.2.2:8080)",
+                "10.99.0.200:80 ExternalIP in-cluster 10.1.1.2:8080,10.1.2.2:8080 ()",
                 "[2001:db8:99::100]:80 LoadBalancer [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::100]:80 LoadBalancer in-cluster [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
                 "[2001:db8:99::1]:30080 NodePort [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::1]:30080 NodePort in-cluster [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
                 "[2001:db8:99::200]:80 ExternalIP [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::200]:80 ExternalIP in-cluster [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
                 "[fd00:96::10]:80 ClusterIP [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
             ]
         );
-        // Each LoadBalancer frontend gets the source ranges of its family.
+        // Each LoadBalancer frontend gets the source ranges of its family
+        // (the datapath checks them on that entry before it takes the
+        // in-cluster one).
         for f in t
             .frontends
             .iter()
-            .filter(|f| f.flags & FRONTEND_FLAG_LOAD_BALANCER != 0)
+            .filter(|f| f.flags & FRONTEND_FLAG_LOAD_BALANCER != 0 && f.scope == SCOPE_ALL)
         {
             let ranges: Vec<String> = f.source_ranges.iter().map(ToString::to_string).collect();
             let want = if f.addr.is_ipv4() {
@@ -1829,7 +1914,9 @@ endpoints:
         let families = "  clusterIP: fd00:96::10\n  clusterIPs: [\"fd00:96::10\", 10.96.0.10]\n  ipFamilies: [IPv6, IPv4]\n  ipFamilyPolicy: RequireDualStack";
         let t = translate(&state_of(&dual_stack_yaml(families)), &dual_stack_node());
         assert!(t.skipped.is_empty(), "{:?}", t.skipped);
-        assert_eq!(t.frontends.len(), 8);
+        // Four per family, and the in-cluster entries of the three
+        // external ones.
+        assert_eq!(t.frontends.len(), 14);
         // The primary family's frontends come first.
         assert_eq!(t.frontends[0].addr.to_string(), "fd00:96::10");
         // The health check counts the IPv6 slice's local endpoints.
@@ -1852,7 +1939,7 @@ endpoints:
                     .flat_map(|f| f.backends.iter().chain(&f.draining))
                     .all(|b| b.addr.is_ipv4())
             );
-            assert_eq!(t.frontends.len(), 4);
+            assert_eq!(t.frontends.len(), 7);
             assert!(t.unsupported.is_empty(), "{:?}", t.unsupported);
             // The IPv6 externalIP and ingress IP have no clusterIP of their
             // family: reported, not served (as by kube-proxy).
@@ -1877,8 +1964,11 @@ endpoints:
             frontends(&t),
             [
                 "[2001:db8:99::100]:80 LoadBalancer [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::100]:80 LoadBalancer in-cluster [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
                 "[2001:db8:99::1]:30080 NodePort [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::1]:30080 NodePort in-cluster [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
                 "[2001:db8:99::200]:80 ExternalIP [fd00:1:1::2]:8080 ([fd00:1:2::2]:8080)",
+                "[2001:db8:99::200]:80 ExternalIP in-cluster [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
                 "[fd00:96::10]:80 ClusterIP [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
             ]
         );

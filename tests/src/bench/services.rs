@@ -116,6 +116,7 @@ impl ServiceSet {
             draining: Vec::new(),
             affinity_timeout_secs: 0,
             source_ranges: Vec::new(),
+            scope: service_common::SCOPE_ALL,
         }
     }
 
