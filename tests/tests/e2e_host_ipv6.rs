@@ -4,8 +4,9 @@
 //! externalIP): `connect6` and `sendmsg6` send it straight to an IPv6
 //! backend, and `getpeername6` and `recvmsg6` give it the frontend back as
 //! its peer and as the source of UDP answers. The same process reaches the
-//! Service's IPv4 ClusterIP through the IPv4 programs, and an IPv6
-//! frontend without endpoints refuses it at once.
+//! Service's IPv4 ClusterIP through the IPv4 programs, and through its
+//! IPv4-mapped address (`::ffff:10.96.0.10`) from dual-stack IPv6 sockets;
+//! an IPv6 frontend without endpoints refuses it at once.
 //!
 //! The topology is the dual-stack single node (`SingleNode::dual_stack`):
 //! every backend pod serves on its IPv4 addresses as `web-N` and on its
@@ -15,7 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -28,8 +29,8 @@ use service_tests::{
     pins::PinDir,
     require_root,
     scenario::{
-        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, HTTP_PORT, UDP_PORT, backend_name,
-        http_frontend,
+        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP, HTTP_PORT, UDP_PORT,
+        backend_name, http_frontend, udp_frontend,
     },
     topology::{POD_DEVICE_PREFIX, SingleNode},
     traffic::{BackendServer, host_client_answers, run_host_client},
@@ -328,6 +329,65 @@ fn host_process_reaches_an_ipv6_cluster_ip_through_socket_lb() {
         runs[2]
     );
     scenario.agent.check_running().expect("agent running");
+}
+
+/// `target` (an IPv4 socket address) as an IPv4-mapped IPv6 one,
+/// `[::ffff:a.b.c.d]:port`: what a dual-stack IPv6 socket (not
+/// `IPV6_V6ONLY`) connects or sends to in order to reach it.
+fn v4_mapped(target: SocketAddr) -> SocketAddr {
+    let SocketAddr::V4(v4) = target else {
+        panic!("{target} is no IPv4 socket address");
+    };
+    SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+}
+
+/// A host process in the cgroup reaches the Service's IPv4 ClusterIP
+/// through its IPv4-mapped address on dual-stack IPv6 sockets: 60 TCP
+/// connections whose peer (`getpeername`) is `[::ffff:10.96.0.10]:80`,
+/// UDP from unconnected and connected sockets answered from
+/// `[::ffff:10.96.0.10]:7`, all answered by the IPv4 servers of every
+/// backend (the IPv6 ones answer as `web6-N`), and counted as flows of the
+/// IPv4 frontend. Outside the cgroup the same addresses are unreachable,
+/// so the translation is socket-LB's.
+#[test]
+fn host_process_reaches_an_ipv4_cluster_ip_through_its_ipv4_mapped_address() {
+    require_root!();
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let scenario = start("host6map", &cgroup);
+    let http = v4_mapped(http_frontend());
+    let udp = v4_mapped(udp_frontend());
+    assert_eq!(
+        http.to_string(),
+        format!("[::ffff:{CLUSTER_IP}]:{HTTP_PORT}")
+    );
+    let node = &scenario.topology.node;
+
+    let mut args = run("http", http, HTTP_CONNECTIONS);
+    args.extend(run("udp", udp, UDP_REQUESTS));
+    args.extend(run("udp-connected", udp, UDP_REQUESTS));
+    let runs = host_client(node, Some(&cgroup), &args);
+    assert_spread_over(&runs[0], HTTP_CONNECTIONS, backend_name);
+    assert_spread_over(&runs[1], UDP_REQUESTS, backend_name);
+    assert_spread_over(&runs[2], UDP_REQUESTS, backend_name);
+    let pin = scenario.pin.path();
+    assert!(
+        frontend_new_flows(pin, http_frontend(), "TCP") >= HTTP_CONNECTIONS as u64,
+        "mapped TCP flows not counted on the IPv4 frontend: {}",
+        list_json(pin).expect("list")
+    );
+    assert!(frontend_new_flows(pin, udp_frontend(), "UDP") >= 2 * UDP_REQUESTS as u64);
+
+    let mut args = run("http", http, 5);
+    args.extend(run("udp", udp, 5));
+    let runs = host_client(node, None, &args);
+    for run in &runs {
+        assert!(
+            host_client_answers(run).is_empty(),
+            "{} outside the cgroup was answered: {run}",
+            run["kind"]
+        );
+        assert_eq!(failures(run).len(), 5, "{run}");
+    }
 }
 
 /// An IPv6 Service without endpoints: the host process's `connect` and
