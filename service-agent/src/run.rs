@@ -11,7 +11,7 @@ use std::{
 };
 
 use log::{error, info, warn};
-use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange, map_addr_v4};
+use service_common::{ConntrackTimeouts, DatapathConfig, SnatPortRange};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc::unbounded_channel,
@@ -178,7 +178,9 @@ pub async fn run(mut options: RunOptions) -> crate::Result<()> {
         options.snat_ports.max,
         options.ct_timeouts
     );
-    if options.snat_ipv4.is_some() {
+    // `ip_local_port_range` and `ip_local_reserved_ports` (under
+    // net.ipv4) govern the sockets of both families.
+    if options.snat_ipv4.is_some() || options.snat_ipv6.is_some() {
         reserve_snat_ports(options.snat_ports);
     }
     let syncer = Syncer::adopting_with_sizes(maps, options.node.clone(), options.map_sizes)
@@ -188,10 +190,7 @@ pub async fn run(mut options: RunOptions) -> crate::Result<()> {
     let collector = reconcile::collector::spawn(
         ConntrackMap::open(&options.pin_path)?,
         CollectorSettings {
-            rules: FlowRules {
-                timeouts: options.ct_timeouts,
-                snat_addr: map_addr_v4(options.snat_ipv4.map(|a| a.octets()).unwrap_or_default()),
-            },
+            rules: FlowRules::of(&datapath_config(&options)),
             snat_ports: options.snat_ports,
             min_interval: COLLECTOR_MIN_INTERVAL.min(options.ct_gc_max_interval),
             max_interval: options.ct_gc_max_interval,
@@ -265,7 +264,10 @@ pub async fn run(mut options: RunOptions) -> crate::Result<()> {
                     let before = (options.node.clone(), options.snat_ipv4, options.snat_ipv6);
                     auto.detect(pipeline.cluster.node.as_ref(), &mut options);
                     if options.snat_ipv6 != before.2 {
-                        info!("IPv6 SNAT address now {:?} (was {:?})", options.snat_ipv6, before.2);
+                        warn!(
+                            "IPv6 SNAT address now {:?} (was {:?}): new flows use it; the conntrack collector recognises SNAT entries by the address it started with until the agent restarts",
+                            options.snat_ipv6, before.2
+                        );
                     }
                     if options.snat_ipv4 != before.1 {
                         warn!(

@@ -9,8 +9,18 @@
 //! Each hook comes in two programs, one per address family (`connect4`
 //! and `connect6`, and so on), over one body generic in the family
 //! ([`SockFamily`]): IPv6 frontends are looked up with IPv6 keys and go to
-//! IPv6 backends, as the agent programs them. (An IPv4-mapped IPv6
-//! destination, `::ffff:a.b.c.d`, is no IPv6 frontend and is left alone.)
+//! IPv6 backends, as the agent programs them.
+//!
+//! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`): a dual-stack IPv6
+//! socket (not `IPV6_V6ONLY`) talks IPv4 through them. The IPv6 hooks take
+//! such an address as the IPv4 address it maps ([`Ipv4Mapped`]): an IPv4
+//! frontend goes to an IPv4 backend, written back as `::ffff:backend`, and
+//! `getpeername`/`recvmsg` give `::ffff:frontend` back (`connect6`,
+//! `getpeername6`, `recvmsg6`). A datagram such a socket sends to a mapped
+//! address without being connected takes the kernel's IPv4 path, which
+//! runs `sendmsg4` with the IPv4 address, while its answer meets
+//! `recvmsg6`: so the mapped `SOCK_NAT` entries are the IPv4 ones (family
+//! IPv4, the IPv4 address), and each hook finds the others' entries.
 //!
 //! - `sock_connect4`/`6` (`connect(2)` of TCP and UDP sockets) and
 //!   `sock_sendmsg4`/`6` (`sendto(2)`/`sendmsg(2)` with an address, on
@@ -145,37 +155,58 @@ pub fn sock_getpeer4(ctx: SockAddrContext) -> i32 {
     SOCK_ALLOW
 }
 
-/// [`sock_connect4`] for IPv6 sockets and frontends.
+/// [`sock_connect4`] for IPv6 sockets: IPv6 frontends, and IPv4 ones
+/// through their IPv4-mapped addresses.
 #[cgroup_sock_addr(connect6)]
 pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
-    forward::<Ipv6>(&ctx)
+    if is_v4_mapped(&ctx) {
+        forward::<Ipv4Mapped>(&ctx)
+    } else {
+        forward::<Ipv6>(&ctx)
+    }
 }
 
-/// [`sock_sendmsg4`] for IPv6 sockets and frontends.
+/// [`sock_sendmsg4`] for IPv6 sockets and frontends. Never sees an
+/// IPv4-mapped destination: the kernel sends such a datagram through its
+/// IPv4 path, which runs `sendmsg4` with the IPv4 address (tested end to
+/// end).
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
     forward::<Ipv6>(&ctx)
 }
 
-/// [`sock_recvmsg4`] for IPv6 sockets and frontends. Must allow.
+/// [`sock_recvmsg4`] for IPv6 sockets, IPv4-mapped sources included.
+/// Must allow.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    reverse::<Ipv6>(&ctx);
+    if is_v4_mapped(&ctx) {
+        reverse::<Ipv4Mapped>(&ctx);
+    } else {
+        reverse::<Ipv6>(&ctx);
+    }
     SOCK_ALLOW
 }
 
-/// [`sock_getpeer4`] for IPv6 sockets and frontends. Must allow.
+/// [`sock_getpeer4`] for IPv6 sockets, IPv4-mapped peers included. Must
+/// allow.
 #[cgroup_sock_addr(getpeername6)]
 pub fn sock_getpeer6(ctx: SockAddrContext) -> i32 {
-    reverse::<Ipv6>(&ctx);
+    if is_v4_mapped(&ctx) {
+        reverse::<Ipv4Mapped>(&ctx);
+    } else {
+        reverse::<Ipv6>(&ctx);
+    }
     SOCK_ALLOW
 }
 
-/// What differs between the IPv4 and the IPv6 programs: where the socket
-/// address sits in the context, and the node's own address. Everything
-/// else works on [`MapAddr`]s tagged with [`SockFamily::FAMILY`].
+/// What differs between the IPv4 and the IPv6 programs, and IPv4-mapped
+/// addresses in the IPv6 ones: where the socket address sits in the
+/// context and how, and the node's own address. Everything else works on
+/// [`MapAddr`]s tagged with [`SockFamily::FAMILY`].
 trait SockFamily {
-    /// The family tag of the map keys (`FAMILY_IPV4` or `FAMILY_IPV6`).
+    /// The family tag of the map keys (`FAMILY_IPV4` or `FAMILY_IPV6`):
+    /// the family of the frontends and backends, which for IPv4-mapped
+    /// addresses is not the socket's.
     const FAMILY: u8;
     /// The family's addresses as the backend choice takes them.
     type Addr: FlowAddr;
@@ -184,14 +215,15 @@ trait SockFamily {
     fn flow_addr(addr: &MapAddr) -> Self::Addr;
 
     /// The socket address's IP address (`user_ip4` or `user_ip6`),
-    /// network byte order.
+    /// network byte order, as the maps hold addresses of
+    /// [`SockFamily::FAMILY`].
     ///
     /// # Safety
     /// `sa` is the program's context.
     unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr;
 
-    /// Writes `addr` (network byte order) as the socket address's IP
-    /// address.
+    /// Writes `addr` (network byte order, a map address of
+    /// [`SockFamily::FAMILY`]) as the socket address's IP address.
     ///
     /// # Safety
     /// `sa` is the program's context, in a hook that may write the address.
@@ -249,18 +281,8 @@ impl SockFamily for Ipv6 {
 
     #[inline(always)]
     unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr {
-        // SAFETY: `sa` is the context (the caller's promise).
-        let ip = unsafe { core::ptr::addr_of!((*sa).user_ip6) }.cast::<u32>();
-        // SAFETY: four 4-byte reads of `user_ip6` (the verifier takes no
-        // wider ones on every kernel), volatile so none are merged.
-        let words = unsafe {
-            [
-                ip.read_volatile(),
-                ip.add(1).read_volatile(),
-                ip.add(2).read_volatile(),
-                ip.add(3).read_volatile(),
-            ]
-        };
+        // SAFETY: the caller's promise.
+        let words = unsafe { read_ip6_words(sa) };
         // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and every
         // byte pattern is a valid `[u8; 16]`.
         unsafe { core::mem::transmute::<[u32; 4], MapAddr>(words) }
@@ -270,21 +292,99 @@ impl SockFamily for Ipv6 {
     unsafe fn write_addr(sa: *mut bpf_sock_addr, addr: &MapAddr) {
         // SAFETY: as in `read_addr`.
         let words = unsafe { core::mem::transmute::<MapAddr, [u32; 4]>(*addr) };
-        // SAFETY: `sa` is the context (the caller's promise).
-        let ip = unsafe { core::ptr::addr_of_mut!((*sa).user_ip6) }.cast::<u32>();
-        // SAFETY: four 4-byte stores to `user_ip6`, writable in every IPv6
-        // hook here.
-        unsafe {
-            ip.write_volatile(words[0]);
-            ip.add(1).write_volatile(words[1]);
-            ip.add(2).write_volatile(words[2]);
-            ip.add(3).write_volatile(words[3]);
-        }
+        // SAFETY: the caller's promise.
+        unsafe { write_ip6_words(sa, words) };
     }
 
     #[inline(always)]
     fn node_address(config: &DatapathConfig) -> MapAddr {
         config.snat_v6
+    }
+}
+
+/// IPv4 frontends and backends seen through IPv4-mapped IPv6 addresses
+/// (`::ffff:a.b.c.d`) by the IPv6 programs: looked up, chosen and recorded
+/// exactly as the IPv4 programs do (the node as client by its IPv4
+/// address), read from and written to `user_ip6` in the mapped form.
+struct Ipv4Mapped;
+
+impl SockFamily for Ipv4Mapped {
+    const FAMILY: u8 = FAMILY_IPV4;
+    type Addr = [u8; 4];
+
+    #[inline(always)]
+    fn flow_addr(addr: &MapAddr) -> [u8; 4] {
+        map_addr_v4_octets(addr)
+    }
+
+    #[inline(always)]
+    unsafe fn read_addr(sa: *const bpf_sock_addr) -> MapAddr {
+        // SAFETY: the caller's promise.
+        let [_, _, _, ip] = unsafe { read_ip6_words(sa) };
+        map_addr_v4(ip.to_ne_bytes())
+    }
+
+    #[inline(always)]
+    unsafe fn write_addr(sa: *mut bpf_sock_addr, addr: &MapAddr) {
+        let ip = u32::from_ne_bytes(map_addr_v4_octets(addr));
+        // SAFETY: the caller's promise.
+        unsafe { write_ip6_words(sa, [0, 0, V4_MAPPED_PREFIX_WORD, ip]) };
+    }
+
+    #[inline(always)]
+    fn node_address(config: &DatapathConfig) -> [u8; 4] {
+        config.snat_v4
+    }
+}
+
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`)
+/// as it sits in memory (network byte order).
+const V4_MAPPED_PREFIX_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Whether the IPv6 socket address of the context is IPv4-mapped
+/// (`::ffff:a.b.c.d`). Only for the IPv6 programs.
+#[inline(always)]
+fn is_v4_mapped(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the context of an IPv6 hook, whose `user_ip6` is readable.
+    let [a, b, c, _] = unsafe { read_ip6_words(ctx.sock_addr) };
+    a == 0 && b == 0 && c == V4_MAPPED_PREFIX_WORD
+}
+
+/// The four words of `user_ip6`, network byte order.
+///
+/// # Safety
+/// `sa` is the context of an IPv6 hook.
+#[inline(always)]
+unsafe fn read_ip6_words(sa: *const bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: `sa` is the context (the caller's promise).
+    let ip = unsafe { core::ptr::addr_of!((*sa).user_ip6) }.cast::<u32>();
+    // SAFETY: four 4-byte reads of `user_ip6` (the verifier takes no wider
+    // ones on every kernel), volatile so none are merged.
+    unsafe {
+        [
+            ip.read_volatile(),
+            ip.add(1).read_volatile(),
+            ip.add(2).read_volatile(),
+            ip.add(3).read_volatile(),
+        ]
+    }
+}
+
+/// Writes `words` (network byte order) to `user_ip6`.
+///
+/// # Safety
+/// `sa` is the context of an IPv6 hook that may write the address.
+#[inline(always)]
+unsafe fn write_ip6_words(sa: *mut bpf_sock_addr, words: [u32; 4]) {
+    // SAFETY: `sa` is the context (the caller's promise).
+    let ip = unsafe { core::ptr::addr_of_mut!((*sa).user_ip6) }.cast::<u32>();
+    // SAFETY: four 4-byte stores to `user_ip6`, writable in every IPv6 hook
+    // here.
+    unsafe {
+        ip.write_volatile(words[0]);
+        ip.add(1).write_volatile(words[1]);
+        ip.add(2).write_volatile(words[2]);
+        ip.add(3).write_volatile(words[3]);
     }
 }
 

@@ -227,6 +227,18 @@ pub fn list_json(pin_path: &Path) -> anyhow::Result<serde_json::Value> {
 /// ("TCP", "UDP") of the agent pinned at `pin_path`; 0 when it is not
 /// listed.
 pub fn frontend_new_flows(pin_path: &Path, frontend: std::net::SocketAddr, protocol: &str) -> u64 {
+    listed_frontend(pin_path, frontend, protocol)
+        .and_then(|f| f["stats"]["new_flows"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The entry `list --json` shows for `frontend` and `protocol` (`"TCP"`,
+/// `"UDP"`); `None` if the frontend is not programmed.
+pub fn listed_frontend(
+    pin_path: &Path,
+    frontend: std::net::SocketAddr,
+    protocol: &str,
+) -> Option<serde_json::Value> {
     let listing = list_json(pin_path).expect("list");
     listing["frontends"]
         .as_array()
@@ -237,8 +249,7 @@ pub fn frontend_new_flows(pin_path: &Path, frontend: std::net::SocketAddr, proto
                 && f["port"] == frontend.port()
                 && f["protocol"] == protocol
         })
-        .and_then(|f| f["stats"]["new_flows"].as_u64())
-        .unwrap_or(0)
+        .cloned()
 }
 
 fn list(pin_path: &Path, json: bool) -> anyhow::Result<String> {

@@ -128,3 +128,18 @@ fn raw_map_call(
         Err(error)
     }
 }
+
+/// Every session affinity entry of the `SVC_AFFINITY` map pinned under
+/// `pin_path`, sorted by key: (client and frontend, backend chosen).
+pub fn affinity_entries(
+    pin_path: &Path,
+) -> anyhow::Result<Vec<(service_common::AffinityKey, service_common::AffinityValue)>> {
+    use aya::maps::{HashMap, MapData};
+
+    let map = service_agent::datapath::maps::open_pinned(pin_path, service_common::MAP_AFFINITY)?;
+    let map: HashMap<MapData, service_common::AffinityKey, service_common::AffinityValue> =
+        HashMap::try_from(map)?;
+    let mut entries = map.iter().collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|(key, _)| (key.rev_nat_id, key.family, key.client));
+    Ok(entries)
+}

@@ -422,7 +422,7 @@ impl TwoNodeScenario {
 
 /// Replaces the file at `path` with `text` atomically (write beside it,
 /// then rename), so a watcher never reads it half written.
-fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
+pub fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
     let staging = path.with_extension("new");
     std::fs::write(&staging, text)?;
     std::fs::rename(&staging, path)?;

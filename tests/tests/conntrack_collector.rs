@@ -3,11 +3,13 @@
 //! than one batch read holds, then the agent's collector pass and reap walk
 //! run through the pinned maps (batched reads and deletes, replacements of
 //! existing entries only), and the map read back. Also the id allocators'
-//! position, kept in its pinned array across a reload of the object.
+//! position, kept in its pinned array across a reload of the object, and
+//! the session-affinity entries of deleted frontends, deleted when a sync
+//! reports the deletion and, for a frontend gone while no agent ran, by a
+//! new collector's first pass.
 
 use std::net::Ipv4Addr;
 
-use aya::maps::{HashMap, MapData};
 use service_agent::{
     datapath::{
         self, PROG_FROM_POD,
@@ -20,14 +22,14 @@ use service_agent::{
     },
 };
 use service_common::{
-    AffinityKey, AffinityValue, CT_DIR_FORWARD, ConntrackKey, ConntrackTimeouts, ConntrackValue,
-    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP, IdCursors, MAP_AFFINITY, PROTO_TCP,
-    PROTO_UDP, SnatPortRange, map_addr_v4, reply_key,
+    AffinityKey, CT_DIR_FORWARD, ConntrackKey, ConntrackTimeouts, ConntrackValue,
+    FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_CLUSTER_IP, IdCursors, PROTO_TCP, PROTO_UDP, RevNatId,
+    SnatPortRange, map_addr_v4, reply_key,
 };
 use service_tests::{
     datapath_fixture::{Datapath, frontend},
     packets::tcp,
-    pins::PinDir,
+    pins::{PinDir, affinity_entries},
     require_root,
 };
 
@@ -125,7 +127,8 @@ fn the_collector_walks_the_kernel_map_in_batches_and_frees_what_expired() {
     let mut table = ConntrackMap::open(datapath.pin.path()).expect("opening the pinned maps");
     let rules = FlowRules {
         timeouts: TIMEOUTS,
-        snat_addr: map_addr_v4([10, 0, 0, 1]),
+        snat_v4: map_addr_v4([10, 0, 0, 1]),
+        snat_v6: [0; 16],
     };
 
     let report = collect(&mut table, &rules, now).expect("a pass");
@@ -194,10 +197,11 @@ fn the_id_allocators_position_outlives_the_agent_in_its_pinned_array() {
     assert_eq!(map.load(), cursors);
 }
 
-#[test]
-fn a_deleted_frontend_s_session_affinity_is_deleted_from_the_kernel_map() {
-    require_root!();
-    let mut datapath = Datapath::load();
+/// Two frontends with session affinity (to `VIP` and 10.96.0.11), two
+/// clients of each given an affinity entry by the datapath, then `VIP`'s
+/// frontend deleted from the maps (its rev-NAT entry too); returns the
+/// rev-NAT ids of the deleted and of the kept frontend.
+fn affinity_of_two_frontends_then_one_deleted(datapath: &mut Datapath) -> (RevNatId, RevNatId) {
     let other_vip = Ipv4Addr::new(10, 96, 0, 11);
     for vip in [VIP, other_vip] {
         let mut desired = frontend(
@@ -211,7 +215,6 @@ fn a_deleted_frontend_s_session_affinity_is_deleted_from_the_kernel_map() {
         desired.affinity_timeout_secs = 100;
         datapath.set_desired_frontend(desired);
     }
-    // Two clients of each frontend get an affinity entry from the datapath.
     for vip in [VIP, other_vip] {
         for client in [Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(10, 1, 0, 3)] {
             let (_, out) = datapath.run(
@@ -221,28 +224,44 @@ fn a_deleted_frontend_s_session_affinity_is_deleted_from_the_kernel_map() {
             assert_eq!(out[30..34], BACKEND.octets(), "SYN to {vip} translated");
         }
     }
-    let affinity_of = |datapath: &mut Datapath| -> Vec<AffinityKey> {
-        let map: HashMap<&mut MapData, AffinityKey, AffinityValue> =
-            HashMap::try_from(datapath.ebpf.map_mut(MAP_AFFINITY).expect("affinity map"))
-                .expect("map type");
-        map.keys().map(|key| key.expect("a key")).collect()
-    };
-    assert_eq!(affinity_of(&mut datapath).len(), 4);
+    assert_eq!(affinity_of(datapath).len(), 4);
     let deleted = datapath.rev_nat_id(VIP, 80, PROTO_TCP);
     let kept = datapath.rev_nat_id(other_vip, 80, PROTO_TCP);
     datapath.delete_frontend(VIP, 80, PROTO_TCP);
+    (deleted, kept)
+}
 
+/// The keys of the datapath's affinity entries.
+fn affinity_of(datapath: &Datapath) -> Vec<AffinityKey> {
+    affinity_entries(datapath.pin.path())
+        .expect("affinity map")
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect()
+}
+
+/// A collector over the datapath's pinned maps, as the agent runs one.
+fn collector_of(datapath: &Datapath) -> Collector<ConntrackMap> {
     let table = ConntrackMap::open(datapath.pin.path()).expect("opening the pinned maps");
     let settings = CollectorSettings {
         rules: FlowRules {
             timeouts: TIMEOUTS,
-            snat_addr: map_addr_v4([0; 4]),
+            snat_v4: map_addr_v4([0; 4]),
+            snat_v6: [0; 16],
         },
         snat_ports: SnatPortRange::DEFAULT,
         min_interval: std::time::Duration::from_secs(1),
         max_interval: std::time::Duration::from_secs(60),
     };
-    let mut collector = Collector::new(table, settings, None);
+    Collector::new(table, settings, None)
+}
+
+#[test]
+fn a_deleted_frontend_s_session_affinity_is_deleted_from_the_kernel_map() {
+    require_root!();
+    let mut datapath = Datapath::load();
+    let (deleted, kept) = affinity_of_two_frontends_then_one_deleted(&mut datapath);
+    let mut collector = collector_of(&datapath);
     collector.follow(
         &FlowChanges {
             rev_nat_ids_released: [deleted].into(),
@@ -250,7 +269,23 @@ fn a_deleted_frontend_s_session_affinity_is_deleted_from_the_kernel_map() {
         },
         monotonic_seconds(),
     );
-    let left = affinity_of(&mut datapath);
+    let left = affinity_of(&datapath);
+    assert_eq!(left.len(), 2, "the kept frontend's two clients: {left:?}");
+    assert!(left.iter().all(|key| key.rev_nat_id == kept));
+}
+
+/// The frontend was deleted by an agent that stopped before its collector
+/// followed: a new agent's collector, which no sync will tell, deletes
+/// the gone frontend's affinity entries on its first pass.
+#[test]
+fn a_new_collector_s_first_pass_deletes_the_affinity_of_frontends_gone_meanwhile() {
+    require_root!();
+    let mut datapath = Datapath::load();
+    let (_, kept) = affinity_of_two_frontends_then_one_deleted(&mut datapath);
+    assert_eq!(affinity_of(&datapath).len(), 4, "nothing deleted them yet");
+    let mut collector = collector_of(&datapath);
+    collector.pass(monotonic_seconds());
+    let left = affinity_of(&datapath);
     assert_eq!(left.len(), 2, "the kept frontend's two clients: {left:?}");
     assert!(left.iter().all(|key| key.rev_nat_id == kept));
 }

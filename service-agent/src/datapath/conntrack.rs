@@ -73,6 +73,9 @@ pub trait ConntrackTable {
     /// The datapath alone writes them and the LRU map would keep them
     /// until evicted: an id handed out again must not meet them.
     fn forget_affinity(&mut self, rev_nat_ids: &BTreeSet<RevNatId>) -> io::Result<u64>;
+
+    /// The rev-NAT ids the session-affinity entries name.
+    fn affinity_rev_nat_ids(&self) -> io::Result<BTreeSet<RevNatId>>;
 }
 
 /// The kernel's conntrack and rev-NAT maps, opened from their pins.
@@ -234,6 +237,13 @@ impl ConntrackTable for ConntrackMap {
         }
         Ok(deleted)
     }
+
+    fn affinity_rev_nat_ids(&self) -> io::Result<BTreeSet<RevNatId>> {
+        self.affinity
+            .keys()
+            .map(|key| key.map(|key| key.rev_nat_id).map_err(io_error))
+            .collect()
+    }
 }
 
 impl ScanCursor {
@@ -345,6 +355,10 @@ impl ConntrackTable for MemoryConntrack {
         self.affinity
             .retain(|key, _| !rev_nat_ids.contains(&key.rev_nat_id));
         Ok((before - self.affinity.len()) as u64)
+    }
+
+    fn affinity_rev_nat_ids(&self) -> io::Result<BTreeSet<RevNatId>> {
+        Ok(self.affinity.keys().map(|key| key.rev_nat_id).collect())
     }
 }
 

@@ -28,9 +28,9 @@ use service_common::{
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
     CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig,
-    FAMILY_IPV4, FRONTEND_FLAGS_EXTERNAL, FragmentKey, FragmentValue, FrontendKey, FrontendValue,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS, MAP_FRONTENDS,
-    MAP_REVNAT, MAPS, MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL,
+    FAMILY_IPV4, FAMILY_IPV6, FRONTEND_FLAGS_EXTERNAL, FragmentKey, FragmentValue, FrontendKey,
+    FrontendValue, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS,
+    MAP_FRONTENDS, MAP_REVNAT, MAPS, MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL,
     SCOPE_INTERNAL, TraceCopy, map_addr_v4, master_key, reply_key, snat_key, snat_reply_key,
 };
 
@@ -428,10 +428,15 @@ impl LiveMaps {
             Some(snat) => found(self.conntrack.get(&snat, 0))?.map(|v| (snat, v)),
             None => None,
         };
-        // The SNAT entry holds the address the flow was SNATed to.
-        let snat_addr = snat_entry
-            .map(|(_, v)| v.nat_addr)
-            .unwrap_or(map_addr_v4(copied.config.snat_v4));
+        // The SNAT entry holds the address the flow was SNATed to; else
+        // the node's SNAT address of the flow's family.
+        let snat_addr = snat_entry.map(|(_, v)| v.nat_addr).unwrap_or_else(|| {
+            if master.family == FAMILY_IPV6 {
+                copied.config.snat_v6
+            } else {
+                map_addr_v4(copied.config.snat_v4)
+            }
+        });
         let companions = [
             Some(reply_key(&master, &master_value)),
             snat_reply_key(&master, &master_value, &snat_addr),

@@ -4,7 +4,9 @@
 //! the kernel never picks one of its ports for a socket of this network
 //! namespace (an explicit `bind` still may). Otherwise a host socket and an
 //! SNATed flow could share a tuple, and the datapath would hand the host
-//! socket's replies to the external client.
+//! socket's replies to the external client. Both sysctls, though under
+//! `net.ipv4`, govern IPv6 sockets too, so one reservation covers the SNAT
+//! ports of both families.
 
 use std::path::Path;
 

@@ -10,6 +10,10 @@
 //!
 //! It keeps the rev-NAT ids of deleted frontends until no entry names them
 //! and then tells the sync loop they are free again ([`CollectorNews`]).
+//! Its first pass also deletes the session-affinity entries of frontends
+//! that are gone from the rev-NAT map (deleted by an agent that stopped
+//! before it could delete their clients' entries, so no sync will name
+//! them again).
 
 use std::{
     collections::BTreeSet,
@@ -29,7 +33,7 @@ use crate::{
 /// How the collector is paced and what it judges by.
 #[derive(Clone, Copy, Debug)]
 pub struct CollectorSettings {
-    /// Timeouts and the SNAT address.
+    /// Timeouts and the SNAT addresses.
     pub rules: FlowRules,
     /// The SNAT port range (named when ports run out).
     pub snat_ports: SnatPortRange,
@@ -114,6 +118,9 @@ pub struct Collector<T> {
     pacer: Pacer,
     /// Rev-NAT ids of deleted frontends whose entries may still exist.
     draining: BTreeSet<RevNatId>,
+    /// Whether the affinity entries of frontends gone from the rev-NAT
+    /// map were deleted (by the first pass, or a later one if that failed).
+    stale_affinity_forgotten: bool,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -125,6 +132,7 @@ impl<T: ConntrackTable> Collector<T> {
             pacer: Pacer::new(settings.min_interval, settings.max_interval),
             settings,
             draining: BTreeSet::new(),
+            stale_affinity_forgotten: false,
             metrics,
         }
     }
@@ -192,6 +200,9 @@ impl<T: ConntrackTable> Collector<T> {
             .pacer
             .after_pass(report.deleted_total(), self.table.capacity());
         self.record(&report, took, true);
+        if !self.stale_affinity_forgotten {
+            self.stale_affinity_forgotten = self.forget_stale_affinity();
+        }
         let mut news = Vec::new();
         if !report.rev_nat_ids_marked_dead.is_empty() {
             warn!(
@@ -268,6 +279,32 @@ impl<T: ConntrackTable> Collector<T> {
                 false
             }
         }
+    }
+
+    /// Deletes the affinity entries naming rev-NAT ids absent from the
+    /// rev-NAT map: their frontends are gone (deleted by an agent that
+    /// stopped before it deleted these entries, or while none ran), and
+    /// no conntrack entry or sync will name them again. Whether that
+    /// worked (a failure is logged).
+    fn forget_stale_affinity(&mut self) -> bool {
+        // The affinity map first: a frontend created meanwhile has its
+        // rev-NAT entry before any affinity entry can name it (rev-NAT
+        // entries are written before the headers that make a frontend
+        // visible), so it is never taken for a gone one.
+        let named = self.table.affinity_rev_nat_ids();
+        let frontends = self.table.frontends();
+        let (named, frontends) = match (named, frontends) {
+            (Ok(named), Ok(frontends)) => (named, frontends),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("conntrack: reading the session-affinity and rev-NAT maps failed: {e}");
+                return false;
+            }
+        };
+        let gone: BTreeSet<RevNatId> = named
+            .into_iter()
+            .filter(|id| !frontends.contains_key(id))
+            .collect();
+        self.forget_affinity(&gone)
     }
 
     /// Feeds the metrics with a walk's figures.
@@ -393,7 +430,7 @@ mod tests {
     use crate::datapath::conntrack::MemoryConntrack;
     use service_common::{
         AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_REPLY, ConntrackKey, ConntrackTimeouts,
-        ConntrackValue, PROTO_UDP, RevNatValue, map_addr_v4,
+        ConntrackValue, MapAddr, PROTO_UDP, RevNatValue, map_addr_v4,
     };
 
     const SECOND: Duration = Duration::from_secs(1);
@@ -430,7 +467,8 @@ mod tests {
                     udp: 10,
                     ..ConntrackTimeouts::DEFAULT
                 },
-                snat_addr: map_addr_v4([10, 0, 0, 1]),
+                snat_v4: map_addr_v4([10, 0, 0, 1]),
+                snat_v6: MapAddr::default(),
             },
             snat_ports: SnatPortRange::DEFAULT,
             min_interval: SECOND,
@@ -564,6 +602,27 @@ mod tests {
         let (news, _) = collector.pass(1005);
         assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![1])]);
         assert_eq!(affinity_keys(&collector), [affinity(2, 2).0]);
+    }
+
+    #[test]
+    fn the_first_pass_forgets_the_affinity_of_frontends_gone_from_the_rev_nat_map() {
+        // A restarted agent: frontend 7 was deleted (rev-NAT entry and
+        // all) by an agent that stopped before it deleted its clients'
+        // affinity entries; no conntrack entry names it, no sync will.
+        let mut table = table(&[1, 2], &[]);
+        table.affinity.extend([
+            affinity(2, 1),
+            affinity(2, 7),
+            affinity(3, 7),
+            affinity(3, 2),
+        ]);
+        let mut collector = Collector::new(table, settings(), None);
+        let (news, _) = collector.pass(1001);
+        assert_eq!(news, []);
+        assert_eq!(
+            affinity_keys(&collector),
+            [affinity(2, 1).0, affinity(3, 2).0]
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use service_common::{
     BACKEND_STATE_NOT_SERVING, BackendId, CT_FLAG_DEAD, ConntrackKey, ConntrackTimeouts,
-    ConntrackValue, MapAddr, PROTO_UDP, RevNatId, RevNatValue, is_companion, master_key,
+    ConntrackValue, DatapathConfig, FAMILY_IPV6, MapAddr, PROTO_UDP, RevNatId, RevNatValue,
+    is_companion, map_addr_v4, master_key,
 };
 
 use crate::datapath::{
@@ -124,16 +125,40 @@ impl DeleteReason {
 }
 
 /// What the collector needs to judge entries: the timeouts the datapath
-/// honours, and this node's SNAT address (part of SNATed flows' keys).
+/// honours, and this node's SNAT addresses (part of SNATed flows' keys),
+/// one per family.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowRules {
     /// The conntrack timeouts (as written to the datapath's configuration).
     pub timeouts: ConntrackTimeouts,
-    /// This node's SNAT address, network byte order (zero: none).
-    pub snat_addr: MapAddr,
+    /// This node's IPv4 SNAT address (a [`MapAddr`] of an IPv4 address),
+    /// network byte order (zero: none).
+    pub snat_v4: MapAddr,
+    /// This node's IPv6 SNAT address, network byte order (zero: none).
+    pub snat_v6: MapAddr,
 }
 
 impl FlowRules {
+    /// The rules of the datapath configured with `config`: its timeouts
+    /// and SNAT addresses.
+    pub fn of(config: &DatapathConfig) -> Self {
+        FlowRules {
+            timeouts: config.timeouts,
+            snat_v4: map_addr_v4(config.snat_v4),
+            snat_v6: config.snat_v6,
+        }
+    }
+
+    /// The SNAT address of flows of `family` (`FAMILY_IPV4`,
+    /// `FAMILY_IPV6`): the address their SNAT reply entries are keyed by.
+    pub fn snat_addr(&self, family: u8) -> &MapAddr {
+        if family == FAMILY_IPV6 {
+            &self.snat_v6
+        } else {
+            &self.snat_v4
+        }
+    }
+
     /// Whether the non-master entry `value` of `proto` has been idle long
     /// enough at `now` to be judged an orphan: past its own timeout, or past
     /// the close timeout if that is shorter. An entry its flow no longer
@@ -363,7 +388,7 @@ fn delete_flow(
 ) {
     let reason = DeleteReason::of_master(value);
     deletions.add(*key, reason, report);
-    for companion in service_common::companion_keys(key, value, &rules.snat_addr)
+    for companion in service_common::companion_keys(key, value, rules.snat_addr(key.family))
         .into_iter()
         .flatten()
     {
@@ -404,7 +429,9 @@ fn judge_companion(
         return Companion::Orphan;
     };
     match table.get(&master) {
-        Some(master_value) if is_companion(key, &master, &master_value, &rules.snat_addr) => {
+        Some(master_value)
+            if is_companion(key, &master, &master_value, rules.snat_addr(master.family)) =>
+        {
             if rules.timeouts.is_expired(master.proto, &master_value, now) {
                 Companion::OfExpired(master, master_value)
             } else {
@@ -422,10 +449,19 @@ mod tests {
     use service_common::{
         BACKEND_STATE_ACTIVE, BACKEND_STATE_TERMINATING, BackendValue, CT_DIR_FORWARD,
         CT_FLAG_SNAT, CT_STATE_FIN_FORWARD, CT_STATE_FIN_REPLY, CT_STATE_SEEN_REPLY, FAMILY_IPV4,
-        FrontendKey, FrontendValue, PROTO_TCP, map_addr_v4, reply_key, snat_key, snat_reply_key,
+        FrontendKey, FrontendValue, PROTO_TCP, reply_key, snat_key, snat_reply_key,
     };
 
     const SNAT: [u8; 4] = [10, 0, 0, 1];
+    /// The node's IPv6 SNAT address, fd00::10:0:0:1.
+    const SNAT6: MapAddr = v6_of(SNAT);
+
+    /// The IPv6 address the IPv6 flows use for the IPv4 one `v4`:
+    /// `fd00::a.b.c.d`.
+    const fn v6_of(v4: [u8; 4]) -> MapAddr {
+        let [a, b, c, d] = v4;
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, a, b, c, d]
+    }
     /// Short timeouts, as a test agent would run with.
     const TIMEOUTS: ConntrackTimeouts = ConntrackTimeouts {
         tcp_syn: 5,
@@ -437,12 +473,16 @@ mod tests {
     };
     const RULES: FlowRules = FlowRules {
         timeouts: TIMEOUTS,
-        snat_addr: map_addr_v4(SNAT),
+        snat_v4: map_addr_v4(SNAT),
+        snat_v6: SNAT6,
     };
 
     /// One flow as the datapath writes it.
     #[derive(Clone, Copy)]
     struct Flow {
+        /// `FAMILY_IPV4` or `FAMILY_IPV6` (every address below as
+        /// [`v6_of`] it).
+        family: u8,
         proto: u8,
         client_port: u16,
         /// Frontend: rev-NAT id; address 10.96.0.<id>, port 80.
@@ -458,6 +498,7 @@ mod tests {
     impl Flow {
         fn udp(client_port: u16, backend_id: BackendId) -> Self {
             Flow {
+                family: FAMILY_IPV4,
                 proto: PROTO_UDP,
                 client_port,
                 rev_nat_id: 1,
@@ -475,11 +516,30 @@ mod tests {
             }
         }
 
+        /// The same flow over IPv6, to the IPv6 frontend with rev-NAT id
+        /// 10 above (a frontend has one family).
+        fn v6(self) -> Self {
+            Flow {
+                family: FAMILY_IPV6,
+                rev_nat_id: self.rev_nat_id + 10,
+                ..self
+            }
+        }
+
+        /// The address of the flow's family for the IPv4 one `v4`.
+        fn addr(&self, v4: [u8; 4]) -> MapAddr {
+            if self.family == FAMILY_IPV6 {
+                v6_of(v4)
+            } else {
+                map_addr_v4(v4)
+            }
+        }
+
         fn frontend(&self) -> RevNatValue {
             RevNatValue {
-                addr: map_addr_v4([10, 96, 0, self.rev_nat_id as u8]),
+                addr: self.addr([10, 96, 0, self.rev_nat_id as u8]),
                 port: 80u16.to_be(),
-                family: FAMILY_IPV4,
+                family: self.family,
                 _pad: 0,
             }
         }
@@ -487,17 +547,17 @@ mod tests {
         fn master(&self) -> (ConntrackKey, ConntrackValue) {
             let frontend = self.frontend();
             let key = ConntrackKey::new(
-                map_addr_v4([10, 1, 0, 2]),
+                self.addr([10, 1, 0, 2]),
                 self.client_port.to_be(),
                 frontend.addr,
                 frontend.port,
-                FAMILY_IPV4,
+                self.family,
                 self.proto,
                 CT_DIR_FORWARD,
             );
             // Created long before: a replied UDP flow is a stream.
             let mut value = ConntrackValue::new(
-                map_addr_v4([10, 200, 0, self.backend_id as u8]),
+                self.addr([10, 200, 0, self.backend_id as u8]),
                 8080u16.to_be(),
                 self.backend_id,
                 self.rev_nat_id,
@@ -525,12 +585,10 @@ mod tests {
                 (reply_key(&key, &value), entry(key.daddr, key.dport)),
             ];
             if let Some(port) = self.snat_port {
+                let snat = self.addr(SNAT);
+                entries.push((snat_key(&key, &value).unwrap(), entry(snat, port.to_be())));
                 entries.push((
-                    snat_key(&key, &value).unwrap(),
-                    entry(map_addr_v4(SNAT), port.to_be()),
-                ));
-                entries.push((
-                    snat_reply_key(&key, &value, &map_addr_v4(SNAT)).unwrap(),
+                    snat_reply_key(&key, &value, &snat).unwrap(),
                     entry(key.saddr, key.sport),
                 ));
             }
@@ -598,6 +656,55 @@ mod tests {
             collect(&mut table, &RULES, 1031).unwrap().deleted_total(),
             0
         );
+    }
+
+    #[test]
+    fn ipv6_snated_flows_free_their_snat_ports_like_ipv4_ones_and_live_ones_keep_them() {
+        // The rules as the agent makes them from the datapath's
+        // configuration: an SNAT address per family.
+        let rules = FlowRules::of(&DatapathConfig {
+            snat_v4: SNAT,
+            snat_v6: SNAT6,
+            timeouts: TIMEOUTS,
+            ..DatapathConfig::default()
+        });
+        assert_eq!(rules, RULES);
+        let idle4 = Flow {
+            snat_port: Some(20001),
+            ..Flow::udp(40000, 1)
+        };
+        let idle6 = idle4.v6();
+        let live6 = Flow {
+            last_seen: 1025,
+            snat_port: Some(20002),
+            ..Flow::tcp(40001, 1)
+        }
+        .v6();
+        let mut table = table(&[idle4, idle6, live6]);
+        // At 1031 both idle UDP streams (30 s) are expired: each goes with
+        // its reply, SNAT and SNAT reply entries (its SNAT port is free).
+        let report = collect(&mut table, &rules, 1031).unwrap();
+        assert_eq!(present(&table, &idle4), [false; 4]);
+        assert_eq!(present(&table, &idle6), [false; 4]);
+        assert_eq!(present(&table, &live6), [true; 4]);
+        assert_eq!(deleted(&report, DeleteReason::Expired), 8);
+        assert_eq!(report.deleted_total(), 8);
+        assert_eq!(report.remaining, 4);
+
+        // A live IPv6 flow whose other entries sit idle past the close
+        // timeout (only the client sends): its SNAT entries are its
+        // companions, no orphans, and stay with it.
+        let (key, mut value) = live6.master();
+        value.last_seen = 1040;
+        table.entries.insert(key, value);
+        let report = collect(&mut table, &rules, 1045).unwrap();
+        assert_eq!(report.deleted_total(), 0, "{report:?}");
+        assert_eq!(present(&table, &live6), [true; 4]);
+
+        // Once it expires, its SNAT port goes with it.
+        let report = collect(&mut table, &rules, 1040 + 101).unwrap();
+        assert_eq!(present(&table, &live6), [false; 4]);
+        assert_eq!(deleted(&report, DeleteReason::Expired), 4);
     }
 
     #[test]

@@ -50,7 +50,8 @@ const SNAT: [u8; 4] = [10, 0, 0, 1];
 /// The collector's rules: the default timeouts.
 const RULES: FlowRules = FlowRules {
     timeouts: ConntrackTimeouts::DEFAULT,
-    snat_addr: map_addr_v4(SNAT),
+    snat_v4: map_addr_v4(SNAT),
+    snat_v6: [0; 16],
 };
 
 /// One measured pass.
@@ -227,7 +228,7 @@ fn fill(
                 .with_flags(CT_FLAG_SNAT)
                 .with_snat_port(((flow / 2) % 10_000 + 20_000) as u16);
         }
-        let [reply, snat, snat_reply] = companion_keys(&master, &value, &RULES.snat_addr);
+        let [reply, snat, snat_reply] = companion_keys(&master, &value, &RULES.snat_v4);
         let entry = |nat_addr, nat_port| ConntrackValue {
             nat_addr,
             nat_port,
@@ -241,7 +242,7 @@ fn fill(
             written += 1;
         }
         if let (Some(snat), Some(snat_reply)) = (snat, snat_reply) {
-            conntrack.insert(snat, entry(RULES.snat_addr, value.snat_port), 0)?;
+            conntrack.insert(snat, entry(RULES.snat_v4, value.snat_port), 0)?;
             conntrack.insert(snat_reply, entry(master.saddr, master.sport), 0)?;
             written += 2;
         }
