@@ -30,7 +30,13 @@
 //!   packet hooks make, and rewrite the socket address to it. The kernel
 //!   then connects (or sends) straight to the backend: there is no packet to
 //!   translate and no conntrack entry, the socket itself stays on its
-//!   backend.
+//!   backend. Except a pod's connected IPv4 UDP socket (a namespace other
+//!   than the node's, [`NODE_NETNS_COOKIE`]): it is left to the packet
+//!   hooks, whose conntrack moves its datagrams to another backend when
+//!   theirs goes (kube-proxy's behaviour); a connected socket's later
+//!   datagrams pass no socket hook, so a socket translated here would stay
+//!   on a deleted backend. The node's own connected UDP sockets have no
+//!   packet hook to go to and still do.
 //! - `sock_recvmsg4`/`6` (`recvfrom(2)`/`recvmsg(2)` on UDP) and
 //!   `sock_getpeer4`/`6` (`getpeername(2)`): give the application back the
 //!   frontend it asked for instead of the backend it was sent to, so UDP
@@ -125,17 +131,42 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
     host == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == host
 }
 
+/// The system call a forward hook runs for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `connect(2)`.
+    Connect,
+    /// `sendto(2)`/`sendmsg(2)` with an address.
+    Sendmsg,
+}
+
+/// The node's network namespace cookie (the agent's own), set by the agent
+/// at load time; 0 (the default): unknown, every socket is taken as the
+/// node's. (A global of the object, like [`SOCK_LB_HOST_NETNS_COOKIE`].)
+#[unsafe(no_mangle)]
+static NODE_NETNS_COOKIE: u64 = 0;
+
+/// Whether the socket is in a network namespace other than the node's (a
+/// pod's, whose packets the packet hooks see).
+#[inline(always)]
+fn in_pod_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: as in `in_scope`.
+    let node = unsafe { core::ptr::read_volatile(&NODE_NETNS_COOKIE) };
+    // SAFETY: as in `in_scope`.
+    node != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != node
+}
+
 /// `connect(2)` of a TCP or UDP socket: a frontend becomes a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward::<Ipv4>(&ctx)
+    forward::<Ipv4>(&ctx, Call::Connect)
 }
 
 /// `sendto(2)`/`sendmsg(2)` with an address on an unconnected UDP socket:
 /// a frontend becomes a backend, the same one for every datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward::<Ipv4>(&ctx)
+    forward::<Ipv4>(&ctx, Call::Sendmsg)
 }
 
 /// `recvfrom(2)`/`recvmsg(2)` on a UDP socket: an answer from a backend
@@ -160,9 +191,9 @@ pub fn sock_getpeer4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
     if is_v4_mapped(&ctx) {
-        forward::<Ipv4Mapped>(&ctx)
+        forward::<Ipv4Mapped>(&ctx, Call::Connect)
     } else {
-        forward::<Ipv6>(&ctx)
+        forward::<Ipv6>(&ctx, Call::Connect)
     }
 }
 
@@ -172,7 +203,7 @@ pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
 /// end).
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward::<Ipv6>(&ctx)
+    forward::<Ipv6>(&ctx, Call::Sendmsg)
 }
 
 /// [`sock_recvmsg4`] for IPv6 sockets, IPv4-mapped sources included.
@@ -456,13 +487,26 @@ fn reject(errno: i32) -> i32 {
 
 /// `connect4`/`6` and `sendmsg4`/`6`: translates a frontend to a backend.
 #[inline(always)]
-fn forward<F: SockFamily>(ctx: &SockAddrContext) -> i32 {
+fn forward<F: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
     if !in_scope(ctx) {
         return SOCK_ALLOW;
     }
     let Some(frontend) = destination::<F>(ctx) else {
         return SOCK_ALLOW;
     };
+    // A pod's connected UDP socket is left to the packet hooks (IPv4,
+    // which they translate): its datagrams then go through conntrack,
+    // which moves them to another backend when theirs goes, as kube-proxy's
+    // conntrack flush does. Translated once here, the socket would keep
+    // sending to a deleted backend: no hook runs for a connected socket's
+    // later datagrams.
+    if call == Call::Connect
+        && frontend.proto == PROTO_UDP
+        && F::FAMILY == FAMILY_IPV4
+        && in_pod_netns(ctx)
+    {
+        return SOCK_ALLOW;
+    }
     let forward_key = SockNatKey::new(
         cookie(ctx),
         frontend.addr,

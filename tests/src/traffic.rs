@@ -379,7 +379,7 @@ pub fn udp_request(target: SocketAddr) -> anyhow::Result<String> {
 
 /// The unspecified address (any port) of `target`'s family: what a client
 /// socket towards `target` binds to.
-fn unspecified_of(target: SocketAddr) -> SocketAddr {
+pub fn unspecified_of(target: SocketAddr) -> SocketAddr {
     let any: IpAddr = if target.is_ipv4() {
         [0, 0, 0, 0].into()
     } else {
@@ -505,6 +505,20 @@ pub fn run_host_client<A: AsRef<std::ffi::OsStr>>(
     cgroup: Option<&crate::cgroup::TestCgroup>,
     args: &[A],
 ) -> serde_json::Value {
+    let output = host_client_command(exe, ns, cgroup, args)
+        .output()
+        .expect("running host-client");
+    host_client_report(&output)
+}
+
+/// The command [`run_host_client`] runs, for a test that does something
+/// while it runs (`spawn`, then [`host_client_report`] of its output).
+pub fn host_client_command<A: AsRef<std::ffi::OsStr>>(
+    exe: &str,
+    ns: &NetNs,
+    cgroup: Option<&crate::cgroup::TestCgroup>,
+    args: &[A],
+) -> std::process::Command {
     let mut command = std::process::Command::new(exe);
     command.args(args);
     if let Some(cgroup) = cgroup {
@@ -513,7 +527,11 @@ pub fn run_host_client<A: AsRef<std::ffi::OsStr>>(
             .expect("joining the cgroup");
     }
     crate::netns::enter_on_spawn(&ns.path(), &mut command).expect("entering the namespace");
-    let output = command.output().expect("running host-client");
+    command
+}
+
+/// The JSON report of a finished `host-client`. Panics when it failed.
+pub fn host_client_report(output: &std::process::Output) -> serde_json::Value {
     assert!(
         output.status.success(),
         "host-client failed: {}",

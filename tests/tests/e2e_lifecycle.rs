@@ -1,6 +1,7 @@
 //! End to end, the flow lifecycle (issue 8) with the agent binary in
 //! namespaces: SNAT ports come back once flows end, a UDP client with a
-//! fixed source port follows its replaced backend, a deleted Service's
+//! fixed source port follows its replaced backend (also from a connected
+//! socket with socket-LB on), a deleted Service's
 //! flows stop in both directions and a recreated one starts afresh, a
 //! kept-alive connection survives many times the conntrack capacity of
 //! short connections, and host sockets never share a tuple with SNATed
@@ -20,6 +21,7 @@ use std::{
 use service_common::{CT_DIR_SNAT_REPLY, map_addr_v4_octets};
 use service_tests::{
     agent::{conntrack_entries, list_json, listed_backends, metric, wait_for_backends},
+    cgroup::TestCgroup,
     netns::NetNs,
     require_root,
     scenario::{
@@ -28,8 +30,8 @@ use service_tests::{
     },
     topology::NODE_A_EXTERNAL_IP,
     traffic::{
-        CLIENT_TIMEOUT, HttpConnection, get_once, http_get, http_get_with_local_port, spread,
-        udp_request,
+        CLIENT_TIMEOUT, HttpConnection, get_once, host_client_command, host_client_report,
+        http_get, http_get_with_local_port, spread, udp_request,
     },
 };
 
@@ -343,6 +345,63 @@ fn a_fixed_port_udp_client_follows_its_replaced_backend_through_a_cluster_ip() {
         Duration::from_secs(3),
         || scenario.rewrite_yaml(&web_service_yaml(&[2])).unwrap(),
     );
+    assert_followed(
+        &datagrams,
+        &backend_name(1),
+        &backend_name(2),
+        &scenario.agent.log(),
+    );
+}
+
+/// Acceptance 2 with socket-LB on (as the DaemonSet runs it): a pod's UDP
+/// socket *connected* to the ClusterIP, which no socket hook sees again
+/// after `connect`, follows its replaced backend too: socket-LB leaves
+/// pods' connected UDP sockets to the packet hooks and their conntrack.
+#[test]
+fn a_pods_connected_udp_socket_follows_its_replaced_backend_with_socket_lb_on() {
+    require_root!();
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let cgroup_path = cgroup.path().to_str().expect("UTF-8 path").to_owned();
+    let scenario = ClusterIpScenario::start_with_agent_args(
+        "udpconn",
+        &web_service_yaml(&[1]),
+        1,
+        &["--cgroup-path", &cgroup_path],
+    )
+    .expect("scenario");
+    // 40 datagrams, 100 ms apart, from one connected socket of a process
+    // in the client pod's namespace and in the cgroup socket-LB serves.
+    let args = [
+        "udp-stream".to_owned(),
+        udp_frontend().to_string(),
+        "40".to_owned(),
+    ];
+    let client = host_client_command(
+        env!("CARGO_BIN_EXE_host-client"),
+        scenario.client(),
+        Some(&cgroup),
+        &args,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("starting host-client");
+    std::thread::sleep(Duration::from_secs(1));
+    scenario.rewrite_yaml(&web_service_yaml(&[2])).unwrap();
+    let changed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let report = host_client_report(&client.wait_with_output().expect("host-client"));
+    let datagrams: Vec<Datagram> = report["runs"][0]["datagrams"]
+        .as_array()
+        .expect("datagrams")
+        .iter()
+        .map(|d| Datagram {
+            sent: (d[0].as_f64().unwrap() - changed_ms) / 1000.0,
+            answer: d[1].as_str().map(str::to_owned),
+        })
+        .collect();
     assert_followed(
         &datagrams,
         &backend_name(1),

@@ -79,6 +79,11 @@ pub fn load_with_sizes(pin_path: &Path, sizes: MapSizes) -> crate::Result<Ebpf> 
 /// they serve (0: all).
 pub const SOCK_LB_HOST_NETNS_COOKIE: &str = "SOCK_LB_HOST_NETNS_COOKIE";
 
+/// The global of the socket-LB programs holding the node's network
+/// namespace (the loader's own; 0: unknown), so they leave pods' connected
+/// UDP sockets to the packet hooks.
+pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
+
 /// [`load_with_sizes`], with socket-LB limited to the network namespace of
 /// cookie `socket_lb_netns` (`--socket-lb-host-namespace-only`), if given.
 pub fn load_with_options(
@@ -92,6 +97,16 @@ pub fn load_with_options(
     loader.default_map_pin_directory(pin_path);
     let netns_cookie = socket_lb_netns.unwrap_or(0);
     loader.override_global(SOCK_LB_HOST_NETNS_COOKIE, &netns_cookie, true);
+    // Without the cookie (a kernel before 5.14), every socket counts as
+    // the node's: socket-LB translates pods' connected UDP sockets too.
+    let node_cookie = super::netns::current_netns_cookie().unwrap_or_else(|e| {
+        log::warn!(
+            "{}: socket-LB translates pods' connected UDP sockets too",
+            e.report()
+        );
+        0
+    });
+    loader.override_global(NODE_NETNS_COOKIE, &node_cookie, true);
     for spec in MAPS.iter().filter(|spec| !spec.fixed_capacity) {
         loader.map_max_entries(spec.name, sizes.capacity(spec));
     }

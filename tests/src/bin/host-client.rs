@@ -12,7 +12,10 @@
 //! peer is TARGET), `http-plain` (a GET without that check), `udp` (a
 //! datagram from a new unconnected socket; fails unless the answer comes
 //! from TARGET), `udp-connected` (from a new socket connected to TARGET;
-//! fails unless its peer and the answer's source are TARGET). TARGET is
+//! fails unless its peer and the answer's source are TARGET),
+//! `udp-stream` (COUNT datagrams 100 ms apart from one socket connected to
+//! TARGET, each with its send time in milliseconds since the Unix epoch
+//! and its answer, in `datagrams`). TARGET is
 //! `ADDRESS:PORT` of either family (`[fd00:96::10]:80` for IPv6), and
 //! every socket is of TARGET's family.
 
@@ -32,6 +35,14 @@ fn main() -> anyhow::Result<()> {
         let (kind, target, count) = (&run[0], &run[1], &run[2]);
         let target: SocketAddr = target.parse().with_context(|| format!("target {target}"))?;
         let count: usize = count.parse().with_context(|| format!("count {count}"))?;
+        if kind == "udp-stream" {
+            runs.push(json!({
+                "kind": kind,
+                "target": target.to_string(),
+                "datagrams": udp_stream(target, count)?,
+            }));
+            continue;
+        }
         let request: fn(SocketAddr) -> anyhow::Result<String> = match kind.as_str() {
             "http" => http_get_peer_checked,
             "http-plain" => http_get,
@@ -75,4 +86,35 @@ fn main() -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+/// `count` datagrams 100 ms apart from one UDP socket connected to
+/// `target`: each as `[send time in ms since the Unix epoch, answer or
+/// null]` (an answer is one from `target` within 90 ms).
+fn udp_stream(target: SocketAddr, count: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let socket = std::net::UdpSocket::bind(service_tests::traffic::unspecified_of(target))?;
+    socket
+        .connect(target)
+        .with_context(|| format!("connecting to {target}"))?;
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(90)))?;
+    let mut datagrams = Vec::with_capacity(count);
+    let mut buf = [0u8; 512];
+    for _ in 0..count {
+        let at = Instant::now();
+        let epoch_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        // A refused datagram (ICMP port unreachable) fails the next call:
+        // counted as no answer.
+        let answer = match socket.send(b"which backend?\n") {
+            Ok(_) => match socket.recv(&mut buf) {
+                Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        datagrams.push(json!([epoch_ms, answer]));
+        std::thread::sleep(std::time::Duration::from_millis(100).saturating_sub(at.elapsed()));
+    }
+    Ok(datagrams)
 }
