@@ -542,13 +542,11 @@ pub fn select_backend<A: FlowAddr>(request: &NewFlow<A>, target: &mut Target) ->
     // In-cluster traffic to an external frontend of an
     // `externalTrafficPolicy: Local` Service goes to the Service's
     // cluster-wide backends, listed in the frontend's in-cluster scope.
-    if request.origin == Origin::Pod && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0 {
-        let internal_key = header_key.with_scope(SCOPE_INTERNAL);
-        // SAFETY: the header is copied out at once.
-        if let Some(internal) = (unsafe { FRONTENDS.get(internal_key) }).copied() {
-            header_key = internal_key;
-            header = internal;
-        }
+    if request.origin == Origin::Pod
+        && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0
+        && take_in_cluster_header(request, &mut header)
+    {
+        header_key.scope = SCOPE_INTERNAL;
     }
     let external_local =
         request.origin == Origin::Network && header.flags & FRONTEND_FLAG_EXTERNAL_LOCAL != 0;
@@ -589,6 +587,27 @@ pub fn select_backend<A: FlowAddr>(request: &NewFlow<A>, target: &mut Target) ->
         record_affinity(request.client, target, slot, request.now);
     }
     Lookup::Backend
+}
+
+/// Replaces `header`, the frontend of `request`, by the header of its
+/// in-cluster entry ([`SCOPE_INTERNAL`]); whether it has one. Not inlined:
+/// its own stack frame, off the deepest call chain (the verifier of kernel
+/// 6.1 allows 512 bytes for a hook and its calls together, and `from_pod`
+/// is near that limit).
+#[inline(never)]
+fn take_in_cluster_header<A: FlowAddr>(request: &NewFlow<A>, header: &mut FrontendValue) -> bool {
+    let key = request
+        .daddr
+        .frontend_key(request.dport, request.proto)
+        .with_scope(SCOPE_INTERNAL);
+    // SAFETY: the header is copied out at once.
+    match unsafe { FRONTENDS.get(key) } {
+        Some(internal) => {
+            *header = *internal;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Backend slot `slot` of the frontend `header_key`/`header`, resolved
