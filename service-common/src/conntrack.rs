@@ -89,6 +89,28 @@ pub const CT_STATE_CLOSING: u8 = CT_STATE_FIN_FORWARD | CT_STATE_FIN_REPLY | CT_
 /// purpose (`IPV4_LOOPBACK`); it must not be any pod's or node's address.
 pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
 
+/// Source address of IPv6 hairpin flows, network byte order: the IPv6 twin
+/// of [`HAIRPIN_IPV4`], `2001:db8::a9fe:2a01` (that address inside the
+/// documentation prefix, RFC 3849). Not link-local as the IPv4 one is: a
+/// pod takes every `fe80::/64` address as on its link and would ask the
+/// neighbour discovery for it instead of sending its replies through its
+/// default gateway; the documentation prefix is never any pod's or node's
+/// address, and is routed through that gateway like any global address.
+pub const HAIRPIN_IPV6: MapAddr = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0xa9, 0xfe, 0x2a, 0x01,
+];
+
+/// The hairpin address of `family` ([`HAIRPIN_IPV4`] or [`HAIRPIN_IPV6`])
+/// as a map address.
+#[inline(always)]
+pub const fn hairpin_addr(family: u8) -> MapAddr {
+    if family == crate::FAMILY_IPV6 {
+        HAIRPIN_IPV6
+    } else {
+        map_addr_v4(HAIRPIN_IPV4)
+    }
+}
+
 /// Key of the conntrack map: a flow's 5-tuple as a hook sees the packet,
 /// and which of the flow's entries it is.
 #[repr(C, align(8))]
@@ -316,7 +338,8 @@ pub const fn reopens(master: &ConntrackValue, proto: u8, tcp_flags: u8) -> bool 
 
 /// The reply-side key of the flow whose master is `master`/`value`:
 /// [`CT_DIR_REPLY`] (backend:bport → client:cport) or, for a hairpin flow,
-/// [`CT_DIR_HAIRPIN_REPLY`] (backend:bport → [`HAIRPIN_IPV4`]:cport).
+/// [`CT_DIR_HAIRPIN_REPLY`] (backend:bport → the family's hairpin address
+/// ([`hairpin_addr`]):cport).
 #[inline(always)]
 pub const fn reply_key(master: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
     // Two whole constructions rather than a choice per field: the BPF
@@ -325,7 +348,7 @@ pub const fn reply_key(master: &ConntrackKey, value: &ConntrackValue) -> Conntra
         ConntrackKey::new(
             value.nat_addr,
             value.nat_port,
-            map_addr_v4(HAIRPIN_IPV4),
+            hairpin_addr(master.family),
             master.sport,
             master.family,
             master.proto,

@@ -21,15 +21,15 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use service_common::{
     BACKEND_STATE_ACTIVE, BACKEND_STATE_NOT_SERVING, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
     CT_FLAG_FROM_NETWORK, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, ConntrackKey, ConntrackTimeouts,
-    ConntrackValue, DatapathConfig, DatapathCounter, PROTO_TCP, map_addr_v4, map_addr_v4_octets,
-    map_addrs_equal, master_key, packet_state_bits, reopens, reply_key, snat_port_reusable,
+    ConntrackValue, DatapathConfig, DatapathCounter, PROTO_TCP, map_addrs_equal, master_key,
+    packet_state_bits, reopens, reply_key, snat_port_reusable,
 };
 
 use crate::{
     clock::now_seconds,
     lb::{Origin, Target},
     maps::{BACKENDS, BPF_ANY, BPF_NOEXIST, CONNTRACK, REVNAT, count},
-    packet::Ipv4Flow,
+    packet::{Flow, IpFamily},
 };
 
 /// How many SNAT ports are tried for a new flow before giving up.
@@ -37,17 +37,23 @@ const SNAT_PORT_TRIES: u32 = 16;
 
 /// The conntrack key of a packet as it stands, in the given direction.
 #[inline(always)]
-pub fn conntrack_key(flow: &Ipv4Flow, direction: u8) -> ConntrackKey {
-    ConntrackKey::v4(
-        flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto, direction,
+pub fn conntrack_key<A: IpFamily>(flow: &Flow<A>, direction: u8) -> ConntrackKey {
+    ConntrackKey::new(
+        flow.saddr.to_map(),
+        flow.sport,
+        flow.daddr.to_map(),
+        flow.dport,
+        A::FAMILY,
+        flow.proto,
+        direction,
     )
 }
 
 /// What a forward packet's master entry says.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Tracked {
+#[derive(Clone, Copy)]
+pub enum Tracked<A> {
     /// A live flow: translate to this backend (the entry is up to date).
-    Flow(Target),
+    Flow(Target<A>),
     /// No usable entry: absent, expired, or a TCP SYN reusing the tuple of
     /// a closing flow or of a flow whose backend no longer takes new ones.
     New,
@@ -68,13 +74,13 @@ pub enum Tracked {
 /// the other origin is [`Tracked::Foreign`]; an expired one is a new flow
 /// like any expired master.
 #[inline(always)]
-pub fn lookup_master(
+pub fn lookup_master<A: IpFamily>(
     key: &ConntrackKey,
-    flow: &Ipv4Flow,
+    flow: &Flow<A>,
     now: u32,
     timeouts: &ConntrackTimeouts,
     origin: Origin,
-) -> Tracked {
+) -> Tracked<A> {
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
         return Tracked::New;
     };
@@ -108,12 +114,13 @@ pub fn lookup_master(
         }
     }
     let target = Target {
-        addr: map_addr_v4_octets(&master.nat_addr),
+        addr: A::from_map(&master.nat_addr),
         port: master.nat_port,
         backend_id: master.backend_id,
         rev_nat_id: master.rev_nat_id,
         node_local: true,
         snat_port: master.snat_port,
+        _pad: [0; 3],
     };
     touch(
         entry,
@@ -125,14 +132,14 @@ pub fn lookup_master(
 
 /// What a non-master entry said to the packet that matched it.
 #[derive(Clone, Copy)]
-pub enum Used {
+pub enum Used<A> {
     /// No entry: not a packet of a tracked flow in this direction.
     Missing,
     /// The flow's frontend was deleted: the packet is dropped.
     Dead,
     /// The address and port (network byte order) the entry translates to
     /// (its `nat_addr`, `nat_port`).
-    Translate([u8; 4], u16),
+    Translate(A, u16),
 }
 
 /// Looks up the non-master entry `key` for `flow`, a packet travelling in
@@ -142,7 +149,12 @@ pub enum Used {
 /// once and of reply-only activity once a second. The reply path does not
 /// judge expiry: replies follow their master.
 #[inline(always)]
-pub fn use_entry(key: &ConntrackKey, flow: &Ipv4Flow, reply: bool, propagate: bool) -> Used {
+pub fn use_entry<A: IpFamily>(
+    key: &ConntrackKey,
+    flow: &Flow<A>,
+    reply: bool,
+    propagate: bool,
+) -> Used<A> {
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
         return Used::Missing;
     };
@@ -152,7 +164,7 @@ pub fn use_entry(key: &ConntrackKey, flow: &Ipv4Flow, reply: bool, propagate: bo
         count(DatapathCounter::DeadFlowDropped);
         return Used::Dead;
     }
-    let used = Used::Translate(map_addr_v4_octets(&value.nat_addr), value.nat_port);
+    let used = Used::Translate(A::from_map(&value.nat_addr), value.nat_port);
     let bits = packet_state_bits(flow.proto, flow.tcp_flags, reply);
     let now = now_seconds();
     if touch(entry, bits, now) && propagate {
@@ -218,9 +230,9 @@ pub enum SnatPort {
 /// inserting its SNAT reply entry only if absent. Not inlined (its own
 /// stack frame).
 #[inline(never)]
-pub fn allocate_snat_port(
-    flow: &Ipv4Flow,
-    target: &Target,
+pub fn allocate_snat_port<A: IpFamily>(
+    flow: &Flow<A>,
+    target: &Target<A>,
     config: &DatapathConfig,
     now: u32,
 ) -> SnatPort {
@@ -253,17 +265,18 @@ pub fn allocate_snat_port(
 
 /// The SNAT reply entry key of a flow to `target` given SNAT port `port`.
 #[inline(always)]
-fn snat_reply_entry_key(
-    flow: &Ipv4Flow,
-    target: &Target,
+fn snat_reply_entry_key<A: IpFamily>(
+    flow: &Flow<A>,
+    target: &Target<A>,
     config: &DatapathConfig,
     port: u16,
 ) -> ConntrackKey {
-    ConntrackKey::v4(
-        target.addr,
+    ConntrackKey::new(
+        target.addr.to_map(),
         target.port,
-        config.snat_v4,
+        A::snat(config).to_map(),
         port,
+        A::FAMILY,
         flow.proto,
         CT_DIR_SNAT_REPLY,
     )
@@ -271,9 +284,9 @@ fn snat_reply_entry_key(
 
 /// The SNAT reply entry of a new flow `flow`: it restores the client.
 #[inline(always)]
-fn snat_reply_entry(flow: &Ipv4Flow, target: &Target, now: u32) -> ConntrackValue {
+fn snat_reply_entry<A: IpFamily>(flow: &Flow<A>, target: &Target<A>, now: u32) -> ConntrackValue {
     ConntrackValue::new(
-        map_addr_v4(flow.saddr),
+        flow.saddr.to_map(),
         flow.sport,
         target.backend_id,
         target.rev_nat_id,
@@ -289,9 +302,9 @@ fn snat_reply_entry(flow: &Ipv4Flow, target: &Target, now: u32) -> ConntrackValu
 /// CPUs taking the same port over at once only the one whose entry stayed
 /// keeps it. Not inlined: rare, and its own stack frame.
 #[inline(never)]
-pub fn take_over_snat_port(
-    flow: &Ipv4Flow,
-    target: &Target,
+pub fn take_over_snat_port<A: IpFamily>(
+    flow: &Flow<A>,
+    target: &Target<A>,
     config: &DatapathConfig,
     port: u16,
     now: u32,
@@ -329,23 +342,24 @@ pub fn take_over_snat_port(
 /// leave with `config`'s SNAT address and `port` (network byte order) as
 /// source. Not inlined (its own stack frame, apart from the port search's).
 #[inline(never)]
-pub fn record_snat(
-    flow: &Ipv4Flow,
-    target: &Target,
+pub fn record_snat<A: IpFamily>(
+    flow: &Flow<A>,
+    target: &Target<A>,
     config: &DatapathConfig,
     port: u16,
     now: u32,
 ) -> bool {
-    let key = ConntrackKey::v4(
-        flow.saddr,
+    let key = ConntrackKey::new(
+        flow.saddr.to_map(),
         flow.sport,
-        target.addr,
+        target.addr.to_map(),
         target.port,
+        A::FAMILY,
         flow.proto,
         CT_DIR_SNAT,
     );
     let value = ConntrackValue::new(
-        map_addr_v4(config.snat_v4),
+        A::snat(config).to_map(),
         port,
         target.backend_id,
         target.rev_nat_id,
@@ -358,16 +372,16 @@ pub fn record_snat(
 /// Records a new flow at `now`: the reply entry first, so a reply can
 /// never arrive before the datapath knows how to translate it, then the
 /// master. A hairpin flow's reply entry is keyed by the reply as the pod
-/// sends it, to `HAIRPIN_IPV4`. Both are written over any entries of an
+/// sends it, to the family's hairpin address. Both are written over any entries of an
 /// earlier flow on the same tuple. `flags` are the flow's
 /// [`CT_FLAG_HAIRPIN`] and origin ([`CT_FLAG_FROM_NETWORK`]) bits, which
 /// both entries record ([`CT_FLAG_SNAT`] follows from the target). Whether
 /// both were written. Not inlined (its own stack frame).
 #[inline(never)]
-pub fn track(
-    flow: &Ipv4Flow,
+pub fn track<A: IpFamily>(
+    flow: &Flow<A>,
     forward_key: &ConntrackKey,
-    target: &Target,
+    target: &Target<A>,
     flags: u16,
     now: u32,
 ) -> bool {
@@ -376,7 +390,7 @@ pub fn track(
         flags |= CT_FLAG_SNAT;
     }
     let forward = ConntrackValue::new(
-        map_addr_v4(target.addr),
+        target.addr.to_map(),
         target.port,
         target.backend_id,
         target.rev_nat_id,

@@ -20,20 +20,20 @@ use service_common::{FragmentKey, FragmentValue};
 use crate::{
     clock::now_seconds,
     maps::{BPF_ANY, FRAGMENTS},
-    packet::{Fragment, Ipv4Flow},
+    packet::{Flow, Fragment, IpFamily},
 };
 
 /// The record key of `flow`'s datagram, as the hook sees it.
 #[inline(always)]
-fn key(flow: &Ipv4Flow) -> FragmentKey {
-    FragmentKey::v4(flow.saddr, flow.daddr, flow.id, flow.proto)
+fn key<A: IpFamily>(flow: &Flow<A>) -> FragmentKey {
+    A::fragment_key(flow)
 }
 
 /// Gives a later fragment the ports its first fragment recorded at this
 /// hook; whether there was a record. Whole datagrams and first fragments
 /// have their ports already. Not inlined (its own stack frame).
 #[inline(never)]
-pub fn resolve_ports(flow: &mut Ipv4Flow) -> bool {
+pub fn resolve_ports<A: IpFamily>(flow: &mut Flow<A>) -> bool {
     if flow.fragment != Fragment::Later {
         return true;
     }
@@ -49,7 +49,7 @@ pub fn resolve_ports(flow: &mut Ipv4Flow) -> bool {
 /// Records the ports of a first fragment this hook translated, for the
 /// later fragments of its datagram. Not inlined (its own stack frame).
 #[inline(never)]
-pub fn record_ports(flow: &Ipv4Flow) {
+pub fn record_ports<A: IpFamily>(flow: &Flow<A>) {
     let record = FragmentValue {
         sport: flow.sport,
         dport: flow.dport,

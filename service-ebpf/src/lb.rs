@@ -33,10 +33,10 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use service_common::{
     AffinityKey, AffinityValue, BACKEND_FLAG_NODE_LOCAL, BACKEND_STATE_ACTIVE,
     BACKEND_STATE_TERMINATING, BackendId, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY,
-    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathCounter, FAMILY_IPV6,
+    CT_DIR_SNAT, CT_DIR_SNAT_REPLY, CT_FLAG_HAIRPIN, DatapathConfig, DatapathCounter, FAMILY_IPV6,
     FRONTEND_FLAG_AFFINITY, FRONTEND_FLAG_EXTERNAL_LOCAL, FRONTEND_FLAG_LOCAL_ONLY,
     FRONTEND_FLAG_SOURCE_RANGES, FRONTEND_FLAG_TERMINATING_FALLBACK, FRONTEND_FLAGS_EXTERNAL,
-    FrontendKey, FrontendValue, HAIRPIN_IPV4, MapAddr, RevNatId, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
+    FrontendKey, FrontendValue, MapAddr, RevNatId, SCOPE_ALL, SOURCE_RANGE_ID_BITS,
     SourceRangePrefix, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
@@ -50,7 +50,7 @@ use crate::{
         AFFINITY, BACKENDS, BPF_ANY, FRONTENDS, SOURCE_RANGES, account_frontend, config, count,
     },
     nat::{Rewriter, Side},
-    packet::{Fragment, Ipv4Flow, Packet},
+    packet::{Flow, Fragment, IpFamily, Packet},
     verdict::Outcome,
 };
 
@@ -78,34 +78,59 @@ impl Origin {
     }
 }
 
-/// The backend a flow is (or will be) translated to. Aligned so its
-/// address is copied into map keys as a whole word.
-#[repr(C, align(8))]
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Target {
-    /// Backend address, network byte order.
-    pub addr: [u8; 4],
-    /// Backend port, network byte order.
-    pub port: u16,
+/// The backend a flow is (or will be) translated to, with the address of
+/// its family (`A`: `[u8; 4]`, the default, or [`MapAddr`]). The backend
+/// choice ([`select_backend`]) writes an IPv4 one (an IPv6 backend's
+/// address is then read with [`FlowAddr::target_addr`]). Its fields are
+/// laid out without implicit padding for both families: a copy of it then
+/// never carries undefined bytes, which the verifier refuses to read from
+/// a register.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Target<A = [u8; 4]> {
     /// The backend's id.
     pub backend_id: BackendId,
     /// The frontend's rev-NAT id.
     pub rev_nat_id: RevNatId,
-    /// The backend runs on this node.
-    pub node_local: bool,
+    /// Backend port, network byte order.
+    pub port: u16,
     /// SNAT source port on this node's SNAT address, network order; 0: none.
     pub snat_port: u16,
+    /// Backend address, network byte order.
+    pub addr: A,
+    /// The backend runs on this node.
+    pub node_local: bool,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+
+impl<A: IpFamily> Target<A> {
+    /// No backend yet, for a family: what a new flow's choice is written
+    /// over.
+    #[inline(always)]
+    pub fn none() -> Self {
+        Target {
+            backend_id: 0,
+            rev_nat_id: 0,
+            port: 0,
+            snat_port: 0,
+            addr: A::UNSPECIFIED,
+            node_local: false,
+            _pad: [0; 3],
+        }
+    }
 }
 
 impl Target {
     /// No backend yet: what a new flow's choice is written over.
     pub const NONE: Target = Target {
-        addr: [0; 4],
-        port: 0,
         backend_id: 0,
         rev_nat_id: 0,
-        node_local: false,
+        port: 0,
         snat_port: 0,
+        addr: [0; 4],
+        node_local: false,
+        _pad: [0; 3],
     };
 }
 
@@ -113,7 +138,7 @@ impl Target {
 /// frontend back as source. `Untouched` when the packet is no such reply;
 /// dropped when the flow's frontend was deleted.
 #[inline(always)]
-pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+pub fn reverse_dnat<A: IpFamily, C: Rewriter + Packet>(ctx: &C, flow: &Flow<A>) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_REPLY);
     // The reply entry holds the frontend to restore.
     let (addr, port) = match use_entry(&key, flow, true, true) {
@@ -121,7 +146,7 @@ pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
         Used::Dead => return Outcome::Dropped,
         Used::Translate(addr, port) => (addr, port),
     };
-    if ctx.rewrite_v4(flow, Side::Source, addr, port).is_err() {
+    if ctx.rewrite(flow, Side::Source, &addr, port).is_err() {
         count(DatapathCounter::DropRewrite);
         return Outcome::Dropped;
     }
@@ -137,11 +162,11 @@ pub fn reverse_dnat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 /// every other packet (NodePort traffic above all, whose ports lie outside
 /// that range) is spared the lookup.
 #[inline(always)]
-pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+pub fn reverse_snat<A: IpFamily, C: Rewriter + Packet>(ctx: &C, flow: &Flow<A>) -> Outcome {
     let Some(config) = config() else {
         return Outcome::Untouched;
     };
-    if flow.daddr != config.snat_v4 || !config.snat_ports.contains(u16::from_be(flow.dport)) {
+    if !flow.daddr.same(&A::snat(config)) || !config.snat_ports.contains(u16::from_be(flow.dport)) {
         return Outcome::Untouched;
     }
     let key = conntrack_key(flow, CT_DIR_SNAT_REPLY);
@@ -151,10 +176,7 @@ pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
         Used::Dead => return Outcome::Dropped,
         Used::Translate(addr, port) => (addr, port),
     };
-    if ctx
-        .rewrite_v4(flow, Side::Destination, client, port)
-        .is_err()
-    {
+    if ctx.rewrite(flow, Side::Destination, &client, port).is_err() {
         count(DatapathCounter::DropRewrite);
         return Outcome::Dropped;
     }
@@ -164,7 +186,7 @@ pub fn reverse_snat<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 /// SNAT (egress to the network): a flow to a remote backend leaves with
 /// this node's SNAT address and the flow's SNAT port as source.
 #[inline(always)]
-pub fn snat_out<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+pub fn snat_out<A: IpFamily, C: Rewriter + Packet>(ctx: &C, flow: &Flow<A>) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_SNAT);
     // The SNAT entry holds the new source: this node's address and the port.
     let (addr, port) = match use_entry(&key, flow, false, false) {
@@ -172,7 +194,7 @@ pub fn snat_out<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
         Used::Dead => return Outcome::Dropped,
         Used::Translate(addr, port) => (addr, port),
     };
-    if ctx.rewrite_v4(flow, Side::Source, addr, port).is_err() {
+    if ctx.rewrite(flow, Side::Source, &addr, port).is_err() {
         count(DatapathCounter::DropRewrite);
         return Outcome::Dropped;
     }
@@ -186,17 +208,22 @@ pub fn snat_out<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 /// backend is on another node, an SNAT port (applied by [`snat_out`] on
 /// the way out). A packet of a deleted frontend's flow is dropped unless a
 /// frontend is there again. From a pod whose backend is the pod itself
-/// (hairpin), the source becomes [`HAIRPIN_IPV4`] as well, and the outcome
-/// is [`Outcome::Hairpin`].
+/// (hairpin), the source becomes the family's hairpin address
+/// ([`IpFamily::HAIRPIN`]) as well, and the outcome is
+/// [`Outcome::Hairpin`].
 #[inline(always)]
-pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -> Outcome {
+pub fn forward<A: FlowAddr, C: Rewriter + Packet>(
+    ctx: &C,
+    flow: &Flow<A>,
+    origin: Origin,
+) -> Outcome {
     let ct_key = conntrack_key(flow, CT_DIR_FORWARD);
     let now = now_seconds();
     let Some(config) = config() else {
         return Outcome::Untouched;
     };
     let tracked = lookup_master(&ct_key, flow, now, &config.timeouts, origin);
-    let mut chosen = Target::NONE;
+    let mut chosen = Target::none();
     let (target, new_flow) = match tracked {
         Tracked::Flow(target) => (target, false),
         // A packet carrying the tuple of a live flow of the other origin
@@ -208,8 +235,8 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
         }
         // A later fragment follows its flow, it never starts one.
         _ if flow.fragment == Fragment::Later => return Outcome::Untouched,
-        _ => match new_flow_target(flow, origin, now, &mut chosen) {
-            Lookup::NotAFrontend if tracked == Tracked::Dead => {
+        _ => match choose(flow, origin, now, config, &mut chosen) {
+            Lookup::NotAFrontend if matches!(tracked, Tracked::Dead) => {
                 count(DatapathCounter::DeadFlowDropped);
                 return Outcome::Dropped;
             }
@@ -220,46 +247,26 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
                 return Outcome::Dropped;
             }
             Lookup::Backend => {
-                let mut target = chosen;
-                if origin == Origin::Network && !target.node_local && config.snat_v4 != [0; 4] {
-                    let port = match allocate_snat_port(flow, &target, config, now) {
-                        SnatPort::Taken(port) => port,
-                        SnatPort::Expired(port)
-                            if take_over_snat_port(flow, &target, config, port, now) =>
-                        {
-                            port
-                        }
-                        SnatPort::Expired(_) | SnatPort::Exhausted => {
-                            count(DatapathCounter::SnatPortsExhausted);
-                            return Outcome::Dropped;
-                        }
-                    };
-                    if !record_snat(flow, &target, config, port, now) {
-                        count(DatapathCounter::ConntrackInsertFailed);
-                        return Outcome::Dropped;
-                    }
-                    target.snat_port = port;
-                }
-                if tracked == Tracked::Rebalance {
+                if matches!(tracked, Tracked::Rebalance) {
                     count(DatapathCounter::FlowRebalanced);
                 }
-                (target, true)
+                (chosen, true)
             }
         },
     };
     // Hairpin, decided afresh for every packet of the flow (new or tracked):
     // the only cost it adds to other flows is this comparison.
-    let hairpin = origin == Origin::Pod && target.addr == flow.saddr;
+    let hairpin = origin == Origin::Pod && target.addr.same(&flow.saddr);
     let flags = if hairpin { CT_FLAG_HAIRPIN } else { 0 } | origin.conntrack_flag();
     if new_flow && !track(flow, &ct_key, &target, flags, now) {
         count(DatapathCounter::ConntrackInsertFailed);
     }
     if ctx
-        .rewrite_v4(flow, Side::Destination, target.addr, target.port)
+        .rewrite(flow, Side::Destination, &target.addr, target.port)
         .is_err()
         || (hairpin
             && ctx
-                .rewrite_v4(flow, Side::Source, HAIRPIN_IPV4, flow.sport)
+                .rewrite(flow, Side::Source, &A::HAIRPIN, flow.sport)
                 .is_err())
     {
         count(DatapathCounter::DropRewrite);
@@ -273,13 +280,56 @@ pub fn forward<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow, origin: Origin) -
     }
 }
 
-/// Reverse hairpin (`from_pod`, only for packets addressed to
-/// [`HAIRPIN_IPV4`]): the reply of a hairpin flow, from the pod's target
+/// The backend of a new flow `flow` from `origin` at `now`, into `target`
+/// ([`Lookup::Backend`]): the frontend's choice ([`select_backend`]), with
+/// its family's address, and from the network, for a backend on another
+/// node, the SNAT port it leaves with (its SNAT entries recorded). A
+/// frontend that cannot serve the flow, or a flow that gets no SNAT port
+/// or entry, is [`Lookup::Drop`] with the reason.
+#[inline(always)]
+fn choose<A: FlowAddr>(
+    flow: &Flow<A>,
+    origin: Origin,
+    now: u32,
+    config: &DatapathConfig,
+    target: &mut Target<A>,
+) -> Lookup {
+    let mut chosen = Target::NONE;
+    match new_flow_target(flow, origin, now, &mut chosen) {
+        Lookup::Backend => {}
+        other => return other,
+    }
+    let Some(mut family_target) = A::family_target(&chosen) else {
+        return Lookup::Drop(DatapathCounter::DropBackendMissing);
+    };
+    if origin == Origin::Network && !family_target.node_local && !A::snat(config).is_unset() {
+        let port = match allocate_snat_port(flow, &family_target, config, now) {
+            SnatPort::Taken(port) => port,
+            SnatPort::Expired(port)
+                if take_over_snat_port(flow, &family_target, config, port, now) =>
+            {
+                port
+            }
+            SnatPort::Expired(_) | SnatPort::Exhausted => {
+                return Lookup::Drop(DatapathCounter::SnatPortsExhausted);
+            }
+        };
+        if !record_snat(flow, &family_target, config, port, now) {
+            return Lookup::Drop(DatapathCounter::ConntrackInsertFailed);
+        }
+        family_target.snat_port = port;
+    }
+    *target = family_target;
+    Lookup::Backend
+}
+
+/// Reverse hairpin (`from_pod`, only for packets addressed to the family's
+/// hairpin address, [`IpFamily::HAIRPIN`]): the reply of a hairpin flow, from the pod's target
 /// port to the hairpin address and the client port, gets the frontend as
 /// source and the client (the same pod) and its port as destination.
 /// `Untouched` when no hairpin flow matches.
 #[inline(always)]
-pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+pub fn reverse_hairpin<A: IpFamily, C: Rewriter + Packet>(ctx: &C, flow: &Flow<A>) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_HAIRPIN_REPLY);
     // The client is the pod itself (the reply's source) at the port the
     // reply goes to; the entry holds the frontend.
@@ -289,10 +339,10 @@ pub fn reverse_hairpin<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcom
         Used::Translate(addr, port) => (addr, port),
     };
     if ctx
-        .rewrite_v4(flow, Side::Destination, flow.saddr, flow.dport)
+        .rewrite(flow, Side::Destination, &flow.saddr, flow.dport)
         .is_err()
         || ctx
-            .rewrite_v4(flow, Side::Source, frontend, frontend_port)
+            .rewrite(flow, Side::Source, &frontend, frontend_port)
             .is_err()
     {
         count(DatapathCounter::DropRewrite);
@@ -322,8 +372,9 @@ pub enum Lookup {
 /// (`sock_*6`'s), both network byte order. [`select_backend`] is generic
 /// over it, so IPv4 flows keep their 4-byte addresses on the stack (the
 /// verifier of kernel 6.1 allows no more than 512 bytes for a hook and its
-/// calls together).
-pub trait FlowAddr: Copy {
+/// calls together). The packet hooks use both ([`IpFamily`] holds what
+/// their parsing and rewriting need).
+pub trait FlowAddr: IpFamily {
     /// The header key of frontend `self:port` of `proto` (network byte
     /// order), in scope [`service_common::SCOPE_ALL`].
     fn frontend_key(self, port: u16, proto: u8) -> FrontendKey;
@@ -337,6 +388,9 @@ pub trait FlowAddr: Copy {
     /// address is read from its backends entry (`None` if that is no IPv6
     /// backend).
     fn target_addr(target: &Target) -> Option<MapAddr>;
+    /// `target`, a backend of a frontend of this family as the backend
+    /// choice wrote it, with its full address ([`FlowAddr::target_addr`]).
+    fn family_target(target: &Target) -> Option<Target<Self>>;
 }
 
 impl FlowAddr for [u8; 4] {
@@ -361,6 +415,11 @@ impl FlowAddr for [u8; 4] {
     #[inline(always)]
     fn target_addr(target: &Target) -> Option<MapAddr> {
         Some(map_addr_v4(target.addr))
+    }
+
+    #[inline(always)]
+    fn family_target(target: &Target) -> Option<Target> {
+        Some(*target)
     }
 }
 
@@ -390,6 +449,19 @@ impl FlowAddr for MapAddr {
             .filter(|backend| backend.family == FAMILY_IPV6)
             .map(|backend| backend.addr)
     }
+
+    #[inline(always)]
+    fn family_target(target: &Target) -> Option<Target<Self>> {
+        Some(Target {
+            addr: Self::target_addr(target)?,
+            port: target.port,
+            backend_id: target.backend_id,
+            rev_nat_id: target.rev_nat_id,
+            node_local: target.node_local,
+            snat_port: target.snat_port,
+            _pad: [0; 3],
+        })
+    }
 }
 
 /// A new flow asking for a backend: what [`select_backend`] decides on.
@@ -413,7 +485,12 @@ pub struct NewFlow<A: FlowAddr> {
 /// Looks the destination up among the frontends and picks a backend for
 /// the packet's source as client, into `target`.
 #[inline(always)]
-fn new_flow_target(flow: &Ipv4Flow, origin: Origin, now: u32, target: &mut Target) -> Lookup {
+fn new_flow_target<A: FlowAddr>(
+    flow: &Flow<A>,
+    origin: Origin,
+    now: u32,
+    target: &mut Target,
+) -> Lookup {
     let request = NewFlow {
         daddr: flow.daddr,
         client: flow.saddr,
@@ -573,6 +650,7 @@ fn affinity_candidate<A: FlowAddr>(
         rev_nat_id: header.rev_nat_id,
         node_local,
         snat_port: 0,
+        _pad: [0; 3],
     };
     i32::from(value.slot)
 }
@@ -637,6 +715,7 @@ fn backend_target(header: &FrontendValue, slot: &FrontendValue, target: &mut Tar
         rev_nat_id: header.rev_nat_id,
         node_local: backend.flags & BACKEND_FLAG_NODE_LOCAL != 0,
         snat_port: 0,
+        _pad: [0; 3],
     };
     Lookup::Backend
 }

@@ -30,12 +30,18 @@
 //! The exception is hairpin, whose packets never reach the node's routing
 //! (and whose addresses are no node's).
 //!
-//! ICMP errors about a translated flow are translated on the egress hooks
-//! too (`icmp`), so path MTU discovery works through a Service. IPv4
+//! ICMP errors about a translated IPv4 flow are translated on the egress
+//! hooks too (`icmp`), so path MTU discovery works through a Service. IPv4
 //! fragments of a translated datagram are translated on every hook, the
 //! later ones by the ports their first fragment recorded (`fragments`).
 //!
-//! Anything that is not a translated IPv4 TCP/UDP flow passes untouched.
+//! IPv6 from pods (`from_pod`, `to_pod`) gets the same translation, by
+//! the same code monomorphised for its addresses (`packet::IpFamily`),
+//! each family in a function of its own per hook. Not yet for IPv6: the
+//! hooks on the external devices, ICMPv6 errors about translated flows and
+//! fragments (a packet with a fragment header passes untouched).
+//!
+//! Anything that is not a translated TCP/UDP flow passes untouched.
 #![no_std]
 #![no_main]
 
@@ -58,17 +64,57 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb::Origin;
+use lb::{FlowAddr, Origin};
 use nat::Rewriter;
-use packet::{Fragment, Ipv4Flow, Packet, parse_ipv4};
-use service_common::{DatapathCounter, HAIRPIN_IPV4};
+use packet::{Flow, Fragment, IpFamily, Network, Packet, network};
+use reject::Refusal;
+use service_common::{DatapathCounter, MapAddr};
 use verdict::{Outcome, VERDICT_CONTINUE, tc_verdict};
+
+/// The family of the packet hooks: what the translation ([`FlowAddr`]) and
+/// the refusal ([`Refusal`]) need, implemented for `[u8; 4]` (IPv4) and
+/// `MapAddr` (IPv6). Every hook dispatches on the EtherType to its body,
+/// one function (`#[inline(never)]`) per family monomorphised from one
+/// generic body: each has its own stack frame, so the IPv6 path's 16-byte
+/// addresses never add to the IPv4 path's frame (the verifier of kernel
+/// 6.1 allows 512 bytes for a hook and its calls together).
+trait HookFamily: FlowAddr + Refusal {}
+impl<A: FlowAddr + Refusal> HookFamily for A {}
 
 /// "From pod": service translation for traffic a pod sends, and reverse
 /// translation of the replies a pod sends to the hairpin address.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let Some(mut flow) = parse_ipv4(&ctx) else {
+    match network(&ctx) {
+        Network::V4 => from_pod_in::<[u8; 4]>(&ctx),
+        Network::V6 => match from_pod_in::<MapAddr>(&ctx) {
+            VERDICT_REFUSE => refuse_in::<MapAddr>(&ctx),
+            verdict => verdict,
+        },
+        Network::Other => VERDICT_CONTINUE,
+    }
+}
+
+/// What [`from_pod_in`] returns for a new flow to a frontend without
+/// backends of a [`IpFamily::WIDE`] family: the hook refuses it with
+/// [`refuse_in`], whose frame is then apart from the translation's (IPv4
+/// refuses in place, as it always did). Never a TC verdict.
+const VERDICT_REFUSE: i32 = i32::MIN;
+
+/// Refuses the new flow of the packet (parsed again) like a closed port
+/// (`reject`).
+#[inline(never)]
+fn refuse_in<A: HookFamily>(ctx: &TcContext) -> i32 {
+    match A::parse(ctx) {
+        Some(flow) => reject::reject(ctx, &flow),
+        None => VERDICT_CONTINUE,
+    }
+}
+
+/// [`from_pod`] for a packet of family `A`.
+#[inline(never)]
+fn from_pod_in<A: HookFamily>(ctx: &TcContext) -> i32 {
+    let Some(mut flow) = A::parse(ctx) else {
         return VERDICT_CONTINUE;
     };
     if !fragment_ports(&mut flow) {
@@ -76,16 +122,17 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     }
     // Only replies of hairpin flows go to the hairpin address: one
     // comparison keeps every other packet off that lookup.
-    let outcome = if flow.daddr == HAIRPIN_IPV4 {
-        lb::reverse_hairpin(&ctx, &flow)
+    let outcome = if flow.daddr.same(&A::HAIRPIN) {
+        lb::reverse_hairpin(ctx, &flow)
     } else {
-        lb::forward(&ctx, &flow, Origin::Pod)
+        lb::forward(ctx, &flow, Origin::Pod)
     };
     match fragment_done(&flow, outcome) {
         // Refused like a closed port: TCP RST or ICMP port unreachable.
-        Outcome::NoBackend => reject::reject(&ctx, &flow),
+        Outcome::NoBackend if A::WIDE => VERDICT_REFUSE,
+        Outcome::NoBackend => reject::reject(ctx, &flow),
         // Back to the pod it came from, which is both ends of the flow.
-        Outcome::Hairpin => verdict::send_back(&ctx),
+        Outcome::Hairpin => verdict::send_back(ctx),
         outcome => tc_verdict(outcome),
     }
 }
@@ -93,31 +140,52 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// "To pod": reverse translation of replies travelling to a pod.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let Some(mut flow) = parse_ipv4(&ctx) else {
-        return tc_verdict(icmp::reverse_icmp_error(&ctx));
+    match network(&ctx) {
+        Network::V4 => to_pod_in::<[u8; 4]>(&ctx),
+        Network::V6 => to_pod_in::<MapAddr>(&ctx),
+        Network::Other => VERDICT_CONTINUE,
+    }
+}
+
+/// [`to_pod`] for a packet of family `A` (an IPv4 packet that is no TCP or
+/// UDP may be an ICMP error about a translated flow, translated too).
+#[inline(never)]
+fn to_pod_in<A: HookFamily>(ctx: &TcContext) -> i32 {
+    let Some(mut flow) = A::parse(ctx) else {
+        return reverse_icmp_error::<A>(ctx);
     };
     if !fragment_ports(&mut flow) {
         return VERDICT_CONTINUE;
     }
-    tc_verdict(fragment_done(&flow, lb::reverse_dnat(&ctx, &flow)))
+    tc_verdict(fragment_done(&flow, lb::reverse_dnat(ctx, &flow)))
 }
 
 /// "From network" on XDP: external frontends (DNAT) and replies of SNATed
 /// flows (reverse SNAT), before the kernel allocates an skb.
 #[xdp]
 pub fn from_network(ctx: XdpContext) -> u32 {
-    let Some(mut flow) = parse_ipv4(&ctx) else {
+    match network(&ctx) {
+        Network::V4 => from_network_in::<[u8; 4]>(&ctx),
+        Network::V6 => xdp_action::XDP_PASS,
+        Network::Other => xdp_action::XDP_PASS,
+    }
+}
+
+/// [`from_network`] for a packet of family `A`.
+#[inline(never)]
+fn from_network_in<A: HookFamily>(ctx: &XdpContext) -> u32 {
+    let Some(mut flow) = A::parse(ctx) else {
         return xdp_action::XDP_PASS;
     };
     // A checksum left to offload is TC's to update (`offload`).
-    if offload::checksum_is_partial(&ctx, &flow) && offload::defer_to_tc(&ctx) {
+    if offload::checksum_is_partial(ctx, &flow) && offload::defer_to_tc(ctx) {
         maps::count(DatapathCounter::ChecksumDeferred);
         return xdp_action::XDP_PASS;
     }
     if !fragment_ports(&mut flow) {
         return xdp_action::XDP_PASS;
     }
-    match fragment_done(&flow, from_the_network(&ctx, &flow)) {
+    match fragment_done(&flow, from_the_network(ctx, &flow)) {
         // (Hairpin only comes from pods, never from the network.)
         Outcome::Untouched | Outcome::Translated | Outcome::Hairpin => xdp_action::XDP_PASS,
         // A new flow to a frontend without backend is refused as on TC
@@ -126,7 +194,7 @@ pub fn from_network(ctx: XdpContext) -> u32 {
         // skb and builds the reply. Passed on unmarked, a LoadBalancer or
         // externalIP packet would be routed by the kernel (back out,
         // possibly). Where the driver keeps no XDP metadata it is dropped.
-        Outcome::NoBackend if offload::defer_to_tc(&ctx) => {
+        Outcome::NoBackend if offload::defer_to_tc(ctx) => {
             maps::count(DatapathCounter::RejectDeferred);
             xdp_action::XDP_PASS
         }
@@ -162,7 +230,17 @@ pub fn from_network_deferred(ctx: TcContext) -> i32 {
 /// came in on.
 #[inline(always)]
 fn from_network_on_tc(ctx: &TcContext) -> i32 {
-    let Some(mut flow) = parse_ipv4(ctx) else {
+    match network(ctx) {
+        Network::V4 => from_network_tc_in::<[u8; 4]>(ctx),
+        Network::V6 => VERDICT_CONTINUE,
+        Network::Other => VERDICT_CONTINUE,
+    }
+}
+
+/// [`from_network_on_tc`] for a packet of family `A`.
+#[inline(never)]
+fn from_network_tc_in<A: HookFamily>(ctx: &TcContext) -> i32 {
+    let Some(mut flow) = A::parse(ctx) else {
         return VERDICT_CONTINUE;
     };
     if !fragment_ports(&mut flow) {
@@ -179,23 +257,46 @@ fn from_network_on_tc(ctx: &TcContext) -> i32 {
 /// frontend back as source.
 #[classifier]
 pub fn to_network(ctx: TcContext) -> i32 {
-    let Some(mut flow) = parse_ipv4(&ctx) else {
-        return tc_verdict(icmp::reverse_icmp_error(&ctx));
+    match network(&ctx) {
+        Network::V4 => to_network_in::<[u8; 4]>(&ctx),
+        Network::V6 => VERDICT_CONTINUE,
+        Network::Other => VERDICT_CONTINUE,
+    }
+}
+
+/// [`to_network`] for a packet of family `A` (an IPv4 packet that is no TCP
+/// or UDP may be an ICMP error about a translated flow, translated too).
+#[inline(never)]
+fn to_network_in<A: HookFamily>(ctx: &TcContext) -> i32 {
+    let Some(mut flow) = A::parse(ctx) else {
+        return reverse_icmp_error::<A>(ctx);
     };
     if !fragment_ports(&mut flow) {
         return VERDICT_CONTINUE;
     }
-    let outcome = match lb::snat_out(&ctx, &flow) {
-        Outcome::Untouched => lb::reverse_dnat(&ctx, &flow),
+    let outcome = match lb::snat_out(ctx, &flow) {
+        Outcome::Untouched => lb::reverse_dnat(ctx, &flow),
         done => done,
     };
     tc_verdict(fragment_done(&flow, outcome))
 }
 
+/// An IPv4 packet the egress hooks did not parse: an ICMP error about a
+/// translated flow gets the flow's translation (`icmp`). IPv6 has none of
+/// that yet: such a packet passes untouched.
+#[inline(always)]
+fn reverse_icmp_error<A: IpFamily>(ctx: &TcContext) -> i32 {
+    if A::HEADER_CHECKSUM {
+        tc_verdict(icmp::reverse_icmp_error(ctx))
+    } else {
+        VERDICT_CONTINUE
+    }
+}
+
 /// The translation of traffic from the network, on either hook: replies
 /// of SNATed flows first (reverse SNAT), then frontends (DNAT).
 #[inline(always)]
-fn from_the_network<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
+fn from_the_network<A: FlowAddr, C: Rewriter + Packet>(ctx: &C, flow: &Flow<A>) -> Outcome {
     match lb::reverse_snat(ctx, flow) {
         Outcome::Untouched => lb::forward(ctx, flow, Origin::Network),
         done => done,
@@ -206,7 +307,7 @@ fn from_the_network<C: Rewriter + Packet>(ctx: &C, flow: &Ipv4Flow) -> Outcome {
 /// first fragment recorded at this hook (`fragments`). Whether the packet
 /// can be translated (a later fragment without a record passes untouched).
 #[inline(always)]
-fn fragment_ports(flow: &mut Ipv4Flow) -> bool {
+fn fragment_ports<A: IpFamily>(flow: &mut Flow<A>) -> bool {
     flow.fragment != Fragment::Later || fragments::resolve_ports(flow)
 }
 
@@ -214,7 +315,7 @@ fn fragment_ports(flow: &mut Ipv4Flow) -> bool {
 /// fragment records its ports for the later ones; a translated later one
 /// is counted.
 #[inline(always)]
-fn fragment_done(flow: &Ipv4Flow, outcome: Outcome) -> Outcome {
+fn fragment_done<A: IpFamily>(flow: &Flow<A>, outcome: Outcome) -> Outcome {
     if matches!(outcome, Outcome::Translated | Outcome::Hairpin) {
         match flow.fragment {
             Fragment::Whole => {}

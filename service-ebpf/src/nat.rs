@@ -1,19 +1,20 @@
 //! Address and port rewrites with checksums kept correct: by the kernel's
 //! incremental checksum helpers (`bpf_l3_csum_replace`/`bpf_l4_csum_replace`)
-//! on TC, by RFC 1624 incremental updates on XDP.
+//! on TC, by RFC 1624 incremental updates on XDP. One body per context for
+//! both families ([`IpFamily`]): IPv4 also has its header checksum, IPv6
+//! has none, so its L4 checksum (mandatory for UDP over IPv6) is all there
+//! is to keep.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
 use service_common::PROTO_UDP;
 
 use crate::{
-    packet::{Fragment, Ipv4Flow, Packet as _},
-    wire::{
-        IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, csum_replace,
-        csum_replace_addr,
-    },
+    packet::{Flow, Fragment, IpFamily, Packet as _},
+    wire::{IP_CSUM_OFF, L4_DPORT_OFF, L4_SPORT_OFF, csum_replace},
 };
 
 /// Which end of the flow a rewrite changes.
@@ -25,25 +26,91 @@ pub enum Side {
     Destination,
 }
 
-/// Rewrites one side of an IPv4 flow to `addr:port` (both network byte
-/// order) and fixes the IP and L4 checksums. A UDP checksum of zero (none)
-/// stays zero. A later fragment holds no L4 header: only its address and
-/// IPv4 checksum change (its first fragment's L4 checksum covers the whole
-/// datagram, ports included). Implemented with the kernel's checksum
-/// helpers for TC (which also handle offloaded checksums) and by hand for
-/// XDP.
+/// Rewrites one side of a flow to `addr:port` (both network byte order)
+/// and fixes the IP (IPv4) and L4 checksums. A UDP checksum of zero (none,
+/// for IPv4; invalid for IPv6) stays zero. A later fragment holds no L4
+/// header: only its address and IPv4 checksum change (its first fragment's
+/// L4 checksum covers the whole datagram, ports included). Implemented with
+/// the kernel's checksum helpers for TC (which also handle offloaded
+/// checksums) and by hand for XDP.
 pub trait Rewriter {
     /// Rewrites `side` of `flow` (as it was parsed) to `addr:port`.
-    fn rewrite_v4(&self, flow: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64>;
+    fn rewrite<A: IpFamily>(
+        &self,
+        flow: &Flow<A>,
+        side: Side,
+        addr: &A,
+        port: u16,
+    ) -> Result<(), i64>;
 }
 
 /// The old address and port of `side`, and the offsets of both fields.
 #[inline(always)]
-fn fields(flow: &Ipv4Flow, side: Side) -> ([u8; 4], u16, usize, usize) {
+fn fields<A: IpFamily>(flow: &Flow<A>, side: Side) -> (&A, u16, usize, usize) {
     match side {
-        Side::Source => (flow.saddr, flow.sport, IP_SRC_OFF, L4_SPORT_OFF),
-        Side::Destination => (flow.daddr, flow.dport, IP_DST_OFF, L4_DPORT_OFF),
+        Side::Source => (&flow.saddr, flow.sport, A::SRC_OFF, L4_SPORT_OFF),
+        Side::Destination => (&flow.daddr, flow.dport, A::DST_OFF, L4_DPORT_OFF),
     }
+}
+
+/// The L4 checksum flags of `flow` for `bpf_l4_csum_replace`: a UDP
+/// checksum of zero stays zero, and none becomes zero.
+#[inline(always)]
+fn mangled_0<A>(flow: &Flow<A>) -> u64 {
+    if flow.proto == PROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    }
+}
+
+/// Updates the L4 checksum at `csum_off` for an address of the pseudo
+/// header changed from `old` to `new` (`flags`: [`mangled_0`]): IPv4's four
+/// bytes in one helper call, an IPv6 address as the difference
+/// `bpf_csum_diff` computes, applied with a size of 0.
+#[inline(always)]
+fn l4_addr_csum<A: IpFamily>(
+    ctx: &TcContext,
+    csum_off: usize,
+    old: &A,
+    new: &A,
+    flags: u64,
+) -> Result<(), i64> {
+    let size = core::mem::size_of::<A>();
+    if size == 4 {
+        // SAFETY: `A` is four bytes.
+        let (old, new) = unsafe {
+            (
+                core::ptr::from_ref(old).cast::<u32>().read_unaligned(),
+                core::ptr::from_ref(new).cast::<u32>().read_unaligned(),
+            )
+        };
+        return ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old),
+            u64::from(new),
+            u64::from(BPF_F_PSEUDO_HDR) | flags | 4,
+        );
+    }
+    // SAFETY: the helper reads `size` bytes of each address.
+    let diff = unsafe {
+        bpf_csum_diff(
+            core::ptr::from_ref(old).cast_mut().cast(),
+            size as u32,
+            core::ptr::from_ref(new).cast_mut().cast(),
+            size as u32,
+            0,
+        )
+    };
+    if diff < 0 {
+        return Err(diff);
+    }
+    ctx.l4_csum_replace(
+        csum_off,
+        0,
+        diff as u64,
+        u64::from(BPF_F_PSEUDO_HDR) | flags,
+    )
 }
 
 impl Rewriter for TcContext {
@@ -53,24 +120,25 @@ impl Rewriter for TcContext {
     /// change, as it must. The IPv4 header checksum is plain arithmetic, and
     /// the fields are written in place.
     #[inline(always)]
-    fn rewrite_v4(&self, flow: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
+    fn rewrite<A: IpFamily>(
+        &self,
+        flow: &Flow<A>,
+        side: Side,
+        addr: &A,
+        port: u16,
+    ) -> Result<(), i64> {
         let (old_addr, old_port, addr_off, port_off) = fields(flow, side);
-        let ip_csum: u16 = self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?;
+        let ip_csum: u16 = if A::HEADER_CHECKSUM {
+            self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?
+        } else {
+            0
+        };
         let whole = flow.fragment != Fragment::Later;
         if whole {
-            let mangled_0 = if flow.proto == PROTO_UDP {
-                u64::from(BPF_F_MARK_MANGLED_0)
-            } else {
-                0
-            };
+            let mangled_0 = mangled_0(flow);
             let csum_off = flow.l4_csum_off();
-            if old_addr != addr {
-                self.l4_csum_replace(
-                    csum_off,
-                    u64::from(u32::from_ne_bytes(old_addr)),
-                    u64::from(u32::from_ne_bytes(addr)),
-                    u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4,
-                )?;
+            if !old_addr.same(addr) {
+                l4_addr_csum(self, csum_off, old_addr, addr, mangled_0)?;
             }
             if old_port != port {
                 self.l4_csum_replace(
@@ -81,11 +149,13 @@ impl Rewriter for TcContext {
                 )?;
             }
         }
-        self.write(
-            flow.l3_off + IP_CSUM_OFF,
-            &csum_replace_addr(ip_csum, old_addr, addr),
-        )?;
-        self.write(flow.l3_off + addr_off, &addr)?;
+        if A::HEADER_CHECKSUM {
+            self.write(
+                flow.l3_off + IP_CSUM_OFF,
+                &A::csum_replace_addr(ip_csum, *old_addr, *addr),
+            )?;
+        }
+        self.write(flow.l3_off + addr_off, addr)?;
         if whole {
             self.write(flow.l4_off + port_off, &port)?;
         }
@@ -95,21 +165,37 @@ impl Rewriter for TcContext {
 
 impl Rewriter for XdpContext {
     #[inline(always)]
-    fn rewrite_v4(&self, flow: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
+    fn rewrite<A: IpFamily>(
+        &self,
+        flow: &Flow<A>,
+        side: Side,
+        addr: &A,
+        port: u16,
+    ) -> Result<(), i64> {
         let (old_addr, old_port, addr_off, port_off) = fields(flow, side);
-        let ip_csum: u16 = self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?;
-        let ip_csum = csum_replace_addr(ip_csum, old_addr, addr);
-        if flow.fragment == Fragment::Later {
+        if A::HEADER_CHECKSUM {
+            let ip_csum: u16 = self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?;
+            let ip_csum = A::csum_replace_addr(ip_csum, *old_addr, *addr);
+            if flow.fragment == Fragment::Later {
+                self.write(flow.l3_off + IP_CSUM_OFF, &ip_csum)?;
+                return self.write(flow.l3_off + addr_off, addr);
+            }
             self.write(flow.l3_off + IP_CSUM_OFF, &ip_csum)?;
-            return self.write(flow.l3_off + addr_off, &addr);
+        } else if flow.fragment == Fragment::Later {
+            return self.write(flow.l3_off + addr_off, addr);
         }
         let csum_off = flow.l4_csum_off();
         let l4_csum: u16 = self.read(csum_off).ok_or(-1i64)?;
         // The L4 checksum covers the pseudo header (addresses) and the port.
-        let mut l4 = csum_replace(csum_replace_addr(l4_csum, old_addr, addr), old_port, port);
+        let mut l4 = csum_replace(
+            A::csum_replace_addr(l4_csum, *old_addr, *addr),
+            old_port,
+            port,
+        );
         if flow.proto == PROTO_UDP {
-            // Zero means "no checksum" for UDP over IPv4: keep it so, and
-            // never produce a zero from a real one.
+            // Zero means "no checksum" for UDP over IPv4 (and is invalid
+            // over IPv6): keep it so, and never produce a zero from a real
+            // one.
             l4 = if l4_csum == 0 {
                 0
             } else if l4 == 0 {
@@ -118,9 +204,8 @@ impl Rewriter for XdpContext {
                 l4
             };
         }
-        self.write(flow.l3_off + IP_CSUM_OFF, &ip_csum)?;
         self.write(csum_off, &l4)?;
-        self.write(flow.l3_off + addr_off, &addr)?;
+        self.write(flow.l3_off + addr_off, addr)?;
         self.write(flow.l4_off + port_off, &port)
     }
 }

@@ -26,8 +26,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    packet::{Fragment, Ipv4Flow, Packet},
-    wire::{IP_TOT_LEN_OFF, pseudo_header_sum},
+    packet::{Flow, Fragment, IpFamily, Packet},
+    wire::{IP_TOT_LEN_OFF, IPV6_HDR_LEN, IPV6_PAYLOAD_LEN_OFF},
 };
 
 /// The metadata word XDP leaves in front of a packet it defers ("SLBD").
@@ -39,18 +39,27 @@ const MARK_LEN: usize = core::mem::size_of::<u32>();
 /// folded pseudo-header sum. Later fragments have no L4 header (and a
 /// fragmented datagram never has a partial checksum).
 #[inline(always)]
-pub fn checksum_is_partial(ctx: &XdpContext, flow: &Ipv4Flow) -> bool {
+pub fn checksum_is_partial<A: IpFamily>(ctx: &XdpContext, flow: &Flow<A>) -> bool {
     if flow.fragment == Fragment::Later {
         return false;
     }
-    let (Some(field), Some(tot_len)) = (
+    // The IP datagram's length: IPv4's total length, or IPv6's payload
+    // length and its fixed header.
+    let (len_off, fixed) = if A::HEADER_CHECKSUM {
+        (IP_TOT_LEN_OFF, 0)
+    } else {
+        (IPV6_PAYLOAD_LEN_OFF, IPV6_HDR_LEN as u16)
+    };
+    let (Some(field), Some(len)) = (
         ctx.read::<u16>(flow.l4_csum_off()),
-        ctx.read::<[u8; 2]>(flow.l3_off + IP_TOT_LEN_OFF),
+        ctx.read::<[u8; 2]>(flow.l3_off + len_off),
     ) else {
         return false;
     };
-    let l4_len = u16::from_be_bytes(tot_len).wrapping_sub((flow.l4_off - flow.l3_off) as u16);
-    field == pseudo_header_sum(flow.saddr, flow.daddr, flow.proto, l4_len)
+    let l4_len = u16::from_be_bytes(len)
+        .wrapping_add(fixed)
+        .wrapping_sub((flow.l4_off - flow.l3_off) as u16);
+    field == A::pseudo_header_sum(flow.saddr, flow.daddr, flow.proto, l4_len)
 }
 
 /// Marks the packet for the TC ingress program beside XDP; whether the

@@ -1,6 +1,9 @@
 //! Packet parsing for the TC and XDP hooks: just enough of Ethernet, IPv4
-//! and the L4 header to know a flow's 5-tuple and where its fields and
-//! checksums are.
+//! or IPv6 (its extension headers walked, bounded) and the L4 header to
+//! know a flow's 5-tuple and where its fields and checksums are. A parsed
+//! packet is a [`Flow`] of its family's addresses ([`IpFamily`]), so every
+//! later step (conntrack, backend choice, rewrite) has one body for both
+//! families, monomorphised for each.
 //!
 //! Every access goes through [`Packet`]: a bounds-checked read of the
 //! packet's data (for TC, `bpf_skb_load_bytes` when the bytes are not in
@@ -10,16 +13,208 @@
 //! An IPv4 fragment is parsed too: the first one (offset 0, more fragments)
 //! carries the L4 header like any packet; a later one carries none, so its
 //! ports are unknown until `fragments` finds them in the record its first
-//! fragment left.
+//! fragment left. IPv6 fragments (a fragment header) are not parsed: they
+//! pass untouched.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use service_common::{PROTO_TCP, PROTO_UDP};
+use service_common::{
+    DatapathConfig, FAMILY_IPV4, FAMILY_IPV6, FragmentKey, HAIRPIN_IPV4, HAIRPIN_IPV6, MapAddr,
+    PROTO_TCP, PROTO_UDP, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
+};
 
 use crate::wire::{
-    ETH_P_IP, IP_FLAG_MF, TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_FLAGS_OFF, TCP_HDR_LEN, UDP_HDR_LEN,
-    l4_csum_off,
+    ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, IP_DST_OFF, IP_FLAG_MF, IP_SRC_OFF, IPV6_DST_OFF,
+    IPV6_EXT_HDRS_MAX, IPV6_HDR_LEN, IPV6_NEXT_HDR_OFF, IPV6_PAYLOAD_LEN_OFF, IPV6_SRC_OFF,
+    NEXTHDR_DEST, NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_FLAGS_OFF,
+    TCP_HDR_LEN, UDP_HDR_LEN, csum_replace_addr, csum_replace_addr6, l4_csum_off,
+    pseudo_header_sum, pseudo_header_sum6,
 };
+
+/// What differs between IPv4 and IPv6 once a packet is parsed: the family's
+/// address type (`[u8; 4]` or [`MapAddr`], network byte order), where the
+/// addresses sit in its header, whether that header has a checksum, and how
+/// its addresses enter map keys and checksums. Everything generic over it
+/// is monomorphised per family, so IPv4 keeps its 4-byte addresses (and
+/// its code) as before.
+pub trait IpFamily: Copy {
+    /// The family tag of map keys (`FAMILY_IPV4` or `FAMILY_IPV6`).
+    const FAMILY: u8;
+    /// Offset of the source address inside the IP header.
+    const SRC_OFF: usize;
+    /// Offset of the destination address inside the IP header.
+    const DST_OFF: usize;
+    /// Whether the IP header has a checksum of its own (IPv4 only).
+    const HEADER_CHECKSUM: bool;
+    /// The source of hairpin flows (`HAIRPIN_IPV4`, `HAIRPIN_IPV6`).
+    const HAIRPIN: Self;
+    /// The all-zero address.
+    const UNSPECIFIED: Self;
+    /// Whether the hooks give some steps of this family's path their own
+    /// stack frames (`#[inline(never)]`): IPv6's 16-byte addresses make its
+    /// frames too large to inline them all within the 512 bytes the
+    /// verifier allows a hook and its calls; IPv4 inlines as it always did.
+    const WIDE: bool;
+
+    /// The address as map keys and values hold it.
+    fn to_map(self) -> MapAddr;
+    /// The address of this family in a map key or value.
+    fn from_map(addr: &MapAddr) -> Self;
+    /// Whether two addresses are equal (word compares, no `bcmp` call).
+    fn same(&self, other: &Self) -> bool;
+    /// Whether the address is all zero (unset).
+    fn is_unset(&self) -> bool;
+    /// This node's SNAT address of the family (all zero: no SNAT).
+    fn snat(config: &DatapathConfig) -> Self;
+    /// An L4 checksum (or the IPv4 header checksum) after the address
+    /// `old` in the covered data became `new` (RFC 1624).
+    fn csum_replace_addr(csum: u16, old: Self, new: Self) -> u16;
+    /// The folded, not inverted, pseudo-header sum of an L4 segment of
+    /// `l4_len` bytes (what a checksum left to offload holds).
+    fn pseudo_header_sum(saddr: Self, daddr: Self, proto: u8, l4_len: u16) -> u16;
+    /// The fragments-map key of `flow`'s datagram.
+    fn fragment_key(flow: &Flow<Self>) -> FragmentKey;
+    /// Parses a packet of this family ([`parse_ipv4`], [`parse_ipv6`]).
+    fn parse<P: Packet>(ctx: &P) -> Option<Flow<Self>>;
+}
+
+impl IpFamily for [u8; 4] {
+    const FAMILY: u8 = FAMILY_IPV4;
+    const SRC_OFF: usize = IP_SRC_OFF;
+    const DST_OFF: usize = IP_DST_OFF;
+    const HEADER_CHECKSUM: bool = true;
+    const HAIRPIN: Self = HAIRPIN_IPV4;
+    const UNSPECIFIED: Self = [0; 4];
+    const WIDE: bool = false;
+
+    #[inline(always)]
+    fn to_map(self) -> MapAddr {
+        map_addr_v4(self)
+    }
+
+    #[inline(always)]
+    fn from_map(addr: &MapAddr) -> Self {
+        map_addr_v4_octets(addr)
+    }
+
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        self == other
+    }
+
+    #[inline(always)]
+    fn is_unset(&self) -> bool {
+        *self == [0; 4]
+    }
+
+    #[inline(always)]
+    fn snat(config: &DatapathConfig) -> Self {
+        config.snat_v4
+    }
+
+    #[inline(always)]
+    fn csum_replace_addr(csum: u16, old: Self, new: Self) -> u16 {
+        csum_replace_addr(csum, old, new)
+    }
+
+    #[inline(always)]
+    fn pseudo_header_sum(saddr: Self, daddr: Self, proto: u8, l4_len: u16) -> u16 {
+        pseudo_header_sum(saddr, daddr, proto, l4_len)
+    }
+
+    #[inline(always)]
+    fn fragment_key(flow: &Flow<Self>) -> FragmentKey {
+        FragmentKey::v4(flow.saddr, flow.daddr, flow.id as u16, flow.proto)
+    }
+
+    #[inline(always)]
+    fn parse<P: Packet>(ctx: &P) -> Option<Flow<Self>> {
+        parse_ipv4(ctx)
+    }
+}
+
+impl IpFamily for MapAddr {
+    const FAMILY: u8 = FAMILY_IPV6;
+    const SRC_OFF: usize = IPV6_SRC_OFF;
+    const DST_OFF: usize = IPV6_DST_OFF;
+    const HEADER_CHECKSUM: bool = false;
+    const HAIRPIN: Self = HAIRPIN_IPV6;
+    const UNSPECIFIED: Self = [0; 16];
+    const WIDE: bool = true;
+
+    #[inline(always)]
+    fn to_map(self) -> MapAddr {
+        self
+    }
+
+    #[inline(always)]
+    fn from_map(addr: &MapAddr) -> Self {
+        *addr
+    }
+
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        map_addrs_equal(self, other)
+    }
+
+    #[inline(always)]
+    fn is_unset(&self) -> bool {
+        map_addrs_equal(self, &[0; 16])
+    }
+
+    #[inline(always)]
+    fn snat(config: &DatapathConfig) -> Self {
+        config.snat_v6
+    }
+
+    #[inline(always)]
+    fn csum_replace_addr(csum: u16, old: Self, new: Self) -> u16 {
+        csum_replace_addr6(csum, &old, &new)
+    }
+
+    #[inline(always)]
+    fn pseudo_header_sum(saddr: Self, daddr: Self, proto: u8, l4_len: u16) -> u16 {
+        pseudo_header_sum6(&saddr, &daddr, proto, l4_len)
+    }
+
+    #[inline(always)]
+    fn fragment_key(flow: &Flow<Self>) -> FragmentKey {
+        FragmentKey {
+            saddr: flow.saddr,
+            daddr: flow.daddr,
+            id: flow.id,
+            proto: flow.proto,
+            family: FAMILY_IPV6,
+            _pad: [0; 2],
+        }
+    }
+
+    #[inline(always)]
+    fn parse<P: Packet>(ctx: &P) -> Option<Flow<Self>> {
+        parse_ipv6(ctx)
+    }
+}
+
+/// The network layer of an Ethernet frame, as the hooks dispatch on it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+    /// Anything else (or a frame too short to tell).
+    Other,
+}
+
+/// The network layer of the frame (its EtherType).
+#[inline(always)]
+pub fn network<P: Packet>(ctx: &P) -> Network {
+    match ctx.read::<u16>(ETH_TYPE_OFF).map(u16::from_be) {
+        Some(ETH_P_IP) => Network::V4,
+        Some(ETH_P_IPV6) => Network::V6,
+        _ => Network::Other,
+    }
+}
 
 /// Which part of a datagram a packet is.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -32,15 +227,16 @@ pub enum Fragment {
     Later,
 }
 
-/// An IPv4 TCP or UDP packet whose headers are all present in the skb (for
-/// a later fragment: its IPv4 header). Aligned so its addresses are copied
-/// into map keys as whole words.
+/// A TCP or UDP packet whose headers are all present in the skb (for a
+/// later fragment: its IP header), of the family whose addresses are `A`
+/// ([`IpFamily`]). Aligned so its addresses are copied into map keys as
+/// whole words.
 #[repr(C, align(8))]
-pub struct Ipv4Flow {
+pub struct Flow<A> {
     /// Source address, network byte order.
-    pub saddr: [u8; 4],
+    pub saddr: A,
     /// Destination address, network byte order.
-    pub daddr: [u8; 4],
+    pub daddr: A,
     /// Source port, network byte order (wire bytes read as a native u16);
     /// for a later fragment, 0 until its first fragment's record is found.
     pub sport: u16,
@@ -51,17 +247,23 @@ pub struct Ipv4Flow {
     /// TCP flags byte (offset 13 of the TCP header); 0 for UDP and for a
     /// later fragment.
     pub tcp_flags: u8,
-    /// The IPv4 identification (the header's two bytes as a native u16).
-    pub id: u16,
+    /// The datagram's identification: IPv4's two header bytes as a native
+    /// u16, zero-extended; 0 for IPv6 (whose fragments are not parsed).
+    pub id: u32,
     /// Which part of its datagram the packet is.
     pub fragment: Fragment,
-    /// Offset of the IPv4 header.
+    /// Offset of the IP header.
     pub l3_off: usize,
     /// Offset of the L4 header.
     pub l4_off: usize,
 }
 
-impl Ipv4Flow {
+/// A parsed IPv4 packet.
+pub type Ipv4Flow = Flow<[u8; 4]>;
+/// A parsed IPv6 packet.
+pub type Ipv6Flow = Flow<MapAddr>;
+
+impl<A> Flow<A> {
     /// Offset of the L4 checksum.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
@@ -176,7 +378,7 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
     };
     let tot_len = usize::from(ip.tot_len());
     let l4_off = l3_off + ihl;
-    let id = u16::from_ne_bytes(ip.id);
+    let id = u32::from(u16::from_ne_bytes(ip.id));
     if ip.frag_offset() != 0 {
         // A later fragment: only its IPv4 header is ours to read, and the
         // frame must hold all of it (options included), as for any packet
@@ -222,4 +424,80 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
         l3_off,
         l4_off,
     })
+}
+
+/// Parses an Ethernet frame holding IPv6 TCP or UDP, walking up to
+/// [`IPV6_EXT_HDRS_MAX`] hop-by-hop, routing and destination options
+/// headers to the transport header. `None` for anything else: other
+/// EtherTypes, other next headers (a fragment header above all: IPv6
+/// fragments pass untouched), more extension headers than that, and
+/// packets whose headers are cut short or inconsistent.
+#[inline(always)]
+pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
+    let eth: EthHdr = ctx.read(0)?;
+    if u16::from_be(eth.ether_type) != ETH_P_IPV6 {
+        return None;
+    }
+    let l3_off = EthHdr::LEN;
+    let first: u8 = ctx.read(l3_off)?;
+    if first >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be(
+        ctx.read::<u16>(l3_off + IPV6_PAYLOAD_LEN_OFF)?,
+    ));
+    let mut next: u8 = ctx.read(l3_off + IPV6_NEXT_HDR_OFF)?;
+    let mut l4_off = l3_off + IPV6_HDR_LEN;
+    for _ in 0..IPV6_EXT_HDRS_MAX {
+        if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
+            break;
+        }
+        // Next header, then the length in 8-byte units beyond the first 8.
+        let ext: [u8; 2] = ctx.read(l4_off)?;
+        next = ext[0];
+        l4_off += (usize::from(ext[1]) + 1) * 8;
+    }
+    let l4_len = match next {
+        PROTO_TCP => TCP_HDR_LEN,
+        PROTO_UDP => UDP_HDR_LEN,
+        _ => return None,
+    };
+    if IPV6_HDR_LEN + payload_len < l4_off - l3_off + l4_len || ctx.length() < l4_off + l4_len {
+        return None;
+    }
+    let saddr = read_addr6(ctx, l3_off + IPV6_SRC_OFF)?;
+    let daddr = read_addr6(ctx, l3_off + IPV6_DST_OFF)?;
+    let ports: [u16; 2] = ctx.read(l4_off)?;
+    let tcp_flags = if next == PROTO_TCP {
+        ctx.read::<u8>(l4_off + TCP_FLAGS_OFF)?
+    } else {
+        0
+    };
+    Some(Flow {
+        saddr,
+        daddr,
+        sport: ports[0],
+        dport: ports[1],
+        proto: next,
+        tcp_flags,
+        id: 0,
+        fragment: Fragment::Whole,
+        l3_off,
+        l4_off,
+    })
+}
+
+/// Reads an IPv6 address at `offset` as four 32-bit words: read as sixteen
+/// bytes, it would be copied byte by byte (and spilled so to the stack).
+#[inline(always)]
+fn read_addr6<P: Packet>(ctx: &P, offset: usize) -> Option<MapAddr> {
+    let words: [u32; 4] = [
+        ctx.read(offset)?,
+        ctx.read(offset + 4)?,
+        ctx.read(offset + 8)?,
+        ctx.read(offset + 12)?,
+    ];
+    // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and every byte
+    // pattern is a valid `[u8; 16]`.
+    Some(unsafe { core::mem::transmute::<[u32; 4], MapAddr>(words) })
 }

@@ -6,6 +6,8 @@ pub use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN}
 
 /// EtherType of IPv4, host byte order.
 pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv6, host byte order.
+pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Offset of the EtherType inside an Ethernet header.
 pub const ETH_TYPE_OFF: usize = 12;
 
@@ -29,6 +31,35 @@ pub const IP_FLAG_DF: u8 = 0b010;
 pub const IPV4_MAX_HDR_LEN: usize = 60;
 /// Bytes in a 32-bit word, the unit of IPv4 and TCP header lengths.
 pub const WORD_LEN: usize = 4;
+
+/// IP version of IPv6.
+pub const IP_VERSION_6: u8 = 6;
+/// Length of the IPv6 header (without extension headers).
+pub const IPV6_HDR_LEN: usize = 40;
+/// Offset of the payload length inside an IPv6 header.
+pub const IPV6_PAYLOAD_LEN_OFF: usize = 4;
+/// Offset of the next header inside an IPv6 header.
+pub const IPV6_NEXT_HDR_OFF: usize = 6;
+/// Offset of the source address inside an IPv6 header.
+pub const IPV6_SRC_OFF: usize = 8;
+/// Offset of the destination address inside an IPv6 header.
+pub const IPV6_DST_OFF: usize = 24;
+/// IPv6 next header: hop-by-hop options.
+pub const NEXTHDR_HOP: u8 = 0;
+/// IPv6 next header: routing header.
+pub const NEXTHDR_ROUTING: u8 = 43;
+/// IPv6 next header: destination options.
+pub const NEXTHDR_DEST: u8 = 60;
+/// How many extension headers the parser walks to find the transport
+/// header (hop-by-hop, destination options, routing, destination options:
+/// the order RFC 8200 recommends, each at most once but the last).
+pub const IPV6_EXT_HDRS_MAX: usize = 4;
+/// IP protocol (next header) number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+/// ICMPv6 type: destination unreachable.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+/// ICMPv6 destination unreachable code: port unreachable.
+pub const ICMPV6_PORT_UNREACH: u8 = 4;
 
 /// IP protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;
@@ -100,6 +131,26 @@ pub fn csum_replace_addr(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     csum_replace(csum_replace(csum, old[0], new[0]), old[1], new[1])
 }
 
+/// An IPv6 address as eight 16-bit words in wire order (as native u16s).
+#[inline(always)]
+pub fn addr6_words(addr: &[u8; 16]) -> [u16; 8] {
+    // SAFETY: `[u8; 16]` and `[u16; 8]` have the same size, and every byte
+    // pattern is a valid `[u16; 8]`.
+    unsafe { core::mem::transmute::<[u8; 16], [u16; 8]>(*addr) }
+}
+
+/// The checksum `csum` after an IPv6 address in the covered data changed
+/// from `old` to `new` (RFC 1624, eqn. 3, over the eight words at once).
+#[inline(always)]
+pub fn csum_replace_addr6(csum: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
+    let (old, new) = (addr6_words(old), addr6_words(new));
+    let mut sum = u32::from(!csum);
+    for index in 0..8 {
+        sum += u32::from(!old[index]) + u32::from(new[index]);
+    }
+    !fold(sum)
+}
+
 /// Folds a 32-bit one's complement sum into 16 bits (RFC 1071), without
 /// inverting it. The sum's byte order is the wire's, so is the result's.
 #[inline(always)]
@@ -128,5 +179,19 @@ pub fn pseudo_header_sum(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: u16)
         + u32::from(d[1])
         + u32::from(u16::from_ne_bytes([0, proto]))
         + u32::from(u16::from_ne_bytes(l4_len.to_be_bytes()));
+    fold(sum)
+}
+
+/// The folded, not inverted, one's complement sum of the IPv6 pseudo
+/// header (RFC 8200, 8.1) of an L4 segment of `l4_len` bytes: the IPv6 twin
+/// of [`pseudo_header_sum`].
+#[inline(always)]
+pub fn pseudo_header_sum6(saddr: &[u8; 16], daddr: &[u8; 16], proto: u8, l4_len: u16) -> u16 {
+    let (s, d) = (addr6_words(saddr), addr6_words(daddr));
+    let mut sum = u32::from(u16::from_ne_bytes([0, proto]))
+        + u32::from(u16::from_ne_bytes(l4_len.to_be_bytes()));
+    for index in 0..8 {
+        sum += u32::from(s[index]) + u32::from(d[index]);
+    }
     fold(sum)
 }

@@ -3,7 +3,7 @@
 //! through the agent's own desired-state builder and ordered writes, and a
 //! runner that returns a program's verdict and the packet after it.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use aya::{
     Ebpf,
@@ -23,7 +23,8 @@ use service_agent::{
 };
 use service_common::{
     BackendValue, CT_FLAG_DEAD, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,
-    FRONTEND_FLAG_CLUSTER_IP, FrontendKey, MAP_CONNTRACK, SnatPortRange, map_addr_v4,
+    FAMILY_IPV4, FAMILY_IPV6, FRONTEND_FLAG_CLUSTER_IP, FrontendKey, MAP_CONNTRACK, MapAddr,
+    SCOPE_ALL, SnatPortRange, map_addr_v4,
 };
 
 use crate::pins::PinDir;
@@ -64,15 +65,15 @@ impl Datapath {
 
     /// Programs (or reprograms) the ClusterIP `vip:port/proto` with
     /// node-local `backends`, through the same desired-state layout and
-    /// ordered writes the agent uses.
-    pub fn set_service(
+    /// ordered writes the agent uses. Addresses of either family.
+    pub fn set_service<A: Into<IpAddr> + Copy>(
         &mut self,
-        vip: Ipv4Addr,
+        vip: A,
         port: u16,
         proto: u8,
-        backends: &[(Ipv4Addr, u16)],
+        backends: &[(A, u16)],
     ) {
-        let backends: Vec<(Ipv4Addr, u16, bool)> = backends
+        let backends: Vec<(A, u16, bool)> = backends
             .iter()
             .map(|(addr, port)| (*addr, *port, true))
             .collect();
@@ -81,14 +82,14 @@ impl Datapath {
 
     /// Programs (or reprograms) the frontend `addr:port/proto` of kind
     /// `flags` (`FRONTEND_FLAG_*`) with `backends` as (address, port,
-    /// node-local).
-    pub fn set_frontend(
+    /// node-local). Addresses of either family.
+    pub fn set_frontend<A: Into<IpAddr> + Copy>(
         &mut self,
-        addr: Ipv4Addr,
+        addr: A,
         port: u16,
         proto: u8,
         flags: u16,
-        backends: &[(Ipv4Addr, u16, bool)],
+        backends: &[(A, u16, bool)],
     ) {
         self.set_desired_frontend(frontend(addr, port, proto, flags, backends));
     }
@@ -98,11 +99,7 @@ impl Datapath {
     /// writes: for tests that set fields beyond kind and backends
     /// (affinity, source ranges), starting from [`frontend`].
     pub fn set_desired_frontend(&mut self, frontend: DesiredFrontend) {
-        let addr = match frontend.addr {
-            std::net::IpAddr::V4(addr) => addr,
-            std::net::IpAddr::V6(_) => panic!("IPv4 frontends only"),
-        };
-        let service = frontend_service(addr, frontend.port, frontend.proto);
+        let service = frontend_service(frontend.addr, frontend.port, frontend.proto);
         let update = self.desired.set_service(&service, &[frontend]);
         assert!(update.problems.is_empty(), "{:?}", update.problems);
         if let Err(failure) = write_in_order(&mut self.maps, &update.writes.ops) {
@@ -125,10 +122,10 @@ impl Datapath {
     /// Deletes the frontend `addr:port/proto` (its Service), as the agent
     /// does: header, slots and rev-NAT entry, and backends no other
     /// frontend uses.
-    pub fn delete_frontend(&mut self, addr: Ipv4Addr, port: u16, proto: u8) {
+    pub fn delete_frontend(&mut self, addr: impl Into<IpAddr>, port: u16, proto: u8) {
         let update = self
             .desired
-            .set_service(&frontend_service(addr, port, proto), &[]);
+            .set_service(&frontend_service(addr.into(), port, proto), &[]);
         if let Err(failure) = write_in_order(&mut self.maps, &update.writes.ops) {
             panic!("map write: {}", failure.error);
         }
@@ -199,15 +196,12 @@ impl Datapath {
     /// Sets the `BACKEND_STATE_*` of the backend `addr:port` in the
     /// backends map (what the agent writes for a terminating or no longer
     /// serving endpoint).
-    pub fn set_backend_state(&mut self, addr: Ipv4Addr, port: u16, state: u8) {
+    pub fn set_backend_state(&mut self, addr: impl Into<IpAddr>, port: u16, state: u8) {
+        let (addr, _) = map_addr(addr.into());
         let (id, mut value): (u32, BackendValue) = (0..)
             .zip(self.maps.backends.iter())
             .filter_map(|(id, value)| Some((id, value.ok()?)))
-            .find(|(_, value)| {
-                value.exists()
-                    && value.addr == map_addr_v4(addr.octets())
-                    && value.port == port.to_be()
-            })
+            .find(|(_, value)| value.exists() && value.addr == addr && value.port == port.to_be())
             .expect("the backend is in the map");
         value.state = state;
         self.maps
@@ -217,10 +211,14 @@ impl Datapath {
     }
 
     /// The rev-NAT id of the frontend `addr:port/proto`.
-    pub fn rev_nat_id(&self, addr: Ipv4Addr, port: u16, proto: u8) -> u32 {
+    pub fn rev_nat_id(&self, addr: impl Into<IpAddr>, port: u16, proto: u8) -> u32 {
+        let (addr, family) = map_addr(addr.into());
         self.maps
             .frontends
-            .get(&FrontendKey::v4(addr.octets(), port.to_be(), proto), 0)
+            .get(
+                &FrontendKey::header(addr, family, port.to_be(), proto, SCOPE_ALL),
+                0,
+            )
             .expect("the frontend is programmed")
             .rev_nat_id
     }
@@ -238,13 +236,13 @@ impl Datapath {
 
 /// The frontend `addr:port/proto` of kind `flags` (`FRONTEND_FLAG_*`) with
 /// active `backends` as (address, port, node-local), without affinity or
-/// source ranges.
-pub fn frontend(
-    addr: Ipv4Addr,
+/// source ranges. Addresses of either family.
+pub fn frontend<A: Into<IpAddr> + Copy>(
+    addr: A,
     port: u16,
     proto: u8,
     flags: u16,
-    backends: &[(Ipv4Addr, u16, bool)],
+    backends: &[(A, u16, bool)],
 ) -> DesiredFrontend {
     DesiredFrontend {
         addr: addr.into(),
@@ -267,24 +265,37 @@ pub fn frontend(
 }
 
 /// The Service the fixture programs the frontend `addr:port/proto` as.
-fn frontend_service(addr: Ipv4Addr, port: u16, proto: u8) -> ObjectName {
+fn frontend_service(addr: IpAddr, port: u16, proto: u8) -> ObjectName {
+    let addr = addr.to_string().replace(':', "-");
     ObjectName::new("test", &format!("svc-{addr}-{port}-{proto}"))
 }
 
-/// The conntrack key of the IPv4 packet `src -> dst` (ports in host byte
-/// order) in `direction`, as the datapath writes it.
-pub fn ct_key(
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
+/// The conntrack key of the packet `src -> dst` (ports in host byte
+/// order; addresses of one family) in `direction`, as the datapath writes
+/// it.
+pub fn ct_key<A: Into<IpAddr>>(
+    src: (A, u16),
+    dst: (A, u16),
     proto: u8,
     direction: u8,
 ) -> ConntrackKey {
-    ConntrackKey::v4(
-        src.0.octets(),
+    let (saddr, family) = map_addr(src.0.into());
+    let (daddr, _) = map_addr(dst.0.into());
+    ConntrackKey::new(
+        saddr,
         src.1.to_be(),
-        dst.0.octets(),
+        daddr,
         dst.1.to_be(),
+        family,
         proto,
         direction,
     )
+}
+
+/// `addr` as map keys and values hold it, and its family tag.
+pub fn map_addr(addr: IpAddr) -> (MapAddr, u8) {
+    match addr {
+        IpAddr::V4(addr) => (map_addr_v4(addr.octets()), FAMILY_IPV4),
+        IpAddr::V6(addr) => (addr.octets(), FAMILY_IPV6),
+    }
 }
