@@ -236,7 +236,7 @@ impl LoadedDatapath {
                         .iter()
                         .map(|backend| DesiredBackend {
                             addr: endpoint_v6(backend.addr),
-                            ..backend.clone()
+                            ..*backend
                         })
                         .collect(),
                     ..v4
