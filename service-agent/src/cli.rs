@@ -1,7 +1,7 @@
 //! Command-line interface of `service-agent`.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -261,16 +261,18 @@ pub struct ListArgs {
 #[command(after_help = "Examples:\n  \
   service-agent trace --from 10.200.0.2:40000 --to 10.96.0.10:80\n  \
   service-agent trace --from 10.200.0.2:40000 --to 10.96.0.10:80 --established\n  \
+  service-agent trace --from [fd00:10:200::2]:40000 --to [fd00:96::10]:80\n  \
   service-agent trace --from-network --device eth0 --from 192.0.2.7:50000 --to 10.0.0.1:30080 --proto tcp")]
 pub struct TraceArgs {
-    /// The packet's source, IPv4 `ADDR:PORT`: a pod on this node, or with
-    /// `--from-network` a client outside it.
+    /// The packet's source, `ADDR:PORT` (`[ADDR]:PORT` for IPv6): a pod on
+    /// this node, or with `--from-network` a client outside it.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
-    pub from: SocketAddrV4,
-    /// The packet's destination, IPv4 `ADDR:PORT`: a ClusterIP, a node
-    /// address with a NodePort, a LoadBalancer IP or an externalIP.
+    pub from: SocketAddr,
+    /// The packet's destination, `ADDR:PORT` of the source's family: a
+    /// ClusterIP, a node address with a NodePort, a LoadBalancer IP or an
+    /// externalIP.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
     /// The packet's protocol.
     #[arg(long, value_enum, default_value_t = TraceProtocol::Tcp)]
     pub proto: TraceProtocol,
@@ -312,11 +314,11 @@ pub enum TraceProtocol {
     Udp,
 }
 
-/// Parses an IPv4 `ADDR:PORT`.
-fn parse_endpoint(text: &str) -> Result<SocketAddrV4, String> {
+/// Parses `ADDR:PORT`, `[ADDR]:PORT` for IPv6.
+fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
     text.trim()
-        .parse::<SocketAddrV4>()
-        .map_err(|_| format!("{text:?} is not an IPv4 ADDR:PORT (e.g. 10.96.0.10:80)"))
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("{text:?} is not an ADDR:PORT (e.g. 10.96.0.10:80, [fd00:96::10]:80)"))
 }
 
 impl TraceArgs {
@@ -342,11 +344,18 @@ impl TraceArgs {
             } else {
                 Entry::Pod
             };
+        if self.from.is_ipv4() != self.to.is_ipv4() {
+            anyhow::bail!(
+                "--from {} and --to {} are of two families: give both IPv4 or both IPv6",
+                self.from,
+                self.to
+            );
+        }
         Ok(TraceRequest {
             tuple: PacketTuple {
-                saddr: *self.from.ip(),
+                saddr: self.from.ip(),
                 sport: self.from.port(),
-                daddr: *self.to.ip(),
+                daddr: self.to.ip(),
                 dport: self.to.port(),
                 proto,
                 ip_id: 0,
@@ -560,9 +569,9 @@ mod tests {
         assert_eq!(
             request.tuple,
             PacketTuple {
-                saddr: Ipv4Addr::new(10, 200, 0, 2),
+                saddr: Ipv4Addr::new(10, 200, 0, 2).into(),
                 sport: 40000,
-                daddr: Ipv4Addr::new(10, 96, 0, 10),
+                daddr: Ipv4Addr::new(10, 96, 0, 10).into(),
                 dport: 80,
                 proto: PROTO_TCP,
                 ip_id: 0,
@@ -588,6 +597,29 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(flags.tcp_flags, TCP_FLAG_ACK | service_common::TCP_FLAG_FIN);
+    }
+
+    #[test]
+    fn trace_takes_ipv6_tuples_and_refuses_two_families() {
+        let request = trace_request(&[
+            "--from",
+            "[fd00:10:200::2]:40000",
+            "--to",
+            "[fd00:96::10]:80",
+        ])
+        .unwrap();
+        assert_eq!(
+            request.tuple.saddr,
+            "fd00:10:200::2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            request.tuple.daddr,
+            "fd00:96::10".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(request.tuple.dport, 80);
+        let error =
+            trace_request(&["--from", "10.200.0.2:40000", "--to", "[fd00:96::10]:80"]).unwrap_err();
+        assert!(error.to_string().contains("two families"), "{error}");
     }
 
     #[test]
@@ -627,11 +659,11 @@ mod tests {
         let error = |args: &[&str]| trace_request(args).unwrap_err().to_string();
         let bad = error(&["--from", "10.200.0.x:40000", "--to", "10.96.0.10:80"]);
         assert!(
-            bad.contains("\"10.200.0.x:40000\" is not an IPv4 ADDR:PORT"),
+            bad.contains("\"10.200.0.x:40000\" is not an ADDR:PORT"),
             "{bad}"
         );
         let no_port = error(&["--from", "10.200.0.2", "--to", "10.96.0.10:80"]);
-        assert!(no_port.contains("is not an IPv4 ADDR:PORT"), "{no_port}");
+        assert!(no_port.contains("is not an ADDR:PORT"), "{no_port}");
         let missing = error(&["--from", "10.200.0.2:1"]);
         assert!(missing.contains("--to"), "{missing}");
         let device = error(&[

@@ -263,15 +263,17 @@ pub async fn run(mut options: RunOptions) -> crate::Result<()> {
                     last_detection = Instant::now();
                     let before = (options.node.clone(), options.snat_ipv4, options.snat_ipv6);
                     auto.detect(pipeline.cluster.node.as_ref(), &mut options);
+                    // Flows SNATed before keep their address (the
+                    // collector reads it from each flow's SNAT entry).
                     if options.snat_ipv6 != before.2 {
                         warn!(
-                            "IPv6 SNAT address now {:?} (was {:?}): new flows use it; the conntrack collector recognises SNAT entries by the address it started with until the agent restarts",
+                            "IPv6 SNAT address now {:?} (was {:?}): new flows use it, existing ones keep theirs",
                             options.snat_ipv6, before.2
                         );
                     }
                     if options.snat_ipv4 != before.1 {
                         warn!(
-                            "SNAT address now {:?} (was {:?}): new flows use it; the conntrack collector recognises SNAT entries by the address it started with until the agent restarts",
+                            "SNAT address now {:?} (was {:?}): new flows use it, existing ones keep theirs",
                             options.snat_ipv4, before.1
                         );
                     }

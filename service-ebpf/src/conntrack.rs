@@ -274,7 +274,7 @@ fn snat_reply_entry_key<A: IpFamily>(
     ConntrackKey::new(
         target.addr.to_map(),
         target.port,
-        A::snat(config).to_map(),
+        (*A::snat(config)).to_map(),
         port,
         A::FAMILY,
         flow.proto,
@@ -359,7 +359,7 @@ pub fn record_snat<A: IpFamily>(
         CT_DIR_SNAT,
     );
     let value = ConntrackValue::new(
-        A::snat(config).to_map(),
+        (*A::snat(config)).to_map(),
         port,
         target.backend_id,
         target.rev_nat_id,

@@ -166,7 +166,7 @@ pub fn reverse_snat<A: IpFamily, C: Rewriter + Packet>(ctx: &C, flow: &Flow<A>) 
     let Some(config) = config() else {
         return Outcome::Untouched;
     };
-    if !flow.daddr.same(&A::snat(config)) || !config.snat_ports.contains(u16::from_be(flow.dport)) {
+    if !flow.daddr.same(A::snat(config)) || !config.snat_ports.contains(u16::from_be(flow.dport)) {
         return Outcome::Untouched;
     }
     let key = conntrack_key(flow, CT_DIR_SNAT_REPLY);

@@ -53,6 +53,28 @@ fn fields<A: IpFamily>(flow: &Flow<A>, side: Side) -> (&A, u16, usize, usize) {
     }
 }
 
+/// Writes the address `addr` at `offset`: an IPv6 one as four 32-bit words
+/// (written as sixteen bytes, the BPF target would load, spill and store
+/// it byte by byte; every address the datapath writes sits 4-byte aligned:
+/// `wire::csum_replace_addr6`), an IPv4 one as it always was.
+#[inline(always)]
+fn write_addr<P: crate::packet::Packet, A: IpFamily>(
+    ctx: &P,
+    offset: usize,
+    addr: &A,
+) -> Result<(), i64> {
+    if !A::WIDE {
+        return ctx.write(offset, addr);
+    }
+    let words = core::ptr::from_ref(addr).cast::<u32>();
+    for index in 0..core::mem::size_of::<A>() / 4 {
+        // SAFETY: a word inside the address; aligned (see above).
+        let word = unsafe { words.add(index).read() };
+        ctx.write(offset + index * 4, &word)?;
+    }
+    Ok(())
+}
+
 /// The L4 checksum flags of `flow` for `bpf_l4_csum_replace`: a UDP
 /// checksum of zero stays zero, and none becomes zero.
 #[inline(always)]
@@ -152,10 +174,10 @@ impl Rewriter for TcContext {
         if A::HEADER_CHECKSUM {
             self.write(
                 flow.l3_off + IP_CSUM_OFF,
-                &A::csum_replace_addr(ip_csum, *old_addr, *addr),
+                &A::csum_replace_addr(ip_csum, old_addr, addr),
             )?;
         }
-        self.write(flow.l3_off + addr_off, addr)?;
+        write_addr(self, flow.l3_off + addr_off, addr)?;
         if whole {
             self.write(flow.l4_off + port_off, &port)?;
         }
@@ -175,20 +197,20 @@ impl Rewriter for XdpContext {
         let (old_addr, old_port, addr_off, port_off) = fields(flow, side);
         if A::HEADER_CHECKSUM {
             let ip_csum: u16 = self.read(flow.l3_off + IP_CSUM_OFF).ok_or(-1i64)?;
-            let ip_csum = A::csum_replace_addr(ip_csum, *old_addr, *addr);
+            let ip_csum = A::csum_replace_addr(ip_csum, old_addr, addr);
             if flow.fragment == Fragment::Later {
                 self.write(flow.l3_off + IP_CSUM_OFF, &ip_csum)?;
-                return self.write(flow.l3_off + addr_off, addr);
+                return write_addr(self, flow.l3_off + addr_off, addr);
             }
             self.write(flow.l3_off + IP_CSUM_OFF, &ip_csum)?;
         } else if flow.fragment == Fragment::Later {
-            return self.write(flow.l3_off + addr_off, addr);
+            return write_addr(self, flow.l3_off + addr_off, addr);
         }
         let csum_off = flow.l4_csum_off();
         let l4_csum: u16 = self.read(csum_off).ok_or(-1i64)?;
         // The L4 checksum covers the pseudo header (addresses) and the port.
         let mut l4 = csum_replace(
-            A::csum_replace_addr(l4_csum, *old_addr, *addr),
+            A::csum_replace_addr(l4_csum, old_addr, addr),
             old_port,
             port,
         );
@@ -205,7 +227,7 @@ impl Rewriter for XdpContext {
             };
         }
         self.write(csum_off, &l4)?;
-        self.write(flow.l3_off + addr_off, addr)?;
+        write_addr(self, flow.l3_off + addr_off, addr)?;
         self.write(flow.l4_off + port_off, &port)
     }
 }

@@ -59,7 +59,7 @@ pub fn checksum_is_partial<A: IpFamily>(ctx: &XdpContext, flow: &Flow<A>) -> boo
     let l4_len = u16::from_be_bytes(len)
         .wrapping_add(fixed)
         .wrapping_sub((flow.l4_off - flow.l3_off) as u16);
-    field == A::pseudo_header_sum(flow.saddr, flow.daddr, flow.proto, l4_len)
+    field == A::pseudo_header_sum(&flow.saddr, &flow.daddr, flow.proto, l4_len)
 }
 
 /// Marks the packet for the TC ingress program beside XDP; whether the

@@ -65,13 +65,13 @@ pub trait IpFamily: Copy {
     /// Whether the address is all zero (unset).
     fn is_unset(&self) -> bool;
     /// This node's SNAT address of the family (all zero: no SNAT).
-    fn snat(config: &DatapathConfig) -> Self;
+    fn snat(config: &DatapathConfig) -> &Self;
     /// An L4 checksum (or the IPv4 header checksum) after the address
     /// `old` in the covered data became `new` (RFC 1624).
-    fn csum_replace_addr(csum: u16, old: Self, new: Self) -> u16;
+    fn csum_replace_addr(csum: u16, old: &Self, new: &Self) -> u16;
     /// The folded, not inverted, pseudo-header sum of an L4 segment of
     /// `l4_len` bytes (what a checksum left to offload holds).
-    fn pseudo_header_sum(saddr: Self, daddr: Self, proto: u8, l4_len: u16) -> u16;
+    fn pseudo_header_sum(saddr: &Self, daddr: &Self, proto: u8, l4_len: u16) -> u16;
     /// The fragments-map key of `flow`'s datagram.
     fn fragment_key(flow: &Flow<Self>) -> FragmentKey;
     /// Parses a packet of this family ([`parse_ipv4`], [`parse_ipv6`]).
@@ -108,18 +108,18 @@ impl IpFamily for [u8; 4] {
     }
 
     #[inline(always)]
-    fn snat(config: &DatapathConfig) -> Self {
-        config.snat_v4
+    fn snat(config: &DatapathConfig) -> &Self {
+        &config.snat_v4
     }
 
     #[inline(always)]
-    fn csum_replace_addr(csum: u16, old: Self, new: Self) -> u16 {
-        csum_replace_addr(csum, old, new)
+    fn csum_replace_addr(csum: u16, old: &Self, new: &Self) -> u16 {
+        csum_replace_addr(csum, *old, *new)
     }
 
     #[inline(always)]
-    fn pseudo_header_sum(saddr: Self, daddr: Self, proto: u8, l4_len: u16) -> u16 {
-        pseudo_header_sum(saddr, daddr, proto, l4_len)
+    fn pseudo_header_sum(saddr: &Self, daddr: &Self, proto: u8, l4_len: u16) -> u16 {
+        pseudo_header_sum(*saddr, *daddr, proto, l4_len)
     }
 
     #[inline(always)]
@@ -163,18 +163,18 @@ impl IpFamily for MapAddr {
     }
 
     #[inline(always)]
-    fn snat(config: &DatapathConfig) -> Self {
-        config.snat_v6
+    fn snat(config: &DatapathConfig) -> &Self {
+        &config.snat_v6
     }
 
     #[inline(always)]
-    fn csum_replace_addr(csum: u16, old: Self, new: Self) -> u16 {
-        csum_replace_addr6(csum, &old, &new)
+    fn csum_replace_addr(csum: u16, old: &Self, new: &Self) -> u16 {
+        csum_replace_addr6(csum, old, new)
     }
 
     #[inline(always)]
-    fn pseudo_header_sum(saddr: Self, daddr: Self, proto: u8, l4_len: u16) -> u16 {
-        pseudo_header_sum6(&saddr, &daddr, proto, l4_len)
+    fn pseudo_header_sum(saddr: &Self, daddr: &Self, proto: u8, l4_len: u16) -> u16 {
+        pseudo_header_sum6(saddr, daddr, proto, l4_len)
     }
 
     #[inline(always)]

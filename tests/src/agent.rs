@@ -112,6 +112,25 @@ impl AgentProcess {
         }
         Ok(())
     }
+
+    /// Waits until the agent's log holds `needle` `times` times, for at
+    /// most 60 s: that covers a restarted agent loading and verifying the
+    /// whole object and attaching eight socket programs on a machine whose
+    /// cores are busy. Fails if the agent exits or the time runs out.
+    pub fn wait_for_log(&mut self, needle: &str, times: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.log().matches(needle).count() < times {
+            self.check_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "no {needle:?} ({times} times) in the agent log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
 }
 
 /// Starts `service-agent run` inside the node namespace; output appended to `log`.

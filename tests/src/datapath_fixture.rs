@@ -3,7 +3,7 @@
 //! through the agent's own desired-state builder and ordered writes, and a
 //! runner that returns a program's verdict and the packet after it.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use aya::{
     Ebpf,
@@ -138,9 +138,13 @@ impl Datapath {
         }
     }
 
-    /// Sets this node's SNAT address in the datapath configuration.
-    pub fn set_snat_address(&mut self, addr: Ipv4Addr) {
-        self.config.snat_v4 = addr.octets();
+    /// Sets this node's SNAT address of the address's family in the
+    /// datapath configuration.
+    pub fn set_snat_address(&mut self, addr: impl Into<IpAddr>) {
+        match addr.into() {
+            IpAddr::V4(addr) => self.config.snat_v4 = addr.octets(),
+            IpAddr::V6(addr) => self.config.snat_v6 = addr.octets(),
+        }
         self.write_config();
     }
 

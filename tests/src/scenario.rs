@@ -5,7 +5,7 @@
 //! ([`TwoNodeScenario`]).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -55,6 +55,15 @@ pub fn demo_yaml_path() -> PathBuf {
 pub fn backend_name(pod: usize) -> String {
     format!("web-{pod}")
 }
+
+/// The name a backend pod's IPv6 servers answer with, in the dual-stack
+/// scenarios (its IPv4 servers answer as [`backend_name`]).
+pub fn backend6_name(pod: usize) -> String {
+    format!("web6-{pod}")
+}
+
+/// The Service's IPv6 ClusterIP, in the dual-stack scenarios (the demo's).
+pub const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 
 /// NodePort of the two-node Service "web" ([`two_node_web_yaml`]), TCP.
 pub const WEB_NODE_PORT_TCP: u16 = 30080;
@@ -142,7 +151,8 @@ pub fn web_service_yaml_draining(backend_pods: &[usize], terminating_pods: &[usi
 pub struct ClusterIpScenario {
     /// The agent process.
     pub agent: AgentProcess,
-    /// One server pair per backend pod.
+    /// One server pair per backend pod (two in the dual-stack scenario: one
+    /// per family).
     pub servers: Vec<BackendServer>,
     /// Node and pods; pod 0 is the client.
     pub topology: SingleNode,
@@ -169,22 +179,56 @@ impl ClusterIpScenario {
         expected_backends: usize,
         agent_args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::build(tag, yaml, expected_backends, agent_args, false)
+    }
+
+    /// [`ClusterIpScenario::start_with_agent_args`] on the dual-stack node
+    /// ([`SingleNode::dual_stack`]): every backend pod also serves on its
+    /// IPv6 address, answering as [`backend6_name`].
+    pub fn start_dual_stack(
+        tag: &str,
+        yaml: &str,
+        expected_backends: usize,
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::build(tag, yaml, expected_backends, agent_args, true)
+    }
+
+    fn build(
+        tag: &str,
+        yaml: &str,
+        expected_backends: usize,
+        agent_args: &[&str],
+        dual_stack: bool,
+    ) -> anyhow::Result<Self> {
         let workdir = tempfile::Builder::new().prefix("service-lb-").tempdir()?;
         let yaml_path = workdir.path().join("services.yaml");
         std::fs::write(&yaml_path, yaml)?;
         let pin = PinDir::new(tag)?;
-        let topology = SingleNode::new(tag, BACKENDS + 1)?;
+        let topology = if dual_stack {
+            SingleNode::dual_stack(tag, BACKENDS + 1)?
+        } else {
+            SingleNode::new(tag, BACKENDS + 1)?
+        };
         let mut servers = Vec::new();
         for pod in 1..=BACKENDS {
+            let ns = &topology.pods[pod].ns;
             servers.push(
-                BackendServer::start(
-                    &topology.pods[pod].ns,
-                    &backend_name(pod),
-                    BACKEND_HTTP_PORT,
-                    BACKEND_UDP_PORT,
-                )
-                .with_context(|| format!("starting the servers of pod {pod}"))?,
+                BackendServer::start(ns, &backend_name(pod), BACKEND_HTTP_PORT, BACKEND_UDP_PORT)
+                    .with_context(|| format!("starting the servers of pod {pod}"))?,
             );
+            if let Some(ip6) = topology.pods[pod].ip6 {
+                servers.push(
+                    BackendServer::start_on(
+                        ns,
+                        &backend6_name(pod),
+                        IpAddr::V6(ip6),
+                        BACKEND_HTTP_PORT,
+                        BACKEND_UDP_PORT,
+                    )
+                    .with_context(|| format!("starting the IPv6 servers of pod {pod}"))?,
+                );
+            }
         }
         let mut args = vec!["--pod-device-prefix", POD_DEVICE_PREFIX];
         args.extend_from_slice(agent_args);
@@ -422,7 +466,7 @@ impl TwoNodeScenario {
 
 /// Replaces the file at `path` with `text` atomically (write beside it,
 /// then rename), so a watcher never reads it half written.
-pub fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
+fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
     let staging = path.with_extension("new");
     std::fs::write(&staging, text)?;
     std::fs::rename(&staging, path)?;

@@ -1,11 +1,15 @@
-//! Datapath tests of IPv6 from pods, through BPF_PROG_TEST_RUN: the IPv4
-//! ClusterIP, conntrack and refusal cases again with IPv6 packets. The real
+//! Datapath tests of IPv6, through BPF_PROG_TEST_RUN: the IPv4 ClusterIP,
+//! conntrack, refusal and NodePort cases again with IPv6 packets. The real
 //! `from_pod` DNATs a pod's packet to an IPv6 ClusterIP to a backend
 //! (conntrack entries tagged IPv6, the TCP/UDP checksum, all IPv6 has,
 //! kept valid), `to_pod` gives the replies their frontend back, extension
 //! headers are walked to the transport header, a fragment passes
 //! untouched, and a new flow to a Service without endpoints is refused
-//! with a TCP RST or an ICMPv6 port unreachable. Every output is checked
+//! with a TCP RST or an ICMPv6 port unreachable. From the network, an IPv6
+//! NodePort is DNATed on TC (`from_network_tc`), a flow to a remote
+//! backend SNATed to the node's IPv6 SNAT address by `to_network` and its
+//! replies translated back both ways; XDP hands IPv6 to the TC program
+//! beside it (deferred, untouched). Every output is checked
 //! byte for byte against etherparse's packets, or parsed and its checksums
 //! verified.
 
@@ -15,9 +19,12 @@ use etherparse::{
     Icmpv6Type, IpNumber, Ipv6FragmentHeader, NetHeaders, PacketBuilder, PacketHeaders,
     TransportHeader, icmpv6::DestUnreachableCode,
 };
-use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
+use service_agent::datapath::{
+    PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD,
+};
 use service_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, FAMILY_IPV6, PROTO_TCP, PROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_RST,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, FAMILY_IPV6,
+    FRONTEND_FLAG_NODE_PORT, PROTO_TCP, PROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_RST,
 };
 use service_tests::{
     datapath_fixture::{Datapath, ct_key},
@@ -253,4 +260,115 @@ fn a_new_flow_to_an_ipv6_service_without_endpoints_is_refused() {
     // The quote: the offending IPv6 header and UDP header.
     let quote = &out[14 + 40 + 8..];
     assert_eq!(quote, &query[14..14 + 40 + 8]);
+}
+
+/// The external client.
+const EXTERNAL_CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x99, 0, 0, 0, 0, 2);
+/// This node's IPv6 address on the external network: the NodePort's.
+const NODE_IP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x99, 0, 0, 0, 0, 1);
+/// This node's IPv6 SNAT address (on the node network).
+const SNAT_IP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);
+/// A backend on another node.
+const REMOTE_BACKEND: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x202, 0, 0, 0, 0, 2);
+/// The only SNAT port (a range of one: the translation is exact).
+const SNAT_PORT: u16 = 20_000;
+/// `XDP_PASS`.
+const XDP_PASS: u32 = 2;
+
+/// NodePort 30080 to `BACKEND` (on this node), 30081 to `REMOTE_BACKEND`.
+fn nodeport_datapath() -> Datapath {
+    let mut datapath = Datapath::load();
+    datapath.set_snat_address(SNAT_IP);
+    datapath.set_snat_ports(SNAT_PORT, SNAT_PORT);
+    for (port, backend, local) in [(30080, BACKEND, true), (30081, REMOTE_BACKEND, false)] {
+        datapath.set_frontend(
+            NODE_IP,
+            port,
+            PROTO_TCP,
+            FRONTEND_FLAG_NODE_PORT,
+            &[(backend, TARGET_PORT, local)],
+        );
+    }
+    datapath
+}
+
+#[test]
+fn an_ipv6_node_port_reaches_a_local_backend_on_tc() {
+    require_root!();
+    let datapath = nodeport_datapath();
+    let client = (EXTERNAL_CLIENT, CLIENT_PORT);
+    let syn = tcp6(client, (NODE_IP, 30080), true, false, b"");
+    let dnat = tcp6(client, (BACKEND, TARGET_PORT), true, false, b"");
+    assert_run(&datapath, PROG_FROM_NETWORK_TC, &syn, CONTINUE, &dnat);
+    let syn_ack = tcp6((BACKEND, TARGET_PORT), client, true, true, b"");
+    let restored = tcp6((NODE_IP, 30080), client, true, true, b"");
+    assert_run(&datapath, PROG_TO_NETWORK, &syn_ack, CONTINUE, &restored);
+    // XDP hands IPv6 to the TC program beside it: untouched, marked.
+    let next = tcp6(
+        (EXTERNAL_CLIENT, CLIENT_PORT + 1),
+        (NODE_IP, 30080),
+        true,
+        false,
+        b"",
+    );
+    let (verdict, out) = datapath.run(PROG_FROM_NETWORK, &next);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out,
+        [b"SLBD".as_slice(), &next].concat(),
+        "deferred, untouched"
+    );
+}
+
+#[test]
+fn an_ipv6_node_port_reaches_a_remote_backend_through_snat() {
+    require_root!();
+    let datapath = nodeport_datapath();
+    let client = (EXTERNAL_CLIENT, CLIENT_PORT);
+    let backend = (REMOTE_BACKEND, TARGET_PORT);
+    let snat = (SNAT_IP, SNAT_PORT);
+    for (name, program, input, expected) in [
+        (
+            "the SYN is DNATed on the way in, the client kept",
+            PROG_FROM_NETWORK_TC,
+            tcp6(client, (NODE_IP, 30081), true, false, b""),
+            tcp6(client, backend, true, false, b""),
+        ),
+        (
+            "and SNATed on the way out to the backend's node",
+            PROG_TO_NETWORK,
+            tcp6(client, backend, true, false, b""),
+            tcp6(snat, backend, true, false, b""),
+        ),
+        (
+            "the SYN-ACK to the SNAT address goes to the client again",
+            PROG_FROM_NETWORK_TC,
+            tcp6(backend, snat, true, true, b""),
+            tcp6(backend, client, true, true, b""),
+        ),
+        (
+            "and leaves from the NodePort",
+            PROG_TO_NETWORK,
+            tcp6(backend, client, true, true, b""),
+            tcp6((NODE_IP, 30081), client, true, true, b""),
+        ),
+    ] {
+        let (verdict, out) = datapath.run(program, &input);
+        assert_eq!(verdict, CONTINUE, "{name}: verdict");
+        assert_checksums_valid(&out, name);
+        assert_eq!(out, expected, "{name}: output bytes");
+    }
+    let snat_entry = datapath
+        .entry(&ct_key(client, backend, PROTO_TCP, CT_DIR_SNAT))
+        .expect("the flow's SNAT entry");
+    assert_eq!(
+        (snat_entry.nat_addr, snat_entry.nat_port),
+        (SNAT_IP.octets(), SNAT_PORT.to_be())
+    );
+    assert!(
+        datapath
+            .entry(&ct_key(backend, snat, PROTO_TCP, CT_DIR_SNAT_REPLY))
+            .is_some(),
+        "the flow's SNAT reply entry"
+    );
 }

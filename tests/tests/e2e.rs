@@ -13,7 +13,7 @@ use std::{
 };
 
 use service_tests::{
-    agent::{list_json, listed_backends},
+    agent::{list_json, listed_backends, listed_frontend},
     require_root,
     scenario::{
         BACKENDS, ClusterIpScenario, backend_name, demo_yaml_path, http_frontend, udp_frontend,
@@ -53,12 +53,8 @@ fn tcp_and_udp_to_a_cluster_ip_reach_all_three_backends() {
 
     // `list` reads the counters the datapath kept for these flows.
     let listing = list_json(scenario.pin.path()).expect("list --json");
-    let tcp = listing["frontends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["port"] == 80)
-        .expect("HTTP frontend listed");
+    let tcp =
+        listed_frontend(scenario.pin.path(), http_frontend(), "TCP").expect("HTTP frontend listed");
     assert_eq!(tcp["stats"]["new_flows"], 300, "{tcp}");
     assert_eq!(tcp["service"], "demo/web", "{tcp}");
     // The headless and ExternalName Services of the demo file program
@@ -98,9 +94,11 @@ fn tcp_and_udp_to_a_cluster_ip_reach_all_three_backends() {
     assert_eq!(code, 200);
     for line in [
         "service_agent_frontend_flows_total{frontend=\"10.96.0.10:80/TCP\"} 300",
-        "service_agent_frontends 2",
-        "service_agent_backends 6",
-        "service_agent_map_entries{map=\"revnat\"} 2",
+        // The demo's Service is dual-stack: its IPv6 ClusterIP and
+        // endpoints are programmed too (this topology has no IPv6).
+        "service_agent_frontends 4",
+        "service_agent_backends 12",
+        "service_agent_map_entries{map=\"revnat\"} 4",
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
     ] {
         assert!(

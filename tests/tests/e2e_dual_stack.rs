@@ -3,9 +3,10 @@
 //! maps, each family's with the endpoints of its own EndpointSlice and its
 //! own family tag, writes the IPv6 SNAT address into the datapath's
 //! configuration, and `list` and `/metrics` show both families, the IPv6
-//! frontends reported as served to host processes by socket-LB but not
-//! to packets (the packet datapath translates IPv4 only so far). No
-//! traffic here: `e2e_host_ipv6.rs` sends it through socket-LB.
+//! frontends reported as served in part (ICMPv6 errors about their flows
+//! and IPv6 fragments are not translated yet). No traffic here:
+//! `e2e_host_ipv6.rs` sends it through socket-LB, `e2e_ipv6_cluster_ip.rs`
+//! and `e2e_ipv6_nodeport.rs` through the packet datapath.
 
 use std::{
     collections::BTreeSet,
@@ -252,7 +253,7 @@ fn a_dual_stack_service_is_programmed_for_both_families_listed_and_reported() {
     assert_eq!(config.snat_v6, NODE_IPV6.octets());
 
     // `list` prints IPv6 addresses bracketed before their port, and says
-    // the IPv6 frontends are programmed but not served.
+    // what the IPv6 frontends are not served for yet.
     let table = list_table(pin.path()).expect("list");
     for shown in [
         "[fd00:96::10]:80",
@@ -270,7 +271,7 @@ fn a_dual_stack_service_is_programmed_for_both_families_listed_and_reported() {
         "externalIP 2001:db8:99::200",
     ] {
         let line = format!(
-            "not supported: default/web: Service default/web: IPv6 {address}: served to host processes by socket-LB, not to packets: the packet datapath translates IPv4 only so far"
+            "not supported: default/web: Service default/web: IPv6 {address}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back and fragmented datagrams pass untranslated"
         );
         assert!(table.contains(&line), "{line:?} not in:\n{table}");
     }

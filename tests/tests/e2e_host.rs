@@ -15,16 +15,12 @@
 //! kernel has no test run for `cgroup_sock_addr` programs, so this file is
 //! their test.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde_json::Value;
 use service_agent::datapath::{cgroup::link_pins, maps::datapath_counters};
 use service_tests::{
-    agent::{AgentProcess, frontend_new_flows, list_json},
+    agent::{frontend_new_flows, list_json},
     cgroup::{SOCKET_LB_HOOKS, TestCgroup},
     netns::NetNs,
     require_root,
@@ -108,22 +104,6 @@ fn start(tag: &str, backends: &[usize], cgroup: &TestCgroup) -> ClusterIpScenari
         scenario.agent.log()
     );
     scenario
-}
-
-/// Waits until the agent's log holds `needle` `times` times. The bound
-/// covers a restarted agent loading and verifying the whole object and
-/// attaching eight socket programs on a machine whose cores are busy.
-fn wait_for_log(agent: &mut AgentProcess, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.log().matches(needle).count() < times {
-        agent.check_running().expect("agent running");
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} ({times} times) in the agent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The programs attached to `cgroup` on each socket-LB hook.
@@ -257,7 +237,10 @@ fn restarted_agent_adopts_the_socket_links() {
             path.as_str(),
         ])
         .expect("restart");
-    wait_for_log(&mut scenario.agent, "socket-LB attached to cgroup", 2);
+    scenario
+        .agent
+        .wait_for_log("socket-LB attached to cgroup", 2)
+        .expect("socket-LB attached");
     let after = programs(&cgroup);
     for ((hook, before), after) in SOCKET_LB_HOOKS.iter().zip(&before).zip(&after) {
         assert_eq!(after.len(), 1, "hook {hook}: programs {after:?}");
@@ -290,7 +273,10 @@ fn restarted_agent_adopts_the_socket_links() {
             other_path.as_str(),
         ])
         .expect("restart");
-    wait_for_log(&mut scenario.agent, "socket-LB attached to cgroup", 3);
+    scenario
+        .agent
+        .wait_for_log("socket-LB attached to cgroup", 3)
+        .expect("socket-LB attached");
     assert!(
         programs(&cgroup).iter().all(Vec::is_empty),
         "{:?}",
@@ -319,7 +305,10 @@ fn restarted_agent_adopts_the_socket_links() {
             "none",
         ])
         .expect("restart");
-    wait_for_log(&mut scenario.agent, "socket-LB disabled", 1);
+    scenario
+        .agent
+        .wait_for_log("socket-LB disabled", 1)
+        .expect("socket-LB disabled");
     for pin in link_pins(&scenario.pin.path().join("links")) {
         assert!(!pin.exists(), "{} still pinned", pin.display());
     }

@@ -21,7 +21,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -29,22 +29,18 @@ use serde_json::Value;
 use service_agent::datapath::maps::datapath_counters;
 use service_common::FAMILY_IPV6;
 use service_tests::{
-    agent::{AgentProcess, frontend_new_flows, list_json, listed_frontend, wait_for_backends},
+    agent::{frontend_new_flows, list_json, listed_frontend, wait_for_backends},
     cgroup::{SOCKET_LB_HOOKS, TestCgroup},
     netns::NetNs,
-    pins::PinDir,
     pins::affinity_entries,
     require_root,
     scenario::{
-        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP, HTTP_PORT, UDP_PORT,
-        backend_name, http_frontend, replace_file, udp_frontend,
+        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP, CLUSTER_IP6, ClusterIpScenario,
+        HTTP_PORT, UDP_PORT, backend_name, backend6_name, http_frontend, udp_frontend,
     },
-    topology::{POD_DEVICE_PREFIX, SingleNode},
-    traffic::{BackendServer, host_client_answers, run_host_client},
+    traffic::{host_client_answers, run_host_client},
 };
 
-/// The Service's IPv6 ClusterIP.
-const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 /// The Service's IPv6 externalIP (inside `--external-ip-cidrs`).
 const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 0x200);
 /// The IPv6 ClusterIP of the Service without endpoints.
@@ -129,89 +125,35 @@ endpoints:
     yaml
 }
 
-/// The name a backend pod's IPv6 servers answer with.
-fn backend6_name(pod: usize) -> String {
-    format!("web6-{pod}")
-}
-
-/// The running scenario; dropped in field order: the agent first, the
-/// namespaces last.
-struct Scenario {
-    agent: AgentProcess,
-    _servers: Vec<BackendServer>,
-    topology: SingleNode,
-    pin: PinDir,
-    /// The YAML file the agent watches.
-    yaml: std::path::PathBuf,
-    _workdir: tempfile::TempDir,
-}
-
 /// [`start_with`] on the Services of `services_yaml("", "")`, the agent
 /// with no further flags.
-fn start(tag: &str, cgroup: &TestCgroup) -> Scenario {
+fn start(tag: &str, cgroup: &TestCgroup) -> ClusterIpScenario {
     start_with(tag, cgroup, &services_yaml("", ""), &[], &[])
 }
 
-/// Builds the dual-stack node, starts both families' servers on pods
-/// 1..=3 and the agent on `yaml` with socket-LB on `cgroup` (and
-/// `agent_args`), and waits until every frontend the tests use (and the
-/// TCP frontends `more_frontends`, with all backends) is programmed and
-/// socket-LB attached.
+/// The dual-stack scenario (both families' servers on pods 1..=3) with
+/// the agent on `yaml`, socket-LB on `cgroup` (and `agent_args`); waits
+/// until every frontend the tests use (and the TCP frontends
+/// `more_frontends`, with all backends) is programmed and socket-LB
+/// attached.
 fn start_with(
     tag: &str,
     cgroup: &TestCgroup,
     yaml: &str,
     agent_args: &[&str],
     more_frontends: &[SocketAddr],
-) -> Scenario {
-    let workdir = tempfile::Builder::new()
-        .prefix("service-lb-")
-        .tempdir()
-        .expect("work folder");
-    let yaml_text = yaml;
-    let yaml = workdir.path().join("services.yaml");
-    std::fs::write(&yaml, yaml_text).expect("writing the YAML");
-    let pin = PinDir::new(tag).expect("pin folder");
-    let topology = SingleNode::dual_stack(tag, BACKENDS + 1).expect("dual-stack node");
-    let mut servers = Vec::new();
-    for pod in 1..=BACKENDS {
-        let ns = &topology.pods[pod].ns;
-        servers.push(
-            BackendServer::start(ns, &backend_name(pod), BACKEND_HTTP_PORT, BACKEND_UDP_PORT)
-                .expect("IPv4 servers"),
-        );
-        let ip6 = topology.pods[pod].ip6.expect("a dual-stack pod");
-        servers.push(
-            BackendServer::start_on(
-                ns,
-                &backend6_name(pod),
-                IpAddr::V6(ip6),
-                BACKEND_HTTP_PORT,
-                BACKEND_UDP_PORT,
-            )
-            .expect("IPv6 servers"),
-        );
-    }
+) -> ClusterIpScenario {
     let path = cgroup.path().to_str().expect("UTF-8 cgroup path");
     let mut args = vec![
-        "--pod-device-prefix",
-        POD_DEVICE_PREFIX,
         "--cgroup-path",
         path,
         "--external-ip-cidrs",
         "2001:db8:99::/64",
     ];
     args.extend_from_slice(agent_args);
-    let mut agent = AgentProcess::start_with_args(
-        &topology.node,
-        &yaml,
-        pin.path(),
-        &args,
-        &workdir.path().join("agent.log"),
-    )
-    .expect("agent");
+    let mut scenario =
+        ClusterIpScenario::start_dual_stack(tag, yaml, BACKENDS, &args).expect("scenario");
     let frontends = [
-        (http_frontend(), BACKENDS),
         (SocketAddr::from((CLUSTER_IP6, HTTP_PORT)), BACKENDS),
         (SocketAddr::from((EXTERNAL_IP6, HTTP_PORT)), BACKENDS),
         (SocketAddr::from((EMPTY_CLUSTER_IP6, HTTP_PORT)), 0),
@@ -219,8 +161,8 @@ fn start_with(
     let more = more_frontends.iter().map(|frontend| (*frontend, BACKENDS));
     for (frontend, backends) in frontends.into_iter().chain(more) {
         wait_for_backends(
-            &mut agent,
-            pin.path(),
+            &mut scenario.agent,
+            scenario.pin.path(),
             frontend,
             "TCP",
             backends,
@@ -228,41 +170,32 @@ fn start_with(
         )
         .expect("frontend programmed");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.log().contains("socket-LB attached to cgroup") {
-        agent.check_running().expect("agent running");
-        assert!(
-            Instant::now() < deadline,
-            "socket-LB never attached; agent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Scenario {
-        agent,
-        _servers: servers,
-        topology,
-        pin,
-        yaml,
-        _workdir: workdir,
-    }
+    scenario
+        .agent
+        .wait_for_log("socket-LB attached to cgroup", 1)
+        .expect("socket-LB attached");
+    scenario
 }
 
-impl Scenario {
-    /// Replaces the watched YAML with `yaml`, then polls `check` every
-    /// 200 ms until it holds, for at most 15 s (`what` names it).
-    fn rewrite_until(&mut self, yaml: &str, what: &str, mut check: impl FnMut(&Self) -> bool) {
-        replace_file(&self.yaml, yaml).expect("rewriting the YAML");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !check(self) {
-            self.agent.check_running().expect("agent running");
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within 15 s; agent log:\n{}",
-                self.agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+/// Replaces the YAML `scenario`'s agent watches with `yaml`, then polls
+/// `check` every 200 ms until it holds, for at most 15 s (`what` names
+/// it).
+fn rewrite_until(
+    scenario: &mut ClusterIpScenario,
+    yaml: &str,
+    what: &str,
+    mut check: impl FnMut(&ClusterIpScenario) -> bool,
+) {
+    scenario.rewrite_yaml(yaml).expect("rewriting the YAML");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check(scenario) {
+        scenario.agent.check_running().expect("agent running");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 15 s; agent log:\n{}",
+            scenario.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -571,14 +504,19 @@ fn session_affinity_keeps_the_node_on_one_ipv6_backend() {
     }
 
     // Without affinity the node's connections spread again.
-    scenario.rewrite_until(&services_yaml("", ""), "affinity off", |scenario| {
-        let runs = host_client(
-            &scenario.topology.node,
-            Some(&cgroup),
-            &run("http", http6, 30),
-        );
-        answered_by(&runs[0]).len() > 1
-    });
+    rewrite_until(
+        &mut scenario,
+        &services_yaml("", ""),
+        "affinity off",
+        |scenario| {
+            let runs = host_client(
+                &scenario.topology.node,
+                Some(&cgroup),
+                &run("http", http6, 30),
+            );
+            answered_by(&runs[0]).len() > 1
+        },
+    );
 }
 
 /// `loadBalancerSourceRanges` and the externalIP allow-list over IPv6:
@@ -666,7 +604,8 @@ fn ipv6_source_ranges_and_external_ip_allow_list_decide_who_is_served() {
 
     // Ranges that take the node in: served, by every backend.
     let cgroup = &cgroup;
-    scenario.rewrite_until(
+    rewrite_until(
+        &mut scenario,
         &web(&format!("\"{NODE_IP6}/128\"")),
         "the node admitted",
         |scenario| {

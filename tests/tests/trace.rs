@@ -3,7 +3,8 @@
 //! connection, exactly the backend that answered it; from the network to a
 //! NodePort whose backend is on another node, the SNAT and the reply
 //! translated back. Every trace leaves the live maps byte for byte as they
-//! were, conntrack and counters included.
+//! were, conntrack and counters included. The same over IPv6, from a pod
+//! to the IPv6 ClusterIP of the demo's dual-stack Service.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -12,7 +13,8 @@ use service_tests::{
     pins::{PinDir, pinned_map_bytes},
     require_root,
     scenario::{
-        BACKEND_HTTP_PORT, BACKENDS, ClusterIpScenario, backend_name, http_frontend, udp_frontend,
+        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP6, ClusterIpScenario, HTTP_PORT,
+        UDP_PORT, backend_name, backend6_name, demo_yaml_path, http_frontend, udp_frontend,
         web_service_yaml,
     },
     topology::{
@@ -47,6 +49,19 @@ fn backends_of(frontend: &serde_json::Value) -> Vec<String> {
         .expect("backends")
         .iter()
         .map(|b| format!("{}:{}", b["address"].as_str().unwrap(), b["port"]))
+        .collect()
+}
+
+/// The `[address]:port` strings of a JSON list of IPv6 backends.
+fn backends6_of(frontend: &serde_json::Value) -> Vec<String> {
+    frontend["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| {
+            let address: std::net::Ipv6Addr = b["address"].as_str().unwrap().parse().unwrap();
+            SocketAddr::from((address, b["port"].as_u64().unwrap() as u16)).to_string()
+        })
         .collect()
 }
 
@@ -386,4 +401,107 @@ fn trace_from_the_network_shows_the_snat_to_a_remote_backend_and_the_reply_undon
     );
     assert_eq!(tc["stages"][0]["program"], "from_network_tc");
     assert_eq!(tc["reply"]["from_frontend"], true);
+}
+
+/// IPv6 from a pod (the demo's dual-stack Service): a new TCP flow to the
+/// IPv6 ClusterIP gets one of its IPv6 backends (`[addr]:port`, checksums
+/// valid), forward and reply entries, and its reply comes back from the
+/// ClusterIP; UDP alike; a real IPv6 connection probed as established
+/// names exactly the backend that answered it. The live maps stay as they
+/// were.
+#[test]
+fn trace_shows_ipv6_flows_from_a_pod_and_the_backend_of_an_open_ipv6_connection() {
+    require_root!();
+    let yaml = std::fs::read_to_string(demo_yaml_path()).expect("demo YAML");
+    let scenario = ClusterIpScenario::start_dual_stack("trace6", &yaml, BACKENDS, &[]).unwrap();
+    let pin = scenario.pin.path();
+    let client = scenario.topology.pods[0].ip6.expect("dual-stack pod");
+    let from = SocketAddr::from((client, 40000)).to_string();
+    let http6 = SocketAddr::from((CLUSTER_IP6, HTTP_PORT));
+    let to = http6.to_string();
+    let backend6 = |pod: usize, port: u16| {
+        let ip6 = scenario.topology.pods[pod].ip6.expect("dual-stack pod");
+        SocketAddr::from((ip6, port)).to_string()
+    };
+
+    let new = trace_leaving_maps_alone(pin, &["--from", &from, "--to", &to]);
+    assert_eq!(new["outcome"], "translated", "{new:#}");
+    assert_eq!(new["frontend"]["frontend"], "[fd00:96::10]:80/TCP");
+    assert_eq!(new["frontend"]["service"], "demo/web");
+    let mut expected: Vec<String> = (1..=BACKENDS)
+        .map(|pod| backend6(pod, BACKEND_HTTP_PORT))
+        .collect();
+    expected.sort();
+    let mut listed = backends6_of(&new["frontend"]);
+    listed.sort();
+    assert_eq!(listed, expected);
+    let chosen = new["backend"]["backend"].as_str().unwrap().to_owned();
+    assert!(expected.contains(&chosen), "{chosen} is no IPv6 backend");
+    let output = last_output(&new["stages"]);
+    assert_eq!(output["source"], from.as_str());
+    assert_eq!(output["destination"], chosen.as_str());
+    assert_eq!(output["tcp_flags"], "SYN");
+    assert_eq!(output["checksums_valid"], true, "{output:#}");
+    assert_eq!(
+        entries(&new["conntrack"]),
+        [
+            ("created".to_owned(), "forward".to_owned()),
+            ("created".to_owned(), "reply".to_owned())
+        ]
+    );
+    let reply = &new["reply"];
+    assert_eq!(reply["stages"][0]["program"], "to_pod");
+    let reply_out = last_output(&reply["stages"]);
+    assert_eq!(reply_out["source"], to.as_str());
+    assert_eq!(reply_out["destination"], from.as_str());
+    assert_eq!(reply_out["tcp_flags"], "SYN,ACK");
+    assert_eq!(reply_out["checksums_valid"], true, "{reply_out:#}");
+    assert_eq!(reply["from_frontend"], true);
+    let text = trace_text(pin, &["--from", &from, "--to", &to]).unwrap();
+    eprintln!("{text}");
+    assert!(
+        text.contains(&format!("packet    {from} -> {to} TCP [SYN], from pod")),
+        "{text}"
+    );
+    let backends_line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("backends:"))
+        .expect("a backends line");
+    for backend in &expected {
+        assert!(backends_line.contains(backend.as_str()), "{backends_line}");
+    }
+
+    let udp6 = SocketAddr::from((CLUSTER_IP6, UDP_PORT)).to_string();
+    let udp = trace_leaving_maps_alone(pin, &["--from", &from, "--to", &udp6, "--proto", "udp"]);
+    assert_eq!(
+        udp["frontend"]["frontend"], "[fd00:96::10]:7/UDP",
+        "{udp:#}"
+    );
+    let udp_backend = udp["backend"]["backend"].as_str().unwrap();
+    assert!(
+        (1..=BACKENDS).any(|pod| backend6(pod, BACKEND_UDP_PORT) == udp_backend),
+        "{udp_backend}"
+    );
+    assert_eq!(last_output(&udp["stages"])["checksums_valid"], true);
+    assert_eq!(
+        last_output(&udp["reply"]["stages"])["source"],
+        udp6.as_str()
+    );
+
+    // A real IPv6 connection, probed as established: its backend.
+    let mut connection = HttpConnection::open(scenario.client(), http6).unwrap();
+    let answered = connection.get().unwrap();
+    let pod = (1..=BACKENDS)
+        .find(|pod| backend6_name(*pod) == answered)
+        .unwrap_or_else(|| panic!("unknown IPv6 backend {answered:?}"));
+    let local = connection.local_addr().unwrap().to_string();
+    let established =
+        trace_leaving_maps_alone(pin, &["--from", &local, "--to", &to, "--established"]);
+    assert_eq!(established["outcome"], "translated", "{established:#}");
+    assert_eq!(
+        established["backend"]["backend"],
+        backend6(pod, BACKEND_HTTP_PORT).as_str()
+    );
+    assert_eq!(established["backend"]["choice"], "tracked");
+    assert_eq!(connection.get().unwrap(), answered);
 }

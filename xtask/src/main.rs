@@ -39,7 +39,8 @@ enum Task {
     /// and 6.12 kernels in QEMU (part of `test`).
     KernelMatrix,
     /// Run the demo: namespaces as node and pods, the agent on
-    /// examples/demo-services.yaml, real traffic to a ClusterIP.
+    /// examples/demo-services.yaml, real traffic to both ClusterIPs of a
+    /// dual-stack Service.
     Demo,
     /// cargo fmt --check, clippy -D warnings (host crates and the eBPF
     /// crate), cargo-deny (deny.toml) and shellcheck on the shell scripts.

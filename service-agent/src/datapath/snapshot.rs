@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -28,9 +28,9 @@ use service_common::{
 use service_common::{
     BACKEND_FLAG_NODE_LOCAL, BackendId, BackendValue, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY,
     CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig,
-    FAMILY_IPV4, FAMILY_IPV6, FRONTEND_FLAGS_EXTERNAL, FragmentKey, FragmentValue, FrontendKey,
-    FrontendValue, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS,
-    MAP_FRONTENDS, MAP_REVNAT, MAPS, MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL,
+    FAMILY_IPV6, FRONTEND_FLAGS_EXTERNAL, FragmentKey, FragmentValue, FrontendKey, FrontendValue,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_FRAGMENTS, MAP_FRONTENDS,
+    MAP_REVNAT, MAPS, MapAddr, MapSpec, REVNAT_MAX_ENTRIES, RevNatId, RevNatValue, SCOPE_ALL,
     SCOPE_INTERNAL, TraceCopy, map_addr_v4, master_key, reply_key, snat_key, snat_reply_key,
 };
 
@@ -38,6 +38,7 @@ use super::{
     MapSizes, bpffs,
     load::{load_with_sizes, map_type},
     maps::{open_pinned, sum_counters},
+    model::map_addr,
 };
 use crate::error::{Context as _, Error};
 
@@ -54,31 +55,39 @@ pub const CT_DIRECTIONS: [u8; 5] = [
 /// for programs that grow the packet (an ICMP error quoting a datagram).
 const OUTPUT_HEADROOM: usize = 256;
 
-/// The IPv4 packet a snapshot is taken for, as the first hook sees it.
+/// The IPv4 or IPv6 packet a snapshot is taken for, as the first hook
+/// sees it (both addresses of one family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PacketTuple {
     /// Source address.
-    pub saddr: Ipv4Addr,
+    pub saddr: IpAddr,
     /// Source port, host byte order.
     pub sport: u16,
     /// Destination address.
-    pub daddr: Ipv4Addr,
+    pub daddr: IpAddr,
     /// Destination port, host byte order.
     pub dport: u16,
     /// IP protocol.
     pub proto: u8,
-    /// The IPv4 identification the packet carries, host byte order.
+    /// The IPv4 identification the packet carries, host byte order (0
+    /// for IPv6).
     pub ip_id: u16,
 }
 
 impl PacketTuple {
+    /// The packet's family tag (`FAMILY_IPV4` or `FAMILY_IPV6`).
+    pub fn family(&self) -> u8 {
+        map_addr(self.saddr).1
+    }
+
     /// The packet's conntrack key in `direction`.
     pub fn ct_key(&self, direction: u8) -> ConntrackKey {
-        ConntrackKey::v4(
-            self.saddr.octets(),
+        ConntrackKey::new(
+            map_addr(self.saddr).0,
             self.sport.to_be(),
-            self.daddr.octets(),
+            map_addr(self.daddr).0,
             self.dport.to_be(),
+            self.family(),
             self.proto,
             direction,
         )
@@ -86,24 +95,32 @@ impl PacketTuple {
 
     /// The header key of the packet's destination as a frontend in `scope`.
     pub fn frontend_key(&self, scope: u8) -> FrontendKey {
-        FrontendKey::header(
-            map_addr_v4(self.daddr.octets()),
-            FAMILY_IPV4,
-            self.dport.to_be(),
-            self.proto,
-            scope,
-        )
+        let (daddr, family) = map_addr(self.daddr);
+        FrontendKey::header(daddr, family, self.dport.to_be(), self.proto, scope)
     }
 
-    /// The key of the packet's datagram in the fragments map.
-    pub fn fragment_key(&self) -> FragmentKey {
+    /// The key of the packet's datagram in the fragments map; `None` for
+    /// IPv6, whose fragments the datapath does not record.
+    pub fn fragment_key(&self) -> Option<FragmentKey> {
+        let (IpAddr::V4(saddr), IpAddr::V4(daddr)) = (self.saddr, self.daddr) else {
+            return None;
+        };
         // The map holds the identification's wire bytes read as a native u16.
-        FragmentKey::v4(
-            self.saddr.octets(),
-            self.daddr.octets(),
+        Some(FragmentKey::v4(
+            saddr.octets(),
+            daddr.octets(),
             u16::from_ne_bytes(self.ip_id.to_be_bytes()),
             self.proto,
-        )
+        ))
+    }
+}
+
+/// The node's SNAT address of `family` in the datapath's configuration.
+fn node_snat_addr(config: &DatapathConfig, family: u8) -> MapAddr {
+    if family == FAMILY_IPV6 {
+        config.snat_v6
+    } else {
+        map_addr_v4(config.snat_v4)
     }
 }
 
@@ -238,12 +255,14 @@ impl LiveMaps {
                 TraceCopy::DestinationFrontend => self.copy_frontend(tuple, &mut copied)?,
                 TraceCopy::PacketFlows => self.copy_flows(tuple, from_network, &mut copied)?,
                 TraceCopy::PacketFragment => {
-                    let key = tuple.fragment_key();
-                    copied.fragment = found(self.fragments.get(&key, 0))?.map(|v| (key, v));
+                    if let Some(key) = tuple.fragment_key() {
+                        copied.fragment = found(self.fragments.get(&key, 0))?.map(|v| (key, v));
+                    }
                 }
                 TraceCopy::PacketAffinity => {
                     for (_, header) in copied.frontends.iter().filter(|(key, _)| key.slot == 0) {
-                        let key = AffinityKey::v4(tuple.saddr.octets(), header.rev_nat_id);
+                        let (client, family) = map_addr(tuple.saddr);
+                        let key = AffinityKey::new(client, family, header.rev_nat_id);
                         if let Some(value) = found(self.affinity.get(&key, 0))? {
                             copied.affinity = Some((key, value));
                         }
@@ -380,7 +399,7 @@ impl LiveMaps {
         if remote.is_empty() {
             return Ok(Vec::new());
         }
-        let snat = map_addr_v4(copied.config.snat_v4);
+        let snat = node_snat_addr(&copied.config, tuple.family());
         let mut holders = Vec::new();
         for entry in self.conntrack.iter() {
             let (key, value) = match entry {
@@ -430,13 +449,9 @@ impl LiveMaps {
         };
         // The SNAT entry holds the address the flow was SNATed to; else
         // the node's SNAT address of the flow's family.
-        let snat_addr = snat_entry.map(|(_, v)| v.nat_addr).unwrap_or_else(|| {
-            if master.family == FAMILY_IPV6 {
-                copied.config.snat_v6
-            } else {
-                map_addr_v4(copied.config.snat_v4)
-            }
-        });
+        let snat_addr = snat_entry
+            .map(|(_, v)| v.nat_addr)
+            .unwrap_or_else(|| node_snat_addr(&copied.config, master.family));
         let companions = [
             Some(reply_key(&master, &master_value)),
             snat_reply_key(&master, &master_value, &snat_addr),

@@ -244,7 +244,7 @@ pub fn flag_names(flags: u16) -> Vec<&'static str> {
 }
 
 /// `address:port`, or `[address]:port` for an IPv6 address.
-fn with_port(address: &str, port: u16) -> String {
+pub(crate) fn with_port(address: &str, port: u16) -> String {
     if address.contains(':') {
         format!("[{address}]:{port}")
     } else {

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use service_common::{
     BACKEND_STATE_NOT_SERVING, BackendId, CT_FLAG_DEAD, ConntrackKey, ConntrackTimeouts,
     ConntrackValue, DatapathConfig, FAMILY_IPV6, MapAddr, PROTO_UDP, RevNatId, RevNatValue,
-    is_companion, map_addr_v4, master_key,
+    is_companion, map_addr_v4, master_key, snat_key,
 };
 
 use crate::datapath::{
@@ -125,8 +125,9 @@ impl DeleteReason {
 }
 
 /// What the collector needs to judge entries: the timeouts the datapath
-/// honours, and this node's SNAT addresses (part of SNATed flows' keys),
-/// one per family.
+/// honours, and this node's SNAT addresses, one per family (part of
+/// SNATed flows' keys: used for a flow whose SNAT entry, which holds the
+/// address the flow was given, is gone).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowRules {
     /// The conntrack timeouts (as written to the datapath's configuration).
@@ -149,14 +150,30 @@ impl FlowRules {
         }
     }
 
-    /// The SNAT address of flows of `family` (`FAMILY_IPV4`,
-    /// `FAMILY_IPV6`): the address their SNAT reply entries are keyed by.
+    /// This node's SNAT address for flows of `family` (`FAMILY_IPV4`,
+    /// `FAMILY_IPV6`).
     pub fn snat_addr(&self, family: u8) -> &MapAddr {
         if family == FAMILY_IPV6 {
             &self.snat_v6
         } else {
             &self.snat_v4
         }
+    }
+
+    /// The address the flow of master `key` (holding `value`) was SNATed
+    /// to, which its SNAT reply entry is keyed by: what its SNAT entry
+    /// holds (the address the datapath used, which stays right after the
+    /// node's address changed), else this node's SNAT address of the
+    /// flow's family.
+    fn snat_addr_of(
+        &self,
+        table: &impl ConntrackTable,
+        key: &ConntrackKey,
+        value: &ConntrackValue,
+    ) -> MapAddr {
+        snat_key(key, value)
+            .and_then(|snat| table.get(&snat))
+            .map_or(*self.snat_addr(key.family), |entry| entry.nat_addr)
     }
 
     /// Whether the non-master entry `value` of `proto` has been idle long
@@ -388,7 +405,8 @@ fn delete_flow(
 ) {
     let reason = DeleteReason::of_master(value);
     deletions.add(*key, reason, report);
-    for companion in service_common::companion_keys(key, value, rules.snat_addr(key.family))
+    let snat_addr = rules.snat_addr_of(table, key, value);
+    for companion in service_common::companion_keys(key, value, &snat_addr)
         .into_iter()
         .flatten()
     {
@@ -430,7 +448,12 @@ fn judge_companion(
     };
     match table.get(&master) {
         Some(master_value)
-            if is_companion(key, &master, &master_value, rules.snat_addr(master.family)) =>
+            if is_companion(
+                key,
+                &master,
+                &master_value,
+                &rules.snat_addr_of(table, &master, &master_value),
+            ) =>
         {
             if rules.timeouts.is_expired(master.proto, &master_value, now) {
                 Companion::OfExpired(master, master_value)
@@ -681,14 +704,18 @@ mod tests {
         }
         .v6();
         let mut table = table(&[idle4, idle6, live6]);
+        // The IPv6 flow's SNAT entry was evicted from the LRU map: its
+        // SNAT reply entry is found by the node's IPv6 SNAT address.
+        let (key, value) = idle6.master();
+        table.entries.remove(&snat_key(&key, &value).unwrap());
         // At 1031 both idle UDP streams (30 s) are expired: each goes with
         // its reply, SNAT and SNAT reply entries (its SNAT port is free).
         let report = collect(&mut table, &rules, 1031).unwrap();
         assert_eq!(present(&table, &idle4), [false; 4]);
         assert_eq!(present(&table, &idle6), [false; 4]);
         assert_eq!(present(&table, &live6), [true; 4]);
-        assert_eq!(deleted(&report, DeleteReason::Expired), 8);
-        assert_eq!(report.deleted_total(), 8);
+        assert_eq!(deleted(&report, DeleteReason::Expired), 7);
+        assert_eq!(report.deleted_total(), 7);
         assert_eq!(report.remaining, 4);
 
         // A live IPv6 flow whose other entries sit idle past the close
@@ -705,6 +732,44 @@ mod tests {
         let report = collect(&mut table, &rules, 1040 + 101).unwrap();
         assert_eq!(present(&table, &live6), [false; 4]);
         assert_eq!(deleted(&report, DeleteReason::Expired), 4);
+    }
+
+    #[test]
+    fn flows_snated_to_the_node_s_former_address_keep_and_free_their_snat_entries() {
+        // The node's SNAT addresses changed (detected anew) since these
+        // flows were SNATed: their SNAT entries name the old ones.
+        let rules = FlowRules {
+            snat_v4: map_addr_v4([10, 0, 0, 99]),
+            snat_v6: v6_of([10, 0, 0, 99]),
+            ..RULES
+        };
+        let live = |flow: Flow| Flow {
+            last_seen: 1040,
+            snat_port: Some(20003),
+            ..flow
+        };
+        let (live4, live6) = (live(Flow::tcp(40003, 1)), live(Flow::tcp(40003, 1)).v6());
+        let idle = |flow: Flow| Flow {
+            snat_port: Some(20004),
+            ..flow
+        };
+        let (idle4, idle6) = (idle(Flow::udp(40004, 1)), idle(Flow::udp(40004, 1)).v6());
+        let mut table = table(&[live4, live6, idle4, idle6]);
+        // Only the clients of the live flows send: their other entries sit
+        // idle past the close timeout, still their flows' companions.
+        for flow in [live4, live6] {
+            let (key, mut value) = flow.master();
+            value.last_seen = 1045;
+            table.entries.insert(key, value);
+        }
+        let report = collect(&mut table, &rules, 1050).unwrap();
+        assert_eq!(present(&table, &live4), [true; 4]);
+        assert_eq!(present(&table, &live6), [true; 4]);
+        // The idle ones expired, every entry with them.
+        assert_eq!(present(&table, &idle4), [false; 4]);
+        assert_eq!(present(&table, &idle6), [false; 4]);
+        assert_eq!(deleted(&report, DeleteReason::Expired), 8);
+        assert_eq!(report.deleted_total(), 8);
     }
 
     #[test]

@@ -137,9 +137,10 @@ pub struct Translation {
     /// One line per object or field skipped as invalid.
     pub skipped: Vec<String>,
     /// One line per field set to something the agent does not serve (an
-    /// SCTP port, ignored; an IPv6 frontend address, served to host
-    /// processes by socket-LB but not to packets by the IPv4-only packet
-    /// datapath yet): logged, counted
+    /// SCTP port, ignored) or serves in part (an IPv6 frontend address:
+    /// served to pods, the network and host processes, but ICMPv6 errors
+    /// about its flows and fragmented datagrams are not translated yet):
+    /// logged, counted
     /// in `service_agent_unsupported_fields`, shown by `list`.
     pub unsupported: Vec<String>,
 }
@@ -365,9 +366,10 @@ fn skip_other_family(name: &ObjectName, service: &ServiceRecord, out: &mut Trans
 
 /// Reports each IPv6 frontend address of the Service whose frontends
 /// start at `out.frontends[first]` (once per address and kind): they are
-/// in the maps, with their IPv6 backends, and socket-LB serves them to
-/// the node's processes, but the packet datapath does not translate IPv6
-/// packets yet.
+/// in the maps, with their IPv6 backends, and served (the packet datapath
+/// translates IPv6 from pods and from the network, socket-LB serves the
+/// node's processes), but what the IPv4 datapath also does for ICMP
+/// errors and fragments it does not do for IPv6 yet.
 fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation) {
     let mut reported: Vec<(u16, IpAddr)> = Vec::new();
     for frontend in &out.frontends[first..] {
@@ -385,7 +387,7 @@ fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation
             _ => "externalIP",
         };
         out.unsupported.push(format!(
-            "Service {name}: IPv6 {field} {addr}: served to host processes by socket-LB, not to packets: the packet datapath translates IPv4 only so far"
+            "Service {name}: IPv6 {field} {addr}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back and fragmented datagrams pass untranslated"
         ));
     }
 }
@@ -1892,7 +1894,7 @@ endpoints:
         // family: a dual-stack pod is one endpoint, not two.
         assert_eq!(t.health_checks[0].local_endpoints, 1);
         // Every IPv6 frontend address is reported once (whatever its
-        // ports) as programmed but not served; the IPv4 ones are not.
+        // ports) as served in part; the IPv4 ones are not.
         assert_eq!(t.unsupported.len(), 4, "{:#?}", t.unsupported);
         for (line, what) in t.unsupported.iter().zip([
             "IPv6 clusterIP fd00:96::10",
@@ -1903,7 +1905,7 @@ endpoints:
             assert!(
                 line.starts_with("Service default/web: ")
                     && line.contains(what)
-                    && line.contains("served to host processes by socket-LB, not to packets"),
+                    && line.contains("served, except that ICMPv6 errors"),
                 "{line}"
             );
         }

@@ -35,7 +35,10 @@
 //! the interquartile range of its batches: a target is judged met or missed
 //! only where that spread stays clear of it.
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -51,7 +54,10 @@ use service_agent::{
         maps::{ServiceMaps, write_config},
         model::{MapState, write_in_order},
     },
-    reconcile::{desired::DesiredState, translate::DesiredFrontend},
+    reconcile::{
+        desired::DesiredState,
+        translate::{DesiredBackend, DesiredFrontend},
+    },
 };
 use service_common::{DatapathConfig as NodeSettings, FRONTEND_FLAG_NODE_PORT, SnatPortRange};
 
@@ -70,6 +76,8 @@ const XDP_PASS: u32 = 2;
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 /// The NodePort of the probed Service.
 const NODE_PORT: u16 = 30_080;
+/// The IPv6 ClusterIP of the probed Service (its only IPv6 frontend).
+const CLUSTER_IP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 /// Endpoints per Service.
 const ENDPOINTS: u32 = 10;
 /// Conntrack capacity in flows (two entries each): 1M, as a large node.
@@ -95,6 +103,8 @@ pub struct DatapathConfig {
 enum Hook {
     /// TC "from pod": pod to ClusterIP.
     TcFromPod,
+    /// TC "from pod": pod to an IPv6 ClusterIP.
+    TcFromPodV6,
     /// XDP "from network": external client to NodePort.
     XdpFromNetwork,
     /// The pass-only TC program.
@@ -106,7 +116,7 @@ enum Hook {
 impl Hook {
     fn program(self) -> &'static str {
         match self {
-            Hook::TcFromPod => PROG_FROM_POD,
+            Hook::TcFromPod | Hook::TcFromPodV6 => PROG_FROM_POD,
             Hook::XdpFromNetwork => PROG_FROM_NETWORK,
             Hook::FloorTc => PROG_BENCH_FLOOR_TC,
             Hook::FloorXdp => PROG_BENCH_FLOOR_XDP,
@@ -117,7 +127,7 @@ impl Hook {
     fn floor(self) -> Hook {
         match self {
             Hook::XdpFromNetwork | Hook::FloorXdp => Hook::FloorXdp,
-            Hook::TcFromPod | Hook::FloorTc => Hook::FloorTc,
+            Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc => Hook::FloorTc,
         }
     }
 
@@ -125,28 +135,46 @@ impl Hook {
     fn pass_verdict(self) -> u32 {
         match self {
             Hook::XdpFromNetwork | Hook::FloorXdp => XDP_PASS,
-            Hook::TcFromPod | Hook::FloorTc => TC_CONTINUE,
+            Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc => TC_CONTINUE,
         }
     }
 
     /// The frontend the packets of this hook are sent to.
-    fn destination(self, set: &ServiceSet) -> (Ipv4Addr, u16) {
+    fn destination(self, set: &ServiceSet) -> (IpAddr, u16) {
         match self {
-            Hook::XdpFromNetwork | Hook::FloorXdp => (NODE_IP, NODE_PORT),
-            Hook::TcFromPod | Hook::FloorTc => (ServiceSet::cluster_ip(set.last()), SERVICE_PORT),
+            Hook::XdpFromNetwork | Hook::FloorXdp => (NODE_IP.into(), NODE_PORT),
+            Hook::TcFromPod | Hook::FloorTc => {
+                (ServiceSet::cluster_ip(set.last()).into(), SERVICE_PORT)
+            }
+            Hook::TcFromPodV6 => (CLUSTER_IP_V6.into(), SERVICE_PORT),
         }
     }
 }
 
 /// The paths measured: series name, label, hook.
-const PATHS: [(&str, &str, Hook); 2] = [
+const PATHS: [(&str, &str, Hook); 3] = [
     ("tc_from_pod", "TC from pod → ClusterIP", Hook::TcFromPod),
     (
         "xdp_from_network",
         "XDP from network → NodePort",
         Hook::XdpFromNetwork,
     ),
+    (
+        "tc_from_pod_v6",
+        "TC from pod → IPv6 ClusterIP",
+        Hook::TcFromPodV6,
+    ),
 ];
+
+/// The IPv6 twin of an IPv4 endpoint address: `fd00:1::a.b.c.d`.
+fn endpoint_v6(addr: IpAddr) -> IpAddr {
+    let octets = match addr {
+        IpAddr::V4(addr) => addr.octets(),
+        IpAddr::V6(addr) => return addr.into(),
+    };
+    let low = |i: usize| u16::from_be_bytes([octets[i], octets[i + 1]]);
+    Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, low(0), low(2)).into()
+}
 
 /// The object loaded with its maps pinned in a folder of its own, and the
 /// desired state the Services were laid out with.
@@ -188,7 +216,8 @@ impl LoadedDatapath {
     }
 
     /// Programs every Service of `set` with the agent's layout and ordered
-    /// writes; the last one also gets a NodePort on [`NODE_IP`].
+    /// writes; the last one also gets a NodePort on [`NODE_IP`] and an IPv6
+    /// ClusterIP ([`CLUSTER_IP_V6`], to IPv6 twins of its endpoints).
     fn program(&mut self, set: &ServiceSet) -> anyhow::Result<()> {
         for i in 0..set.count {
             let mut frontends = vec![set.frontend(i)];
@@ -198,6 +227,19 @@ impl LoadedDatapath {
                     port: NODE_PORT,
                     flags: FRONTEND_FLAG_NODE_PORT,
                     ..set.frontend(i)
+                });
+                let v4 = set.frontend(i);
+                frontends.push(DesiredFrontend {
+                    addr: CLUSTER_IP_V6.into(),
+                    backends: v4
+                        .backends
+                        .iter()
+                        .map(|backend| DesiredBackend {
+                            addr: endpoint_v6(backend.addr),
+                            ..*backend
+                        })
+                        .collect(),
+                    ..v4
                 });
             }
             let update = self
@@ -307,12 +349,20 @@ impl Batches {
 
 /// A TCP packet from client `k` (a distinct address and port per `k`) to
 /// `destination`; a SYN, or an ACK of an open flow.
-fn tcp_packet(k: u32, destination: (Ipv4Addr, u16), syn: bool) -> Vec<u8> {
+fn tcp_packet(k: u32, destination: (IpAddr, u16), syn: bool) -> Vec<u8> {
     let client = Ipv4Addr::from(u32::from_be_bytes([10, 128, 0, 0]) + k / 50_000);
     let port = 10_000 + (k % 50_000) as u16;
-    let mut builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(client.octets(), destination.0.octets(), 64)
-        .tcp(port, destination.1, 1000, 64240);
+    let ethernet = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let ip = match destination.0 {
+        IpAddr::V4(to) => ethernet.ipv4(client.octets(), to.octets(), 64),
+        IpAddr::V6(to) => {
+            let IpAddr::V6(from) = endpoint_v6(client.into()) else {
+                unreachable!("endpoint_v6 gives IPv6")
+            };
+            ethernet.ipv6(from.octets(), to.octets(), 64)
+        }
+    };
+    let mut builder = ip.tcp(port, destination.1, 1000, 64240);
     builder = if syn {
         builder.syn()
     } else {
@@ -343,8 +393,10 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
         let started = Instant::now();
         let set = ServiceSet::new(size, ENDPOINTS);
         let mut sizes = set.map_sizes(CONNTRACK_FLOWS);
-        sizes.frontends += ENDPOINTS + 1;
-        sizes.revnat += 1;
+        // The NodePort and the IPv6 ClusterIP of the last Service.
+        sizes.frontends += 2 * (ENDPOINTS + 1);
+        sizes.revnat += 2;
+        sizes.backends += ENDPOINTS;
         let mut dp = LoadedDatapath::load(sizes)?;
         dp.program(&set)?;
         let programmed = started.elapsed();
@@ -358,7 +410,11 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
             seed ^= seed >> 17;
             seed ^= seed << 5;
             let service = seed % size;
-            let packet = tcp_packet(k, (ServiceSet::cluster_ip(service), SERVICE_PORT), true);
+            let packet = tcp_packet(
+                k,
+                (ServiceSet::cluster_ip(service).into(), SERVICE_PORT),
+                true,
+            );
             dp.run(Hook::TcFromPod, &packet)?;
         }
         eprintln!(

@@ -12,7 +12,7 @@ pub mod render;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -21,9 +21,8 @@ use service_common::{
     BACKEND_FLAG_NODE_LOCAL, CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_DIR_SNAT,
     CT_DIR_SNAT_REPLY, CT_FLAG_DEAD, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_FIN_FORWARD,
     CT_STATE_FIN_REPLY, CT_STATE_RST, CT_STATE_SEEN_REPLY, ConntrackKey, ConntrackValue,
-    HAIRPIN_IPV4, PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK,
-    PROG_TO_POD, PROTO_TCP, SCOPE_ALL, TCP_FLAG_ACK, TCP_FLAG_SYN, map_addr_v4_octets,
-    mono_seconds,
+    PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD,
+    PROTO_TCP, SCOPE_ALL, TCP_FLAG_ACK, TCP_FLAG_SYN, hairpin_addr, mono_seconds,
 };
 
 use super::{
@@ -32,7 +31,7 @@ use super::{
 };
 use crate::datapath::{
     attach::NodePortMode,
-    model::frontend_label,
+    model::{frontend_label, ip_from_map, map_addr},
     snapshot::{PacketTuple, Snapshot},
 };
 use crate::error::{Context as _, Error};
@@ -218,8 +217,8 @@ pub fn trace(request: &TraceRequest) -> crate::Result<Trace> {
                 old.created == master.created && old.backend_id == master.backend_id
             });
             Some(TracedBackend {
-                backend: SocketAddrV4::new(
-                    map_addr_v4_octets(&master.nat_addr).into(),
+                backend: SocketAddr::new(
+                    ip_from_map(&master.nat_addr, master_key.family),
                     u16::from_be(master.nat_port),
                 )
                 .to_string(),
@@ -524,7 +523,7 @@ fn now_seconds() -> u32 {
 /// One entry as shown.
 fn traced_entry(key: &ConntrackKey, value: &ConntrackValue, change: &str, now: u32) -> TracedEntry {
     let endpoint = |addr, port: u16| {
-        SocketAddrV4::new(Ipv4Addr::from(map_addr_v4_octets(addr)), u16::from_be(port)).to_string()
+        SocketAddr::new(ip_from_map(addr, key.family), u16::from_be(port)).to_string()
     };
     let bits = |bits: &[(u16, &'static str)], set: u16| {
         bits.iter()
@@ -606,7 +605,9 @@ fn trace_reply(
     };
     let input = packet::build(&reply_tuple, flags);
     let programs: &[&str] = match request.entry {
-        Entry::Pod if delivered.saddr == Ipv4Addr::from(HAIRPIN_IPV4) => &[PROG_FROM_POD],
+        Entry::Pod if map_addr(delivered.saddr).0 == hairpin_addr(delivered.family()) => {
+            &[PROG_FROM_POD]
+        }
         Entry::Pod => &[PROG_TO_POD],
         Entry::Network(mode) if snated => &[
             match mode {
@@ -701,9 +702,9 @@ mod tests {
     fn udp_packets_carry_no_tcp_flags() {
         let request = TraceRequest {
             tuple: PacketTuple {
-                saddr: Ipv4Addr::new(10, 0, 0, 1),
+                saddr: [10, 0, 0, 1].into(),
                 sport: 1,
-                daddr: Ipv4Addr::new(10, 0, 0, 2),
+                daddr: [10, 0, 0, 2].into(),
                 dport: 2,
                 proto: PROTO_UDP,
                 ip_id: 0,

@@ -2,7 +2,7 @@
 //! and what it shows of a packet: its addresses, ports, TCP flags, whether
 //! its checksums verify, and its bytes.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use serde::Serialize;
@@ -59,14 +59,22 @@ pub fn tcp_flag_names(bits: u8) -> String {
     }
 }
 
+/// `addr` as sixteen bytes: an IPv6 address, or an IPv4 one mapped.
+fn v6_octets(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
 /// Builds the Ethernet frame of `tuple` (TCP with `tcp_flags`, or UDP),
-/// without payload, with valid checksums.
+/// IPv4 or IPv6 by its addresses, without payload, with valid checksums.
 pub fn build(tuple: &PacketTuple, tcp_flags: u8) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(TRACE_SOURCE_MAC, TRACE_DESTINATION_MAC).ipv4(
-        tuple.saddr.octets(),
-        tuple.daddr.octets(),
-        64,
-    );
+    let ethernet = PacketBuilder::ethernet2(TRACE_SOURCE_MAC, TRACE_DESTINATION_MAC);
+    let ip = match (tuple.saddr, tuple.daddr) {
+        (IpAddr::V4(saddr), IpAddr::V4(daddr)) => ethernet.ipv4(saddr.octets(), daddr.octets(), 64),
+        (saddr, daddr) => ethernet.ipv6(v6_octets(saddr), v6_octets(daddr), 64),
+    };
     let mut out = Vec::new();
     let written = if tuple.proto == PROTO_TCP {
         let mut tcp = ip.tcp(tuple.sport, tuple.dport, 1000, 64240);
@@ -98,7 +106,8 @@ pub fn build(tuple: &PacketTuple, tcp_flags: u8) -> Vec<u8> {
 pub struct PacketView {
     /// One line: `SRC -> DST PROTO [FLAGS]`, or what the frame is.
     pub summary: String,
-    /// Source `address:port` (no port for ICMP); empty when not IPv4.
+    /// Source `address:port` (`[address]:port` for IPv6; no port for
+    /// ICMP); empty when not IP.
     pub source: String,
     /// Destination `address:port`.
     pub destination: String,
@@ -108,17 +117,23 @@ pub struct PacketView {
     pub tcp_flags: String,
     /// Frame length in bytes.
     pub length: usize,
-    /// Whether the IPv4 header checksum and the TCP/UDP/ICMP checksum verify.
+    /// Whether the IPv4 header checksum (IPv6 has none) and the
+    /// TCP/UDP/ICMP checksum verify.
     pub checksums_valid: bool,
     /// The frame's bytes in hex, 16 a line, with offsets.
     pub hex: String,
 }
 
-/// The addresses and ports of an IPv4 TCP or UDP frame, as a tuple.
+/// The addresses and ports of an IPv4 or IPv6 TCP or UDP frame, as a
+/// tuple.
 pub fn tuple_of(packet: &[u8]) -> Option<PacketTuple> {
     let headers = PacketHeaders::from_ethernet_slice(packet).ok()?;
-    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
-        return None;
+    let (saddr, daddr, ip_id) = match &headers.net {
+        Some(NetHeaders::Ipv4(ip, _)) => {
+            (ip.source.into(), ip.destination.into(), ip.identification)
+        }
+        Some(NetHeaders::Ipv6(ip, _)) => (ip.source.into(), ip.destination.into(), 0),
+        _ => return None,
     };
     let (sport, dport, proto) = match &headers.transport {
         Some(TransportHeader::Tcp(tcp)) => (tcp.source_port, tcp.destination_port, PROTO_TCP),
@@ -126,12 +141,12 @@ pub fn tuple_of(packet: &[u8]) -> Option<PacketTuple> {
         _ => return None,
     };
     Some(PacketTuple {
-        saddr: ip.source.into(),
+        saddr,
         sport,
-        daddr: ip.destination.into(),
+        daddr,
         dport,
         proto,
-        ip_id: ip.identification,
+        ip_id,
     })
 }
 
@@ -170,30 +185,66 @@ pub fn describe(packet: &[u8]) -> PacketView {
         Ok(headers) => headers,
         Err(e) => return unparsed(format!("unparsable frame ({e})")),
     };
-    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
-        return unparsed("not an IPv4 frame".to_owned());
+    let (saddr, daddr, ip_valid, protocol_number): (IpAddr, IpAddr, bool, u8) = match &headers.net {
+        Some(NetHeaders::Ipv4(ip, _)) => (
+            ip.source.into(),
+            ip.destination.into(),
+            ip.header_checksum == ip.calc_header_checksum(),
+            ip.protocol.into(),
+        ),
+        Some(NetHeaders::Ipv6(ip, _)) => (
+            ip.source.into(),
+            ip.destination.into(),
+            true,
+            ip.next_header.into(),
+        ),
+        _ => return unparsed("not an IP frame".to_owned()),
     };
-    let (saddr, daddr) = (Ipv4Addr::from(ip.source), Ipv4Addr::from(ip.destination));
     let payload = headers.payload.slice();
-    let ip_valid = ip.header_checksum == ip.calc_header_checksum();
+    // The transport checksum over the pseudo-header of the packet's family.
+    let (s4, d4) = match (saddr, daddr) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (Some(s.octets()), d.octets()),
+        _ => (None, [0; 4]),
+    };
+    let (s16, d16) = (v6_octets(saddr), v6_octets(daddr));
     let (source, destination, protocol, tcp_flags, l4_valid) = match &headers.transport {
         Some(TransportHeader::Tcp(tcp)) => (
-            SocketAddrV4::new(saddr, tcp.source_port).to_string(),
-            SocketAddrV4::new(daddr, tcp.destination_port).to_string(),
+            SocketAddr::new(saddr, tcp.source_port).to_string(),
+            SocketAddr::new(daddr, tcp.destination_port).to_string(),
             "TCP".to_owned(),
             tcp_flag_names(tcp_flags_of(packet)),
-            tcp.calc_checksum_ipv4(ip, payload)
-                .is_ok_and(|sum| sum == tcp.checksum),
+            match s4 {
+                Some(s4) => tcp.calc_checksum_ipv4_raw(s4, d4, payload),
+                None => tcp.calc_checksum_ipv6_raw(s16, d16, payload),
+            }
+            .is_ok_and(|sum| sum == tcp.checksum),
         ),
         Some(TransportHeader::Udp(udp)) => (
-            SocketAddrV4::new(saddr, udp.source_port).to_string(),
-            SocketAddrV4::new(daddr, udp.destination_port).to_string(),
+            SocketAddr::new(saddr, udp.source_port).to_string(),
+            SocketAddr::new(daddr, udp.destination_port).to_string(),
             "UDP".to_owned(),
             String::new(),
-            udp.checksum == 0
-                || udp
-                    .calc_checksum_ipv4(ip, payload)
-                    .is_ok_and(|sum| sum == udp.checksum),
+            // A zero checksum means none over IPv4 only.
+            (udp.checksum == 0 && s4.is_some())
+                || match s4 {
+                    Some(s4) => udp.calc_checksum_ipv4_raw(s4, d4, payload),
+                    None => udp.calc_checksum_ipv6_raw(s16, d16, payload),
+                }
+                .is_ok_and(|sum| sum == udp.checksum),
+        ),
+        Some(TransportHeader::Icmpv6(icmp)) => (
+            saddr.to_string(),
+            daddr.to_string(),
+            format!("ICMPv6 {:?}", icmp.icmp_type)
+                .split(['(', '{'])
+                .next()
+                .unwrap_or("ICMPv6")
+                .trim()
+                .to_owned(),
+            String::new(),
+            icmp.icmp_type
+                .calc_checksum(s16, d16, payload)
+                .is_ok_and(|sum| sum == icmp.checksum),
         ),
         Some(TransportHeader::Icmpv4(icmp)) => (
             saddr.to_string(),
@@ -210,7 +261,7 @@ pub fn describe(packet: &[u8]) -> PacketView {
         _ => (
             saddr.to_string(),
             daddr.to_string(),
-            u8::from(ip.protocol).to_string(),
+            protocol_number.to_string(),
             String::new(),
             true,
         ),
@@ -248,12 +299,13 @@ pub fn hex_dump(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
 
     fn tuple(proto: u8) -> PacketTuple {
         PacketTuple {
-            saddr: Ipv4Addr::new(10, 200, 0, 2),
+            saddr: [10, 200, 0, 2].into(),
             sport: 40000,
-            daddr: Ipv4Addr::new(10, 96, 0, 10),
+            daddr: [10, 96, 0, 10].into(),
             dport: 80,
             proto,
             ip_id: 0,
@@ -291,6 +343,37 @@ mod tests {
         assert_eq!(view.summary, "10.200.0.2:40000 -> 10.96.0.10:80 TCP [SYN]");
         let view = describe(&build(&tuple(PROTO_UDP), 0));
         assert_eq!(view.summary, "10.200.0.2:40000 -> 10.96.0.10:80 UDP");
+    }
+
+    #[test]
+    fn ipv6_packets_build_and_read_back_with_valid_checksums() {
+        let tuple6 = |proto| PacketTuple {
+            saddr: "fd00:10:200::2".parse::<Ipv6Addr>().unwrap().into(),
+            daddr: "fd00:96::10".parse::<Ipv6Addr>().unwrap().into(),
+            ..tuple(proto)
+        };
+        for (proto, flags, summary) in [
+            (
+                PROTO_TCP,
+                TCP_FLAG_SYN,
+                "[fd00:10:200::2]:40000 -> [fd00:96::10]:80 TCP [SYN]",
+            ),
+            (
+                PROTO_UDP,
+                0,
+                "[fd00:10:200::2]:40000 -> [fd00:96::10]:80 UDP",
+            ),
+        ] {
+            let mut packet = build(&tuple6(proto), flags);
+            assert_eq!(packet[12..14], [0x86, 0xdd], "an IPv6 frame");
+            assert_eq!(tuple_of(&packet), Some(tuple6(proto)));
+            let view = describe(&packet);
+            assert!(view.checksums_valid, "{view:?}");
+            assert_eq!(view.summary, summary);
+            let last = packet.len() - 1;
+            packet[last] ^= 0xff;
+            assert!(!describe(&packet).checksums_valid);
+        }
     }
 
     #[test]

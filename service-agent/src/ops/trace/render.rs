@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Stage, Trace, TracedEntry, packet::PacketView};
+use crate::ops::list::with_port;
 
 /// Renders a trace as text.
 pub fn render_text(trace: &Trace) -> String {
@@ -27,7 +28,7 @@ pub fn render_text(trace: &Trace) -> String {
                 .backends
                 .iter()
                 .map(|b| {
-                    let mut s = format!("{}:{}", b.address, b.port);
+                    let mut s = with_port(&b.address, b.port);
                     if b.state != "active" {
                         s.push_str(&format!(" ({})", b.state));
                     }
