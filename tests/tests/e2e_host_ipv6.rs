@@ -5,7 +5,8 @@
 //! backend, and `getpeername6` and `recvmsg6` give it the frontend back as
 //! its peer and as the source of UDP answers. The same process reaches the
 //! Service's IPv4 ClusterIP through the IPv4 programs, and through its
-//! IPv4-mapped address (`::ffff:10.96.0.10`) from dual-stack IPv6 sockets;
+//! IPv4-mapped address (`::ffff:10.96.0.10`) from unconnected dual-stack
+//! IPv6 sockets;
 //! an IPv6 frontend without endpoints refuses it at once. The Service
 //! fields enforced per client, over IPv6 (the node is one client, by its
 //! `--snat-ipv6` address): session affinity keeps the node on one IPv6
@@ -333,13 +334,14 @@ fn v4_mapped(target: SocketAddr) -> SocketAddr {
 }
 
 /// A host process in the cgroup reaches the Service's IPv4 ClusterIP
-/// through its IPv4-mapped address on dual-stack IPv6 sockets: 60 TCP
-/// connections whose peer (`getpeername`) is `[::ffff:10.96.0.10]:80`,
-/// UDP from unconnected and connected sockets answered from
-/// `[::ffff:10.96.0.10]:7`, all answered by the IPv4 servers of every
-/// backend (the IPv6 ones answer as `web6-N`), and counted as flows of the
-/// IPv4 frontend. Outside the cgroup the same addresses are unreachable,
-/// so the translation is socket-LB's.
+/// through its IPv4-mapped address on dual-stack IPv6 sockets: UDP from
+/// unconnected sockets (which the kernel sends through its IPv4 path,
+/// `sendmsg4`) answered from `[::ffff:10.96.0.10]:7` by the IPv4 servers
+/// of every backend (the IPv6 ones answer as `web6-N`), and counted as
+/// flows of the IPv4 frontend. `connect6` leaves a mapped destination
+/// alone (6.1's stack limit): a mapped TCP connection is not translated.
+/// Outside the cgroup the same addresses are unreachable, so the
+/// translation is socket-LB's.
 #[test]
 fn host_process_reaches_an_ipv4_cluster_ip_through_its_ipv4_mapped_address() {
     require_root!();
@@ -353,20 +355,15 @@ fn host_process_reaches_an_ipv4_cluster_ip_through_its_ipv4_mapped_address() {
     );
     let node = &scenario.topology.node;
 
-    let mut args = run("http", http, HTTP_CONNECTIONS);
-    args.extend(run("udp", udp, UDP_REQUESTS));
-    args.extend(run("udp-connected", udp, UDP_REQUESTS));
+    let args = run("udp", udp, UDP_REQUESTS);
     let runs = host_client(node, Some(&cgroup), &args);
-    assert_spread_over(&runs[0], HTTP_CONNECTIONS, backend_name);
-    assert_spread_over(&runs[1], UDP_REQUESTS, backend_name);
-    assert_spread_over(&runs[2], UDP_REQUESTS, backend_name);
+    assert_spread_over(&runs[0], UDP_REQUESTS, backend_name);
     let pin = scenario.pin.path();
     assert!(
-        frontend_new_flows(pin, http_frontend(), "TCP") >= HTTP_CONNECTIONS as u64,
-        "mapped TCP flows not counted on the IPv4 frontend: {}",
+        frontend_new_flows(pin, udp_frontend(), "UDP") >= UDP_REQUESTS as u64,
+        "mapped UDP flows not counted on the IPv4 frontend: {}",
         list_json(pin).expect("list")
     );
-    assert!(frontend_new_flows(pin, udp_frontend(), "UDP") >= 2 * UDP_REQUESTS as u64);
 
     let mut args = run("http", http, 5);
     args.extend(run("udp", udp, 5));
