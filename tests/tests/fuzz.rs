@@ -744,6 +744,13 @@ fn deferred_to_tc(input: &[u8], output: &[u8]) -> bool {
 }
 
 /// Whether `output` is `input` deferred by XDP, untouched, to the TC
+/// program beside it because it is an IPv6 frame (EtherType `0x86dd`):
+/// XDP hands every IPv6 packet to TC, which translates IPv6.
+fn deferred_ipv6(input: &[u8], output: &[u8]) -> bool {
+    output.strip_prefix(DEFERRED_MARK) == Some(input) && input.get(12..14) == Some(&[0x86, 0xdd])
+}
+
+/// Whether `output` is `input` deferred by XDP, untouched, to the TC
 /// program beside it for a refusal, and rightly so: it goes to a frontend
 /// without backends that the hook serves (TC turns it into a TCP RST or
 /// an ICMP port unreachable).
@@ -803,7 +810,9 @@ fn check(
         return Ok(Outcome::Untouched);
     }
     if hook == Hook::FromNetworkXdp
-        && (deferred_to_tc(input, output) || deferred_refusal(model, hook, input, output))
+        && (deferred_to_tc(input, output)
+            || deferred_ipv6(input, output)
+            || deferred_refusal(model, hook, input, output))
     {
         return Ok(Outcome::Untouched);
     }
