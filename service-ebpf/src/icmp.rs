@@ -1,44 +1,47 @@
-//! ICMP errors about translated flows (destination unreachable, including
-//! "fragmentation needed", and time exceeded). A backend, or a router on
-//! its way, reports an error about the packet it saw: from the client to
-//! the backend. Before the client gets it, the quoted packet's destination
-//! becomes the frontend again (and the error's source too when the backend
-//! itself sent it), so the client's socket matches it: path MTU discovery
-//! and connection errors work through a Service. Runs on the egress hooks,
-//! like the reverse translation of ordinary replies.
+//! ICMP and ICMPv6 errors about translated flows (destination unreachable,
+//! including "fragmentation needed", IPv6's "packet too big", and time
+//! exceeded). A backend, or a router on its way, reports an error about
+//! the packet it saw: from the client to the backend. Before the client
+//! gets it, the quoted packet's destination becomes the frontend again
+//! (and the error's source too when the backend itself sent it), so the
+//! client's socket matches it: path MTU discovery and connection errors
+//! work through a Service. Runs on the egress hooks, like the reverse
+//! translation of ordinary replies. One generic body serves both families
+//! ([`IcmpFamily`]); they differ in where the error's headers sit and in
+//! what their checksums cover.
 
-use service_common::{
-    CT_DIR_REPLY, ConntrackKey, DatapathCounter, PROTO_TCP, PROTO_UDP, map_addr_v4_octets,
-};
+use service_common::{CT_DIR_REPLY, ConntrackKey, DatapathCounter, MapAddr, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     maps::{CONNTRACK, count},
-    packet::Packet,
+    packet::{IpFamily, Packet, read_addr6},
     verdict::Outcome,
     wire::{
-        ETH_P_IP, ETH_TYPE_OFF, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HDR_LEN, ICMP_TIME_EXCEEDED,
-        IP_CSUM_OFF, IP_DST_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_VERSION_4, L4_DPORT_OFF, PROTO_ICMP,
-        WORD_LEN, csum_replace, csum_replace_addr, l4_csum_off,
+        ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HDR_LEN,
+        ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG, ICMPV6_TIME_EXCEED,
+        IP_CSUM_OFF, IP_DST_OFF, IP_PROTO_OFF, IP_SRC_OFF, IP_VERSION_4, IP_VERSION_6,
+        IPV6_DST_OFF, IPV6_HDR_LEN, IPV6_NEXT_HDR_OFF, IPV6_SRC_OFF, L4_DPORT_OFF, PROTO_ICMP,
+        PROTO_ICMPV6, WORD_LEN, csum_replace, l4_csum_off,
     },
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-/// An ICMP error quoting an IPv4 TCP or UDP packet.
-struct IcmpError {
-    /// Offset of the outer IPv4 header.
+/// An ICMP (ICMPv6) error quoting a TCP or UDP packet of family `A`.
+pub struct IcmpError<A> {
+    /// Offset of the outer IP header.
     l3_off: usize,
     /// Offset of the ICMP header.
     icmp_off: usize,
-    /// Offset of the quoted IPv4 header.
+    /// Offset of the quoted IP header.
     inner_l3_off: usize,
     /// Offset of the quoted L4 header.
     inner_l4_off: usize,
     /// Outer source address (who reports the error).
-    saddr: [u8; 4],
+    saddr: A,
     /// Quoted packet: source (the client), network byte order.
-    inner_saddr: [u8; 4],
+    inner_saddr: A,
     /// Quoted packet: destination (the backend).
-    inner_daddr: [u8; 4],
+    inner_daddr: A,
     /// Quoted packet: source port.
     inner_sport: u16,
     /// Quoted packet: destination port.
@@ -47,75 +50,140 @@ struct IcmpError {
     inner_proto: u8,
 }
 
-/// Parses an ICMP error quoting at least the first 8 bytes of a TCP or UDP
-/// packet (RFC 792); `None` for anything else.
-#[inline(always)]
-fn parse<P: Packet>(ctx: &P) -> Option<IcmpError> {
-    let ether_type: u16 = ctx.read(ETH_TYPE_OFF)?;
-    if u16::from_be(ether_type) != ETH_P_IP {
-        return None;
+/// How each family's ICMP errors are parsed.
+pub trait IcmpFamily: IpFamily {
+    /// Parses an error of this family's ICMP quoting at least the first 8
+    /// bytes of a TCP or UDP packet of the same family; `None` for
+    /// anything else (other ICMP types above all: echo, neighbour
+    /// discovery).
+    fn parse_error<P: Packet>(ctx: &P) -> Option<IcmpError<Self>>;
+}
+
+impl IcmpFamily for [u8; 4] {
+    /// ICMP destination unreachable or time exceeded (RFC 792), quoting an
+    /// IPv4 header with or without options.
+    #[inline(always)]
+    fn parse_error<P: Packet>(ctx: &P) -> Option<IcmpError<Self>> {
+        let ether_type: u16 = ctx.read(ETH_TYPE_OFF)?;
+        if u16::from_be(ether_type) != ETH_P_IP {
+            return None;
+        }
+        let l3_off = EthHdr::LEN;
+        let vihl: u8 = ctx.read(l3_off)?;
+        let proto: u8 = ctx.read(l3_off + IP_PROTO_OFF)?;
+        let ihl = usize::from(vihl & 0x0f) * WORD_LEN;
+        if vihl >> 4 != IP_VERSION_4 || ihl < Ipv4Hdr::LEN || proto != PROTO_ICMP {
+            return None;
+        }
+        let icmp_off = l3_off + ihl;
+        let icmp_type: u8 = ctx.read(icmp_off)?;
+        if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+            return None;
+        }
+        let inner_l3_off = icmp_off + ICMP_HDR_LEN;
+        let inner_vihl: u8 = ctx.read(inner_l3_off)?;
+        let inner_proto: u8 = ctx.read(inner_l3_off + IP_PROTO_OFF)?;
+        let inner_ihl = usize::from(inner_vihl & 0x0f) * WORD_LEN;
+        if inner_vihl >> 4 != IP_VERSION_4 || inner_ihl < Ipv4Hdr::LEN {
+            return None;
+        }
+        if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+            return None;
+        }
+        let inner_l4_off = inner_l3_off + inner_ihl;
+        let ports: [u16; 2] = ctx.read(inner_l4_off)?;
+        Some(IcmpError {
+            l3_off,
+            icmp_off,
+            inner_l3_off,
+            inner_l4_off,
+            saddr: ctx.read(l3_off + IP_SRC_OFF)?,
+            inner_saddr: ctx.read(inner_l3_off + IP_SRC_OFF)?,
+            inner_daddr: ctx.read(inner_l3_off + IP_DST_OFF)?,
+            inner_sport: ports[0],
+            inner_dport: ports[1],
+            inner_proto,
+        })
     }
-    let l3_off = EthHdr::LEN;
-    let vihl: u8 = ctx.read(l3_off)?;
-    let proto: u8 = ctx.read(l3_off + IP_PROTO_OFF)?;
-    let ihl = usize::from(vihl & 0x0f) * WORD_LEN;
-    if vihl >> 4 != IP_VERSION_4 || ihl < Ipv4Hdr::LEN || proto != PROTO_ICMP {
-        return None;
+}
+
+impl IcmpFamily for MapAddr {
+    /// ICMPv6 destination unreachable, packet too big or time exceeded
+    /// (RFC 4443) right after the IPv6 header, quoting an IPv6 header whose
+    /// next header is TCP or UDP. Errors behind extension headers, and
+    /// quoted packets with extension headers, pass untouched.
+    #[inline(always)]
+    fn parse_error<P: Packet>(ctx: &P) -> Option<IcmpError<Self>> {
+        let ether_type: u16 = ctx.read(ETH_TYPE_OFF)?;
+        if u16::from_be(ether_type) != ETH_P_IPV6 {
+            return None;
+        }
+        let l3_off = EthHdr::LEN;
+        let first: u8 = ctx.read(l3_off)?;
+        let next: u8 = ctx.read(l3_off + IPV6_NEXT_HDR_OFF)?;
+        if first >> 4 != IP_VERSION_6 || next != PROTO_ICMPV6 {
+            return None;
+        }
+        let icmp_off = l3_off + IPV6_HDR_LEN;
+        let icmp_type: u8 = ctx.read(icmp_off)?;
+        if icmp_type != ICMPV6_DEST_UNREACH
+            && icmp_type != ICMPV6_PKT_TOOBIG
+            && icmp_type != ICMPV6_TIME_EXCEED
+        {
+            return None;
+        }
+        let inner_l3_off = icmp_off + ICMP_HDR_LEN;
+        let inner_first: u8 = ctx.read(inner_l3_off)?;
+        let inner_proto: u8 = ctx.read(inner_l3_off + IPV6_NEXT_HDR_OFF)?;
+        if inner_first >> 4 != IP_VERSION_6 {
+            return None;
+        }
+        if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+            return None;
+        }
+        let inner_l4_off = inner_l3_off + IPV6_HDR_LEN;
+        let ports: [u16; 2] = ctx.read(inner_l4_off)?;
+        Some(IcmpError {
+            l3_off,
+            icmp_off,
+            inner_l3_off,
+            inner_l4_off,
+            saddr: read_addr6(ctx, l3_off + IPV6_SRC_OFF)?,
+            inner_saddr: read_addr6(ctx, inner_l3_off + IPV6_SRC_OFF)?,
+            inner_daddr: read_addr6(ctx, inner_l3_off + IPV6_DST_OFF)?,
+            inner_sport: ports[0],
+            inner_dport: ports[1],
+            inner_proto,
+        })
     }
-    let icmp_off = l3_off + ihl;
-    let icmp_type: u8 = ctx.read(icmp_off)?;
-    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
-        return None;
-    }
-    let inner_l3_off = icmp_off + ICMP_HDR_LEN;
-    let inner_vihl: u8 = ctx.read(inner_l3_off)?;
-    let inner_proto: u8 = ctx.read(inner_l3_off + IP_PROTO_OFF)?;
-    let inner_ihl = usize::from(inner_vihl & 0x0f) * WORD_LEN;
-    if inner_vihl >> 4 != IP_VERSION_4 || inner_ihl < Ipv4Hdr::LEN {
-        return None;
-    }
-    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
-        return None;
-    }
-    let inner_l4_off = inner_l3_off + inner_ihl;
-    let ports: [u16; 2] = ctx.read(inner_l4_off)?;
-    Some(IcmpError {
-        l3_off,
-        icmp_off,
-        inner_l3_off,
-        inner_l4_off,
-        saddr: ctx.read(l3_off + IP_SRC_OFF)?,
-        inner_saddr: ctx.read(inner_l3_off + IP_SRC_OFF)?,
-        inner_daddr: ctx.read(inner_l3_off + IP_DST_OFF)?,
-        inner_sport: ports[0],
-        inner_dport: ports[1],
-        inner_proto,
-    })
 }
 
 /// Translates an ICMP error about a tracked flow back to its frontend;
 /// `Untouched` when the packet is no such error.
 #[inline(always)]
-pub fn reverse_icmp_error<P: Packet>(ctx: &P) -> Outcome {
-    let Some(error) = parse(ctx) else {
+pub fn reverse_icmp_error<A: IcmpFamily, P: Packet>(ctx: &P) -> Outcome {
+    let Some(error) = A::parse_error(ctx) else {
         return Outcome::Untouched;
     };
     // The quoted packet went client -> backend; its reply entry is the
     // other way round.
-    let key = ConntrackKey::v4(
-        error.inner_daddr,
+    let key = ConntrackKey::new(
+        error.inner_daddr.to_map(),
         error.inner_dport,
-        error.inner_saddr,
+        error.inner_saddr.to_map(),
         error.inner_sport,
+        A::FAMILY,
         error.inner_proto,
         CT_DIR_REPLY,
     );
-    // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(key) }).copied() else {
+    // SAFETY: read in place; the frontend is copied out at once.
+    let Some((frontend, port)) =
+        (unsafe { CONNTRACK.get(key) }).map(|ct| (A::from_map(&ct.nat_addr), ct.nat_port))
+    else {
         return Outcome::Untouched;
     };
     // The reply entry holds the frontend.
-    match rewrite(ctx, &error, map_addr_v4_octets(&ct.nat_addr), ct.nat_port) {
+    match rewrite(ctx, &error, &frontend, port) {
         Ok(()) => {
             count(DatapathCounter::ReplyTranslated);
             Outcome::Translated
@@ -128,22 +196,30 @@ pub fn reverse_icmp_error<P: Packet>(ctx: &P) -> Outcome {
 }
 
 /// Rewrites the quoted destination to `addr:port` (and the error's source,
-/// when the backend sent it), fixing the quoted IPv4 and L4 checksums (the
-/// L4 one only if it was quoted), the ICMP checksum and the outer IPv4
-/// checksum, by RFC 1624 incremental updates.
+/// when the backend sent it), fixing every checksum that covers them by
+/// RFC 1624 incremental updates: the quoted IPv4 header's, the quoted L4
+/// one (if it was quoted), the ICMP one (for ICMPv6 its pseudo-header
+/// holds the error's source) and the outer IPv4 header's.
 #[inline(always)]
-fn rewrite<P: Packet>(ctx: &P, error: &IcmpError, addr: [u8; 4], port: u16) -> Result<(), i64> {
-    let (old, new) = (error.inner_daddr, addr);
+fn rewrite<A: IcmpFamily, P: Packet>(
+    ctx: &P,
+    error: &IcmpError<A>,
+    addr: &A,
+    port: u16,
+) -> Result<(), i64> {
+    let old = &error.inner_daddr;
     let mut icmp_csum: u16 = ctx.read(error.icmp_off + ICMP_CSUM_OFF).ok_or(-1i64)?;
 
-    // Quoted IPv4 header: destination and header checksum.
-    let inner_csum_off = error.inner_l3_off + IP_CSUM_OFF;
-    let old_inner_csum: u16 = ctx.read(inner_csum_off).ok_or(-1i64)?;
-    let new_inner_csum = csum_replace_addr(old_inner_csum, old, new);
-    ctx.write(inner_csum_off, &new_inner_csum)?;
-    ctx.write(error.inner_l3_off + IP_DST_OFF, &addr)?;
-    icmp_csum = csum_replace_addr(icmp_csum, old, new);
-    icmp_csum = csum_replace(icmp_csum, old_inner_csum, new_inner_csum);
+    // Quoted IP header: the destination, and IPv4's header checksum.
+    if A::HEADER_CHECKSUM {
+        let inner_csum_off = error.inner_l3_off + IP_CSUM_OFF;
+        let old_inner_csum: u16 = ctx.read(inner_csum_off).ok_or(-1i64)?;
+        let new_inner_csum = A::csum_replace_addr(old_inner_csum, old, addr);
+        ctx.write(inner_csum_off, &new_inner_csum)?;
+        icmp_csum = csum_replace(icmp_csum, old_inner_csum, new_inner_csum);
+    }
+    ctx.write(error.inner_l3_off + A::DST_OFF, addr)?;
+    icmp_csum = A::csum_replace_addr(icmp_csum, old, addr);
 
     // Quoted destination port, and the quoted L4 checksum when present.
     ctx.write(error.inner_l4_off + L4_DPORT_OFF, &port)?;
@@ -152,18 +228,26 @@ fn rewrite<P: Packet>(ctx: &P, error: &IcmpError, addr: [u8; 4], port: u16) -> R
     if let Some(old_l4) = ctx.read::<u16>(l4_csum_off)
         && !(error.inner_proto == PROTO_UDP && old_l4 == 0)
     {
-        let new_l4 = csum_replace(csum_replace_addr(old_l4, old, new), error.inner_dport, port);
+        let new_l4 = csum_replace(
+            A::csum_replace_addr(old_l4, old, addr),
+            error.inner_dport,
+            port,
+        );
         ctx.write(l4_csum_off, &new_l4)?;
         icmp_csum = csum_replace(icmp_csum, old_l4, new_l4);
     }
-    ctx.write(error.icmp_off + ICMP_CSUM_OFF, &icmp_csum)?;
 
-    // The error's own source, when the backend itself reported it.
-    if error.saddr == error.inner_daddr {
-        let outer_csum_off = error.l3_off + IP_CSUM_OFF;
-        let outer_csum: u16 = ctx.read(outer_csum_off).ok_or(-1i64)?;
-        ctx.write(outer_csum_off, &csum_replace_addr(outer_csum, old, new))?;
-        ctx.write(error.l3_off + IP_SRC_OFF, &addr)?;
+    // The error's own source, when the backend itself reported it: in the
+    // IPv4 header's checksum, or in ICMPv6's pseudo-header.
+    if error.saddr.same(old) {
+        if A::HEADER_CHECKSUM {
+            let outer_csum_off = error.l3_off + IP_CSUM_OFF;
+            let outer_csum: u16 = ctx.read(outer_csum_off).ok_or(-1i64)?;
+            ctx.write(outer_csum_off, &A::csum_replace_addr(outer_csum, old, addr))?;
+        } else {
+            icmp_csum = A::csum_replace_addr(icmp_csum, old, addr);
+        }
+        ctx.write(error.l3_off + A::SRC_OFF, addr)?;
     }
-    Ok(())
+    ctx.write(error.icmp_off + ICMP_CSUM_OFF, &icmp_csum)
 }

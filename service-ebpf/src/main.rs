@@ -30,16 +30,17 @@
 //! The exception is hairpin, whose packets never reach the node's routing
 //! (and whose addresses are no node's).
 //!
-//! ICMP errors about a translated IPv4 flow are translated on the egress
-//! hooks too (`icmp`), so path MTU discovery works through a Service. IPv4
-//! fragments of a translated datagram are translated on every hook, the
-//! later ones by the ports their first fragment recorded (`fragments`).
+//! ICMP and ICMPv6 errors about a translated flow are translated on the
+//! egress hooks too (`icmp`), so path MTU discovery (IPv6's "packet too
+//! big" included) works through a Service. IPv4 fragments of a translated
+//! datagram are translated on every hook, the later ones by the ports
+//! their first fragment recorded (`fragments`).
 //!
-//! IPv6 from pods (`from_pod`, `to_pod`) gets the same translation, by
-//! the same code monomorphised for its addresses (`packet::IpFamily`),
-//! each family in a function of its own per hook. Not yet for IPv6: the
-//! hooks on the external devices, ICMPv6 errors about translated flows and
-//! fragments (a packet with a fragment header passes untouched).
+//! IPv6 gets the same translation, by the same code monomorphised for its
+//! addresses (`packet::IpFamily`), each family in a function of its own
+//! per hook; on XDP every IPv6 frame is left to the TC program beside it.
+//! Not yet for IPv6: fragments (a packet with a fragment header passes
+//! untouched).
 //!
 //! Anything that is not a translated TCP/UDP flow passes untouched.
 #![no_std]
@@ -64,6 +65,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use icmp::IcmpFamily;
 use lb::{FlowAddr, Origin};
 use nat::Rewriter;
 use packet::{Flow, Fragment, IpFamily, Network, Packet, network};
@@ -78,8 +80,8 @@ use verdict::{Outcome, VERDICT_CONTINUE, tc_verdict};
 /// generic body: each has its own stack frame, so the IPv6 path's 16-byte
 /// addresses never add to the IPv4 path's frame (the verifier of kernel
 /// 6.1 allows 512 bytes for a hook and its calls together).
-trait HookFamily: FlowAddr + Refusal {}
-impl<A: FlowAddr + Refusal> HookFamily for A {}
+trait HookFamily: FlowAddr + Refusal + IcmpFamily {}
+impl<A: FlowAddr + Refusal + IcmpFamily> HookFamily for A {}
 
 /// "From pod": service translation for traffic a pod sends, and reverse
 /// translation of the replies a pod sends to the hairpin address.
@@ -147,8 +149,8 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// [`to_pod`] for a packet of family `A` (an IPv4 packet that is no TCP or
-/// UDP may be an ICMP error about a translated flow, translated too).
+/// [`to_pod`] for a packet of family `A` (a packet that is no TCP or UDP
+/// may be an ICMP error about a translated flow, translated too).
 #[inline(never)]
 fn to_pod_in<A: HookFamily>(ctx: &TcContext) -> i32 {
     let Some(mut flow) = A::parse(ctx) else {
@@ -276,8 +278,8 @@ pub fn to_network(ctx: TcContext) -> i32 {
     }
 }
 
-/// [`to_network`] for a packet of family `A` (an IPv4 packet that is no TCP
-/// or UDP may be an ICMP error about a translated flow, translated too).
+/// [`to_network`] for a packet of family `A` (a packet that is no TCP or
+/// UDP may be an ICMP error about a translated flow, translated too).
 #[inline(never)]
 fn to_network_in<A: HookFamily>(ctx: &TcContext) -> i32 {
     let Some(mut flow) = A::parse(ctx) else {
@@ -293,16 +295,11 @@ fn to_network_in<A: HookFamily>(ctx: &TcContext) -> i32 {
     tc_verdict(fragment_done(&flow, outcome))
 }
 
-/// An IPv4 packet the egress hooks did not parse: an ICMP error about a
-/// translated flow gets the flow's translation (`icmp`). IPv6 has none of
-/// that yet: such a packet passes untouched.
+/// A packet the egress hooks did not parse: an ICMP or ICMPv6 error about
+/// a translated flow gets the flow's translation (`icmp`).
 #[inline(always)]
-fn reverse_icmp_error<A: IpFamily>(ctx: &TcContext) -> i32 {
-    if A::HEADER_CHECKSUM {
-        tc_verdict(icmp::reverse_icmp_error(ctx))
-    } else {
-        VERDICT_CONTINUE
-    }
+fn reverse_icmp_error<A: HookFamily>(ctx: &TcContext) -> i32 {
+    tc_verdict(icmp::reverse_icmp_error::<A, _>(ctx))
 }
 
 /// The translation of traffic from the network, on either hook: replies

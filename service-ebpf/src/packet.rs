@@ -490,7 +490,7 @@ pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
 /// Reads an IPv6 address at `offset` as four 32-bit words: read as sixteen
 /// bytes, it would be copied byte by byte (and spilled so to the stack).
 #[inline(always)]
-fn read_addr6<P: Packet>(ctx: &P, offset: usize) -> Option<MapAddr> {
+pub fn read_addr6<P: Packet>(ctx: &P, offset: usize) -> Option<MapAddr> {
     let words: [u32; 4] = [
         ctx.read(offset)?,
         ctx.read(offset + 4)?,

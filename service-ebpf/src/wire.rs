@@ -60,6 +60,10 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
 /// ICMPv6 destination unreachable code: port unreachable.
 pub const ICMPV6_PORT_UNREACH: u8 = 4;
+/// ICMPv6 type: packet too big (IPv6's path MTU discovery).
+pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// ICMPv6 type: time exceeded.
+pub const ICMPV6_TIME_EXCEED: u8 = 3;
 
 /// IP protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;

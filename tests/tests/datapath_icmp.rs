@@ -1,16 +1,19 @@
-//! Datapath tests of ICMP errors about translated flows, through
-//! BPF_PROG_TEST_RUN: a "fragmentation needed" or "unreachable" about a
-//! flow to a ClusterIP reaches the client quoting the ClusterIP, so path
-//! MTU discovery works through a Service. Exact bytes, checksums verified.
+//! Datapath tests of ICMP and ICMPv6 errors about translated flows,
+//! through BPF_PROG_TEST_RUN: a "fragmentation needed", "packet too big"
+//! or "unreachable" about a flow to a ClusterIP reaches the client quoting
+//! the ClusterIP, so path MTU discovery works through a Service. Exact
+//! bytes, checksums verified.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
-use service_agent::datapath::{PROG_FROM_POD, PROG_TO_POD};
+use service_agent::datapath::{PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD};
 use service_common::{PROTO_TCP, PROTO_UDP};
 use service_tests::{
     datapath_fixture::Datapath,
-    packets::{CLIENT_MAC, Case, Expect, NODE_MAC, run_cases, tcp, udp},
+    packets::{
+        CLIENT_MAC, Case, Expect, NODE_MAC, icmpv6_packet_too_big, run_cases, tcp, tcp6, udp, udp6,
+    },
     require_root,
 };
 
@@ -105,6 +108,107 @@ fn icmp_errors_about_a_translated_flow_quote_the_frontend() {
                     CLIENT,
                     FRAG_NEEDED,
                     &udp((CLIENT, 50999), (BACKEND, 5353), b"x"),
+                ),
+                verdict: CONTINUE,
+                expect: Expect::Untouched,
+            },
+        ],
+    );
+}
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 2);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x201, 0, 0, 0, 0, 7);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x201, 0, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// The MTU the IPv6 errors report (IPv6's minimum).
+const MTU6: u32 = 1280;
+
+#[test]
+fn icmpv6_packet_too_big_about_a_translated_flow_quotes_the_frontend() {
+    require_root!();
+    let mut dp = Datapath::load();
+    dp.set_service(VIP6, 53, PROTO_UDP, &[(BACKEND6, 5353)]);
+    dp.set_service(VIP6, 80, PROTO_TCP, &[(BACKEND6, 8080)]);
+    let udp_client = (CLIENT6, 50000);
+    let tcp_client = (CLIENT6, 40000);
+    let big_query = vec![0x5a; 1400];
+    let segment = vec![0x6b; 1400];
+    run_cases(
+        &dp,
+        vec![
+            Case {
+                name: "a UDP datagram to the IPv6 ClusterIP is DNATed",
+                program: PROG_FROM_POD,
+                input: udp6(udp_client, (VIP6, 53), &big_query),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(udp6(udp_client, (BACKEND6, 5353), &big_query)),
+            },
+            Case {
+                name: "the backend's packet too big comes from and quotes the ClusterIP",
+                program: PROG_TO_POD,
+                input: icmpv6_packet_too_big(
+                    BACKEND6,
+                    CLIENT6,
+                    MTU6,
+                    &udp6(udp_client, (BACKEND6, 5353), &big_query),
+                ),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(icmpv6_packet_too_big(
+                    VIP6,
+                    CLIENT6,
+                    MTU6,
+                    &udp6(udp_client, (VIP6, 53), &big_query),
+                )),
+            },
+            Case {
+                name: "a TCP segment to the IPv6 ClusterIP is DNATed",
+                program: PROG_FROM_POD,
+                input: tcp6(tcp_client, (VIP6, 80), true, false, &segment),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(tcp6(tcp_client, (BACKEND6, 8080), true, false, &segment)),
+            },
+            Case {
+                name: "a router's packet too big keeps the router as source, quoting the ClusterIP",
+                program: PROG_TO_POD,
+                input: icmpv6_packet_too_big(
+                    ROUTER6,
+                    CLIENT6,
+                    MTU6,
+                    &tcp6(tcp_client, (BACKEND6, 8080), true, false, &segment),
+                ),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(icmpv6_packet_too_big(
+                    ROUTER6,
+                    CLIENT6,
+                    MTU6,
+                    &tcp6(tcp_client, (VIP6, 80), true, false, &segment),
+                )),
+            },
+            Case {
+                name: "the same error on the way to the network is translated too",
+                program: PROG_TO_NETWORK,
+                input: icmpv6_packet_too_big(
+                    BACKEND6,
+                    CLIENT6,
+                    MTU6,
+                    &udp6(udp_client, (BACKEND6, 5353), &big_query),
+                ),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(icmpv6_packet_too_big(
+                    VIP6,
+                    CLIENT6,
+                    MTU6,
+                    &udp6(udp_client, (VIP6, 53), &big_query),
+                )),
+            },
+            Case {
+                name: "an IPv6 error about an untracked flow passes untouched",
+                program: PROG_TO_POD,
+                input: icmpv6_packet_too_big(
+                    BACKEND6,
+                    CLIENT6,
+                    MTU6,
+                    &udp6((CLIENT6, 50999), (BACKEND6, 5353), b"x"),
                 ),
                 verdict: CONTINUE,
                 expect: Expect::Untouched,
