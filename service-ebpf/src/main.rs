@@ -185,7 +185,11 @@ pub fn from_network(ctx: XdpContext) -> u32 {
 #[inline(never)]
 fn from_network_in<A: HookFamily>(ctx: &XdpContext) -> u32 {
     let Some(mut flow) = A::parse(ctx) else {
-        return xdp_action::XDP_PASS;
+        // An ICMP error about an SNATed flow goes on to its client.
+        return match icmp::reverse_snat_icmp_error::<A, _>(ctx) {
+            Outcome::Dropped => xdp_action::XDP_DROP,
+            _ => xdp_action::XDP_PASS,
+        };
     };
     // A checksum left to offload is TC's to update (`offload`).
     if offload::checksum_is_partial(ctx, &flow) && offload::defer_to_tc(ctx) {
@@ -241,20 +245,36 @@ pub fn from_network_deferred(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn from_network_on_tc(ctx: &TcContext) -> i32 {
     match network(ctx) {
-        Network::V4 => from_network_tc_in::<[u8; 4]>(ctx),
+        Network::V4 => match from_network_tc_in::<[u8; 4]>(ctx) {
+            VERDICT_UNPARSED => reverse_snat_icmp_error::<[u8; 4]>(ctx),
+            verdict => verdict,
+        },
         Network::V6 => match from_network_tc_in::<MapAddr>(ctx) {
             VERDICT_REFUSE => refuse_in::<MapAddr>(ctx),
+            VERDICT_UNPARSED => reverse_snat_icmp_error::<MapAddr>(ctx),
             verdict => verdict,
         },
         Network::Other => VERDICT_CONTINUE,
     }
 }
 
+/// What [`from_network_tc_in`] returns for a packet that is no TCP or UDP
+/// of its family: the hook then tries [`reverse_snat_icmp_error`], whose
+/// frame is apart from the translation's. Never a TC verdict.
+const VERDICT_UNPARSED: i32 = i32::MIN + 1;
+
+/// A packet from the network that is no TCP or UDP: an ICMP error about an
+/// SNATed flow goes on to its client (`icmp`).
+#[inline(always)]
+fn reverse_snat_icmp_error<A: HookFamily>(ctx: &TcContext) -> i32 {
+    tc_verdict(icmp::reverse_snat_icmp_error::<A, _>(ctx))
+}
+
 /// [`from_network_on_tc`] for a packet of family `A`.
 #[inline(never)]
 fn from_network_tc_in<A: HookFamily>(ctx: &TcContext) -> i32 {
     let Some(mut flow) = A::parse(ctx) else {
-        return VERDICT_CONTINUE;
+        return VERDICT_UNPARSED;
     };
     if !fragment_ports(&mut flow) {
         return VERDICT_CONTINUE;

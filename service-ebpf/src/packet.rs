@@ -329,10 +329,14 @@ impl Packet for TcContext {
 }
 
 impl Packet for XdpContext {
+    /// Reads from the frame; `None` past its end. At least two bytes are
+    /// checked, as on TC: for one, the compiler turns the check into
+    /// `pointer >= end`, from which the verifier derives no readable range
+    /// (so a single byte that ends the frame reads as `None`).
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         let start = self.data();
-        if start + offset + core::mem::size_of::<T>() > self.data_end() {
+        if start + offset + core::mem::size_of::<T>().max(2) > self.data_end() {
             return None;
         }
         // SAFETY: the range lies inside the packet, checked just above.

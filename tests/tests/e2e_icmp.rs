@@ -2,7 +2,10 @@
 //! needed" (IPv4) or "packet too big" (IPv6) lowers the client's path MTU
 //! towards the ClusterIP, because the datapath hands the client the error
 //! as coming from the ClusterIP and quoting it: path MTU discovery works
-//! through a Service, in both families.
+//! through a Service, in both families. The same through a NodePort whose
+//! backend is on another node: the backend reports to the SNAT address,
+//! and the external client gets the error from the NodePort, on XDP and on
+//! TC.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -10,15 +13,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use service_common::{CT_DIR_FORWARD, FAMILY_IPV6};
+use service_common::{CT_DIR_FORWARD, CT_DIR_SNAT, FAMILY_IPV4, FAMILY_IPV6, map_addr_v4_octets};
 use service_tests::{
     agent::{conntrack_entries, wait_for_backends},
     netns::NetNs,
     require_root,
     scenario::{
-        BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP6, ClusterIpScenario, UDP_PORT, demo_yaml_path,
-        udp_frontend, web_service_yaml,
+        BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP6, ClusterIpScenario, TwoNodeOptions,
+        TwoNodeScenario, UDP_PORT, demo_yaml_path, udp_frontend, web_service_yaml,
     },
+    topology::NODE_A_EXTERNAL_IP,
 };
 
 /// The MTU the backend reports over IPv4.
@@ -45,7 +49,8 @@ fn checksum(bytes: &[u8]) -> u16 {
 }
 
 /// An ICMP "fragmentation needed" (type 3, code 4) quoting the IPv4 and UDP
-/// headers of the datagram `client` -> `backend` as the backend received it.
+/// headers of the datagram `client` -> `backend` as the backend received it
+/// (`client` is this node's SNAT address and port for an SNATed flow).
 fn frag_needed(client: SocketAddr, backend: SocketAddr) -> Vec<u8> {
     let (SocketAddr::V4(client), SocketAddr::V4(backend)) = (client, backend) else {
         panic!("IPv4 only");
@@ -244,7 +249,7 @@ fn assert_path_mtu_becomes(socket: &UdpSocket, expected: i32) {
     while path_mtu(socket) != expected {
         assert!(
             Instant::now() < deadline,
-            "path MTU towards the ClusterIP stayed {}",
+            "path MTU towards the frontend stayed {}",
             path_mtu(socket)
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -328,4 +333,78 @@ fn packet_too_big_from_a_backend_reaches_the_client_for_the_ipv6_cluster_ip() {
         packet_too_big(client, backend, &payload),
     );
     assert_path_mtu_becomes(&socket, REPORTED_MTU6 as i32);
+}
+
+/// The UDP NodePort of Service "far".
+const FAR_NODE_PORT: u16 = 30011;
+/// The address of Service "far"'s only endpoint: node B's first pod.
+const FAR_BACKEND: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 202, 0, 2);
+
+/// Service "far": a UDP NodePort whose only endpoint is on node B (the
+/// pod's UDP server).
+fn far_service_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: far, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.13\n  ports: [{{name: echo, protocol: UDP, port: 7, targetPort: {BACKEND_UDP_PORT}, nodePort: {FAR_NODE_PORT}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: far-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: far}}\naddressType: IPv4\nports: [{{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}]\nendpoints:\n- {{addresses: [\"{FAR_BACKEND}\"], nodeName: node-b, conditions: {{ready: true}}}}\n"
+    )
+}
+
+/// The external client sends a too-big datagram to node A's NodePort,
+/// SNATed to node B's pod; that pod answers "fragmentation needed" to the
+/// SNAT address and port it saw, and the client's path MTU towards the
+/// NodePort drops to the reported MTU.
+fn fragmentation_needed_through_an_snated_node_port(mode: &str) {
+    let frontend = SocketAddr::from((NODE_A_EXTERNAL_IP, FAR_NODE_PORT));
+    let setup = TwoNodeScenario::start_with(
+        &format!("pmtunp{mode}"),
+        1,
+        &far_service_yaml(),
+        TwoNodeOptions {
+            agent_args: &["--nodeport-mode", mode],
+            ..TwoNodeOptions::default()
+        },
+        |_| Ok(()),
+        (frontend, "UDP", 1),
+    )
+    .expect("two nodes programmed");
+    let socket = client_socket(&setup.topology.client, frontend);
+    assert_eq!(path_mtu(&socket), 1500);
+    socket
+        .send(&[0x5a; DATAGRAM])
+        .expect("send the big datagram");
+    let client_port = socket.local_addr().unwrap().port();
+
+    // The SNAT address and port node A gave the flow.
+    let snat = conntrack_entries(setup.pins[0].path())
+        .expect("node A's conntrack")
+        .into_iter()
+        .find(|(key, _)| {
+            key.family == FAMILY_IPV4
+                && key.direction == CT_DIR_SNAT
+                && key.sport == client_port.to_be()
+        })
+        .map(|(_, value)| {
+            SocketAddr::from((
+                map_addr_v4_octets(&value.nat_addr),
+                u16::from_be(value.nat_port),
+            ))
+        })
+        .expect("the big datagram's SNAT entry on node A");
+    let backend = SocketAddr::from((FAR_BACKEND, BACKEND_UDP_PORT));
+    let backend_pod = &setup.topology.pods_b[0];
+    assert_eq!(backend_pod.ip, FAR_BACKEND);
+
+    send_icmp(&backend_pod.ns, snat.ip(), frag_needed(snat, backend));
+    assert_path_mtu_becomes(&socket, i32::from(REPORTED_MTU));
+}
+
+#[test]
+fn xdp_fragmentation_needed_from_a_remote_backend_reaches_the_node_port_client() {
+    require_root!();
+    fragmentation_needed_through_an_snated_node_port("xdp");
+}
+
+#[test]
+fn tc_fragmentation_needed_from_a_remote_backend_reaches_the_node_port_client() {
+    require_root!();
+    fragmentation_needed_through_an_snated_node_port("tc");
 }

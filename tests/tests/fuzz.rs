@@ -1116,10 +1116,11 @@ fn check_refusal(
     Ok(Outcome::Refused)
 }
 
-/// An ICMP error about a translated flow: the quoted packet (client to
-/// backend, or SNAT address to remote backend) gets its frontend (or
-/// client) back, and so does the error's own source when it was the
-/// backend.
+/// An ICMP error about a translated flow. On egress, the quoted packet
+/// (client to backend) gets its frontend back, and so does the error's own
+/// source when it was the backend. From the network, an error for the
+/// SNAT address quoting a packet of an SNATed flow (SNAT address to remote
+/// backend) gets its client back, as destination and as quoted source.
 fn check_icmp_error(model: &Model, hook: Hook, pair: &Pair) -> Result<Outcome, String> {
     let Pair {
         input,
@@ -1127,7 +1128,8 @@ fn check_icmp_error(model: &Model, hook: Hook, pair: &Pair) -> Result<Outcome, S
         output,
         ip_out,
     } = pair;
-    if hook.is_ingress() {
+    let from_network = matches!(hook, Hook::FromNetworkXdp | Hook::FromNetworkTc);
+    if hook.is_ingress() && !from_network {
         return Err(format!("{hook:?} rewrote an ICMP packet"));
     }
     let inner = l4_offset(ip_in) + 8;
@@ -1146,6 +1148,32 @@ fn check_icmp_error(model: &Model, hook: Hook, pair: &Pair) -> Result<Outcome, S
     let (Some(before), Some(after)) = (quoted(input), quoted(output)) else {
         return Err("rewrote an ICMP error that quotes no whole header".into());
     };
+    if from_network {
+        let (snat, backend, proto, snat_port, bport) = before;
+        let Some((client, cport)) = model
+            .snat
+            .borrow()
+            .get(&(backend, bport, snat_port, proto))
+            .copied()
+            .filter(|_| snat == SNAT && ip_in.dst == SNAT)
+        else {
+            return Err(format!(
+                "{hook:?} rewrote an ICMP error about {snat}:{snat_port} -> {backend}:{bport}, no SNATed flow"
+            ));
+        };
+        if after != (client, backend, proto, cport, bport) {
+            return Err(format!(
+                "the quoted SNATed flow became {after:?}, not one from {client}:{cport}"
+            ));
+        }
+        if ip_out.src != ip_in.src || ip_out.dst != client {
+            return Err(format!(
+                "the error about an SNATed flow now goes {} -> {}",
+                ip_out.src, ip_out.dst
+            ));
+        }
+        return Ok(Outcome::Translated);
+    }
     let (client, backend, proto, cport, bport) = before;
     let owner = model.owner(backend, bport, proto);
     let seen = model
