@@ -119,6 +119,40 @@ endpoints:
     yaml
 }
 
+/// The address of node B's first pod in a [`TwoNodeScenario`].
+pub const NODE_B_POD_0: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
+
+/// A dual-stack NodePort Service "web" (`node_port`, TCP and UDP) whose only
+/// endpoint of each family is node B's first pod ([`NODE_B_POD_0`] and its
+/// IPv6 twin): from node A, a remote backend reached through SNAT.
+pub fn dual_stack_remote_node_port_yaml(node_port: u16) -> String {
+    let backend_v6 = crate::topology::ipv6_of(NODE_B_POD_0);
+    let mut yaml = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: ["10.96.0.10", "fd00:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: {BACKEND_HTTP_PORT}, nodePort: {node_port}}}
+  - {{name: echo, protocol: UDP, port: 7, targetPort: {BACKEND_UDP_PORT}, nodePort: {node_port}}}
+"#
+    );
+    for (family, name, addr) in [
+        ("IPv4", "web-v4", NODE_B_POD_0.to_string()),
+        ("IPv6", "web-v6", backend_v6.to_string()),
+    ] {
+        yaml.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}\n- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}\nendpoints:\n- {{addresses: [\"{addr}\"], nodeName: node-b, conditions: {{ready: true}}}}\n"
+        ));
+    }
+    yaml
+}
+
 /// Service "web" with one EndpointSlice listing the given backend pods
 /// (1..=3) as ready, the same objects as the demo file.
 pub fn web_service_yaml(backend_pods: &[usize]) -> String {

@@ -2,10 +2,10 @@
 //! needed" (IPv4) or "packet too big" (IPv6) lowers the client's path MTU
 //! towards the ClusterIP, because the datapath hands the client the error
 //! as coming from the ClusterIP and quoting it: path MTU discovery works
-//! through a Service, in both families. The same through a NodePort whose
-//! backend is on another node: the backend reports to the SNAT address,
-//! and the external client gets the error from the NodePort, on XDP and on
-//! TC.
+//! through a Service, in both families. The same through a NodePort of
+//! each family whose backend is on another node: the backend reports to
+//! the SNAT address, and the external client gets the error from the
+//! NodePort, on XDP and on TC.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -19,10 +19,11 @@ use service_tests::{
     netns::NetNs,
     require_root,
     scenario::{
-        BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP6, ClusterIpScenario, TwoNodeOptions,
-        TwoNodeScenario, UDP_PORT, demo_yaml_path, udp_frontend, web_service_yaml,
+        BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP6, ClusterIpScenario, NODE_B_POD_0, TwoNodeOptions,
+        TwoNodeScenario, UDP_PORT, demo_yaml_path, dual_stack_remote_node_port_yaml, udp_frontend,
+        web_service_yaml,
     },
-    topology::NODE_A_EXTERNAL_IP,
+    topology::{NODE_A_EXTERNAL_IP, NODE_A_IP, TwoNodesOptions, ipv6_of},
 };
 
 /// The MTU the backend reports over IPv4.
@@ -335,76 +336,112 @@ fn packet_too_big_from_a_backend_reaches_the_client_for_the_ipv6_cluster_ip() {
     assert_path_mtu_becomes(&socket, REPORTED_MTU6 as i32);
 }
 
-/// The UDP NodePort of Service "far".
-const FAR_NODE_PORT: u16 = 30011;
-/// The address of Service "far"'s only endpoint: node B's first pod.
-const FAR_BACKEND: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 202, 0, 2);
+/// The NodePort (TCP and UDP) of the dual-stack Service whose only
+/// backend is on node B.
+const NODE_PORT: u16 = 30_011;
 
-/// Service "far": a UDP NodePort whose only endpoint is on node B (the
-/// pod's UDP server).
-fn far_service_yaml() -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: far, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.13\n  ports: [{{name: echo, protocol: UDP, port: 7, targetPort: {BACKEND_UDP_PORT}, nodePort: {FAR_NODE_PORT}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: far-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: far}}\naddressType: IPv4\nports: [{{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}]\nendpoints:\n- {{addresses: [\"{FAR_BACKEND}\"], nodeName: node-b, conditions: {{ready: true}}}}\n"
-    )
-}
-
-/// The external client sends a too-big datagram to node A's NodePort,
-/// SNATed to node B's pod; that pod answers "fragmentation needed" to the
-/// SNAT address and port it saw, and the client's path MTU towards the
-/// NodePort drops to the reported MTU.
-fn fragmentation_needed_through_an_snated_node_port(mode: &str) {
-    let frontend = SocketAddr::from((NODE_A_EXTERNAL_IP, FAR_NODE_PORT));
-    let setup = TwoNodeScenario::start_with(
+/// The external client sends a too-big datagram to node A's NodePort of
+/// each family, SNATed to node B's pod; that pod answers "fragmentation
+/// needed" (IPv4) or "packet too big" (IPv6) to the SNAT address and port
+/// it saw, and the client's path MTU towards the NodePort drops to the
+/// reported MTU.
+fn path_mtu_errors_cross_an_snated_node_port(mode: &str) {
+    let snat_v6 = ipv6_of(NODE_A_IP).to_string();
+    let node_port = SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT));
+    let mut setup = TwoNodeScenario::start_with(
         &format!("pmtunp{mode}"),
         1,
-        &far_service_yaml(),
+        &dual_stack_remote_node_port_yaml(NODE_PORT),
         TwoNodeOptions {
-            agent_args: &["--nodeport-mode", mode],
+            topology: TwoNodesOptions {
+                dual_stack: true,
+                ..TwoNodesOptions::default()
+            },
+            agent_args: &[
+                "--nodeport-mode",
+                mode,
+                "--nodeport-addresses",
+                "10.99.0.0/24,fd00:10:99::/64",
+            ],
+            agent_a_args: &["--snat-ipv6", &snat_v6],
             ..TwoNodeOptions::default()
         },
         |_| Ok(()),
-        (frontend, "UDP", 1),
+        (node_port, "UDP", 1),
     )
     .expect("two nodes programmed");
-    let socket = client_socket(&setup.topology.client, frontend);
-    assert_eq!(path_mtu(&socket), 1500);
-    socket
-        .send(&[0x5a; DATAGRAM])
-        .expect("send the big datagram");
-    let client_port = socket.local_addr().unwrap().port();
-
-    // The SNAT address and port node A gave the flow.
-    let snat = conntrack_entries(setup.pins[0].path())
-        .expect("node A's conntrack")
-        .into_iter()
-        .find(|(key, _)| {
-            key.family == FAMILY_IPV4
-                && key.direction == CT_DIR_SNAT
-                && key.sport == client_port.to_be()
-        })
-        .map(|(_, value)| {
-            SocketAddr::from((
-                map_addr_v4_octets(&value.nat_addr),
-                u16::from_be(value.nat_port),
-            ))
-        })
-        .expect("the big datagram's SNAT entry on node A");
-    let backend = SocketAddr::from((FAR_BACKEND, BACKEND_UDP_PORT));
     let backend_pod = &setup.topology.pods_b[0];
-    assert_eq!(backend_pod.ip, FAR_BACKEND);
+    assert_eq!(backend_pod.ip, NODE_B_POD_0);
+    let backend6 = backend_pod.ip6.expect("dual-stack pod");
+    let node_port6 = SocketAddr::from((ipv6_of(NODE_A_EXTERNAL_IP), NODE_PORT));
+    wait_for_backends(
+        &mut setup.agents[0],
+        setup.pins[0].path(),
+        node_port6,
+        "UDP",
+        1,
+        Duration::from_secs(20),
+    )
+    .expect("the IPv6 NodePort programmed");
 
-    send_icmp(&backend_pod.ns, snat.ip(), frag_needed(snat, backend));
-    assert_path_mtu_becomes(&socket, i32::from(REPORTED_MTU));
+    for (frontend, backend) in [
+        (
+            node_port,
+            SocketAddr::from((NODE_B_POD_0, BACKEND_UDP_PORT)),
+        ),
+        (node_port6, SocketAddr::from((backend6, BACKEND_UDP_PORT))),
+    ] {
+        let socket = client_socket(&setup.topology.client, frontend);
+        assert_eq!(path_mtu(&socket), 1500, "{mode}: {frontend}");
+        let payload = [0x5a; DATAGRAM];
+        socket.send(&payload).expect("send the big datagram");
+        let client_port = socket.local_addr().unwrap().port();
+
+        // The SNAT address and port node A gave the flow.
+        let family = if frontend.is_ipv4() {
+            FAMILY_IPV4
+        } else {
+            FAMILY_IPV6
+        };
+        let snat = conntrack_entries(setup.pins[0].path())
+            .expect("node A's conntrack")
+            .into_iter()
+            .find(|(key, _)| {
+                key.family == family
+                    && key.direction == CT_DIR_SNAT
+                    && key.sport == client_port.to_be()
+            })
+            .map(|(_, value)| {
+                let addr: IpAddr = if frontend.is_ipv4() {
+                    map_addr_v4_octets(&value.nat_addr).into()
+                } else {
+                    std::net::Ipv6Addr::from(value.nat_addr).into()
+                };
+                SocketAddr::new(addr, u16::from_be(value.nat_port))
+            })
+            .unwrap_or_else(|| panic!("{mode}: {frontend}: no SNAT entry on node A"));
+
+        let (message, reported) = if frontend.is_ipv4() {
+            (frag_needed(snat, backend), i32::from(REPORTED_MTU))
+        } else {
+            (
+                packet_too_big(snat, backend, &payload),
+                REPORTED_MTU6 as i32,
+            )
+        };
+        send_icmp(&backend_pod.ns, snat.ip(), message);
+        assert_path_mtu_becomes(&socket, reported);
+    }
 }
 
 #[test]
-fn xdp_fragmentation_needed_from_a_remote_backend_reaches_the_node_port_client() {
+fn xdp_path_mtu_errors_from_a_remote_backend_reach_the_node_port_client() {
     require_root!();
-    fragmentation_needed_through_an_snated_node_port("xdp");
+    path_mtu_errors_cross_an_snated_node_port("xdp");
 }
 
 #[test]
-fn tc_fragmentation_needed_from_a_remote_backend_reaches_the_node_port_client() {
+fn tc_path_mtu_errors_from_a_remote_backend_reach_the_node_port_client() {
     require_root!();
-    fragmentation_needed_through_an_snated_node_port("tc");
+    path_mtu_errors_cross_an_snated_node_port("tc");
 }

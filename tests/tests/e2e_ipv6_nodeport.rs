@@ -6,58 +6,29 @@
 //! TCP and UDP, with the "from network" program on XDP (which hands IPv6
 //! to the TC program beside it) and on TC.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use service_tests::{
     require_root,
-    scenario::{BACKEND_HTTP_PORT, BACKEND_UDP_PORT, TwoNodeOptions, TwoNodeScenario},
+    scenario::{
+        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, TwoNodeOptions, TwoNodeScenario,
+        dual_stack_remote_node_port_yaml,
+    },
     topology::{NODE_A_EXTERNAL_IP, NODE_A_IP, TwoNodesOptions, ipv6_of},
     traffic::{BackendServer, http_get, spread, udp_request},
 };
 
 /// NodePort of the Service, TCP and UDP.
 const NODE_PORT: u16 = 30_080;
-/// The backend pod, on node B.
-const BACKEND_V4: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
 /// New flows per protocol.
 const REQUESTS: usize = 10;
-
-/// A dual-stack NodePort Service whose only endpoint (of each family) is
-/// pod b0 on node B.
-fn service_yaml() -> String {
-    let backend_v6 = ipv6_of(BACKEND_V4);
-    let mut yaml = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: demo}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.10
-  clusterIPs: ["10.96.0.10", "fd00:96::10"]
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
-  ports:
-  - {{name: http, protocol: TCP, port: 80, targetPort: {BACKEND_HTTP_PORT}, nodePort: {NODE_PORT}}}
-  - {{name: echo, protocol: UDP, port: 7, targetPort: {BACKEND_UDP_PORT}, nodePort: {NODE_PORT}}}
-"#
-    );
-    for (family, name, addr) in [
-        ("IPv4", "web-v4", BACKEND_V4.to_string()),
-        ("IPv6", "web-v6", backend_v6.to_string()),
-    ] {
-        yaml.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}\n- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}\nendpoints:\n- {{addresses: [\"{addr}\"], nodeName: node-b, conditions: {{ready: true}}}}\n"
-        ));
-    }
-    yaml
-}
 
 fn ipv6_node_port_reaches_a_remote_backend(mode: &str) {
     let snat_v6 = ipv6_of(NODE_A_IP).to_string();
     let setup = TwoNodeScenario::start_with(
         &format!("np6{mode}"),
         1,
-        &service_yaml(),
+        &dual_stack_remote_node_port_yaml(NODE_PORT),
         TwoNodeOptions {
             topology: TwoNodesOptions {
                 dual_stack: true,
