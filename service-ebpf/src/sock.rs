@@ -30,13 +30,16 @@
 //!   packet hooks make, and rewrite the socket address to it. The kernel
 //!   then connects (or sends) straight to the backend: there is no packet to
 //!   translate and no conntrack entry, the socket itself stays on its
-//!   backend. Except a pod's connected IPv4 UDP socket (a namespace other
-//!   than the node's, [`NODE_NETNS_COOKIE`]): it is left to the packet
+//!   backend. Except a pod's connected UDP socket (a namespace other than
+//!   the node's, [`NODE_NETNS_COOKIE`]): it is left to the packet
 //!   hooks, whose conntrack moves its datagrams to another backend when
 //!   theirs goes (kube-proxy's behaviour); a connected socket's later
 //!   datagrams pass no socket hook, so a socket translated here would stay
 //!   on a deleted backend. The node's own connected UDP sockets have no
-//!   packet hook to go to and still do.
+//!   packet hook to go to: when their backend leaves, the agent destroys
+//!   them (sock_diag `SOCK_DESTROY`, found by their `SOCK_NAT` entries),
+//!   and an application that reconnects on the error lands on a live
+//!   backend.
 //! - `sock_recvmsg4`/`6` (`recvfrom(2)`/`recvmsg(2)` on UDP) and
 //!   `sock_getpeer4`/`6` (`getpeername(2)`): give the application back the
 //!   frontend it asked for instead of the backend it was sent to, so UDP
@@ -496,17 +499,13 @@ fn forward<F: SockFamily>(ctx: &SockAddrContext, call: Call) -> i32 {
     let Some(frontend) = destination::<F>(ctx) else {
         return SOCK_ALLOW;
     };
-    // A pod's connected UDP socket is left to the packet hooks (IPv4,
-    // which they translate): its datagrams then go through conntrack,
+    // A pod's connected UDP socket is left to the packet hooks (which
+    // translate both families): its datagrams then go through conntrack,
     // which moves them to another backend when theirs goes, as kube-proxy's
     // conntrack flush does. Translated once here, the socket would keep
     // sending to a deleted backend: no hook runs for a connected socket's
     // later datagrams.
-    if call == Call::Connect
-        && frontend.proto == PROTO_UDP
-        && F::FAMILY == FAMILY_IPV4
-        && in_pod_netns(ctx)
-    {
+    if call == Call::Connect && frontend.proto == PROTO_UDP && in_pod_netns(ctx) {
         return SOCK_ALLOW;
     }
     let forward_key = SockNatKey::new(

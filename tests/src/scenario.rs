@@ -153,6 +153,42 @@ spec:
     yaml
 }
 
+/// The dual-stack Service "web": both ClusterIPs ([`CLUSTER_IP`],
+/// [`CLUSTER_IP6`]) and an EndpointSlice per family listing the given
+/// backend pods (1..=3) of the single-node topology by their address of
+/// that family.
+pub fn dual_stack_web_yaml(backend_pods: &[usize]) -> String {
+    let mut yaml = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: {CLUSTER_IP}
+  clusterIPs: ["{CLUSTER_IP}", "{CLUSTER_IP6}"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {{name: http, protocol: TCP, port: {HTTP_PORT}, targetPort: {BACKEND_HTTP_PORT}}}
+  - {{name: echo, protocol: UDP, port: {UDP_PORT}, targetPort: {BACKEND_UDP_PORT}}}
+"#
+    );
+    for (family, name) in [("IPv4", "web-v4"), ("IPv6", "web-v6")] {
+        yaml.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}\n- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}\nendpoints:\n"
+        ));
+        for pod in backend_pods {
+            let v4 = Ipv4Addr::new(10, 200, *pod as u8, 2);
+            let addr: IpAddr = if family == "IPv4" {
+                v4.into()
+            } else {
+                crate::topology::ipv6_of(v4).into()
+            };
+            yaml.push_str(&format!("- {{addresses: [\"{addr}\"]}}\n"));
+        }
+    }
+    yaml
+}
+
 /// Service "web" with one EndpointSlice listing the given backend pods
 /// (1..=3) as ready, the same objects as the demo file.
 pub fn web_service_yaml(backend_pods: &[usize]) -> String {

@@ -10,57 +10,30 @@
 //! the UDP client refuses an answer from any other address, otherwise).
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
 use service_common::{CT_DIR_FORWARD, FAMILY_IPV6};
 use service_tests::{
     agent::{AgentProcess, conntrack_entries, frontend_new_flows, wait_for_backends},
+    cgroup::TestCgroup,
     pins::PinDir,
     require_root,
-    scenario::{BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP, HTTP_PORT, UDP_PORT},
+    scenario::{
+        BACKEND_HTTP_PORT, BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP, ClusterIpScenario, HTTP_PORT,
+        UDP_PORT, backend6_name, dual_stack_web_yaml,
+    },
     topology::{POD_DEVICE_PREFIX, SingleNode},
-    traffic::{BackendServer, http_get, spread, udp_request},
+    traffic::{
+        BackendServer, host_client_command, host_client_report, http_get, spread, udp_request,
+    },
 };
 
 /// The Service's IPv6 ClusterIP.
 const CLUSTER_IP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 /// New flows per family and protocol: enough for three backends to answer.
 const REQUESTS: usize = 30;
-
-/// The dual-stack Service "web": both ClusterIPs, and an EndpointSlice per
-/// family with the backend pods' addresses of that family.
-fn dual_stack_yaml(topology: &SingleNode) -> String {
-    let mut yaml = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: demo}}
-spec:
-  clusterIP: {CLUSTER_IP}
-  clusterIPs: ["{CLUSTER_IP}", "{CLUSTER_IP_V6}"]
-  ipFamilies: [IPv4, IPv6]
-  ipFamilyPolicy: RequireDualStack
-  ports:
-  - {{name: http, protocol: TCP, port: {HTTP_PORT}, targetPort: {BACKEND_HTTP_PORT}}}
-  - {{name: echo, protocol: UDP, port: {UDP_PORT}, targetPort: {BACKEND_UDP_PORT}}}
-"#
-    );
-    for (family, name) in [("IPv4", "web-v4"), ("IPv6", "web-v6")] {
-        yaml.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}\n- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}\nendpoints:\n"
-        ));
-        for pod in &topology.pods[1..=BACKENDS] {
-            let addr: IpAddr = if family == "IPv4" {
-                pod.ip.into()
-            } else {
-                pod.ip6.expect("dual-stack pod").into()
-            };
-            yaml.push_str(&format!("- {{addresses: [\"{addr}\"]}}\n"));
-        }
-    }
-    yaml
-}
 
 #[test]
 fn a_pod_reaches_every_backend_through_an_ipv6_cluster_ip_and_the_ipv4_one() {
@@ -82,7 +55,7 @@ fn a_pod_reaches_every_backend_through_an_ipv6_cluster_ip_and_the_ipv4_one() {
     }
     let workdir = tempfile::tempdir().expect("work folder");
     let yaml = workdir.path().join("services.yaml");
-    std::fs::write(&yaml, dual_stack_yaml(&topology)).expect("writing the YAML");
+    std::fs::write(&yaml, dual_stack_web_yaml(&[1, 2, 3])).expect("writing the YAML");
     let pin = PinDir::new("v6cip").expect("pin folder");
     let mut agent = AgentProcess::start_with_args(
         &topology.node,
@@ -169,5 +142,86 @@ fn a_pod_reaches_every_backend_through_an_ipv6_cluster_ip_and_the_ipv4_one() {
     assert!(
         masters >= 2 * REQUESTS,
         "{masters} IPv6 flows tracked by the packet hooks"
+    );
+}
+
+/// Issue 8's acceptance 2 over IPv6, with socket-LB on (as the DaemonSet
+/// runs it): a pod's UDP socket *connected* to the IPv6 ClusterIP, which
+/// no socket hook sees again after `connect`, follows its replaced
+/// backend: socket-LB leaves pods' connected UDP sockets of both families
+/// to the packet hooks, whose conntrack moves the flow. Every datagram
+/// sent more than 1 s after the change is answered by the new backend.
+#[test]
+fn a_pods_connected_ipv6_udp_socket_follows_its_replaced_backend_with_socket_lb_on() {
+    require_root!();
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let cgroup_path = cgroup.path().to_str().expect("UTF-8 path").to_owned();
+    let mut scenario = ClusterIpScenario::start_dual_stack(
+        "udpconn6",
+        &dual_stack_web_yaml(&[1]),
+        1,
+        &["--cgroup-path", &cgroup_path],
+    )
+    .expect("scenario");
+    let frontend = SocketAddr::new(CLUSTER_IP_V6.into(), UDP_PORT);
+    wait_for_backends(
+        &mut scenario.agent,
+        scenario.pin.path(),
+        frontend,
+        "UDP",
+        1,
+        Duration::from_secs(20),
+    )
+    .expect("the IPv6 frontend is programmed");
+    // 40 datagrams, 100 ms apart, from one connected socket of a process
+    // in the client pod's namespace and in the cgroup socket-LB serves.
+    let args = [
+        "udp-stream".to_owned(),
+        frontend.to_string(),
+        "40".to_owned(),
+    ];
+    let client = host_client_command(
+        env!("CARGO_BIN_EXE_host-client"),
+        scenario.client(),
+        Some(&cgroup),
+        &args,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("starting host-client");
+    std::thread::sleep(Duration::from_secs(1));
+    scenario.rewrite_yaml(&dual_stack_web_yaml(&[2])).unwrap();
+    let changed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let report = host_client_report(&client.wait_with_output().expect("host-client"));
+    // (seconds after the change, answering backend)
+    let datagrams: Vec<(f64, Option<String>)> = report["runs"][0]["datagrams"]
+        .as_array()
+        .expect("datagrams")
+        .iter()
+        .map(|d| {
+            (
+                (d[0].as_f64().unwrap() - changed_ms) / 1000.0,
+                d[1].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    let (old, new) = (backend6_name(1), backend6_name(2));
+    assert!(
+        datagrams
+            .iter()
+            .any(|(sent, answer)| *sent < 0.0 && answer.as_deref() == Some(old.as_str())),
+        "the old backend answered before the change: {datagrams:?}"
+    );
+    let late: Vec<_> = datagrams.iter().filter(|(sent, _)| *sent > 1.0).collect();
+    assert!(late.len() >= 10, "{datagrams:?}");
+    assert!(
+        late.iter()
+            .all(|(_, answer)| answer.as_deref() == Some(new.as_str())),
+        "every datagram sent 1 s after the change is answered by {new}: {late:?}\n{}",
+        scenario.agent.log()
     );
 }
