@@ -709,4 +709,53 @@ mod tests {
         let (news, _) = collector.pass(1005);
         assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![5])]);
     }
+
+    /// Sockets that record which backends they were asked about and
+    /// report one destroyed socket and one failure each time.
+    struct FakeSockets(Arc<std::sync::Mutex<Vec<BTreeSet<BackendId>>>>);
+
+    impl TranslatedSockets for FakeSockets {
+        fn destroy_translated_to(
+            &mut self,
+            backends: &BTreeSet<BackendId>,
+        ) -> crate::datapath::sock_diag::DestroyReport {
+            self.0.lock().unwrap().push(backends.clone());
+            crate::datapath::sock_diag::DestroyReport {
+                destroyed: vec![crate::datapath::sock_diag::UdpSocketId {
+                    family: libc::AF_INET as u8,
+                    id: Default::default(),
+                }],
+                failed: vec![(None, std::io::Error::other("dump failed"))],
+                unsupported: None,
+            }
+        }
+    }
+
+    #[test]
+    fn sockets_of_backends_gone_or_not_serving_are_destroyed_and_counted() {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let metrics = Arc::new(Metrics::new(crate::datapath::MapSizes::default(), None));
+        let mut collector = Collector::new(table(&[1], &[]), settings(), Some(metrics.clone()))
+            .with_sockets(Box::new(FakeSockets(asked.clone())));
+        // A frontend deleted alone names no backend: no socket search.
+        collector.follow(
+            &FlowChanges {
+                rev_nat_ids_released: [1].into(),
+                ..FlowChanges::default()
+            },
+            1001,
+        );
+        assert!(asked.lock().unwrap().is_empty());
+        collector.follow(
+            &FlowChanges {
+                backends_deleted: [3].into(),
+                backends_not_serving: [4].into(),
+                ..FlowChanges::default()
+            },
+            1001,
+        );
+        assert_eq!(*asked.lock().unwrap(), [BTreeSet::from([3, 4])]);
+        assert_eq!(metrics.conntrack_gc.destroyed_sockets.get(), 1);
+        assert_eq!(metrics.conntrack_gc.socket_destroy_failures.get(), 1);
+    }
 }
