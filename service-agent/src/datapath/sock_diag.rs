@@ -248,7 +248,12 @@ fn dump_request(family: u8, seq: u32) -> Vec<u8> {
         states: 1 << TCP_ESTABLISHED,
         ..InetDiagReqV2::default()
     };
-    encode(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, &request)
+    encode(
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        &request,
+    )
 }
 
 /// The request destroying `socket`, acknowledged.
@@ -494,9 +499,9 @@ impl TranslatedSockets for SocketLbSockets {
             };
             for socket in sockets {
                 let nat = &self.nat;
-                let Some(entry) =
-                    translated_to(&socket, backends, |key| nat.get(key, 0).map_err(io_error).ok())
-                else {
+                let Some(entry) = translated_to(&socket, backends, |key| {
+                    nat.get(key, 0).map_err(io_error).ok()
+                }) else {
                     continue;
                 };
                 match self.diag.destroy(&socket) {
@@ -625,7 +630,10 @@ mod tests {
     fn only_sockets_socket_lb_sent_to_a_removed_backend_are_chosen() {
         let socket = socket_v4();
         assert_eq!(socket.cookie(), 0x1_0000_0002);
-        assert_eq!(socket.to_string(), "10.0.0.1:40000 -> 10.200.1.2:7007 (cookie 4294967298)");
+        assert_eq!(
+            socket.to_string(),
+            "10.0.0.1:40000 -> 10.200.1.2:7007 (cookie 4294967298)"
+        );
         let reverse = SockNatKey::v4(
             0x1_0000_0002,
             [10, 200, 1, 2],

@@ -319,7 +319,8 @@ impl<T: ConntrackTable> Collector<T> {
         if let Some(metrics) = &self.metrics {
             let gc = &metrics.conntrack_gc;
             gc.destroyed_sockets.inc_by(report.destroyed.len() as u64);
-            gc.socket_destroy_failures.inc_by(report.failed.len() as u64);
+            gc.socket_destroy_failures
+                .inc_by(report.failed.len() as u64);
         }
     }
 
