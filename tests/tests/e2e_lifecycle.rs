@@ -426,10 +426,33 @@ fn stream_datagrams(run: &serde_json::Value, changed_ms: f64) -> Vec<Datagram> {
 #[test]
 fn a_node_process_s_connected_udp_socket_follows_its_replaced_backend_with_socket_lb_on() {
     require_root!();
+    node_socket_follows_its_backend("udphost", &web_service_yaml(&[2]));
+}
+
+/// The same when the backend stays listed but stops serving (`ready:
+/// false, serving: false`) while another is ready: socket-LB would keep a
+/// reconnect of the same socket on it (a backend still in the map) unless
+/// the destroyed socket's entries went with it.
+#[test]
+fn a_node_process_s_connected_udp_socket_leaves_a_backend_that_stops_serving() {
+    require_root!();
+    let yaml = web_service_yaml(&[1, 2]);
+    let pod1 = "- addresses: [\"10.200.1.2\"]\n  conditions: {ready: true}\n";
+    assert!(yaml.contains(pod1), "{yaml}");
+    let yaml = yaml.replace(
+        pod1,
+        "- addresses: [\"10.200.1.2\"]\n  conditions: {ready: false, serving: false}\n",
+    );
+    node_socket_follows_its_backend("udphostns", &yaml);
+}
+
+/// Runs the node-process tests above: backend 1 alone, then `after`
+/// (backend 2 taking new flows, backend 1 gone or not serving).
+fn node_socket_follows_its_backend(tag: &str, after: &str) {
     let cgroup = TestCgroup::create().expect("test cgroup");
     let cgroup_path = cgroup.path().to_str().expect("UTF-8 path").to_owned();
     let scenario = ClusterIpScenario::start_with_agent_args(
-        "udphost",
+        tag,
         &web_service_yaml(&[1]),
         1,
         &["--cgroup-path", &cgroup_path],
@@ -454,7 +477,7 @@ fn a_node_process_s_connected_udp_socket_follows_its_replaced_backend_with_socke
     let through_service = spawn("udp-stream-reconnect", udp_frontend());
     let to_backend = spawn("udp-stream", direct);
     std::thread::sleep(Duration::from_secs(1));
-    scenario.rewrite_yaml(&web_service_yaml(&[2])).unwrap();
+    scenario.rewrite_yaml(after).unwrap();
     let changed_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
