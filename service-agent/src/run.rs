@@ -32,6 +32,7 @@ use crate::{
         maps::{CounterMaps, ServiceMaps},
         model::{MapReader, MapWriter},
         snat_ports::Reservation,
+        sock_diag::{SocketLbSockets, TranslatedSockets},
     },
     ops::{self, health::Health, health_check_ports::HealthCheckPorts, metrics::Metrics, status},
     reconcile::{
@@ -46,6 +47,24 @@ use crate::{
     },
     source::{self, SourceSpec},
 };
+
+/// The node's sockets socket-LB translates, whose connected UDP ones the
+/// collector destroys when their backend leaves its Service; none when
+/// socket-LB is off. A failure to open them is logged: the agent runs on
+/// without destroying sockets.
+fn translated_sockets(options: &RunOptions) -> Option<Box<dyn TranslatedSockets>> {
+    options.cgroup_path.0.as_ref()?;
+    match SocketLbSockets::open(&options.pin_path) {
+        Ok(sockets) => Some(Box::new(sockets)),
+        Err(e) => {
+            warn!(
+                "socket-LB: the node's connected UDP sockets cannot be destroyed when their backend goes ({}): they stay on it until the application reconnects",
+                e.report()
+            );
+            None
+        }
+    }
+}
 
 /// Shortest time between two conntrack collector passes.
 const COLLECTOR_MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -202,6 +221,7 @@ pub async fn run(mut options: RunOptions) -> crate::Result<()> {
                 Box::new(|| None)
             }
         },
+        translated_sockets(&options),
         Some(metrics.clone()),
         collector_news,
     )

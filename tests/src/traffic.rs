@@ -21,6 +21,10 @@ use crate::netns::NetNs;
 /// How long a client waits for a connection or an answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The fixed source port of `host-client`'s `udp-stream-reconnect`
+/// socket (a long-lived client such as a DNS forwarder's).
+pub const RECONNECTING_STREAM_PORT: u16 = 40_000;
+
 /// An HTTP server and a UDP server answering with `name`; stopped on drop.
 pub struct BackendServer {
     stop: Arc<AtomicBool>,

@@ -1,7 +1,7 @@
 //! End to end, the flow lifecycle (issue 8) with the agent binary in
 //! namespaces: SNAT ports come back once flows end, a UDP client with a
 //! fixed source port follows its replaced backend (also from a connected
-//! socket with socket-LB on), a deleted Service's
+//! socket with socket-LB on, a pod's and the node's own), a deleted Service's
 //! flows stop in both directions and a recreated one starts afresh, a
 //! kept-alive connection survives many times the conntrack capacity of
 //! short connections, and host sockets never share a tuple with SNATed
@@ -393,7 +393,18 @@ fn a_pods_connected_udp_socket_follows_its_replaced_backend_with_socket_lb_on() 
         .unwrap()
         .as_millis() as f64;
     let report = host_client_report(&client.wait_with_output().expect("host-client"));
-    let datagrams: Vec<Datagram> = report["runs"][0]["datagrams"]
+    assert_followed(
+        &stream_datagrams(&report["runs"][0], changed_ms),
+        &backend_name(1),
+        &backend_name(2),
+        &scenario.agent.log(),
+    );
+}
+
+/// The datagrams of a `udp-stream` run of `host-client`, sent times
+/// relative to `changed_ms` (ms since the Unix epoch).
+fn stream_datagrams(run: &serde_json::Value, changed_ms: f64) -> Vec<Datagram> {
+    run["datagrams"]
         .as_array()
         .expect("datagrams")
         .iter()
@@ -401,13 +412,115 @@ fn a_pods_connected_udp_socket_follows_its_replaced_backend_with_socket_lb_on() 
             sent: (d[0].as_f64().unwrap() - changed_ms) / 1000.0,
             answer: d[1].as_str().map(str::to_owned),
         })
-        .collect();
+        .collect()
+}
+
+/// Acceptance 2 with socket-LB on, for a process in the node's own
+/// namespace (a statsd, syslog or DNS-forwarder socket): its UDP socket
+/// connected to the ClusterIP from a fixed source port is translated once,
+/// at `connect`, and no packet hook sees the node's own traffic. When its
+/// backend is replaced, the agent destroys the socket (`SOCK_DESTROY`),
+/// the client sees the error and connects again, and lands on the new
+/// backend. A socket of the same cgroup connected to the old backend's
+/// address directly is left alone.
+#[test]
+fn a_node_process_s_connected_udp_socket_follows_its_replaced_backend_with_socket_lb_on() {
+    require_root!();
+    node_socket_follows_its_backend("udphost", &web_service_yaml(&[2]));
+}
+
+/// The same when the backend stays listed but stops serving (`ready:
+/// false, serving: false`) while another is ready: socket-LB would keep a
+/// reconnect of the same socket on it (a backend still in the map) unless
+/// the destroyed socket's entries went with it.
+#[test]
+fn a_node_process_s_connected_udp_socket_leaves_a_backend_that_stops_serving() {
+    require_root!();
+    let yaml = web_service_yaml(&[1, 2]);
+    let pod1 = "- addresses: [\"10.200.1.2\"]\n  conditions: {ready: true}\n";
+    assert!(yaml.contains(pod1), "{yaml}");
+    let yaml = yaml.replace(
+        pod1,
+        "- addresses: [\"10.200.1.2\"]\n  conditions: {ready: false, serving: false}\n",
+    );
+    node_socket_follows_its_backend("udphostns", &yaml);
+}
+
+/// Runs the node-process tests above: backend 1 alone, then `after`
+/// (backend 2 taking new flows, backend 1 gone or not serving).
+fn node_socket_follows_its_backend(tag: &str, after: &str) {
+    let cgroup = TestCgroup::create().expect("test cgroup");
+    let cgroup_path = cgroup.path().to_str().expect("UTF-8 path").to_owned();
+    let scenario = ClusterIpScenario::start_with_agent_args(
+        tag,
+        &web_service_yaml(&[1]),
+        1,
+        &["--cgroup-path", &cgroup_path],
+    )
+    .expect("scenario");
+    let node = &scenario.topology.node;
+    let direct = SocketAddr::from((scenario.topology.pods[1].ip, BACKEND_UDP_PORT));
+    let spawn = |kind: &str, target: SocketAddr| {
+        host_client_command(
+            env!("CARGO_BIN_EXE_host-client"),
+            node,
+            Some(&cgroup),
+            &[kind.to_owned(), target.to_string(), "40".to_owned()],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting host-client")
+    };
+    // 40 datagrams each, 100 ms apart: one socket connected to the
+    // ClusterIP (reconnecting on errors), one to backend 1's address.
+    let through_service = spawn("udp-stream-reconnect", udp_frontend());
+    let to_backend = spawn("udp-stream", direct);
+    std::thread::sleep(Duration::from_secs(1));
+    scenario.rewrite_yaml(after).unwrap();
+    let changed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let report = host_client_report(&through_service.wait_with_output().expect("host-client"));
+    let direct_report = host_client_report(&to_backend.wait_with_output().expect("host-client"));
+    let logs = scenario.agent.log();
+    let run = &report["runs"][0];
     assert_followed(
-        &datagrams,
+        &stream_datagrams(run, changed_ms),
         &backend_name(1),
         &backend_name(2),
-        &scenario.agent.log(),
+        &logs,
     );
+    // The client met the destroyed socket's error and connected again.
+    let errors: Vec<&str> = run["datagrams"]
+        .as_array()
+        .expect("datagrams")
+        .iter()
+        .filter_map(|d| d[2].as_str())
+        .collect();
+    let aborted = format!("(os error {})", libc::ECONNABORTED);
+    assert!(
+        errors.iter().any(|e| e.ends_with(&aborted)),
+        "errors seen by the client: {errors:?}\n{logs}"
+    );
+    // The socket connected to the old backend directly kept talking to it.
+    let direct_datagrams = stream_datagrams(&direct_report["runs"][0], changed_ms);
+    let unanswered: Vec<&Datagram> = direct_datagrams
+        .iter()
+        .filter(|d| d.answer.as_deref() != Some(backend_name(1).as_str()))
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "the socket connected to {direct} directly: {unanswered:?}\n{logs}"
+    );
+    assert!(
+        logs.contains("connected UDP sockets of backends gone or not serving"),
+        "{logs}"
+    );
+    let destroyed = metric_or_zero(node, "service_agent_conntrack_gc_destroyed_sockets_total");
+    assert_eq!(destroyed, 1.0, "{logs}");
+    eprintln!("errors seen by the client: {errors:?}; sockets destroyed: {destroyed}");
 }
 
 /// Acceptance 2, NodePort from the external client, to a backend on the

@@ -6,9 +6,11 @@
 //! map as the collector walks it ([`conntrack`]), and the raw `bpf(2)`
 //! batch calls aya lacks ([`sys`]), the id allocators' position kept across
 //! restarts ([`id_cursors`]), the node's ephemeral ports kept off the
-//! SNAT range ([`snat_ports`]), and a private [`snapshot`] of what one
+//! SNAT range ([`snat_ports`]), a private [`snapshot`] of what one
 //! packet can read, to run it through the real programs without touching
-//! the live maps. Nothing here depends on the reconciler above it.
+//! the live maps, and the node's connected UDP sockets socket-LB sent to a
+//! backend now gone, destroyed through netlink ([`sock_diag`]). Nothing
+//! here depends on the reconciler above it.
 
 pub mod addresses;
 pub mod attach;
@@ -22,6 +24,7 @@ pub mod model;
 pub mod netns;
 pub mod snapshot;
 pub mod snat_ports;
+pub mod sock_diag;
 pub mod sys;
 
 pub use load::{load, load_with_options, load_with_sizes};

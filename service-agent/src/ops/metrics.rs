@@ -340,6 +340,12 @@ pub struct ConntrackGcMetrics {
     pub marked_dead: Counter,
     /// Entries deleted, by reason.
     deleted: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// The node's connected UDP sockets destroyed (`SOCK_DESTROY`) because
+    /// socket-LB had sent them to a backend that left its Service.
+    pub destroyed_sockets: Counter,
+    /// Such sockets that could not be destroyed, and socket dumps that
+    /// failed.
+    pub socket_destroy_failures: Counter,
 }
 
 impl ConntrackGcMetrics {
@@ -352,6 +358,8 @@ impl ConntrackGcMetrics {
             scanned: Counter::default(),
             marked_dead: Counter::default(),
             deleted: Family::default(),
+            destroyed_sockets: Counter::default(),
+            socket_destroy_failures: Counter::default(),
         };
         let gc = registry.sub_registry_with_prefix("conntrack_gc");
         gc.register(
@@ -383,6 +391,16 @@ impl ConntrackGcMetrics {
             "deleted_entries",
             "Entries deleted by the conntrack collector, by reason (conntrack: expired, dead, orphan, reaped; affinity: session-affinity entries of deleted frontends)",
             metrics.deleted.clone(),
+        );
+        gc.register(
+            "destroyed_sockets",
+            "The node's connected UDP sockets destroyed (SOCK_DESTROY) because socket-LB had sent them to a backend that left its Service",
+            metrics.destroyed_sockets.clone(),
+        );
+        gc.register(
+            "socket_destroy_failures",
+            "Failures to find or destroy the node's connected UDP sockets of backends that left their Service",
+            metrics.socket_destroy_failures.clone(),
         );
         metrics
     }

@@ -3,7 +3,9 @@
 //!
 //! - at once, one walk for the changes of the syncs since its last walk
 //!   ([`CollectorHandle::follow`]): UDP flows of backends gone or not
-//!   serving deleted, flows of deleted frontends marked dead;
+//!   serving deleted, flows of deleted frontends marked dead, and the
+//!   node's connected UDP sockets socket-LB sent to those backends
+//!   destroyed ([`crate::datapath::sock_diag`]);
 //! - a pass every [`Pacer`] interval, shorter when passes free much of
 //!   the map, longer when they free little, and early when the datapath
 //!   signals pressure (SNAT ports exhausted, conntrack inserts failing).
@@ -22,11 +24,14 @@ use std::{
 };
 
 use log::{info, warn};
-use service_common::{RevNatId, SnatPortRange};
+use service_common::{BackendId, RevNatId, SnatPortRange};
 
 use super::flows::{DeleteReason, FlowChanges, FlowRules, WalkReport, collect, reap};
 use crate::{
-    datapath::conntrack::{ConntrackTable, Pressure, monotonic_seconds},
+    datapath::{
+        conntrack::{ConntrackTable, Pressure, monotonic_seconds},
+        sock_diag::TranslatedSockets,
+    },
     ops::metrics::Metrics,
 };
 
@@ -121,6 +126,9 @@ pub struct Collector<T> {
     /// Whether the affinity entries of frontends gone from the rev-NAT
     /// map were deleted (by the first pass, or a later one if that failed).
     stale_affinity_forgotten: bool,
+    /// The node's sockets socket-LB translated (none: socket-LB is off,
+    /// or netlink could not be opened).
+    sockets: Option<Box<dyn TranslatedSockets>>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -133,8 +141,16 @@ impl<T: ConntrackTable> Collector<T> {
             settings,
             draining: BTreeSet::new(),
             stale_affinity_forgotten: false,
+            sockets: None,
             metrics,
         }
+    }
+
+    /// Has the collector destroy the node's connected UDP sockets that
+    /// socket-LB sent to backends gone or not serving, through `sockets`.
+    pub fn with_sockets(mut self, sockets: Box<dyn TranslatedSockets>) -> Self {
+        self.sockets = Some(sockets);
+        self
     }
 
     /// The table.
@@ -152,6 +168,15 @@ impl<T: ConntrackTable> Collector<T> {
         if changes.is_empty() {
             return;
         }
+        // The sockets first: an application waits on them, and a failed
+        // conntrack walk must not keep them on a dead backend.
+        self.destroy_sockets(
+            &changes
+                .backends_deleted
+                .union(&changes.backends_not_serving)
+                .copied()
+                .collect(),
+        );
         let started = Instant::now();
         let report = match reap(&mut self.table, changes, now) {
             Ok(report) => report,
@@ -251,6 +276,52 @@ impl<T: ConntrackTable> Collector<T> {
             );
         }
         (news, next)
+    }
+
+    /// Destroys the node's connected UDP sockets socket-LB sent to one of
+    /// `backends`; logs and counts what it did. A failure is a log line
+    /// and a metric; a kernel without `SOCK_DESTROY` is said once.
+    fn destroy_sockets(&mut self, backends: &BTreeSet<BackendId>) {
+        let Some(sockets) = &mut self.sockets else {
+            return;
+        };
+        if backends.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let report = sockets.destroy_translated_to(backends);
+        if let Some(e) = &report.unsupported {
+            warn!(
+                "socket-LB: the kernel cannot destroy sockets (SOCK_DESTROY: {e}; CONFIG_INET_DIAG_DESTROY, CONFIG_INET_UDP_DIAG): the node's connected UDP sockets stay on backends that left their Service until the application reconnects"
+            );
+        }
+        for (socket, e) in &report.failed {
+            match socket {
+                Some(socket) => warn!(
+                    "socket-LB: destroying the UDP socket {socket} of a backend gone or not serving failed: {e}"
+                ),
+                None => warn!("socket-LB: listing the node's connected UDP sockets failed: {e}"),
+            }
+        }
+        if !report.destroyed.is_empty() {
+            info!(
+                "socket-LB: {} connected UDP sockets of backends gone or not serving ({backends:?}) destroyed in {:.1} ms (their owners see ECONNABORTED): {}",
+                report.destroyed.len(),
+                started.elapsed().as_secs_f64() * 1000.0,
+                report
+                    .destroyed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let Some(metrics) = &self.metrics {
+            let gc = &metrics.conntrack_gc;
+            gc.destroyed_sockets.inc_by(report.destroyed.len() as u64);
+            gc.socket_destroy_failures
+                .inc_by(report.failed.len() as u64);
+        }
     }
 
     /// Deletes the affinity entries of the frontends `rev_nat_ids`
@@ -370,17 +441,22 @@ impl CollectorHandle {
 }
 
 /// Starts the collector over `table` on its own thread; its news go to
-/// `news`. `pressure` reads the datapath's counters. The thread ends when
+/// `news`. `pressure` reads the datapath's counters; `sockets`, if any,
+/// are the node's sockets socket-LB translated. The thread ends when
 /// the handle is dropped.
 pub fn spawn<T: ConntrackTable + Send + 'static>(
     table: T,
     settings: CollectorSettings,
     mut pressure: PressureSource,
+    sockets: Option<Box<dyn TranslatedSockets>>,
     metrics: Option<Arc<Metrics>>,
     news: tokio::sync::mpsc::UnboundedSender<CollectorNews>,
 ) -> std::io::Result<CollectorHandle> {
     let (sender, changes) = mpsc::channel::<FlowChanges>();
     let mut collector = Collector::new(table, settings, metrics);
+    if let Some(sockets) = sockets {
+        collector = collector.with_sockets(sockets);
+    }
     std::thread::Builder::new()
         .name("conntrack-gc".into())
         .spawn(move || {
@@ -633,5 +709,54 @@ mod tests {
         assert_eq!(news, [CollectorNews::RevNatIdsInUse(vec![5])]);
         let (news, _) = collector.pass(1005);
         assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![5])]);
+    }
+
+    /// Sockets that record which backends they were asked about and
+    /// report one destroyed socket and one failure each time.
+    struct FakeSockets(Arc<std::sync::Mutex<Vec<BTreeSet<BackendId>>>>);
+
+    impl TranslatedSockets for FakeSockets {
+        fn destroy_translated_to(
+            &mut self,
+            backends: &BTreeSet<BackendId>,
+        ) -> crate::datapath::sock_diag::DestroyReport {
+            self.0.lock().unwrap().push(backends.clone());
+            crate::datapath::sock_diag::DestroyReport {
+                destroyed: vec![crate::datapath::sock_diag::UdpSocketId {
+                    family: libc::AF_INET as u8,
+                    id: Default::default(),
+                }],
+                failed: vec![(None, std::io::Error::other("dump failed"))],
+                unsupported: None,
+            }
+        }
+    }
+
+    #[test]
+    fn sockets_of_backends_gone_or_not_serving_are_destroyed_and_counted() {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let metrics = Arc::new(Metrics::new(crate::datapath::MapSizes::default(), None));
+        let mut collector = Collector::new(table(&[1], &[]), settings(), Some(metrics.clone()))
+            .with_sockets(Box::new(FakeSockets(asked.clone())));
+        // A frontend deleted alone names no backend: no socket search.
+        collector.follow(
+            &FlowChanges {
+                rev_nat_ids_released: [1].into(),
+                ..FlowChanges::default()
+            },
+            1001,
+        );
+        assert!(asked.lock().unwrap().is_empty());
+        collector.follow(
+            &FlowChanges {
+                backends_deleted: [3].into(),
+                backends_not_serving: [4].into(),
+                ..FlowChanges::default()
+            },
+            1001,
+        );
+        assert_eq!(*asked.lock().unwrap(), [BTreeSet::from([3, 4])]);
+        assert_eq!(metrics.conntrack_gc.destroyed_sockets.get(), 1);
+        assert_eq!(metrics.conntrack_gc.socket_destroy_failures.get(), 1);
     }
 }

@@ -15,7 +15,12 @@
 //! fails unless its peer and the answer's source are TARGET),
 //! `udp-stream` (COUNT datagrams 100 ms apart from one socket connected to
 //! TARGET, each with its send time in milliseconds since the Unix epoch
-//! and its answer, in `datagrams`). TARGET is
+//! and its answer, in `datagrams`), `udp-stream-reconnect` (the same from
+//! one socket bound to the fixed source port
+//! [`RECONNECTING_STREAM_PORT`](service_tests::traffic::RECONNECTING_STREAM_PORT),
+//! which connects again, as resolvers do, whenever a send or receive
+//! fails with anything but a timeout; each datagram also with the error
+//! it met, as text, or null). TARGET is
 //! `ADDRESS:PORT` of either family (`[fd00:96::10]:80` for IPv6), and
 //! every socket is of TARGET's family.
 
@@ -35,11 +40,11 @@ fn main() -> anyhow::Result<()> {
         let (kind, target, count) = (&run[0], &run[1], &run[2]);
         let target: SocketAddr = target.parse().with_context(|| format!("target {target}"))?;
         let count: usize = count.parse().with_context(|| format!("count {count}"))?;
-        if kind == "udp-stream" {
+        if kind == "udp-stream" || kind == "udp-stream-reconnect" {
             runs.push(json!({
                 "kind": kind,
                 "target": target.to_string(),
-                "datagrams": udp_stream(target, count)?,
+                "datagrams": udp_stream(target, count, kind == "udp-stream-reconnect")?,
             }));
             continue;
         }
@@ -90,9 +95,22 @@ fn main() -> anyhow::Result<()> {
 
 /// `count` datagrams 100 ms apart from one UDP socket connected to
 /// `target`: each as `[send time in ms since the Unix epoch, answer or
-/// null]` (an answer is one from `target` within 90 ms).
-fn udp_stream(target: SocketAddr, count: usize) -> anyhow::Result<Vec<serde_json::Value>> {
-    let socket = std::net::UdpSocket::bind(service_tests::traffic::unspecified_of(target))?;
+/// null, error (text) or null]` (an answer is one from `target` within 90
+/// ms). With `reconnect`, the socket is bound to
+/// [`RECONNECTING_STREAM_PORT`](service_tests::traffic::RECONNECTING_STREAM_PORT)
+/// and connected again after a send or receive failed with anything but a
+/// timeout (a destroyed socket's `ECONNABORTED`, or `EDESTADDRREQ` once
+/// it is disconnected).
+fn udp_stream(
+    target: SocketAddr,
+    count: usize,
+    reconnect: bool,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut local = service_tests::traffic::unspecified_of(target);
+    if reconnect {
+        local.set_port(service_tests::traffic::RECONNECTING_STREAM_PORT);
+    }
+    let socket = std::net::UdpSocket::bind(local).with_context(|| format!("binding {local}"))?;
     socket
         .connect(target)
         .with_context(|| format!("connecting to {target}"))?;
@@ -106,14 +124,28 @@ fn udp_stream(target: SocketAddr, count: usize) -> anyhow::Result<Vec<serde_json
             .as_millis() as u64;
         // A refused datagram (ICMP port unreachable) fails the next call:
         // counted as no answer.
-        let answer = match socket.send(b"which backend?\n") {
-            Ok(_) => match socket.recv(&mut buf) {
-                Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
-                Err(_) => None,
-            },
-            Err(_) => None,
+        let result = socket
+            .send(b"which backend?\n")
+            .and_then(|_| socket.recv(&mut buf));
+        let (answer, error) = match result {
+            Ok(n) => (
+                Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
+                None,
+            ),
+            Err(e) => {
+                let timeout = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+                if reconnect && !timeout {
+                    socket
+                        .connect(target)
+                        .with_context(|| format!("connecting to {target} again after {e}"))?;
+                }
+                (None, (!timeout).then(|| e.to_string()))
+            }
         };
-        datagrams.push(json!([epoch_ms, answer]));
+        datagrams.push(json!([epoch_ms, answer, error]));
         std::thread::sleep(std::time::Duration::from_millis(100).saturating_sub(at.elapsed()));
     }
     Ok(datagrams)
