@@ -27,9 +27,8 @@
 //! The messages are a few fixed C structs (`linux/inet_diag.h`,
 //! `linux/netlink.h`), written and read here as `bytemuck` plain data over
 //! a netlink socket from `nix`. Limits: only the agent's own network
-//! namespace is searched (pods' sockets are reached by the packet hooks'
-//! conntrack, except pods' IPv6 connected UDP sockets, which socket-LB
-//! translates at `connect` and nothing reaps yet), and a socket whose
+//! namespace is searched (pods' connected UDP sockets, of both families,
+//! are left to the packet hooks' conntrack by socket-LB), and a socket whose
 //! `SVC_SOCK_NAT` entry the LRU map evicted is not recognised.
 
 use std::{
