@@ -60,11 +60,16 @@ pub enum DatapathCounter {
     /// (`FRONTEND_FLAG_LOCAL_ONLY`, or `FRONTEND_FLAG_EXTERNAL_LOCAL` from
     /// the network) and has none was dropped.
     DropNoLocalEndpoint = 18,
+    /// A TCP SYN-ACK matched a reply entry whose flow is closing, expired
+    /// or gone (a connection the datapath did not translate, e.g. a
+    /// socket-LB one from a client port an earlier flow used) and passed
+    /// untranslated.
+    StaleReplyPassed = 19,
 }
 
 impl DatapathCounter {
     /// Every counter, in index order.
-    pub const ALL: [DatapathCounter; 19] = [
+    pub const ALL: [DatapathCounter; 20] = [
         DatapathCounter::DropNoBackend,
         DatapathCounter::DropBackendMissing,
         DatapathCounter::DropRewrite,
@@ -84,6 +89,7 @@ impl DatapathCounter {
         DatapathCounter::AffinityHit,
         DatapathCounter::RejectDeferred,
         DatapathCounter::DropNoLocalEndpoint,
+        DatapathCounter::StaleReplyPassed,
     ];
 
     /// The counter's name as shown by `service-agent list` and the metrics.
@@ -108,6 +114,7 @@ impl DatapathCounter {
             DatapathCounter::AffinityHit => "affinity_hit",
             DatapathCounter::RejectDeferred => "reject_deferred",
             DatapathCounter::DropNoLocalEndpoint => "drop_no_local_endpoint",
+            DatapathCounter::StaleReplyPassed => "stale_reply_passed",
         }
     }
 }

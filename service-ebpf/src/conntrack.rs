@@ -28,7 +28,7 @@ use service_common::{
 use crate::{
     clock::now_seconds,
     lb::{Origin, Target},
-    maps::{BACKENDS, BPF_ANY, BPF_NOEXIST, CONNTRACK, REVNAT, count},
+    maps::{BACKENDS, BPF_ANY, BPF_NOEXIST, CONNTRACK, REVNAT, config, count},
     packet::{Flow, IpFamily},
 };
 
@@ -208,6 +208,31 @@ fn touch_master(key: &ConntrackKey, value: *const ConntrackValue, bits: u8, now:
     if master.backend_id == value.backend_id && !master.is_dead() {
         touch(entry, bits, now);
     }
+}
+
+/// Whether a TCP SYN-ACK matching the reply entry `key` answers the SYN
+/// of its flow: the flow's master is there, of the same backend, neither
+/// dead, closing nor expired at `now`. Otherwise the SYN-ACK answers a
+/// connection the datapath did not translate (socket-LB's, from a client
+/// port that an earlier, finished flow used: the same tuple as that
+/// flow's leftover reply entry) and must reach its socket untranslated.
+/// Only SYN-ACKs are judged: one extra lookup per connection. Not inlined
+/// (its own stack frame).
+#[inline(never)]
+pub fn syn_ack_answers_master(key: &ConntrackKey, now: u32) -> bool {
+    // SAFETY: read in place.
+    let Some(reply) = (unsafe { CONNTRACK.get(key) }) else {
+        return false;
+    };
+    let Some(master_key) = master_key(key, reply, None) else {
+        return false;
+    };
+    // SAFETY: read in place.
+    let Some(master) = (unsafe { CONNTRACK.get(&master_key) }) else {
+        return false;
+    };
+    let expired = config().is_some_and(|c| c.timeouts.is_expired(PROTO_TCP, master, now));
+    master.backend_id == reply.backend_id && !master.is_dead() && !master.is_closing() && !expired
 }
 
 /// What the search for a free SNAT port found.

@@ -44,7 +44,7 @@ use crate::{
     clock::now_seconds,
     conntrack::{
         SnatPort, Tracked, Used, allocate_snat_port, conntrack_key, lookup_master, record_snat,
-        take_over_snat_port, track, use_entry,
+        syn_ack_answers_master, take_over_snat_port, track, use_entry,
     },
     maps::{
         AFFINITY, BACKENDS, BPF_ANY, FRONTENDS, SOURCE_RANGES, account_frontend, config, count,
@@ -140,6 +140,12 @@ impl Target {
 #[inline(always)]
 pub fn reverse_dnat<A: IpFamily, C: Rewriter + Packet>(ctx: &C, flow: &Flow<A>) -> Outcome {
     let key = conntrack_key(flow, CT_DIR_REPLY);
+    // A SYN-ACK answers its flow's SYN only while that flow is open: on a
+    // leftover reply entry it is another connection's.
+    if flow.is_tcp_syn_ack() && !syn_ack_answers_master(&key, now_seconds()) {
+        count(DatapathCounter::StaleReplyPassed);
+        return Outcome::Untouched;
+    }
     // The reply entry holds the frontend to restore.
     let (addr, port) = match use_entry(&key, flow, true, true) {
         Used::Missing => return Outcome::Untouched,

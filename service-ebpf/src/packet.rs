@@ -270,6 +270,14 @@ impl<A> Flow<A> {
         self.l4_off + l4_csum_off(self.proto)
     }
 
+    /// Whether this is a TCP SYN with ACK: a connection's answer to its
+    /// SYN.
+    #[inline(always)]
+    pub fn is_tcp_syn_ack(&self) -> bool {
+        self.proto == PROTO_TCP
+            && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK
+    }
+
     /// Whether this is a TCP SYN without ACK: the first packet of a connection.
     #[inline(always)]
     pub fn is_tcp_syn(&self) -> bool {

@@ -745,3 +745,83 @@ fn a_dead_nodeport_flow_is_dropped_on_xdp_and_tc() {
     );
     assert_eq!(dp.counter("dead_flow_dropped"), 2);
 }
+
+#[test]
+fn a_syn_ack_on_a_finished_flows_reply_entry_passes_untranslated() {
+    require_root!();
+    let mut dp = datapath_on_a();
+    let vip = (VIP, 80);
+    let backend = (BACKEND_A, 8080);
+    let (closed, expired, open) = ((CLIENT, 40030), (CLIENT, 40031), (CLIENT, 40032));
+    for client in [closed, expired, open] {
+        run_cases(
+            &dp,
+            vec![
+                Case {
+                    name: "the SYN is DNATed",
+                    program: PROG_FROM_POD,
+                    input: tcp(client, vip, true, false, &[]),
+                    verdict: CONTINUE,
+                    expect: Expect::Bytes(tcp(client, backend, true, false, &[])),
+                },
+                Case {
+                    name: "its SYN-ACK comes back from the ClusterIP",
+                    program: PROG_TO_POD,
+                    input: tcp(backend, client, true, true, &[]),
+                    verdict: CONTINUE,
+                    expect: Expect::Bytes(tcp(vip, client, true, true, &[])),
+                },
+                Case {
+                    name: "the ACK follows the flow",
+                    program: PROG_FROM_POD,
+                    input: tcp(client, vip, false, true, &[]),
+                    verdict: CONTINUE,
+                    expect: Expect::Bytes(tcp(client, backend, false, true, &[])),
+                },
+            ],
+        );
+    }
+    // The first flow closes (FIN both ways), the second goes idle beyond
+    // its timeout; their reply entries stay until the collector runs.
+    let fin = TCP_FLAG_FIN | TCP_FLAG_ACK;
+    dp.run(PROG_FROM_POD, &tcp_segment(closed, vip, fin, &[]));
+    dp.run(PROG_TO_POD, &tcp_segment(backend, closed, fin, &[]));
+    dp.age(
+        &ct_key(expired, vip, PROTO_TCP, CT_DIR_FORWARD),
+        TIMEOUTS.tcp_established + 1,
+    );
+    run_cases(
+        &dp,
+        vec![
+            Case {
+                name: "a SYN-ACK to the closed flow's client port is another connection's",
+                program: PROG_TO_POD,
+                input: tcp(backend, closed, true, true, &[]),
+                verdict: CONTINUE,
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "so is one to the expired flow's",
+                program: PROG_TO_POD,
+                input: tcp(backend, expired, true, true, &[]),
+                verdict: CONTINUE,
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "a retransmitted SYN-ACK of the open flow is still its",
+                program: PROG_TO_POD,
+                input: tcp(backend, open, true, true, &[]),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(tcp(vip, open, true, true, &[])),
+            },
+            Case {
+                name: "and the closed flow's late data still comes from the ClusterIP",
+                program: PROG_TO_POD,
+                input: tcp(backend, closed, false, true, b"late"),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(tcp(vip, closed, false, true, b"late")),
+            },
+        ],
+    );
+    assert_eq!(dp.counter("stale_reply_passed"), 2);
+}
