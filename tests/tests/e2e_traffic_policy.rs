@@ -10,7 +10,7 @@
 //! route, which finds its external devices and serves a NodePort.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use service_tests::{
         CLIENT_IP, EXTERNAL_DEVICE, NODE_A_EXTERNAL_IP, NODE_A_IP, NODE_B_IP, NODE_NETWORK_DEVICE,
         TwoNodes,
     },
-    traffic::{http_get, http_get_path, http_get_peer_seen},
+    traffic::{HttpConnection, http_get, http_get_path, http_get_peer_seen},
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -239,6 +239,74 @@ fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_foll
     wait_until("health-check port open again", &setup, || {
         health_check_status(client, NODE_A_EXTERNAL_IP).is_some_and(|(code, _)| code == 200)
     });
+}
+
+/// Connections a pod keeps open to a Service whose
+/// `externalTrafficPolicy` switches from Local to Cluster and back, all
+/// through node B's NodePort (its endpoints are both on node A, so from
+/// the pod on node B they go through the in-cluster entry while Local):
+/// every connection keeps its backend. Eight connections over two
+/// backends: were their flows killed and balanced afresh at the switch,
+/// about half would land on the other backend, which resets them.
+#[test]
+fn a_pods_connections_outlive_switches_of_external_traffic_policy() {
+    require_root!();
+    let policy = |policy: &str| {
+        web_yaml(
+            "NodePort",
+            &format!("  externalTrafficPolicy: {policy}\n"),
+            &[("10.201.0.2", "node-a", ""), ("10.201.1.2", "node-a", "")],
+        )
+    };
+    let node_port_b = SocketAddr::from((NODE_B_IP, NODE_PORT));
+    let setup = TwoNodeScenario::start_with(
+        "etpswitch",
+        PODS_PER_NODE,
+        &policy("Local"),
+        TwoNodeOptions::default(),
+        |_| Ok(()),
+        (SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT)), "TCP", 2),
+    )
+    .expect("two nodes programmed");
+    wait_until("node B programmed its in-cluster entry", &setup, || {
+        list_table(setup.pins[1].path()).is_ok_and(|listed| listed.contains("NodePort,InCluster"))
+    });
+    let pod_b = &setup.topology.pods_b[0].ns;
+    let mut kept: Vec<(HttpConnection, String)> = (0..8)
+        .map(|_| {
+            let mut connection =
+                HttpConnection::open(pod_b, node_port_b).expect("the pod's connection");
+            let backend = connection.get().expect("first answer");
+            (connection, backend)
+        })
+        .collect();
+    let backends: BTreeSet<&str> = kept.iter().map(|(_, b)| b.as_str()).collect();
+    assert!(
+        backends.is_subset(&BTreeSet::from(["web-a0", "web-a1"])),
+        "{backends:?}"
+    );
+    for (to, applied) in [("Cluster", false), ("Local", true)] {
+        setup.rewrite_yaml(&policy(to)).unwrap();
+        // Applied once node B's listing shows the in-cluster entry gone
+        // (or back).
+        wait_until(
+            &format!("externalTrafficPolicy {to} applied"),
+            &setup,
+            || {
+                list_table(setup.pins[1].path())
+                    .is_ok_and(|listed| listed.contains("NodePort,InCluster") == applied)
+            },
+        );
+        for (connection, backend) in &mut kept {
+            let answer = connection.get().unwrap_or_else(|e| {
+                panic!(
+                    "a connection to {backend} after the switch to {to}: {e:#}\n{}",
+                    setup.logs()
+                )
+            });
+            assert_eq!(&answer, backend, "after the switch to {to}");
+        }
+    }
 }
 
 #[test]

@@ -194,9 +194,9 @@ impl<T: ConntrackTable> Collector<T> {
         // flight wrote meanwhile).
         self.forget_affinity(&changes.rev_nat_ids_released);
         self.record(&report, started.elapsed(), false);
-        if report.deleted_total() > 0 || report.marked_dead > 0 {
+        if report.deleted_total() > 0 || report.marked_dead > 0 || report.moved > 0 {
             info!(
-                "conntrack: {} UDP entries of backends gone or not serving ({:?}) deleted, {} entries of deleted frontends (rev-NAT ids {:?}) marked dead, in {:.1} ms",
+                "conntrack: {} UDP entries of backends gone or not serving ({:?}) deleted, {} entries of deleted frontends (rev-NAT ids {:?}) marked dead, {} moved to the frontend their in-cluster twin doubled ({:?}), in {:.1} ms",
                 report.deleted_total(),
                 changes
                     .backends_deleted
@@ -204,6 +204,8 @@ impl<T: ConntrackTable> Collector<T> {
                     .collect::<Vec<_>>(),
                 report.marked_dead,
                 changes.rev_nat_ids_released,
+                report.moved,
+                changes.rev_nat_ids_moved,
                 started.elapsed().as_secs_f64() * 1000.0
             );
         }

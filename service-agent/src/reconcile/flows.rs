@@ -39,6 +39,13 @@ pub struct FlowChanges {
     /// marked dead, and the id is handed out again only once no entry
     /// names it.
     pub rev_nat_ids_released: BTreeSet<RevNatId>,
+    /// Released rev-NAT ids whose flows go on under another frontend's id
+    /// instead of dying: an in-cluster twin (`SCOPE_INTERNAL`) deleted
+    /// while the frontend it doubled stays (`externalTrafficPolicy` from
+    /// Local to Cluster), whose pods' flows that frontend serves alike.
+    /// Only ids also in `rev_nat_ids_released` (their deletion applied)
+    /// count.
+    pub rev_nat_ids_moved: BTreeMap<RevNatId, RevNatId>,
 }
 
 impl FlowChanges {
@@ -63,6 +70,7 @@ impl FlowChanges {
         self.backends_deleted.extend(other.backends_deleted);
         self.backends_not_serving.extend(other.backends_not_serving);
         self.rev_nat_ids_released.extend(other.rev_nat_ids_released);
+        self.rev_nat_ids_moved.extend(other.rev_nat_ids_moved);
     }
 
     /// Whether nothing changed for existing flows.
@@ -70,6 +78,15 @@ impl FlowChanges {
         self.backends_deleted.is_empty()
             && self.backends_not_serving.is_empty()
             && self.rev_nat_ids_released.is_empty()
+    }
+
+    /// The id that the flows of released rev-NAT id `id` now name, if they
+    /// go on (see `rev_nat_ids_moved`).
+    fn moved_to(&self, id: RevNatId) -> Option<RevNatId> {
+        self.rev_nat_ids_moved
+            .get(&id)
+            .copied()
+            .filter(|_| self.rev_nat_ids_released.contains(&id))
     }
 
     /// Whether UDP flows to backend `id` are to be deleted.
@@ -202,6 +219,8 @@ pub struct WalkReport {
     pub remaining: u64,
     /// Entries marked dead.
     pub marked_dead: u64,
+    /// Entries given another frontend's rev-NAT id (their flows go on).
+    pub moved: u64,
     /// Rev-NAT ids named by the entries left.
     pub rev_nat_ids_named: BTreeSet<RevNatId>,
     /// Rev-NAT ids whose entries were marked dead in this walk.
@@ -291,10 +310,33 @@ fn mark_dead(
     table.replace(key, &value)
 }
 
+/// Gives the entry of `key` the rev-NAT id `to` instead of `from` (read
+/// again first, so only if it still names `from`), alive: a collector pass
+/// that saw `from` gone before this walk may have marked it dead. Whether
+/// it did.
+fn move_rev_nat_id(
+    table: &mut impl ConntrackTable,
+    key: &ConntrackKey,
+    from: RevNatId,
+    to: RevNatId,
+) -> bool {
+    let Some(mut value) = table.get(key) else {
+        return false;
+    };
+    if value.rev_nat_id != from {
+        return false;
+    }
+    value.rev_nat_id = to;
+    value.flags &= !CT_FLAG_DEAD;
+    table.replace(key, &value)
+}
+
 /// One walk for the changes of the syncs since the last one: every entry
-/// naming a released rev-NAT id is marked dead at `now`; every other UDP
-/// entry naming a deleted or not-serving backend is deleted (its flow's
-/// next datagram picks a live backend).
+/// naming a released rev-NAT id is marked dead at `now`, unless its flows
+/// moved to another frontend's id (`FlowChanges::rev_nat_ids_moved`), which
+/// the entry then names; every other UDP entry naming a deleted or
+/// not-serving backend is deleted (its flow's next datagram picks a live
+/// backend).
 pub fn reap(
     table: &mut impl ConntrackTable,
     changes: &FlowChanges,
@@ -309,7 +351,13 @@ pub fn reap(
         table,
         &mut report,
         |table, key, value, deletions, report| {
-            if released.contains(&value.rev_nat_id) {
+            let mut rev_nat_id = value.rev_nat_id;
+            if let Some(to) = changes.moved_to(rev_nat_id) {
+                if move_rev_nat_id(table, key, rev_nat_id, to) {
+                    report.moved += 1;
+                    rev_nat_id = to;
+                }
+            } else if released.contains(&value.rev_nat_id) {
                 if mark_dead(table, key, now, |v| released.contains(&v.rev_nat_id)) {
                     report.marked_dead += 1;
                     report.rev_nat_ids_marked_dead.insert(value.rev_nat_id);
@@ -319,7 +367,7 @@ pub fn reap(
                 return;
             }
             report.remaining += 1;
-            report.rev_nat_ids_named.insert(value.rev_nat_id);
+            report.rev_nat_ids_named.insert(rev_nat_id);
         },
     )?;
     Ok(report)
@@ -911,6 +959,43 @@ mod tests {
         assert_eq!(deleted(&report, DeleteReason::Dead), 6);
         assert_eq!(report.rev_nat_ids_named, BTreeSet::from([2]));
         assert_eq!(present(&table, &other), [true; 2]);
+    }
+
+    #[test]
+    fn flows_of_a_deleted_in_cluster_twin_go_on_under_the_frontend_it_doubled() {
+        let twin = Flow::tcp(40000, 1);
+        let twin_udp = Flow::udp(40001, 1);
+        let other = Flow {
+            rev_nat_id: 2,
+            ..Flow::tcp(40002, 2)
+        };
+        let mut table = table(&[twin, twin_udp, other]);
+        // A collector pass saw the twin gone first and marked one entry.
+        let early = twin.master().0;
+        table.entries.get_mut(&early).unwrap().flags |= CT_FLAG_DEAD;
+        let changes = FlowChanges {
+            rev_nat_ids_released: BTreeSet::from([1]),
+            rev_nat_ids_moved: BTreeMap::from([(1, 7)]),
+            ..FlowChanges::default()
+        };
+        let report = reap(&mut table, &changes, 1010).unwrap();
+        assert_eq!(report.marked_dead, 0);
+        assert_eq!(report.moved, 4);
+        assert_eq!(report.rev_nat_ids_named, BTreeSet::from([2, 7]));
+        for (key, value) in &table.entries {
+            assert!(!value.is_dead(), "{key:?}");
+            assert_ne!(value.rev_nat_id, 1, "{key:?}");
+        }
+        // A move whose deletion was not applied changes nothing.
+        let mut table = self::table(&[twin]);
+        let unapplied = FlowChanges {
+            rev_nat_ids_moved: BTreeMap::from([(1, 7)]),
+            backends_deleted: BTreeSet::from([9]),
+            ..FlowChanges::default()
+        };
+        let report = reap(&mut table, &unapplied, 1010).unwrap();
+        assert_eq!(report.moved, 0);
+        assert!(table.entries.values().all(|v| v.rev_nat_id == 1));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::{
 };
 
 use log::{error, info, warn};
-use service_common::{FrontendKey, RevNatId};
+use service_common::{FrontendKey, RevNatId, SCOPE_ALL, SCOPE_INTERNAL};
 
 use super::{
     cluster::{ClusterState, Dirty, ObjectName},
@@ -296,6 +296,12 @@ where
                     .frontends_of(&name)
                     .map(|(_, header)| header.rev_nat_id),
             );
+            let twins_before: Vec<(FrontendKey, RevNatId)> = self
+                .desired
+                .frontends_of(&name)
+                .filter(|(key, _)| key.scope == SCOPE_INTERNAL)
+                .map(|(key, header)| (*key, header.rev_nat_id))
+                .collect();
             let update = if keep_writes {
                 self.desired.set_service(&name, &translation.frontends)
             } else {
@@ -309,6 +315,22 @@ where
                     .frontends_of(&name)
                     .map(|(key, header)| (header.rev_nat_id, *key)),
             );
+            // An in-cluster twin gone while the frontend it doubled stays:
+            // its pods' flows go on under that frontend.
+            if !twins_before.is_empty() {
+                let after: BTreeMap<FrontendKey, RevNatId> = self
+                    .desired
+                    .frontends_of(&name)
+                    .map(|(key, header)| (*key, header.rev_nat_id))
+                    .collect();
+                for (twin, twin_id) in twins_before {
+                    if let (None, Some(&id)) =
+                        (after.get(&twin), after.get(&twin.with_scope(SCOPE_ALL)))
+                    {
+                        report.flows.rev_nat_ids_moved.insert(twin_id, id);
+                    }
+                }
+            }
             for line in &update.problems {
                 error!("not programmed: {line}");
             }
@@ -714,10 +736,66 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
                 backends_deleted: [backend_id(2)].into(),
                 backends_not_serving: [backend_id(1)].into(),
                 rev_nat_ids_released: [db_rev_nat].into(),
+                ..FlowChanges::default()
             }
         );
         // Nothing changes again: nothing to report.
         assert!(syncer.sync(&changed, &Dirty::All).flows.is_empty());
+    }
+
+    #[test]
+    fn an_in_cluster_twin_gone_while_its_frontend_stays_moves_its_flows() {
+        let lb = |policy: &str| {
+            format!(
+                r#"
+kind: Service
+apiVersion: v1
+metadata: {{name: web}}
+spec: {{type: LoadBalancer, clusterIP: 10.96.0.10, externalTrafficPolicy: {policy}, ports: [{{name: http, port: 80, nodePort: 30080}}]}}
+status: {{loadBalancer: {{ingress: [{{ip: 10.98.0.1}}]}}}}
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.1.1.2]}}]
+"#
+            )
+        };
+        let state = |policy: &str| {
+            parse_documents(&lb(policy), None)
+                .unwrap()
+                .into_cluster_state()
+        };
+        let mut syncer = syncer();
+        syncer.sync_full(&state("Local"));
+        let header = |scope: u8| {
+            syncer
+                .writer()
+                .frontends
+                .iter()
+                .find(|(k, _)| k.slot == 0 && k.addr[3] == 1 && k.scope == scope)
+                .map(|(_, v)| v.rev_nat_id)
+        };
+        let (lb_id, twin_id) = (header(SCOPE_ALL).unwrap(), header(SCOPE_INTERNAL).unwrap());
+        assert_ne!(lb_id, twin_id);
+
+        let report = syncer.sync(&state("Cluster"), &Dirty::All);
+        assert!(report.flows.rev_nat_ids_released.contains(&twin_id));
+        assert_eq!(
+            report.flows.rev_nat_ids_moved,
+            BTreeMap::from([(twin_id, lb_id)])
+        );
+        // Back to Local: a new twin, nothing released, nothing moved.
+        let report = syncer.sync(&state("Local"), &Dirty::All);
+        assert!(report.flows.rev_nat_ids_moved.is_empty());
+        assert!(report.flows.rev_nat_ids_released.is_empty());
+        // The Service deleted: its flows die (ClusterIP, LB, twin), none
+        // moves.
+        let report = syncer.sync(&ClusterState::default(), &Dirty::All);
+        assert!(report.flows.rev_nat_ids_moved.is_empty());
+        assert_eq!(report.flows.rev_nat_ids_released.len(), 3);
     }
 
     #[test]
