@@ -456,7 +456,8 @@ pub fn translated_to(
 pub struct SocketLbSockets {
     nat: HashMap<MapData, SockNatKey, SockNatValue>,
     diag: SockDiag,
-    /// `SOCK_DESTROY` failed with `EOPNOTSUPP` once: nothing is tried again.
+    /// `SOCK_DESTROY` failed with `EOPNOTSUPP`, or the dump found no UDP
+    /// handler, once: nothing is tried again.
     unsupported: bool,
 }
 
@@ -491,6 +492,13 @@ impl TranslatedSockets for SocketLbSockets {
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             let sockets = match self.diag.connected_udp(family) {
                 Ok(sockets) => sockets,
+                // No UDP handler of sock_diag (`CONFIG_INET_UDP_DIAG`
+                // off): as without `SOCK_DESTROY`, said once.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EOPNOTSUPP)) => {
+                    self.unsupported = true;
+                    report.unsupported = Some(e);
+                    return report;
+                }
                 Err(e) => {
                     report.failed.push((None, e));
                     continue;
