@@ -31,15 +31,14 @@
 //! (and whose addresses are no node's).
 //!
 //! ICMP errors about a translated IPv4 flow are translated on the egress
-//! hooks too (`icmp`), so path MTU discovery works through a Service. IPv4
-//! fragments of a translated datagram are translated on every hook, the
-//! later ones by the ports their first fragment recorded (`fragments`).
+//! hooks too (`icmp`), so path MTU discovery works through a Service.
+//! Fragments of a translated datagram (IPv4, and IPv6 with a fragment
+//! header) are translated on every hook, the later ones by the ports their
+//! first fragment recorded (`fragments`).
 //!
-//! IPv6 from pods (`from_pod`, `to_pod`) gets the same translation, by
-//! the same code monomorphised for its addresses (`packet::IpFamily`),
-//! each family in a function of its own per hook. Not yet for IPv6: the
-//! hooks on the external devices, ICMPv6 errors about translated flows and
-//! fragments (a packet with a fragment header passes untouched).
+//! IPv6 gets the same translation, by the same code monomorphised for its
+//! addresses (`packet::IpFamily`), each family in a function of its own
+//! per hook. Not yet for IPv6: ICMPv6 errors about translated flows.
 //!
 //! Anything that is not a translated TCP/UDP flow passes untouched.
 #![no_std]
