@@ -179,14 +179,7 @@ impl IpFamily for MapAddr {
 
     #[inline(always)]
     fn fragment_key(flow: &Flow<Self>) -> FragmentKey {
-        FragmentKey {
-            saddr: flow.saddr,
-            daddr: flow.daddr,
-            id: flow.id,
-            proto: flow.proto,
-            family: FAMILY_IPV6,
-            _pad: [0; 2],
-        }
+        FragmentKey::v6(flow.saddr, flow.daddr, flow.id, flow.proto)
     }
 
     #[inline(always)]
