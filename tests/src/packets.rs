@@ -8,9 +8,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    Icmpv6Type, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions,
-    Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders, TcpHeader,
-    TransportHeader,
+    Icmpv6Type, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader,
+    Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders,
+    TcpHeader, TransportHeader,
 };
 use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
@@ -307,19 +307,13 @@ pub trait FragmentFamily: Copy {
     const FIRST_FRAGMENT_L4_LEN: usize;
     /// The two fragments of the UDP datagram `src` -> `dst` carrying
     /// `payload`, identification `id` (IPv4: its low 16 bits).
-    fn udp_fragments(src: (Self, u16), dst: (Self, u16), payload: &[u8], id: u32)
-    -> [Vec<u8>; 2];
+    fn udp_fragments(src: (Self, u16), dst: (Self, u16), payload: &[u8], id: u32) -> [Vec<u8>; 2];
 }
 
 impl FragmentFamily for Ipv4Addr {
     const FIRST_FRAGMENT_L4_LEN: usize = 1480;
 
-    fn udp_fragments(
-        src: (Self, u16),
-        dst: (Self, u16),
-        payload: &[u8],
-        id: u32,
-    ) -> [Vec<u8>; 2] {
+    fn udp_fragments(src: (Self, u16), dst: (Self, u16), payload: &[u8], id: u32) -> [Vec<u8>; 2] {
         udp_fragments(src, dst, payload, Self::FIRST_FRAGMENT_L4_LEN, id as u16)
     }
 }
@@ -327,12 +321,7 @@ impl FragmentFamily for Ipv4Addr {
 impl FragmentFamily for Ipv6Addr {
     const FIRST_FRAGMENT_L4_LEN: usize = 1448;
 
-    fn udp_fragments(
-        src: (Self, u16),
-        dst: (Self, u16),
-        payload: &[u8],
-        id: u32,
-    ) -> [Vec<u8>; 2] {
+    fn udp_fragments(src: (Self, u16), dst: (Self, u16), payload: &[u8], id: u32) -> [Vec<u8>; 2] {
         udp6_fragments(src, dst, payload, Self::FIRST_FRAGMENT_L4_LEN, id)
     }
 }
