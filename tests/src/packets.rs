@@ -21,6 +21,15 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 /// Destination MAC of the test packets.
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
+/// `packet` as it leaves when a hook sends it back out the device it came
+/// in on (hairpin, refusals): the same bytes with the Ethernet destination
+/// and source swapped.
+pub fn sent_back(mut packet: Vec<u8>) -> Vec<u8> {
+    let (dst, src) = packet.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+    packet
+}
+
 /// A TCP segment `src` -> `dst` (SYN and/or ACK flags), seq 1000, ack 2000.
 pub fn tcp(
     src: (Ipv4Addr, u16),

@@ -19,7 +19,7 @@ use service_common::{
 };
 use service_tests::{
     datapath_fixture::{Datapath, ct_key},
-    packets::{CLIENT_MAC, Case, Expect, FragmentFamily, NODE_MAC, behind_hop_by_hop, run_cases},
+    packets::{Case, Expect, FragmentFamily, behind_hop_by_hop, run_cases, sent_back},
     require_root,
 };
 
@@ -95,13 +95,6 @@ fn fragment_rows<A: FragmentFamily>(
             expect: Expect::Bytes(out_later),
         },
     ]
-}
-
-/// `packet` with its Ethernet addresses swapped (sent back where it came from).
-fn sent_back(mut packet: Vec<u8>) -> Vec<u8> {
-    packet[..6].copy_from_slice(&CLIENT_MAC);
-    packet[6..12].copy_from_slice(&NODE_MAC);
-    packet
 }
 
 #[test]
