@@ -245,12 +245,7 @@ impl Datapath {
 
     /// A datapath event counter, summed over CPUs, by name.
     pub fn counter(&self, name: &str) -> u64 {
-        datapath::maps::datapath_counters(self.pin.path())
-            .expect("counters")
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .expect("counter exists")
-            .1
+        crate::agent::datapath_counter(self.pin.path(), name).expect("counter exists")
     }
 }
 

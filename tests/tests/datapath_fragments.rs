@@ -8,7 +8,7 @@
 //! of the translated datagram, byte for byte, so the UDP checksum the
 //! first fragment carries is the whole translated datagram's.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{Icmpv6Type, NetHeaders, PacketHeaders, TransportHeader};
 use service_agent::datapath::{
@@ -97,12 +97,20 @@ fn fragment_rows<A: FragmentFamily>(
     ]
 }
 
-#[test]
-fn fragments_to_a_cluster_ip_and_back_are_translated() {
-    require_root!();
+/// A datagram from `client:50000` to `vip:53`, a ClusterIP to
+/// `backend:5353`, and its answer, both in two fragments (identifications
+/// `ids`): `from_pod` DNATs both fragments of the request, `to_pod` gives
+/// both of the answer the ClusterIP back as source. The datapath, for
+/// more checks.
+fn cluster_ip_fragments_are_translated_both_ways<A: FragmentFamily + Into<IpAddr>>(
+    client: A,
+    vip: A,
+    backend: A,
+    ids: [u32; 2],
+) -> Datapath {
     let mut dp = Datapath::load();
-    dp.set_service(VIP, 53, PROTO_UDP, &[(BACKEND, 5353)]);
-    let (client, vip, backend) = ((CLIENT, 50000), (VIP, 53), (BACKEND, 5353));
+    dp.set_service(vip, 53, PROTO_UDP, &[(backend, 5353)]);
+    let (client, vip, backend) = ((client, 50000), (vip, 53), (backend, 5353));
     let mut rows = fragment_rows(
         [
             "from_pod: the first fragment is DNATed (ports and UDP checksum too)",
@@ -113,7 +121,7 @@ fn fragments_to_a_cluster_ip_and_back_are_translated() {
         vip,
         client,
         backend,
-        1,
+        ids[0],
         CONTINUE,
     );
     rows.extend(fragment_rows(
@@ -126,20 +134,32 @@ fn fragments_to_a_cluster_ip_and_back_are_translated() {
         client,
         vip,
         client,
-        2,
+        ids[1],
         CONTINUE,
     ));
     run_cases(&dp, rows);
     assert_eq!(dp.counter("fragment_translated"), 2);
+    dp
 }
 
 #[test]
-fn a_later_fragment_without_its_first_passes_untouched_and_opens_no_flow() {
+fn fragments_to_a_cluster_ip_and_back_are_translated() {
     require_root!();
+    cluster_ip_fragments_are_translated_both_ways(CLIENT, VIP, BACKEND, [1, 2]);
+}
+
+/// A later fragment to `vip:53` (a ClusterIP to `backend:5353`) from
+/// `client` whose first fragment no hook saw, and one of traffic that is
+/// none of ours: both pass untouched, and no flow is opened.
+fn later_fragments_without_record_pass_untouched<A: FragmentFamily + Into<IpAddr>>(
+    client: A,
+    vip: A,
+    backend: A,
+) {
     let mut dp = Datapath::load();
-    dp.set_service(VIP, 53, PROTO_UDP, &[(BACKEND, 5353)]);
-    let [_, later] = fragments((CLIENT, 50001), (VIP, 53), 3);
-    let [_, unrelated] = fragments((CLIENT, 50002), (BACKEND, 5353), 4);
+    dp.set_service(vip, 53, PROTO_UDP, &[(backend, 5353)]);
+    let [_, later] = fragments((client, 50001), (vip, 53), 3);
+    let [_, unrelated] = fragments((client, 50002), (backend, 5353), 4);
     run_cases(
         &dp,
         vec![
@@ -163,6 +183,12 @@ fn a_later_fragment_without_its_first_passes_untouched_and_opens_no_flow() {
         dp.conntrack.keys().next().is_none(),
         "no conntrack entry was created"
     );
+}
+
+#[test]
+fn a_later_fragment_without_its_first_passes_untouched_and_opens_no_flow() {
+    require_root!();
+    later_fragments_without_record_pass_untouched(CLIENT, VIP, BACKEND);
 }
 
 #[test]
@@ -296,17 +322,21 @@ fn fragments_to_a_remote_backend_are_snated_and_their_answers_restored() {
     run_cases(&dp, rows);
 }
 
-#[test]
-fn fragments_of_a_hairpin_flow_are_translated_both_ways() {
-    require_root!();
+/// The fragments of a flow from `pod` to `vip:53`, a ClusterIP whose
+/// only backend is `pod:5353` itself, are SNATed to `hairpin` and sent
+/// back, and so are the answer's fragments, from the ClusterIP.
+fn hairpin_fragments_are_translated_both_ways<A: FragmentFamily + Into<IpAddr>>(
+    pod: A,
+    vip: A,
+    hairpin: A,
+) {
     let mut dp = Datapath::load();
-    dp.set_service(VIP, 53, PROTO_UDP, &[(BACKEND, 5353)]);
-    // The backend pod reaches itself through the ClusterIP.
-    let (pod, vip, target) = ((BACKEND, 50030), (VIP, 53), (BACKEND, 5353));
-    let [first, later] = fragments(pod, vip, 30);
-    let [out_first, out_later] = fragments((HAIRPIN, 50030), target, 30);
-    let [reply_first, reply_later] = fragments(target, (HAIRPIN, 50030), 31);
-    let [back_first, back_later] = fragments(vip, pod, 31);
+    dp.set_service(vip, 53, PROTO_UDP, &[(pod, 5353)]);
+    let (client, vip, target) = ((pod, 50030), (vip, 53), (pod, 5353));
+    let [first, later] = fragments(client, vip, 30);
+    let [out_first, out_later] = fragments((hairpin, 50030), target, 30);
+    let [reply_first, reply_later] = fragments(target, (hairpin, 50030), 31);
+    let [back_first, back_later] = fragments(vip, client, 31);
     run_cases(
         &dp,
         vec![
@@ -340,6 +370,13 @@ fn fragments_of_a_hairpin_flow_are_translated_both_ways() {
             },
         ],
     );
+}
+
+#[test]
+fn fragments_of_a_hairpin_flow_are_translated_both_ways() {
+    require_root!();
+    // The backend pod reaches itself through the ClusterIP.
+    hairpin_fragments_are_translated_both_ways(BACKEND, VIP, HAIRPIN);
 }
 
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 2);
@@ -376,39 +413,14 @@ fn recorded_ports(dp: &Datapath, key: &FragmentKey) -> (u16, u16) {
 #[test]
 fn ipv6_fragments_to_a_cluster_ip_and_back_are_translated() {
     require_root!();
-    let mut dp = Datapath::load();
-    dp.set_service(VIP6, 53, PROTO_UDP, &[(BACKEND6, 5353)]);
-    let (client, vip, backend) = ((CLIENT6, 50000), (VIP6, 53), (BACKEND6, 5353));
     // Identifications with all four bytes set: the records hold all 32 bits.
     let (request_id, answer_id) = (0x0102_0304, 0x0a0b_0c0d);
-    let mut rows = fragment_rows(
-        [
-            "from_pod: the first IPv6 fragment is DNATed (ports and UDP checksum too)",
-            "from_pod: the later IPv6 fragment follows it (addresses only)",
-        ],
-        PROG_FROM_POD,
-        client,
-        vip,
-        client,
-        backend,
-        request_id,
-        CONTINUE,
+    let dp = cluster_ip_fragments_are_translated_both_ways(
+        CLIENT6,
+        VIP6,
+        BACKEND6,
+        [request_id, answer_id],
     );
-    rows.extend(fragment_rows(
-        [
-            "to_pod: the answer's first IPv6 fragment comes from the ClusterIP",
-            "to_pod: so does its later fragment",
-        ],
-        PROG_TO_POD,
-        backend,
-        client,
-        vip,
-        client,
-        answer_id,
-        CONTINUE,
-    ));
-    run_cases(&dp, rows);
-    assert_eq!(dp.counter("fragment_translated"), 2);
     // Each hook recorded its first fragment's ports under the datagram as
     // it saw it, and one flow was tracked.
     assert_eq!(
@@ -421,7 +433,10 @@ fn ipv6_fragments_to_a_cluster_ip_and_back_are_translated() {
     );
     let master = dp
         .conntrack
-        .get(&ct_key(client, vip, PROTO_UDP, CT_DIR_FORWARD), 0)
+        .get(
+            &ct_key((CLIENT6, 50000), (VIP6, 53), PROTO_UDP, CT_DIR_FORWARD),
+            0,
+        )
         .expect("the flow's master entry");
     assert_eq!(master.nat_addr, BACKEND6.octets());
 }
@@ -459,33 +474,7 @@ fn ipv6_fragments_behind_a_hop_by_hop_header_are_translated() {
 #[test]
 fn an_ipv6_later_fragment_without_its_first_passes_untouched_and_opens_no_flow() {
     require_root!();
-    let mut dp = Datapath::load();
-    dp.set_service(VIP6, 53, PROTO_UDP, &[(BACKEND6, 5353)]);
-    let [_, later] = fragments((CLIENT6, 50001), (VIP6, 53), 3);
-    let [_, unrelated] = fragments((CLIENT6, 50002), (BACKEND6, 5353), 4);
-    run_cases(
-        &dp,
-        vec![
-            Case {
-                name: "an IPv6 later fragment whose first fragment was never seen",
-                program: PROG_FROM_POD,
-                input: later,
-                verdict: CONTINUE,
-                expect: Expect::Untouched,
-            },
-            Case {
-                name: "an IPv6 later fragment of traffic that is none of ours",
-                program: PROG_TO_POD,
-                input: unrelated,
-                verdict: CONTINUE,
-                expect: Expect::Untouched,
-            },
-        ],
-    );
-    assert!(
-        dp.conntrack.keys().next().is_none(),
-        "no conntrack entry was created"
-    );
+    later_fragments_without_record_pass_untouched(CLIENT6, VIP6, BACKEND6);
 }
 
 #[test]
@@ -617,46 +606,5 @@ fn ipv6_fragments_to_a_remote_backend_are_snated_and_their_answers_restored() {
 #[test]
 fn ipv6_fragments_of_a_hairpin_flow_are_translated_both_ways() {
     require_root!();
-    let mut dp = Datapath::load();
-    dp.set_service(VIP6, 53, PROTO_UDP, &[(BACKEND6, 5353)]);
-    let hairpin = Ipv6Addr::from(HAIRPIN_IPV6);
-    // The backend pod reaches itself through the ClusterIP.
-    let (pod, vip, target) = ((BACKEND6, 50030), (VIP6, 53), (BACKEND6, 5353));
-    let [first, later] = fragments(pod, vip, 30);
-    let [out_first, out_later] = fragments((hairpin, 50030), target, 30);
-    let [reply_first, reply_later] = fragments(target, (hairpin, 50030), 31);
-    let [back_first, back_later] = fragments(vip, pod, 31);
-    run_cases(
-        &dp,
-        vec![
-            Case {
-                name: "the first IPv6 fragment is DNATed and SNATed to the hairpin address",
-                program: PROG_FROM_POD,
-                input: first,
-                verdict: REDIRECT,
-                expect: Expect::Bytes(sent_back(out_first)),
-            },
-            Case {
-                name: "so is the later one",
-                program: PROG_FROM_POD,
-                input: later,
-                verdict: REDIRECT,
-                expect: Expect::Bytes(sent_back(out_later)),
-            },
-            Case {
-                name: "the answer's first IPv6 fragment comes from the ClusterIP to the pod",
-                program: PROG_FROM_POD,
-                input: reply_first,
-                verdict: REDIRECT,
-                expect: Expect::Bytes(sent_back(back_first)),
-            },
-            Case {
-                name: "so does its later fragment",
-                program: PROG_FROM_POD,
-                input: reply_later,
-                verdict: REDIRECT,
-                expect: Expect::Bytes(sent_back(back_later)),
-            },
-        ],
-    );
+    hairpin_fragments_are_translated_both_ways(BACKEND6, VIP6, Ipv6Addr::from(HAIRPIN_IPV6));
 }

@@ -7,12 +7,15 @@
 //! e2e_nodeport.rs and e2e_ipv6_nodeport.rs, whose two-node setups they
 //! share.)
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
-use service_agent::datapath::maps::datapath_counters;
 use service_common::{CT_DIR_FORWARD, FAMILY_IPV6};
 use service_tests::{
-    agent::conntrack_entries,
+    agent::{conntrack_entries, datapath_counter},
+    netns::NetNs,
     require_root,
     scenario::{BACKENDS, ClusterIpScenario, web_service_yaml},
     traffic::{UdpEchoServer, echo_large_datagrams, udp_receive_errors, udp6_receive_errors},
@@ -70,6 +73,32 @@ fn big_service_yaml_of(cluster_ips: &[IpAddr]) -> String {
     yaml
 }
 
+/// Sends the 2000-byte datagrams from the client pod to `frontend`: every
+/// one answered whole, and no pod counted (by `receive_errors`, of the
+/// frontend's family) a bad UDP checksum or a failed reassembly (the
+/// counters count what the sockets never saw).
+fn large_datagrams_cross(
+    scenario: &ClusterIpScenario,
+    frontend: SocketAddr,
+    receive_errors: fn(&NetNs) -> anyhow::Result<(u64, u64)>,
+) {
+    let failures = echo_large_datagrams(scenario.client(), frontend, DATAGRAMS, DATAGRAM_LEN)
+        .expect("client thread");
+    assert!(
+        failures.is_empty(),
+        "{} of {DATAGRAMS} 2000-byte datagrams failed: {failures:?}\nagent log:\n{}",
+        failures.len(),
+        scenario.agent.log()
+    );
+    for pod in 0..=BACKENDS {
+        assert_eq!(
+            receive_errors(&scenario.topology.pods[pod].ns).unwrap(),
+            (0, 0),
+            "pod {pod}: UDP checksum errors, reassembly failures"
+        );
+    }
+}
+
 #[test]
 fn udp_datagrams_larger_than_the_mtu_cross_a_cluster_ip_both_ways() {
     require_root!();
@@ -81,23 +110,7 @@ fn udp_datagrams_larger_than_the_mtu_cross_a_cluster_ip_both_ways() {
         })
         .collect();
     let frontend = SocketAddr::from((BIG_CLUSTER_IP, BIG_PORT));
-    let failures = echo_large_datagrams(scenario.client(), frontend, DATAGRAMS, DATAGRAM_LEN)
-        .expect("client thread");
-    assert!(
-        failures.is_empty(),
-        "{} of {DATAGRAMS} 2000-byte datagrams failed: {failures:?}\nagent log:\n{}",
-        failures.len(),
-        scenario.agent.log()
-    );
-    // Both ends: no datagram dropped for its checksum, no datagram left
-    // half reassembled (the counters count what the sockets never saw).
-    for pod in 0..=BACKENDS {
-        assert_eq!(
-            udp_receive_errors(&scenario.topology.pods[pod].ns).unwrap(),
-            (0, 0),
-            "pod {pod}: UDP checksum errors, reassembly failures"
-        );
-    }
+    large_datagrams_cross(&scenario, frontend, udp_receive_errors);
 }
 
 /// The same over IPv6, through the packet datapath: socket-LB is limited
@@ -126,25 +139,11 @@ fn udp_datagrams_larger_than_the_mtu_cross_an_ipv6_cluster_ip_both_ways() {
         })
         .collect();
     let frontend = SocketAddr::from((BIG_CLUSTER_IP6, BIG_PORT));
-    let failures = echo_large_datagrams(scenario.client(), frontend, DATAGRAMS, DATAGRAM_LEN)
-        .expect("client thread");
-    assert!(
-        failures.is_empty(),
-        "{} of {DATAGRAMS} 2000-byte datagrams failed: {failures:?}\nagent log:\n{}",
-        failures.len(),
-        scenario.agent.log()
-    );
-    for pod in 0..=BACKENDS {
-        assert_eq!(
-            udp6_receive_errors(&scenario.topology.pods[pod].ns).unwrap(),
-            (0, 0),
-            "pod {pod}: UDP checksum errors, reassembly failures"
-        );
-    }
+    large_datagrams_cross(&scenario, frontend, udp6_receive_errors);
     // The packet hooks translated them: a flow per datagram, tagged IPv6,
     // spread over the backends, and a later fragment translated each way
     // per datagram.
-    let backends: std::collections::BTreeSet<_> = conntrack_entries(scenario.pin.path())
+    let backends: BTreeSet<_> = conntrack_entries(scenario.pin.path())
         .expect("conntrack")
         .into_iter()
         .filter(|(key, _)| {
@@ -158,12 +157,8 @@ fn udp_datagrams_larger_than_the_mtu_cross_an_ipv6_cluster_ip_both_ways() {
         backends.len() > 1,
         "the datagrams' flows went to several backends: {backends:?}"
     );
-    let translated = datapath_counters(scenario.pin.path())
-        .expect("counters")
-        .into_iter()
-        .find(|(name, _)| *name == "fragment_translated")
-        .expect("fragment counter")
-        .1;
+    let translated =
+        datapath_counter(scenario.pin.path(), "fragment_translated").expect("fragment counter");
     assert!(
         translated >= 2 * DATAGRAMS as u64,
         "{translated} later fragments translated"

@@ -10,8 +10,8 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use service_agent::datapath::maps::datapath_counters;
 use service_tests::{
+    agent::datapath_counter,
     require_root,
     scenario::{BACKEND_HTTP_PORT, BACKEND_UDP_PORT, TwoNodeOptions, TwoNodeScenario},
     topology::{NODE_A_EXTERNAL_IP, NODE_A_IP, TwoNodesOptions, ipv6_of},
@@ -172,12 +172,8 @@ fn large_datagrams_cross_an_ipv6_node_port_to_a_remote_backend(mode: &str) {
     }
     // Each datagram's later fragment four times on node A: DNAT, SNAT,
     // reverse SNAT, reverse DNAT.
-    let translated = datapath_counters(setup.pins[0].path())
-        .expect("counters")
-        .into_iter()
-        .find(|(name, _)| *name == "fragment_translated")
-        .expect("fragment counter")
-        .1;
+    let translated =
+        datapath_counter(setup.pins[0].path(), "fragment_translated").expect("fragment counter");
     assert!(
         translated >= 4 * 20,
         "{mode}: {translated} later fragments translated on node A"
