@@ -608,3 +608,72 @@ fn ipv6_fragments_of_a_hairpin_flow_are_translated_both_ways() {
     require_root!();
     hairpin_fragments_are_translated_both_ways(BACKEND6, VIP6, Ipv6Addr::from(HAIRPIN_IPV6));
 }
+
+/// `packet` (Ethernet, IPv6) with its payload length set to `len`.
+fn with_payload_len(mut packet: Vec<u8>, len: u16) -> Vec<u8> {
+    packet[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+    packet
+}
+
+/// `packet` (Ethernet, IPv6, fragment header) with the fragment header's
+/// next header set to `next`.
+fn with_fragment_next_header(mut packet: Vec<u8>, next: u8) -> Vec<u8> {
+    packet[14 + 40] = next;
+    packet
+}
+
+/// Fragment headers cut short, inconsistent or followed by anything but
+/// TCP or UDP: the parser's bounds hold, and each passes untouched, a
+/// later fragment too although its datagram's record is there.
+#[test]
+fn malformed_ipv6_fragments_pass_untouched() {
+    require_root!();
+    let mut dp = Datapath::load();
+    dp.set_service(VIP6, 53, PROTO_UDP, &[(BACKEND6, 5353)]);
+    let client = (CLIENT6, 50040);
+    let [first, later] = fragments(client, (VIP6, 53), 40);
+    // The record the later fragments could find.
+    let (verdict, _) = dp.run(PROG_FROM_POD, &first);
+    assert_eq!(verdict, CONTINUE);
+    let before = dp.counter("fragment_translated");
+    let cases = [
+        (
+            "a first fragment cut inside its fragment header",
+            first[..14 + 40 + 4].to_vec(),
+        ),
+        (
+            "a first fragment cut inside its UDP header",
+            first[..14 + 40 + 8 + 4].to_vec(),
+        ),
+        (
+            "a later fragment cut inside its fragment header",
+            later[..14 + 40 + 6].to_vec(),
+        ),
+        (
+            "a later fragment whose payload length ends inside its fragment header",
+            with_payload_len(later.clone(), 4),
+        ),
+        (
+            "a first fragment whose payload length ends inside its UDP header",
+            with_payload_len(first.clone(), 8 + 4),
+        ),
+        (
+            "a first fragment whose fragment header announces destination options",
+            with_fragment_next_header(first.clone(), 60),
+        ),
+        (
+            "a later fragment whose fragment header announces destination options",
+            with_fragment_next_header(later.clone(), 60),
+        ),
+        (
+            "a later fragment whose fragment header announces another fragment header",
+            with_fragment_next_header(later.clone(), 44),
+        ),
+    ];
+    for (name, input) in cases {
+        let (verdict, out) = dp.run(PROG_FROM_POD, &input);
+        assert_eq!(verdict, CONTINUE, "{name}: verdict");
+        assert_eq!(out, input, "{name}: untouched");
+    }
+    assert_eq!(dp.counter("fragment_translated"), before);
+}
