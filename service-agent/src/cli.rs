@@ -162,8 +162,8 @@ pub struct RunArgs {
     /// a flow SNATed to a backend on another node).
     #[arg(long, value_name = "ENTRIES", default_value_t = service_common::CONNTRACK_MAX_ENTRIES)]
     pub map_size_conntrack: u32,
-    /// Capacity of the IPv4 fragments LRU map (one entry per fragmented
-    /// datagram in flight through a Service).
+    /// Capacity of the fragments LRU map (one entry per fragmented IPv4 or
+    /// IPv6 datagram in flight through a Service).
     #[arg(long, value_name = "ENTRIES", default_value_t = service_common::FRAGMENTS_MAX_ENTRIES)]
     pub map_size_fragments: u32,
     /// Source ports flows SNATed to this node's address get, `MIN-MAX`.

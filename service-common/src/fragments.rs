@@ -1,10 +1,10 @@
-//! IPv4 fragments: the first fragment of a translated datagram records its
-//! L4 ports, so the later fragments (which carry no L4 header) are
-//! translated as packets of the same flow.
+//! Fragments (IPv4, and IPv6 with a fragment header): the first fragment of
+//! a translated datagram records its L4 ports, so the later fragments (which
+//! carry no L4 header) are translated as packets of the same flow.
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{FAMILY_IPV4, MapAddr, map_addr_v4};
+use crate::{FAMILY_IPV4, FAMILY_IPV6, MapAddr, map_addr_v4};
 
 /// Default capacity of the fragments LRU map (`--map-size-fragments`).
 pub const FRAGMENTS_MAX_ENTRIES: u32 = 8_192;
@@ -18,12 +18,12 @@ pub struct FragmentKey {
     /// Destination address, network byte order.
     pub daddr: MapAddr,
     /// The datagram's identification: for IPv4 the header's two bytes read
-    /// as a native `u16` (wire order), zero-extended; 32 bits leave room for
-    /// IPv6's identification.
+    /// as a native `u16` (wire order), zero-extended; for IPv6 the fragment
+    /// header's four bytes read as a native `u32`.
     pub id: u32,
     /// IP protocol.
     pub proto: u8,
-    /// Address family: [`FAMILY_IPV4`] or [`crate::FAMILY_IPV6`].
+    /// Address family: [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 2],
@@ -42,6 +42,22 @@ impl FragmentKey {
             id: id as u32,
             proto,
             family: FAMILY_IPV4,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The key of the IPv6 datagram `saddr → daddr` (network byte order)
+    /// of `proto` (the transport protocol, after the fragment header) with
+    /// the fragment header's identification `id` (its four bytes read as a
+    /// native `u32`).
+    #[inline(always)]
+    pub const fn v6(saddr: MapAddr, daddr: MapAddr, id: u32, proto: u8) -> Self {
+        FragmentKey {
+            saddr,
+            daddr,
+            id,
+            proto,
+            family: FAMILY_IPV6,
             _pad: [0; 2],
         }
     }

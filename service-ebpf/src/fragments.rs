@@ -1,11 +1,13 @@
-//! IPv4 fragments of translated datagrams. The first fragment of a
-//! datagram carries its L4 header; the later ones carry none, so a hook
-//! that translated a first fragment records its ports, keyed by the
-//! datagram as the hook saw it (addresses, IP identification, protocol),
-//! and a later fragment that finds that record is translated as a packet
-//! of the same flow: addresses and IPv4 checksum only (the first
-//! fragment's L4 checksum covers the whole datagram and was updated with
-//! it). A later fragment never creates a flow.
+//! Fragments of translated datagrams, IPv4 and IPv6 alike. The first
+//! fragment of a datagram carries its L4 header; the later ones carry
+//! none, so a hook that translated a first fragment records its ports,
+//! keyed by the datagram as the hook saw it (addresses, identification:
+//! IPv4's 16 bits, the IPv6 fragment header's 32, protocol, family), and a
+//! later fragment that finds that record is translated as a packet of the
+//! same flow: addresses (and the IPv4 header checksum) only, as IPv6 has
+//! no header checksum (the first fragment's L4 checksum covers the whole
+//! datagram and was updated with it). A later fragment never creates a
+//! flow, and is never refused.
 //!
 //! A later fragment without a record passes untouched: the hook cannot
 //! tell a fragment of a Service flow whose first fragment it did not see

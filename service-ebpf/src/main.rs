@@ -31,16 +31,16 @@
 //! (and whose addresses are no node's).
 //!
 //! ICMP and ICMPv6 errors about a translated flow are translated on the
-//! egress hooks too (`icmp`), so path MTU discovery (IPv6's "packet too
-//! big" included) works through a Service. IPv4 fragments of a translated
-//! datagram are translated on every hook, the later ones by the ports
-//! their first fragment recorded (`fragments`).
+//! egress hooks too (`icmp`), and errors about an SNATed flow on their way
+//! in from the network, so path MTU discovery (IPv6's "packet too big"
+//! included) works through a Service. Fragments of a translated datagram
+//! (IPv4, and IPv6 with a fragment header) are translated on every hook,
+//! the later ones by the ports their first fragment recorded
+//! (`fragments`).
 //!
 //! IPv6 gets the same translation, by the same code monomorphised for its
 //! addresses (`packet::IpFamily`), each family in a function of its own
 //! per hook; on XDP every IPv6 frame is left to the TC program beside it.
-//! Not yet for IPv6: fragments (a packet with a fragment header passes
-//! untouched).
 //!
 //! Anything that is not a translated TCP/UDP flow passes untouched.
 #![no_std]

@@ -10,11 +10,10 @@
 //! the skb's linear part), so a truncated packet yields `None`, never an
 //! out-of-bounds access, and the caller lets such a packet pass untouched.
 //!
-//! An IPv4 fragment is parsed too: the first one (offset 0, more fragments)
-//! carries the L4 header like any packet; a later one carries none, so its
-//! ports are unknown until `fragments` finds them in the record its first
-//! fragment left. IPv6 fragments (a fragment header) are not parsed: they
-//! pass untouched.
+//! Fragments are parsed too, IPv4 ones and IPv6 ones (a fragment header):
+//! the first one (offset 0, more fragments) carries the L4 header like any
+//! packet; a later one carries none, so its ports are unknown until
+//! `fragments` finds them in the record its first fragment left.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -25,9 +24,10 @@ use service_common::{
 
 use crate::wire::{
     ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, IP_DST_OFF, IP_FLAG_MF, IP_SRC_OFF, IPV6_DST_OFF,
-    IPV6_EXT_HDRS_MAX, IPV6_HDR_LEN, IPV6_NEXT_HDR_OFF, IPV6_PAYLOAD_LEN_OFF, IPV6_SRC_OFF,
-    NEXTHDR_DEST, NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_FLAGS_OFF,
-    TCP_HDR_LEN, UDP_HDR_LEN, csum_replace_addr, csum_replace_addr6, l4_csum_off,
+    IPV6_EXT_HDRS_MAX, IPV6_FRAG_HDR_LEN, IPV6_FRAG_ID_OFF, IPV6_FRAG_MF, IPV6_FRAG_OFFSET_MASK,
+    IPV6_FRAG_OFFSET_OFF, IPV6_HDR_LEN, IPV6_NEXT_HDR_OFF, IPV6_PAYLOAD_LEN_OFF, IPV6_SRC_OFF,
+    NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_FLAG_ACK, TCP_FLAG_SYN,
+    TCP_FLAGS_OFF, TCP_HDR_LEN, UDP_HDR_LEN, csum_replace_addr, csum_replace_addr6, l4_csum_off,
     pseudo_header_sum, pseudo_header_sum6,
 };
 
@@ -179,14 +179,7 @@ impl IpFamily for MapAddr {
 
     #[inline(always)]
     fn fragment_key(flow: &Flow<Self>) -> FragmentKey {
-        FragmentKey {
-            saddr: flow.saddr,
-            daddr: flow.daddr,
-            id: flow.id,
-            proto: flow.proto,
-            family: FAMILY_IPV6,
-            _pad: [0; 2],
-        }
+        FragmentKey::v6(flow.saddr, flow.daddr, flow.id, flow.proto)
     }
 
     #[inline(always)]
@@ -248,7 +241,8 @@ pub struct Flow<A> {
     /// later fragment.
     pub tcp_flags: u8,
     /// The datagram's identification: IPv4's two header bytes as a native
-    /// u16, zero-extended; 0 for IPv6 (whose fragments are not parsed).
+    /// u16, zero-extended; IPv6's fragment header's four bytes as a native
+    /// u32 (0 without a fragment header).
     pub id: u32,
     /// Which part of its datagram the packet is.
     pub fragment: Fragment,
@@ -438,12 +432,20 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
     })
 }
 
-/// Parses an Ethernet frame holding IPv6 TCP or UDP, walking up to
-/// [`IPV6_EXT_HDRS_MAX`] hop-by-hop, routing and destination options
-/// headers to the transport header. `None` for anything else: other
-/// EtherTypes, other next headers (a fragment header above all: IPv6
-/// fragments pass untouched), more extension headers than that, and
-/// packets whose headers are cut short or inconsistent.
+/// Parses an Ethernet frame holding IPv6 TCP or UDP (a whole datagram or
+/// a fragment of one), walking up to [`IPV6_EXT_HDRS_MAX`] hop-by-hop,
+/// routing, destination options and fragment headers to the transport
+/// header. A fragment header (RFC 8200, 4.5) ends the walk: the transport
+/// header must follow it directly (as it does for every datagram Linux
+/// fragments), and its identification becomes the flow's `id`. Offset 0
+/// with M set is [`Fragment::First`] (ports read after the fragment
+/// header), a non-zero offset [`Fragment::Later`] (no transport header:
+/// ports 0 until its first fragment's record is found), offset 0 with M
+/// clear (an atomic fragment) a [`Fragment::Whole`] datagram. `None` for
+/// anything else: other EtherTypes, other next headers (a fragment whose
+/// fragmentable part starts with another extension header above all, so
+/// all of its datagram passes untouched), more extension headers than
+/// that, and packets whose headers are cut short or inconsistent.
 #[inline(always)]
 pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
     let eth: EthHdr = ctx.read(0)?;
@@ -460,7 +462,22 @@ pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
     ));
     let mut next: u8 = ctx.read(l3_off + IPV6_NEXT_HDR_OFF)?;
     let mut l4_off = l3_off + IPV6_HDR_LEN;
+    let mut fragment = Fragment::Whole;
+    let mut id = 0;
     for _ in 0..IPV6_EXT_HDRS_MAX {
+        if next == NEXTHDR_FRAGMENT {
+            // Next header, reserved, offset and flags, identification.
+            next = ctx.read(l4_off)?;
+            let field = u16::from_be(ctx.read::<u16>(l4_off + IPV6_FRAG_OFFSET_OFF)?);
+            id = ctx.read::<u32>(l4_off + IPV6_FRAG_ID_OFF)?;
+            l4_off += IPV6_FRAG_HDR_LEN;
+            if field & IPV6_FRAG_OFFSET_MASK != 0 {
+                fragment = Fragment::Later;
+            } else if field & IPV6_FRAG_MF != 0 {
+                fragment = Fragment::First;
+            }
+            break;
+        }
         if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
             break;
         }
@@ -474,6 +491,25 @@ pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
         PROTO_UDP => UDP_HDR_LEN,
         _ => return None,
     };
+    if fragment == Fragment::Later {
+        // Only its headers are ours to read (no transport header), and the
+        // frame must hold all of them, as for any packet.
+        if IPV6_HDR_LEN + payload_len < l4_off - l3_off || ctx.length() < l4_off {
+            return None;
+        }
+        return Some(Flow {
+            saddr: read_addr6(ctx, l3_off + IPV6_SRC_OFF)?,
+            daddr: read_addr6(ctx, l3_off + IPV6_DST_OFF)?,
+            sport: 0,
+            dport: 0,
+            proto: next,
+            tcp_flags: 0,
+            id,
+            fragment,
+            l3_off,
+            l4_off,
+        });
+    }
     if IPV6_HDR_LEN + payload_len < l4_off - l3_off + l4_len || ctx.length() < l4_off + l4_len {
         return None;
     }
@@ -492,23 +528,21 @@ pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
         dport: ports[1],
         proto: next,
         tcp_flags,
-        id: 0,
-        fragment: Fragment::Whole,
+        id,
+        fragment,
         l3_off,
         l4_off,
     })
 }
 
-/// Reads an IPv6 address at `offset` as four 32-bit words: read as sixteen
-/// bytes, it would be copied byte by byte (and spilled so to the stack).
+/// Reads an IPv6 address at `offset` as four 32-bit words, in one read
+/// (one bounds check, one helper call at most): read as sixteen bytes, it
+/// would be copied byte by byte (and spilled so to the stack), and read
+/// word by word, each word read so far would be kept across the next
+/// word's possible helper call.
 #[inline(always)]
 pub fn read_addr6<P: Packet>(ctx: &P, offset: usize) -> Option<MapAddr> {
-    let words: [u32; 4] = [
-        ctx.read(offset)?,
-        ctx.read(offset + 4)?,
-        ctx.read(offset + 8)?,
-        ctx.read(offset + 12)?,
-    ];
+    let words: [u32; 4] = ctx.read(offset)?;
     // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and every byte
     // pattern is a valid `[u8; 16]`.
     Some(unsafe { core::mem::transmute::<[u32; 4], MapAddr>(words) })

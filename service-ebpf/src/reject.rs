@@ -40,7 +40,9 @@
 //!
 //! Anything that cannot be turned into a reply (a RST, an inconsistent TCP
 //! header, a helper failure) is dropped and counted as `DropNoBackend`.
-//! Fragments never get here: the parser lets them pass untouched.
+//! A later fragment never gets here (it never starts a flow: `lb`); a
+//! first fragment is refused like a whole datagram, quoted up to its UDP
+//! header (the IPv6 fragment header among the extension headers).
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},

@@ -50,10 +50,25 @@ pub const NEXTHDR_HOP: u8 = 0;
 pub const NEXTHDR_ROUTING: u8 = 43;
 /// IPv6 next header: destination options.
 pub const NEXTHDR_DEST: u8 = 60;
+/// IPv6 next header: fragment header (RFC 8200, 4.5).
+pub const NEXTHDR_FRAGMENT: u8 = 44;
+/// Length of the IPv6 fragment header: next header, reserved, offset and
+/// flags (2 bytes), identification (4 bytes).
+pub const IPV6_FRAG_HDR_LEN: usize = 8;
+/// Offset of the offset-and-flags field inside the IPv6 fragment header.
+pub const IPV6_FRAG_OFFSET_OFF: usize = 2;
+/// Offset of the identification inside the IPv6 fragment header.
+pub const IPV6_FRAG_ID_OFF: usize = 4;
+/// The fragment offset (in 8-byte units, shifted left by 3) in the
+/// host-order offset-and-flags field of the IPv6 fragment header.
+pub const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
+/// "More fragments" (M) in that field.
+pub const IPV6_FRAG_MF: u16 = 0x0001;
 /// How many extension headers the parser walks to find the transport
-/// header (hop-by-hop, destination options, routing, destination options:
-/// the order RFC 8200 recommends, each at most once but the last).
-pub const IPV6_EXT_HDRS_MAX: usize = 4;
+/// header (hop-by-hop, destination options, routing, fragment,
+/// destination options: the order RFC 8200 recommends, each at most once
+/// but the destination options).
+pub const IPV6_EXT_HDRS_MAX: usize = 5;
 /// IP protocol (next header) number of ICMPv6.
 pub const PROTO_ICMPV6: u8 = 58;
 /// ICMPv6 type: destination unreachable.

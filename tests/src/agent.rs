@@ -215,6 +215,16 @@ pub fn metric(node: &NetNs, series: &str) -> anyhow::Result<Option<f64>> {
     }))
 }
 
+/// The datapath event counter `name` (`fragment_translated`, ...) of
+/// the agent whose maps are pinned at `pin_path`, summed over CPUs.
+pub fn datapath_counter(pin_path: &Path, name: &str) -> anyhow::Result<u64> {
+    service_agent::datapath::maps::datapath_counters(pin_path)?
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value)
+        .with_context(|| format!("no datapath counter {name}"))
+}
+
 /// The conntrack entries in the map pinned under `pin_path`.
 pub fn conntrack_entries(
     pin_path: &Path,

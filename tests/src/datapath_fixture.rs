@@ -23,8 +23,8 @@ use service_agent::{
 };
 use service_common::{
     BackendValue, CT_FLAG_DEAD, ConntrackKey, ConntrackTimeouts, ConntrackValue, DatapathConfig,
-    FAMILY_IPV4, FAMILY_IPV6, FRONTEND_FLAG_CLUSTER_IP, FrontendKey, MAP_CONNTRACK, MapAddr,
-    SCOPE_ALL, SnatPortRange, map_addr_v4,
+    FAMILY_IPV4, FAMILY_IPV6, FRONTEND_FLAG_CLUSTER_IP, FragmentKey, FragmentValue, FrontendKey,
+    MAP_CONNTRACK, MAP_FRAGMENTS, MapAddr, SCOPE_ALL, SnatPortRange, map_addr_v4,
 };
 
 use crate::pins::PinDir;
@@ -234,14 +234,18 @@ impl Datapath {
             .rev_nat_id
     }
 
+    /// The record a first fragment left for the later fragments of its
+    /// datagram `key`, if any.
+    pub fn fragment_record(&self, key: &FragmentKey) -> Option<FragmentValue> {
+        let map = self.ebpf.map(MAP_FRAGMENTS).expect("fragments map");
+        let records: HashMap<&MapData, FragmentKey, FragmentValue> =
+            HashMap::try_from(map).expect("fragments map type");
+        records.get(key, 0).ok()
+    }
+
     /// A datapath event counter, summed over CPUs, by name.
     pub fn counter(&self, name: &str) -> u64 {
-        datapath::maps::datapath_counters(self.pin.path())
-            .expect("counters")
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .expect("counter exists")
-            .1
+        crate::agent::datapath_counter(self.pin.path(), name).expect("counter exists")
     }
 }
 

@@ -1,15 +1,16 @@
 //! Packets for the datapath tests, built with etherparse, and the table
 //! those tests are written as: input packet, program, expected verdict and
 //! expected output bytes, with every translated output's checksums verified
-//! on their own as well. IPv4 and IPv6 (with extension headers, and ICMPv6
-//! Packet Too Big for path MTU discovery through a Service).
+//! on their own as well. IPv4 and IPv6 (with extension headers, fragments
+//! of both families, and ICMPv6 Packet Too Big for path MTU discovery
+//! through a Service).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    Icmpv6Type, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6Header,
-    Ipv6RawExtHeader, NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders, TcpHeader,
-    TransportHeader,
+    Icmpv6Type, IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader,
+    Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders,
+    TcpHeader, TransportHeader,
 };
 use service_common::{TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
@@ -19,6 +20,15 @@ use crate::datapath_fixture::Datapath;
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 /// Destination MAC of the test packets.
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// `packet` as it leaves when a hook sends it back out the device it came
+/// in on (hairpin, refusals): the same bytes with the Ethernet destination
+/// and source swapped.
+pub fn sent_back(mut packet: Vec<u8>) -> Vec<u8> {
+    let (dst, src) = packet.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+    packet
+}
 
 /// A TCP segment `src` -> `dst` (SYN and/or ACK flags), seq 1000, ack 2000.
 pub fn tcp(
@@ -236,6 +246,93 @@ pub fn udp_fragments(
         fragment(&l4[..first_len], 0, true),
         fragment(&l4[first_len..], first_len, false),
     ]
+}
+
+/// The two fragments of the UDP datagram over IPv6 `src` -> `dst`
+/// carrying `payload` (with the checksum of the whole datagram), each an
+/// IPv6 header followed by a fragment header (RFC 8200, 4.5) with
+/// identification `id`: the first holds the UDP header and the first
+/// `first_len - 8` payload bytes (`first_len`, a multiple of 8), the later
+/// one the rest.
+pub fn udp6_fragments(
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    payload: &[u8],
+    first_len: usize,
+    id: u32,
+) -> [Vec<u8>; 2] {
+    assert!(first_len.is_multiple_of(8) && first_len < payload.len() + 8);
+    let whole = udp6(src, dst, payload);
+    let l4 = &whole[14 + 40..];
+    let fragment = |bytes: &[u8], offset: usize, more: bool| {
+        let header = Ipv6FragmentHeader::new(
+            IpNumber::UDP,
+            IpFragOffset::try_new((offset / 8) as u16).expect("offset"),
+            more,
+            id,
+        );
+        let ip = Ipv6Header {
+            payload_length: (Ipv6FragmentHeader::LEN + bytes.len()) as u16,
+            next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+            hop_limit: HOP_LIMIT,
+            source: src.0.octets(),
+            destination: dst.0.octets(),
+            ..Ipv6Header::default()
+        };
+        let mut out = whole[..14].to_vec();
+        ip.write(&mut out).expect("write IPv6 header");
+        out.extend_from_slice(&header.to_bytes());
+        out.extend_from_slice(bytes);
+        out
+    };
+    [
+        fragment(&l4[..first_len], 0, true),
+        fragment(&l4[first_len..], first_len, false),
+    ]
+}
+
+/// `packet` (Ethernet and IPv6) with an 8-byte hop-by-hop options header
+/// (PadN) inserted right after its IPv6 header, before whatever followed
+/// it (a fragment header, say).
+pub fn behind_hop_by_hop(packet: &[u8]) -> Vec<u8> {
+    const NEXT_HEADER: usize = 14 + 6;
+    const PAYLOAD_LEN: usize = 14 + 4;
+    let mut out = packet[..14 + 40].to_vec();
+    let hop_by_hop = [packet[NEXT_HEADER], 0, 1, 4, 0, 0, 0, 0];
+    out[NEXT_HEADER] = IpNumber::IPV6_HEADER_HOP_BY_HOP.0;
+    let len = u16::from_be_bytes([out[PAYLOAD_LEN], out[PAYLOAD_LEN + 1]]) + 8;
+    out[PAYLOAD_LEN..PAYLOAD_LEN + 2].copy_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&hop_by_hop);
+    out.extend_from_slice(&packet[14 + 40..]);
+    out
+}
+
+/// An address family whose UDP datagrams the tests fragment: IPv4
+/// ([`udp_fragments`]) or IPv6 ([`udp6_fragments`]), so one test body
+/// serves both.
+pub trait FragmentFamily: Copy {
+    /// The UDP bytes of a first fragment on a 1500-byte MTU (a multiple of
+    /// 8): 1480 after an IPv4 header, 1448 after IPv6 and fragment headers.
+    const FIRST_FRAGMENT_L4_LEN: usize;
+    /// The two fragments of the UDP datagram `src` -> `dst` carrying
+    /// `payload`, identification `id` (IPv4: its low 16 bits).
+    fn udp_fragments(src: (Self, u16), dst: (Self, u16), payload: &[u8], id: u32) -> [Vec<u8>; 2];
+}
+
+impl FragmentFamily for Ipv4Addr {
+    const FIRST_FRAGMENT_L4_LEN: usize = 1480;
+
+    fn udp_fragments(src: (Self, u16), dst: (Self, u16), payload: &[u8], id: u32) -> [Vec<u8>; 2] {
+        udp_fragments(src, dst, payload, Self::FIRST_FRAGMENT_L4_LEN, id as u16)
+    }
+}
+
+impl FragmentFamily for Ipv6Addr {
+    const FIRST_FRAGMENT_L4_LEN: usize = 1448;
+
+    fn udp_fragments(src: (Self, u16), dst: (Self, u16), payload: &[u8], id: u32) -> [Vec<u8>; 2] {
+        udp6_fragments(src, dst, payload, Self::FIRST_FRAGMENT_L4_LEN, id)
+    }
 }
 
 /// A UDP packet whose checksum is 0 ("none", allowed over IPv4).

@@ -122,9 +122,17 @@ endpoints:
 /// The address of node B's first pod in a [`TwoNodeScenario`].
 pub const NODE_B_POD_0: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
 
-/// A dual-stack NodePort Service "web" (`node_port`, TCP and UDP) whose only
-/// endpoint of each family is node B's first pod ([`NODE_B_POD_0`] and its
-/// IPv6 twin): from node A, a remote backend reached through SNAT.
+/// The UDP echo port of the Service of [`dual_stack_remote_node_port_yaml`]
+/// for large datagrams (a [`crate::traffic::UdpEchoServer`] on the pod).
+pub const REMOTE_BIG_TARGET_PORT: u16 = 9009;
+/// Its NodePort.
+pub const REMOTE_BIG_NODE_PORT: u16 = 30_009;
+
+/// A dual-stack NodePort Service "web" (`node_port`, TCP and UDP, and the
+/// UDP echo port [`REMOTE_BIG_TARGET_PORT`] on [`REMOTE_BIG_NODE_PORT`])
+/// whose only endpoint of each family is node B's first pod
+/// ([`NODE_B_POD_0`] and its IPv6 twin): from node A, a remote backend
+/// reached through SNAT.
 pub fn dual_stack_remote_node_port_yaml(node_port: u16) -> String {
     let backend_v6 = crate::topology::ipv6_of(NODE_B_POD_0);
     let mut yaml = format!(
@@ -140,6 +148,7 @@ spec:
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: {BACKEND_HTTP_PORT}, nodePort: {node_port}}}
   - {{name: echo, protocol: UDP, port: 7, targetPort: {BACKEND_UDP_PORT}, nodePort: {node_port}}}
+  - {{name: big, protocol: UDP, port: 9, targetPort: {REMOTE_BIG_TARGET_PORT}, nodePort: {REMOTE_BIG_NODE_PORT}}}
 "#
     );
     for (family, name, addr) in [
@@ -147,7 +156,7 @@ spec:
         ("IPv6", "web-v6", backend_v6.to_string()),
     ] {
         yaml.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}\n- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}\nendpoints:\n- {{addresses: [\"{addr}\"], nodeName: node-b, conditions: {{ready: true}}}}\n"
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {BACKEND_HTTP_PORT}}}\n- {{name: echo, protocol: UDP, port: {BACKEND_UDP_PORT}}}\n- {{name: big, protocol: UDP, port: {REMOTE_BIG_TARGET_PORT}}}\nendpoints:\n- {{addresses: [\"{addr}\"], nodeName: node-b, conditions: {{ready: true}}}}\n"
         ));
     }
     yaml

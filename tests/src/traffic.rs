@@ -116,9 +116,14 @@ pub struct UdpEchoServer {
 }
 
 impl UdpEchoServer {
-    /// Starts the server in `ns` on UDP `port`, all addresses.
+    /// Starts the server in `ns` on UDP `port`, all IPv4 addresses.
     pub fn start(ns: &NetNs, port: u16) -> anyhow::Result<Self> {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        Self::start_on(ns, IpAddr::from([0, 0, 0, 0]), port)
+    }
+
+    /// Starts the server in `ns` on UDP `ip:port` (an IPv6 address, say).
+    pub fn start_on(ns: &NetNs, ip: IpAddr, port: u16) -> anyhow::Result<Self> {
+        let addr = SocketAddr::new(ip, port);
         let socket = ns
             .run(move || UdpSocket::bind(addr))?
             .with_context(|| format!("binding the UDP echo server on {addr}"))?;
@@ -145,7 +150,7 @@ impl Drop for UdpEchoServer {
 /// inside the calling thread's namespace and returns the answer, which
 /// must come from `target`. Use through [`NetNs::run`].
 pub fn udp_exchange(target: SocketAddr, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let socket = UdpSocket::bind(unspecified_of(target))?;
     socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     socket.send_to(payload, target)?;
     read_udp_datagram(&socket, target)
@@ -188,6 +193,27 @@ pub fn udp_receive_errors(ns: &NetNs) -> anyhow::Result<(u64, u64)> {
             snmp_counter("Udp", "InCsumErrors")?,
             snmp_counter("Ip", "ReasmFails")?,
         ))
+    })?
+}
+
+/// What `ns` counted against IPv6 UDP datagrams it received: checksum
+/// errors (`Udp6InCsumErrors`) and failed reassemblies (`Ip6ReasmFails`).
+pub fn udp6_receive_errors(ns: &NetNs) -> anyhow::Result<(u64, u64)> {
+    ns.run(|| {
+        let snmp6 = std::fs::read_to_string("/proc/thread-self/net/snmp6")?;
+        let counter = |name: &str| -> anyhow::Result<u64> {
+            snmp6
+                .lines()
+                .find_map(|line| {
+                    let mut fields = line.split_whitespace();
+                    (fields.next() == Some(name)).then(|| fields.next())
+                })
+                .flatten()
+                .with_context(|| format!("no counter {name} in snmp6"))?
+                .parse()
+                .context("counter value")
+        };
+        Ok((counter("Udp6InCsumErrors")?, counter("Ip6ReasmFails")?))
     })?
 }
 

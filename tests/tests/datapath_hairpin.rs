@@ -17,7 +17,7 @@ use service_common::{
 };
 use service_tests::{
     datapath_fixture::{Datapath, ct_key},
-    packets::{Case, Expect, assert_checksums_valid, run_cases, tcp, udp},
+    packets::{Case, Expect, assert_checksums_valid, run_cases, sent_back, tcp, udp},
     require_root,
 };
 
@@ -41,21 +41,6 @@ const HAIRPIN: Ipv4Addr = Ipv4Addr::new(
     HAIRPIN_IPV4[2],
     HAIRPIN_IPV4[3],
 );
-
-/// Bytes of the destination MAC in a frame.
-const ETH_DST: std::ops::Range<usize> = 0..6;
-/// Bytes of the source MAC in a frame.
-const ETH_SRC: std::ops::Range<usize> = 6..12;
-
-/// `packet` as it leaves when sent back to the pod: the same bytes with the
-/// Ethernet destination and source swapped.
-fn sent_back(mut packet: Vec<u8>) -> Vec<u8> {
-    let dst: [u8; 6] = packet[ETH_DST].try_into().unwrap();
-    let src: [u8; 6] = packet[ETH_SRC].try_into().unwrap();
-    packet[ETH_DST].copy_from_slice(&src);
-    packet[ETH_SRC].copy_from_slice(&dst);
-    packet
-}
 
 #[test]
 fn a_pod_reaching_itself_through_its_cluster_ip_is_hairpinned() {

@@ -3,8 +3,10 @@
 //! `from_pod` DNATs a pod's packet to an IPv6 ClusterIP to a backend
 //! (conntrack entries tagged IPv6, the TCP/UDP checksum, all IPv6 has,
 //! kept valid), `to_pod` gives the replies their frontend back, extension
-//! headers are walked to the transport header, a fragment passes
-//! untouched, and a new flow to a Service without endpoints is refused
+//! headers are walked to the transport header, a fragment header too (the
+//! fragment cases are in datapath_fragments.rs), a pod reaching itself
+//! through its IPv6 ClusterIP is hairpinned through `HAIRPIN_IPV6`, and a
+//! new flow to a Service without endpoints is refused
 //! with a TCP RST or an ICMPv6 port unreachable. From the network, an IPv6
 //! NodePort is DNATed on TC (`from_network_tc`), a flow to a remote
 //! backend SNATed to the node's IPv6 SNAT address by `to_network` and its
@@ -23,14 +25,16 @@ use service_agent::datapath::{
     PROG_FROM_NETWORK, PROG_FROM_NETWORK_TC, PROG_FROM_POD, PROG_TO_NETWORK, PROG_TO_POD,
 };
 use service_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY, FAMILY_IPV6,
-    FRONTEND_FLAG_NODE_PORT, PROTO_TCP, PROTO_UDP, TCP_FLAG_ACK, TCP_FLAG_RST,
+    CT_DIR_FORWARD, CT_DIR_HAIRPIN_REPLY, CT_DIR_REPLY, CT_DIR_SNAT, CT_DIR_SNAT_REPLY,
+    CT_FLAG_HAIRPIN, FAMILY_IPV6, FRONTEND_FLAG_NODE_PORT, HAIRPIN_IPV6, PROTO_TCP, PROTO_UDP,
+    TCP_FLAG_ACK, TCP_FLAG_RST,
 };
 use service_tests::{
     datapath_fixture::{Datapath, ct_key},
     packets::{
-        CLIENT_MAC, EXTENSION_HEADER_LEN, HOP_LIMIT, NODE_MAC, assert_checksums_valid, tcp6,
-        tcp6_segment, tcp6_with_extension_headers, udp6, udp6_with_extension_headers,
+        CLIENT_MAC, Case, EXTENSION_HEADER_LEN, Expect, HOP_LIMIT, NODE_MAC,
+        assert_checksums_valid, run_cases, sent_back, tcp6, tcp6_segment,
+        tcp6_with_extension_headers, udp6, udp6_with_extension_headers,
     },
     require_root,
 };
@@ -171,29 +175,52 @@ fn packets_that_are_none_of_ours_pass_untouched() {
     let datapath = datapath();
     // Another destination.
     let other = udp6((CLIENT, CLIENT_PORT), (BACKEND, PORT), b"query");
-    // A fragment (its fragment header is not parsed yet).
-    let mut fragment = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv6(CLIENT.octets(), VIP.octets(), HOP_LIMIT)
-        .write(&mut fragment, IpNumber::IPV6_FRAGMENTATION_HEADER, &{
-            let mut payload =
-                Ipv6FragmentHeader::new(IpNumber::UDP, 0.try_into().unwrap(), true, 7)
-                    .to_bytes()
-                    .to_vec();
-            payload.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
-            payload
-        })
-        .expect("build fragment");
     // A reply of no tracked flow.
     let stray = tcp6((BACKEND, TARGET_PORT), (CLIENT, 1234), false, true, b"");
-    for (program, packet) in [
-        (PROG_FROM_POD, &other),
-        (PROG_FROM_POD, &fragment),
-        (PROG_TO_POD, &stray),
-    ] {
+    for (program, packet) in [(PROG_FROM_POD, &other), (PROG_TO_POD, &stray)] {
         let (verdict, out) = datapath.run(program, packet);
         assert_eq!(verdict, CONTINUE, "{program}");
         assert_eq!(&out, packet, "{program}: untouched");
+    }
+}
+
+/// A datagram of `len` payload bytes `src` -> `dst` whose IPv6 header is
+/// followed by a fragment header with identification 7: offset 0 and M
+/// set (a first fragment, the UDP header after the fragment header) or
+/// clear (an atomic fragment, RFC 8200 4.5: a whole datagram).
+fn udp6_behind_fragment_header(
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    more_fragments: bool,
+) -> Vec<u8> {
+    let udp = udp6(src, dst, b"0123456789abcdef");
+    let mut packet = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.0.octets(), dst.0.octets(), HOP_LIMIT)
+        .write(&mut packet, IpNumber::IPV6_FRAGMENTATION_HEADER, &{
+            let mut payload =
+                Ipv6FragmentHeader::new(IpNumber::UDP, 0.try_into().unwrap(), more_fragments, 7)
+                    .to_bytes()
+                    .to_vec();
+            // The UDP header and payload, its checksum the whole datagram's.
+            payload.extend_from_slice(&udp[14 + 40..]);
+            payload
+        })
+        .expect("build fragment");
+    packet
+}
+
+#[test]
+fn a_first_fragment_and_an_atomic_fragment_are_translated() {
+    require_root!();
+    let datapath = datapath();
+    for (more_fragments, case) in [(true, "first fragment"), (false, "atomic fragment")] {
+        let client = (CLIENT, CLIENT_PORT + u16::from(more_fragments));
+        let packet = udp6_behind_fragment_header(client, (VIP, PORT), more_fragments);
+        let dnat = udp6_behind_fragment_header(client, (BACKEND, TARGET_PORT), more_fragments);
+        let (verdict, out) = datapath.run(PROG_FROM_POD, &packet);
+        assert_eq!(verdict, CONTINUE, "{case}");
+        assert_eq!(out, dnat, "{case}: DNATed, UDP checksum updated");
     }
 }
 
@@ -371,4 +398,145 @@ fn an_ipv6_node_port_reaches_a_remote_backend_through_snat() {
             .is_some(),
         "the flow's SNAT reply entry"
     );
+}
+
+/// The IPv6 hairpin address: the source a pod reaching itself through its
+/// Service sees.
+const HAIRPIN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0xa9fe, 0x2a01);
+
+/// As datapath_hairpin.rs for IPv4: `BACKEND`, reaching the ClusterIP
+/// whose only backend it is, gets the flow SNATed to [`HAIRPIN`] (its port
+/// kept) on every packet, its replies to that address translated back to
+/// the ClusterIP, both directions sent straight back to it; another pod's
+/// flow to the same ClusterIP is only DNATed.
+#[test]
+fn a_pod_reaching_itself_through_its_ipv6_cluster_ip_is_hairpinned() {
+    require_root!();
+    assert_eq!(HAIRPIN.octets(), HAIRPIN_IPV6, "the datapath's address");
+    let datapath = datapath();
+    let pod = (BACKEND, CLIENT_PORT);
+    let hairpin = (HAIRPIN, CLIENT_PORT);
+    let target = (BACKEND, TARGET_PORT);
+    let vip = (VIP, PORT);
+    let other = (CLIENT, CLIENT_PORT);
+    let request = b"GET / HTTP/1.1\r\n\r\n";
+    run_cases(
+        &datapath,
+        vec![
+            Case {
+                name: "the SYN to the ClusterIP goes back to the pod, from the hairpin address",
+                program: PROG_FROM_POD,
+                input: tcp6(pod, vip, true, false, &[]),
+                verdict: REDIRECT,
+                expect: Expect::Bytes(sent_back(tcp6(hairpin, target, true, false, &[]))),
+            },
+            Case {
+                name: "the hairpinned SYN leaving for the pod passes to_pod untouched",
+                program: PROG_TO_POD,
+                input: sent_back(tcp6(hairpin, target, true, false, &[])),
+                verdict: CONTINUE,
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "the pod's SYN-ACK to the hairpin address comes back from the ClusterIP",
+                program: PROG_FROM_POD,
+                input: tcp6(target, hairpin, true, true, &[]),
+                verdict: REDIRECT,
+                expect: Expect::Bytes(sent_back(tcp6(vip, pod, true, true, &[]))),
+            },
+            Case {
+                name: "a data segment of the flow is SNATed again",
+                program: PROG_FROM_POD,
+                input: tcp6(pod, vip, false, true, request),
+                verdict: REDIRECT,
+                expect: Expect::Bytes(sent_back(tcp6(hairpin, target, false, true, request))),
+            },
+            Case {
+                name: "the pod's data reply to the hairpin address comes back from the ClusterIP",
+                program: PROG_FROM_POD,
+                input: tcp6(target, hairpin, false, true, b"web-1"),
+                verdict: REDIRECT,
+                expect: Expect::Bytes(sent_back(tcp6(vip, pod, false, true, b"web-1"))),
+            },
+            Case {
+                name: "UDP to the ClusterIP from the backend pod is hairpinned",
+                program: PROG_FROM_POD,
+                input: udp6(pod, vip, b"query"),
+                verdict: REDIRECT,
+                expect: Expect::Bytes(sent_back(udp6(hairpin, target, b"query"))),
+            },
+            Case {
+                name: "the UDP answer to the hairpin address comes back from the ClusterIP",
+                program: PROG_FROM_POD,
+                input: udp6(target, hairpin, b"answer"),
+                verdict: REDIRECT,
+                expect: Expect::Bytes(sent_back(udp6(vip, pod, b"answer"))),
+            },
+            Case {
+                name: "another pod's SYN to the same ClusterIP is only DNATed",
+                program: PROG_FROM_POD,
+                input: tcp6(other, vip, true, false, &[]),
+                verdict: CONTINUE,
+                expect: Expect::Bytes(tcp6(other, target, true, false, &[])),
+            },
+            Case {
+                name: "the backend pod's reply to the other pod is not taken for a hairpin",
+                program: PROG_FROM_POD,
+                input: tcp6(target, other, true, true, &[]),
+                verdict: CONTINUE,
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "a packet to the hairpin address of no tracked flow passes untouched",
+                program: PROG_FROM_POD,
+                input: tcp6(target, (HAIRPIN, 40999), false, true, &[]),
+                verdict: CONTINUE,
+                expect: Expect::Untouched,
+            },
+            Case {
+                name: "a packet to the hairpin address from another pod passes untouched",
+                program: PROG_FROM_POD,
+                input: tcp6((CLIENT, TARGET_PORT), hairpin, false, true, &[]),
+                verdict: CONTINUE,
+                expect: Expect::Untouched,
+            },
+        ],
+    );
+    assert_eq!(
+        datapath.counter("reply_translated"),
+        3,
+        "the hairpin replies"
+    );
+    assert_eq!(datapath.counter("drop_rewrite"), 0);
+
+    // The hairpin flow: a forward entry flagged hairpin, and instead of the
+    // usual reply entry one keyed by the reply to the hairpin address,
+    // naming the frontend to restore; both tagged IPv6.
+    let forward = datapath
+        .entry(&ct_key(pod, vip, PROTO_TCP, CT_DIR_FORWARD))
+        .expect("forward entry of the hairpin flow");
+    assert_eq!(
+        (forward.nat_addr, u16::from_be(forward.nat_port)),
+        (BACKEND.octets(), TARGET_PORT)
+    );
+    assert_eq!(forward.flags & CT_FLAG_HAIRPIN, CT_FLAG_HAIRPIN);
+    let reply_key = ct_key(target, hairpin, PROTO_TCP, CT_DIR_HAIRPIN_REPLY);
+    assert_eq!(reply_key.family, FAMILY_IPV6);
+    let reply = datapath.entry(&reply_key).expect("hairpin reply entry");
+    assert_eq!(
+        (reply.nat_addr, u16::from_be(reply.nat_port)),
+        (VIP.octets(), PORT)
+    );
+    assert_eq!(reply.flags, CT_FLAG_HAIRPIN);
+    assert_eq!(reply.rev_nat_id, forward.rev_nat_id);
+    assert!(
+        datapath
+            .entry(&ct_key(target, pod, PROTO_TCP, CT_DIR_REPLY))
+            .is_none(),
+        "a hairpin flow has no ordinary reply entry"
+    );
+    let other_forward = datapath
+        .entry(&ct_key(other, vip, PROTO_TCP, CT_DIR_FORWARD))
+        .expect("forward entry of the other pod's flow");
+    assert_eq!(other_forward.flags & CT_FLAG_HAIRPIN, 0);
 }

@@ -4,7 +4,7 @@
 //! own family tag, writes the IPv6 SNAT address into the datapath's
 //! configuration, and `list` and `/metrics` show both families, the IPv6
 //! frontends reported as served in part (ICMPv6 errors about their flows
-//! and IPv6 fragments are not translated yet). No traffic here:
+//! are not translated yet). No traffic here:
 //! `e2e_host_ipv6.rs` sends it through socket-LB, `e2e_ipv6_cluster_ip.rs`
 //! and `e2e_ipv6_nodeport.rs` through the packet datapath.
 
@@ -271,7 +271,7 @@ fn a_dual_stack_service_is_programmed_for_both_families_listed_and_reported() {
         "externalIP 2001:db8:99::200",
     ] {
         let line = format!(
-            "not supported: default/web: Service default/web: IPv6 {address}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back and fragmented datagrams pass untranslated"
+            "not supported: default/web: Service default/web: IPv6 {address}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back"
         );
         assert!(table.contains(&line), "{line:?} not in:\n{table}");
     }

@@ -54,7 +54,8 @@ pub struct MapSizes {
     pub revnat: u32,
     /// Conntrack LRU map: two entries per flow (four when SNATed).
     pub conntrack: u32,
-    /// IPv4 fragments LRU map: one entry per fragmented datagram in flight.
+    /// Fragments LRU map: one entry per fragmented datagram (IPv4 or IPv6)
+    /// in flight.
     pub fragments: u32,
 }
 

@@ -100,7 +100,8 @@ impl PacketTuple {
     }
 
     /// The key of the packet's datagram in the fragments map; `None` for
-    /// IPv6, whose fragments the datapath does not record.
+    /// IPv6: a traced packet is a whole datagram, and an IPv6 one has no
+    /// identification without a fragment header.
     pub fn fragment_key(&self) -> Option<FragmentKey> {
         let (IpAddr::V4(saddr), IpAddr::V4(daddr)) = (self.saddr, self.daddr) else {
             return None;

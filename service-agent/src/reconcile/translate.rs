@@ -139,7 +139,7 @@ pub struct Translation {
     /// One line per field set to something the agent does not serve (an
     /// SCTP port, ignored) or serves in part (an IPv6 frontend address:
     /// served to pods, the network and host processes, but ICMPv6 errors
-    /// about its flows and fragmented datagrams are not translated yet):
+    /// about its flows are not translated yet):
     /// logged, counted
     /// in `service_agent_unsupported_fields`, shown by `list`.
     pub unsupported: Vec<String>,
@@ -368,8 +368,8 @@ fn skip_other_family(name: &ObjectName, service: &ServiceRecord, out: &mut Trans
 /// start at `out.frontends[first]` (once per address and kind): they are
 /// in the maps, with their IPv6 backends, and served (the packet datapath
 /// translates IPv6 from pods and from the network, socket-LB serves the
-/// node's processes), but what the IPv4 datapath also does for ICMP
-/// errors and fragments it does not do for IPv6 yet.
+/// node's processes, fragments included), but what the IPv4 datapath
+/// also does for ICMP errors it does not do for IPv6 yet.
 fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation) {
     let mut reported: Vec<(u16, IpAddr)> = Vec::new();
     for frontend in &out.frontends[first..] {
@@ -387,7 +387,7 @@ fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation
             _ => "externalIP",
         };
         out.unsupported.push(format!(
-            "Service {name}: IPv6 {field} {addr}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back and fragmented datagrams pass untranslated"
+            "Service {name}: IPv6 {field} {addr}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back"
         ));
     }
 }
