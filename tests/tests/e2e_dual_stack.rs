@@ -2,9 +2,8 @@
 //! agent binary programs the frontends of both families into the pinned
 //! maps, each family's with the endpoints of its own EndpointSlice and its
 //! own family tag, writes the IPv6 SNAT address into the datapath's
-//! configuration, and `list` and `/metrics` show both families, the IPv6
-//! frontends reported as served in part (ICMPv6 errors about their flows
-//! are not translated yet). No traffic here:
+//! configuration, and `list` and `/metrics` show both families, with
+//! nothing of either reported as unsupported. No traffic here:
 //! `e2e_host_ipv6.rs` sends it through socket-LB, `e2e_ipv6_cluster_ip.rs`
 //! and `e2e_ipv6_nodeport.rs` through the packet datapath.
 
@@ -252,8 +251,8 @@ fn a_dual_stack_service_is_programmed_for_both_families_listed_and_reported() {
     let config = config.get(&0, 0).expect("config entry");
     assert_eq!(config.snat_v6, NODE_IPV6.octets());
 
-    // `list` prints IPv6 addresses bracketed before their port, and says
-    // what the IPv6 frontends are not served for yet.
+    // `list` prints IPv6 addresses bracketed before their port, and
+    // reports nothing of either family as not supported.
     let table = list_table(pin.path()).expect("list");
     for shown in [
         "[fd00:96::10]:80",
@@ -264,30 +263,14 @@ fn a_dual_stack_service_is_programmed_for_both_families_listed_and_reported() {
     ] {
         assert!(table.contains(shown), "{shown} not in:\n{table}");
     }
-    for address in [
-        "clusterIP fd00:96::10",
-        "NodePort address fd00:10:99::1",
-        "LoadBalancer ingress IP 2001:db8:99::100",
-        "externalIP 2001:db8:99::200",
-    ] {
-        let line = format!(
-            "not supported: default/web: Service default/web: IPv6 {address}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back"
-        );
-        assert!(table.contains(&line), "{line:?} not in:\n{table}");
-    }
-    assert!(
-        agent
-            .log()
-            .contains("not supported: Service default/web: IPv6 clusterIP fd00:96::10"),
-        "{}",
-        agent.log()
-    );
+    assert!(!table.contains("not supported"), "{table}");
+    assert!(!agent.log().contains("not supported"), "{}", agent.log());
 
-    // `/metrics`: the four reported fields, and per-frontend counters of
-    // both families.
+    // `/metrics`: no reported field, and per-frontend counters of both
+    // families.
     assert_eq!(
         metric(node, "service_agent_unsupported_fields").unwrap(),
-        Some(4.0)
+        Some(0.0)
     );
     for frontend in ["[fd00:96::10]:80/TCP", "10.96.0.10:80/TCP"] {
         let series = format!("service_agent_frontend_flows_total{{frontend=\"{frontend}\"}}");

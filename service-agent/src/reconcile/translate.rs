@@ -137,11 +137,8 @@ pub struct Translation {
     /// One line per object or field skipped as invalid.
     pub skipped: Vec<String>,
     /// One line per field set to something the agent does not serve (an
-    /// SCTP port, ignored) or serves in part (an IPv6 frontend address:
-    /// served to pods, the network and host processes, but ICMPv6 errors
-    /// about its flows are not translated yet):
-    /// logged, counted
-    /// in `service_agent_unsupported_fields`, shown by `list`.
+    /// SCTP port, ignored): logged, counted in
+    /// `service_agent_unsupported_fields`, shown by `list`.
     pub unsupported: Vec<String>,
 }
 
@@ -205,7 +202,6 @@ fn translate_service(
         return;
     }
     skip_other_family(name, service, out);
-    let first_frontend = out.frontends.len();
     for service_port in service.ports.iter() {
         let port_label = &*service_port.name;
         // (An unsupported protocol is in `service.unsupported` already.)
@@ -331,7 +327,6 @@ fn translate_service(
             }
         }
     }
-    report_ipv6_not_served(name, first_frontend, out);
     health_check(name, service, &slices, out);
 }
 
@@ -361,34 +356,6 @@ fn skip_other_family(name: &ObjectName, service: &ServiceRecord, out: &mut Trans
                 if ip.is_ipv4() { "IPv4" } else { "IPv6" }
             ));
         }
-    }
-}
-
-/// Reports each IPv6 frontend address of the Service whose frontends
-/// start at `out.frontends[first]` (once per address and kind): they are
-/// in the maps, with their IPv6 backends, and served (the packet datapath
-/// translates IPv6 from pods and from the network, socket-LB serves the
-/// node's processes, fragments included), but what the IPv4 datapath
-/// also does for ICMP errors it does not do for IPv6 yet.
-fn report_ipv6_not_served(name: &ObjectName, first: usize, out: &mut Translation) {
-    let mut reported: Vec<(u16, IpAddr)> = Vec::new();
-    for frontend in &out.frontends[first..] {
-        let kind = frontend.flags & (FRONTEND_FLAG_CLUSTER_IP | FRONTEND_FLAGS_EXTERNAL);
-        if frontend.addr.is_ipv4() || reported.contains(&(kind, frontend.addr)) {
-            continue;
-        }
-        reported.push((kind, frontend.addr));
-    }
-    for (kind, addr) in reported {
-        let field = match kind {
-            FRONTEND_FLAG_CLUSTER_IP => "clusterIP",
-            FRONTEND_FLAG_NODE_PORT => "NodePort address",
-            FRONTEND_FLAG_LOAD_BALANCER => "LoadBalancer ingress IP",
-            _ => "externalIP",
-        };
-        out.unsupported.push(format!(
-            "Service {name}: IPv6 {field} {addr}: served, except that ICMPv6 errors about its flows (Packet Too Big) are not translated back"
-        ));
     }
 }
 
@@ -1893,22 +1860,8 @@ endpoints:
         // The health check counts the local endpoints of the primary
         // family: a dual-stack pod is one endpoint, not two.
         assert_eq!(t.health_checks[0].local_endpoints, 1);
-        // Every IPv6 frontend address is reported once (whatever its
-        // ports) as served in part; the IPv4 ones are not.
-        assert_eq!(t.unsupported.len(), 4, "{:#?}", t.unsupported);
-        for (line, what) in t.unsupported.iter().zip([
-            "IPv6 clusterIP fd00:96::10",
-            "IPv6 NodePort address 2001:db8:99::1",
-            "IPv6 LoadBalancer ingress IP 2001:db8:99::100",
-            "IPv6 externalIP 2001:db8:99::200",
-        ]) {
-            assert!(
-                line.starts_with("Service default/web: ")
-                    && line.contains(what)
-                    && line.contains("served, except that ICMPv6 errors"),
-                "{line}"
-            );
-        }
+        // Both families are served whole: nothing is reported.
+        assert!(t.unsupported.is_empty(), "{:#?}", t.unsupported);
     }
 
     #[test]
@@ -1974,7 +1927,7 @@ endpoints:
                 "[fd00:96::10]:80 ClusterIP [fd00:1:1::2]:8080,[fd00:1:2::2]:8080 ()",
             ]
         );
-        assert_eq!(t.unsupported.len(), 4, "{:#?}", t.unsupported);
+        assert!(t.unsupported.is_empty(), "{:#?}", t.unsupported);
         assert_eq!(t.skipped.len(), 2, "{:#?}", t.skipped);
         assert!(
             t.skipped
