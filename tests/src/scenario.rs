@@ -401,6 +401,41 @@ pub struct TwoNodeScenario {
 }
 
 impl TwoNodeScenario {
+    /// Two dual-stack nodes with one pod each and the Service of
+    /// [`dual_stack_remote_node_port_yaml`] (`node_port`) programmed on node
+    /// A (its IPv4 TCP NodePort listed), "from network" on `mode` (`xdp` or
+    /// `tc`) on the NodePort addresses of both families, node A SNATing
+    /// IPv6 to its node-network address (`--snat-ipv6`).
+    pub fn dual_stack_remote_node_port(tag: &str, mode: &str, node_port: u16) -> Self {
+        let snat_v6 = crate::topology::ipv6_of(NODE_A_IP).to_string();
+        TwoNodeScenario::start_with(
+            &format!("{tag}{mode}"),
+            1,
+            &dual_stack_remote_node_port_yaml(node_port),
+            TwoNodeOptions {
+                topology: TwoNodesOptions {
+                    dual_stack: true,
+                    ..TwoNodesOptions::default()
+                },
+                agent_args: &[
+                    "--nodeport-mode",
+                    mode,
+                    "--nodeport-addresses",
+                    "10.99.0.0/24,fd00:10:99::/64",
+                ],
+                agent_a_args: &["--snat-ipv6", &snat_v6],
+                ..TwoNodeOptions::default()
+            },
+            |_| Ok(()),
+            (
+                SocketAddr::from((crate::topology::NODE_A_EXTERNAL_IP, node_port)),
+                "TCP",
+                1,
+            ),
+        )
+        .expect("two nodes programmed")
+    }
+
     /// Builds the topology with `pods_per_node` pods per node, runs
     /// `prepare` on it (e.g. sysctls the agents must find), starts the
     /// servers and both agents on `yaml` (node A's with `agent_a_args` as

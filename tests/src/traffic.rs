@@ -541,6 +541,39 @@ pub fn run_host_client<A: AsRef<std::ffi::OsStr>>(
     host_client_report(&output)
 }
 
+/// Runs `host-client udp-stream` (`count` datagrams 100 ms apart from one
+/// connected socket to `target`) at `exe` in `ns`, inside `cgroup` if
+/// given, calls `change` one second in, and returns the report of its run
+/// with the time of the change (milliseconds since the Unix epoch, the
+/// clock of the datagrams' send times).
+pub fn udp_stream_across_change(
+    exe: &str,
+    ns: &NetNs,
+    cgroup: Option<&crate::cgroup::TestCgroup>,
+    target: SocketAddr,
+    count: usize,
+    change: impl FnOnce(),
+) -> (serde_json::Value, f64) {
+    let args = [
+        "udp-stream".to_owned(),
+        target.to_string(),
+        count.to_string(),
+    ];
+    let client = host_client_command(exe, ns, cgroup, &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting host-client");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    change();
+    let changed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after the epoch")
+        .as_millis() as f64;
+    let report = host_client_report(&client.wait_with_output().expect("host-client"));
+    (report["runs"][0].clone(), changed_ms)
+}
+
 /// The command [`run_host_client`] runs, for a test that does something
 /// while it runs (`spawn`, then [`host_client_report`] of its output).
 pub fn host_client_command<A: AsRef<std::ffi::OsStr>>(

@@ -19,11 +19,10 @@ use service_tests::{
     netns::NetNs,
     require_root,
     scenario::{
-        BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP6, ClusterIpScenario, NODE_B_POD_0, TwoNodeOptions,
-        TwoNodeScenario, UDP_PORT, demo_yaml_path, dual_stack_remote_node_port_yaml, udp_frontend,
-        web_service_yaml,
+        BACKEND_UDP_PORT, BACKENDS, CLUSTER_IP6, ClusterIpScenario, NODE_B_POD_0, TwoNodeScenario,
+        UDP_PORT, demo_yaml_path, udp_frontend, web_service_yaml,
     },
-    topology::{NODE_A_EXTERNAL_IP, NODE_A_IP, TwoNodesOptions, ipv6_of},
+    topology::{NODE_A_EXTERNAL_IP, ipv6_of},
 };
 
 /// The MTU the backend reports over IPv4.
@@ -346,30 +345,8 @@ const NODE_PORT: u16 = 30_011;
 /// it saw, and the client's path MTU towards the NodePort drops to the
 /// reported MTU.
 fn path_mtu_errors_cross_an_snated_node_port(mode: &str) {
-    let snat_v6 = ipv6_of(NODE_A_IP).to_string();
     let node_port = SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT));
-    let mut setup = TwoNodeScenario::start_with(
-        &format!("pmtunp{mode}"),
-        1,
-        &dual_stack_remote_node_port_yaml(NODE_PORT),
-        TwoNodeOptions {
-            topology: TwoNodesOptions {
-                dual_stack: true,
-                ..TwoNodesOptions::default()
-            },
-            agent_args: &[
-                "--nodeport-mode",
-                mode,
-                "--nodeport-addresses",
-                "10.99.0.0/24,fd00:10:99::/64",
-            ],
-            agent_a_args: &["--snat-ipv6", &snat_v6],
-            ..TwoNodeOptions::default()
-        },
-        |_| Ok(()),
-        (node_port, "UDP", 1),
-    )
-    .expect("two nodes programmed");
+    let mut setup = TwoNodeScenario::dual_stack_remote_node_port("pmtunp", mode, NODE_PORT);
     let backend_pod = &setup.topology.pods_b[0];
     assert_eq!(backend_pod.ip, NODE_B_POD_0);
     let backend6 = backend_pod.ip6.expect("dual-stack pod");

@@ -25,9 +25,7 @@ use service_tests::{
         UDP_PORT, backend6_name, dual_stack_web_yaml,
     },
     topology::{POD_DEVICE_PREFIX, SingleNode},
-    traffic::{
-        BackendServer, host_client_command, host_client_report, http_get, spread, udp_request,
-    },
+    traffic::{BackendServer, http_get, spread, udp_request, udp_stream_across_change},
 };
 
 /// The Service's IPv6 ClusterIP.
@@ -175,30 +173,16 @@ fn a_pods_connected_ipv6_udp_socket_follows_its_replaced_backend_with_socket_lb_
     .expect("the IPv6 frontend is programmed");
     // 40 datagrams, 100 ms apart, from one connected socket of a process
     // in the client pod's namespace and in the cgroup socket-LB serves.
-    let args = [
-        "udp-stream".to_owned(),
-        frontend.to_string(),
-        "40".to_owned(),
-    ];
-    let client = host_client_command(
+    let (run, changed_ms) = udp_stream_across_change(
         env!("CARGO_BIN_EXE_host-client"),
         scenario.client(),
         Some(&cgroup),
-        &args,
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("starting host-client");
-    std::thread::sleep(Duration::from_secs(1));
-    scenario.rewrite_yaml(&dual_stack_web_yaml(&[2])).unwrap();
-    let changed_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as f64;
-    let report = host_client_report(&client.wait_with_output().expect("host-client"));
+        frontend,
+        40,
+        || scenario.rewrite_yaml(&dual_stack_web_yaml(&[2])).unwrap(),
+    );
     // (seconds after the change, answering backend)
-    let datagrams: Vec<(f64, Option<String>)> = report["runs"][0]["datagrams"]
+    let datagrams: Vec<(f64, Option<String>)> = run["datagrams"]
         .as_array()
         .expect("datagrams")
         .iter()

@@ -15,10 +15,9 @@ use service_tests::{
     require_root,
     scenario::{
         BACKEND_HTTP_PORT, BACKEND_UDP_PORT, REMOTE_BIG_NODE_PORT as BIG_NODE_PORT,
-        REMOTE_BIG_TARGET_PORT as BIG_TARGET_PORT, TwoNodeOptions, TwoNodeScenario,
-        dual_stack_remote_node_port_yaml,
+        REMOTE_BIG_TARGET_PORT as BIG_TARGET_PORT, TwoNodeScenario,
     },
-    topology::{NODE_A_EXTERNAL_IP, NODE_A_IP, TwoNodesOptions, ipv6_of},
+    topology::{NODE_A_EXTERNAL_IP, ipv6_of},
     traffic::{
         BackendServer, UdpEchoServer, echo_large_datagrams, http_get, spread, udp_request,
         udp6_receive_errors,
@@ -31,31 +30,9 @@ const NODE_PORT: u16 = 30_080;
 const REQUESTS: usize = 10;
 
 /// The two dual-stack nodes with the Service programmed, "from network"
-/// on `mode` (`xdp` or `tc`), node A SNATing IPv6 to its `--snat-ipv6`.
+/// on `mode` (`xdp` or `tc`).
 fn start(tag: &str, mode: &str) -> TwoNodeScenario {
-    let snat_v6 = ipv6_of(NODE_A_IP).to_string();
-    TwoNodeScenario::start_with(
-        &format!("{tag}{mode}"),
-        1,
-        &dual_stack_remote_node_port_yaml(NODE_PORT),
-        TwoNodeOptions {
-            topology: TwoNodesOptions {
-                dual_stack: true,
-                ..TwoNodesOptions::default()
-            },
-            agent_args: &[
-                "--nodeport-mode",
-                mode,
-                "--nodeport-addresses",
-                "10.99.0.0/24,fd00:10:99::/64",
-            ],
-            agent_a_args: &["--snat-ipv6", &snat_v6],
-            ..TwoNodeOptions::default()
-        },
-        |_| Ok(()),
-        (SocketAddr::from((NODE_A_EXTERNAL_IP, NODE_PORT)), "TCP", 1),
-    )
-    .expect("two nodes programmed")
+    TwoNodeScenario::dual_stack_remote_node_port(tag, mode, NODE_PORT)
 }
 
 fn ipv6_node_port_reaches_a_remote_backend(mode: &str) {

@@ -31,7 +31,7 @@ use service_tests::{
     topology::NODE_A_EXTERNAL_IP,
     traffic::{
         CLIENT_TIMEOUT, HttpConnection, get_once, host_client_command, host_client_report,
-        http_get, http_get_with_local_port, spread, udp_request,
+        http_get, http_get_with_local_port, spread, udp_request, udp_stream_across_change,
     },
 };
 
@@ -371,30 +371,16 @@ fn a_pods_connected_udp_socket_follows_its_replaced_backend_with_socket_lb_on() 
     .expect("scenario");
     // 40 datagrams, 100 ms apart, from one connected socket of a process
     // in the client pod's namespace and in the cgroup socket-LB serves.
-    let args = [
-        "udp-stream".to_owned(),
-        udp_frontend().to_string(),
-        "40".to_owned(),
-    ];
-    let client = host_client_command(
+    let (run, changed_ms) = udp_stream_across_change(
         env!("CARGO_BIN_EXE_host-client"),
         scenario.client(),
         Some(&cgroup),
-        &args,
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .expect("starting host-client");
-    std::thread::sleep(Duration::from_secs(1));
-    scenario.rewrite_yaml(&web_service_yaml(&[2])).unwrap();
-    let changed_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as f64;
-    let report = host_client_report(&client.wait_with_output().expect("host-client"));
+        udp_frontend(),
+        40,
+        || scenario.rewrite_yaml(&web_service_yaml(&[2])).unwrap(),
+    );
     assert_followed(
-        &stream_datagrams(&report["runs"][0], changed_ms),
+        &stream_datagrams(&run, changed_ms),
         &backend_name(1),
         &backend_name(2),
         &scenario.agent.log(),
