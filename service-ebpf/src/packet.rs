@@ -16,18 +16,18 @@
 //! `fragments` finds them in the record its first fragment left.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use service_common::{
     DatapathConfig, FAMILY_IPV4, FAMILY_IPV6, FragmentKey, HAIRPIN_IPV4, HAIRPIN_IPV6, MapAddr,
     PROTO_TCP, PROTO_UDP, map_addr_v4, map_addr_v4_octets, map_addrs_equal,
 };
 
 use crate::wire::{
-    ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, IP_DST_OFF, IP_FLAG_MF, IP_SRC_OFF, IPV6_DST_OFF,
-    IPV6_EXT_HDRS_MAX, IPV6_FRAG_HDR_LEN, IPV6_FRAG_ID_OFF, IPV6_FRAG_MF, IPV6_FRAG_OFFSET_MASK,
-    IPV6_FRAG_OFFSET_OFF, IPV6_HDR_LEN, IPV6_NEXT_HDR_OFF, IPV6_PAYLOAD_LEN_OFF, IPV6_SRC_OFF,
-    NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_FLAG_ACK, TCP_FLAG_SYN,
-    TCP_FLAGS_OFF, TCP_HDR_LEN, UDP_HDR_LEN, csum_replace_addr, csum_replace_addr6, l4_csum_off,
+    ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF, IP_DST_OFF, IP_FLAG_MF, IP_FLAGS_SHIFT,
+    IP_OFFSET_MASK, IP_SRC_OFF, IP_VERSION_4, IPV4_FIXED_LEN, IPV6_DST_OFF, IPV6_EXT_HDRS_MAX,
+    IPV6_FRAG_HDR_LEN, IPV6_FRAG_ID_OFF, IPV6_FRAG_MF, IPV6_FRAG_OFFSET_MASK, IPV6_FRAG_OFFSET_OFF,
+    IPV6_HDR_LEN, IPV6_NEXT_HDR_OFF, IPV6_PAYLOAD_LEN_OFF, IPV6_SRC_OFF, Ipv4Fixed, NEXTHDR_DEST,
+    NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_FLAG_ACK, TCP_FLAG_SYN, TCP_FLAGS_OFF,
+    TCP_HDR_LEN, UDP_HDR_LEN, csum_replace_addr, csum_replace_addr6, l4_csum_off,
     pseudo_header_sum, pseudo_header_sum6,
 };
 
@@ -280,6 +280,17 @@ impl<A> Flow<A> {
 }
 
 /// Bounds-checked access to a packet's bytes, for both hook types.
+///
+/// A `T` is loaded and stored at its own width (`ptr::read`/`ptr::write`,
+/// not their `_unaligned` forms, which the BPF target expands into one
+/// byte access per byte, and a wider read of bytes so written stalls on
+/// store forwarding). Packet data has no alignment the compiler can rely
+/// on; the accesses are sound here because the BPF instructions carry no
+/// alignment requirement of their own, and the verifier accepts misaligned
+/// packet accesses on the architectures the agent runs on (x86-64 and
+/// arm64 both have efficient unaligned access, and the programs are loaded
+/// without `BPF_F_STRICT_ALIGNMENT`). Nothing derives facts from the
+/// pointers' alignment: they are rebuilt from `data` at every access.
 pub trait Packet {
     /// Reads a `T` at `offset`; `None` when the packet is too short.
     fn read<T: Copy>(&self, offset: usize) -> Option<T>;
@@ -304,8 +315,9 @@ impl Packet for TcContext {
         if start + offset + needed > self.data_end() {
             return self.load(offset).ok();
         }
-        // SAFETY: the range lies inside the linear data, checked just above.
-        Some(unsafe { ((start + offset) as *const T).read_unaligned() })
+        // SAFETY: the range lies inside the linear data, checked just above;
+        // alignment: see the trait.
+        Some(unsafe { ((start + offset) as *const T).read() })
     }
 
     /// Writes straight into the skb's linear data when the bytes are there
@@ -319,8 +331,9 @@ impl Packet for TcContext {
         if start + offset + needed > self.data_end() {
             return self.store(offset, value, 0);
         }
-        // SAFETY: the range lies inside the linear data, checked just above.
-        unsafe { ((start + offset) as *mut T).write_unaligned(*value) };
+        // SAFETY: the range lies inside the linear data, checked just above;
+        // alignment: see the trait.
+        unsafe { ((start + offset) as *mut T).write(*value) };
         Ok(())
     }
 
@@ -341,8 +354,9 @@ impl Packet for XdpContext {
         if start + offset + core::mem::size_of::<T>().max(2) > self.data_end() {
             return None;
         }
-        // SAFETY: the range lies inside the packet, checked just above.
-        Some(unsafe { ((start + offset) as *const T).read_unaligned() })
+        // SAFETY: the range lies inside the packet, checked just above;
+        // alignment: see the trait.
+        Some(unsafe { ((start + offset) as *const T).read() })
     }
 
     #[inline(always)]
@@ -351,8 +365,9 @@ impl Packet for XdpContext {
         if start + offset + core::mem::size_of::<T>() > self.data_end() {
             return Err(-1);
         }
-        // SAFETY: the range lies inside the packet, checked just above.
-        unsafe { ((start + offset) as *mut T).write_unaligned(*value) };
+        // SAFETY: the range lies inside the packet, checked just above;
+        // alignment: see the trait.
+        unsafe { ((start + offset) as *mut T).write(*value) };
         Ok(())
     }
 
@@ -367,14 +382,13 @@ impl Packet for XdpContext {
 /// protocols, and packets whose headers are cut short or inconsistent.
 #[inline(always)]
 pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
-    let eth: EthHdr = ctx.read(0)?;
-    if u16::from_be(eth.ether_type) != ETH_P_IP {
+    if u16::from_be(ctx.read::<u16>(ETH_TYPE_OFF)?) != ETH_P_IP {
         return None;
     }
-    let l3_off = EthHdr::LEN;
-    let ip: Ipv4Hdr = ctx.read(l3_off)?;
-    let ihl = usize::from(ip.ihl());
-    if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
+    let l3_off = ETH_HDR_LEN;
+    let ip: Ipv4Fixed = ctx.read(l3_off)?;
+    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ip.version_ihl >> 4 != IP_VERSION_4 || ihl < IPV4_FIXED_LEN {
         return None;
     }
     let l4_len = match ip.proto {
@@ -382,10 +396,11 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
         PROTO_UDP => UDP_HDR_LEN,
         _ => return None,
     };
-    let tot_len = usize::from(ip.tot_len());
+    let tot_len = usize::from(u16::from_be(ip.tot_len));
     let l4_off = l3_off + ihl;
-    let id = u32::from(u16::from_ne_bytes(ip.id));
-    if ip.frag_offset() != 0 {
+    let id = u32::from(ip.id);
+    let flags_offset = u16::from_be(ip.flags_offset);
+    if flags_offset & IP_OFFSET_MASK != 0 {
         // A later fragment: only its IPv4 header is ours to read, and the
         // frame must hold all of it (options included), as for any packet
         // (the packet fuzzer found one cut inside its options translated).
@@ -393,8 +408,8 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
             return None;
         }
         return Some(Ipv4Flow {
-            saddr: ip.src_addr,
-            daddr: ip.dst_addr,
+            saddr: ip.saddr.to_ne_bytes(),
+            daddr: ip.daddr.to_ne_bytes(),
             sport: 0,
             dport: 0,
             proto: ip.proto,
@@ -415,14 +430,14 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
         0
     };
     Some(Ipv4Flow {
-        saddr: ip.src_addr,
-        daddr: ip.dst_addr,
+        saddr: ip.saddr.to_ne_bytes(),
+        daddr: ip.daddr.to_ne_bytes(),
         sport: ports[0],
         dport: ports[1],
         proto: ip.proto,
         tcp_flags,
         id,
-        fragment: if ip.frag_flags() & IP_FLAG_MF != 0 {
+        fragment: if (flags_offset >> IP_FLAGS_SHIFT) as u8 & IP_FLAG_MF != 0 {
             Fragment::First
         } else {
             Fragment::Whole
@@ -448,11 +463,10 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Option<Ipv4Flow> {
 /// that, and packets whose headers are cut short or inconsistent.
 #[inline(always)]
 pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
-    let eth: EthHdr = ctx.read(0)?;
-    if u16::from_be(eth.ether_type) != ETH_P_IPV6 {
+    if u16::from_be(ctx.read::<u16>(ETH_TYPE_OFF)?) != ETH_P_IPV6 {
         return None;
     }
-    let l3_off = EthHdr::LEN;
+    let l3_off = ETH_HDR_LEN;
     let first: u8 = ctx.read(l3_off)?;
     if first >> 4 != 6 {
         return None;
@@ -535,15 +549,16 @@ pub fn parse_ipv6<P: Packet>(ctx: &P) -> Option<Ipv6Flow> {
     })
 }
 
-/// Reads an IPv6 address at `offset` as four 32-bit words, in one read
+/// Reads an IPv6 address at `offset` as two 64-bit words, in one read
 /// (one bounds check, one helper call at most): read as sixteen bytes, it
-/// would be copied byte by byte (and spilled so to the stack), and read
-/// word by word, each word read so far would be kept across the next
-/// word's possible helper call.
+/// would be copied byte by byte (and spilled so to the stack), read word by
+/// word, each word read so far would be kept across the next word's
+/// possible helper call, and as four 32-bit words it keeps `from_pod`'s
+/// IPv6 frame 32 bytes over 6.1's stack limit.
 #[inline(always)]
 pub fn read_addr6<P: Packet>(ctx: &P, offset: usize) -> Option<MapAddr> {
-    let words: [u32; 4] = ctx.read(offset)?;
-    // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and every byte
+    let words: [u64; 2] = ctx.read(offset)?;
+    // SAFETY: `[u64; 2]` and `[u8; 16]` have the same size, and every byte
     // pattern is a valid `[u8; 16]`.
-    Some(unsafe { core::mem::transmute::<[u32; 4], MapAddr>(words) })
+    Some(unsafe { core::mem::transmute::<[u64; 2], MapAddr>(words) })
 }

@@ -23,6 +23,47 @@ pub const IP_PROTO_OFF: usize = 9;
 pub const IP_SRC_OFF: usize = 12;
 /// Offset of the destination address inside an IPv4 header.
 pub const IP_DST_OFF: usize = 16;
+/// The fixed 20 bytes of an IPv4 header as the parser reads them: fields
+/// of their natural width and alignment, so that one read of it loads each
+/// field whole (`network_types::ip::Ipv4Hdr` is made of byte arrays, which
+/// the BPF target copies byte by byte, and reading a word of such a copy
+/// back stalls on store forwarding: the most expensive instruction of an
+/// established flow's parse in the bench's profile). Multi-byte fields in
+/// network byte order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Fixed {
+    /// Version (high nibble) and header length in words (low nibble).
+    pub version_ihl: u8,
+    /// Type of service.
+    pub tos: u8,
+    /// Total length.
+    pub tot_len: u16,
+    /// Identification.
+    pub id: u16,
+    /// Flags (top 3 bits) and fragment offset in 8-byte units.
+    pub flags_offset: u16,
+    /// Time to live.
+    pub ttl: u8,
+    /// Protocol.
+    pub proto: u8,
+    /// Header checksum.
+    pub check: u16,
+    /// Source address.
+    pub saddr: u32,
+    /// Destination address.
+    pub daddr: u32,
+}
+const _: () = assert!(core::mem::size_of::<Ipv4Fixed>() == IPV4_FIXED_LEN);
+
+/// Length of an IPv4 header without options.
+pub const IPV4_FIXED_LEN: usize = 20;
+/// Length of an Ethernet header.
+pub const ETH_HDR_LEN: usize = 14;
+/// The fragment offset's bits of [`Ipv4Fixed::flags_offset`] (host byte order).
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
+/// The flags' shift in [`Ipv4Fixed::flags_offset`] (host byte order).
+pub const IP_FLAGS_SHIFT: u16 = 13;
 /// "More fragments" in the 3-bit IPv4 flags field.
 pub const IP_FLAG_MF: u8 = 0b001;
 /// "Don't fragment" in the 3-bit IPv4 flags field.
