@@ -376,6 +376,31 @@ pub fn bench_floor_tc(_ctx: TcContext) -> i32 {
     VERDICT_CONTINUE
 }
 
+/// Benchmark bound: the conntrack work no tracked flow can skip, alone,
+/// for the bench to report next to the datapath's cost. It parses an IPv4
+/// TCP or UDP packet and looks up its flow's forward entry; a TCP SYN
+/// whose flow has none also gets the two entries every flow needs (forward
+/// and reply, as `conntrack::track` writes them, pointing back at the
+/// packet's own addresses). No translation, no backend choice, no clock, no
+/// counters: an established flow cannot cost less than the first part, a
+/// new one less than both. Never attached by the agent.
+#[classifier]
+pub fn bench_conntrack_tc(ctx: TcContext) -> i32 {
+    let Some(flow) = packet::parse_ipv4(&ctx) else {
+        return VERDICT_CONTINUE;
+    };
+    let key = conntrack::conntrack_key(&flow, service_common::CT_DIR_FORWARD);
+    if maps::CONNTRACK.get_ptr(&key).is_some() || !flow.is_tcp_syn() {
+        return VERDICT_CONTINUE;
+    }
+    let forward = service_common::ConntrackValue::new(key.daddr, flow.dport, 0, 0, 0);
+    let reply_key = service_common::reply_key(&key, &forward);
+    let reply = service_common::ConntrackValue::new(key.daddr, flow.dport, 0, 0, 0);
+    let _ = maps::CONNTRACK.insert(&reply_key, &reply, maps::BPF_ANY);
+    let _ = maps::CONNTRACK.insert(&key, &forward, maps::BPF_ANY);
+    VERDICT_CONTINUE
+}
+
 /// Benchmark floor for the XDP path: an XDP program that only passes.
 /// Never attached by the agent.
 #[xdp]

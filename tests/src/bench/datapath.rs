@@ -49,8 +49,8 @@ use aya::{
 use etherparse::PacketBuilder;
 use service_agent::{
     datapath::{
-        self, MapSizes, PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP, PROG_FROM_NETWORK,
-        PROG_FROM_POD,
+        self, MapSizes, PROG_BENCH_CONNTRACK_TC, PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP,
+        PROG_FROM_NETWORK, PROG_FROM_POD,
         maps::{ServiceMaps, write_config},
         model::{MapState, write_in_order},
     },
@@ -111,6 +111,9 @@ enum Hook {
     FloorTc,
     /// The pass-only XDP program.
     FloorXdp,
+    /// The TC bound: a conntrack lookup, and a new flow's two inserts, alone
+    /// (`bench_conntrack_tc`).
+    ConntrackTc,
 }
 
 impl Hook {
@@ -120,6 +123,7 @@ impl Hook {
             Hook::XdpFromNetwork => PROG_FROM_NETWORK,
             Hook::FloorTc => PROG_BENCH_FLOOR_TC,
             Hook::FloorXdp => PROG_BENCH_FLOOR_XDP,
+            Hook::ConntrackTc => PROG_BENCH_CONNTRACK_TC,
         }
     }
 
@@ -127,7 +131,9 @@ impl Hook {
     fn floor(self) -> Hook {
         match self {
             Hook::XdpFromNetwork | Hook::FloorXdp => Hook::FloorXdp,
-            Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc => Hook::FloorTc,
+            Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc | Hook::ConntrackTc => {
+                Hook::FloorTc
+            }
         }
     }
 
@@ -135,7 +141,7 @@ impl Hook {
     fn pass_verdict(self) -> u32 {
         match self {
             Hook::XdpFromNetwork | Hook::FloorXdp => XDP_PASS,
-            Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc => TC_CONTINUE,
+            Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc | Hook::ConntrackTc => TC_CONTINUE,
         }
     }
 
@@ -143,7 +149,7 @@ impl Hook {
     fn destination(self, set: &ServiceSet) -> (IpAddr, u16) {
         match self {
             Hook::XdpFromNetwork | Hook::FloorXdp => (NODE_IP.into(), NODE_PORT),
-            Hook::TcFromPod | Hook::FloorTc => {
+            Hook::TcFromPod | Hook::FloorTc | Hook::ConntrackTc => {
                 (ServiceSet::cluster_ip(set.last()).into(), SERVICE_PORT)
             }
             Hook::TcFromPodV6 => (CLUSTER_IP_V6.into(), SERVICE_PORT),
@@ -436,6 +442,10 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
                 .collect();
             let (mut floor, mut new_runs, mut established_runs) =
                 (Batches::default(), Batches::default(), Batches::default());
+            // Beside the path from pods, the bound no design of a tracked
+            // flow can go below: the same packets through conntrack alone.
+            let bound = hook == Hook::TcFromPod;
+            let (mut bound_new, mut bound_established) = (Batches::default(), Batches::default());
             // One batch of each first, not counted: warms caches and clocks.
             for batch in 0..=config.batches {
                 let mut syns = || -> Vec<Vec<u8>> {
@@ -445,21 +455,55 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
                         .collect()
                 };
                 let (test_run_syns, kernel_syns) = (syns(), syns());
+                let (bound_test_run_syns, bound_kernel_syns) = if bound {
+                    (syns(), syns())
+                } else {
+                    (Vec::new(), Vec::new())
+                };
                 let floor_test_run = dp.test_run_batch(hook.floor(), &test_run_syns)?;
                 let new_test_run = dp.test_run_batch(hook, &test_run_syns)?;
                 let established_test_run = dp.test_run_batch(hook, &established)?;
+                let bound_test_run = if bound {
+                    Some((
+                        dp.test_run_batch(Hook::ConntrackTc, &bound_test_run_syns)?,
+                        dp.test_run_batch(Hook::ConntrackTc, &established)?,
+                    ))
+                } else {
+                    None
+                };
                 // The kernel counts run time per program while this is held.
                 let stats = enable_stats(Stats::RunTime)
                     .context("enabling bpf_stats (BPF_ENABLE_STATS)")?;
                 let floor_kernel = dp.kernel_batch(hook.floor(), &kernel_syns, &stats)?;
                 let new_kernel = dp.kernel_batch(hook, &kernel_syns, &stats)?;
                 let established_kernel = dp.kernel_batch(hook, &established, &stats)?;
+                let bound_kernel = if bound {
+                    Some((
+                        dp.kernel_batch(Hook::ConntrackTc, &bound_kernel_syns, &stats)?,
+                        dp.kernel_batch(Hook::ConntrackTc, &established, &stats)?,
+                    ))
+                } else {
+                    None
+                };
                 drop(stats);
                 if batch > 0 {
                     floor.push(floor_test_run, floor_kernel);
                     new_runs.push(new_test_run, new_kernel);
                     established_runs.push(established_test_run, established_kernel);
+                    if let (Some((new, est)), Some((new_kernel, est_kernel))) =
+                        (bound_test_run, bound_kernel)
+                    {
+                        bound_new.push(new, new_kernel);
+                        bound_established.push(est, est_kernel);
+                    }
                 }
+            }
+            if bound {
+                figures.extend(bound_figures(
+                    size,
+                    &floor,
+                    [&bound_new, &bound_established],
+                ));
             }
             for (kind, runs, times_floor) in [
                 ("new flow", &new_runs, NEW_FLOW_TARGET),
@@ -498,6 +542,48 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
     }
     add_flatness(&mut figures, config);
     Ok(figures)
+}
+
+/// The bound's figures at `size` Services (`runs`: new flows, then
+/// established ones, of `bench_conntrack_tc`), by both measures, next to
+/// the TC floor: the least a new or established flow costs when its flow is
+/// tracked in a BPF hash map of the bench's size, whatever else the design.
+fn bound_figures(size: u32, floor: &Batches, runs: [&Batches; 2]) -> Vec<Figure> {
+    let mut figures = Vec::new();
+    for ((kind, what), runs) in [
+        ("new flow", "parse, lookup, two inserts"),
+        ("established flow", "parse, one lookup"),
+    ]
+    .into_iter()
+    .zip(runs)
+    {
+        for (measure, suffix, ours, floor) in [
+            ("", "", &runs.test_run, &floor.test_run),
+            (
+                ", kernel run time (bpf_stats)",
+                "_kernel",
+                &runs.kernel,
+                &floor.kernel,
+            ),
+        ] {
+            figures.push(
+                Figure::new(
+                    Group::Datapath,
+                    &format!("tc_conntrack_bound_{}{suffix}", kind.replace(' ', "_")),
+                    format!(
+                        "TC conntrack alone ({what}): the least a {kind} costs, {size} Services{measure}"
+                    ),
+                    "ns/packet",
+                    Better::Lower,
+                )
+                .services(u64::from(size))
+                .ours_runs(ours)
+                .reference("floor", floor)
+                .note("bench_conntrack_tc: the same packets, no translation, no backend choice, no clock, no counters"),
+            );
+        }
+    }
+    figures
 }
 
 /// The spec's target for a new flow: at most this many times the floor.
