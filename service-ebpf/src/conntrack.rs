@@ -120,7 +120,8 @@ pub fn lookup_master<A: IpFamily>(
         rev_nat_id: master.rev_nat_id,
         node_local: true,
         snat_port: master.snat_port,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     touch(
         entry,

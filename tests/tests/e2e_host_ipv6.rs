@@ -338,10 +338,11 @@ fn v4_mapped(target: SocketAddr) -> SocketAddr {
 /// unconnected sockets (which the kernel sends through its IPv4 path,
 /// `sendmsg4`) answered from `[::ffff:10.96.0.10]:7` by the IPv4 servers
 /// of every backend (the IPv6 ones answer as `web6-N`), and counted as
-/// flows of the IPv4 frontend. `connect6` leaves a mapped destination
-/// alone (6.1's stack limit): a mapped TCP connection is not translated.
-/// Outside the cgroup the same addresses are unreachable, so the
-/// translation is socket-LB's.
+/// flows of the IPv4 frontend; TCP connections and connected UDP sockets
+/// (`connect6` to the mapped address) likewise, each with the mapped
+/// ClusterIP as its peer (`getpeername6`) and UDP answers from it. Outside
+/// the cgroup the same addresses are unreachable, so the translation is
+/// socket-LB's.
 #[test]
 fn host_process_reaches_an_ipv4_cluster_ip_through_its_ipv4_mapped_address() {
     require_root!();
@@ -355,13 +356,22 @@ fn host_process_reaches_an_ipv4_cluster_ip_through_its_ipv4_mapped_address() {
     );
     let node = &scenario.topology.node;
 
-    let args = run("udp", udp, UDP_REQUESTS);
+    let mut args = run("udp", udp, UDP_REQUESTS);
+    args.extend(run("http", http, HTTP_CONNECTIONS));
+    args.extend(run("udp-connected", udp, UDP_REQUESTS));
     let runs = host_client(node, Some(&cgroup), &args);
     assert_spread_over(&runs[0], UDP_REQUESTS, backend_name);
+    assert_spread_over(&runs[1], HTTP_CONNECTIONS, backend_name);
+    assert_spread_over(&runs[2], UDP_REQUESTS, backend_name);
     let pin = scenario.pin.path();
     assert!(
-        frontend_new_flows(pin, udp_frontend(), "UDP") >= UDP_REQUESTS as u64,
+        frontend_new_flows(pin, udp_frontend(), "UDP") >= 2 * UDP_REQUESTS as u64,
         "mapped UDP flows not counted on the IPv4 frontend: {}",
+        list_json(pin).expect("list")
+    );
+    assert!(
+        frontend_new_flows(pin, http_frontend(), "TCP") >= HTTP_CONNECTIONS as u64,
+        "mapped TCP flows not counted on the IPv4 frontend: {}",
         list_json(pin).expect("list")
     );
 
