@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod datapath_fixture;
+pub mod fuzzing;
 pub mod netns;
 pub mod packets;
 pub mod pins;

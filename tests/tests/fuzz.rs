@@ -42,22 +42,12 @@ use service_common::{
 };
 use service_tests::{
     datapath_fixture::{Datapath, frontend},
+    fuzzing::{
+        self, DEFERRED_MARK, TC_CONTINUE, TC_DROP, TC_REDIRECT, XDP_DROP, XDP_PASS, hex, seed,
+    },
     packets, require_root,
 };
 
-/// `TC_ACT_UNSPEC` as BPF_PROG_TEST_RUN reports it: the packet continues.
-const TC_CONTINUE: u32 = u32::MAX;
-/// `TC_ACT_SHOT`.
-const TC_DROP: u32 = 2;
-/// `TC_ACT_REDIRECT`: a refusal or a hairpin packet sent back out.
-const TC_REDIRECT: u32 = 7;
-/// `XDP_DROP`.
-const XDP_DROP: u32 = 1;
-/// `XDP_PASS`.
-const XDP_PASS: u32 = 2;
-
-/// Packets per run unless `SERVICE_TESTS_FUZZ_PACKETS` says otherwise.
-const DEFAULT_PACKETS: u64 = 1_000_000;
 /// Cases per proptest run; runs follow each other until enough packets.
 const CASES_PER_RUN: u32 = 20_000;
 
@@ -711,11 +701,6 @@ fn checksums(p: &[u8]) -> (bool, bool) {
     (header, l4)
 }
 
-/// The mark XDP puts in the metadata in front of a packet it defers to
-/// the TC program beside it (`service-ebpf/src/offload.rs`);
-/// BPF_PROG_TEST_RUN returns the metadata in front of the packet.
-const DEFERRED_MARK: &[u8; 4] = b"SLBD";
-
 /// Whether `output` is `input` deferred by XDP, untouched, to the TC
 /// program beside it, and rightly so: its L4 checksum field holds only
 /// its pseudo-header sum (a checksum left to offload, which only TC can
@@ -1256,10 +1241,6 @@ fn send(
     .then_some(output))
 }
 
-fn hex(p: &[u8]) -> String {
-    p.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A flow's request through its ingress hook, and, as the network would
 /// carry them, the request on through to_network (from the network) and the
 /// backend's reply back through the hooks it crosses.
@@ -1358,31 +1339,10 @@ fn run_case(
 }
 
 /// The seed: `SERVICE_TESTS_FUZZ_SEED` (32 hex digits) or a fresh one.
-fn seed() -> [u8; 16] {
-    let mut seed = [0u8; 16];
-    match std::env::var("SERVICE_TESTS_FUZZ_SEED") {
-        Ok(hex) => {
-            assert_eq!(hex.len(), 32, "SERVICE_TESTS_FUZZ_SEED: 32 hex digits");
-            for (i, byte) in seed.iter_mut().enumerate() {
-                *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex digits");
-            }
-        }
-        Err(_) => {
-            use std::io::Read as _;
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| f.read_exact(&mut seed))
-                .expect("reading /dev/urandom");
-        }
-    }
-    seed
-}
-
 #[test]
 fn a_million_generated_packets_through_every_program_keep_the_invariant() {
     require_root!();
-    let target: u64 = std::env::var("SERVICE_TESTS_FUZZ_PACKETS")
-        .map(|v| v.parse().expect("SERVICE_TESTS_FUZZ_PACKETS: a number"))
-        .unwrap_or(DEFAULT_PACKETS);
+    let target = fuzzing::packets();
     let seed = seed();
     println!(
         "fuzz seed: {} (replay: SERVICE_TESTS_FUZZ_SEED={0})",
@@ -1445,12 +1405,7 @@ fn a_million_generated_packets_through_every_program_keep_the_invariant() {
         tally.refused_by_kernel,
         hex(&seed)
     ));
-    {
-        use std::io::Write as _;
-        let mut stdout = std::io::stdout().lock();
-        let _ = write!(stdout, "\n{summary}");
-        let _ = stdout.flush();
-    }
+    fuzzing::report(&summary);
     // Every hook saw traffic, and every kind of outcome happened.
     for hook in HOOKS {
         let outcomes = per_hook.get(&hook).expect("every hook ran");

@@ -25,7 +25,7 @@
 //!   address.
 //!
 //! The generator is seeded from /dev/urandom, printed at the start;
-//! `SERVICE_TESTS_FUZZ_SEED=<16 hex digits>` replays a run, and
+//! `SERVICE_TESTS_FUZZ_SEED=<32 hex digits>` replays a run, and
 //! `SERVICE_TESTS_FUZZ_PACKETS` (default a million, as for the IPv4
 //! fuzzer) sets the number of frames.
 
@@ -42,23 +42,11 @@ use service_agent::datapath::{
 use service_common::{
     FRONTEND_FLAG_CLUSTER_IP, FRONTEND_FLAG_NODE_PORT, HAIRPIN_IPV6, PROTO_TCP, PROTO_UDP,
 };
-use service_tests::{datapath_fixture::Datapath, require_root};
-
-/// `TC_ACT_UNSPEC` as BPF_PROG_TEST_RUN reports it: the packet continues.
-const TC_CONTINUE: u32 = u32::MAX;
-/// `TC_ACT_SHOT`.
-const TC_DROP: u32 = 2;
-/// `TC_ACT_REDIRECT`: a refusal or a hairpin packet sent back out.
-const TC_REDIRECT: u32 = 7;
-/// `XDP_PASS`.
-const XDP_PASS: u32 = 2;
-/// The mark XDP puts in the metadata in front of a frame it hands to TC
-/// (`service-ebpf/src/offload.rs`); BPF_PROG_TEST_RUN returns the metadata
-/// in front of the frame.
-const DEFERRED_MARK: &[u8; 4] = b"SLBD";
-
-/// Frames per run unless `SERVICE_TESTS_FUZZ_PACKETS` says otherwise.
-const DEFAULT_PACKETS: u64 = 1_000_000;
+use service_tests::{
+    datapath_fixture::Datapath,
+    fuzzing::{self, DEFERRED_MARK, TC_CONTINUE, TC_DROP, TC_REDIRECT, XDP_PASS, hex},
+    require_root,
+};
 
 const PROTO_ICMPV6: u8 = 58;
 const NEXTHDR_HOP: u8 = 0;
@@ -730,10 +718,6 @@ fn send(
     Ok(matches!(outcome, Outcome::Untouched | Outcome::Translated).then_some(output))
 }
 
-fn hex(p: &[u8]) -> String {
-    p.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// One case: a frame from a pod or from the network, followed through the
 /// hooks it would cross, with its reply; or an ICMPv6 error about it.
 fn run_case(
@@ -786,31 +770,15 @@ fn run_case(
     Ok(())
 }
 
-fn seed() -> u64 {
-    match std::env::var("SERVICE_TESTS_FUZZ_SEED") {
-        Ok(hex) => u64::from_str_radix(&hex[..16.min(hex.len())], 16).expect("hex digits"),
-        Err(_) => {
-            use std::io::Read as _;
-            let mut seed = [0u8; 8];
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| f.read_exact(&mut seed))
-                .expect("reading /dev/urandom");
-            u64::from_le_bytes(seed) | 1
-        }
-    }
-}
-
 #[test]
 fn generated_ipv6_frames_through_every_program_keep_the_invariant() {
     require_root!();
-    let target: u64 = std::env::var("SERVICE_TESTS_FUZZ_PACKETS")
-        .map(|v| {
-            v.parse::<u64>()
-                .expect("SERVICE_TESTS_FUZZ_PACKETS: a number")
-        })
-        .unwrap_or(DEFAULT_PACKETS);
-    let seed = seed();
-    println!("fuzz6 seed: {seed:016x} (replay: SERVICE_TESTS_FUZZ_SEED={seed:016x})");
+    let target = fuzzing::packets();
+    let seed = fuzzing::seed();
+    println!(
+        "fuzz6 seed: {} (replay: SERVICE_TESTS_FUZZ_SEED={0})",
+        hex(&seed)
+    );
     let mut dp = Datapath::load();
     dp.set_snat_address(IpAddr::V6(NODE));
     dp.set_snat_ports(*SNAT_PORTS.start(), *SNAT_PORTS.end());
@@ -821,12 +789,13 @@ fn generated_ipv6_frames_through_every_program_keep_the_invariant() {
     for (addr, port, proto, flags, backends) in &model.frontends {
         dp.set_frontend(*addr, *port, *proto, *flags, backends);
     }
-    let mut rng = Rng(seed);
+    // (Never zero: xorshift would stay there.)
+    let mut rng = Rng(u64::from_le_bytes(seed[..8].try_into().unwrap()) | 1);
     let mut tally = BTreeMap::new();
     let started = Instant::now();
     while tally.values().sum::<u64>() < target {
         if let Err(problem) = run_case(&dp, &model, &mut tally, &mut rng) {
-            panic!("invariant broken (seed {seed:016x}): {problem}");
+            panic!("invariant broken (seed {}): {problem}", hex(&seed));
         }
     }
     let packets: u64 = tally.values().sum();
@@ -835,15 +804,11 @@ fn generated_ipv6_frames_through_every_program_keep_the_invariant() {
         summary.push_str(&format!("fuzz6 {hook:?} {outcome:?}: {count}\n"));
     }
     summary.push_str(&format!(
-        "fuzz6: {packets} IPv6 frames, 0 violations, in {:.1} s; seed {seed:016x}\n",
-        started.elapsed().as_secs_f64()
+        "fuzz6: {packets} IPv6 frames, 0 violations, in {:.1} s; seed {}\n",
+        started.elapsed().as_secs_f64(),
+        hex(&seed)
     ));
-    {
-        use std::io::Write as _;
-        let mut stdout = std::io::stdout().lock();
-        let _ = write!(stdout, "\n{summary}");
-        let _ = stdout.flush();
-    }
+    fuzzing::report(&summary);
     // Every path was taken: translations on every TC hook, refusals and
     // hairpin packets sent back, drops.
     for hook in [

@@ -351,6 +351,23 @@ impl Batches {
         self.test_run.push(test_run);
         self.kernel.push(kernel);
     }
+
+    /// Both measures of these batches beside `floor`'s: (label suffix,
+    /// series suffix, ours, floor), BPF_PROG_TEST_RUN's then the kernel's.
+    fn measures<'a>(
+        &'a self,
+        floor: &'a Batches,
+    ) -> [(&'static str, &'static str, &'a [f64], &'a [f64]); 2] {
+        [
+            ("", "", &self.test_run, &floor.test_run),
+            (
+                ", kernel run time (bpf_stats)",
+                "_kernel",
+                &self.kernel,
+                &floor.kernel,
+            ),
+        ]
+    }
 }
 
 /// A TCP packet from client `k` (a distinct address and port per `k`) to
@@ -510,15 +527,7 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
                 ("established flow", &established_runs, ESTABLISHED_TARGET),
             ] {
                 let series = format!("{series}_{}", kind.replace(' ', "_"));
-                for (measure, suffix, ours, floor) in [
-                    ("", "", &runs.test_run, &floor.test_run),
-                    (
-                        ", kernel run time (bpf_stats)",
-                        "_kernel",
-                        &runs.kernel,
-                        &floor.kernel,
-                    ),
-                ] {
+                for (measure, suffix, ours, floor) in runs.measures(&floor) {
                     let floor_median = super::stats::median(floor).unwrap_or(f64::NAN);
                     figures.push(
                         Figure::new(
@@ -557,15 +566,7 @@ fn bound_figures(size: u32, floor: &Batches, runs: [&Batches; 2]) -> Vec<Figure>
     .into_iter()
     .zip(runs)
     {
-        for (measure, suffix, ours, floor) in [
-            ("", "", &runs.test_run, &floor.test_run),
-            (
-                ", kernel run time (bpf_stats)",
-                "_kernel",
-                &runs.kernel,
-                &floor.kernel,
-            ),
-        ] {
+        for (measure, suffix, ours, floor) in runs.measures(floor) {
             figures.push(
                 Figure::new(
                     Group::Datapath,
