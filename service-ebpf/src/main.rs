@@ -385,6 +385,10 @@ pub fn bench_floor_tc(_ctx: TcContext) -> i32 {
 /// counters: an established flow cannot cost less than the first part, a
 /// new one less than both. Never attached by the agent.
 #[classifier]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map calls take keys and values by reference, as in `conntrack`"
+)]
 pub fn bench_conntrack_tc(ctx: TcContext) -> i32 {
     let Some(flow) = packet::parse_ipv4(&ctx) else {
         return VERDICT_CONTINUE;
