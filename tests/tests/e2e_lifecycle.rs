@@ -353,6 +353,53 @@ fn a_fixed_port_udp_client_follows_its_replaced_backend_through_a_cluster_ip() {
     );
 }
 
+/// Service "all" over backend pods `pods`, beside "web" (another
+/// ClusterIP, the same pods and ports): what keeps a backend that leaves
+/// "web" in the backends map.
+fn all_service_yaml(pods: &[usize]) -> String {
+    web_service_yaml(pods)
+        .replace(
+            "{name: web, namespace: demo}",
+            "{name: all, namespace: demo}",
+        )
+        .replace("10.96.0.10", "10.96.0.30")
+        .replace("name: web-7x2kq", "name: all-7x2kq")
+        .replace("service-name: web}", "service-name: all}")
+}
+
+/// Acceptance 2 when the backend stays in the cluster: web's endpoints
+/// switch from web-1 to web-2 (a blue/green switch of its selector) while
+/// Service "all" keeps both, so web-1 is still a backend. The fixed-port
+/// client of web's ClusterIP follows the switch all the same: the sync
+/// reports web-1 as gone from web's frontend, whose UDP flows to it are
+/// reaped at once.
+#[test]
+fn a_fixed_port_udp_client_follows_a_switch_to_another_backend_that_another_service_keeps() {
+    require_root!();
+    let yaml = |web: &[usize]| {
+        format!(
+            "{}---\n{}",
+            web_service_yaml(web),
+            all_service_yaml(&[1, 2])
+        )
+    };
+    let scenario = ClusterIpScenario::start("udpsw", &yaml(&[1]), 1).expect("scenario");
+    let datagrams = fixed_port_stream(
+        scenario.client(),
+        40_000,
+        udp_frontend(),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+        || scenario.rewrite_yaml(&yaml(&[2])).unwrap(),
+    );
+    assert_followed(
+        &datagrams,
+        &backend_name(1),
+        &backend_name(2),
+        &scenario.agent.log(),
+    );
+}
+
 /// Acceptance 2 with socket-LB on (as the DaemonSet runs it): a pod's UDP
 /// socket *connected* to the ClusterIP, which no socket hook sees again
 /// after `connect`, follows its replaced backend too: socket-LB leaves

@@ -32,7 +32,6 @@
 //! `SVC_SOCK_NAT` entry the LRU map evicted is not recognised.
 
 use std::{
-    collections::BTreeSet,
     fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, OwnedFd},
@@ -43,8 +42,8 @@ use aya::maps::{HashMap, MapData};
 use bytemuck::{Pod, Zeroable};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
 use service_common::{
-    BackendId, FAMILY_IPV4, FAMILY_IPV6, MAP_SOCK_NAT, MapAddr, PROTO_UDP, SOCK_DIR_FORWARD,
-    SOCK_DIR_REVERSE, SockNatKey, SockNatValue, map_addr_v4,
+    BackendId, FAMILY_IPV4, FAMILY_IPV6, MAP_SOCK_NAT, MapAddr, PROTO_UDP, RevNatId,
+    SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey, SockNatValue, map_addr_v4,
 };
 
 use super::maps::{io_error, open_pinned};
@@ -436,20 +435,24 @@ pub struct DestroyReport {
 /// Destroys the node's connected UDP sockets socket-LB translated to
 /// backends that left their Services (see the module's documentation).
 pub trait TranslatedSockets: Send {
-    /// Destroys the connected UDP sockets socket-LB translated to one of
-    /// `backends`.
-    fn destroy_translated_to(&mut self, backends: &BTreeSet<BackendId>) -> DestroyReport;
+    /// Destroys the connected UDP sockets socket-LB translated through a
+    /// frontend to a backend for which `reaped(frontend's rev-NAT id,
+    /// backend)` holds.
+    fn destroy_translated_to(
+        &mut self,
+        reaped: &dyn Fn(RevNatId, BackendId) -> bool,
+    ) -> DestroyReport;
 }
 
-/// The reverse entry of `socket` if socket-LB translated it to one of
-/// `backends`: an entry under the socket's cookie and destination naming
-/// one of them.
+/// The reverse entry of `socket` if socket-LB translated it through a
+/// frontend to a backend for which `reaped` holds: an entry under the
+/// socket's cookie and destination naming them.
 pub fn translated_to(
     socket: &UdpSocketId,
-    backends: &BTreeSet<BackendId>,
+    reaped: &dyn Fn(RevNatId, BackendId) -> bool,
     lookup: impl Fn(&SockNatKey) -> Option<SockNatValue>,
 ) -> Option<SockNatValue> {
-    lookup(&socket.reverse_key()).filter(|entry| backends.contains(&entry.backend_id))
+    lookup(&socket.reverse_key()).filter(|entry| reaped(entry.rev_nat_id, entry.backend_id))
 }
 
 /// The kernel's sockets and `SVC_SOCK_NAT`.
@@ -484,9 +487,12 @@ impl SocketLbSockets {
 }
 
 impl TranslatedSockets for SocketLbSockets {
-    fn destroy_translated_to(&mut self, backends: &BTreeSet<BackendId>) -> DestroyReport {
+    fn destroy_translated_to(
+        &mut self,
+        reaped: &dyn Fn(RevNatId, BackendId) -> bool,
+    ) -> DestroyReport {
         let mut report = DestroyReport::default();
-        if self.unsupported || backends.is_empty() {
+        if self.unsupported {
             return report;
         }
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
@@ -506,7 +512,7 @@ impl TranslatedSockets for SocketLbSockets {
             };
             for socket in sockets {
                 let nat = &self.nat;
-                let Some(entry) = translated_to(&socket, backends, |key| {
+                let Some(entry) = translated_to(&socket, reaped, |key| {
                     nat.get(key, 0).map_err(io_error).ok()
                 }) else {
                     continue;
@@ -657,11 +663,20 @@ mod tests {
             ..SockNatValue::default()
         };
         let map = |key: &SockNatKey| (*key == reverse).then_some(entry);
-        assert_eq!(translated_to(&socket, &[4].into(), map), Some(entry));
+        let backend_4 = |_, backend| backend == 4;
+        assert_eq!(translated_to(&socket, &backend_4, map), Some(entry));
         // Another backend went: this socket stays.
-        assert_eq!(translated_to(&socket, &[5].into(), map), None);
+        assert_eq!(
+            translated_to(&socket, &|_, backend| backend == 5, map),
+            None
+        );
+        // Backend 4 left frontend 2 (this socket's): it goes; left
+        // another frontend: it stays.
+        let left = |from: RevNatId| move |frontend, backend| (frontend, backend) == (from, 4);
+        assert_eq!(translated_to(&socket, &left(2), map), Some(entry));
+        assert_eq!(translated_to(&socket, &left(3), map), None);
         // Connected to the backend directly (no entry for its cookie).
-        assert_eq!(translated_to(&socket, &[4].into(), |_| None), None);
+        assert_eq!(translated_to(&socket, &backend_4, |_| None), None);
         assert_eq!(
             socket.forward_key(&entry),
             SockNatKey::v4(

@@ -24,7 +24,7 @@ use std::{
 };
 
 use log::{info, warn};
-use service_common::{BackendId, RevNatId, SnatPortRange};
+use service_common::{RevNatId, SnatPortRange};
 
 use super::flows::{DeleteReason, FlowChanges, FlowRules, WalkReport, collect, reap};
 use crate::{
@@ -170,13 +170,7 @@ impl<T: ConntrackTable> Collector<T> {
         }
         // The sockets first: an application waits on them, and a failed
         // conntrack walk must not keep them on a dead backend.
-        self.destroy_sockets(
-            &changes
-                .backends_deleted
-                .union(&changes.backends_not_serving)
-                .copied()
-                .collect(),
-        );
+        self.destroy_sockets(changes);
         let started = Instant::now();
         let report = match reap(&mut self.table, changes, now) {
             Ok(report) => report,
@@ -196,12 +190,13 @@ impl<T: ConntrackTable> Collector<T> {
         self.record(&report, started.elapsed(), false);
         if report.deleted_total() > 0 || report.marked_dead > 0 || report.moved > 0 {
             info!(
-                "conntrack: {} UDP entries of backends gone or not serving ({:?}) deleted, {} entries of deleted frontends (rev-NAT ids {:?}) marked dead, {} moved to the frontend their in-cluster twin doubled ({:?}), in {:.1} ms",
+                "conntrack: {} UDP entries of backends gone or not serving ({:?}) or gone from a frontend ((rev-NAT id, backend) {:?}) deleted, {} entries of deleted frontends (rev-NAT ids {:?}) marked dead, {} moved to the frontend their in-cluster twin doubled ({:?}), in {:.1} ms",
                 report.deleted_total(),
                 changes
                     .backends_deleted
                     .union(&changes.backends_not_serving)
                     .collect::<Vec<_>>(),
+                changes.backends_left,
                 report.marked_dead,
                 changes.rev_nat_ids_released,
                 report.moved,
@@ -280,18 +275,21 @@ impl<T: ConntrackTable> Collector<T> {
         (news, next)
     }
 
-    /// Destroys the node's connected UDP sockets socket-LB sent to one of
-    /// `backends`; logs and counts what it did. A failure is a log line
-    /// and a metric; a kernel without `SOCK_DESTROY` is said once.
-    fn destroy_sockets(&mut self, backends: &BTreeSet<BackendId>) {
+    /// Destroys the node's connected UDP sockets socket-LB sent to a
+    /// backend whose UDP flows `changes` reaps (gone, not serving, or gone
+    /// from the socket's frontend); logs and counts what it did. A failure
+    /// is a log line and a metric; a kernel without `SOCK_DESTROY` is said
+    /// once.
+    fn destroy_sockets(&mut self, changes: &FlowChanges) {
         let Some(sockets) = &mut self.sockets else {
             return;
         };
-        if backends.is_empty() {
+        if !changes.reaps_any_udp() {
             return;
         }
         let started = Instant::now();
-        let report = sockets.destroy_translated_to(backends);
+        let report = sockets
+            .destroy_translated_to(&|frontend, backend| changes.reaps_udp_of(frontend, backend));
         if let Some(e) = &report.unsupported {
             warn!(
                 "socket-LB: the kernel cannot destroy sockets (SOCK_DESTROY: {e}; CONFIG_INET_DIAG_DESTROY, CONFIG_INET_UDP_DIAG): the node's connected UDP sockets stay on backends that left their Service until the application reconnects"
@@ -300,15 +298,20 @@ impl<T: ConntrackTable> Collector<T> {
         for (socket, e) in &report.failed {
             match socket {
                 Some(socket) => warn!(
-                    "socket-LB: destroying the UDP socket {socket} of a backend gone or not serving failed: {e}"
+                    "socket-LB: destroying the UDP socket {socket} of a backend gone, not serving or gone from its frontend failed: {e}"
                 ),
                 None => warn!("socket-LB: listing the node's connected UDP sockets failed: {e}"),
             }
         }
         if !report.destroyed.is_empty() {
             info!(
-                "socket-LB: {} connected UDP sockets of backends gone or not serving ({backends:?}) destroyed in {:.1} ms (their owners see ECONNABORTED): {}",
+                "socket-LB: {} connected UDP sockets of backends gone or not serving ({:?}) or gone from their frontend ((rev-NAT id, backend) {:?}) destroyed in {:.1} ms (their owners see ECONNABORTED): {}",
                 report.destroyed.len(),
+                changes
+                    .backends_deleted
+                    .union(&changes.backends_not_serving)
+                    .collect::<Vec<_>>(),
+                changes.backends_left,
                 started.elapsed().as_secs_f64() * 1000.0,
                 report
                     .destroyed
@@ -507,8 +510,8 @@ mod tests {
     use super::*;
     use crate::datapath::conntrack::MemoryConntrack;
     use service_common::{
-        AffinityKey, AffinityValue, CT_DIR_FORWARD, CT_DIR_REPLY, ConntrackKey, ConntrackTimeouts,
-        ConntrackValue, MapAddr, PROTO_UDP, RevNatValue, map_addr_v4,
+        AffinityKey, AffinityValue, BackendId, CT_DIR_FORWARD, CT_DIR_REPLY, ConntrackKey,
+        ConntrackTimeouts, ConntrackValue, MapAddr, PROTO_UDP, RevNatValue, map_addr_v4,
     };
 
     const SECOND: Duration = Duration::from_secs(1);
@@ -713,16 +716,24 @@ mod tests {
         assert_eq!(news, [CollectorNews::RevNatIdsDrained(vec![5])]);
     }
 
-    /// Sockets that record which backends they were asked about and
-    /// report one destroyed socket and one failure each time.
-    struct FakeSockets(Arc<std::sync::Mutex<Vec<BTreeSet<BackendId>>>>);
+    /// Sockets through (rev-NAT id, backend) 1-5 x 1-5 that record which
+    /// of them they were asked to destroy and report one destroyed socket
+    /// and one failure each time.
+    struct FakeSockets(Arc<std::sync::Mutex<Vec<Asked>>>);
+
+    /// The (rev-NAT id, backend) pairs one call asked to destroy.
+    type Asked = BTreeSet<(RevNatId, BackendId)>;
 
     impl TranslatedSockets for FakeSockets {
         fn destroy_translated_to(
             &mut self,
-            backends: &BTreeSet<BackendId>,
+            reaped: &dyn Fn(RevNatId, BackendId) -> bool,
         ) -> crate::datapath::sock_diag::DestroyReport {
-            self.0.lock().unwrap().push(backends.clone());
+            let asked = (1..=5)
+                .flat_map(|frontend| (1..=5).map(move |backend| (frontend, backend)))
+                .filter(|&(frontend, backend)| reaped(frontend, backend))
+                .collect();
+            self.0.lock().unwrap().push(asked);
             crate::datapath::sock_diag::DestroyReport {
                 destroyed: vec![crate::datapath::sock_diag::UdpSocketId {
                     family: libc::AF_INET as u8,
@@ -753,11 +764,17 @@ mod tests {
             &FlowChanges {
                 backends_deleted: [3].into(),
                 backends_not_serving: [4].into(),
+                backends_left: [(2, 5)].into(),
                 ..FlowChanges::default()
             },
             1001,
         );
-        assert_eq!(*asked.lock().unwrap(), [BTreeSet::from([3, 4])]);
+        let every_frontend = |backend| (1..=5).map(move |frontend| (frontend, backend));
+        let expected: BTreeSet<_> = every_frontend(3)
+            .chain(every_frontend(4))
+            .chain([(2, 5)])
+            .collect();
+        assert_eq!(*asked.lock().unwrap(), [expected]);
         assert_eq!(metrics.conntrack_gc.destroyed_sockets.get(), 1);
         assert_eq!(metrics.conntrack_gc.socket_destroy_failures.get(), 1);
     }

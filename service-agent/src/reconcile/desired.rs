@@ -491,6 +491,23 @@ impl DesiredState {
         self.backends.contains_key(&id)
     }
 
+    /// The backends of Service `name`'s frontends (in slots or draining),
+    /// as (the frontend's rev-NAT id, backend id).
+    pub fn frontend_backends(
+        &self,
+        name: &ObjectName,
+    ) -> impl Iterator<Item = (RevNatId, BackendId)> + '_ {
+        self.services
+            .get(name)
+            .into_iter()
+            .flatten()
+            .flat_map(|layout| {
+                layout
+                    .backend_ids()
+                    .map(move |id| (layout.header.rev_nat_id, *id))
+            })
+    }
+
     /// The frontends of Service `name`, as (key of the header, header).
     pub fn frontends_of(
         &self,

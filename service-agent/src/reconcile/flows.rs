@@ -35,6 +35,13 @@ pub struct FlowChanges {
     /// Backends now `NOT_SERVING`: their UDP entries are deleted at once
     /// (TCP flows drain).
     pub backends_not_serving: BTreeSet<BackendId>,
+    /// Backends that left a frontend that stays, as (frontend's rev-NAT
+    /// id, backend) while another Service keeps the backend (a selector or
+    /// a port changed: a blue/green switch with a Service over both):
+    /// the UDP entries of that frontend to that backend are deleted at
+    /// once, as for a backend deleted (TCP flows go on, as with
+    /// kube-proxy).
+    pub backends_left: BTreeSet<(RevNatId, BackendId)>,
     /// Rev-NAT ids whose frontend was deleted: every entry naming them is
     /// marked dead, and the id is handed out again only once no entry
     /// names it.
@@ -69,15 +76,21 @@ impl FlowChanges {
     pub fn merge(&mut self, other: FlowChanges) {
         self.backends_deleted.extend(other.backends_deleted);
         self.backends_not_serving.extend(other.backends_not_serving);
+        self.backends_left.extend(other.backends_left);
         self.rev_nat_ids_released.extend(other.rev_nat_ids_released);
         self.rev_nat_ids_moved.extend(other.rev_nat_ids_moved);
     }
 
     /// Whether nothing changed for existing flows.
     pub fn is_empty(&self) -> bool {
-        self.backends_deleted.is_empty()
+        !self.reaps_any_udp() && self.rev_nat_ids_released.is_empty()
+    }
+
+    /// Whether some UDP flows are to be deleted.
+    pub fn reaps_any_udp(&self) -> bool {
+        !(self.backends_deleted.is_empty()
             && self.backends_not_serving.is_empty()
-            && self.rev_nat_ids_released.is_empty()
+            && self.backends_left.is_empty())
     }
 
     /// The id that the flows of released rev-NAT id `id` now name, if they
@@ -89,9 +102,13 @@ impl FlowChanges {
             .filter(|_| self.rev_nat_ids_released.contains(&id))
     }
 
-    /// Whether UDP flows to backend `id` are to be deleted.
-    pub fn reaps_udp_of(&self, id: BackendId) -> bool {
-        self.backends_deleted.contains(&id) || self.backends_not_serving.contains(&id)
+    /// Whether UDP flows of frontend `rev_nat_id` to backend `id` are to be
+    /// deleted: the backend was deleted, stopped serving, or left that
+    /// frontend.
+    pub fn reaps_udp_of(&self, rev_nat_id: RevNatId, id: BackendId) -> bool {
+        self.backends_deleted.contains(&id)
+            || self.backends_not_serving.contains(&id)
+            || self.backends_left.contains(&(rev_nat_id, id))
     }
 }
 
@@ -108,7 +125,8 @@ pub enum DeleteReason {
     /// reopened tuple let go of), and it was idle past its timeout or the
     /// close timeout, whichever is shorter.
     Orphan,
-    /// A UDP entry of a backend deleted or no longer serving, deleted at once.
+    /// A UDP entry of a backend deleted, no longer serving, or gone from
+    /// the entry's frontend, deleted at once.
     Reaped,
 }
 
@@ -335,8 +353,9 @@ fn move_rev_nat_id(
 /// naming a released rev-NAT id is marked dead at `now`, unless its flows
 /// moved to another frontend's id (`FlowChanges::rev_nat_ids_moved`), which
 /// the entry then names; every other UDP entry naming a deleted or
-/// not-serving backend is deleted (its flow's next datagram picks a live
-/// backend).
+/// not-serving backend, or a backend that left the entry's frontend
+/// (`FlowChanges::backends_left`), is deleted (its flow's next datagram
+/// picks a live backend of its frontend).
 pub fn reap(
     table: &mut impl ConntrackTable,
     changes: &FlowChanges,
@@ -362,7 +381,7 @@ pub fn reap(
                     report.marked_dead += 1;
                     report.rev_nat_ids_marked_dead.insert(value.rev_nat_id);
                 }
-            } else if key.proto == PROTO_UDP && changes.reaps_udp_of(value.backend_id) {
+            } else if key.proto == PROTO_UDP && changes.reaps_udp_of(rev_nat_id, value.backend_id) {
                 deletions.add(*key, DeleteReason::Reaped, report);
                 return;
             }
@@ -1024,6 +1043,35 @@ mod tests {
     }
 
     #[test]
+    fn udp_flows_of_a_backend_that_left_one_frontend_are_reaped_there_only() {
+        // Backend 1 left frontend 1 (a selector changed) and stays behind
+        // frontend 2: frontend 1's UDP flows to it go, the rest stay.
+        let left = Flow {
+            snat_port: Some(20001),
+            ..Flow::udp(40000, 1)
+        };
+        let other_frontend = Flow {
+            rev_nat_id: 2,
+            ..Flow::udp(40001, 1)
+        };
+        let other_backend = Flow::udp(40002, 3);
+        let tcp = Flow::tcp(40003, 1);
+        let mut table = table(&[left, other_frontend, other_backend, tcp]);
+        table.frontends.insert(2, other_frontend.frontend());
+        let changes = FlowChanges {
+            backends_left: BTreeSet::from([(1, 1)]),
+            ..FlowChanges::default()
+        };
+        assert!(!changes.is_empty());
+        let report = reap(&mut table, &changes, 1001).unwrap();
+        assert_eq!(deleted(&report, DeleteReason::Reaped), 4);
+        assert_eq!(present(&table, &left), [false; 4]);
+        assert_eq!(present(&table, &other_frontend), [true; 2]);
+        assert_eq!(present(&table, &other_backend), [true; 2]);
+        assert_eq!(present(&table, &tcp), [true; 2]);
+    }
+
+    #[test]
     fn flows_naming_a_frontend_that_no_longer_exists_are_marked_dead_by_a_pass() {
         // The frontend went while no agent ran: no reap marked its flows.
         let orphaned = Flow {
@@ -1070,8 +1118,11 @@ mod tests {
         assert_eq!(changes.backends_deleted, BTreeSet::from([4]));
         assert_eq!(changes.backends_not_serving, BTreeSet::from([3]));
         assert_eq!(changes.rev_nat_ids_released, BTreeSet::from([6]));
-        assert!(changes.reaps_udp_of(3) && changes.reaps_udp_of(4));
-        assert!(!changes.reaps_udp_of(1) && !changes.reaps_udp_of(2));
+        assert!(changes.reaps_udp_of(9, 3) && changes.reaps_udp_of(9, 4));
+        assert!(!changes.reaps_udp_of(9, 1) && !changes.reaps_udp_of(9, 2));
+        // A backend that left one frontend: only that frontend's flows.
+        changes.backends_left.insert((7, 1));
+        assert!(changes.reaps_udp_of(7, 1) && !changes.reaps_udp_of(8, 1));
 
         let mut merged = FlowChanges::default();
         assert!(merged.is_empty());

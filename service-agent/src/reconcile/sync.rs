@@ -20,7 +20,7 @@ use std::{
 };
 
 use log::{error, info, warn};
-use service_common::{FrontendKey, RevNatId, SCOPE_ALL, SCOPE_INTERNAL};
+use service_common::{BackendId, FrontendKey, RevNatId, SCOPE_ALL, SCOPE_INTERNAL};
 
 use super::{
     cluster::{ClusterState, Dirty, ObjectName},
@@ -296,6 +296,8 @@ where
                     .frontends_of(&name)
                     .map(|(_, header)| header.rev_nat_id),
             );
+            let backends_before: BTreeSet<(RevNatId, BackendId)> =
+                self.desired.frontend_backends(&name).collect();
             let twins_before: Vec<(FrontendKey, RevNatId)> = self
                 .desired
                 .frontends_of(&name)
@@ -315,6 +317,29 @@ where
                     .frontends_of(&name)
                     .map(|(key, header)| (header.rev_nat_id, *key)),
             );
+            // A backend gone from a frontend that stays, while another
+            // Service keeps it (else its deletion says it all): that
+            // frontend's UDP flows to it are reaped.
+            if !backends_before.is_empty() {
+                let after: BTreeSet<(RevNatId, BackendId)> =
+                    self.desired.frontend_backends(&name).collect();
+                let frontends_after: BTreeSet<RevNatId> = self
+                    .desired
+                    .frontends_of(&name)
+                    .map(|(_, header)| header.rev_nat_id)
+                    .collect();
+                report
+                    .flows
+                    .backends_left
+                    .extend(
+                        backends_before
+                            .difference(&after)
+                            .filter(|(frontend, backend)| {
+                                frontends_after.contains(frontend)
+                                    && self.desired.has_backend(*backend)
+                            }),
+                    );
+            }
             // An in-cluster twin gone while the frontend it doubled stays:
             // its pods' flows go on under that frontend.
             if !twins_before.is_empty() {
@@ -741,6 +766,81 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: sql, port: 5432}]}
         );
         // Nothing changes again: nothing to report.
         assert!(syncer.sync(&changed, &Dirty::All).flows.is_empty());
+    }
+
+    #[test]
+    fn a_backend_leaving_one_service_while_another_keeps_it_is_reported_for_that_frontend() {
+        // web and all share 10.1.1.2:8080; web's endpoints switch to
+        // 10.1.2.2 (a blue/green switch), all keeps both.
+        let all = r#"
+---
+kind: Service
+apiVersion: v1
+metadata: {name: all}
+spec: {clusterIP: 10.96.0.30, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {name: all-1, labels: {kubernetes.io/service-name: all}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}]
+"#;
+        let mut syncer = syncer();
+        let state = parse_documents(&format!("{BASE}{all}"), None)
+            .unwrap()
+            .into_cluster_state();
+        syncer.sync_full(&state);
+        let maps = syncer.writer().clone();
+        let blue = *maps
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr[..4] == [10, 1, 1, 2])
+            .unwrap()
+            .0;
+        let web_rev_nat = maps
+            .frontends
+            .iter()
+            .find(|(k, _)| k.slot == 0 && k.addr[3] == 10)
+            .unwrap()
+            .1
+            .rev_nat_id;
+        let switched = format!("{BASE}{all}").replacen(
+            "endpoints: [{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}]",
+            "endpoints: [{addresses: [10.1.2.2]}]",
+            1,
+        );
+        let switched = parse_documents(&switched, None)
+            .unwrap()
+            .into_cluster_state();
+        let report = syncer.sync(&switched, &Dirty::All);
+        assert_eq!(
+            report.flows,
+            FlowChanges {
+                backends_left: [(web_rev_nat, blue)].into(),
+                ..FlowChanges::default()
+            }
+        );
+        // Gone from all too: deleted, which says it all.
+        let gone = parse_documents(&switched_all_without_blue(&format!("{BASE}{all}")), None)
+            .unwrap()
+            .into_cluster_state();
+        let report = syncer.sync(&gone, &Dirty::All);
+        assert_eq!(
+            report.flows,
+            FlowChanges {
+                backends_deleted: [blue].into(),
+                ..FlowChanges::default()
+            }
+        );
+    }
+
+    /// `yaml` with 10.1.1.2 gone from both Services' endpoints.
+    fn switched_all_without_blue(yaml: &str) -> String {
+        yaml.replace(
+            "endpoints: [{addresses: [10.1.1.2]}, {addresses: [10.1.2.2]}]",
+            "endpoints: [{addresses: [10.1.2.2]}]",
+        )
     }
 
     #[test]
