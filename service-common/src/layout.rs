@@ -288,6 +288,9 @@ pub const PROG_BENCH_FLOOR_XDP: &str = "bench_floor_xdp";
 /// Name of the TC benchmark bound program (a conntrack lookup, and a new
 /// flow's two inserts, alone).
 pub const PROG_BENCH_CONNTRACK_TC: &str = "bench_conntrack_tc";
+/// Name of the XDP benchmark bound program (a conntrack lookup, and a new
+/// SNATed flow's four inserts, alone).
+pub const PROG_BENCH_CONNTRACK_XDP: &str = "bench_conntrack_xdp";
 /// Name of the socket-LB `connect4` program (cgroup, `--cgroup-path`).
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
 /// Name of the socket-LB `sendmsg4` program (unconnected UDP).
@@ -328,7 +331,7 @@ pub struct ProgramSpec {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramSpec; 17] = [
+pub const PROGRAMS: [ProgramSpec; 18] = [
     ProgramSpec {
         name: PROG_FROM_POD,
         kind: ProgramKind::Classifier,
@@ -364,6 +367,10 @@ pub const PROGRAMS: [ProgramSpec; 17] = [
     ProgramSpec {
         name: PROG_BENCH_CONNTRACK_TC,
         kind: ProgramKind::Classifier,
+    },
+    ProgramSpec {
+        name: PROG_BENCH_CONNTRACK_XDP,
+        kind: ProgramKind::Xdp,
     },
     ProgramSpec {
         name: PROG_SOCK_CONNECT4,

@@ -385,24 +385,51 @@ pub fn bench_floor_tc(_ctx: TcContext) -> i32 {
 /// counters: an established flow cannot cost less than the first part, a
 /// new one less than both. Never attached by the agent.
 #[classifier]
+pub fn bench_conntrack_tc(ctx: TcContext) -> i32 {
+    conntrack_bound(&ctx, false);
+    VERDICT_CONTINUE
+}
+
+/// [`bench_conntrack_tc`] for the XDP path from the network, whose new
+/// flows to a backend on another node also get the two SNAT entries (SNAT
+/// and SNAT reply): four inserts. Never attached by the agent.
+#[xdp]
+pub fn bench_conntrack_xdp(ctx: XdpContext) -> u32 {
+    conntrack_bound(&ctx, true);
+    xdp_action::XDP_PASS
+}
+
+/// The bound's work (see [`bench_conntrack_tc`]); `snat`: a new flow gets
+/// the SNAT entries too.
+#[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "map calls take keys and values by reference, as in `conntrack`"
 )]
-pub fn bench_conntrack_tc(ctx: TcContext) -> i32 {
-    let Some(flow) = packet::parse_ipv4(&ctx) else {
-        return VERDICT_CONTINUE;
+fn conntrack_bound<C: Packet>(ctx: &C, snat: bool) {
+    let Some(flow) = packet::parse_ipv4(ctx) else {
+        return;
     };
     let key = conntrack::conntrack_key(&flow, service_common::CT_DIR_FORWARD);
     if maps::CONNTRACK.get_ptr(&key).is_some() || !flow.is_tcp_syn() {
-        return VERDICT_CONTINUE;
+        return;
     }
-    let forward = service_common::ConntrackValue::new(key.daddr, flow.dport, 0, 0, 0);
-    let reply_key = service_common::reply_key(&key, &forward);
-    let reply = service_common::ConntrackValue::new(key.daddr, flow.dport, 0, 0, 0);
-    let _ = maps::CONNTRACK.insert(&reply_key, &reply, maps::BPF_ANY);
-    let _ = maps::CONNTRACK.insert(&key, &forward, maps::BPF_ANY);
-    VERDICT_CONTINUE
+    let value = service_common::ConntrackValue::new(key.daddr, flow.dport, 0, 0, 0);
+    let reply_key = service_common::reply_key(&key, &value);
+    let _ = maps::CONNTRACK.insert(&reply_key, &value, maps::BPF_ANY);
+    let _ = maps::CONNTRACK.insert(&key, &value, maps::BPF_ANY);
+    if snat {
+        let snat_key = service_common::ConntrackKey {
+            direction: service_common::CT_DIR_SNAT,
+            ..key
+        };
+        let snat_reply_key = service_common::ConntrackKey {
+            direction: service_common::CT_DIR_SNAT_REPLY,
+            ..reply_key
+        };
+        let _ = maps::CONNTRACK.insert(&snat_key, &value, maps::BPF_ANY);
+        let _ = maps::CONNTRACK.insert(&snat_reply_key, &value, maps::BPF_ANY);
+    }
 }
 
 /// Benchmark floor for the XDP path: an XDP program that only passes.

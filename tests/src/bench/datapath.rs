@@ -49,8 +49,8 @@ use aya::{
 use etherparse::PacketBuilder;
 use service_agent::{
     datapath::{
-        self, MapSizes, PROG_BENCH_CONNTRACK_TC, PROG_BENCH_FLOOR_TC, PROG_BENCH_FLOOR_XDP,
-        PROG_FROM_NETWORK, PROG_FROM_POD,
+        self, MapSizes, PROG_BENCH_CONNTRACK_TC, PROG_BENCH_CONNTRACK_XDP, PROG_BENCH_FLOOR_TC,
+        PROG_BENCH_FLOOR_XDP, PROG_FROM_NETWORK, PROG_FROM_POD,
         maps::{ServiceMaps, write_config},
         model::{MapState, write_in_order},
     },
@@ -114,6 +114,9 @@ enum Hook {
     /// The TC bound: a conntrack lookup, and a new flow's two inserts, alone
     /// (`bench_conntrack_tc`).
     ConntrackTc,
+    /// The XDP bound: a conntrack lookup, and a new SNATed flow's four
+    /// inserts, alone (`bench_conntrack_xdp`).
+    ConntrackXdp,
 }
 
 impl Hook {
@@ -124,13 +127,24 @@ impl Hook {
             Hook::FloorTc => PROG_BENCH_FLOOR_TC,
             Hook::FloorXdp => PROG_BENCH_FLOOR_XDP,
             Hook::ConntrackTc => PROG_BENCH_CONNTRACK_TC,
+            Hook::ConntrackXdp => PROG_BENCH_CONNTRACK_XDP,
+        }
+    }
+
+    /// The bound beside this path: the same packets through conntrack
+    /// alone, what no design of a tracked flow can go below.
+    fn bound(self) -> Option<Hook> {
+        match self {
+            Hook::TcFromPod => Some(Hook::ConntrackTc),
+            Hook::XdpFromNetwork => Some(Hook::ConntrackXdp),
+            _ => None,
         }
     }
 
     /// The pass-only program of the same hook type: this path's floor.
     fn floor(self) -> Hook {
         match self {
-            Hook::XdpFromNetwork | Hook::FloorXdp => Hook::FloorXdp,
+            Hook::XdpFromNetwork | Hook::FloorXdp | Hook::ConntrackXdp => Hook::FloorXdp,
             Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc | Hook::ConntrackTc => {
                 Hook::FloorTc
             }
@@ -140,7 +154,7 @@ impl Hook {
     /// The verdict of a translated (or passed) packet.
     fn pass_verdict(self) -> u32 {
         match self {
-            Hook::XdpFromNetwork | Hook::FloorXdp => XDP_PASS,
+            Hook::XdpFromNetwork | Hook::FloorXdp | Hook::ConntrackXdp => XDP_PASS,
             Hook::TcFromPod | Hook::TcFromPodV6 | Hook::FloorTc | Hook::ConntrackTc => TC_CONTINUE,
         }
     }
@@ -148,7 +162,9 @@ impl Hook {
     /// The frontend the packets of this hook are sent to.
     fn destination(self, set: &ServiceSet) -> (IpAddr, u16) {
         match self {
-            Hook::XdpFromNetwork | Hook::FloorXdp => (NODE_IP.into(), NODE_PORT),
+            Hook::XdpFromNetwork | Hook::FloorXdp | Hook::ConntrackXdp => {
+                (NODE_IP.into(), NODE_PORT)
+            }
             Hook::TcFromPod | Hook::FloorTc | Hook::ConntrackTc => {
                 (ServiceSet::cluster_ip(set.last()).into(), SERVICE_PORT)
             }
@@ -459,9 +475,12 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
                 .collect();
             let (mut floor, mut new_runs, mut established_runs) =
                 (Batches::default(), Batches::default(), Batches::default());
-            // Beside the path from pods, the bound no design of a tracked
-            // flow can go below: the same packets through conntrack alone.
-            let bound = hook == Hook::TcFromPod;
+            // Beside the paths from pods and from the network, the bound
+            // no design of a tracked flow can go below: the same packets
+            // through conntrack alone.
+            let bound_hook = hook.bound();
+            let bound = bound_hook.is_some();
+            let bound_hook = bound_hook.unwrap_or(hook);
             let (mut bound_new, mut bound_established) = (Batches::default(), Batches::default());
             // One batch of each first, not counted: warms caches and clocks.
             for batch in 0..=config.batches {
@@ -482,8 +501,8 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
                 let established_test_run = dp.test_run_batch(hook, &established)?;
                 let bound_test_run = if bound {
                     Some((
-                        dp.test_run_batch(Hook::ConntrackTc, &bound_test_run_syns)?,
-                        dp.test_run_batch(Hook::ConntrackTc, &established)?,
+                        dp.test_run_batch(bound_hook, &bound_test_run_syns)?,
+                        dp.test_run_batch(bound_hook, &established)?,
                     ))
                 } else {
                     None
@@ -496,8 +515,8 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
                 let established_kernel = dp.kernel_batch(hook, &established, &stats)?;
                 let bound_kernel = if bound {
                     Some((
-                        dp.kernel_batch(Hook::ConntrackTc, &bound_kernel_syns, &stats)?,
-                        dp.kernel_batch(Hook::ConntrackTc, &established, &stats)?,
+                        dp.kernel_batch(bound_hook, &bound_kernel_syns, &stats)?,
+                        dp.kernel_batch(bound_hook, &established, &stats)?,
                     ))
                 } else {
                     None
@@ -517,6 +536,7 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
             }
             if bound {
                 figures.extend(bound_figures(
+                    bound_hook,
                     size,
                     &floor,
                     [&bound_new, &bound_established],
@@ -553,20 +573,26 @@ pub fn run(config: &DatapathConfig) -> anyhow::Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// The bound's figures at `size` Services (`runs`: new flows, then
-/// established ones, of `bench_conntrack_tc`), by both measures, next to
-/// the TC floor: the least a new or established flow costs when its flow is
-/// tracked in a BPF hash map of the bench's size, whatever else the design.
-fn bound_figures(size: u32, floor: &Batches, runs: [&Batches; 2]) -> Vec<Figure> {
+/// The figures of `bound` (`bench_conntrack_tc` or `_xdp`) at `size`
+/// Services (`runs`: new flows, then established ones), by both measures,
+/// next to its hook's floor: the least a new or established flow costs
+/// when its flow is tracked in a BPF hash map of the bench's size,
+/// whatever else the design.
+fn bound_figures(bound: Hook, size: u32, floor: &Batches, runs: [&Batches; 2]) -> Vec<Figure> {
+    let (hook, inserts, series) = if bound == Hook::ConntrackXdp {
+        ("XDP", "four inserts (SNAT)", "xdp")
+    } else {
+        ("TC", "two inserts", "tc")
+    };
     let mut figures = Vec::new();
     for ((kind, what), runs) in [
         (
             "new flow",
-            "parse, lookup, two inserts: the least a new flow costs",
+            format!("parse, lookup, {inserts}: the least a new flow costs"),
         ),
         (
             "established flow",
-            "parse, one lookup: the least an established flow costs",
+            "parse, one lookup: the least an established flow costs".to_owned(),
         ),
     ]
     .into_iter()
@@ -576,17 +602,21 @@ fn bound_figures(size: u32, floor: &Batches, runs: [&Batches; 2]) -> Vec<Figure>
             figures.push(
                 Figure::new(
                     Group::Datapath,
-                    &format!("tc_conntrack_bound_{}{suffix}", kind.replace(' ', "_")),
-                    format!(
-                        "TC conntrack alone ({what}), {size} Services{measure}"
+                    &format!(
+                        "{series}_conntrack_bound_{}{suffix}",
+                        kind.replace(' ', "_")
                     ),
+                    format!("{hook} conntrack alone ({what}), {size} Services{measure}"),
                     "ns/packet",
                     Better::Lower,
                 )
                 .services(u64::from(size))
                 .ours_runs(ours)
                 .reference("floor", floor)
-                .note("bench_conntrack_tc: the same packets, no translation, no backend choice, no clock, no counters"),
+                .note(format!(
+                    "{}: the same packets, no translation, no backend choice, no clock, no counters",
+                    bound.program()
+                )),
             );
         }
     }

@@ -65,14 +65,15 @@ impl BenchConfig {
         BenchConfig {
             mode: "full",
             // Every flow fits in conntrack (2M entries) without eviction:
-            // 700k prefilled (1.4M entries), and (13 + 1) batches of
+            // 550k prefilled (1.1M entries), and (13 + 1) batches of
             // 2 x 2000 new flows per path (2 entries each, 4 on the SNAT
-            // path) and as many through the conntrack bound: 576k entries.
+            // path) and as many through each path's conntrack bound: 800k
+            // entries.
             datapath: DatapathConfig {
                 sizes: vec![1, 1_000, 10_000, 100_000],
                 batches: 13,
                 packets: 2_000,
-                prefill_max: 700_000,
+                prefill_max: 550_000,
             },
             traffic: TrafficConfig {
                 sizes: vec![1, 1_000, 10_000],
