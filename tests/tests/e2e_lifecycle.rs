@@ -335,15 +335,21 @@ fn assert_followed(datagrams: &[Datagram], old: &str, new: &str, logs: &str) {
 #[test]
 fn a_fixed_port_udp_client_follows_its_replaced_backend_through_a_cluster_ip() {
     require_root!();
-    let scenario =
-        ClusterIpScenario::start("udpfix", &web_service_yaml(&[1]), 1).expect("scenario");
+    fixed_port_client_follows_web_1_to_web_2("udpfix", web_service_yaml);
+}
+
+/// Runs the agent on `yaml(&[1])` (web's endpoints: web-1), streams from
+/// a fixed client port to web's UDP ClusterIP while the file becomes
+/// `yaml(&[2])`, and checks the stream followed web-1 to web-2.
+fn fixed_port_client_follows_web_1_to_web_2(tag: &str, yaml: impl Fn(&[usize]) -> String) {
+    let scenario = ClusterIpScenario::start(tag, &yaml(&[1]), 1).expect("scenario");
     let datagrams = fixed_port_stream(
         scenario.client(),
         40_000,
         udp_frontend(),
         Duration::from_secs(1),
         Duration::from_secs(3),
-        || scenario.rewrite_yaml(&web_service_yaml(&[2])).unwrap(),
+        || scenario.rewrite_yaml(&yaml(&[2])).unwrap(),
     );
     assert_followed(
         &datagrams,
@@ -376,28 +382,13 @@ fn all_service_yaml(pods: &[usize]) -> String {
 #[test]
 fn a_fixed_port_udp_client_follows_a_switch_to_another_backend_that_another_service_keeps() {
     require_root!();
-    let yaml = |web: &[usize]| {
+    fixed_port_client_follows_web_1_to_web_2("udpsw", |web| {
         format!(
             "{}---\n{}",
             web_service_yaml(web),
             all_service_yaml(&[1, 2])
         )
-    };
-    let scenario = ClusterIpScenario::start("udpsw", &yaml(&[1]), 1).expect("scenario");
-    let datagrams = fixed_port_stream(
-        scenario.client(),
-        40_000,
-        udp_frontend(),
-        Duration::from_secs(1),
-        Duration::from_secs(3),
-        || scenario.rewrite_yaml(&yaml(&[2])).unwrap(),
-    );
-    assert_followed(
-        &datagrams,
-        &backend_name(1),
-        &backend_name(2),
-        &scenario.agent.log(),
-    );
+    });
 }
 
 /// Acceptance 2 with socket-LB on (as the DaemonSet runs it): a pod's UDP
