@@ -120,8 +120,18 @@ fn a_pod_reaches_every_backend_through_an_ipv6_cluster_ip_and_the_ipv4_one() {
             expected,
             "{target}: every backend answers ({answers:?})"
         );
+        // Each UDP request comes from a new socket on an ephemeral port; a
+        // port an earlier request's flow still holds continues that flow
+        // (as conntrack does), so a run may count one or two flows fewer
+        // (for 30 requests over 28k ports, in about 1.5% of runs: it
+        // failed a CI run so).
+        let least = if protocol == "UDP" {
+            REQUESTS - 2
+        } else {
+            REQUESTS
+        };
         assert!(
-            frontend_new_flows(pin.path(), target, protocol) >= REQUESTS as u64,
+            frontend_new_flows(pin.path(), target, protocol) >= least as u64,
             "{target}: the frontend's new-flow counter"
         );
     }
